@@ -1,0 +1,242 @@
+//! Builds the CUDA kernels into fatbins and embeds them, with the dispatch table.
+//!
+//! - nvcc is found at `$NVCC`, then `$CUDA_HOME/bin/nvcc`, then on `PATH`.
+//! - Each `kernels/*.cu` becomes `<stem>.fatbin` in `OUT_DIR`, holding SASS for
+//!   every arch in `FUSED_ATTN_CUDA_ARCHS` (default `80;90a`) that the file's
+//!   kernels support, plus PTX for the lowest portable one. The nvcc processes
+//!   run in parallel; their `-Xptxas -v` reports are kept in `resource-report.txt`.
+//! - The `FA_KERNEL(...)` lines at the end of each `.cu` are the one list of
+//!   instantiated kernels: nvcc instantiates them and this script turns them into
+//!   the Rust dispatch table (`kernels.rs` in `OUT_DIR`).
+//! - Without nvcc the crate still builds (CPU reference only) with a warning,
+//!   unless `FUSED_ATTN_REQUIRE_KERNELS=1`. `DOCS_RS` never looks for nvcc.
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const DEFAULT_ARCHS: &str = "80;90a";
+
+/// One `FA_KERNEL(name, dtype, head_dim, block_m, threads, smem, min_sm)` line.
+struct Row {
+    stem: String,
+    name: String,
+    dtype: String,
+    head_dim: u32,
+    block_m: u32,
+    threads: u32,
+    smem: u32,
+    min_sm: u32,
+}
+
+/// An arch from `FUSED_ATTN_CUDA_ARCHS`: `90a` is number 90 with the
+/// arch-specific suffix (its PTX cannot be JIT-compiled for other GPUs).
+#[derive(Clone)]
+struct Arch {
+    number: u32,
+    specific: bool,
+}
+
+impl Arch {
+    fn parse(s: &str) -> Option<Arch> {
+        let s = s.trim().trim_start_matches("sm_");
+        let (digits, specific) = match s.strip_suffix('a') {
+            Some(d) => (d, true),
+            None => (s, false),
+        };
+        digits.parse().ok().map(|number| Arch { number, specific })
+    }
+    fn name(&self) -> String {
+        format!("{}{}", self.number, if self.specific { "a" } else { "" })
+    }
+}
+
+fn main() {
+    println!("cargo:rerun-if-changed=kernels");
+    for var in ["NVCC", "CUDA_HOME", "FUSED_ATTN_CUDA_ARCHS", "FUSED_ATTN_REQUIRE_KERNELS", "DOCS_RS"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let kernel_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it")).join("kernels");
+
+    let mut sources: Vec<PathBuf> = fs::read_dir(&kernel_dir)
+        .expect("kernels/ is part of the crate")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    sources.sort();
+    let rows: Vec<Row> = sources.iter().flat_map(|p| parse_table(p)).collect();
+
+    let require = env::var("FUSED_ATTN_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
+    let nvcc = if env::var_os("DOCS_RS").is_some() { None } else { find_nvcc() };
+    let archs: Vec<Arch> = env::var("FUSED_ATTN_CUDA_ARCHS")
+        .unwrap_or_else(|_| DEFAULT_ARCHS.into())
+        .split([';', ','])
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| Arch::parse(s).unwrap_or_else(|| panic!("FUSED_ATTN_CUDA_ARCHS: bad arch `{s}`")))
+        .collect();
+
+    let built = match &nvcc {
+        Some(nvcc) => Some(compile_all(nvcc, &sources, &rows, &archs, &kernel_dir, &out_dir)),
+        None if require => panic!(
+            "FUSED_ATTN_REQUIRE_KERNELS=1 but no nvcc was found: set NVCC, CUDA_HOME, or put nvcc on PATH \
+             (pip install nvidia-cuda-nvcc, see README)"
+        ),
+        None => {
+            if env::var_os("DOCS_RS").is_none() {
+                println!(
+                    "cargo:warning=fused-attn: nvcc not found, building without GPU kernels (CPU reference only). \
+                     Set NVCC=/path/to/nvcc or CUDA_HOME (nvcc from PyPI works: see README) to get kernels."
+                );
+            }
+            None
+        }
+    };
+    write_rust_table(&out_dir, &rows, built.as_ref());
+}
+
+/// Parses the `FA_KERNEL(...)` table lines of one source file.
+fn parse_table(path: &Path) -> Vec<Row> {
+    let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text.lines()
+        .filter_map(|line| line.strip_prefix("FA_KERNEL("))
+        .map(|rest| {
+            let inner = rest.trim_end().strip_suffix(')').unwrap_or_else(|| panic!("{stem}: unterminated FA_KERNEL"));
+            let f: Vec<&str> = inner.split(',').map(str::trim).collect();
+            assert_eq!(f.len(), 7, "{stem}: FA_KERNEL takes 7 fields: {inner}");
+            let num = |i: usize| -> u32 {
+                f[i].parse().unwrap_or_else(|_| panic!("{stem}: FA_KERNEL field {i} `{}` is not a number", f[i]))
+            };
+            assert!(matches!(f[1], "f16" | "bf16"), "{stem}: dtype `{}`", f[1]);
+            Row {
+                stem: stem.clone(),
+                name: f[0].to_string(),
+                dtype: f[1].to_string(),
+                head_dim: num(2),
+                block_m: num(3),
+                threads: num(4),
+                smem: num(5),
+                min_sm: num(6),
+            }
+        })
+        .collect()
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    if let Some(p) = env::var_os("NVCC") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(home) = env::var_os("CUDA_HOME") {
+        let p = Path::new(&home).join("bin").join("nvcc");
+        if p.exists() {
+            return Some(p);
+        }
+    }
+    env::split_paths(&env::var_os("PATH")?).map(|d| d.join("nvcc")).find(|p| p.is_file())
+}
+
+struct Built {
+    /// (stem, fatbin path, archs with SASS, PTX arch)
+    images: Vec<(String, PathBuf, Vec<String>, Option<String>)>,
+    report: PathBuf,
+    nvcc_version: String,
+}
+
+fn compile_all(nvcc: &Path, sources: &[PathBuf], rows: &[Row], archs: &[Arch], kernel_dir: &Path, out: &Path) -> Built {
+    let nvcc_version = Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or("").trim().to_string())
+        .unwrap_or_else(|e| panic!("cannot run nvcc at {}: {e}", nvcc.display()));
+
+    // One nvcc per file, all at once: each is single-threaded for most of its time.
+    let jobs: Vec<_> = sources
+        .iter()
+        .filter_map(|src| {
+            let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+            // A file supports the archs at or above the lowest min_sm of its kernels.
+            let min_sm = rows.iter().filter(|r| r.stem == stem).map(|r| r.min_sm).min()?;
+            let sass: Vec<Arch> = archs
+                .iter()
+                .filter(|a| a.number >= min_sm)
+                // An sm90-only file uses arch-specific instructions (wgmma, setmaxnreg).
+                .filter(|a| min_sm < 90 || a.specific)
+                .cloned()
+                .collect();
+            if sass.is_empty() {
+                return None;
+            }
+            let ptx = sass.iter().find(|a| !a.specific).map(|a| a.number);
+            let fatbin = out.join(format!("{stem}.fatbin"));
+            let mut cmd = Command::new(nvcc);
+            cmd.args(["-O3", "-std=c++17", "--fatbin", "-lineinfo", "-Xptxas", "-v", "--threads", "2"])
+                .arg("-I")
+                .arg(kernel_dir);
+            for a in &sass {
+                cmd.arg("-gencode").arg(format!("arch=compute_{0},code=sm_{0}", a.name()));
+            }
+            if let Some(p) = ptx {
+                cmd.arg("-gencode").arg(format!("arch=compute_{p},code=compute_{p}"));
+            }
+            cmd.arg(src).arg("-o").arg(&fatbin);
+            let child = cmd
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start nvcc at {}: {e}", nvcc.display()));
+            let sass_names = sass.iter().map(|a| format!("sm_{}", a.name())).collect();
+            Some((stem, fatbin, sass_names, ptx.map(|p| format!("compute_{p}")), child))
+        })
+        .collect();
+
+    let mut report = String::new();
+    let mut images = Vec::new();
+    for (stem, fatbin, sass, ptx, child) in jobs {
+        let output = child.wait_with_output().expect("waiting for nvcc");
+        let log = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        if !output.status.success() {
+            panic!("nvcc failed on kernels/{stem}.cu:\n{log}");
+        }
+        let _ = writeln!(report, "=== {stem}.cu ===\n{log}");
+        images.push((stem, fatbin, sass, ptx));
+    }
+    let report_path = out.join("resource-report.txt");
+    fs::write(&report_path, &report).expect("writing the resource report");
+    Built { images, report: report_path, nvcc_version }
+}
+
+fn write_rust_table(out: &Path, rows: &[Row], built: Option<&Built>) {
+    let mut s = String::from("// Generated by build.rs from the FA_KERNEL lines of kernels/*.cu.\n\n");
+    let _ = writeln!(s, "/// Whether nvcc ran and the kernel images below are real.");
+    let _ = writeln!(s, "pub const KERNELS_BUILT: bool = {};", built.is_some());
+    let _ = writeln!(s, "/// The `nvcc --version` line of the compiler that built the images (empty without kernels).");
+    let _ = writeln!(s, "pub const NVCC_VERSION: &str = {:?};", built.map_or("", |b| b.nvcc_version.as_str()));
+    let _ = writeln!(s, "/// The `-Xptxas -v` output of every nvcc run (empty without kernels).");
+    match built {
+        Some(b) => {
+            let _ = writeln!(s, "pub const RESOURCE_REPORT: &str = include_str!({:?});", b.report);
+        }
+        None => s.push_str("pub const RESOURCE_REPORT: &str = \"\";\n"),
+    }
+    s.push_str("/// The embedded fatbins, one per `kernels/*.cu`.\npub static IMAGES: &[KernelImage] = &[\n");
+    for (stem, path, sass, ptx) in built.map_or(&[][..], |b| &b.images[..]) {
+        let _ = writeln!(
+            s,
+            "    KernelImage {{ stem: {stem:?}, fatbin: include_bytes!({path:?}), sass: &{sass:?}, ptx: {ptx:?} }},"
+        );
+    }
+    s.push_str("];\n/// Every instantiated kernel, in source order.\npub static KERNEL_TABLE: &[KernelRow] = &[\n");
+    for r in rows {
+        let dtype = if r.dtype == "f16" { "F16" } else { "BF16" };
+        let _ = writeln!(
+            s,
+            "    KernelRow {{ image: {:?}, name: {:?}, dtype: DType::{dtype}, head_dim: {}, block_m: {}, threads: {}, smem_bytes: {}, min_sm: {} }},",
+            r.stem, r.name, r.head_dim, r.block_m, r.threads, r.smem, r.min_sm
+        );
+    }
+    s.push_str("];\n");
+    fs::write(out.join("kernels.rs"), s).expect("writing kernels.rs");
+}

@@ -1,0 +1,36 @@
+// The bottom-right aligned band of DESIGN.md section 1, as key ranges.
+// Everything works on [lo, hi) half-open key ranges so that skipping hidden
+// tiles and masking partial ones use the same two numbers.
+#pragma once
+#include "../params.h"
+
+struct FaKeyRange {
+    int lo;  // first visible key (inclusive)
+    int hi;  // one past the last visible key
+};
+
+// Keys visible to query row i (0 <= i < seqlen_q). Empty when lo >= hi.
+__device__ __forceinline__ FaKeyRange fa_key_range(const FaFwdParams &p, int i) {
+    const int off = p.seqlen_k - p.seqlen_q;
+    int lo = p.window_left < 0 ? 0 : i + off - p.window_left;
+    int hi = p.window_right < 0 ? p.seqlen_k : i + off + p.window_right + 1;
+    lo = max(lo, 0);
+    hi = min(hi, p.seqlen_k);
+    return {lo, hi};
+}
+
+// Union of the visible keys of rows [row_begin, row_end): the band is monotone
+// in i, so it is [lo(row_begin), hi(row_end - 1)).
+__device__ __forceinline__ FaKeyRange fa_key_range_rows(const FaFwdParams &p, int row_begin,
+                                                         int row_end) {
+    FaKeyRange first = fa_key_range(p, row_begin);
+    FaKeyRange last = fa_key_range(p, row_end - 1);
+    return {first.lo, last.hi};
+}
+
+// Applies the scale and optional softcap to a raw dot product.
+__device__ __forceinline__ float fa_score(const FaFwdParams &p, float dot) {
+    float s = dot * p.scale;
+    if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);
+    return s;
+}

@@ -1,0 +1,93 @@
+// Baseline forward: one CTA per (query row, query head, batch). Deliberately
+// simple so it can serve as a third opinion against the tiled kernels: scores
+// for a chunk of keys (one key per thread), an online-softmax update, then
+// every thread accumulates its own output columns. f32 throughout.
+#include "params.h"
+#include "common/types.cuh"
+#include "common/mask.cuh"
+#include "common/reduce.cuh"
+
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kMaxHeadDim = 256;
+constexpr int kColsPerThread = kMaxHeadDim / kThreads;
+
+template <typename T>
+__device__ void naive_forward(const FaFwdParams &p) {
+    __shared__ float q_s[kMaxHeadDim];
+    __shared__ float p_s[kThreads];
+    __shared__ float scratch[kThreads / 32];
+
+    const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+    const int hk = h / p.q_per_kv;
+    const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride + i * p.q_row_stride +
+                 h * p.q_head_stride;
+    const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+    const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+
+    for (int d = tid; d < p.head_dim; d += kThreads) q_s[d] = fa_to_float(q[d]);
+    __syncthreads();
+
+    const FaKeyRange r = fa_key_range(p, i);
+    float m = -INFINITY, l = 0.f;
+    float acc[kColsPerThread] = {};
+
+    for (int j0 = r.lo; j0 < r.hi; j0 += kThreads) {
+        const int j = j0 + tid;
+        float s = -INFINITY;
+        if (j < r.hi) {
+            const T *kj = k + static_cast<int64_t>(j) * p.k_row_stride;
+            float dot = 0.f;
+            for (int d = 0; d < p.head_dim; ++d) dot = fmaf(q_s[d], fa_to_float(kj[d]), dot);
+            s = fa_score(p, dot);
+        }
+        // The chunk holds at least one visible key, so m_new is finite.
+        const float m_new = fmaxf(m, fa_block_reduce<kThreads, true>(s, scratch));
+        const float pj = j < r.hi ? expf(s - m_new) : 0.f;
+        const float alpha = expf(m - m_new);  // 0 on the first chunk (m = -inf)
+        l = l * alpha + fa_block_reduce<kThreads, false>(pj, scratch);
+        p_s[tid] = pj;
+        __syncthreads();
+        const int n = min(kThreads, r.hi - j0);
+#pragma unroll
+        for (int c = 0; c < kColsPerThread; ++c) {
+            const int d = tid + c * kThreads;
+            if (d >= p.head_dim) continue;
+            float a = acc[c] * alpha;
+            for (int jj = 0; jj < n; ++jj)
+                a = fmaf(p_s[jj], fa_to_float(v[static_cast<int64_t>(j0 + jj) * p.v_row_stride + d]), a);
+            acc[c] = a;
+        }
+        m = m_new;
+        __syncthreads();  // p_s is rewritten by the next chunk
+    }
+
+    // A row with no visible key: O = 0, LSE = -inf (DESIGN.md section 1).
+    const float inv_l = l > 0.f ? 1.f / l : 0.f;
+    T *o = static_cast<T *>(p.o) + b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
+#pragma unroll
+    for (int c = 0; c < kColsPerThread; ++c) {
+        const int d = tid + c * kThreads;
+        if (d < p.head_dim) o[d] = fa_from_float<T>(acc[c] * inv_l);
+    }
+    if (p.lse != nullptr && tid == 0) {
+        const int64_t idx = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + i;
+        p.lse[idx] = l > 0.f ? m + logf(l) : -INFINITY;
+    }
+}
+
+}  // namespace
+
+// FA_KERNEL(name, dtype, head_dim bucket, block_m, threads, dynamic smem, min sm).
+// build.rs reads these lines to make the Rust dispatch table: one source of truth.
+#define FA_KERNEL(name, dtype, head_dim, block_m, threads, smem, min_sm)                    \
+    static_assert(block_m == 1 && threads == kThreads && smem == 0 &&                        \
+                      head_dim == kMaxHeadDim,                                               \
+                  "table row disagrees with the naive kernel");                             \
+    extern "C" __global__ void __launch_bounds__(threads) name(const __grid_constant__ FaFwdParams p) { \
+        naive_forward<FA_DTYPE(dtype)>(p);                                                   \
+    }
+
+FA_KERNEL(fa_fwd_naive_f16, f16, 256, 1, 128, 0, 80)
+FA_KERNEL(fa_fwd_naive_bf16, bf16, 256, 1, 128, 0, 80)

@@ -1,0 +1,56 @@
+// The one launch-parameter struct shared by every forward kernel and the Rust
+// side (src/sys/params.rs is its bindgen mirror; tests/params_mirror.rs keeps
+// the two in step). Plain C: no CUDA headers, so bindgen can read it as-is.
+#ifndef FUSED_ATTN_PARAMS_H
+#define FUSED_ATTN_PARAMS_H
+
+#include <stdint.h>
+
+/* All strides are in elements; the last (head-dim) dimension is contiguous.
+ * Logical shapes: Q [B, Lq, Hq, D], K [B, Lk, Hk, D], V [B, Lk, Hk, D],
+ * O [B, Lq, Hq, D], LSE [B, Hq, Lq] f32 contiguous. */
+typedef struct FaFwdParams {
+    const void *q;
+    const void *k;
+    const void *v;
+    void *o;
+    /* May be NULL: the kernel then skips the LSE write. */
+    float *lse;
+
+    int64_t q_batch_stride;
+    int64_t q_row_stride;
+    int64_t q_head_stride;
+    int64_t k_batch_stride;
+    int64_t k_row_stride;
+    int64_t k_head_stride;
+    int64_t v_batch_stride;
+    int64_t v_row_stride;
+    int64_t v_head_stride;
+    int64_t o_batch_stride;
+    int64_t o_row_stride;
+    int64_t o_head_stride;
+
+    int32_t batch;
+    int32_t heads_q;
+    int32_t heads_kv;
+    /* heads_q / heads_kv: query head h reads KV head h / q_per_kv. */
+    int32_t q_per_kv;
+    int32_t seqlen_q;
+    int32_t seqlen_k;
+    int32_t head_dim;
+
+    /* Bottom-right aligned band: with off = seqlen_k - seqlen_q, query i sees
+     * key j iff i + off - window_left <= j <= i + off + window_right.
+     * A negative value means that side is unbounded. The host clamps finite
+     * values to at most seqlen_q + seqlen_k, so no sum here overflows int32. */
+    int32_t window_left;
+    int32_t window_right;
+
+    /* Multiplies q.k before the softcap. */
+    float scale;
+    /* c > 0: s <- c * tanh(s / c); 0 disables the cap. */
+    float softcap;
+    int32_t reserved;
+} FaFwdParams;
+
+#endif

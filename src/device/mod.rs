@@ -1,0 +1,361 @@
+//! The device layer: opening a context, loading the embedded kernel images
+//! once per context, choosing a kernel, and launching it. All of the crate's
+//! `unsafe` outside `sys/` is here, each block with its `SAFETY` argument.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUresult};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError,
+    LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{CudaContextExt, Error, Result};
+use crate::options::{check_alignment, KernelFamily, Problem, TensorDesc};
+use crate::sys::{self, FaFwdParams, KernelRow};
+use crate::tensor::{DeviceTensor, DeviceTensorMut, Element};
+
+/// Opens (retains) the primary context of GPU `ordinal`.
+///
+/// Returns [`Error::NoDriver`] where libcuda cannot be loaded and
+/// [`Error::NoDevice`] where the ordinal does not exist, instead of the panic
+/// cudarc would raise on a machine without a driver.
+pub fn cuda_context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    if !driver_present() {
+        return Err(Error::NoDriver);
+    }
+    let count = match CudaContext::device_count() {
+        Ok(n) => n.max(0) as usize,
+        Err(DriverError(CUresult::CUDA_ERROR_NO_DEVICE)) => 0,
+        Err(e) => return Err(Error::Cuda { during: "initialising the driver", source: e }),
+    };
+    if ordinal >= count {
+        return Err(Error::NoDevice { ordinal, count });
+    }
+    CudaContext::new(ordinal).during("creating the context")
+}
+
+/// Whether the CUDA driver library can be loaded on this machine.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen libcuda under its usual names; no symbol
+    // is called and nothing is kept if loading fails.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Which kernel a call ran (or would run), and why: the dispatcher's choice
+/// made observable for tests, benchmarks and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelInfo {
+    /// The kernel's name (e.g. `fa_fwd_sm80_bf16_hd128`).
+    pub name: &'static str,
+    /// Its family.
+    pub family: KernelFamily,
+    /// The head-dim bucket it serves.
+    pub head_dim_bucket: u32,
+    /// Launch grid.
+    pub grid: (u32, u32, u32),
+    /// Threads per CTA.
+    pub threads: u32,
+    /// Dynamic shared memory per CTA, bytes.
+    pub smem_bytes: u32,
+    /// Families passed over before this one, with the reason.
+    pub passed_over: Vec<String>,
+}
+
+/// Kernels of one context: loaded once, shared by every handle on it.
+struct LoadedKernels {
+    kernels: Vec<(KernelRow, CudaFunction)>,
+    /// Images or kernels that could not be used on this device, and why.
+    skipped: Vec<String>,
+}
+
+/// The per-context module registry: `Weak`, so the modules go when the last
+/// handle on a context does.
+static REGISTRY: Mutex<Vec<(usize, Weak<LoadedKernels>)>> = Mutex::new(Vec::new());
+
+/// The entry point for GPU work: one per [`CudaContext`], cheap to clone.
+///
+/// Creating it loads the embedded kernels into the context (once per context,
+/// however many handles exist). Every call launches asynchronously on the
+/// stream it is given.
+#[derive(Clone)]
+pub struct Attention {
+    ctx: Arc<CudaContext>,
+    sm: u32,
+    loaded: Arc<LoadedKernels>,
+}
+
+impl std::fmt::Debug for Attention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attention")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("sm", &self.sm)
+            .field("kernels", &self.loaded.kernels.len())
+            .finish()
+    }
+}
+
+/// Fails with [`Error::KernelsNotBuilt`] when the crate carries no kernels.
+pub fn require_kernels(built: bool) -> Result<()> {
+    if built {
+        Ok(())
+    } else {
+        Err(Error::KernelsNotBuilt)
+    }
+}
+
+impl Attention {
+    /// Loads the kernels into `ctx` (or reuses those already loaded there).
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
+        require_kernels(sys::KERNELS_BUILT)?;
+        let (major, minor) = ctx.compute_capability().during("reading the compute capability")?;
+        if major < 8 {
+            return Err(Error::UnsupportedDevice { major, minor });
+        }
+        let sm = (major * 10 + minor) as u32;
+        let key = ctx.cu_ctx() as usize;
+        let mut registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        registry.retain(|(_, w)| w.strong_count() > 0);
+        let existing = registry.iter().find(|(k, _)| *k == key).and_then(|(_, w)| w.upgrade());
+        let loaded = match existing {
+            Some(l) => l,
+            None => {
+                let l = Arc::new(load_kernels(ctx, sm)?);
+                registry.push((key, Arc::downgrade(&l)));
+                l
+            }
+        };
+        if loaded.kernels.is_empty() {
+            return Err(Error::UnsupportedDevice { major, minor });
+        }
+        Ok(Attention { ctx: ctx.clone(), sm, loaded })
+    }
+
+    /// The context this handle launches in.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The device's compute capability as `major·10 + minor`.
+    pub fn sm(&self) -> u32 {
+        self.sm
+    }
+
+    /// Names of the kernels usable on this device.
+    pub fn kernels(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.loaded.kernels.iter().map(|(r, _)| r.name)
+    }
+
+    /// Images or kernels that were not loaded on this device, with the reason.
+    pub fn skipped(&self) -> &[String] {
+        &self.loaded.skipped
+    }
+
+    /// Picks the kernel for a validated problem whose tensors are `descs`
+    /// with base addresses `addrs`. Auto order: sm90, sm80, naive; a family
+    /// is passed over when it has no kernel for the dtype/head dim on this
+    /// device or when the tensors miss its alignment. A forced family that
+    /// cannot run is an error.
+    pub(crate) fn choose(
+        &self,
+        p: &Problem,
+        descs: &[(TensorDesc, u64)],
+        forced: Option<KernelFamily>,
+    ) -> Result<(usize, KernelInfo)> {
+        let families = match forced {
+            Some(f) => vec![f],
+            None => vec![KernelFamily::Sm90, KernelFamily::Sm80, KernelFamily::Naive],
+        };
+        let elem = 2; // f16 and bf16
+        let mut passed_over = Vec::new();
+        for fam in families {
+            let best = self
+                .loaded
+                .kernels
+                .iter()
+                .enumerate()
+                .filter(|(_, (r, _))| {
+                    KernelFamily::from_image_stem(r.image) == Some(fam)
+                        && r.dtype == p.dtype
+                        && r.head_dim as usize >= p.head_dim
+                })
+                .min_by_key(|(_, (r, _))| r.head_dim);
+            let Some((idx, (row, _))) = best else {
+                passed_over.push(format!(
+                    "{fam:?}: no kernel for {} head_dim {} on sm_{}",
+                    p.dtype, p.head_dim, self.sm
+                ));
+                continue;
+            };
+            let aligned =
+                descs.iter().try_for_each(|(d, addr)| check_alignment(d, *addr, elem, fam, row.name));
+            if let Err(e) = aligned {
+                if forced.is_some() {
+                    return Err(e);
+                }
+                passed_over.push(format!("{fam:?}: {e}"));
+                continue;
+            }
+            let info = KernelInfo {
+                name: row.name,
+                family: fam,
+                head_dim_bucket: row.head_dim,
+                grid: (p.seqlen_q.div_ceil(row.block_m as usize) as u32, p.heads_q as u32, p.batch as u32),
+                threads: row.threads,
+                smem_bytes: row.smem_bytes,
+                passed_over,
+            };
+            return Ok((idx, info));
+        }
+        Err(Error::NoKernel { reason: passed_over.join("; ") })
+    }
+
+    /// Checks that a stream or buffer lives in this handle's context.
+    pub(crate) fn check_context(&self, arg: &'static str, ctx: &CudaContext) -> Result<()> {
+        if ctx.cu_ctx() == self.ctx.cu_ctx() {
+            Ok(())
+        } else {
+            Err(Error::ForeignContext { arg })
+        }
+    }
+
+    /// Chooses a kernel for the validated problem `p` over exactly these
+    /// tensors (`descs` in the order q, k, v, o) and launches it on `stream`.
+    /// With `dry_run`, only chooses.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run<T: Element>(
+        &self,
+        stream: &CudaStream,
+        p: &Problem,
+        descs: [TensorDesc; 4],
+        forced: Option<KernelFamily>,
+        q: &DeviceTensor<'_, T>,
+        k: &DeviceTensor<'_, T>,
+        v: &DeviceTensor<'_, T>,
+        o: &mut DeviceTensorMut<'_, T>,
+        lse: Option<&mut cudarc::driver::CudaViewMut<'_, f32>>,
+        dry_run: bool,
+    ) -> Result<KernelInfo> {
+        let (q_ptr, _q_sync) = q.view.device_ptr(stream);
+        let (k_ptr, _k_sync) = k.view.device_ptr(stream);
+        let (v_ptr, _v_sync) = v.view.device_ptr(stream);
+        let (o_ptr, _o_sync) = o.view.device_ptr_mut(stream);
+        let (lse_ptr, _lse_sync) = match lse {
+            Some(l) => {
+                let (ptr, sync) = l.device_ptr_mut(stream);
+                (ptr, Some(sync))
+            }
+            None => (0, None),
+        };
+        let addrs = [q_ptr, k_ptr, v_ptr, o_ptr];
+        let with_addrs: Vec<(TensorDesc, u64)> = descs.into_iter().zip(addrs).collect();
+        let (idx, info) = self.choose(p, &with_addrs, forced)?;
+        if dry_run || p.seqlen_q == 0 {
+            return Ok(info); // nothing to write; a zero-sized grid is a launch error
+        }
+        let (_, func) = &self.loaded.kernels[idx];
+        let s = |l: &crate::Layout| l.strides.map(|x| x as i64);
+        let (qs, ks, vs, os) = (s(&q.layout), s(&k.layout), s(&v.layout), s(&o.layout));
+        let (window_left, window_right) = p.window_i32();
+        let params = FaFwdParams {
+            q: q_ptr as usize as *const _,
+            k: k_ptr as usize as *const _,
+            v: v_ptr as usize as *const _,
+            o: o_ptr as usize as *mut _,
+            lse: lse_ptr as usize as *mut f32,
+            q_batch_stride: qs[0],
+            q_row_stride: qs[1],
+            q_head_stride: qs[2],
+            k_batch_stride: ks[0],
+            k_row_stride: ks[1],
+            k_head_stride: ks[2],
+            v_batch_stride: vs[0],
+            v_row_stride: vs[1],
+            v_head_stride: vs[2],
+            o_batch_stride: os[0],
+            o_row_stride: os[1],
+            o_head_stride: os[2],
+            batch: p.batch as i32,
+            heads_q: p.heads_q as i32,
+            heads_kv: p.heads_kv as i32,
+            q_per_kv: p.q_per_kv() as i32,
+            seqlen_q: p.seqlen_q as i32,
+            seqlen_k: p.seqlen_k as i32,
+            head_dim: p.head_dim as i32,
+            window_left,
+            window_right,
+            scale: p.scale,
+            softcap: p.softcap.unwrap_or(0.0),
+            reserved: 0,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: info.grid,
+            block_dim: (info.threads, 1, 1),
+            shared_mem_bytes: info.smem_bytes,
+        };
+        let mut builder = stream.launch_builder(func);
+        builder.arg(&params);
+        // SAFETY: `params` matches the kernel's single by-value argument (the
+        // bindgen mirror of params.h). Every pointer in it comes from a live
+        // cudarc view in this context (checked by the caller), and validation
+        // proved that the shapes and strides stay inside each view, that the
+        // sizes fit the kernel's index types, and that the alignment the
+        // kernel family needs holds. The views' sync guards outlive the launch.
+        unsafe { builder.launch(cfg) }.during("launching the attention kernel")?;
+        Ok(info)
+    }
+}
+
+/// Loads every image that can run on `sm`, and the functions of its rows.
+fn load_kernels(ctx: &Arc<CudaContext>, sm: u32) -> Result<LoadedKernels> {
+    let optin = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .during("reading the shared-memory limit")? as u32;
+    let mut kernels = Vec::new();
+    let mut skipped = Vec::new();
+    for image in sys::IMAGES {
+        let rows: Vec<&KernelRow> = sys::KERNEL_TABLE.iter().filter(|r| r.image == image.stem).collect();
+        if rows.iter().all(|r| r.min_sm > sm) {
+            skipped.push(format!("{}: needs a newer GPU than sm_{sm}", image.stem));
+            continue;
+        }
+        let module = match ctx.load_module(Ptx::from_binary(image.fatbin.to_vec())) {
+            Ok(m) => m,
+            // No SASS for this GPU and no PTX it can JIT (e.g. sm_90a code on sm_100).
+            Err(DriverError(CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU)) => {
+                skipped.push(format!("{}: no code for sm_{sm} in the fatbin", image.stem));
+                continue;
+            }
+            Err(e) => return Err(Error::Cuda { during: "loading a kernel image", source: e }),
+        };
+        for row in rows {
+            if row.min_sm > sm {
+                continue;
+            }
+            if row.smem_bytes > optin {
+                skipped.push(format!("{}: needs {} B shared memory, device allows {optin}", row.name, row.smem_bytes));
+                continue;
+            }
+            let func = module.load_function(row.name).during("looking up a kernel")?;
+            if row.smem_bytes > 48 * 1024 {
+                func.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    row.smem_bytes as i32,
+                )
+                .during("raising a kernel's shared-memory limit")?;
+            }
+            kernels.push((*row, func));
+        }
+    }
+    Ok(LoadedKernels { kernels, skipped })
+}
+
+/// Allocates an output buffer that the kernel will fully overwrite.
+pub(crate) fn alloc_output<T: cudarc::driver::DeviceRepr>(stream: &Arc<CudaStream>, len: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: the memory is uninitialised, but every forward kernel writes
+    // every element of O and LSE (DESIGN.md section 1; the GPU tests poison
+    // outputs to prove it), and nothing reads the buffer before the launch
+    // that fills it is ordered before the read on the same stream.
+    unsafe { stream.alloc::<T>(len) }.during("allocating the output")
+}

@@ -1,0 +1,57 @@
+//! The lowest layer: the bindgen mirror of `kernels/params.h` and the kernel
+//! images with their dispatch table, as build.rs generated them.
+//!
+//! Nothing here is needed for ordinary use; the tests and tools read it.
+
+use cudarc::driver::DeviceRepr;
+
+use crate::tensor::DType;
+
+#[allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code, missing_docs, clippy::all)]
+mod params {
+    include!("params.rs");
+}
+
+/// The launch parameters of every forward kernel; see `kernels/params.h` for the fields.
+pub use params::FaFwdParams;
+
+// SAFETY: `FaFwdParams` is a `#[repr(C)]` plain-old-data struct whose layout
+// bindgen asserted against `params.h`; kernels take it by value, so passing a
+// pointer to it as the kernel argument is exactly what `DeviceRepr` promises.
+unsafe impl DeviceRepr for FaFwdParams {}
+
+/// One embedded fatbin, made from `kernels/<stem>.cu`.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelImage {
+    /// The source file's stem.
+    pub stem: &'static str,
+    /// The fatbin bytes.
+    pub fatbin: &'static [u8],
+    /// Architectures with SASS in the fatbin (`sm_80`, `sm_90a`, ...).
+    pub sass: &'static [&'static str],
+    /// The PTX it carries for JIT on newer GPUs, if any (`compute_80`).
+    pub ptx: Option<&'static str>,
+}
+
+/// One instantiated kernel, from an `FA_KERNEL(...)` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelRow {
+    /// The image (source stem) that holds it.
+    pub image: &'static str,
+    /// Its `extern "C"` name.
+    pub name: &'static str,
+    /// Element type.
+    pub dtype: DType,
+    /// Largest head dim it serves (the bucket).
+    pub head_dim: u32,
+    /// Query rows per CTA: grid.x = ceil(Lq / block_m).
+    pub block_m: u32,
+    /// Threads per CTA.
+    pub threads: u32,
+    /// Dynamic shared memory per CTA, bytes.
+    pub smem_bytes: u32,
+    /// Lowest compute capability (major·10 + minor) it runs on.
+    pub min_sm: u32,
+}
+
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
