@@ -44,8 +44,20 @@ pub fn forward<T: Element>(
     v: HostTensor<'_, T>,
     opts: &AttentionOptions,
 ) -> Result<Reference> {
-    let desc = |arg, t: &HostTensor<'_, T>| TensorDesc { arg, layout: t.layout, len: t.data.len() };
-    let p = validate(T::DTYPE, &desc("q", &q), &desc("k", &k), &desc("v", &v), None, None, opts)?;
+    let desc = |arg, t: &HostTensor<'_, T>| TensorDesc {
+        arg,
+        layout: t.layout,
+        len: t.data.len(),
+    };
+    let p = validate(
+        T::DTYPE,
+        &desc("q", &q),
+        &desc("k", &k),
+        &desc("v", &v),
+        None,
+        None,
+        opts,
+    )?;
     let (b_n, lq, hq, d) = (p.batch, p.seqlen_q, p.heads_q, p.head_dim);
     let mut o = vec![0.0f64; b_n * lq * hq * d];
     let mut lse = vec![f64::NEG_INFINITY; b_n * hq * lq];
@@ -55,7 +67,9 @@ pub fn forward<T: Element>(
     let blocks = lq.div_ceil(ROWS_PER_UNIT);
     let units = b_n * hq * blocks;
     let next = AtomicUsize::new(0);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(units.max(1));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(units.max(1));
     let results: Vec<Vec<(usize, Vec<f64>, Vec<f64>)>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
@@ -68,13 +82,17 @@ pub fn forward<T: Element>(
                         }
                         let (bh, blk) = (u / blocks, u % blocks);
                         let rows = blk * ROWS_PER_UNIT..((blk + 1) * ROWS_PER_UNIT).min(lq);
-                        let (unit_o, unit_lse) = rows_for_head(&p, &q, &k, &v, bh / hq, bh % hq, rows);
+                        let (unit_o, unit_lse) =
+                            rows_for_head(&p, &q, &k, &v, bh / hq, bh % hq, rows);
                         done.push((u, unit_o, unit_lse));
                     }
                 })
             })
             .collect();
-        workers.into_iter().map(|w| w.join().expect("reference worker panicked")).collect()
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("reference worker panicked"))
+            .collect()
     });
 
     for (u, unit_o, unit_lse) in results.into_iter().flatten() {
@@ -114,7 +132,11 @@ fn rows_for_head<T: Element>(
         scores.clear();
         for j in lo..hi {
             let base = k.layout.offset(b, j, hk, 0);
-            let dot: f64 = qi.iter().zip(&k.data[base..base + d]).map(|(a, &kv)| a * kv.into()).sum();
+            let dot: f64 = qi
+                .iter()
+                .zip(&k.data[base..base + d])
+                .map(|(a, &kv)| a * kv.into())
+                .sum();
             scores.push(capped_score(p, dot));
         }
         let mut acc = vec![0.0f64; d];

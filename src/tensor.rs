@@ -100,9 +100,14 @@ impl Layout {
 
     /// From dynamically sized lists (e.g. another framework's tensor), checking the rank.
     pub fn from_dims(shape: &[usize], strides: &[usize]) -> Result<Self> {
-        let shape: [usize; 4] = shape.try_into().map_err(|_| Error::Rank { arg: "shape", got: shape.len() })?;
-        let strides: [usize; 4] =
-            strides.try_into().map_err(|_| Error::Rank { arg: "strides", got: strides.len() })?;
+        let shape: [usize; 4] = shape.try_into().map_err(|_| Error::Rank {
+            arg: "shape",
+            got: shape.len(),
+        })?;
+        let strides: [usize; 4] = strides.try_into().map_err(|_| Error::Rank {
+            arg: "strides",
+            got: strides.len(),
+        })?;
         Ok(Layout { shape, strides })
     }
 
@@ -143,7 +148,9 @@ impl Layout {
         self.shape
             .iter()
             .zip(self.strides)
-            .try_fold(1usize, |acc, (&n, s)| (n - 1).checked_mul(s).and_then(|x| acc.checked_add(x)))
+            .try_fold(1usize, |acc, (&n, s)| {
+                (n - 1).checked_mul(s).and_then(|x| acc.checked_add(x))
+            })
     }
 }
 
@@ -176,7 +183,10 @@ pub struct DeviceTensor<'a, T> {
 impl<'a, T> DeviceTensor<'a, T> {
     /// A view of a whole buffer.
     pub fn new(buffer: &'a CudaSlice<T>, layout: Layout) -> Self {
-        DeviceTensor { view: buffer.as_view(), layout }
+        DeviceTensor {
+            view: buffer.as_view(),
+            layout,
+        }
     }
     /// A view of part of a buffer (e.g. `buffer.slice(offset..)`).
     pub fn from_view(view: CudaView<'a, T>, layout: Layout) -> Self {
@@ -196,7 +206,10 @@ pub struct DeviceTensorMut<'a, T> {
 impl<'a, T> DeviceTensorMut<'a, T> {
     /// A view of a whole buffer.
     pub fn new(buffer: &'a mut CudaSlice<T>, layout: Layout) -> Self {
-        DeviceTensorMut { view: buffer.as_view_mut(), layout }
+        DeviceTensorMut {
+            view: buffer.as_view_mut(),
+            layout,
+        }
     }
     /// A view of part of a buffer.
     pub fn from_view(view: CudaViewMut<'a, T>, layout: Layout) -> Self {

@@ -28,7 +28,12 @@ pub fn cuda_context(ordinal: usize) -> Result<Arc<CudaContext>> {
     let count = match CudaContext::device_count() {
         Ok(n) => n.max(0) as usize,
         Err(DriverError(CUresult::CUDA_ERROR_NO_DEVICE)) => 0,
-        Err(e) => return Err(Error::Cuda { during: "initialising the driver", source: e }),
+        Err(e) => {
+            return Err(Error::Cuda {
+                during: "initialising the driver",
+                source: e,
+            })
+        }
     };
     if ordinal >= count {
         return Err(Error::NoDevice { ordinal, count });
@@ -109,7 +114,9 @@ impl Attention {
     /// Loads the kernels into `ctx` (or reuses those already loaded there).
     pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
         require_kernels(sys::KERNELS_BUILT)?;
-        let (major, minor) = ctx.compute_capability().during("reading the compute capability")?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .during("reading the compute capability")?;
         if major < 8 {
             return Err(Error::UnsupportedDevice { major, minor });
         }
@@ -117,7 +124,10 @@ impl Attention {
         let key = ctx.cu_ctx() as usize;
         let mut registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
         registry.retain(|(_, w)| w.strong_count() > 0);
-        let existing = registry.iter().find(|(k, _)| *k == key).and_then(|(_, w)| w.upgrade());
+        let existing = registry
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, w)| w.upgrade());
         let loaded = match existing {
             Some(l) => l,
             None => {
@@ -129,7 +139,11 @@ impl Attention {
         if loaded.kernels.is_empty() {
             return Err(Error::UnsupportedDevice { major, minor });
         }
-        Ok(Attention { ctx: ctx.clone(), sm, loaded })
+        Ok(Attention {
+            ctx: ctx.clone(),
+            sm,
+            loaded,
+        })
     }
 
     /// The context this handle launches in.
@@ -188,8 +202,9 @@ impl Attention {
                 ));
                 continue;
             };
-            let aligned =
-                descs.iter().try_for_each(|(d, addr)| check_alignment(d, *addr, elem, fam, row.name));
+            let aligned = descs
+                .iter()
+                .try_for_each(|(d, addr)| check_alignment(d, *addr, elem, fam, row.name));
             if let Err(e) = aligned {
                 if forced.is_some() {
                     return Err(e);
@@ -201,14 +216,20 @@ impl Attention {
                 name: row.name,
                 family: fam,
                 head_dim_bucket: row.head_dim,
-                grid: (p.seqlen_q.div_ceil(row.block_m as usize) as u32, p.heads_q as u32, p.batch as u32),
+                grid: (
+                    p.seqlen_q.div_ceil(row.block_m as usize) as u32,
+                    p.heads_q as u32,
+                    p.batch as u32,
+                ),
                 threads: row.threads,
                 smem_bytes: row.smem_bytes,
                 passed_over,
             };
             return Ok((idx, info));
         }
-        Err(Error::NoKernel { reason: passed_over.join("; ") })
+        Err(Error::NoKernel {
+            reason: passed_over.join("; "),
+        })
     }
 
     /// Checks that a stream or buffer lives in this handle's context.
@@ -315,7 +336,10 @@ fn load_kernels(ctx: &Arc<CudaContext>, sm: u32) -> Result<LoadedKernels> {
     let mut kernels = Vec::new();
     let mut skipped = Vec::new();
     for image in sys::IMAGES {
-        let rows: Vec<&KernelRow> = sys::KERNEL_TABLE.iter().filter(|r| r.image == image.stem).collect();
+        let rows: Vec<&KernelRow> = sys::KERNEL_TABLE
+            .iter()
+            .filter(|r| r.image == image.stem)
+            .collect();
         if rows.iter().all(|r| r.min_sm > sm) {
             skipped.push(format!("{}: needs a newer GPU than sm_{sm}", image.stem));
             continue;
@@ -327,17 +351,27 @@ fn load_kernels(ctx: &Arc<CudaContext>, sm: u32) -> Result<LoadedKernels> {
                 skipped.push(format!("{}: no code for sm_{sm} in the fatbin", image.stem));
                 continue;
             }
-            Err(e) => return Err(Error::Cuda { during: "loading a kernel image", source: e }),
+            Err(e) => {
+                return Err(Error::Cuda {
+                    during: "loading a kernel image",
+                    source: e,
+                })
+            }
         };
         for row in rows {
             if row.min_sm > sm {
                 continue;
             }
             if row.smem_bytes > optin {
-                skipped.push(format!("{}: needs {} B shared memory, device allows {optin}", row.name, row.smem_bytes));
+                skipped.push(format!(
+                    "{}: needs {} B shared memory, device allows {optin}",
+                    row.name, row.smem_bytes
+                ));
                 continue;
             }
-            let func = module.load_function(row.name).during("looking up a kernel")?;
+            let func = module
+                .load_function(row.name)
+                .during("looking up a kernel")?;
             if row.smem_bytes > 48 * 1024 {
                 func.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -352,7 +386,10 @@ fn load_kernels(ctx: &Arc<CudaContext>, sm: u32) -> Result<LoadedKernels> {
 }
 
 /// Allocates an output buffer that the kernel will fully overwrite.
-pub(crate) fn alloc_output<T: cudarc::driver::DeviceRepr>(stream: &Arc<CudaStream>, len: usize) -> Result<CudaSlice<T>> {
+pub(crate) fn alloc_output<T: cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    len: usize,
+) -> Result<CudaSlice<T>> {
     // SAFETY: the memory is uninitialised, but every forward kernel writes
     // every element of O and LSE (DESIGN.md section 1; the GPU tests poison
     // outputs to prove it), and nothing reads the buffer before the launch

@@ -7,7 +7,14 @@ use cudarc::driver::DeviceRepr;
 
 use crate::tensor::DType;
 
-#[allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code, missing_docs, clippy::all)]
+#[allow(
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    dead_code,
+    missing_docs,
+    clippy::all
+)]
 mod params {
     include!("params.rs");
 }

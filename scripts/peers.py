@@ -1,0 +1,560 @@
+#!/usr/bin/env python3
+"""Time PyTorch's attention implementations ("peers") on the cases of our bench.
+
+What: for every case in OURS.json (written by our Rust bench binary), time on
+this GPU
+  torch_flash, torch_cudnn, torch_efficient
+      F.scaled_dot_product_attention with the backend forced through
+      torch.nn.attention.sdpa_kernel(SDPBackend.X), on BHSD views of BSHD
+      tensors (our layout);
+  flex
+      torch.nn.attention.flex_attention.flex_attention compiled with
+      torch.compile, with a BlockMask for the bottom-right causal / window
+      predicate (run for causal and window cases only).
+Timing follows DESIGN.md section 5: CUDA events around each call after a
+warm-up, median over --reps runs, inputs random normal (never zeros), rotated
+among enough input sets that their total is several times the L2 cache.
+Where the case is small enough (B*Hq*Lq*Lk <= 2**28) each peer's output is also
+compared with an f64 reference on the same inputs (relative L2 error).
+
+A peer that cannot run a case (mask it cannot express, unsupported head dim or
+dtype, out of memory, ...) is recorded as skipped with a reason; the run never
+aborts for one peer. PEERS.json is rewritten after every case, so a run that is
+cut short keeps what it measured.
+
+How to run (on the GPU host, PyTorch with CUDA; triton needed only for flex):
+    python3 scripts/peers.py --ours ours.json --out peers.json
+    python3 scripts/peers.py --ours ours.json --out peers.json --reps 50 \\
+        --only-dtype bf16 --peers torch_flash,torch_cudnn
+Then: python3 scripts/report.py --ours ours.json --peers peers.json ...
+
+Output:
+    {"torch": "2.11.0", "cudnn": 91000, "cuda": "13.0", "gpu": "NVIDIA H100 ...",
+     "method": {...},
+     "peers": {case_name: {peer: {"ms": float|null, "skipped": str|null,
+                                  "rel_l2_err": float|null, "note": str (optional)}}}}
+
+Mask semantics (DESIGN.md section 1): masks are bottom-right aligned. With
+off = Lk - Lq, query i sees key j iff i + off - L <= j <= i + off + R, an
+unbounded side (null) being infinite. PyTorch's is_causal is top-left aligned,
+so SDPA is used for causal cases only when Lq == Lk.
+
+Only torch is needed (imported lazily, so the pure helpers below can be
+imported and tested without it).
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+import warnings
+
+torch = None  # imported in main(); the helpers above _import_torch are pure Python
+
+SDPA_PEERS = ("torch_flash", "torch_cudnn", "torch_efficient")
+ALL_PEERS = SDPA_PEERS + ("flex",)
+SDPA_BACKEND_NAMES = {
+    "torch_flash": "FLASH_ATTENTION",
+    "torch_cudnn": "CUDNN_ATTENTION",
+    "torch_efficient": "EFFICIENT_ATTENTION",
+}
+REF_MAX_ELEMS = 2 ** 28  # B*Hq*Lq*Lk above which no reference error is computed
+MIN_ROTATION_BYTES = 256 << 20  # rotate inputs over at least this much memory
+MAX_INPUT_SETS = 64
+DEVICE = "cuda"  # the timing itself uses CUDA events; this only names where tensors live
+
+
+# ----------------------------------------------------------------------------
+# Pure helpers (no torch)
+# ----------------------------------------------------------------------------
+
+def _parse_bound(text):
+    text = text.strip().lower()
+    if text in ("", "none", "null", "inf", "+inf", "∞"):
+        return None
+    return int(text)
+
+
+def mask_bounds(case):
+    """(left, right) window bounds of a case, None meaning unbounded.
+
+    Uses window_left/window_right when the case has them, else the mask string
+    ("full", "causal", "window(L,R)")."""
+    mask = str(case.get("mask", "full")).strip().lower()
+    if "window_left" in case or "window_right" in case:
+        return case.get("window_left"), case.get("window_right")
+    if mask == "full":
+        return None, None
+    if mask == "causal":
+        return None, 0
+    m = re.fullmatch(r"window\(([^,]*),([^)]*)\)", mask.replace(" ", ""))
+    if not m:
+        raise ValueError("unknown mask %r" % case.get("mask"))
+    return _parse_bound(m.group(1)), _parse_bound(m.group(2))
+
+
+def mask_kind(left, right):
+    """'full', 'causal' or 'window' from the bounds (a window (inf, 0) is causal)."""
+    if left is None and right is None:
+        return "full"
+    if left is None and right == 0:
+        return "causal"
+    return "window"
+
+
+def make_visible(seqlen_q, seqlen_k, left, right):
+    """Bottom-right aligned visibility predicate visible(b, h, q_idx, kv_idx).
+
+    Works on Python ints and on torch tensors (it is FlexAttention's mask_mod).
+    Returns None for a full mask (nothing to mask)."""
+    off = seqlen_k - seqlen_q
+    if left is None and right is None:
+        return None
+    lo = None if left is None else off - left
+    hi = None if right is None else off + right
+
+    def visible(b, h, q_idx, kv_idx):
+        if lo is None:
+            return kv_idx <= q_idx + hi
+        if hi is None:
+            return kv_idx >= q_idx + lo
+        return (kv_idx >= q_idx + lo) & (kv_idx <= q_idx + hi)
+
+    return visible
+
+
+def sdpa_mask_reason(kind, seqlen_q, seqlen_k):
+    """Why SDPA cannot express this mask without a dense one, or None if it can."""
+    if kind == "window":
+        return "SDPA has no sliding-window without a dense mask"
+    if kind == "causal" and seqlen_q != seqlen_k:
+        return ("SDPA is_causal is top-left aligned; bottom-right causal with "
+                "Lq != Lk needs a dense mask")
+    return None
+
+
+def num_input_sets(bytes_per_set, rotation_bytes):
+    """How many input sets to rotate over so their total exceeds rotation_bytes."""
+    if bytes_per_set <= 0:
+        return 1
+    return max(1, min(MAX_INPUT_SETS, math.ceil(rotation_bytes / bytes_per_set)))
+
+
+def first_line(exc):
+    text = str(exc).strip() or type(exc).__name__
+    return "%s: %s" % (type(exc).__name__, text.splitlines()[0][:300])
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------
+# Torch side
+# ----------------------------------------------------------------------------
+
+def _import_torch():
+    global torch
+    import torch as _torch
+    torch = _torch
+
+
+def torch_dtype(name):
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "f16": torch.float16, "fp16": torch.float16, "float16": torch.float16,
+             "f32": torch.float32, "fp32": torch.float32, "float32": torch.float32}
+    if name not in table:
+        raise ValueError("unknown dtype %r" % name)
+    return table[name]
+
+
+def cudnn_version():
+    try:
+        return torch.backends.cudnn.version()
+    except Exception:
+        return None
+
+
+def free_memory():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def l2_cache_bytes():
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(props, "L2_cache_size", 0) or (50 << 20))
+
+
+class Case:
+    """One case of OURS.json with its mask resolved."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.name = raw["name"]
+        self.direction = raw.get("direction", "fwd")
+        self.dtype_name = raw["dtype"]
+        self.b = int(raw["batch"])
+        self.hq = int(raw["heads_q"])
+        self.hk = int(raw["heads_kv"])
+        self.lq = int(raw["seqlen_q"])
+        self.lk = int(raw["seqlen_k"])
+        self.d = int(raw["head_dim"])
+        self.left, self.right = mask_bounds(raw)
+        self.kind = mask_kind(self.left, self.right)
+        self.gqa = self.hk != self.hq
+
+    def elems_per_set(self):
+        return (self.b * self.lq * self.hq * self.d * 2      # Q, O
+                + self.b * self.lk * self.hk * self.d * 2)   # K, V
+
+
+class InputSets:
+    """Rotated random-normal Q/K/V in BSHD, exposed as BHSD views."""
+
+    def __init__(self, case, dtype, n_sets, need_grad, seed):
+        gen = torch.Generator(device=DEVICE)
+        gen.manual_seed(seed)
+        self.sets = []
+        for _ in range(n_sets):
+            bshd = [
+                torch.randn(case.b, case.lq, case.hq, case.d, dtype=dtype,
+                            device=DEVICE, generator=gen),
+                torch.randn(case.b, case.lk, case.hk, case.d, dtype=dtype,
+                            device=DEVICE, generator=gen),
+                torch.randn(case.b, case.lk, case.hk, case.d, dtype=dtype,
+                            device=DEVICE, generator=gen),
+            ]
+            if need_grad:
+                for t in bshd:
+                    t.requires_grad_(True)
+            self.sets.append(bshd)
+
+    def __len__(self):
+        return len(self.sets)
+
+    def bhsd(self, i):
+        """BHSD views (transposes, no copy) of set i."""
+        return tuple(t.transpose(1, 2) for t in self.sets[i])
+
+    def leaves(self, i):
+        return tuple(self.sets[i])
+
+
+def time_calls(fn, n_sets, reps, warmup):
+    """Median milliseconds of fn(set_index) over reps calls, rotating the sets.
+
+    Each call is bracketed by its own pair of CUDA events on the current stream."""
+    for i in range(warmup):
+        fn(i % n_sets)
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for r in range(reps):
+        idx = (warmup + r) % n_sets
+        starts[r].record()
+        fn(idx)
+        ends[r].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def reference_rel_l2(case, q, k, v, out):
+    """Relative L2 error of out ([B,Hq,Lq,D]) against an f64 reference on q, k, v.
+
+    Computed one batch element at a time; rows with no visible key are zero,
+    as in DESIGN.md section 1."""
+    group = case.hq // case.hk
+    scale = 1.0 / math.sqrt(case.d)
+    vis = None
+    if case.kind != "full":
+        i = torch.arange(case.lq, device=DEVICE).unsqueeze(1)
+        j = torch.arange(case.lk, device=DEVICE).unsqueeze(0)
+        vis = make_visible(case.lq, case.lk, case.left, case.right)(None, None, i, j)
+    err2 = 0.0
+    ref2 = 0.0
+    for b in range(case.b):
+        qb = q[b].detach().double()
+        kb = k[b].detach().double().repeat_interleave(group, dim=0)
+        vb = v[b].detach().double().repeat_interleave(group, dim=0)
+        s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale)
+        if vis is not None:
+            s.masked_fill_(~vis, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num_(nan=0.0)  # empty rows -> 0
+        del s
+        ref = torch.matmul(p, vb)
+        del p
+        err2 += (out[b].detach().double() - ref).square().sum().item()
+        ref2 += ref.square().sum().item()
+        del ref, qb, kb, vb
+    if ref2 == 0.0:
+        return None
+    return math.sqrt(err2 / ref2)
+
+
+def call_recording_warnings(fn):
+    """Run fn(); if it raises, attach the warnings it emitted to the exception
+    (SDPA explains "No available kernel" only through warnings)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return fn()
+        except Exception as exc:
+            exc.peer_warnings = [str(w.message).strip() for w in caught]
+            raise
+
+
+class PeerRunner:
+    def __init__(self, args):
+        self.args = args
+        self.F = torch.nn.functional
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        self.SDPBackend = SDPBackend
+        self.sdpa_kernel = sdpa_kernel
+        self.flex_error = None
+        try:
+            from torch.nn.attention.flex_attention import (create_block_mask,
+                                                           flex_attention)
+            self.create_block_mask = create_block_mask
+            self.flex = torch.compile(flex_attention, dynamic=False)
+            cfg = torch._dynamo.config
+            for name in ("recompile_limit", "cache_size_limit",
+                         "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+                if hasattr(cfg, name):
+                    setattr(cfg, name, max(getattr(cfg, name), 256))
+        except Exception as exc:  # flex unavailable in this build
+            self.flex_error = "flex_attention unavailable: " + first_line(exc)
+
+    # -- one attention callable per peer -------------------------------------
+
+    def sdpa_fn(self, case, native_gqa):
+        """SDPA on BHSD views; the backend is forced by the caller's context."""
+        is_causal = case.kind == "causal"
+        group = case.hq // case.hk
+        F = self.F
+
+        def attn(q, k, v):
+            if case.gqa and not native_gqa:
+                k = k.repeat_interleave(group, dim=1)
+                v = v.repeat_interleave(group, dim=1)
+            if case.gqa and native_gqa:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
+                                                      enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        return attn
+
+    def flex_fn(self, case):
+        visible = make_visible(case.lq, case.lk, case.left, case.right)
+        block_mask = self.create_block_mask(visible, B=None, H=None, Q_LEN=case.lq,
+                                            KV_LEN=case.lk, device=DEVICE)
+        flex = self.flex
+
+        def attn(q, k, v):
+            return flex(q, k, v, block_mask=block_mask, enable_gqa=case.gqa)
+        return attn
+
+    # -- measuring -----------------------------------------------------------
+
+    def measure(self, case, attn, inputs, check):
+        """Time attn on the rotated inputs; returns (ms, rel_l2_err, notes).
+
+        A failure of the reference check does not discard the timing."""
+        args = self.args
+        if case.direction == "fwd":
+            def call(i):
+                return attn(*inputs.bhsd(i))
+            err, notes = None, []
+            with torch.no_grad():
+                ms = time_calls(call, len(inputs), args.reps, args.warmup)
+                if check:
+                    try:
+                        q, k, v = inputs.bhsd(0)
+                        err = reference_rel_l2(case, q, k, v, attn(q, k, v))
+                    except Exception as exc:
+                        notes.append("reference check failed: " + first_line(exc))
+                        free_memory()
+            return ms, err, notes
+        if case.direction == "bwd":
+            outs, grads = [], []
+            for i in range(len(inputs)):
+                out = attn(*inputs.bhsd(i))
+                outs.append(out)
+                grads.append(torch.randn_like(out))
+
+            def call(i):
+                return torch.autograd.grad(outs[i], inputs.leaves(i), grads[i],
+                                           retain_graph=True)
+            ms = time_calls(call, len(inputs), args.reps, args.warmup)
+            del outs, grads
+            return ms, None, []
+        raise ValueError("unknown direction %r" % case.direction)
+
+    def run_peer(self, peer, case, inputs, check):
+        """Result dict for one peer on one case; never raises."""
+        result = {"ms": None, "skipped": None, "rel_l2_err": None}
+        if peer in SDPA_PEERS:
+            reason = sdpa_mask_reason(case.kind, case.lq, case.lk)
+            if reason:
+                result["skipped"] = reason
+                return result
+            attempts = [True, False] if case.gqa else [True]
+        else:
+            if self.flex_error:
+                result["skipped"] = self.flex_error
+                return result
+            if case.kind == "full":
+                result["skipped"] = "flex run only for causal and window masks"
+                return result
+            attempts = [True]
+        reasons = []
+        for native_gqa in attempts:
+            try:
+                if peer == "flex":
+                    torch._dynamo.reset()  # one compiled graph per case
+                    attn = self.flex_fn(case)
+                    backend = contextlib.nullcontext()
+                else:
+                    attn = self.sdpa_fn(case, native_gqa)
+                    backend = self.sdpa_kernel(
+                        getattr(self.SDPBackend, SDPA_BACKEND_NAMES[peer]))
+                with backend:
+                    # First call alone, to catch SDPA's "not used because" warnings.
+                    with torch.set_grad_enabled(case.direction == "bwd"):
+                        call_recording_warnings(lambda: attn(*inputs.bhsd(0)))
+                    torch.cuda.synchronize()
+                    ms, err, notes = self.measure(case, attn, inputs, check)
+                result["ms"] = ms
+                result["rel_l2_err"] = err
+                if not native_gqa:
+                    notes.insert(0, "no native GQA: KV heads expanded to Hq "
+                                    "(repeat_interleave) inside the timed call")
+                if notes:
+                    result["note"] = "; ".join(notes)
+                return result
+            except Exception as exc:
+                reason = first_line(exc)
+                hints = [m.splitlines()[0] for m in getattr(exc, "peer_warnings", [])]
+                if peer in SDPA_PEERS and hints:  # SDPA's "... not used because ..."
+                    reason += " (" + "; ".join(hints)[:400] + ")"
+                reasons.append(reason)
+            finally:
+                free_memory()
+        result["skipped"] = " / then, with KV expanded: ".join(reasons)
+        return result
+
+
+def run_case(runner, case, peers, args):
+    out = {}
+    try:
+        dtype = torch_dtype(case.dtype_name)
+    except ValueError as exc:
+        return {p: {"ms": None, "skipped": str(exc), "rel_l2_err": None} for p in peers}
+    elem_bytes = torch.tensor([], dtype=dtype).element_size()
+    bytes_per_set = case.elems_per_set() * elem_bytes
+    rotation = max(MIN_ROTATION_BYTES, 4 * l2_cache_bytes())
+    n_sets = num_input_sets(bytes_per_set, rotation)
+    check = (not args.no_check and case.direction == "fwd"
+             and case.b * case.hq * case.lq * case.lk <= REF_MAX_ELEMS)
+    inputs = None
+    try:
+        inputs = InputSets(case, dtype, n_sets, case.direction == "bwd",
+                           seed=args.seed)
+    except Exception as exc:
+        reason = "inputs: " + first_line(exc)
+        free_memory()
+        return {p: {"ms": None, "skipped": reason, "rel_l2_err": None} for p in peers}
+    try:
+        for peer in peers:
+            out[peer] = runner.run_peer(peer, case, inputs, check)
+    finally:
+        del inputs
+        free_memory()
+    return out
+
+
+def write_json(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def fmt_result(peer, r):
+    if r["ms"] is not None:
+        return "%s %.3f ms" % (peer, r["ms"])
+    return "%s skip" % peer
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ours", required=True, help="ours.json from the Rust bench")
+    ap.add_argument("--out", required=True, help="peers.json to write")
+    ap.add_argument("--reps", type=int, default=30, help="timed runs per peer (median)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
+    ap.add_argument("--only-dtype", help="only cases of this dtype (e.g. bf16)")
+    ap.add_argument("--only", help="only cases whose name contains this text")
+    ap.add_argument("--peers", default=",".join(ALL_PEERS),
+                    help="comma-separated subset of " + ",".join(ALL_PEERS))
+    ap.add_argument("--no-check", action="store_true",
+                    help="skip the reference error computation")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = [p for p in peers if p not in ALL_PEERS]
+    if unknown:
+        ap.error("unknown peers: %s" % ", ".join(unknown))
+    if args.reps < 1 or args.warmup < 0:
+        ap.error("--reps must be >= 1 and --warmup >= 0")
+
+    with open(args.ours) as f:
+        ours = json.load(f)
+    cases = [Case(c) for c in ours.get("cases", [])]
+    if args.only_dtype:
+        cases = [c for c in cases if c.dtype_name == args.only_dtype]
+    if args.only:
+        cases = [c for c in cases if args.only in c.name]
+
+    _import_torch()
+    if not torch.cuda.is_available():
+        log("peers.py: no CUDA device visible to PyTorch; nothing to time")
+        return 2
+    gpu = torch.cuda.get_device_name(0)
+    if ours.get("gpu") and ours["gpu"] != gpu:
+        log("peers.py: warning: ours.json was measured on %r, this is %r"
+            % (ours["gpu"], gpu))
+    result = {
+        "torch": torch.__version__,
+        "cudnn": cudnn_version(),
+        "cuda": torch.version.cuda,
+        "gpu": gpu,
+        "method": {"reps": args.reps, "warmup": args.warmup, "stat": "median",
+                   "timer": "cuda events per call",
+                   "rotation_bytes": max(MIN_ROTATION_BYTES, 4 * l2_cache_bytes()),
+                   "reference": "f64, B*Hq*Lq*Lk <= 2**28"},
+        "peers": {},
+    }
+    runner = PeerRunner(args)
+    if runner.flex_error:
+        log("peers.py: " + runner.flex_error)
+    for n, case in enumerate(cases, 1):
+        t0 = time.time()
+        res = run_case(runner, case, peers, args)
+        result["peers"][case.name] = res
+        write_json(args.out, result)
+        log("[%d/%d] %s: %s (%.1f s)" % (
+            n, len(cases), case.name,
+            ", ".join(fmt_result(p, res[p]) for p in peers), time.time() - t0))
+    write_json(args.out, result)
+    log("peers.py: wrote %s (%d cases)" % (args.out, len(cases)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
