@@ -1,1 +1,337 @@
-fn main() {}
+//! Forward-pass benchmark over the case grid of `grid.rs`, timed with CUDA
+//! events (warm-up, then the median of many launches).
+//!
+//! - `cargo bench --bench forward` runs it under criterion (`iter_custom`
+//!   with event timing; throughput shown in FLOP/s as "elem/s").
+//! - `FUSED_ATTN_BENCH_JSON=ours.json <bench binary>` is the report mode: each
+//!   case timed, its error against the f64 CPU reference measured (on a
+//!   reduced case of the same kind where the full one is too big for the CPU),
+//!   and everything written as JSON for `scripts/peers.py` and `scripts/report.py`.
+//!   `FUSED_ATTN_BENCH_FILTER=substr` keeps only matching cases.
+//!
+//! Inputs are random normal, never zeros; one case's Q, K and V together are
+//! ~200 MB (bf16, 16k tokens × 2048), several times an H100's 50 MB L2, so
+//! launches do not run from cache.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod grid;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{make_inputs, open_gpu, upload, Gpu, Shape, Storage};
+use criterion::{Criterion, Throughput};
+use fused_attn::cudarc::driver::sys::CUevent_flags;
+use fused_attn::cudarc::driver::{CudaSlice, CudaStream};
+use fused_attn::{
+    AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, KernelInfo, Layout,
+    Mask,
+};
+use grid::{grid, BenchCase};
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+/// Device buffers big enough for every case of the grid, shared by all cases.
+struct Buffers<T> {
+    q: CudaSlice<T>,
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    o: CudaSlice<T>,
+    lse: CudaSlice<f32>,
+}
+
+const MAX_ELEMS: usize = 16384 * 2048;
+
+fn buffers<T: Element>(stream: &Arc<CudaStream>, seed: u64) -> Result<Buffers<T>, Error> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut gen = || upload(stream, &common::randn::<T>(&mut rng, MAX_ELEMS));
+    let (q, k, v, o) = (gen()?, gen()?, gen()?, gen()?);
+    let lse = upload_f32(stream, &vec![0.0; 16384 * 128])?;
+    Ok(Buffers { q, k, v, o, lse })
+}
+
+fn upload_f32(stream: &Arc<CudaStream>, x: &[f32]) -> Result<CudaSlice<f32>, Error> {
+    stream.clone_htod(x).map_err(|source| Error::Cuda {
+        during: "upload",
+        source,
+    })
+}
+
+fn cuda(during: &'static str) -> impl Fn(fused_attn::cudarc::driver::DriverError) -> Error {
+    move |source| Error::Cuda { during, source }
+}
+
+/// Launches the case `reps` times, each between its own pair of events;
+/// returns every launch's milliseconds and the kernel that ran.
+fn time_case<T: Element>(
+    g: &Gpu,
+    stream: &Arc<CudaStream>,
+    bufs: &mut Buffers<T>,
+    c: &BenchCase,
+    reps: usize,
+) -> Result<(Vec<f64>, KernelInfo), Error> {
+    let ql = Layout::bshd(c.batch, c.seqlen, c.heads_q, c.head_dim);
+    let kl = Layout::bshd(c.batch, c.seqlen, c.heads_kv, c.head_dim);
+    let (qt, kt, vt) = (
+        DeviceTensor::new(&bufs.q, ql),
+        DeviceTensor::new(&bufs.k, kl),
+        DeviceTensor::new(&bufs.v, kl),
+    );
+    let mut ot = DeviceTensorMut::from_view(bufs.o.slice_mut(..ql.numel()), ql);
+    let mut lse = bufs.lse.slice_mut(..c.batch * c.heads_q * c.seqlen);
+    let opts = AttentionOptions::new(c.mask);
+    let mut info = None;
+    for _ in 0..3 {
+        info = Some(
+            g.attn
+                .forward_into(stream, &qt, &kt, &vt, &mut ot, Some(&mut lse), &opts)?,
+        );
+    }
+    let events: Vec<_> = (0..2 * reps)
+        .map(|_| {
+            g.ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(cuda("creating events"))
+        })
+        .collect::<Result<_, _>>()?;
+    for pair in events.chunks(2) {
+        pair[0].record(stream).map_err(cuda("recording an event"))?;
+        g.attn
+            .forward_into(stream, &qt, &kt, &vt, &mut ot, Some(&mut lse), &opts)?;
+        pair[1].record(stream).map_err(cuda("recording an event"))?;
+    }
+    stream.synchronize().map_err(cuda("synchronising"))?;
+    let ms = events
+        .chunks(2)
+        .map(|p| {
+            p[0].elapsed_ms(&p[1])
+                .map(|x| x as f64)
+                .map_err(cuda("reading events"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((ms, info.expect("warm-up ran")))
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+fn flops(c: &BenchCase) -> u128 {
+    problem_of(c).flops()
+}
+
+fn problem_of(c: &BenchCase) -> fused_attn::Problem {
+    let ql = Layout::bshd(c.batch, c.seqlen, c.heads_q, c.head_dim);
+    let kl = Layout::bshd(c.batch, c.seqlen, c.heads_kv, c.head_dim);
+    let d = |arg, layout: Layout| fused_attn::options::TensorDesc {
+        arg,
+        layout,
+        len: layout.numel(),
+    };
+    fused_attn::options::validate(
+        c.dtype,
+        &d("q", ql),
+        &d("k", kl),
+        &d("v", kl),
+        None,
+        None,
+        &AttentionOptions::new(c.mask),
+    )
+    .expect("grid cases are valid")
+}
+
+/// The case the CPU can check: at most 1024 tokens and 4 query heads, the
+/// same GQA ratio, windows scaled with the sequence.
+fn reduced(c: &BenchCase) -> (BenchCase, String) {
+    let seqlen = c.seqlen.min(1024);
+    let heads_q = c.heads_q.min(4);
+    let heads_kv = (heads_q * c.heads_kv / c.heads_q).max(1);
+    let scale = |w: usize| (w * seqlen).div_ceil(c.seqlen);
+    let mask = match c.mask {
+        Mask::Window { left, right } => Mask::Window {
+            left: scale(left),
+            right: scale(right),
+        },
+        m => m,
+    };
+    let r = BenchCase {
+        batch: 1,
+        seqlen,
+        heads_q,
+        heads_kv,
+        mask,
+        ..*c
+    };
+    let note = if (r.batch, r.seqlen, r.heads_q) == (c.batch, c.seqlen, c.heads_q) {
+        "same shape".to_string()
+    } else {
+        format!("reduced: {}", r.name())
+    };
+    (r, note)
+}
+
+fn check_error<T: Element>(
+    g: &Gpu,
+    stream: &Arc<CudaStream>,
+    c: &BenchCase,
+) -> Result<f64, String> {
+    let s = Shape {
+        b: c.batch,
+        lq: c.seqlen,
+        lk: c.seqlen,
+        hq: c.heads_q,
+        hk: c.heads_kv,
+        d: c.head_dim,
+    };
+    let inp = make_inputs::<T>(42, s, Storage::Bshd);
+    let checked = common::run_and_check(
+        g,
+        stream,
+        &inp,
+        s,
+        Storage::Bshd,
+        &AttentionOptions::new(c.mask),
+    )?;
+    Ok(checked.o_err)
+}
+
+fn report_mode(path: &str) -> Result<(), Error> {
+    let g = match open_gpu() {
+        Ok(g) => g,
+        Err(reason) => {
+            println!("no GPU: {reason}; nothing to benchmark");
+            return Ok(());
+        }
+    };
+    let stream = g.ctx.new_stream().map_err(cuda("creating a stream"))?;
+    let filter = std::env::var("FUSED_ATTN_BENCH_FILTER").unwrap_or_default();
+    let reps: usize = std::env::var("FUSED_ATTN_BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let cases: Vec<BenchCase> = grid()
+        .into_iter()
+        .filter(|c| c.name().contains(&filter))
+        .collect();
+    let mut bf = buffers::<bf16>(&stream, 1)?;
+    let mut fp = if cases.iter().any(|c| c.dtype == DType::F16) {
+        Some(buffers::<f16>(&stream, 2)?)
+    } else {
+        None
+    };
+    let mut rows = Vec::new();
+    for c in &cases {
+        let (ms, info) = match c.dtype {
+            DType::BF16 => time_case(&g, &stream, &mut bf, c, reps)?,
+            DType::F16 => time_case(&g, &stream, fp.as_mut().expect("allocated above"), c, reps)?,
+        };
+        let med = median(ms.clone());
+        let fl = flops(c);
+        let (small, note) = reduced(c);
+        let err = match c.dtype {
+            DType::BF16 => check_error::<bf16>(&g, &stream, &small),
+            DType::F16 => check_error::<f16>(&g, &stream, &small),
+        }
+        .unwrap_or(f64::NAN);
+        let tflops = fl as f64 / (med * 1e-3) / 1e12;
+        eprintln!(
+            "{:<42} {:>26} {med:>9.3} ms {tflops:>7.1} TFLOP/s  err {err:.2e}",
+            c.name(),
+            info.name
+        );
+        let (l, r) = c.mask.bounds();
+        let json_opt = |x: Option<usize>| x.map_or("null".to_string(), |x| x.to_string());
+        let (wl, wr) = (json_opt(l), json_opt(r));
+        rows.push(format!(
+            concat!(
+                "{{\"name\": {:?}, \"kernel\": {:?}, \"direction\": \"fwd\", \"dtype\": {:?}, \"batch\": {}, ",
+                "\"heads_q\": {}, \"heads_kv\": {}, \"seqlen_q\": {}, \"seqlen_k\": {}, \"head_dim\": {}, ",
+                "\"mask\": {:?}, \"window_left\": {}, \"window_right\": {}, \"flops\": {}, \"ours_ms\": {:.6}, ",
+                "\"ours_ms_min\": {:.6}, \"reps\": {}, \"ours_tflops\": {:.3}, \"rel_l2_err\": {}, \"err_case\": {:?}}}"
+            ),
+            c.name(),
+            info.name,
+            c.dtype.name(),
+            c.batch,
+            c.heads_q,
+            c.heads_kv,
+            c.seqlen,
+            c.seqlen,
+            c.head_dim,
+            c.mask.name(),
+            wl,
+            wr,
+            fl,
+            med,
+            ms.iter().copied().fold(f64::INFINITY, f64::min),
+            ms.len(),
+            tflops,
+            if err.is_finite() { format!("{err:.3e}") } else { "null".into() },
+            note
+        ));
+    }
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let json = format!(
+        "{{\"commit\": {:?}, \"dirty\": {}, \"gpu\": {:?}, \"sm\": {}, \"driver\": {:?}, \"cuda\": {:?}, \"nvcc\": {:?}, \"cases\": [\n  {}\n]}}\n",
+        env("FUSED_ATTN_COMMIT"),
+        env("FUSED_ATTN_DIRTY") == "1",
+        g.name,
+        g.attn.sm(),
+        env("FUSED_ATTN_DRIVER"),
+        env("FUSED_ATTN_CUDA"),
+        fused_attn::sys::NVCC_VERSION,
+        rows.join(",\n  ")
+    );
+    std::fs::write(path, json).map_err(|e| Error::NoKernel {
+        reason: format!("writing {path}: {e}"),
+    })?;
+    println!("wrote {} cases to {path}", rows.len());
+    Ok(())
+}
+
+fn criterion_mode() {
+    let g = match open_gpu() {
+        Ok(g) => g,
+        Err(reason) => {
+            println!("no GPU: {reason}; nothing to benchmark");
+            return;
+        }
+    };
+    let stream = g.ctx.new_stream().expect("a stream");
+    let mut bf = buffers::<bf16>(&stream, 1).expect("device buffers");
+    let mut crit = Criterion::default()
+        .configure_from_args()
+        .warm_up_time(Duration::from_millis(500));
+    let mut group = crit.benchmark_group("forward");
+    for c in grid().into_iter().filter(|c| c.dtype == DType::BF16) {
+        group.throughput(Throughput::Elements(flops(&c) as u64));
+        group.bench_function(c.name(), |b| {
+            b.iter_custom(|iters| {
+                let (ms, _) = time_case(&g, &stream, &mut bf, &c, iters as usize).expect("launch");
+                Duration::from_secs_f64(ms.iter().sum::<f64>() / 1e3)
+            })
+        });
+    }
+    group.finish();
+    crit.final_summary();
+}
+
+fn main() {
+    match std::env::var("FUSED_ATTN_BENCH_JSON") {
+        Ok(path) => {
+            if let Err(e) = report_mode(&path) {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        }
+        Err(_) => criterion_mode(),
+    }
+}

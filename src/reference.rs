@@ -34,6 +34,9 @@ pub struct Reference {
     pub lse: Vec<f64>,
 }
 
+/// One finished unit of work: its index, its outputs `[rows, D]` and LSEs.
+type UnitResult = (usize, Vec<f64>, Vec<f64>);
+
 /// Query rows per unit of work handed to a thread.
 const ROWS_PER_UNIT: usize = 32;
 
@@ -70,7 +73,7 @@ pub fn forward<T: Element>(
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(units.max(1));
-    let results: Vec<Vec<(usize, Vec<f64>, Vec<f64>)>> = std::thread::scope(|s| {
+    let results: Vec<Vec<UnitResult>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {

@@ -25,7 +25,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
-static RESULTS: Mutex<Vec<(String, KernelFamily, DType, f64, f64)>> = Mutex::new(Vec::new());
+/// (case name, family, dtype, O error, LSE error) of every checked sweep case.
+type CaseResult = (String, KernelFamily, DType, f64, f64);
+static RESULTS: Mutex<Vec<CaseResult>> = Mutex::new(Vec::new());
 
 fn gpu() -> Result<&'static Gpu, Failed> {
     GPU.get_or_init(open_gpu)

@@ -103,6 +103,7 @@ impl Attention {
     /// [`forward_into`](Self::forward_into) for callers that hold tensors of
     /// a runtime element type (bindings, model loaders). Mixed element types
     /// are an [`Error::DTypeMismatch`](crate::Error::DTypeMismatch) naming the argument.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_into_dyn(
         &self,
         stream: &Arc<CudaStream>,

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs on the GPU host from the bundle staged by scripts/gpu-bundle.sh.
+#   run.sh OUTDIR [phase...]    phases: tests sanitize quickstart bench peers report all
+# Default: tests sanitize quickstart. Every phase logs under OUTDIR; the last
+# lines of each log are echoed so a truncated console still shows the verdict.
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+outdir="${1:?usage: run.sh OUTDIR [phase...]}"; shift
+mkdir -p "$outdir"
+phases=("$@"); [ ${#phases[@]} -eq 0 ] && phases=(tests sanitize quickstart)
+[ "${phases[0]}" = all ] && phases=(tests sanitize quickstart bench peers report)
+set -a; . "$here/meta.env"; set +a
+export FUSED_ATTN_DRIVER="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)"
+export FUSED_ATTN_CUDA="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/\1/p' | head -1)"
+nvidia-smi > "$outdir/nvidia-smi.txt" 2>&1 || true
+status=0
+for phase in "${phases[@]}"; do
+  case "$phase" in
+    tests)
+      FUSED_ATTN_GPU_LOG="$outdir/gpu-tests-cases.log" "$here/bin/gpu-tests" --test-threads 4 > "$outdir/gpu-tests.log" 2>&1 || status=1
+      grep -E "^test result|^summary|FAILED|failed|panicked" "$outdir/gpu-tests.log" | tail -n 40 ;;
+    sanitize)
+      if command -v compute-sanitizer >/dev/null; then
+        for tool in memcheck racecheck; do
+          compute-sanitizer --tool "$tool" --error-exitcode 9 "$here/bin/gpu-tests" --test-threads 1 sanitize/ \
+            > "$outdir/sanitizer-$tool.log" 2>&1 || status=1
+          echo "$tool: $(grep -E 'ERROR SUMMARY|test result' "$outdir/sanitizer-$tool.log" | tr '\n' ' ')"
+        done
+      else
+        echo "compute-sanitizer not found: sanitize phase skipped" | tee "$outdir/sanitizer-skipped.log"
+      fi ;;
+    quickstart)
+      "$here/bin/quickstart" > "$outdir/quickstart.log" 2>&1 || status=1
+      cat "$outdir/quickstart.log" ;;
+    bench)
+      FUSED_ATTN_BENCH_JSON="$outdir/ours.json" "$here/bin/bench-forward" 2> "$outdir/bench.log" || status=1
+      tail -n 60 "$outdir/bench.log" ;;
+    peers)
+      python3 "$here/scripts/peers.py" --ours "$outdir/ours.json" --out "$outdir/peers.json" 2> "$outdir/peers.log" || status=1
+      tail -n 20 "$outdir/peers.log" ;;
+    report)
+      python3 "$here/scripts/report.py" --ours "$outdir/ours.json" --peers "$outdir/peers.json" \
+        --out-dir "$outdir/report" --log "$outdir/gpu-tests.log" || status=1
+      ls "$outdir/report" ;;
+    *) echo "unknown phase $phase"; status=2 ;;
+  esac
+done
+exit $status
