@@ -19,13 +19,14 @@ use std::process::Command;
 
 const DEFAULT_ARCHS: &str = "80;90a";
 
-/// One `FA_KERNEL(name, dtype, head_dim, block_m, threads, smem, min_sm)` line.
+/// One `FA_KERNEL(name, dtype, head_dim, block_m, block_n, threads, smem, min_sm)` line.
 struct Row {
     stem: String,
     name: String,
     dtype: String,
     head_dim: u32,
     block_m: u32,
+    block_n: u32,
     threads: u32,
     smem: u32,
     min_sm: u32,
@@ -55,18 +56,11 @@ impl Arch {
 
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
-    for var in [
-        "NVCC",
-        "CUDA_HOME",
-        "FUSED_ATTN_CUDA_ARCHS",
-        "FUSED_ATTN_REQUIRE_KERNELS",
-        "DOCS_RS",
-    ] {
+    for var in ["NVCC", "CUDA_HOME", "FUSED_ATTN_CUDA_ARCHS", "FUSED_ATTN_REQUIRE_KERNELS", "DOCS_RS"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let kernel_dir =
-        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it")).join("kernels");
+    let kernel_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it")).join("kernels");
 
     let mut sources: Vec<PathBuf> = fs::read_dir(&kernel_dir)
         .expect("kernels/ is part of the crate")
@@ -77,11 +71,7 @@ fn main() {
     let rows: Vec<Row> = sources.iter().flat_map(|p| parse_table(p)).collect();
 
     let require = env::var("FUSED_ATTN_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
-    let nvcc = if env::var_os("DOCS_RS").is_some() {
-        None
-    } else {
-        find_nvcc()
-    };
+    let nvcc = if env::var_os("DOCS_RS").is_some() { None } else { find_nvcc() };
     let archs: Vec<Arch> = env::var("FUSED_ATTN_CUDA_ARCHS")
         .unwrap_or_else(|_| DEFAULT_ARCHS.into())
         .split([';', ','])
@@ -111,21 +101,15 @@ fn main() {
 /// Parses the `FA_KERNEL(...)` table lines of one source file.
 fn parse_table(path: &Path) -> Vec<Row> {
     let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
-    let text =
-        fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     text.lines()
         .filter_map(|line| line.strip_prefix("FA_KERNEL("))
         .map(|rest| {
-            let inner = rest
-                .trim_end()
-                .strip_suffix(')')
-                .unwrap_or_else(|| panic!("{stem}: unterminated FA_KERNEL"));
+            let inner = rest.trim_end().strip_suffix(')').unwrap_or_else(|| panic!("{stem}: unterminated FA_KERNEL"));
             let f: Vec<&str> = inner.split(',').map(str::trim).collect();
-            assert_eq!(f.len(), 7, "{stem}: FA_KERNEL takes 7 fields: {inner}");
+            assert_eq!(f.len(), 8, "{stem}: FA_KERNEL takes 8 fields: {inner}");
             let num = |i: usize| -> u32 {
-                f[i].parse().unwrap_or_else(|_| {
-                    panic!("{stem}: FA_KERNEL field {i} `{}` is not a number", f[i])
-                })
+                f[i].parse().unwrap_or_else(|_| panic!("{stem}: FA_KERNEL field {i} `{}` is not a number", f[i]))
             };
             assert!(matches!(f[1], "f16" | "bf16"), "{stem}: dtype `{}`", f[1]);
             Row {
@@ -134,9 +118,10 @@ fn parse_table(path: &Path) -> Vec<Row> {
                 dtype: f[1].to_string(),
                 head_dim: num(2),
                 block_m: num(3),
-                threads: num(4),
-                smem: num(5),
-                min_sm: num(6),
+                block_n: num(4),
+                threads: num(5),
+                smem: num(6),
+                min_sm: num(7),
             }
         })
         .collect()
@@ -152,9 +137,7 @@ fn find_nvcc() -> Option<PathBuf> {
             return Some(p);
         }
     }
-    env::split_paths(&env::var_os("PATH")?)
-        .map(|d| d.join("nvcc"))
-        .find(|p| p.is_file())
+    env::split_paths(&env::var_os("PATH")?).map(|d| d.join("nvcc")).find(|p| p.is_file())
 }
 
 struct Built {
@@ -164,25 +147,11 @@ struct Built {
     nvcc_version: String,
 }
 
-fn compile_all(
-    nvcc: &Path,
-    sources: &[PathBuf],
-    rows: &[Row],
-    archs: &[Arch],
-    kernel_dir: &Path,
-    out: &Path,
-) -> Built {
+fn compile_all(nvcc: &Path, sources: &[PathBuf], rows: &[Row], archs: &[Arch], kernel_dir: &Path, out: &Path) -> Built {
     let nvcc_version = Command::new(nvcc)
         .arg("--version")
         .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .last()
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        })
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or("").trim().to_string())
         .unwrap_or_else(|e| panic!("cannot run nvcc at {}: {e}", nvcc.display()));
 
     // One nvcc per file, all at once: each is single-threaded for most of its time.
@@ -191,11 +160,7 @@ fn compile_all(
         .filter_map(|src| {
             let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
             // A file supports the archs at or above the lowest min_sm of its kernels.
-            let min_sm = rows
-                .iter()
-                .filter(|r| r.stem == stem)
-                .map(|r| r.min_sm)
-                .min()?;
+            let min_sm = rows.iter().filter(|r| r.stem == stem).map(|r| r.min_sm).min()?;
             let sass: Vec<Arch> = archs
                 .iter()
                 .filter(|a| a.number >= min_sm)
@@ -209,25 +174,14 @@ fn compile_all(
             let ptx = sass.iter().find(|a| !a.specific).map(|a| a.number);
             let fatbin = out.join(format!("{stem}.fatbin"));
             let mut cmd = Command::new(nvcc);
-            cmd.args([
-                "-O3",
-                "-std=c++17",
-                "--fatbin",
-                "-lineinfo",
-                "-Xptxas",
-                "-v",
-                "--threads",
-                "2",
-            ])
-            .arg("-I")
-            .arg(kernel_dir);
+            cmd.args(["-O3", "-std=c++17", "--fatbin", "-lineinfo", "-Xptxas", "-v", "--threads", "2"])
+                .arg("-I")
+                .arg(kernel_dir);
             for a in &sass {
-                cmd.arg("-gencode")
-                    .arg(format!("arch=compute_{0},code=sm_{0}", a.name()));
+                cmd.arg("-gencode").arg(format!("arch=compute_{0},code=sm_{0}", a.name()));
             }
             if let Some(p) = ptx {
-                cmd.arg("-gencode")
-                    .arg(format!("arch=compute_{p},code=compute_{p}"));
+                cmd.arg("-gencode").arg(format!("arch=compute_{p},code=compute_{p}"));
             }
             cmd.arg(src).arg("-o").arg(&fatbin);
             let child = cmd
@@ -236,13 +190,7 @@ fn compile_all(
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start nvcc at {}: {e}", nvcc.display()));
             let sass_names = sass.iter().map(|a| format!("sm_{}", a.name())).collect();
-            Some((
-                stem,
-                fatbin,
-                sass_names,
-                ptx.map(|p| format!("compute_{p}")),
-                child,
-            ))
+            Some((stem, fatbin, sass_names, ptx.map(|p| format!("compute_{p}")), child))
         })
         .collect();
 
@@ -250,11 +198,7 @@ fn compile_all(
     let mut images = Vec::new();
     for (stem, fatbin, sass, ptx, child) in jobs {
         let output = child.wait_with_output().expect("waiting for nvcc");
-        let log = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let log = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
         if !output.status.success() {
             panic!("nvcc failed on kernels/{stem}.cu:\n{log}");
         }
@@ -263,38 +207,19 @@ fn compile_all(
     }
     let report_path = out.join("resource-report.txt");
     fs::write(&report_path, &report).expect("writing the resource report");
-    Built {
-        images,
-        report: report_path,
-        nvcc_version,
-    }
+    Built { images, report: report_path, nvcc_version }
 }
 
 fn write_rust_table(out: &Path, rows: &[Row], built: Option<&Built>) {
-    let mut s =
-        String::from("// Generated by build.rs from the FA_KERNEL lines of kernels/*.cu.\n\n");
-    let _ = writeln!(
-        s,
-        "/// Whether nvcc ran and the kernel images below are real."
-    );
+    let mut s = String::from("// Generated by build.rs from the FA_KERNEL lines of kernels/*.cu.\n\n");
+    let _ = writeln!(s, "/// Whether nvcc ran and the kernel images below are real.");
     let _ = writeln!(s, "pub const KERNELS_BUILT: bool = {};", built.is_some());
     let _ = writeln!(s, "/// The `nvcc --version` line of the compiler that built the images (empty without kernels).");
-    let _ = writeln!(
-        s,
-        "pub const NVCC_VERSION: &str = {:?};",
-        built.map_or("", |b| b.nvcc_version.as_str())
-    );
-    let _ = writeln!(
-        s,
-        "/// The `-Xptxas -v` output of every nvcc run (empty without kernels)."
-    );
+    let _ = writeln!(s, "pub const NVCC_VERSION: &str = {:?};", built.map_or("", |b| b.nvcc_version.as_str()));
+    let _ = writeln!(s, "/// The `-Xptxas -v` output of every nvcc run (empty without kernels).");
     match built {
         Some(b) => {
-            let _ = writeln!(
-                s,
-                "pub const RESOURCE_REPORT: &str = include_str!({:?});",
-                b.report
-            );
+            let _ = writeln!(s, "pub const RESOURCE_REPORT: &str = include_str!({:?});", b.report);
         }
         None => s.push_str("pub const RESOURCE_REPORT: &str = \"\";\n"),
     }
@@ -310,8 +235,8 @@ fn write_rust_table(out: &Path, rows: &[Row], built: Option<&Built>) {
         let dtype = if r.dtype == "f16" { "F16" } else { "BF16" };
         let _ = writeln!(
             s,
-            "    KernelRow {{ image: {:?}, name: {:?}, dtype: DType::{dtype}, head_dim: {}, block_m: {}, threads: {}, smem_bytes: {}, min_sm: {} }},",
-            r.stem, r.name, r.head_dim, r.block_m, r.threads, r.smem, r.min_sm
+            "    KernelRow {{ image: {:?}, name: {:?}, dtype: DType::{dtype}, head_dim: {}, block_m: {}, block_n: {}, threads: {}, smem_bytes: {}, min_sm: {} }},",
+            r.stem, r.name, r.head_dim, r.block_m, r.block_n, r.threads, r.smem, r.min_sm
         );
     }
     s.push_str("];\n");

@@ -24,10 +24,7 @@ use common::{make_inputs, open_gpu, upload, Gpu, Shape, Storage};
 use criterion::{Criterion, Throughput};
 use fused_attn::cudarc::driver::sys::CUevent_flags;
 use fused_attn::cudarc::driver::{CudaSlice, CudaStream};
-use fused_attn::{
-    AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, KernelInfo, Layout,
-    Mask,
-};
+use fused_attn::{AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, KernelInfo, Layout, Mask};
 use grid::{grid, BenchCase};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
@@ -53,10 +50,7 @@ fn buffers<T: Element>(stream: &Arc<CudaStream>, seed: u64) -> Result<Buffers<T>
 }
 
 fn upload_f32(stream: &Arc<CudaStream>, x: &[f32]) -> Result<CudaSlice<f32>, Error> {
-    stream.clone_htod(x).map_err(|source| Error::Cuda {
-        during: "upload",
-        source,
-    })
+    stream.clone_htod(x).map_err(|source| Error::Cuda { during: "upload", source })
 }
 
 fn cuda(during: &'static str) -> impl Fn(fused_attn::cudarc::driver::DriverError) -> Error {
@@ -74,42 +68,26 @@ fn time_case<T: Element>(
 ) -> Result<(Vec<f64>, KernelInfo), Error> {
     let ql = Layout::bshd(c.batch, c.seqlen, c.heads_q, c.head_dim);
     let kl = Layout::bshd(c.batch, c.seqlen, c.heads_kv, c.head_dim);
-    let (qt, kt, vt) = (
-        DeviceTensor::new(&bufs.q, ql),
-        DeviceTensor::new(&bufs.k, kl),
-        DeviceTensor::new(&bufs.v, kl),
-    );
+    let (qt, kt, vt) = (DeviceTensor::new(&bufs.q, ql), DeviceTensor::new(&bufs.k, kl), DeviceTensor::new(&bufs.v, kl));
     let mut ot = DeviceTensorMut::from_view(bufs.o.slice_mut(..ql.numel()), ql);
     let mut lse = bufs.lse.slice_mut(..c.batch * c.heads_q * c.seqlen);
     let opts = AttentionOptions::new(c.mask);
     let mut info = None;
     for _ in 0..3 {
-        info = Some(
-            g.attn
-                .forward_into(stream, &qt, &kt, &vt, &mut ot, Some(&mut lse), &opts)?,
-        );
+        info = Some(g.attn.forward_into(stream, &qt, &kt, &vt, &mut ot, Some(&mut lse), &opts)?);
     }
     let events: Vec<_> = (0..2 * reps)
-        .map(|_| {
-            g.ctx
-                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(cuda("creating events"))
-        })
+        .map(|_| g.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda("creating events")))
         .collect::<Result<_, _>>()?;
     for pair in events.chunks(2) {
         pair[0].record(stream).map_err(cuda("recording an event"))?;
-        g.attn
-            .forward_into(stream, &qt, &kt, &vt, &mut ot, Some(&mut lse), &opts)?;
+        g.attn.forward_into(stream, &qt, &kt, &vt, &mut ot, Some(&mut lse), &opts)?;
         pair[1].record(stream).map_err(cuda("recording an event"))?;
     }
     stream.synchronize().map_err(cuda("synchronising"))?;
     let ms = events
         .chunks(2)
-        .map(|p| {
-            p[0].elapsed_ms(&p[1])
-                .map(|x| x as f64)
-                .map_err(cuda("reading events"))
-        })
+        .map(|p| p[0].elapsed_ms(&p[1]).map(|x| x as f64).map_err(cuda("reading events")))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((ms, info.expect("warm-up ran")))
 }
@@ -131,11 +109,7 @@ fn flops(c: &BenchCase) -> u128 {
 fn problem_of(c: &BenchCase) -> fused_attn::Problem {
     let ql = Layout::bshd(c.batch, c.seqlen, c.heads_q, c.head_dim);
     let kl = Layout::bshd(c.batch, c.seqlen, c.heads_kv, c.head_dim);
-    let d = |arg, layout: Layout| fused_attn::options::TensorDesc {
-        arg,
-        layout,
-        len: layout.numel(),
-    };
+    let d = |arg, layout: Layout| fused_attn::options::TensorDesc { arg, layout, len: layout.numel() };
     fused_attn::options::validate(
         c.dtype,
         &d("q", ql),
@@ -156,20 +130,10 @@ fn reduced(c: &BenchCase) -> (BenchCase, String) {
     let heads_kv = (heads_q * c.heads_kv / c.heads_q).max(1);
     let scale = |w: usize| (w * seqlen).div_ceil(c.seqlen);
     let mask = match c.mask {
-        Mask::Window { left, right } => Mask::Window {
-            left: scale(left),
-            right: scale(right),
-        },
+        Mask::Window { left, right } => Mask::Window { left: scale(left), right: scale(right) },
         m => m,
     };
-    let r = BenchCase {
-        batch: 1,
-        seqlen,
-        heads_q,
-        heads_kv,
-        mask,
-        ..*c
-    };
+    let r = BenchCase { batch: 1, seqlen, heads_q, heads_kv, mask, ..*c };
     let note = if (r.batch, r.seqlen, r.heads_q) == (c.batch, c.seqlen, c.heads_q) {
         "same shape".to_string()
     } else {
@@ -178,28 +142,10 @@ fn reduced(c: &BenchCase) -> (BenchCase, String) {
     (r, note)
 }
 
-fn check_error<T: Element>(
-    g: &Gpu,
-    stream: &Arc<CudaStream>,
-    c: &BenchCase,
-) -> Result<f64, String> {
-    let s = Shape {
-        b: c.batch,
-        lq: c.seqlen,
-        lk: c.seqlen,
-        hq: c.heads_q,
-        hk: c.heads_kv,
-        d: c.head_dim,
-    };
+fn check_error<T: Element>(g: &Gpu, stream: &Arc<CudaStream>, c: &BenchCase) -> Result<f64, String> {
+    let s = Shape { b: c.batch, lq: c.seqlen, lk: c.seqlen, hq: c.heads_q, hk: c.heads_kv, d: c.head_dim };
     let inp = make_inputs::<T>(42, s, Storage::Bshd);
-    let checked = common::run_and_check(
-        g,
-        stream,
-        &inp,
-        s,
-        Storage::Bshd,
-        &AttentionOptions::new(c.mask),
-    )?;
+    let checked = common::run_and_check(g, stream, &inp, s, Storage::Bshd, &AttentionOptions::new(c.mask))?;
     Ok(checked.o_err)
 }
 
@@ -213,20 +159,10 @@ fn report_mode(path: &str) -> Result<(), Error> {
     };
     let stream = g.ctx.new_stream().map_err(cuda("creating a stream"))?;
     let filter = std::env::var("FUSED_ATTN_BENCH_FILTER").unwrap_or_default();
-    let reps: usize = std::env::var("FUSED_ATTN_BENCH_REPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
-    let cases: Vec<BenchCase> = grid()
-        .into_iter()
-        .filter(|c| c.name().contains(&filter))
-        .collect();
+    let reps: usize = std::env::var("FUSED_ATTN_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let cases: Vec<BenchCase> = grid().into_iter().filter(|c| c.name().contains(&filter)).collect();
     let mut bf = buffers::<bf16>(&stream, 1)?;
-    let mut fp = if cases.iter().any(|c| c.dtype == DType::F16) {
-        Some(buffers::<f16>(&stream, 2)?)
-    } else {
-        None
-    };
+    let mut fp = if cases.iter().any(|c| c.dtype == DType::F16) { Some(buffers::<f16>(&stream, 2)?) } else { None };
     let mut rows = Vec::new();
     for c in &cases {
         let (ms, info) = match c.dtype {
@@ -242,11 +178,7 @@ fn report_mode(path: &str) -> Result<(), Error> {
         }
         .unwrap_or(f64::NAN);
         let tflops = fl as f64 / (med * 1e-3) / 1e12;
-        eprintln!(
-            "{:<42} {:>26} {med:>9.3} ms {tflops:>7.1} TFLOP/s  err {err:.2e}",
-            c.name(),
-            info.name
-        );
+        eprintln!("{:<42} {:>26} {med:>9.3} ms {tflops:>7.1} TFLOP/s  err {err:.2e}", c.name(), info.name);
         let (l, r) = c.mask.bounds();
         let json_opt = |x: Option<usize>| x.map_or("null".to_string(), |x| x.to_string());
         let (wl, wr) = (json_opt(l), json_opt(r));
@@ -290,9 +222,7 @@ fn report_mode(path: &str) -> Result<(), Error> {
         fused_attn::sys::NVCC_VERSION,
         rows.join(",\n  ")
     );
-    std::fs::write(path, json).map_err(|e| Error::NoKernel {
-        reason: format!("writing {path}: {e}"),
-    })?;
+    std::fs::write(path, json).map_err(|e| Error::NoKernel { reason: format!("writing {path}: {e}") })?;
     println!("wrote {} cases to {path}", rows.len());
     Ok(())
 }
@@ -307,9 +237,7 @@ fn criterion_mode() {
     };
     let stream = g.ctx.new_stream().expect("a stream");
     let mut bf = buffers::<bf16>(&stream, 1).expect("device buffers");
-    let mut crit = Criterion::default()
-        .configure_from_args()
-        .warm_up_time(Duration::from_millis(500));
+    let mut crit = Criterion::default().configure_from_args().warm_up_time(Duration::from_millis(500));
     let mut group = crit.benchmark_group("forward");
     for c in grid().into_iter().filter(|c| c.dtype == DType::BF16) {
         group.throughput(Throughput::Elements(flops(&c) as u64));

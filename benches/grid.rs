@@ -38,27 +38,12 @@ pub fn grid() -> Vec<BenchCase> {
     let seqlens = [512, 1024, 2048, 4096, 8192, 16384];
     let mut cases = Vec::new();
     let mut push = |dtype, seqlen: usize, heads_q, heads_kv, head_dim, mask| {
-        cases.push(BenchCase {
-            dtype,
-            batch: 16384 / seqlen,
-            seqlen,
-            heads_q,
-            heads_kv,
-            head_dim,
-            mask,
-        })
+        cases.push(BenchCase { dtype, batch: 16384 / seqlen, seqlen, heads_q, heads_kv, head_dim, mask })
     };
     for head_dim in [64, 128, 256] {
         for mask in [Mask::Full, Mask::Causal] {
             for s in seqlens {
-                push(
-                    DType::BF16,
-                    s,
-                    2048 / head_dim,
-                    2048 / head_dim,
-                    head_dim,
-                    mask,
-                );
+                push(DType::BF16, s, 2048 / head_dim, 2048 / head_dim, head_dim, mask);
             }
         }
     }
@@ -73,28 +58,8 @@ pub fn grid() -> Vec<BenchCase> {
         }
     }
     for head_dim in [64, 128] {
-        push(
-            DType::BF16,
-            16384,
-            2048 / head_dim,
-            2048 / head_dim,
-            head_dim,
-            Mask::Window {
-                left: 4096,
-                right: 0,
-            },
-        );
-        push(
-            DType::BF16,
-            16384,
-            2048 / head_dim,
-            2048 / head_dim,
-            head_dim,
-            Mask::Window {
-                left: 2048,
-                right: 2048,
-            },
-        );
+        push(DType::BF16, 16384, 2048 / head_dim, 2048 / head_dim, head_dim, Mask::Window { left: 4096, right: 0 });
+        push(DType::BF16, 16384, 2048 / head_dim, 2048 / head_dim, head_dim, Mask::Window { left: 2048, right: 2048 });
     }
     cases
 }

@@ -11,9 +11,7 @@ use std::time::Instant;
 
 use fused_attn::cudarc::driver::sys::CUevent_flags;
 use fused_attn::reference::{self, rel_l2_error};
-use fused_attn::{
-    cuda_context, Attention, AttentionOptions, DeviceTensor, Error, HostTensor, Layout, Mask,
-};
+use fused_attn::{cuda_context, Attention, AttentionOptions, DeviceTensor, Error, HostTensor, Layout, Mask};
 use half::bf16;
 
 /// Deterministic pseudo-random inputs in [-1, 1) (no extra dependency).
@@ -33,10 +31,7 @@ fn main() {
     match run_gpu() {
         Ok(()) => {}
         Err(
-            e @ (Error::NoDriver
-            | Error::NoDevice { .. }
-            | Error::KernelsNotBuilt
-            | Error::UnsupportedDevice { .. }),
+            e @ (Error::NoDriver | Error::NoDevice { .. } | Error::KernelsNotBuilt | Error::UnsupportedDevice { .. }),
         ) => {
             println!("No GPU run: {e}");
             cpu_only();
@@ -51,42 +46,19 @@ fn main() {
 fn run_gpu() -> Result<(), Error> {
     let ctx = cuda_context(0)?;
     let attn = Attention::new(&ctx)?;
-    let stream = ctx.new_stream().map_err(|source| Error::Cuda {
-        during: "creating a stream",
-        source,
-    })?;
+    let stream = ctx.new_stream().map_err(|source| Error::Cuda { during: "creating a stream", source })?;
     let (b, l, h, d) = (2, 4096, 16, 128);
     let layout = Layout::bshd(b, l, h, d);
-    let (qh, kh, vh) = (
-        inputs(layout.numel(), 1),
-        inputs(layout.numel(), 2),
-        inputs(layout.numel(), 3),
-    );
-    let up = |x: &[bf16]| {
-        stream.clone_htod(x).map_err(|source| Error::Cuda {
-            during: "upload",
-            source,
-        })
-    };
+    let (qh, kh, vh) = (inputs(layout.numel(), 1), inputs(layout.numel(), 2), inputs(layout.numel(), 3));
+    let up = |x: &[bf16]| stream.clone_htod(x).map_err(|source| Error::Cuda { during: "upload", source });
     let (q, k, v) = (up(&qh)?, up(&kh)?, up(&vh)?);
-    let (qt, kt, vt) = (
-        DeviceTensor::new(&q, layout),
-        DeviceTensor::new(&k, layout),
-        DeviceTensor::new(&v, layout),
-    );
+    let (qt, kt, vt) = (DeviceTensor::new(&q, layout), DeviceTensor::new(&k, layout), DeviceTensor::new(&v, layout));
     let opts = AttentionOptions::new(Mask::Causal);
 
     let out = attn.forward(&stream, &qt, &kt, &vt, &opts)?; // warm-up, and the result we check
-    let cuda = |source| Error::Cuda {
-        during: "timing",
-        source,
-    };
-    let start = ctx
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .map_err(cuda)?;
-    let end = ctx
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .map_err(cuda)?;
+    let cuda = |source| Error::Cuda { during: "timing", source };
+    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda)?;
+    let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda)?;
     let reps = 20;
     start.record(&stream).map_err(cuda)?;
     for _ in 0..reps {
@@ -96,10 +68,7 @@ fn run_gpu() -> Result<(), Error> {
     end.synchronize().map_err(cuda)?;
     let ms = start.elapsed_ms(&end).map_err(cuda)? as f64 / reps as f64;
 
-    let o: Vec<bf16> = stream.clone_dtoh(&out.o).map_err(|source| Error::Cuda {
-        during: "download",
-        source,
-    })?;
+    let o: Vec<bf16> = stream.clone_dtoh(&out.o).map_err(|source| Error::Cuda { during: "download", source })?;
     let t = Instant::now();
     let r = reference::forward(
         HostTensor::new(&qh, layout),
@@ -114,10 +83,7 @@ fn run_gpu() -> Result<(), Error> {
     println!("problem: B={b} L={l} H={h} D={d} bf16, causal");
     println!("kernel: {}", out.kernel.name);
     println!("time: {ms:.3} ms per call (mean of {reps}, includes output allocation), {tflops:.1} TFLOP/s");
-    println!(
-        "rel L2 error vs f64 CPU reference: {err:.2e} (reference took {:.1} s)",
-        t.elapsed().as_secs_f64()
-    );
+    println!("rel L2 error vs f64 CPU reference: {err:.2e} (reference took {:.1} s)", t.elapsed().as_secs_f64());
     if err > 1e-2 {
         eprintln!("error above the bf16 tolerance 1e-2");
         std::process::exit(1);
@@ -128,11 +94,7 @@ fn run_gpu() -> Result<(), Error> {
 fn cpu_only() {
     let (b, l, h, d) = (1, 256, 4, 64);
     let layout = Layout::bshd(b, l, h, d);
-    let (q, k, v) = (
-        inputs(layout.numel(), 1),
-        inputs(layout.numel(), 2),
-        inputs(layout.numel(), 3),
-    );
+    let (q, k, v) = (inputs(layout.numel(), 1), inputs(layout.numel(), 2), inputs(layout.numel(), 3));
     let t = Instant::now();
     let r = reference::forward(
         HostTensor::new(&q, layout),

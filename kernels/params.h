@@ -53,4 +53,23 @@ typedef struct FaFwdParams {
     int32_t reserved;
 } FaFwdParams;
 
+/* An opaque CUDA tensor map (CUtensorMap: 128 bytes, 64-byte aligned),
+ * encoded on the host with cuTensorMapEncodeTiled. */
+typedef struct FaTensorMap {
+    __attribute__((aligned(64))) uint64_t opaque[16];
+} FaTensorMap;
+
+/* Parameters of the Hopper (sm90a) kernels: the common struct plus one TMA
+ * map per tensor. Each map is rank 4 over the logical tensor, innermost
+ * first: dims {head_dim, seqlen, heads, batch}, byte strides {row, head,
+ * batch}; box {64, rows, 1, 1} where rows is the kernel's block_m for Q and O
+ * and its block_n for K and V; 128-byte swizzle; out-of-bounds reads as 0. */
+typedef struct FaFwdSm90Params {
+    FaFwdParams p;
+    FaTensorMap tma_q;
+    FaTensorMap tma_k;
+    FaTensorMap tma_v;
+    FaTensorMap tma_o;
+} FaFwdSm90Params;
+
 #endif

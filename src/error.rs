@@ -67,9 +67,7 @@ pub enum Error {
     },
 
     /// The last (head-dim) dimension is not contiguous.
-    #[error(
-        "`{arg}` has head_dim stride {stride}; the last dimension must be contiguous (stride 1)"
-    )]
+    #[error("`{arg}` has head_dim stride {stride}; the last dimension must be contiguous (stride 1)")]
     LastDimStride {
         /// The argument at fault.
         arg: &'static str,
@@ -156,9 +154,7 @@ pub enum Error {
     },
 
     /// The device's compute capability is below what any kernel supports.
-    #[error(
-        "compute capability {major}.{minor} is not supported (fused-attn needs sm_80 or newer)"
-    )]
+    #[error("compute capability {major}.{minor} is not supported (fused-attn needs sm_80 or newer)")]
     UnsupportedDevice {
         /// Major version.
         major: i32,

@@ -22,7 +22,7 @@
 //!   returned as a [`KernelInfo`].
 //! - **Safety**: every bad input is a typed [`Error`] naming the argument; a
 //!   machine without a driver or GPU gets an error value, not a panic.
-//! - **CPU reference** ([`reference`]): f64, multi-threaded, same validation.
+//! - **CPU reference** ([`reference`](mod@reference)): f64, multi-threaded, same validation.
 //!
 //! ## Example
 //! ```no_run

@@ -76,9 +76,7 @@ impl KernelFamily {
 
     /// The family of a kernel image, by its file stem.
     pub fn from_image_stem(stem: &str) -> Option<Self> {
-        [KernelFamily::Naive, KernelFamily::Sm80, KernelFamily::Sm90]
-            .into_iter()
-            .find(|f| f.image_stem() == stem)
+        [KernelFamily::Naive, KernelFamily::Sm80, KernelFamily::Sm90].into_iter().find(|f| f.image_stem() == stem)
     }
 
     /// Alignment (bytes) the family needs of base pointers and of every
@@ -107,10 +105,7 @@ pub struct AttentionOptions {
 impl AttentionOptions {
     /// Options with the given mask and defaults otherwise.
     pub fn new(mask: Mask) -> Self {
-        AttentionOptions {
-            mask,
-            ..Default::default()
-        }
+        AttentionOptions { mask, ..Default::default() }
     }
     /// Sets the score scale.
     pub fn with_scale(mut self, scale: f32) -> Self {
@@ -174,18 +169,13 @@ impl Problem {
         // i + off with off = Lk - Lq, done in i128 so no case overflows.
         let diag = i as i128 + self.seqlen_k as i128 - self.seqlen_q as i128;
         let lo = left.map_or(0, |l| (diag - l as i128).max(0));
-        let hi = right.map_or(self.seqlen_k as i128, |r| {
-            (diag + r as i128 + 1).min(self.seqlen_k as i128)
-        });
+        let hi = right.map_or(self.seqlen_k as i128, |r| (diag + r as i128 + 1).min(self.seqlen_k as i128));
         (lo as usize, (hi.max(lo)) as usize)
     }
 
     /// Number of visible (query, key) pairs of one head: the exact work.
     pub fn visible_pairs(&self) -> u128 {
-        (0..self.seqlen_q)
-            .map(|i| self.key_range(i))
-            .map(|(lo, hi)| (hi - lo) as u128)
-            .sum()
+        (0..self.seqlen_q).map(|i| self.key_range(i)).map(|(lo, hi)| (hi - lo) as u128).sum()
     }
 
     /// Forward FLOPs: `4 · B · Hq · D · visible pairs` (DESIGN.md section 5).
@@ -236,21 +226,14 @@ pub fn validate(
     if head_dim == 0 || head_dim % 8 != 0 || head_dim > MAX_HEAD_DIM {
         return Err(Error::HeadDim { arg: "q", head_dim });
     }
-    let expect =
-        |t: &TensorDesc, dim: &'static str, idx: usize, expected: usize, against: &'static str| {
-            let got = t.layout.shape[idx];
-            if got == expected {
-                Ok(())
-            } else {
-                Err(Error::ShapeMismatch {
-                    arg: t.arg,
-                    dim,
-                    expected,
-                    got,
-                    against,
-                })
-            }
-        };
+    let expect = |t: &TensorDesc, dim: &'static str, idx: usize, expected: usize, against: &'static str| {
+        let got = t.layout.shape[idx];
+        if got == expected {
+            Ok(())
+        } else {
+            Err(Error::ShapeMismatch { arg: t.arg, dim, expected, got, against })
+        }
+    };
     expect(k, "batch", 0, batch, "q")?;
     expect(k, "head_dim", 3, head_dim, "q")?;
     expect(v, "batch", 0, batch, "q")?;
@@ -269,23 +252,12 @@ pub fn validate(
     if let Some(len) = lse_len {
         let expected = batch * heads_q * seqlen_q;
         if len != expected {
-            return Err(Error::ShapeMismatch {
-                arg: "lse",
-                dim: "len",
-                expected,
-                got: len,
-                against: "q",
-            });
+            return Err(Error::ShapeMismatch { arg: "lse", dim: "len", expected, got: len, against: "q" });
         }
     }
     let limit = |arg: &'static str, what: &'static str, value: usize, limit: usize| {
         if value > limit {
-            Err(Error::SizeOverflow {
-                arg,
-                what,
-                value: value as u128,
-                limit: limit as u128,
-            })
+            Err(Error::SizeOverflow { arg, what, value: value as u128, limit: limit as u128 })
         } else {
             Ok(())
         }
@@ -297,11 +269,7 @@ pub fn validate(
 
     let scale = opts.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
     if !scale.is_finite() {
-        return Err(Error::InvalidOption {
-            arg: "scale",
-            value: scale.to_string(),
-            reason: "must be finite",
-        });
+        return Err(Error::InvalidOption { arg: "scale", value: scale.to_string(), reason: "must be finite" });
     }
     if let Some(c) = opts.softcap {
         if !(c.is_finite() && c > 0.0) {
@@ -331,22 +299,13 @@ pub fn validate(
 fn check_tensor(t: &TensorDesc) -> Result<()> {
     let [batch, _, heads, _] = t.layout.shape;
     if batch == 0 {
-        return Err(Error::Empty {
-            arg: t.arg,
-            dim: "batch",
-        });
+        return Err(Error::Empty { arg: t.arg, dim: "batch" });
     }
     if heads == 0 {
-        return Err(Error::Empty {
-            arg: t.arg,
-            dim: "heads",
-        });
+        return Err(Error::Empty { arg: t.arg, dim: "heads" });
     }
     if t.layout.strides[3] != 1 {
-        return Err(Error::LastDimStride {
-            arg: t.arg,
-            stride: t.layout.strides[3],
-        });
+        return Err(Error::LastDimStride { arg: t.arg, stride: t.layout.strides[3] });
     }
     let span = t.layout.span().ok_or(Error::SizeOverflow {
         arg: t.arg,
@@ -363,11 +322,7 @@ fn check_tensor(t: &TensorDesc) -> Result<()> {
         });
     }
     if span > t.len {
-        return Err(Error::OutOfBounds {
-            arg: t.arg,
-            needed: span,
-            len: t.len,
-        });
+        return Err(Error::OutOfBounds { arg: t.arg, needed: span, len: t.len });
     }
     Ok(())
 }
@@ -406,11 +361,7 @@ pub fn check_alignment(
 /// Checks that all tensors of a dynamically typed call share `q`'s element type.
 pub fn check_dtypes(q: DType, others: &[(&'static str, DType)]) -> Result<()> {
     match others.iter().find(|(_, d)| *d != q) {
-        Some(&(arg, got)) => Err(Error::DTypeMismatch {
-            arg,
-            expected: q,
-            got,
-        }),
+        Some(&(arg, got)) => Err(Error::DTypeMismatch { arg, expected: q, got }),
         None => Ok(()),
     }
 }

@@ -1,7 +1,7 @@
 //! The CPU reference: DESIGN.md section 1 computed in `f64`, multi-threaded.
 //!
 //! It accepts exactly what the GPU path accepts (it runs the same
-//! [`validate`](crate::options::validate)) and computes the same function:
+//! [`validate`](crate::options::validate()) and computes the same function:
 //! bottom-right masks and windows, GQA, `Lq != Lk`, softcap, LSE, and rows
 //! with no visible key (`O = 0`, `LSE = -inf`). Every GPU test compares
 //! against it.
@@ -47,20 +47,8 @@ pub fn forward<T: Element>(
     v: HostTensor<'_, T>,
     opts: &AttentionOptions,
 ) -> Result<Reference> {
-    let desc = |arg, t: &HostTensor<'_, T>| TensorDesc {
-        arg,
-        layout: t.layout,
-        len: t.data.len(),
-    };
-    let p = validate(
-        T::DTYPE,
-        &desc("q", &q),
-        &desc("k", &k),
-        &desc("v", &v),
-        None,
-        None,
-        opts,
-    )?;
+    let desc = |arg, t: &HostTensor<'_, T>| TensorDesc { arg, layout: t.layout, len: t.data.len() };
+    let p = validate(T::DTYPE, &desc("q", &q), &desc("k", &k), &desc("v", &v), None, None, opts)?;
     let (b_n, lq, hq, d) = (p.batch, p.seqlen_q, p.heads_q, p.head_dim);
     let mut o = vec![0.0f64; b_n * lq * hq * d];
     let mut lse = vec![f64::NEG_INFINITY; b_n * hq * lq];
@@ -70,9 +58,7 @@ pub fn forward<T: Element>(
     let blocks = lq.div_ceil(ROWS_PER_UNIT);
     let units = b_n * hq * blocks;
     let next = AtomicUsize::new(0);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(units.max(1));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(units.max(1));
     let results: Vec<Vec<UnitResult>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
@@ -85,17 +71,13 @@ pub fn forward<T: Element>(
                         }
                         let (bh, blk) = (u / blocks, u % blocks);
                         let rows = blk * ROWS_PER_UNIT..((blk + 1) * ROWS_PER_UNIT).min(lq);
-                        let (unit_o, unit_lse) =
-                            rows_for_head(&p, &q, &k, &v, bh / hq, bh % hq, rows);
+                        let (unit_o, unit_lse) = rows_for_head(&p, &q, &k, &v, bh / hq, bh % hq, rows);
                         done.push((u, unit_o, unit_lse));
                     }
                 })
             })
             .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().expect("reference worker panicked"))
-            .collect()
+        workers.into_iter().map(|w| w.join().expect("reference worker panicked")).collect()
     });
 
     for (u, unit_o, unit_lse) in results.into_iter().flatten() {
@@ -135,11 +117,7 @@ fn rows_for_head<T: Element>(
         scores.clear();
         for j in lo..hi {
             let base = k.layout.offset(b, j, hk, 0);
-            let dot: f64 = qi
-                .iter()
-                .zip(&k.data[base..base + d])
-                .map(|(a, &kv)| a * kv.into())
-                .sum();
+            let dot: f64 = qi.iter().zip(&k.data[base..base + d]).map(|(a, &kv)| a * kv.into()).sum();
             scores.push(capped_score(p, dot));
         }
         let mut acc = vec![0.0f64; d];

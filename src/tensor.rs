@@ -86,10 +86,7 @@ impl Layout {
 
     /// Contiguous `[B, H, S, D]` storage, indexed logically as `[B, S, H, D]`.
     pub fn bhsd(batch: usize, seq: usize, heads: usize, head_dim: usize) -> Self {
-        Layout {
-            shape: [batch, seq, heads, head_dim],
-            strides: [heads * seq * head_dim, head_dim, seq * head_dim, 1],
-        }
+        Layout { shape: [batch, seq, heads, head_dim], strides: [heads * seq * head_dim, head_dim, seq * head_dim, 1] }
     }
 
     /// Any strides. Nothing is checked here; the operation that uses the
@@ -100,14 +97,8 @@ impl Layout {
 
     /// From dynamically sized lists (e.g. another framework's tensor), checking the rank.
     pub fn from_dims(shape: &[usize], strides: &[usize]) -> Result<Self> {
-        let shape: [usize; 4] = shape.try_into().map_err(|_| Error::Rank {
-            arg: "shape",
-            got: shape.len(),
-        })?;
-        let strides: [usize; 4] = strides.try_into().map_err(|_| Error::Rank {
-            arg: "strides",
-            got: strides.len(),
-        })?;
+        let shape: [usize; 4] = shape.try_into().map_err(|_| Error::Rank { arg: "shape", got: shape.len() })?;
+        let strides: [usize; 4] = strides.try_into().map_err(|_| Error::Rank { arg: "strides", got: strides.len() })?;
         Ok(Layout { shape, strides })
     }
 
@@ -148,9 +139,7 @@ impl Layout {
         self.shape
             .iter()
             .zip(self.strides)
-            .try_fold(1usize, |acc, (&n, s)| {
-                (n - 1).checked_mul(s).and_then(|x| acc.checked_add(x))
-            })
+            .try_fold(1usize, |acc, (&n, s)| (n - 1).checked_mul(s).and_then(|x| acc.checked_add(x)))
     }
 }
 
@@ -183,10 +172,7 @@ pub struct DeviceTensor<'a, T> {
 impl<'a, T> DeviceTensor<'a, T> {
     /// A view of a whole buffer.
     pub fn new(buffer: &'a CudaSlice<T>, layout: Layout) -> Self {
-        DeviceTensor {
-            view: buffer.as_view(),
-            layout,
-        }
+        DeviceTensor { view: buffer.as_view(), layout }
     }
     /// A view of part of a buffer (e.g. `buffer.slice(offset..)`).
     pub fn from_view(view: CudaView<'a, T>, layout: Layout) -> Self {
@@ -206,10 +192,7 @@ pub struct DeviceTensorMut<'a, T> {
 impl<'a, T> DeviceTensorMut<'a, T> {
     /// A view of a whole buffer.
     pub fn new(buffer: &'a mut CudaSlice<T>, layout: Layout) -> Self {
-        DeviceTensorMut {
-            view: buffer.as_view_mut(),
-            layout,
-        }
+        DeviceTensorMut { view: buffer.as_view_mut(), layout }
     }
     /// A view of part of a buffer.
     pub fn from_view(view: CudaViewMut<'a, T>, layout: Layout) -> Self {

@@ -15,10 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use common::*;
 use fused_attn::cudarc::driver::CudaContext;
-use fused_attn::{
-    AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, KernelFamily, Layout,
-    Mask,
-};
+use fused_attn::{AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, KernelFamily, Layout, Mask};
 use half::{bf16, f16};
 use libtest_mimic::{Arguments, Failed, Trial};
 use rand::rngs::StdRng;
@@ -30,9 +27,7 @@ type CaseResult = (String, KernelFamily, DType, f64, f64);
 static RESULTS: Mutex<Vec<CaseResult>> = Mutex::new(Vec::new());
 
 fn gpu() -> Result<&'static Gpu, Failed> {
-    GPU.get_or_init(open_gpu)
-        .as_ref()
-        .map_err(|e| Failed::from(format!("no GPU: {e}")))
+    GPU.get_or_init(open_gpu).as_ref().map_err(|e| Failed::from(format!("no GPU: {e}")))
 }
 
 /// One sweep case.
@@ -71,37 +66,19 @@ impl Case {
 fn check_case(c: Case, name: String) -> Result<(), Failed> {
     let g = gpu()?;
     let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
-    let opts = AttentionOptions {
-        mask: c.mask,
-        softcap: c.softcap,
-        scale: None,
-        kernel: Some(c.family),
-    };
+    let opts = AttentionOptions { mask: c.mask, softcap: c.softcap, scale: None, kernel: Some(c.family) };
     let checked = match c.dtype {
-        DType::F16 => run_and_check(
-            g,
-            &stream,
-            &make_inputs::<f16>(c.seed, c.shape, c.storage),
-            c.shape,
-            c.storage,
-            &opts,
-        ),
-        DType::BF16 => run_and_check(
-            g,
-            &stream,
-            &make_inputs::<bf16>(c.seed, c.shape, c.storage),
-            c.shape,
-            c.storage,
-            &opts,
-        ),
+        DType::F16 => {
+            run_and_check(g, &stream, &make_inputs::<f16>(c.seed, c.shape, c.storage), c.shape, c.storage, &opts)
+        }
+        DType::BF16 => {
+            run_and_check(g, &stream, &make_inputs::<bf16>(c.seed, c.shape, c.storage), c.shape, c.storage, &opts)
+        }
     }?;
     if checked.kernel.family != c.family {
         return Err(format!("asked for {:?}, ran {}", c.family, checked.kernel.name).into());
     }
-    RESULTS
-        .lock()
-        .unwrap()
-        .push((name, c.family, c.dtype, checked.o_err, checked.lse_err));
+    RESULTS.lock().unwrap().push((name, c.family, c.dtype, checked.o_err, checked.lse_err));
     let tol = tolerance(c.dtype);
     if !(checked.o_err <= tol && checked.lse_err <= 1e-3) {
         return Err(format!(
@@ -123,37 +100,16 @@ fn sweep(family: KernelFamily, seed0: u64, light: bool) -> Vec<Case> {
         [
             Mask::Full,
             Mask::Causal,
-            Mask::Window {
-                left: rng.random_range(0..8),
-                right: 0,
-            }, // narrower than a tile
-            Mask::Window {
-                left: rng.random_range(20..300),
-                right: rng.random_range(1..70),
-            }, // right > 0
-            Mask::Window {
-                left: 100_000,
-                right: 100_000,
-            }, // wider than the sequence
-            Mask::Window {
-                left: 0,
-                right: rng.random_range(0..40),
-            },
+            Mask::Window { left: rng.random_range(0..8), right: 0 }, // narrower than a tile
+            Mask::Window { left: rng.random_range(20..300), right: rng.random_range(1..70) }, // right > 0
+            Mask::Window { left: 100_000, right: 100_000 },          // wider than the sequence
+            Mask::Window { left: 0, right: rng.random_range(0..40) },
         ]
     };
-    let dims: &[usize] = if light {
-        &[32, 64, 128, 256]
-    } else {
-        &[32, 40, 64, 80, 96, 128, 160, 200, 224, 256]
-    };
+    let dims: &[usize] = if light { &[32, 64, 128, 256] } else { &[32, 40, 64, 80, 96, 128, 160, 200, 224, 256] };
     let lens = [1usize, 17, 127, 1000, 4097];
     let gqa = [(1, 1), (4, 4), (4, 2), (8, 1), (6, 3)];
-    let storages = [
-        Storage::Bshd,
-        Storage::Bhsd,
-        Storage::Padded(8),
-        Storage::Padded(24),
-    ];
+    let storages = [Storage::Bshd, Storage::Bhsd, Storage::Padded(8), Storage::Padded(24)];
     let mut cases = Vec::new();
     let mut seed = seed0 * 100_000;
     for &d in dims {
@@ -162,32 +118,13 @@ fn sweep(family: KernelFamily, seed0: u64, light: bool) -> Vec<Case> {
                 seed += 1;
                 let (hq, hk) = gqa[rng.random_range(0..gqa.len())];
                 let lq = [1, 17, 127, 300, 1000][rng.random_range(0..5)];
-                let lk = if rng.random_bool(0.5) {
-                    lq
-                } else {
-                    [17, 127, 513, 1000][rng.random_range(0..4)]
-                };
-                let b = if lq * lk > 300_000 {
-                    1
-                } else {
-                    rng.random_range(1..3)
-                };
+                let lk = if rng.random_bool(0.5) { lq } else { [17, 127, 513, 1000][rng.random_range(0..4)] };
+                let b = if lq * lk > 300_000 { 1 } else { rng.random_range(1..3) };
                 cases.push(Case {
                     dtype,
-                    shape: Shape {
-                        b,
-                        lq,
-                        lk,
-                        hq,
-                        hk,
-                        d,
-                    },
+                    shape: Shape { b, lq, lk, hq, hk, d },
                     mask,
-                    softcap: if rng.random_bool(0.15) {
-                        Some(rng.random_range(5.0..30.0))
-                    } else {
-                        None
-                    },
+                    softcap: if rng.random_bool(0.15) { Some(rng.random_range(5.0..30.0)) } else { None },
                     storage: storages[rng.random_range(0..storages.len())],
                     family,
                     seed,
@@ -196,41 +133,17 @@ fn sweep(family: KernelFamily, seed0: u64, light: bool) -> Vec<Case> {
         }
     }
     // Odd lengths against each other (Lq != Lk both ways), every mask kind.
-    let pairs: &[(usize, usize)] = if light {
-        &[(17, 127), (1000, 4097)]
-    } else {
-        &[]
-    };
-    let all_pairs: Vec<(usize, usize)> = if light {
-        pairs.to_vec()
-    } else {
-        lens.iter()
-            .flat_map(|&a| lens.iter().map(move |&b| (a, b)))
-            .collect()
-    };
+    let pairs: &[(usize, usize)] = if light { &[(17, 127), (1000, 4097)] } else { &[] };
+    let all_pairs: Vec<(usize, usize)> =
+        if light { pairs.to_vec() } else { lens.iter().flat_map(|&a| lens.iter().map(move |&b| (a, b))).collect() };
     for (lq, lk) in all_pairs {
         for mask in masks(&mut rng) {
             seed += 1;
             let d = [64, 128][rng.random_range(0..2)];
-            let (hq, hk) = if lq * lk > 1_000_000 {
-                (2, 1)
-            } else {
-                gqa[rng.random_range(0..gqa.len())]
-            };
+            let (hq, hk) = if lq * lk > 1_000_000 { (2, 1) } else { gqa[rng.random_range(0..gqa.len())] };
             cases.push(Case {
-                dtype: if seed % 2 == 0 {
-                    DType::BF16
-                } else {
-                    DType::F16
-                },
-                shape: Shape {
-                    b: 1,
-                    lq,
-                    lk,
-                    hq,
-                    hk,
-                    d,
-                },
+                dtype: if seed % 2 == 0 { DType::BF16 } else { DType::F16 },
+                shape: Shape { b: 1, lq, lk, hq, hk, d },
                 mask,
                 softcap: None,
                 storage: storages[rng.random_range(0..storages.len())],
@@ -252,25 +165,14 @@ fn empty_rows(family: KernelFamily) -> Result<(), Failed> {
     typed::<bf16>(|g| {
         let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
         for (lq, lk) in [(40, 3), (5, 0)] {
-            let s = Shape {
-                b: 1,
-                lq,
-                lk,
-                hq: 2,
-                hk: 1,
-                d: 64,
-            };
+            let s = Shape { b: 1, lq, lk, hq: 2, hk: 1, d: 64 };
             let inp = make_inputs::<bf16>(7, s, Storage::Bshd);
             let opts = AttentionOptions::new(Mask::Causal).with_kernel(family);
             let c = run_and_check(g, &stream, &inp, s, Storage::Bshd, &opts)?;
             // rel_l2_error already demands exact -inf where the reference has it and
             // exact zeros contribute nothing; both must be tiny.
             if c.o_err > 1e-2 || c.lse_err > 1e-3 {
-                return Err(format!(
-                    "lq {lq} lk {lk}: O err {:.3e}, LSE err {:.3e}",
-                    c.o_err, c.lse_err
-                )
-                .into());
+                return Err(format!("lq {lq} lk {lk}: O err {:.3e}, LSE err {:.3e}", c.o_err, c.lse_err).into());
             }
         }
         Ok(())
@@ -281,14 +183,7 @@ fn empty_rows(family: KernelFamily) -> Result<(), Failed> {
 fn determinism(family: KernelFamily) -> Result<(), Failed> {
     let g = gpu()?;
     let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
-    let s = Shape {
-        b: 2,
-        lq: 777,
-        lk: 1029,
-        hq: 8,
-        hk: 2,
-        d: 128,
-    };
+    let s = Shape { b: 2, lq: 777, lk: 1029, hq: 8, hk: 2, d: 128 };
     let inp = make_inputs::<bf16>(11, s, Storage::Bshd);
     let opts = AttentionOptions::new(Mask::Causal).with_kernel(family);
     let a = run_and_check(g, &stream, &inp, s, Storage::Bshd, &opts)?;
@@ -302,26 +197,11 @@ fn determinism(family: KernelFamily) -> Result<(), Failed> {
 /// A few hundred launches on two streams from two threads, each checked.
 fn concurrency() -> Result<(), Failed> {
     let g = gpu()?;
-    let s = Shape {
-        b: 1,
-        lq: 130,
-        lk: 257,
-        hq: 4,
-        hk: 2,
-        d: 64,
-    };
+    let s = Shape { b: 1, lq: 130, lk: 257, hq: 4, hk: 2, d: 64 };
     let inp = Arc::new(make_inputs::<f16>(13, s, Storage::Bshd));
     let expected = {
         let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
-        run_and_check(
-            g,
-            &stream,
-            &inp,
-            s,
-            Storage::Bshd,
-            &AttentionOptions::new(Mask::Causal),
-        )?
-        .o_bits
+        run_and_check(g, &stream, &inp, s, Storage::Bshd, &AttentionOptions::new(Mask::Causal))?.o_bits
     };
     let errors: Vec<String> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..2)
@@ -361,11 +241,7 @@ fn concurrency() -> Result<(), Failed> {
                         outs.push(o);
                     }
                     for o in outs {
-                        let bits: Vec<u16> = download(&stream, &o)
-                            .map_err(e)?
-                            .iter()
-                            .map(|x| x.to_bits())
-                            .collect();
+                        let bits: Vec<u16> = download(&stream, &o).map_err(e)?.iter().map(|x| x.to_bits()).collect();
                         if &bits != expected {
                             return Err("a concurrent launch gave a different result".into());
                         }
@@ -374,10 +250,7 @@ fn concurrency() -> Result<(), Failed> {
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .filter_map(|h| h.join().unwrap().err())
-            .collect()
+        handles.into_iter().filter_map(|h| h.join().unwrap().err()).collect()
     });
     if errors.is_empty() {
         Ok(())
@@ -392,30 +265,17 @@ fn foreign_context() -> Result<(), Failed> {
     let other = CudaContext::new_non_primary(0, 0).map_err(|e| e.to_string())?;
     let other_stream = other.default_stream();
     let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
-    let s = Shape {
-        b: 1,
-        lq: 8,
-        lk: 8,
-        hq: 1,
-        hk: 1,
-        d: 64,
-    };
+    let s = Shape { b: 1, lq: 8, lk: 8, hq: 1, hk: 1, d: 64 };
     let inp = make_inputs::<bf16>(1, s, Storage::Bshd);
     let q = upload(&stream, &inp.q)?;
     let k_foreign = upload(&other_stream, &inp.k)?;
     let qt = DeviceTensor::new(&q, inp.ql);
     let kt = DeviceTensor::new(&k_foreign, inp.kl);
-    match g
-        .attn
-        .forward(&stream, &qt, &kt, &qt, &AttentionOptions::default())
-    {
+    match g.attn.forward(&stream, &qt, &kt, &qt, &AttentionOptions::default()) {
         Err(Error::ForeignContext { arg: "k" }) => {}
         other => return Err(format!("expected ForeignContext for k, got {other:?}").into()),
     }
-    match g
-        .attn
-        .forward(&other_stream, &qt, &qt, &qt, &AttentionOptions::default())
-    {
+    match g.attn.forward(&other_stream, &qt, &qt, &qt, &AttentionOptions::default()) {
         Err(Error::ForeignContext { arg: "stream" }) => Ok(()),
         other => Err(format!("expected ForeignContext for stream, got {other:?}").into()),
     }
@@ -430,19 +290,9 @@ fn out_of_memory() -> Result<(), Failed> {
     let big = Layout::strided([60_000, 1 << 20, 1, 64], [0, 0, 0, 1]);
     let small = Layout::strided([60_000, 4, 1, 64], [0, 0, 0, 1]);
     let (qt, kt) = (DeviceTensor::new(&q, big), DeviceTensor::new(&q, small));
-    match g
-        .attn
-        .forward(&stream, &qt, &kt, &kt, &AttentionOptions::default())
-    {
-        Err(Error::Cuda {
-            during: "allocating the output",
-            ..
-        }) => Ok(()),
-        other => Err(format!(
-            "expected an allocation error, got {:?}",
-            other.map(|o| o.kernel.name)
-        )
-        .into()),
+    match g.attn.forward(&stream, &qt, &kt, &kt, &AttentionOptions::default()) {
+        Err(Error::Cuda { during: "allocating the output", .. }) => Ok(()),
+        other => Err(format!("expected an allocation error, got {:?}", other.map(|o| o.kernel.name)).into()),
     }
 }
 
@@ -451,42 +301,18 @@ fn out_of_memory() -> Result<(), Failed> {
 fn misaligned() -> Result<(), Failed> {
     let g = gpu()?;
     let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
-    let s = Shape {
-        b: 1,
-        lq: 33,
-        lk: 65,
-        hq: 2,
-        hk: 2,
-        d: 64,
-    };
+    let s = Shape { b: 1, lq: 33, lk: 65, hq: 2, hk: 2, d: 64 };
     let inp = make_inputs::<bf16>(5, s, Storage::Padded(4)); // 8-byte row padding
-    let c = run_and_check(
-        g,
-        &stream,
-        &inp,
-        s,
-        Storage::Bshd,
-        &AttentionOptions::new(Mask::Causal),
-    )?;
+    let c = run_and_check(g, &stream, &inp, s, Storage::Bshd, &AttentionOptions::new(Mask::Causal))?;
     if c.kernel.family != KernelFamily::Naive || c.o_err > tolerance(DType::BF16) {
         return Err(format!("fallback ran {} with error {:.3e}", c.kernel.name, c.o_err).into());
     }
     let q = upload(&stream, &inp.q)?;
     let k = upload(&stream, &inp.k)?;
     let (qt, kt) = (DeviceTensor::new(&q, inp.ql), DeviceTensor::new(&k, inp.kl));
-    match g.attn.forward(
-        &stream,
-        &qt,
-        &kt,
-        &kt,
-        &AttentionOptions::new(Mask::Causal).with_kernel(KernelFamily::Sm80),
-    ) {
+    match g.attn.forward(&stream, &qt, &kt, &kt, &AttentionOptions::new(Mask::Causal).with_kernel(KernelFamily::Sm80)) {
         Err(Error::Misaligned { arg: "q", .. }) => Ok(()),
-        other => Err(format!(
-            "expected Misaligned(q), got {:?}",
-            other.map(|o| o.kernel.name)
-        )
-        .into()),
+        other => Err(format!("expected Misaligned(q), got {:?}", other.map(|o| o.kernel.name)).into()),
     }
 }
 
@@ -495,27 +321,20 @@ fn dispatch_prefers_tiled() -> Result<(), Failed> {
     let g = gpu()?;
     let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
     for d in [64, 72, 128, 256] {
-        let s = Shape {
-            b: 1,
-            lq: 64,
-            lk: 64,
-            hq: 2,
-            hk: 1,
-            d,
-        };
+        let s = Shape { b: 1, lq: 64, lk: 64, hq: 2, hk: 1, d };
         let inp = make_inputs::<bf16>(d as u64, s, Storage::Bshd);
-        let c = run_and_check(
-            g,
-            &stream,
-            &inp,
-            s,
-            Storage::Bshd,
-            &AttentionOptions::default(),
-        )?;
-        let want = [32u32, 64, 96, 128, 160, 192, 224, 256]
-            .into_iter()
-            .find(|&b| b as usize >= d)
-            .unwrap();
+        let c = run_and_check(g, &stream, &inp, s, Storage::Bshd, &AttentionOptions::default())?;
+        let buckets: &[u32] = if c.kernel.family == KernelFamily::Sm90 {
+            &[64, 128, 256]
+        } else {
+            &[32, 64, 96, 128, 160, 192, 224, 256]
+        };
+        let want = buckets.iter().copied().find(|&b| b as usize >= d).unwrap();
+        if g.attn.sm() == 90 && c.kernel.family != KernelFamily::Sm90 {
+            return Err(
+                format!("d {d}: an sm_90 GPU ran {}, passed over {:?}", c.kernel.name, c.kernel.passed_over).into()
+            );
+        }
         if c.kernel.family < KernelFamily::Sm80 || c.kernel.head_dim_bucket != want {
             return Err(format!(
                 "d {d}: ran {} (bucket {}), passed over {:?}",
@@ -539,8 +358,9 @@ fn main() {
     };
     add_sweep(&mut trials, "sweep", sweep(KernelFamily::Sm80, 1, false));
     add_sweep(&mut trials, "sweep", sweep(KernelFamily::Naive, 2, true));
+    add_sweep(&mut trials, "sweep", sweep(KernelFamily::Sm90, 3, false));
     // A small subset for compute-sanitizer (memcheck, racecheck): both kernels, masks, GQA, odd sizes.
-    let sanitize: Vec<Case> = [KernelFamily::Naive, KernelFamily::Sm80]
+    let sanitize: Vec<Case> = [KernelFamily::Naive, KernelFamily::Sm80, KernelFamily::Sm90]
         .into_iter()
         .flat_map(|family| {
             [
@@ -552,14 +372,7 @@ fn main() {
             .into_iter()
             .map(move |(mask, d, lq, lk)| Case {
                 dtype: DType::BF16,
-                shape: Shape {
-                    b: 1,
-                    lq,
-                    lk,
-                    hq: 4,
-                    hk: 2,
-                    d,
-                },
+                shape: Shape { b: 1, lq, lk, hq: 4, hk: 2, d },
                 mask,
                 softcap: None,
                 storage: Storage::Bshd,
@@ -569,40 +382,22 @@ fn main() {
         })
         .collect();
     add_sweep(&mut trials, "sanitize", sanitize);
-    for family in [KernelFamily::Naive, KernelFamily::Sm80] {
+    for family in [KernelFamily::Naive, KernelFamily::Sm80, KernelFamily::Sm90] {
         let f = format!("{family:?}").to_lowercase();
-        trials.push(Trial::test(format!("props/{f}/empty_rows"), move || {
-            empty_rows(family)
-        }));
-        trials.push(Trial::test(format!("props/{f}/determinism"), move || {
-            determinism(family)
-        }));
+        trials.push(Trial::test(format!("props/{f}/empty_rows"), move || empty_rows(family)));
+        trials.push(Trial::test(format!("props/{f}/determinism"), move || determinism(family)));
     }
-    trials.push(Trial::test(
-        "props/concurrency_two_streams_two_threads",
-        concurrency,
-    ));
-    trials.push(Trial::test(
-        "props/dispatch_prefers_tiled",
-        dispatch_prefers_tiled,
-    ));
+    trials.push(Trial::test("props/concurrency_two_streams_two_threads", concurrency));
+    trials.push(Trial::test("props/dispatch_prefers_tiled", dispatch_prefers_tiled));
     trials.push(Trial::test("errors/foreign_context", foreign_context));
     trials.push(Trial::test("errors/out_of_memory", out_of_memory));
     trials.push(Trial::test("errors/misaligned", misaligned));
 
     if let Err(reason) = GPU.get_or_init(open_gpu) {
         println!("GPU tests ignored: {reason}");
-        trials = trials
-            .into_iter()
-            .map(|t| t.with_ignored_flag(true))
-            .collect();
+        trials = trials.into_iter().map(|t| t.with_ignored_flag(true)).collect();
     } else if let Ok(g) = GPU.get().unwrap() {
-        println!(
-            "GPU: {} (sm_{}), kernels: {}",
-            g.name,
-            g.attn.sm(),
-            g.attn.kernels().count()
-        );
+        println!("GPU: {} (sm_{}), kernels: {}", g.name, g.attn.sm(), g.attn.kernels().count());
     }
     let conclusion = libtest_mimic::run(&args, trials);
     summarize();
@@ -615,15 +410,10 @@ fn summarize() {
     if results.is_empty() {
         return;
     }
-    let mut out = String::from(
-        "\nsummary: family dtype cases worst_O_rel_l2 worst_LSE_rel_l2 (worst case)\n",
-    );
+    let mut out = String::from("\nsummary: family dtype cases worst_O_rel_l2 worst_LSE_rel_l2 (worst case)\n");
     for family in [KernelFamily::Naive, KernelFamily::Sm80, KernelFamily::Sm90] {
         for dtype in [DType::BF16, DType::F16] {
-            let rows: Vec<_> = results
-                .iter()
-                .filter(|r| r.1 == family && r.2 == dtype)
-                .collect();
+            let rows: Vec<_> = results.iter().filter(|r| r.1 == family && r.2 == dtype).collect();
             if let Some(worst) = rows.iter().max_by(|a, b| a.3.total_cmp(&b.3)) {
                 let worst_lse = rows.iter().map(|r| r.4).fold(0.0, f64::max);
                 out += &format!(

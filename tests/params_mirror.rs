@@ -15,6 +15,7 @@ fn generate() -> Result<String, String> {
         bindgen::Builder::default()
             .header(header.to_string_lossy())
             .allowlist_type("FaFwdParams")
+            .allowlist_type("FaFwdSm90Params")
             .use_core()
             .layout_tests(true)
             .derive_default(true)

@@ -8,9 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn random<T: fused_attn::Element>(rng: &mut StdRng, n: usize, amp: f32) -> Vec<T> {
-    (0..n)
-        .map(|_| T::from_f32(rng.random_range(-amp..amp)))
-        .collect()
+    (0..n).map(|_| T::from_f32(rng.random_range(-amp..amp))).collect()
 }
 
 struct Case {
@@ -37,8 +35,7 @@ fn dense<T: fused_attn::Element>(
     let off = c.lk as i64 - c.lq as i64;
     let visible = |i: usize, j: usize| {
         let (i, j) = (i as i64, j as i64);
-        left.is_none_or(|l| j >= i + off - l as i64)
-            && right.is_none_or(|r| j <= i + off + r as i64)
+        left.is_none_or(|l| j >= i + off - l as i64) && right.is_none_or(|r| j <= i + off + r as i64)
     };
     let mut o = vec![0.0; c.b * c.lq * c.hq * c.d];
     let mut lse = vec![0.0; c.b * c.hq * c.lq];
@@ -52,8 +49,7 @@ fn dense<T: fused_attn::Element>(
                     if visible(i, j) {
                         let mut dot = 0.0;
                         for x in 0..c.d {
-                            dot += f(q.data[q.layout.offset(b, i, h, x)])
-                                * f(k.data[k.layout.offset(b, j, hk, x)]);
+                            dot += f(q.data[q.layout.offset(b, i, h, x)]) * f(k.data[k.layout.offset(b, j, hk, x)]);
                         }
                         let mut val = scale * dot;
                         if let Some(cap) = opts.softcap {
@@ -72,9 +68,7 @@ fn dense<T: fused_attn::Element>(
                 let l: f64 = w.iter().sum();
                 lse[li] = m + l.ln();
                 for x in 0..c.d {
-                    let acc: f64 = (0..c.lk)
-                        .map(|j| w[j] * f(v.data[v.layout.offset(b, j, hk, x)]))
-                        .sum();
+                    let acc: f64 = (0..c.lk).map(|j| w[j] * f(v.data[v.layout.offset(b, j, hk, x)])).sum();
                     o[((b * c.lq + i) * c.hq + h) * c.d + x] = acc / l;
                 }
             }
@@ -96,19 +90,12 @@ fn run_case<T: fused_attn::Element>(seed: u64, c: Case, opts: AttentionOptions, 
     let qd = random::<T>(&mut rng, ql.numel(), 2.0);
     let kd = random::<T>(&mut rng, kl.numel(), 2.0);
     let vd = random::<T>(&mut rng, kl.numel(), 1.0);
-    let (q, k, v) = (
-        HostTensor::new(&qd, ql),
-        HostTensor::new(&kd, kl),
-        HostTensor::new(&vd, kl),
-    );
+    let (q, k, v) = (HostTensor::new(&qd, ql), HostTensor::new(&kd, kl), HostTensor::new(&vd, kl));
     let r = reference::forward(q, k, v, &opts).unwrap();
     let (o, lse) = dense(&c, &q, &k, &v, &opts);
     let eo = rel_l2_error(&r.o, &o);
     let el = rel_l2_error(&r.lse, &lse);
-    assert!(
-        eo < 1e-12 && el < 1e-12,
-        "seed {seed} {opts:?}: o err {eo}, lse err {el}"
-    );
+    assert!(eo < 1e-12 && el < 1e-12, "seed {seed} {opts:?}: o err {eo}, lse err {el}");
 }
 
 #[test]
@@ -119,54 +106,18 @@ fn reference_matches_dense_mask_implementation() {
         Mask::Window { left: 3, right: 0 },
         Mask::Window { left: 2, right: 4 },
         Mask::Window { left: 0, right: 0 },
-        Mask::Window {
-            left: 100,
-            right: 100,
-        },
+        Mask::Window { left: 100, right: 100 },
     ];
-    let shapes = [
-        (1, 7, 7, 2, 2, 8),
-        (2, 5, 13, 4, 2, 16),
-        (1, 13, 5, 3, 1, 8),
-        (2, 1, 9, 4, 4, 24),
-        (1, 33, 40, 2, 1, 8),
-    ];
+    let shapes =
+        [(1, 7, 7, 2, 2, 8), (2, 5, 13, 4, 2, 16), (1, 13, 5, 3, 1, 8), (2, 1, 9, 4, 4, 24), (1, 33, 40, 2, 1, 8)];
     let mut seed = 0;
     for &(b, lq, lk, hq, hk, d) in &shapes {
         for mask in masks {
             for softcap in [None, Some(5.0f32)] {
                 seed += 1;
-                let opts = AttentionOptions {
-                    mask,
-                    softcap,
-                    ..Default::default()
-                };
-                run_case::<bf16>(
-                    seed,
-                    Case {
-                        b,
-                        lq,
-                        lk,
-                        hq,
-                        hk,
-                        d,
-                    },
-                    opts,
-                    seed % 2 == 0,
-                );
-                run_case::<f16>(
-                    seed + 1000,
-                    Case {
-                        b,
-                        lq,
-                        lk,
-                        hq,
-                        hk,
-                        d,
-                    },
-                    opts.with_scale(0.3),
-                    seed % 3 == 0,
-                );
+                let opts = AttentionOptions { mask, softcap, ..Default::default() };
+                run_case::<bf16>(seed, Case { b, lq, lk, hq, hk, d }, opts, seed % 2 == 0);
+                run_case::<f16>(seed + 1000, Case { b, lq, lk, hq, hk, d }, opts.with_scale(0.3), seed % 3 == 0);
             }
         }
     }
@@ -183,30 +134,11 @@ fn problem(
 ) -> (Vec<bf16>, Vec<bf16>, Vec<bf16>, Layout, Layout) {
     let mut rng = StdRng::seed_from_u64(seed);
     let (ql, kl) = (Layout::bshd(b, lq, hq, d), Layout::bshd(b, lk, hk, d));
-    (
-        random(&mut rng, ql.numel(), 2.0),
-        random(&mut rng, kl.numel(), 2.0),
-        random(&mut rng, kl.numel(), 1.0),
-        ql,
-        kl,
-    )
+    (random(&mut rng, ql.numel(), 2.0), random(&mut rng, kl.numel(), 2.0), random(&mut rng, kl.numel(), 1.0), ql, kl)
 }
 
-fn run(
-    q: &[bf16],
-    k: &[bf16],
-    v: &[bf16],
-    ql: Layout,
-    kl: Layout,
-    opts: AttentionOptions,
-) -> Reference {
-    reference::forward(
-        HostTensor::new(q, ql),
-        HostTensor::new(k, kl),
-        HostTensor::new(v, kl),
-        &opts,
-    )
-    .unwrap()
+fn run(q: &[bf16], k: &[bf16], v: &[bf16], ql: Layout, kl: Layout, opts: AttentionOptions) -> Reference {
+    reference::forward(HostTensor::new(q, ql), HostTensor::new(k, kl), HostTensor::new(v, kl), &opts).unwrap()
 }
 
 #[test]
@@ -218,10 +150,7 @@ fn softmax_rows_sum_to_one() {
         let r = run(&q, &k, &ones, ql, kl, AttentionOptions::new(mask));
         for (row, lse) in r.o.chunks(16).zip(r.lse.iter().cycle()) {
             let _ = lse;
-            assert!(
-                row.iter().all(|x| (x - 1.0).abs() < 1e-12),
-                "{mask:?}: {row:?}"
-            );
+            assert!(row.iter().all(|x| (x - 1.0).abs() < 1e-12), "{mask:?}: {row:?}");
         }
     }
 }
@@ -230,17 +159,7 @@ fn softmax_rows_sum_to_one() {
 fn causal_equals_unbounded_left_window() {
     let (q, k, v, ql, kl) = problem(2, 1, 11, 19, 2, 2, 8);
     let a = run(&q, &k, &v, ql, kl, AttentionOptions::new(Mask::Causal));
-    let b = run(
-        &q,
-        &k,
-        &v,
-        ql,
-        kl,
-        AttentionOptions::new(Mask::Window {
-            left: usize::MAX,
-            right: 0,
-        }),
-    );
+    let b = run(&q, &k, &v, ql, kl, AttentionOptions::new(Mask::Window { left: usize::MAX, right: 0 }));
     assert_eq!(a.o, b.o);
     assert_eq!(a.lse, b.lse);
 }
@@ -299,18 +218,8 @@ fn bottom_right_alignment_when_lq_differs_from_lk() {
 fn empty_rows_and_empty_sequences() {
     // A window that lies entirely right of the keys for early rows.
     let (q, k, v, ql, kl) = problem(6, 1, 6, 6, 1, 1, 8);
-    let r = run(
-        &q,
-        &k,
-        &v,
-        ql,
-        kl,
-        AttentionOptions::new(Mask::Window { left: 0, right: 0 }),
-    );
-    assert!(
-        r.lse.iter().all(|x| x.is_finite()),
-        "diagonal-only rows each see one key"
-    );
+    let r = run(&q, &k, &v, ql, kl, AttentionOptions::new(Mask::Window { left: 0, right: 0 }));
+    assert!(r.lse.iter().all(|x| x.is_finite()), "diagonal-only rows each see one key");
     // Lk = 0: every row empty.
     let (q, k, v, ql, kl) = problem(7, 2, 4, 0, 2, 2, 8);
     let r = run(&q, &k, &v, ql, kl, AttentionOptions::new(Mask::Full));
@@ -326,17 +235,8 @@ fn empty_rows_and_empty_sequences() {
 fn huge_logits_stay_finite() {
     let (b, l, h, d) = (1, 16, 1, 32);
     let ql = Layout::bshd(b, l, h, d);
-    let big: Vec<bf16> = (0..ql.numel())
-        .map(|i| bf16::from_f32(if i % 3 == 0 { 3.0e4 } else { -2.0e4 }))
-        .collect();
-    let r = run(
-        &big,
-        &big,
-        &big,
-        ql,
-        ql,
-        AttentionOptions::new(Mask::Causal),
-    );
+    let big: Vec<bf16> = (0..ql.numel()).map(|i| bf16::from_f32(if i % 3 == 0 { 3.0e4 } else { -2.0e4 })).collect();
+    let r = run(&big, &big, &big, ql, ql, AttentionOptions::new(Mask::Causal));
     assert!(r.o.iter().all(|x| x.is_finite()));
     assert!(r.lse.iter().all(|x| x.is_finite()));
 }
@@ -349,15 +249,7 @@ fn flops_count_visible_pairs_exactly() {
     assert_eq!(full.flops(), 4 * 2 * 4 * 8 * 100);
     let causal = run(&q, &k, &v, ql, kl, AttentionOptions::new(Mask::Causal)).problem;
     assert_eq!(causal.visible_pairs(), 55);
-    let win = run(
-        &q,
-        &k,
-        &v,
-        ql,
-        kl,
-        AttentionOptions::new(Mask::Window { left: 2, right: 0 }),
-    )
-    .problem;
+    let win = run(&q, &k, &v, ql, kl, AttentionOptions::new(Mask::Window { left: 2, right: 0 })).problem;
     assert_eq!(win.visible_pairs(), 1 + 2 + 8 * 3);
 }
 
@@ -366,14 +258,8 @@ fn rel_l2_error_semantics() {
     assert_eq!(rel_l2_error(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
     assert!((rel_l2_error(&[1.1, 2.0], &[1.0, 2.0]) - 0.1 / 5f64.sqrt()).abs() < 1e-12);
     assert_eq!(rel_l2_error(&[f64::NAN], &[1.0]), f64::INFINITY);
-    assert_eq!(
-        rel_l2_error(&[f64::NEG_INFINITY, 1.0], &[f64::NEG_INFINITY, 1.0]),
-        0.0
-    );
-    assert_eq!(
-        rel_l2_error(&[0.0, 1.0], &[f64::NEG_INFINITY, 1.0]),
-        f64::INFINITY
-    );
+    assert_eq!(rel_l2_error(&[f64::NEG_INFINITY, 1.0], &[f64::NEG_INFINITY, 1.0]), 0.0);
+    assert_eq!(rel_l2_error(&[0.0, 1.0], &[f64::NEG_INFINITY, 1.0]), f64::INFINITY);
 }
 
 #[test]

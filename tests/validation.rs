@@ -7,11 +7,7 @@ use fused_attn::{AttentionOptions, DType, Error, HostTensor, KernelFamily, Layou
 use half::bf16;
 
 fn desc(arg: &'static str, layout: Layout) -> TensorDesc {
-    TensorDesc {
-        arg,
-        layout,
-        len: layout.span().unwrap(),
-    }
+    TensorDesc { arg, layout, len: layout.span().unwrap() }
 }
 
 /// A valid problem: Q [2, 5, 4, 64], K/V [2, 7, 2, 64], O like Q.
@@ -21,53 +17,23 @@ fn good() -> [TensorDesc; 4] {
     [desc("q", q), desc("k", kv), desc("v", kv), desc("o", q)]
 }
 
-fn check(
-    t: &[TensorDesc; 4],
-    lse: Option<usize>,
-    opts: AttentionOptions,
-) -> Result<fused_attn::Problem, Error> {
+fn check(t: &[TensorDesc; 4], lse: Option<usize>, opts: AttentionOptions) -> Result<fused_attn::Problem, Error> {
     validate(DType::BF16, &t[0], &t[1], &t[2], Some(&t[3]), lse, &opts)
 }
 
 #[test]
 fn a_valid_problem_passes() {
-    let p = check(
-        &good(),
-        Some(2 * 4 * 5),
-        AttentionOptions::new(Mask::Causal),
-    )
-    .unwrap();
-    assert_eq!(
-        (p.batch, p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_kv, p.head_dim),
-        (2, 5, 7, 4, 2, 64)
-    );
+    let p = check(&good(), Some(2 * 4 * 5), AttentionOptions::new(Mask::Causal)).unwrap();
+    assert_eq!((p.batch, p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_kv, p.head_dim), (2, 5, 7, 4, 2, 64));
     assert_eq!(p.scale, 0.125);
 }
 
 #[test]
 fn rank_mismatch() {
     let e = Layout::from_dims(&[2, 5, 64], &[320, 64, 1]).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Rank {
-                arg: "shape",
-                got: 3
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, Error::Rank { arg: "shape", got: 3 }), "{e}");
     let e = Layout::from_dims(&[2, 5, 1, 64], &[320, 64, 1]).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Rank {
-                arg: "strides",
-                got: 3
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, Error::Rank { arg: "strides", got: 3 }), "{e}");
     assert!(Layout::from_dims(&[2, 5, 1, 64], &[320, 64, 64, 1]).is_ok());
 }
 
@@ -88,37 +54,17 @@ fn dimension_mismatches_name_the_argument() {
         let mut d = good();
         let mut shape = d[t].layout.shape;
         shape[dim] = val;
-        d[t] = TensorDesc {
-            arg: d[t].arg,
-            layout: Layout::bshd(shape[0], shape[1], shape[2], shape[3]),
-            len: usize::MAX,
-        };
+        d[t] =
+            TensorDesc { arg: d[t].arg, layout: Layout::bshd(shape[0], shape[1], shape[2], shape[3]), len: usize::MAX };
         match check(&d, None, AttentionOptions::default()) {
-            Err(Error::ShapeMismatch {
-                arg: a,
-                dim: dn,
-                got,
-                ..
-            }) => {
+            Err(Error::ShapeMismatch { arg: a, dim: dn, got, .. }) => {
                 assert_eq!((a, dn, got), (arg, dname, val));
             }
             other => panic!("changing {arg}.{dname}: {other:?}"),
         }
     }
     let e = check(&good(), Some(39), AttentionOptions::default()).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::ShapeMismatch {
-                arg: "lse",
-                dim: "len",
-                expected: 40,
-                got: 39,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, Error::ShapeMismatch { arg: "lse", dim: "len", expected: 40, got: 39, .. }), "{e}");
 }
 
 #[test]
@@ -128,16 +74,7 @@ fn heads_not_divisible() {
     d[1] = desc("k", kv);
     d[2] = desc("v", kv);
     let e = check(&d, None, AttentionOptions::default()).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::HeadsNotDivisible {
-                heads_q: 4,
-                heads_kv: 3
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, Error::HeadsNotDivisible { heads_q: 4, heads_kv: 3 }), "{e}");
 }
 
 #[test]
@@ -146,10 +83,7 @@ fn head_dim_rules() {
         let q = Layout::bshd(1, 3, 1, hd);
         let d = [desc("q", q), desc("k", q), desc("v", q), desc("o", q)];
         let e = check(&d, None, AttentionOptions::default()).unwrap_err();
-        assert!(
-            matches!(e, Error::HeadDim { arg: "q", head_dim } if head_dim == hd),
-            "{hd}: {e}"
-        );
+        assert!(matches!(e, Error::HeadDim { arg: "q", head_dim } if head_dim == hd), "{hd}: {e}");
     }
     for hd in (8..=256).step_by(8) {
         let q = Layout::bshd(1, 3, 1, hd);
@@ -160,21 +94,13 @@ fn head_dim_rules() {
 
 #[test]
 fn empty_batch_or_heads_but_empty_sequences_are_fine() {
-    for (t, dim, name) in [
-        (0, 0, "batch"),
-        (0, 2, "heads"),
-        (1, 2, "heads"),
-        (1, 0, "batch"),
-    ] {
+    for (t, dim, name) in [(0, 0, "batch"), (0, 2, "heads"), (1, 2, "heads"), (1, 0, "batch")] {
         let mut d = good();
         let mut s = d[t].layout.shape;
         s[dim] = 0;
         d[t] = desc(d[t].arg, Layout::bshd(s[0], s[1], s[2], s[3]));
         let e = check(&d, None, AttentionOptions::default()).unwrap_err();
-        assert!(
-            matches!(e, Error::Empty { arg, dim } if arg == d[t].arg && dim == name),
-            "{e}"
-        );
+        assert!(matches!(e, Error::Empty { arg, dim } if arg == d[t].arg && dim == name), "{e}");
     }
     let q = Layout::bshd(2, 0, 4, 64);
     let kv = Layout::bshd(2, 0, 2, 64);
@@ -187,22 +113,9 @@ fn last_dim_stride_must_be_one() {
     let mut d = good();
     let mut l = d[2].layout;
     l.strides[3] = 2;
-    d[2] = TensorDesc {
-        arg: "v",
-        layout: l,
-        len: usize::MAX,
-    };
+    d[2] = TensorDesc { arg: "v", layout: l, len: usize::MAX };
     let e = check(&d, None, AttentionOptions::default()).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::LastDimStride {
-                arg: "v",
-                stride: 2
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, Error::LastDimStride { arg: "v", stride: 2 }), "{e}");
 }
 
 #[test]
@@ -210,21 +123,11 @@ fn view_reaching_past_its_buffer() {
     let mut d = good();
     d[3].len -= 1;
     let e = check(&d, None, AttentionOptions::default()).unwrap_err();
-    assert!(
-        matches!(e, Error::OutOfBounds { arg: "o", needed, len } if needed == len + 1),
-        "{e}"
-    );
+    assert!(matches!(e, Error::OutOfBounds { arg: "o", needed, len } if needed == len + 1), "{e}");
     // Padded strides that look fine per row but overrun at the end.
     let mut d = good();
-    d[1] = TensorDesc {
-        arg: "k",
-        layout: Layout::strided([2, 7, 2, 64], [7 * 256, 256, 64, 1]),
-        len: 2 * 7 * 128,
-    };
-    assert!(matches!(
-        check(&d, None, AttentionOptions::default()),
-        Err(Error::OutOfBounds { arg: "k", .. })
-    ));
+    d[1] = TensorDesc { arg: "k", layout: Layout::strided([2, 7, 2, 64], [7 * 256, 256, 64, 1]), len: 2 * 7 * 128 };
+    assert!(matches!(check(&d, None, AttentionOptions::default()), Err(Error::OutOfBounds { arg: "k", .. })));
     // The CPU reference refuses the same way.
     let buf = vec![bf16::ZERO; 10];
     let l = Layout::bshd(1, 2, 1, 8);
@@ -235,17 +138,7 @@ fn view_reaching_past_its_buffer() {
         &AttentionOptions::default(),
     )
     .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::OutOfBounds {
-                arg: "q",
-                needed: 16,
-                len: 10
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, Error::OutOfBounds { arg: "q", needed: 16, len: 10 }), "{e}");
 }
 
 #[test]
@@ -259,37 +152,24 @@ fn alignment_where_the_kernel_needs_it() {
     // A row stride of 68 elements = 136 bytes is not a multiple of 16.
     let padded = desc("q", Layout::strided([1, 4, 1, 64], [4 * 68, 68, 68, 1]));
     let e = check_alignment(&padded, 0x1000, 2, KernelFamily::Sm80, "x").unwrap_err();
-    assert!(
-        matches!(&e, Error::Misaligned { arg: "q", detail, .. } if detail.contains("seq stride")),
-        "{e}"
-    );
+    assert!(matches!(&e, Error::Misaligned { arg: "q", detail, .. } if detail.contains("seq stride")), "{e}");
 }
 
 #[test]
 fn sizes_that_overflow_the_index_types() {
     let big = |b, l, h| Layout::bshd(b, l, h, 8);
-    for (q, what) in [
-        (big(1, (1 << 28) + 1, 1), "seqlen"),
-        (big(65_536, 1, 1), "batch"),
-        (big(1, 1, 65_536), "heads"),
-    ] {
+    for (q, what) in [(big(1, (1 << 28) + 1, 1), "seqlen"), (big(65_536, 1, 1), "batch"), (big(1, 1, 65_536), "heads")]
+    {
         let kv = Layout::bshd(q.batch(), 1, 1, 8);
         let d = [desc("q", q), desc("k", kv), desc("v", kv), desc("o", q)];
         let e = check(&d, None, AttentionOptions::default()).unwrap_err();
-        assert!(
-            matches!(e, Error::SizeOverflow { arg: "q", what: w, .. } if w == what),
-            "{e}"
-        );
+        assert!(matches!(e, Error::SizeOverflow { arg: "q", what: w, .. } if w == what), "{e}");
     }
     // Offsets that do not fit usize / i64.
     let huge = Layout::strided([2, 2, 1, 8], [usize::MAX / 2, 8, 8, 1]);
     let d = [
         desc("q", Layout::bshd(2, 2, 1, 8)),
-        TensorDesc {
-            arg: "k",
-            layout: huge,
-            len: usize::MAX,
-        },
+        TensorDesc { arg: "k", layout: huge, len: usize::MAX },
         desc("v", Layout::bshd(2, 2, 1, 8)),
         desc("o", Layout::bshd(2, 2, 1, 8)),
     ];
@@ -300,42 +180,17 @@ fn sizes_that_overflow_the_index_types() {
 #[test]
 fn element_type_mismatch() {
     assert!(check_dtypes(DType::BF16, &[("k", DType::BF16), ("v", DType::BF16)]).is_ok());
-    let e = check_dtypes(
-        DType::BF16,
-        &[("k", DType::BF16), ("v", DType::F16), ("o", DType::F16)],
-    )
-    .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::DTypeMismatch {
-                arg: "v",
-                expected: DType::BF16,
-                got: DType::F16
-            }
-        ),
-        "{e}"
-    );
+    let e = check_dtypes(DType::BF16, &[("k", DType::BF16), ("v", DType::F16), ("o", DType::F16)]).unwrap_err();
+    assert!(matches!(e, Error::DTypeMismatch { arg: "v", expected: DType::BF16, got: DType::F16 }), "{e}");
 }
 
 #[test]
 fn invalid_options() {
-    let e = check(
-        &good(),
-        None,
-        AttentionOptions::default().with_scale(f32::NAN),
-    )
-    .unwrap_err();
-    assert!(
-        matches!(e, Error::InvalidOption { arg: "scale", .. }),
-        "{e}"
-    );
+    let e = check(&good(), None, AttentionOptions::default().with_scale(f32::NAN)).unwrap_err();
+    assert!(matches!(e, Error::InvalidOption { arg: "scale", .. }), "{e}");
     for cap in [0.0, -1.0, f32::INFINITY] {
         let e = check(&good(), None, AttentionOptions::default().with_softcap(cap)).unwrap_err();
-        assert!(
-            matches!(e, Error::InvalidOption { arg: "softcap", .. }),
-            "{e}"
-        );
+        assert!(matches!(e, Error::InvalidOption { arg: "softcap", .. }), "{e}");
     }
 }
 
@@ -344,10 +199,7 @@ fn no_driver_no_device_is_an_error_not_a_panic() {
     match fused_attn::cuda_context(0) {
         Ok(_) => eprintln!("a GPU is present: NoDriver cannot be observed here"),
         Err(Error::NoDriver) => assert!(!fused_attn::driver_present()),
-        Err(Error::NoDevice {
-            ordinal: 0,
-            count: 0,
-        }) => {}
+        Err(Error::NoDevice { ordinal: 0, count: 0 }) => {}
         Err(e) => panic!("unexpected: {e}"),
     }
     // An ordinal past the device count is NoDevice wherever a driver exists.
@@ -369,8 +221,6 @@ fn crate_without_kernels_is_an_error() {
 fn errors_print_the_argument() {
     let mut d = good();
     d[2].len = 3;
-    let msg = check(&d, None, AttentionOptions::default())
-        .unwrap_err()
-        .to_string();
+    let msg = check(&d, None, AttentionOptions::default()).unwrap_err().to_string();
     assert!(msg.starts_with("`v`"), "{msg}");
 }

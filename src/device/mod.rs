@@ -6,15 +6,14 @@ use std::sync::{Arc, Mutex, Weak};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUresult};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{CudaContextExt, Error, Result};
 use crate::options::{check_alignment, KernelFamily, Problem, TensorDesc};
-use crate::sys::{self, FaFwdParams, KernelRow};
-use crate::tensor::{DeviceTensor, DeviceTensorMut, Element};
+use crate::sys::{self, FaFwdParams, FaFwdSm90Params, FaTensorMap, KernelRow};
+use crate::tensor::{DType, DeviceTensor, DeviceTensorMut, Element, Layout};
 
 /// Opens (retains) the primary context of GPU `ordinal`.
 ///
@@ -28,12 +27,7 @@ pub fn cuda_context(ordinal: usize) -> Result<Arc<CudaContext>> {
     let count = match CudaContext::device_count() {
         Ok(n) => n.max(0) as usize,
         Err(DriverError(CUresult::CUDA_ERROR_NO_DEVICE)) => 0,
-        Err(e) => {
-            return Err(Error::Cuda {
-                during: "initialising the driver",
-                source: e,
-            })
-        }
+        Err(e) => return Err(Error::Cuda { during: "initialising the driver", source: e }),
     };
     if ordinal >= count {
         return Err(Error::NoDevice { ordinal, count });
@@ -114,9 +108,7 @@ impl Attention {
     /// Loads the kernels into `ctx` (or reuses those already loaded there).
     pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
         require_kernels(sys::KERNELS_BUILT)?;
-        let (major, minor) = ctx
-            .compute_capability()
-            .during("reading the compute capability")?;
+        let (major, minor) = ctx.compute_capability().during("reading the compute capability")?;
         if major < 8 {
             return Err(Error::UnsupportedDevice { major, minor });
         }
@@ -124,10 +116,7 @@ impl Attention {
         let key = ctx.cu_ctx() as usize;
         let mut registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
         registry.retain(|(_, w)| w.strong_count() > 0);
-        let existing = registry
-            .iter()
-            .find(|(k, _)| *k == key)
-            .and_then(|(_, w)| w.upgrade());
+        let existing = registry.iter().find(|(k, _)| *k == key).and_then(|(_, w)| w.upgrade());
         let loaded = match existing {
             Some(l) => l,
             None => {
@@ -139,11 +128,7 @@ impl Attention {
         if loaded.kernels.is_empty() {
             return Err(Error::UnsupportedDevice { major, minor });
         }
-        Ok(Attention {
-            ctx: ctx.clone(),
-            sm,
-            loaded,
-        })
+        Ok(Attention { ctx: ctx.clone(), sm, loaded })
     }
 
     /// The context this handle launches in.
@@ -196,15 +181,17 @@ impl Attention {
                 })
                 .min_by_key(|(_, (r, _))| r.head_dim);
             let Some((idx, (row, _))) = best else {
-                passed_over.push(format!(
-                    "{fam:?}: no kernel for {} head_dim {} on sm_{}",
-                    p.dtype, p.head_dim, self.sm
-                ));
+                passed_over
+                    .push(format!("{fam:?}: no kernel for {} head_dim {} on sm_{}", p.dtype, p.head_dim, self.sm));
                 continue;
             };
-            let aligned = descs
-                .iter()
-                .try_for_each(|(d, addr)| check_alignment(d, *addr, elem, fam, row.name));
+            let aligned = descs.iter().try_for_each(|(d, addr)| {
+                check_alignment(d, *addr, elem, fam, row.name)?;
+                if fam == KernelFamily::Sm90 {
+                    tma_compatible(d, row.name)?;
+                }
+                Ok(())
+            });
             if let Err(e) = aligned {
                 if forced.is_some() {
                     return Err(e);
@@ -216,20 +203,14 @@ impl Attention {
                 name: row.name,
                 family: fam,
                 head_dim_bucket: row.head_dim,
-                grid: (
-                    p.seqlen_q.div_ceil(row.block_m as usize) as u32,
-                    p.heads_q as u32,
-                    p.batch as u32,
-                ),
+                grid: (p.seqlen_q.div_ceil(row.block_m as usize) as u32, p.heads_q as u32, p.batch as u32),
                 threads: row.threads,
                 smem_bytes: row.smem_bytes,
                 passed_over,
             };
             return Ok((idx, info));
         }
-        Err(Error::NoKernel {
-            reason: passed_over.join("; "),
-        })
+        Err(Error::NoKernel { reason: passed_over.join("; ") })
     }
 
     /// Checks that a stream or buffer lives in this handle's context.
@@ -276,7 +257,7 @@ impl Attention {
             return Ok(info); // nothing to write; a zero-sized grid is a launch error
         }
         let (_, func) = &self.loaded.kernels[idx];
-        let s = |l: &crate::Layout| l.strides.map(|x| x as i64);
+        let s = |l: &Layout| l.strides.map(|x| x as i64);
         let (qs, ks, vs, os) = (s(&q.layout), s(&k.layout), s(&v.layout), s(&o.layout));
         let (window_left, window_right) = p.window_i32();
         let params = FaFwdParams {
@@ -310,13 +291,29 @@ impl Attention {
             softcap: p.softcap.unwrap_or(0.0),
             reserved: 0,
         };
-        let cfg = LaunchConfig {
-            grid_dim: info.grid,
-            block_dim: (info.threads, 1, 1),
-            shared_mem_bytes: info.smem_bytes,
+        let cfg =
+            LaunchConfig { grid_dim: info.grid, block_dim: (info.threads, 1, 1), shared_mem_bytes: info.smem_bytes };
+        // The Hopper kernels take the same parameters plus one TMA map per tensor.
+        let sm90 = if info.family == KernelFamily::Sm90 {
+            let row = &self.loaded.kernels[idx].0;
+            let map = |ptr, layout: &Layout, rows| encode_tensor_map(ptr, layout, p.dtype, rows);
+            // SAFETY: the struct is plain integers, pointers and byte arrays
+            // (plus bindgen's padding), for all of which all-zero is valid.
+            let mut p90: FaFwdSm90Params = unsafe { std::mem::zeroed() };
+            p90.p = params;
+            p90.tma_q = map(q_ptr, &q.layout, row.block_m)?;
+            p90.tma_k = map(k_ptr, &k.layout, row.block_n)?;
+            p90.tma_v = map(v_ptr, &v.layout, row.block_n)?;
+            p90.tma_o = map(o_ptr, &o.layout, row.block_m)?;
+            Some(p90)
+        } else {
+            None
         };
         let mut builder = stream.launch_builder(func);
-        builder.arg(&params);
+        match &sm90 {
+            Some(p90) => builder.arg(p90),
+            None => builder.arg(&params),
+        };
         // SAFETY: `params` matches the kernel's single by-value argument (the
         // bindgen mirror of params.h). Every pointer in it comes from a live
         // cudarc view in this context (checked by the caller), and validation
@@ -328,6 +325,79 @@ impl Attention {
     }
 }
 
+/// Largest byte stride a TMA map can express.
+const TMA_MAX_STRIDE: usize = 1 << 40;
+
+/// TMA's own limits beyond 16-byte alignment: every stepping dimension needs
+/// a non-zero stride below 2^40 bytes (no stride-0 broadcasting).
+fn tma_compatible(d: &TensorDesc, kernel: &'static str) -> Result<()> {
+    for (i, dim) in ["batch", "seq", "heads"].into_iter().enumerate() {
+        let bytes = d.layout.strides[i] * 2;
+        if d.layout.shape[i] > 1 && (bytes == 0 || bytes >= TMA_MAX_STRIDE) {
+            return Err(Error::Misaligned {
+                arg: d.arg,
+                kernel,
+                detail: format!("{dim} stride of {bytes} bytes cannot be expressed in a TMA map"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Encodes the TMA map of one `[B, S, H, D]` tensor as `kernels/params.h`
+/// specifies: rank 4, dims innermost first `{D, S, H, B}`, boxes of
+/// `64 × rows`, 128-byte swizzle, zeros out of bounds.
+fn encode_tensor_map(ptr: u64, layout: &Layout, dtype: DType, rows: u32) -> Result<FaTensorMap> {
+    use cudarc::driver::sys::{
+        CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
+    };
+    let [b, s, h, d] = layout.shape.map(|x| x as u64);
+    let dims = [d, s.max(1), h, b];
+    // A dimension of extent 1 is never stepped, so any legal stride will do;
+    // use the extent of the dimensions inside it (TMA rejects 0).
+    let stride = |i: usize, inner: u64| -> u64 {
+        let bytes = layout.strides[i] as u64 * 2;
+        if layout.shape[i] > 1 {
+            bytes
+        } else {
+            inner.max(16).next_multiple_of(16)
+        }
+    };
+    let row = stride(1, d * 2);
+    let head = stride(2, row * s.max(1));
+    let batch = stride(0, head * h);
+    let strides = [row, head, batch];
+    let boxes = [64u32, rows, 1, 1];
+    let elem_strides = [1u32; 4];
+    let data_type = match dtype {
+        DType::F16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        DType::BF16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+    };
+    let mut map = FaTensorMap { opaque: [0; 16] };
+    // SAFETY: `FaTensorMap` has the size (128 B) and alignment (64 B) of
+    // `CUtensorMap` (bindgen's layout assertions check ours), every array
+    // argument has the length the rank (4) requires, and encoding only
+    // writes the map: the device address is recorded, not dereferenced.
+    let result = unsafe {
+        cudarc::driver::sys::cuTensorMapEncodeTiled(
+            (&mut map as *mut FaTensorMap).cast(),
+            data_type,
+            4,
+            ptr as usize as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem_strides.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    result.result().during("encoding a TMA tensor map")?;
+    Ok(map)
+}
+
 /// Loads every image that can run on `sm`, and the functions of its rows.
 fn load_kernels(ctx: &Arc<CudaContext>, sm: u32) -> Result<LoadedKernels> {
     let optin = ctx
@@ -336,10 +406,7 @@ fn load_kernels(ctx: &Arc<CudaContext>, sm: u32) -> Result<LoadedKernels> {
     let mut kernels = Vec::new();
     let mut skipped = Vec::new();
     for image in sys::IMAGES {
-        let rows: Vec<&KernelRow> = sys::KERNEL_TABLE
-            .iter()
-            .filter(|r| r.image == image.stem)
-            .collect();
+        let rows: Vec<&KernelRow> = sys::KERNEL_TABLE.iter().filter(|r| r.image == image.stem).collect();
         if rows.iter().all(|r| r.min_sm > sm) {
             skipped.push(format!("{}: needs a newer GPU than sm_{sm}", image.stem));
             continue;
@@ -351,27 +418,17 @@ fn load_kernels(ctx: &Arc<CudaContext>, sm: u32) -> Result<LoadedKernels> {
                 skipped.push(format!("{}: no code for sm_{sm} in the fatbin", image.stem));
                 continue;
             }
-            Err(e) => {
-                return Err(Error::Cuda {
-                    during: "loading a kernel image",
-                    source: e,
-                })
-            }
+            Err(e) => return Err(Error::Cuda { during: "loading a kernel image", source: e }),
         };
         for row in rows {
             if row.min_sm > sm {
                 continue;
             }
             if row.smem_bytes > optin {
-                skipped.push(format!(
-                    "{}: needs {} B shared memory, device allows {optin}",
-                    row.name, row.smem_bytes
-                ));
+                skipped.push(format!("{}: needs {} B shared memory, device allows {optin}", row.name, row.smem_bytes));
                 continue;
             }
-            let func = module
-                .load_function(row.name)
-                .during("looking up a kernel")?;
+            let func = module.load_function(row.name).during("looking up a kernel")?;
             if row.smem_bytes > 48 * 1024 {
                 func.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

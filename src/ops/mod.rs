@@ -26,11 +26,7 @@ pub struct ForwardOutput<T> {
 }
 
 fn desc<T, V: DeviceSlice<T>>(arg: &'static str, view: &V, layout: Layout) -> TensorDesc {
-    TensorDesc {
-        arg,
-        layout,
-        len: view.len(),
-    }
+    TensorDesc { arg, layout, len: view.len() }
 }
 
 impl Attention {
@@ -57,12 +53,7 @@ impl Attention {
             let mut lse_view = lse.as_view_mut();
             self.forward_into(stream, q, k, v, &mut o_view, Some(&mut lse_view), opts)?
         };
-        Ok(ForwardOutput {
-            o,
-            o_layout,
-            lse,
-            kernel,
-        })
+        Ok(ForwardOutput { o, o_layout, lse, kernel })
     }
 
     /// Runs attention into caller-owned buffers: `o` of shape `[B, Lq, Hq, D]`
@@ -114,20 +105,14 @@ impl Attention {
         lse: Option<&mut CudaViewMut<'_, f32>>,
         opts: &AttentionOptions,
     ) -> Result<KernelInfo> {
-        check_dtypes(
-            q.dtype(),
-            &[("k", k.dtype()), ("v", v.dtype()), ("o", o.dtype())],
-        )?;
+        check_dtypes(q.dtype(), &[("k", k.dtype()), ("v", v.dtype()), ("o", o.dtype())])?;
         match (q, k, v, o) {
             (DynTensor::F16(q), DynTensor::F16(k), DynTensor::F16(v), DynTensorMut::F16(mut o)) => {
                 self.forward_into(stream, &q, &k, &v, &mut o, lse, opts)
             }
-            (
-                DynTensor::BF16(q),
-                DynTensor::BF16(k),
-                DynTensor::BF16(v),
-                DynTensorMut::BF16(mut o),
-            ) => self.forward_into(stream, &q, &k, &v, &mut o, lse, opts),
+            (DynTensor::BF16(q), DynTensor::BF16(k), DynTensor::BF16(v), DynTensorMut::BF16(mut o)) => {
+                self.forward_into(stream, &q, &k, &v, &mut o, lse, opts)
+            }
             _ => unreachable!("check_dtypes admitted only matching element types"),
         }
     }
@@ -148,11 +133,7 @@ impl Attention {
         self.check_context("q", q.view.stream().context())?;
         self.check_context("k", k.view.stream().context())?;
         self.check_context("v", v.view.stream().context())?;
-        let (qd, kd, vd) = (
-            desc("q", &q.view, q.layout),
-            desc("k", &k.view, k.layout),
-            desc("v", &v.view, v.layout),
-        );
+        let (qd, kd, vd) = (desc("q", &q.view, q.layout), desc("k", &k.view, k.layout), desc("v", &v.view, v.layout));
         // `forward` validates before O exists; then O is checked as its future self.
         let od = match o {
             Some(o) => {
@@ -161,11 +142,7 @@ impl Attention {
             }
             None => {
                 let [b, lq, hq, d] = q.layout.shape;
-                TensorDesc {
-                    arg: "o",
-                    layout: Layout::bshd(b, lq, hq, d),
-                    len: b * lq * hq * d,
-                }
+                TensorDesc { arg: "o", layout: Layout::bshd(b, lq, hq, d), len: b * lq * hq * d }
             }
         };
         let p = validate(T::DTYPE, &qd, &kd, &vd, Some(&od), lse_len, opts)?;

@@ -7,25 +7,21 @@ use cudarc::driver::DeviceRepr;
 
 use crate::tensor::DType;
 
-#[allow(
-    non_camel_case_types,
-    non_snake_case,
-    non_upper_case_globals,
-    dead_code,
-    missing_docs,
-    clippy::all
-)]
+#[allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code, missing_docs, clippy::all)]
 mod params {
     include!("params.rs");
 }
 
-/// The launch parameters of every forward kernel; see `kernels/params.h` for the fields.
-pub use params::FaFwdParams;
+/// The launch parameters of the forward kernels (sm90: plus TMA maps); see `kernels/params.h`.
+pub use params::{FaFwdParams, FaFwdSm90Params, FaTensorMap};
 
 // SAFETY: `FaFwdParams` is a `#[repr(C)]` plain-old-data struct whose layout
 // bindgen asserted against `params.h`; kernels take it by value, so passing a
 // pointer to it as the kernel argument is exactly what `DeviceRepr` promises.
 unsafe impl DeviceRepr for FaFwdParams {}
+// SAFETY: as above; `#[repr(C, align(64))]` keeps the tensor maps at the
+// 64-byte alignment the driver needs when it copies the argument.
+unsafe impl DeviceRepr for FaFwdSm90Params {}
 
 /// One embedded fatbin, made from `kernels/<stem>.cu`.
 #[derive(Debug, Clone, Copy)]
@@ -53,6 +49,8 @@ pub struct KernelRow {
     pub head_dim: u32,
     /// Query rows per CTA: grid.x = ceil(Lq / block_m).
     pub block_m: u32,
+    /// Keys per tile (the TMA box height of K and V for the sm90 kernels).
+    pub block_n: u32,
     /// Threads per CTA.
     pub threads: u32,
     /// Dynamic shared memory per CTA, bytes.

@@ -136,3 +136,68 @@ impl Default for FaFwdParams {
         }
     }
 }
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct FaTensorMap {
+    pub opaque: [u64; 16usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of FaTensorMap"][::core::mem::size_of::<FaTensorMap>() - 128usize];
+    ["Alignment of FaTensorMap"][::core::mem::align_of::<FaTensorMap>() - 64usize];
+    [
+        "Offset of field: FaTensorMap::opaque",
+    ][::core::mem::offset_of!(FaTensorMap, opaque) - 0usize];
+};
+impl Default for FaTensorMap {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct FaFwdSm90Params {
+    pub p: FaFwdParams,
+    pub __bindgen_padding_0: u64,
+    pub tma_q: FaTensorMap,
+    pub tma_k: FaTensorMap,
+    pub tma_v: FaTensorMap,
+    pub tma_o: FaTensorMap,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of FaFwdSm90Params"][::core::mem::size_of::<FaFwdSm90Params>() - 704usize];
+    [
+        "Alignment of FaFwdSm90Params",
+    ][::core::mem::align_of::<FaFwdSm90Params>() - 64usize];
+    [
+        "Offset of field: FaFwdSm90Params::p",
+    ][::core::mem::offset_of!(FaFwdSm90Params, p) - 0usize];
+    [
+        "Offset of field: FaFwdSm90Params::tma_q",
+    ][::core::mem::offset_of!(FaFwdSm90Params, tma_q) - 192usize];
+    [
+        "Offset of field: FaFwdSm90Params::tma_k",
+    ][::core::mem::offset_of!(FaFwdSm90Params, tma_k) - 320usize];
+    [
+        "Offset of field: FaFwdSm90Params::tma_v",
+    ][::core::mem::offset_of!(FaFwdSm90Params, tma_v) - 448usize];
+    [
+        "Offset of field: FaFwdSm90Params::tma_o",
+    ][::core::mem::offset_of!(FaFwdSm90Params, tma_o) - 576usize];
+};
+impl Default for FaFwdSm90Params {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

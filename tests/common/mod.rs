@@ -7,8 +7,8 @@ use std::sync::Arc;
 use fused_attn::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use fused_attn::reference::{self, rel_l2_error};
 use fused_attn::{
-    cuda_context, Attention, AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element,
-    Error, HostTensor, KernelInfo, Layout,
+    cuda_context, Attention, AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, HostTensor,
+    KernelInfo, Layout,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -101,17 +101,11 @@ pub fn make_inputs<T: Element>(seed: u64, s: Shape, storage: Storage) -> Inputs<
 }
 
 pub fn upload<T: Element>(stream: &Arc<CudaStream>, x: &[T]) -> Result<CudaSlice<T>, Error> {
-    stream.clone_htod(x).map_err(|source| Error::Cuda {
-        during: "upload",
-        source,
-    })
+    stream.clone_htod(x).map_err(|source| Error::Cuda { during: "upload", source })
 }
 
 pub fn download<T: Element>(stream: &Arc<CudaStream>, x: &CudaSlice<T>) -> Result<Vec<T>, Error> {
-    stream.clone_dtoh(x).map_err(|source| Error::Cuda {
-        during: "download",
-        source,
-    })
+    stream.clone_dtoh(x).map_err(|source| Error::Cuda { during: "download", source })
 }
 
 /// Result of one GPU run compared with the reference.
@@ -135,27 +129,17 @@ pub fn run_and_check<T: Element>(
     opts: &AttentionOptions,
 ) -> Result<Checked, String> {
     let e = |e: Error| e.to_string();
-    let (q, k, v) = (
-        upload(stream, &inp.q).map_err(e)?,
-        upload(stream, &inp.k).map_err(e)?,
-        upload(stream, &inp.v).map_err(e)?,
-    );
+    let (q, k, v) =
+        (upload(stream, &inp.q).map_err(e)?, upload(stream, &inp.k).map_err(e)?, upload(stream, &inp.v).map_err(e)?);
     let ol = o_storage.layout(s.b, s.lq, s.hq, s.d);
     let mut o = upload(stream, &poison::<T>(ol.span().unwrap())).map_err(e)?;
-    let mut lse = stream
-        .clone_htod(&vec![f32::NAN; s.b * s.hq * s.lq])
-        .map_err(|e| e.to_string())?;
+    let mut lse = stream.clone_htod(&vec![f32::NAN; s.b * s.hq * s.lq]).map_err(|e| e.to_string())?;
     let kernel = {
-        let (qt, kt, vt) = (
-            DeviceTensor::new(&q, inp.ql),
-            DeviceTensor::new(&k, inp.kl),
-            DeviceTensor::new(&v, inp.kl),
-        );
+        let (qt, kt, vt) =
+            (DeviceTensor::new(&q, inp.ql), DeviceTensor::new(&k, inp.kl), DeviceTensor::new(&v, inp.kl));
         let mut ot = DeviceTensorMut::new(&mut o, ol);
         let mut lv = lse.as_view_mut();
-        gpu.attn
-            .forward_into(stream, &qt, &kt, &vt, &mut ot, Some(&mut lv), opts)
-            .map_err(e)?
+        gpu.attn.forward_into(stream, &qt, &kt, &vt, &mut ot, Some(&mut lv), opts).map_err(e)?
     };
     let o_host = download(stream, &o).map_err(e)?;
     let lse_host: Vec<f32> = stream.clone_dtoh(&lse).map_err(|e| e.to_string())?;
@@ -182,12 +166,7 @@ pub fn run_and_check<T: Element>(
         }
     }
     let lse_got: Vec<f64> = lse_host.iter().map(|&x| x as f64).collect();
-    Ok(Checked {
-        kernel,
-        o_err: rel_l2_error(&got, &r.o),
-        lse_err: rel_l2_error(&lse_got, &r.lse),
-        o_bits: bits,
-    })
+    Ok(Checked { kernel, o_err: rel_l2_error(&got, &r.o), lse_err: rel_l2_error(&lse_got, &r.lse), o_bits: bits })
 }
 
 fn to_bits<T: Element>(x: T) -> u16 {

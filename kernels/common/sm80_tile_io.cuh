@@ -1,0 +1,79 @@
+// Global <-> swizzled shared tiles of ROWS x (8 * CHUNKS) elements for the sm80
+// kernels: cp.async loads that zero-fill what lies outside the tensor, and the
+// warp-level write-back of an output tile staged in shared memory.
+//
+// Lanes walk a row in 16-byte chunks (coalesced); a row of CHUNKS chunks gets
+// the next power of two of lanes, so a thread keeps one column for the whole
+// tile and only steps down rows. Head dims 96/160/224 leave a few lanes idle
+// during the copy, which is cheaper than per-pass division.
+#pragma once
+#include <stdint.h>
+#include "copy.cuh"
+#include "swizzle.cuh"
+
+template <int CHUNKS>
+struct LanesPerRow {
+    static constexpr int value = CHUNKS <= 4 ? 4 : CHUNKS <= 8 ? 8 : CHUNKS <= 16 ? 16 : 32;
+    static_assert(CHUNKS <= 32, "head_dim above 256");
+};
+
+template <typename T, int ROWS, int CHUNKS, int THREADS>
+struct Sm80TileLoader {
+    using Swz = RowSwizzle<CHUNKS>;
+    static constexpr int kLanes = LanesPerRow<CHUNKS>::value;
+    static constexpr int kRowsPerPass = THREADS / kLanes;
+    static constexpr int kPasses = (ROWS + kRowsPerPass - 1) / kRowsPerPass;
+    static_assert(THREADS % kLanes == 0, "");
+
+    int row0;    // this thread's first row
+    int chunk;   // this thread's 16-byte column
+    bool col_ok; // the column exists in this bucket and in the runtime head_dim
+
+    __device__ __forceinline__ Sm80TileLoader(int tid, int head_dim)
+        : row0(tid / kLanes), chunk(tid % kLanes), col_ok(chunk < CHUNKS && chunk * 8 < head_dim) {}
+
+    // Issues (does not commit) the copy of rows [0, ROWS) of a tile whose row 0
+    // is `src` into the tile at shared address `dst`. Rows >= rows_valid and
+    // columns >= head_dim are written as zeros; `safe` is any readable address,
+    // given to the hardware instead of an out-of-range one.
+    __device__ __forceinline__ void load(uint32_t dst, const T *src, int64_t row_stride,
+                                         int rows_valid, const T *safe) const {
+        const T *g = src + row0 * row_stride + chunk * 8;
+        const int64_t step = kRowsPerPass * row_stride;
+#pragma unroll
+        for (int i = 0; i < kPasses; ++i) {
+            const int r = row0 + i * kRowsPerPass;
+            const bool in_tile = (ROWS % kRowsPerPass == 0 || r < ROWS) &&
+                                 (kLanes == CHUNKS || chunk < CHUNKS);
+            if (in_tile) {
+                const bool ok = col_ok && r < rows_valid;
+                cp_async_16(dst + Swz::offset(r, chunk), ok ? g : safe, ok ? 16u : 0u);
+            }
+            g += step;
+        }
+    }
+};
+
+// One warp copies ROWS staged rows (swizzled, as written by the epilogue) to
+// global memory with 16-byte stores; rows >= rows_valid and columns >=
+// head_dim are not written.
+template <typename T, int ROWS, int CHUNKS>
+__device__ __forceinline__ void sm80_store_rows(const unsigned char *stage, T *dst,
+                                                int64_t row_stride, int rows_valid, int head_dim,
+                                                int lane) {
+    using Swz = RowSwizzle<CHUNKS>;
+    constexpr int kLanes = LanesPerRow<CHUNKS>::value;
+    constexpr int kRowsPerPass = 32 / kLanes;
+    static_assert(ROWS % kRowsPerPass == 0, "");
+    const int chunk = lane % kLanes;
+    const int row0 = lane / kLanes;
+    if (chunk >= CHUNKS || chunk * 8 >= head_dim) return;
+#pragma unroll
+    for (int i = 0; i < ROWS / kRowsPerPass; ++i) {
+        const int r = row0 + i * kRowsPerPass;
+        if (r < rows_valid) {
+            const uint4 v = *reinterpret_cast<const uint4 *>(stage + Swz::offset(r, chunk));
+            *reinterpret_cast<uint4 *>(dst + r * row_stride + chunk * 8) = v;
+        }
+    }
+}

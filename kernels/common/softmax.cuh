@@ -1,0 +1,99 @@
+// Online softmax over score tiles held as mma C fragments (see mma.cuh): a
+// thread holds, per 16-row block, rows g and g+8, two columns of every n8 tile;
+// the 4 lanes of a quad (lane / 4 equal) together hold whole rows, so row
+// reductions are two xor-shuffles.
+//
+// Scores arrive in the log2 domain (already multiplied by log2(e)), so every
+// exponential is one ex2. The running max may be -inf (no visible key yet):
+// then 0 is subtracted instead, which keeps exp2(-inf - m) = 0 and never
+// evaluates -inf - (-inf).
+#pragma once
+#include <math.h>
+
+__device__ __forceinline__ float fa_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// tanh as 1 - 2 / (e^{2x} + 1). Its absolute error is a few 1e-8 over the whole
+// range (relative error near 0 does not matter: the softcap multiplies by c and
+// feeds an exponential, which cares about absolute error), it saturates
+// cleanly to +-1 (e^{2x} = inf gives 1 - 0), and it is far cheaper than tanhf.
+// tanh.approx.f32 would be cheaper still, but its 2^-11 relative error times a
+// cap of ~50 moves logits by ~0.02, too much for f16 tolerances.
+__device__ __forceinline__ float fa_tanh(float x) {
+    const float e = fa_exp2(x * 2.8853900817779268f);  // e^{2x}
+    return 1.f - __fdividef(2.f, e + 1.f);
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Row state for MT 16-row blocks: index [mt][half], half 0 = row g, 1 = row g+8.
+template <int MT>
+struct OnlineSoftmax {
+    float row_max[MT][2];  // running max, log2 domain, quad-uniform
+    float row_sum[MT][2];  // this lane's share of the running sum; quad-reduced in finish()
+
+    __device__ __forceinline__ void init() {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                row_max[mt][hf] = -INFINITY;
+                row_sum[mt][hf] = 0.f;
+            }
+    }
+
+    // Folds in a tile of NT n8 score fragments (masked entries -inf): turns
+    // them into unnormalised probabilities exp2(s - max) in place and returns in
+    // `alpha` the factor by which each row's output accumulator must shrink.
+    template <int NT>
+    __device__ __forceinline__ void update(float (&s)[MT][NT][4], float (&alpha)[MT][2]) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                float mx = row_max[mt][hf];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                    mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hf], s[mt][nt][2 * hf + 1]));
+                mx = quad_max(mx);
+                const float sub = mx == -INFINITY ? 0.f : mx;
+                alpha[mt][hf] = fa_exp2(row_max[mt][hf] - sub);
+                row_max[mt][hf] = mx;
+                float sum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float pr = fa_exp2(s[mt][nt][2 * hf + e] - sub);
+                        s[mt][nt][2 * hf + e] = pr;
+                        sum += pr;
+                    }
+                row_sum[mt][hf] = row_sum[mt][hf] * alpha[mt][hf] + sum;
+            }
+    }
+
+    // Final per-row factor 1/l and natural-log LSE. A row that saw no key
+    // (l == 0) gets factor 0 (O = 0) and LSE = -inf.
+    __device__ __forceinline__ void finish(float (&inv_sum)[MT][2], float (&lse)[MT][2]) const {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const float l = quad_sum(row_sum[mt][hf]);
+                const bool any = l > 0.f;
+                inv_sum[mt][hf] = any ? 1.f / l : 0.f;
+                lse[mt][hf] = any ? row_max[mt][hf] * 0.6931471805599453f + logf(l) : -INFINITY;
+            }
+    }
+};

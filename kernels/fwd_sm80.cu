@@ -1,0 +1,355 @@
+// Tiled forward (FlashAttention-2 algorithm) on mma.sync tensor cores, sm80+.
+//
+// One CTA computes O for block_m query rows of one (batch, query head):
+//   1. Q tile -> shared (cp.async) -> registers as mma A fragments, once.
+//   2. For each key tile of block_n rows that the mask does not fully hide:
+//        S = Q K^T                     (K tile from shared, ldmatrix + mma)
+//        scale / softcap, mask edges   (only tiles that straddle a mask edge)
+//        online softmax: m, l, P = exp2(S - m), O *= exp2(m_old - m)
+//        O += P V                      (P stays in registers as A fragments)
+//      K and V tiles stream through a ring of shared buffers with cp.async:
+//      while one is consumed, the next bufs-1 loads are in flight.
+//   3. O /= l, written once (16-byte stores through shared); LSE = m + log l.
+// Each warp owns 16 * kMTiles query rows outright, so row statistics need only
+// quad shuffles and no CTA-wide reduction.
+//
+// Tile shapes (Sm80Shape below) are initial choices made without a GPU: they
+// follow FlashAttention-2's published ones, adjusted so that Q fits in
+// registers without spills. Re-measure them on hardware.
+#include "params.h"
+#include "common/types.cuh"
+#include "common/mask.cuh"
+#include "common/copy.cuh"
+#include "common/mma.cuh"
+#include "common/swizzle.cuh"
+#include "common/softmax.cuh"
+#include "common/sm80_tile_io.cuh"
+
+namespace {
+
+// Per head-dim bucket: block_m, block_n, warps, shared K/V buffers in the ring,
+// min CTAs per SM for __launch_bounds__, Q kept in registers.
+// Q fragments + O accumulators of 32 rows per warp fit in registers only up to
+// hd64, so wider buckets give each warp 16 rows and take 8 warps for block_m
+// 128 (K/V tiles shared by 128 rows keep L2 traffic down). hd256 uses block_n
+// 32 because 64 spills. Worth measuring: FlashAttention-2's own layout for
+// hd128, <128, 64, 4, 2, 1, false> (32 rows per warp, Q re-read from shared
+// each tile: less ldmatrix traffic per mma), also builds without spills.
+template <int BM, int BN, int WARPS, int BUFS, int MIN_BLOCKS, bool Q_IN_REGS>
+struct Sm80ShapeOf {
+    static constexpr int kBlockM = BM, kBlockN = BN, kWarps = WARPS, kBufs = BUFS;
+    static constexpr int kMinBlocks = MIN_BLOCKS;
+    static constexpr bool kQInRegs = Q_IN_REGS;
+};
+template <int HD> struct Sm80Shape;
+//                                          block_m block_n warps bufs min_blocks q_in_regs
+template <> struct Sm80Shape<32>  : Sm80ShapeOf<128,   128,    4,    2,   2,         true> {};
+template <> struct Sm80Shape<64>  : Sm80ShapeOf<128,    64,    4,    4,   2,         true> {};
+template <> struct Sm80Shape<96>  : Sm80ShapeOf<128,    64,    8,    4,   1,         true> {};
+template <> struct Sm80Shape<128> : Sm80ShapeOf<128,    64,    8,    4,   1,         true> {};
+template <> struct Sm80Shape<160> : Sm80ShapeOf<128,    64,    8,    4,   1,         true> {};
+template <> struct Sm80Shape<192> : Sm80ShapeOf<128,    64,    8,    4,   1,         true> {};
+template <> struct Sm80Shape<224> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};
+template <> struct Sm80Shape<256> : Sm80ShapeOf<128,    32,    8,    4,   1,         true> {};
+
+template <int HD>
+struct Sm80Config : Sm80Shape<HD> {
+    using S = Sm80Shape<HD>;
+    static constexpr int kThreads = S::kWarps * 32;
+    static constexpr int kMTiles = S::kBlockM / (16 * S::kWarps);  // 16-row blocks per warp
+    static constexpr int kChunks = HD / 8;                         // 16-byte chunks per row
+    static constexpr int kQBytes = S::kBlockM * HD * 2;
+    static constexpr int kKvBytes = S::kBlockN * HD * 2;
+    static constexpr int kSmemBytes = kQBytes + S::kBufs * kKvBytes;
+    static_assert(S::kBlockM % (16 * S::kWarps) == 0, "warps split block_m in 16-row blocks");
+    static_assert(S::kBlockN % 16 == 0 && HD % 32 == 0, "");
+    static_assert(S::kBufs >= 2, "K_j+1 must load while tile j is computed");
+    static_assert(kSmemBytes <= 163 * 1024, "sm80 shared memory per CTA");
+};
+
+template <typename T, int HD>
+__device__ __forceinline__ void sm80_forward(const FaFwdParams &p) {
+    using Cfg = Sm80Config<HD>;
+    constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, MT = Cfg::kMTiles;
+    constexpr int BUFS = Cfg::kBufs, THREADS = Cfg::kThreads, CHUNKS = Cfg::kChunks;
+    constexpr int KS = HD / 16;  // k16 steps of S = Q K^T
+    constexpr int NT = BN / 8;   // n8 tiles of S
+    constexpr int DT = HD / 8;   // n8 tiles of O
+    using Swz = RowSwizzle<CHUNKS>;
+
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint32_t q_tile = smem_u32(smem);
+    const uint32_t ring = q_tile + Cfg::kQBytes;
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, tig = lane % 4;  // mma fragment row / column pair
+    const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+    const int warp_row = warp * 16 * MT;     // first CTA-local row this warp owns
+    const int hk = h / p.q_per_kv;
+
+    const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+    const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+    const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+
+    // ---- Which key tiles to visit -------------------------------------------
+    // Tiles outside the keys that some row of the CTA sees are skipped (a
+    // window costs O(window)). The band is monotone in the row, so the keys
+    // that every row sees are [lo(last row), hi(first row)); tiles inside that
+    // need no element mask. Rows >= seqlen_q are never stored, so they do not
+    // count (their Q is zero-filled, so they compute harmless finite values).
+    const int row_end = min(m0 + BM, p.seqlen_q);
+    const FaKeyRange keys = fa_key_range_rows(p, m0, row_end);
+    const int all_lo = fa_key_range(p, row_end - 1).lo;
+    const int all_hi = fa_key_range(p, m0).hi;
+    const int n_begin = keys.lo / BN;
+    const int n_tiles = keys.lo < keys.hi ? (keys.hi + BN - 1) / BN - n_begin : 0;
+
+    // ---- Prologue: Q, then the first BUFS-1 K/V loads ------------------------
+    // Load number L is K of tile L/2 (L even) or V (L odd), into buffer L % BUFS.
+    // Every call commits one group, empty past the end, so that "load L has
+    // landed" is always cp_async_wait<BUFS-2>() at the same point of the loop.
+    const Sm80TileLoader<T, BN, CHUNKS, THREADS> kv_loader(tid, p.head_dim);
+    auto issue_kv = [&](int L) {
+        if (L < 2 * n_tiles) {
+            const bool is_v = L & 1;
+            const int n0 = (n_begin + L / 2) * BN;
+            const T *base = is_v ? v : k;
+            const int64_t stride = is_v ? p.v_row_stride : p.k_row_stride;
+            kv_loader.load(ring + (L % BUFS) * Cfg::kKvBytes, base + n0 * stride, stride,
+                           p.seqlen_k - n0, base);
+        }
+        cp_async_commit();
+    };
+    {
+        const Sm80TileLoader<T, BM, CHUNKS, THREADS> q_loader(tid, p.head_dim);
+        q_loader.load(q_tile, q + m0 * p.q_row_stride, p.q_row_stride, p.seqlen_q - m0, q);
+        cp_async_commit();
+    }
+#pragma unroll
+    for (int L = 0; L < BUFS - 1; ++L) issue_kv(L);
+
+    // Lane addresses for the three ldmatrix patterns (see the mma layouts in
+    // mma.cuh): Q as A (rows lane%16, k-half lane/16), K as B (keys
+    // 8*(lane/16) + lane%8, k-half (lane/8)%2), V as B via .trans (keys lane%16,
+    // n-half lane/16).
+    const LdsmAddr<CHUNKS> q_addr(q_tile, warp_row + lane % 16, lane / 16);
+    const LdsmAddr<CHUNKS> k_addr(ring, (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
+    const LdsmAddr<CHUNKS> v_addr(ring, lane % 16, lane / 16);
+
+    uint32_t q_frag[Cfg::kQInRegs ? MT : 1][Cfg::kQInRegs ? KS : 1][4];
+    if constexpr (Cfg::kQInRegs) {
+        cp_async_wait<BUFS - 1>();  // the Q group
+        __syncthreads();
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) ldsm_x4(q_frag[mt][ks], q_addr.at(mt * 16, ks));
+    }
+
+    // Scores enter the softmax in the log2 domain: s * log2(e), or with the cap
+    // c * tanh(s / c) * log2(e).
+    const bool capped = p.softcap > 0.f;
+    const float log2e = 1.4426950408889634f;
+    const float score_in = capped ? p.scale / p.softcap : p.scale * log2e;
+    const float score_out = capped ? p.softcap * log2e : 1.f;
+
+    float acc_o[MT][DT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
+    OnlineSoftmax<MT> softmax;
+    softmax.init();
+
+    // ---- Main loop over key tiles ---------------------------------------------
+    for (int j = 0; j < n_tiles; ++j) {
+        const int n0 = (n_begin + j) * BN;
+
+        // K_j has landed for every thread, and every warp is done with the
+        // buffer that the next load overwrites (it held V_{j-1}).
+        cp_async_wait<BUFS - 2>();
+        __syncthreads();
+        issue_kv(2 * j + BUFS - 1);
+
+        // S = Q K_j^T
+        const uint32_t k_buf = ((2 * j) % BUFS) * Cfg::kKvBytes;
+        float s[MT][NT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            uint32_t qa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) qa[mt][e] = q_frag[mt][ks][e];
+                } else {
+                    ldsm_x4(qa[mt], q_addr.at(mt * 16, ks));
+                }
+            }
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                uint32_t kb[4];  // B of key n8 tiles 2np (kb[0..1]) and 2np+1 (kb[2..3])
+                ldsm_x4(kb, k_addr.at(np * 16, ks) + k_buf);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816<T>(s[mt][2 * np], qa[mt], kb[0], kb[1]);
+                    mma_16816<T>(s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+                }
+            }
+        }
+
+        // Scale (and cap) into the log2 domain.
+        if (capped) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        s[mt][nt][e] = score_out * fa_tanh(s[mt][nt][e] * score_in);
+        } else {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[mt][nt][e] *= score_in;
+        }
+
+        // Element mask, only where the tile is not visible to every row: band
+        // edges and the tail past seqlen_k (whose K and V rows were zero-filled,
+        // so the -inf here makes P exactly 0 against finite V).
+        if (n0 < all_lo || n0 + BN > all_hi) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const FaKeyRange r = fa_key_range(p, m0 + warp_row + mt * 16 + hf * 8 + g);
+                    const int lo = r.lo - n0, hi = r.hi - n0;  // tile-local
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int key = nt * 8 + tig * 2 + e;
+                            if (key < lo || key >= hi) s[mt][nt][2 * hf + e] = -INFINITY;
+                        }
+                }
+        }
+
+        // Online softmax: S becomes P in place, O is rescaled to the new max.
+        float alpha[MT][2];
+        softmax.update(s, alpha);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] *= alpha[mt][e / 2];
+
+        // V_j has landed, and the buffer of K_j is free for a later K.
+        cp_async_wait<BUFS - 2>();
+        __syncthreads();
+        issue_kv(2 * j + BUFS);
+
+        // O += P V_j, P straight from the S accumulators.
+        const uint32_t v_buf = ((2 * j + 1) % BUFS) * Cfg::kKvBytes;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            uint32_t pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) mma_c_to_a<T>(pa[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
+#pragma unroll
+            for (int dp = 0; dp < DT / 2; ++dp) {
+                uint32_t vb[4];  // B of output n8 tiles 2dp (vb[0..1]) and 2dp+1 (vb[2..3])
+                ldsm_x4_trans(vb, v_addr.at(kk * 16, dp) + v_buf);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816<T>(acc_o[mt][2 * dp], pa[mt], vb[0], vb[1]);
+                    mma_16816<T>(acc_o[mt][2 * dp + 1], pa[mt], vb[2], vb[3]);
+                }
+            }
+        }
+    }
+
+    // ---- Epilogue: normalise, stage in this warp's own Q rows, store ------------
+    float inv_sum[MT][2], lse[MT][2];
+    softmax.finish(inv_sum, lse);
+
+    // With no tile visited nothing has waited for the Q copy yet, and other
+    // threads' copies may still target these rows.
+    if (n_tiles == 0) {
+        cp_async_wait<0>();
+        __syncthreads();
+    }
+    __syncwarp();  // this warp's own Q fragment reads are done before overwriting
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int row = warp_row + mt * 16 + hf * 8 + g;
+            unsigned char *stage_row = smem + row * Swz::kRowBytes + tig * 4;
+            const int key = Swz::key(row);
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt)
+                *reinterpret_cast<uint32_t *>(stage_row + ((dt ^ key) << 4)) =
+                    pack2<T>(acc_o[mt][dt][2 * hf] * inv_sum[mt][hf],
+                             acc_o[mt][dt][2 * hf + 1] * inv_sum[mt][hf]);
+        }
+    __syncwarp();
+    T *o = static_cast<T *>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+    sm80_store_rows<T, 16 * MT, CHUNKS>(smem + warp_row * Swz::kRowBytes,
+                                        o + (m0 + warp_row) * p.o_row_stride, p.o_row_stride,
+                                        p.seqlen_q - m0 - warp_row, p.head_dim, lane);
+
+    if (p.lse != nullptr && tig == 0) {
+        float *lse_row = p.lse + (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int row = m0 + warp_row + mt * 16 + hf * 8 + g;
+                if (row < p.seqlen_q) lse_row[row] = lse[mt][hf];
+            }
+    }
+}
+
+}  // namespace
+
+// FA_KERNEL(name, dtype, head_dim bucket, block_m, block_n, threads, dynamic smem, min sm).
+// build.rs reads these lines to make the Rust dispatch table; the static_assert
+// makes the compiler check each row against Sm80Config.
+#define FA_KERNEL(name, dtype, head_dim, block_m, block_n, threads, smem, min_sm)             \
+    static_assert(block_m == Sm80Config<head_dim>::kBlockM &&                                  \
+                      block_n == Sm80Config<head_dim>::kBlockN &&                              \
+                      threads == Sm80Config<head_dim>::kThreads &&                             \
+                      smem == Sm80Config<head_dim>::kSmemBytes && min_sm == 80,                \
+                  "table row disagrees with Sm80Config<" #head_dim ">");                      \
+    extern "C" __global__ void __launch_bounds__(threads, Sm80Config<head_dim>::kMinBlocks)    \
+        name(const __grid_constant__ FaFwdParams p) {                                          \
+        sm80_forward<FA_DTYPE(dtype), head_dim>(p);                                            \
+    }
+
+FA_KERNEL(fa_fwd_sm80_f16_hd32, f16, 32, 128, 128, 128, 24576, 80)
+FA_KERNEL(fa_fwd_sm80_f16_hd64, f16, 64, 128, 64, 128, 49152, 80)
+FA_KERNEL(fa_fwd_sm80_f16_hd96, f16, 96, 128, 64, 256, 73728, 80)
+FA_KERNEL(fa_fwd_sm80_f16_hd128, f16, 128, 128, 64, 256, 98304, 80)
+FA_KERNEL(fa_fwd_sm80_f16_hd160, f16, 160, 128, 64, 256, 122880, 80)
+FA_KERNEL(fa_fwd_sm80_f16_hd192, f16, 192, 128, 64, 256, 147456, 80)
+FA_KERNEL(fa_fwd_sm80_f16_hd224, f16, 224, 128, 64, 256, 114688, 80)
+FA_KERNEL(fa_fwd_sm80_f16_hd256, f16, 256, 128, 32, 256, 131072, 80)
+FA_KERNEL(fa_fwd_sm80_bf16_hd32, bf16, 32, 128, 128, 128, 24576, 80)
+FA_KERNEL(fa_fwd_sm80_bf16_hd64, bf16, 64, 128, 64, 128, 49152, 80)
+FA_KERNEL(fa_fwd_sm80_bf16_hd96, bf16, 96, 128, 64, 256, 73728, 80)
+FA_KERNEL(fa_fwd_sm80_bf16_hd128, bf16, 128, 128, 64, 256, 98304, 80)
+FA_KERNEL(fa_fwd_sm80_bf16_hd160, bf16, 160, 128, 64, 256, 122880, 80)
+FA_KERNEL(fa_fwd_sm80_bf16_hd192, bf16, 192, 128, 64, 256, 147456, 80)
+FA_KERNEL(fa_fwd_sm80_bf16_hd224, bf16, 224, 128, 64, 256, 114688, 80)
+FA_KERNEL(fa_fwd_sm80_bf16_hd256, bf16, 256, 128, 32, 256, 131072, 80)
