@@ -106,7 +106,13 @@ fn cuobjdump() -> Option<PathBuf> {
 fn dump(tool: &PathBuf, flag: &str, bytes: &[u8], stem: &str) -> String {
     let path = std::env::temp_dir().join(format!("fused-attn-{}-{stem}.fatbin", std::process::id()));
     std::fs::write(&path, bytes).unwrap();
-    let out = Command::new(tool).arg(flag).arg(&path).output().expect("running cuobjdump");
+    // cuobjdump runs nvdisasm for --dump-sass; it ships beside cuobjdump.
+    let mut path_var = std::ffi::OsString::from(tool.parent().unwrap_or(std::path::Path::new(".")));
+    if let Some(p) = std::env::var_os("PATH") {
+        path_var.push(":");
+        path_var.push(p);
+    }
+    let out = Command::new(tool).arg(flag).arg(&path).env("PATH", path_var).output().expect("running cuobjdump");
     let _ = std::fs::remove_file(&path);
     assert!(out.status.success(), "cuobjdump {flag} {stem}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()

@@ -179,6 +179,32 @@ fn empty_rows(family: KernelFamily) -> Result<(), Failed> {
     })
 }
 
+/// Zero-length sequences through the allocating `forward`: Lq = 0 launches
+/// nothing and succeeds; Lk = 0 gives O = 0 and LSE = -inf.
+fn zero_lengths() -> Result<(), Failed> {
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
+    for (lq, lk) in [(0usize, 16usize), (0, 0), (9, 0)] {
+        let s = Shape { b: 2, lq, lk, hq: 4, hk: 2, d: 64 };
+        let inp = make_inputs::<bf16>(17, s, Storage::Bshd);
+        // Zero-length inputs still need a (1-element) buffer to view.
+        let pad = |x: &[bf16]| if x.is_empty() { vec![bf16::ONE] } else { x.to_vec() };
+        let (q, k) = (upload(&stream, &pad(&inp.q))?, upload(&stream, &pad(&inp.k))?);
+        let (qt, kt) = (DeviceTensor::new(&q, inp.ql), DeviceTensor::new(&k, inp.kl));
+        let out = g.attn.forward(&stream, &qt, &kt, &kt, &AttentionOptions::new(Mask::Causal))?;
+        let o = download(&stream, &out.o)?;
+        let lse: Vec<f32> = stream.clone_dtoh(&out.lse).map_err(|e| e.to_string())?;
+        let n = s.b * s.lq * s.hq * s.d;
+        if lq > 0
+            && !(o[..n].iter().all(|x| x.to_f32() == 0.0)
+                && lse[..s.b * s.hq * lq].iter().all(|&x| x == f32::NEG_INFINITY))
+        {
+            return Err(format!("lq {lq} lk {lk}: expected O = 0 and LSE = -inf").into());
+        }
+    }
+    Ok(())
+}
+
 /// Two runs on the same inputs give bitwise-equal outputs.
 fn determinism(family: KernelFamily) -> Result<(), Failed> {
     let g = gpu()?;
@@ -388,6 +414,7 @@ fn main() {
         trials.push(Trial::test(format!("props/{f}/determinism"), move || determinism(family)));
     }
     trials.push(Trial::test("props/concurrency_two_streams_two_threads", concurrency));
+    trials.push(Trial::test("props/zero_lengths", zero_lengths));
     trials.push(Trial::test("props/dispatch_prefers_tiled", dispatch_prefers_tiled));
     trials.push(Trial::test("errors/foreign_context", foreign_context));
     trials.push(Trial::test("errors/out_of_memory", out_of_memory));

@@ -51,6 +51,12 @@ __device__ __forceinline__ uint64_t wgmma_desc_k_major(uint32_t smem_addr) {
 // the next 8 K-rows are 1024 bytes on (stride byte offset) and the next 64
 // N-columns are in the next box, `box_bytes` on (leading byte offset). To step
 // K by 16, add 2048 bytes (two 8-row groups) to the start address.
+// Checked against the PTX ISA canonical layout for MN-major 128B swizzle,
+// ((T,8,m),(8,k)) : ((1,T,LBO),(8T,SBO)) with T = 8 16-bit elements: LBO
+// steps m (the next 64 MN elements = the next box), SBO steps k (the next
+// 8 K-rows = 1024 bytes inside the box). Each 8-key x 128-byte group of a
+// box is exactly one 1024-byte-aligned swizzle atom, so the XOR the hardware
+// applies to the absolute address matches the TMA's.
 __device__ __forceinline__ uint64_t wgmma_desc_mn_major(uint32_t smem_addr, uint32_t box_bytes) {
     return wgmma_desc_sw128(smem_addr, box_bytes, 1024);
 }

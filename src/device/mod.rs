@@ -451,5 +451,6 @@ pub(crate) fn alloc_output<T: cudarc::driver::DeviceRepr>(
     // every element of O and LSE (DESIGN.md section 1; the GPU tests poison
     // outputs to prove it), and nothing reads the buffer before the launch
     // that fills it is ordered before the read on the same stream.
-    unsafe { stream.alloc::<T>(len) }.during("allocating the output")
+    // The driver refuses 0-byte allocations; an empty problem gets one spare element.
+    unsafe { stream.alloc::<T>(len.max(1)) }.during("allocating the output")
 }

@@ -15,11 +15,13 @@ use crate::tensor::{DType, DeviceTensor, DeviceTensorMut, Element, Layout};
 /// What [`Attention::forward`] returns.
 #[derive(Debug)]
 pub struct ForwardOutput<T> {
-    /// Output, contiguous `[B, Lq, Hq, D]` (layout in `o_layout`).
+    /// Output, contiguous `[B, Lq, Hq, D]` (layout in `o_layout`). For an
+    /// empty problem (`Lq == 0`) the buffer holds one unused element.
     pub o: CudaSlice<T>,
     /// `Layout::bshd` of `o`.
     pub o_layout: Layout,
-    /// Log-sum-exp, contiguous `[B, Hq, Lq]`, natural log, `-inf` for rows with no visible key.
+    /// Log-sum-exp, contiguous `[B, Hq, Lq]`, natural log, `-inf` for rows
+    /// with no visible key (one unused element when `Lq == 0`).
     pub lse: CudaSlice<f32>,
     /// The kernel that ran.
     pub kernel: KernelInfo,
