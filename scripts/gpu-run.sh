@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU host from the bundle staged by scripts/gpu-bundle.sh.
 #   run.sh OUTDIR [phase...]    phases: tests sanitize quickstart bench peers report all
+# TEST_FILTER (e.g. "sweep/sm90") narrows the tests phase; TEST_TIMEOUT caps it (s).
 # Default: tests sanitize quickstart. Every phase logs under OUTDIR; the last
 # lines of each log are echoed so a truncated console still shows the verdict.
 set -uo pipefail
@@ -17,7 +18,9 @@ status=0
 for phase in "${phases[@]}"; do
   case "$phase" in
     tests)
-      FUSED_ATTN_GPU_LOG="$outdir/gpu-tests-cases.log" "$here/bin/gpu-tests" --test-threads 4 > "$outdir/gpu-tests.log" 2>&1 || status=1
+      # A kernel that hangs (e.g. an mbarrier never completing) must still leave a log.
+      FUSED_ATTN_GPU_LOG="$outdir/gpu-tests-cases.log" timeout "${TEST_TIMEOUT:-540}" "$here/bin/gpu-tests" \
+        --test-threads 4 ${TEST_FILTER:-} > "$outdir/gpu-tests.log" 2>&1 || status=1
       grep -E "^test result|^summary|FAILED|failed|panicked" "$outdir/gpu-tests.log" | tail -n 40 ;;
     sanitize)
       if command -v compute-sanitizer >/dev/null; then
