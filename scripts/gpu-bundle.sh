@@ -9,6 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export FUSED_ATTN_REQUIRE_KERNELS=1
+# nvcc from PyPI installed as in the README (and by .ci/run) is picked up here.
+if [ -z "${NVCC:-}" ] && [ -z "${CUDA_HOME:-}" ] && [ -x .cuda/nvidia/cu13/bin/nvcc ]; then
+  export NVCC="$PWD/.cuda/nvidia/cu13/bin/nvcc"
+fi
 out=gpu-bundle
 rm -rf "$out" && mkdir -p "$out/bin" "$out/scripts"
 
@@ -21,9 +25,16 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == want:
         print(m["executable"])' "$1" | tail -n 1; }
 
-cp "$(cargo test --release --test gpu --no-run --message-format=json 2>/dev/null | exe gpu)" "$out/bin/gpu-tests"
-cp "$(cargo bench --bench forward --no-run --message-format=json 2>/dev/null | exe forward)" "$out/bin/bench-forward"
-cp "$(cargo build --release --example quickstart --message-format=json 2>/dev/null | exe quickstart)" "$out/bin/quickstart"
+stage() {  # stage NAME TARGET CARGO-ARGS...: build, find the executable, copy it
+  local name=$1 target=$2; shift 2
+  local path
+  path=$(cargo "$@" --message-format=json | exe "$target")
+  [ -n "$path" ] || { echo "cargo $* produced no executable for $target" >&2; exit 1; }
+  cp "$path" "$out/bin/$name"
+}
+stage gpu-tests gpu test --release --test gpu --no-run
+stage bench-forward forward bench --bench forward --no-run
+stage quickstart quickstart build --release --example quickstart
 strip "$out"/bin/* 2>/dev/null || true
 cp scripts/peers.py scripts/report.py "$out/scripts/"
 cp scripts/gpu-run.sh "$out/run.sh"

@@ -18,8 +18,9 @@
 //!   multiples of 8 up to 256, any batch/sequence/head strides ([`Layout`]).
 //! - **Options**: custom scale, logit softcap ([`AttentionOptions`]).
 //! - **Kernels** ([`KernelFamily`]): a naive baseline (sm_80+), a tiled
-//!   FlashAttention-2-style kernel (sm_80+); the dispatcher's choice is
-//!   returned as a [`KernelInfo`].
+//!   FlashAttention-2-style kernel (sm_80+, `mma.sync`), and a Hopper kernel
+//!   (sm_90a: TMA, `wgmma`, warp specialisation); the dispatcher's choice is
+//!   returned as a [`KernelInfo`], and [`Attention::plan`] tells it without launching.
 //! - **Safety**: every bad input is a typed [`Error`] naming the argument; a
 //!   machine without a driver or GPU gets an error value, not a panic.
 //! - **CPU reference** ([`reference`](mod@reference)): f64, multi-threaded, same validation.
