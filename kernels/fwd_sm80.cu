@@ -300,7 +300,7 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &p) {
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt)
                 *reinterpret_cast<uint32_t *>(stage_row + ((dt ^ key) << 4)) =
-                    pack2<T>(acc_o[mt][dt][2 * hf] * inv_sum[mt][hf],
+                    fa_pack2<T>(acc_o[mt][dt][2 * hf] * inv_sum[mt][hf],
                              acc_o[mt][dt][2 * hf + 1] * inv_sum[mt][hf]);
         }
     __syncwarp();

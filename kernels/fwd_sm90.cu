@@ -269,7 +269,7 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
     auto scores_to_probs = [&](float (&s)[BN / 2], int j, float (&alpha)[2]) {
         if (capped) {
 #pragma unroll
-            for (int i = 0; i < BN / 2; ++i) s[i] = score_out * tanh_accurate(s[i] * score_in);
+            for (int i = 0; i < BN / 2; ++i) s[i] = score_out * fa_tanh(s[i] * score_in);
         } else {
 #pragma unroll
             for (int i = 0; i < BN / 2; ++i) s[i] *= score_in;
@@ -392,7 +392,7 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
             unsigned char *dst = stage_o + box * Cfg::kQBoxBytes + r * 128 + ((chunk ^ (r & 7)) << 4) +
                                  4 * (lane % 4);
             *reinterpret_cast<uint32_t *>(dst) =
-                wgmma_pack2<T>(o[4 * i + 2 * h] * inv_sum[h], o[4 * i + 2 * h + 1] * inv_sum[h]);
+                fa_pack2<T>(o[4 * i + 2 * h] * inv_sum[h], o[4 * i + 2 * h + 1] * inv_sum[h]);
         }
     }
     named_barrier_sync(kBarEpilogue + cw, kWarpgroupThreads);

@@ -35,26 +35,14 @@ __device__ __forceinline__ void mma_16816<fa_bf16>(float (&d)[4], const uint32_t
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Two f32 -> one register of two 16-bit elements; `lo` is the lower column.
-template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
-
-template <> __device__ __forceinline__ uint32_t pack2<fa_f16>(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t *>(&v);
-}
-
-template <> __device__ __forceinline__ uint32_t pack2<fa_bf16>(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t *>(&v);
-}
 
 // The A fragment for k-columns 16j..16j+15 made from the C fragments of
 // n-columns 16j..16j+7 (c_lo) and 16j+8..16j+15 (c_hi) of the same 16 rows.
 template <typename T>
 __device__ __forceinline__ void mma_c_to_a(uint32_t (&a)[4], const float (&c_lo)[4],
                                            const float (&c_hi)[4]) {
-    a[0] = pack2<T>(c_lo[0], c_lo[1]);  // row g,   k = c, c+1
-    a[1] = pack2<T>(c_lo[2], c_lo[3]);  // row g+8, k = c, c+1
-    a[2] = pack2<T>(c_hi[0], c_hi[1]);  // row g,   k = c+8, c+9
-    a[3] = pack2<T>(c_hi[2], c_hi[3]);  // row g+8, k = c+8, c+9
+    a[0] = fa_pack2<T>(c_lo[0], c_lo[1]);  // row g,   k = c, c+1
+    a[1] = fa_pack2<T>(c_lo[2], c_lo[3]);  // row g+8, k = c, c+1
+    a[2] = fa_pack2<T>(c_hi[0], c_hi[1]);  // row g,   k = c+8, c+9
+    a[3] = fa_pack2<T>(c_hi[2], c_hi[3]);  // row g+8, k = c+8, c+9
 }

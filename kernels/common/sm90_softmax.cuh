@@ -9,33 +9,9 @@
 // so exp2(-inf - m) is 0 and -inf - (-inf) never happens: rows that see no key
 // end with sum 0, O = 0 and LSE = -inf, never NaN.
 #pragma once
-#include <math.h>
+#include "math.cuh"
 
 namespace sm90 {
-
-__device__ __forceinline__ float exp2_approx(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-
-// tanh(x) = 1 - 2 / (e^{2x} + 1): absolute error a few 1e-8, saturates to
-// +-1 cleanly. tanh.approx.f32 is cheaper but its 2^-11 relative error, times
-// a softcap of ~50, moves logits by ~0.02, too much for f16 tolerances.
-__device__ __forceinline__ float tanh_accurate(float x) {
-    const float e = exp2_approx(x * 2.8853900817779268f);  // e^{2x}
-    return 1.f - __fdividef(2.f, e + 1.f);
-}
-
-__device__ __forceinline__ float quad_max(float x) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float x) {
-    x += __shfl_xor_sync(0xffffffffu, x, 1);
-    return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
 
 struct RowSoftmax {
     float row_max[2];  // running max, log2 domain, quad-uniform
@@ -58,14 +34,14 @@ struct RowSoftmax {
             for (int i = 0; i < NACC / 4; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * h], s[4 * i + 2 * h + 1]));
             mx = quad_max(mx);
             const float sub = mx == -INFINITY ? 0.f : mx;
-            alpha[h] = exp2_approx(row_max[h] - sub);
+            alpha[h] = fa_exp2(row_max[h] - sub);
             row_max[h] = mx;
             float sum = 0.f;
 #pragma unroll
             for (int i = 0; i < NACC / 4; ++i)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const float pr = exp2_approx(s[4 * i + 2 * h + e] - sub);
+                    const float pr = fa_exp2(s[4 * i + 2 * h + e] - sub);
                     s[4 * i + 2 * h + e] = pr;
                     sum += pr;
                 }

@@ -99,17 +99,6 @@ __device__ __forceinline__ void wgmma_pin(uint32_t (&r)[N][4]) {
 }
 
 // ---- Accumulator -> A fragments ---------------------------------------------------
-template <typename T> __device__ __forceinline__ uint32_t wgmma_pack2(float lo, float hi);
-
-template <> __device__ __forceinline__ uint32_t wgmma_pack2<fa_f16>(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t *>(&v);
-}
-
-template <> __device__ __forceinline__ uint32_t wgmma_pack2<fa_bf16>(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t *>(&v);
-}
 
 // A 64xN f32 accumulator as N/16 A fragments of 64x16 (k-step j covers
 // columns 16j..16j+15): chunks 2j and 2j+1 of the accumulator are exactly
@@ -120,10 +109,10 @@ __device__ __forceinline__ void wgmma_acc_to_a(const float (&acc)[NACC],
     static_assert(NACC % 8 == 0, "N must be a multiple of 16");
 #pragma unroll
     for (int j = 0; j < NACC / 8; ++j) {
-        a[j][0] = wgmma_pack2<T>(acc[8 * j + 0], acc[8 * j + 1]);  // row r,   k 2c, 2c+1
-        a[j][1] = wgmma_pack2<T>(acc[8 * j + 2], acc[8 * j + 3]);  // row r+8, k 2c, 2c+1
-        a[j][2] = wgmma_pack2<T>(acc[8 * j + 4], acc[8 * j + 5]);  // row r,   k 2c+8, 2c+9
-        a[j][3] = wgmma_pack2<T>(acc[8 * j + 6], acc[8 * j + 7]);  // row r+8, k 2c+8, 2c+9
+        a[j][0] = fa_pack2<T>(acc[8 * j + 0], acc[8 * j + 1]);  // row r,   k 2c, 2c+1
+        a[j][1] = fa_pack2<T>(acc[8 * j + 2], acc[8 * j + 3]);  // row r+8, k 2c, 2c+1
+        a[j][2] = fa_pack2<T>(acc[8 * j + 4], acc[8 * j + 5]);  // row r,   k 2c+8, 2c+9
+        a[j][3] = fa_pack2<T>(acc[8 * j + 6], acc[8 * j + 7]);  // row r+8, k 2c+8, 2c+9
     }
 }
 

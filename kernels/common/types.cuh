@@ -17,3 +17,17 @@ template <> __device__ __forceinline__ __half fa_from_float<__half>(float x) { r
 template <> __device__ __forceinline__ __nv_bfloat16 fa_from_float<__nv_bfloat16>(float x) {
     return __float2bfloat16_rn(x);
 }
+
+// Two f32 -> one register of two 16-bit elements; `lo` is the lower column
+// (the .x half), as both mma.sync and wgmma A fragments expect.
+template <typename T> __device__ __forceinline__ uint32_t fa_pack2(float lo, float hi);
+
+template <> __device__ __forceinline__ uint32_t fa_pack2<__half>(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t *>(&v);
+}
+
+template <> __device__ __forceinline__ uint32_t fa_pack2<__nv_bfloat16>(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t *>(&v);
+}
