@@ -19,7 +19,7 @@ use std::process::Command;
 
 const DEFAULT_ARCHS: &str = "80;90a";
 
-/// One `FA_KERNEL(name, dtype, head_dim, block_m, block_n, threads, smem, min_sm)` line.
+/// One `FA_KERNEL(name, dtype, head_dim, block_m, block_n, threads, smem, min_sm, grid)` line.
 struct Row {
     stem: String,
     name: String,
@@ -30,6 +30,7 @@ struct Row {
     threads: u32,
     smem: u32,
     min_sm: u32,
+    persistent: bool,
 }
 
 /// An arch from `FUSED_ATTN_CUDA_ARCHS`: `90a` is number 90 with the
@@ -107,7 +108,7 @@ fn parse_table(path: &Path) -> Vec<Row> {
         .map(|rest| {
             let inner = rest.trim_end().strip_suffix(')').unwrap_or_else(|| panic!("{stem}: unterminated FA_KERNEL"));
             let f: Vec<&str> = inner.split(',').map(str::trim).collect();
-            assert_eq!(f.len(), 8, "{stem}: FA_KERNEL takes 8 fields: {inner}");
+            assert_eq!(f.len(), 9, "{stem}: FA_KERNEL takes 9 fields: {inner}");
             let num = |i: usize| -> u32 {
                 f[i].parse().unwrap_or_else(|_| panic!("{stem}: FA_KERNEL field {i} `{}` is not a number", f[i]))
             };
@@ -122,6 +123,11 @@ fn parse_table(path: &Path) -> Vec<Row> {
                 threads: num(5),
                 smem: num(6),
                 min_sm: num(7),
+                persistent: match f[8] {
+                    "FA_GRID_TILES" => false,
+                    "FA_GRID_PERSISTENT" => true,
+                    other => panic!("{stem}: FA_KERNEL grid `{other}` is not FA_GRID_TILES or FA_GRID_PERSISTENT"),
+                },
             }
         })
         .collect()
@@ -235,8 +241,9 @@ fn write_rust_table(out: &Path, rows: &[Row], built: Option<&Built>) {
         let dtype = if r.dtype == "f16" { "F16" } else { "BF16" };
         let _ = writeln!(
             s,
-            "    KernelRow {{ image: {:?}, name: {:?}, dtype: DType::{dtype}, head_dim: {}, block_m: {}, block_n: {}, threads: {}, smem_bytes: {}, min_sm: {} }},",
-            r.stem, r.name, r.head_dim, r.block_m, r.block_n, r.threads, r.smem, r.min_sm
+            "    KernelRow {{ image: {:?}, name: {:?}, dtype: DType::{dtype}, head_dim: {}, block_m: {}, block_n: {}, threads: {}, smem_bytes: {}, min_sm: {}, grid: GridKind::{} }},",
+            r.stem, r.name, r.head_dim, r.block_m, r.block_n, r.threads, r.smem, r.min_sm,
+            if r.persistent { "Persistent" } else { "Tiles" }
         );
     }
     s.push_str("];\n");

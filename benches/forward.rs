@@ -7,7 +7,10 @@
 //!   case timed, its error against the f64 CPU reference measured (on a
 //!   reduced case of the same kind where the full one is too big for the CPU),
 //!   and everything written as JSON for `scripts/peers.py` and `scripts/report.py`.
-//!   `FUSED_ATTN_BENCH_FILTER=substr` keeps only matching cases.
+//!   `FUSED_ATTN_BENCH_FILTER=substr` keeps only matching cases;
+//!   `FUSED_ATTN_BENCH_VARIANTS=1` also times every variant kernel
+//!   (`name__tag`: other tiles or schedules) that could replace the one the
+//!   dispatcher chose, into the case's `variants` field: the ablation data.
 //!
 //! Inputs are random normal, never zeros; one case's Q, K and V together are
 //! ~200 MB (bf16, 16k tokens × 2048), several times an H100's 50 MB L2, so
@@ -65,13 +68,14 @@ fn time_case<T: Element>(
     bufs: &mut Buffers<T>,
     c: &BenchCase,
     reps: usize,
+    kernel_name: Option<&'static str>,
 ) -> Result<(Vec<f64>, KernelInfo), Error> {
     let ql = Layout::bshd(c.batch, c.seqlen, c.heads_q, c.head_dim);
     let kl = Layout::bshd(c.batch, c.seqlen, c.heads_kv, c.head_dim);
     let (qt, kt, vt) = (DeviceTensor::new(&bufs.q, ql), DeviceTensor::new(&bufs.k, kl), DeviceTensor::new(&bufs.v, kl));
     let mut ot = DeviceTensorMut::from_view(bufs.o.slice_mut(..ql.numel()), ql);
     let mut lse = bufs.lse.slice_mut(..c.batch * c.heads_q * c.seqlen);
-    let opts = AttentionOptions::new(c.mask);
+    let opts = AttentionOptions { kernel_name, ..AttentionOptions::new(c.mask) };
     let mut info = None;
     for _ in 0..3 {
         info = Some(g.attn.forward_into(stream, &qt, &kt, &vt, &mut ot, Some(&mut lse), &opts)?);
@@ -164,11 +168,27 @@ fn report_mode(path: &str) -> Result<(), Error> {
     let mut bf = buffers::<bf16>(&stream, 1)?;
     let mut fp = if cases.iter().any(|c| c.dtype == DType::F16) { Some(buffers::<f16>(&stream, 2)?) } else { None };
     let mut rows = Vec::new();
+    let variants_wanted = std::env::var("FUSED_ATTN_BENCH_VARIANTS").is_ok_and(|v| v == "1");
     for c in &cases {
-        let (ms, info) = match c.dtype {
-            DType::BF16 => time_case(&g, &stream, &mut bf, c, reps)?,
-            DType::F16 => time_case(&g, &stream, fp.as_mut().expect("allocated above"), c, reps)?,
+        let mut time = |name| match c.dtype {
+            DType::BF16 => time_case(&g, &stream, &mut bf, c, reps, name),
+            DType::F16 => time_case(&g, &stream, fp.as_mut().expect("allocated above"), c, reps, name),
         };
+        let (ms, info) = time(None)?;
+        // Ablation: every variant of the chosen kernel's family and bucket.
+        let mut variants = Vec::new();
+        if variants_wanted {
+            let chosen =
+                fused_attn::sys::KERNEL_TABLE.iter().find(|r| r.name == info.name).expect("a table kernel ran");
+            for v in fused_attn::sys::KERNEL_TABLE.iter().filter(|v| {
+                v.is_variant() && v.image == chosen.image && v.dtype == chosen.dtype && v.head_dim == chosen.head_dim
+            }) {
+                match time(Some(v.name)) {
+                    Ok((vms, _)) => variants.push(format!("{:?}: {:.6}", v.name, median(vms))),
+                    Err(e) => eprintln!("  variant {} failed: {e}", v.name),
+                }
+            }
+        }
         let med = median(ms.clone());
         let fl = flops(c);
         let (small, note) = reduced(c);
@@ -176,7 +196,10 @@ fn report_mode(path: &str) -> Result<(), Error> {
             DType::BF16 => check_error::<bf16>(&g, &stream, &small),
             DType::F16 => check_error::<f16>(&g, &stream, &small),
         }
-        .unwrap_or(f64::NAN);
+        .unwrap_or_else(|e| {
+            eprintln!("  error check failed: {e}");
+            f64::NAN
+        });
         let tflops = fl as f64 / (med * 1e-3) / 1e12;
         eprintln!("{:<42} {:>26} {med:>9.3} ms {tflops:>7.1} TFLOP/s  err {err:.2e}", c.name(), info.name);
         let (l, r) = c.mask.bounds();
@@ -187,7 +210,8 @@ fn report_mode(path: &str) -> Result<(), Error> {
                 "{{\"name\": {:?}, \"kernel\": {:?}, \"direction\": \"fwd\", \"dtype\": {:?}, \"batch\": {}, ",
                 "\"heads_q\": {}, \"heads_kv\": {}, \"seqlen_q\": {}, \"seqlen_k\": {}, \"head_dim\": {}, ",
                 "\"mask\": {:?}, \"window_left\": {}, \"window_right\": {}, \"flops\": {}, \"ours_ms\": {:.6}, ",
-                "\"ours_ms_min\": {:.6}, \"reps\": {}, \"ours_tflops\": {:.3}, \"rel_l2_err\": {}, \"err_case\": {:?}}}"
+                "\"ours_ms_min\": {:.6}, \"reps\": {}, \"ours_tflops\": {:.3}, \"rel_l2_err\": {}, \"err_case\": {:?}, ",
+                "\"variants\": {{{}}}}}"
             ),
             c.name(),
             info.name,
@@ -207,7 +231,8 @@ fn report_mode(path: &str) -> Result<(), Error> {
             ms.len(),
             tflops,
             if err.is_finite() { format!("{err:.3e}") } else { "null".into() },
-            note
+            note,
+            variants.join(", ")
         ));
     }
     let env = |k: &str| std::env::var(k).unwrap_or_default();
@@ -243,7 +268,7 @@ fn criterion_mode() {
         group.throughput(Throughput::Elements(flops(&c) as u64));
         group.bench_function(c.name(), |b| {
             b.iter_custom(|iters| {
-                let (ms, _) = time_case(&g, &stream, &mut bf, &c, iters as usize).expect("launch");
+                let (ms, _) = time_case(&g, &stream, &mut bf, &c, iters as usize, None).expect("launch");
                 Duration::from_secs_f64(ms.iter().sum::<f64>() / 1e3)
             })
         });

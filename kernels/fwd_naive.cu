@@ -79,15 +79,15 @@ __device__ void naive_forward(const FaFwdParams &p) {
 
 }  // namespace
 
-// FA_KERNEL(name, dtype, head_dim bucket, block_m, block_n, threads, dynamic smem, min sm).
+// FA_KERNEL(name, dtype, head_dim bucket, block_m, block_n, threads, dynamic smem, min sm, grid).
 // build.rs reads these lines to make the Rust dispatch table: one source of truth.
-#define FA_KERNEL(name, dtype, head_dim, block_m, block_n, threads, smem, min_sm)           \
+#define FA_KERNEL(name, dtype, head_dim, block_m, block_n, threads, smem, min_sm, grid)           \
     static_assert(block_m == 1 && block_n == kThreads && threads == kThreads && smem == 0 &&  \
-                      head_dim == kMaxHeadDim,                                               \
+                      head_dim == kMaxHeadDim && grid == FA_GRID_TILES,                      \
                   "table row disagrees with the naive kernel");                             \
     extern "C" __global__ void __launch_bounds__(threads) name(const __grid_constant__ FaFwdParams p) { \
         naive_forward<FA_DTYPE(dtype)>(p);                                                   \
     }
 
-FA_KERNEL(fa_fwd_naive_f16, f16, 256, 1, 128, 128, 0, 80)
-FA_KERNEL(fa_fwd_naive_bf16, bf16, 256, 1, 128, 128, 0, 80)
+FA_KERNEL(fa_fwd_naive_f16, f16, 256, 1, 128, 128, 0, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_naive_bf16, bf16, 256, 1, 128, 128, 0, 80, FA_GRID_TILES)

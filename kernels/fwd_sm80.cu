@@ -52,9 +52,13 @@ template <> struct Sm80Shape<192> : Sm80ShapeOf<128,    64,    8,    4,   1,    
 template <> struct Sm80Shape<224> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};
 template <> struct Sm80Shape<256> : Sm80ShapeOf<128,    32,    8,    4,   1,         true> {};
 
-template <int HD>
-struct Sm80Config : Sm80Shape<HD> {
-    using S = Sm80Shape<HD>;
+// FlashAttention-2's own hd128 layout, kept as the variant `__fa2` to measure
+// against the default: 4 warps of 32 rows, Q re-read from shared each tile.
+struct Sm80ShapeFa2Hd128 : Sm80ShapeOf<128, 64, 4, 2, 1, false> {};
+
+template <int HD, typename Shape = Sm80Shape<HD>>
+struct Sm80Config : Shape {
+    using S = Shape;
     static constexpr int kThreads = S::kWarps * 32;
     static constexpr int kMTiles = S::kBlockM / (16 * S::kWarps);  // 16-row blocks per warp
     static constexpr int kChunks = HD / 8;                         // 16-byte chunks per row
@@ -67,9 +71,9 @@ struct Sm80Config : Sm80Shape<HD> {
     static_assert(kSmemBytes <= 163 * 1024, "sm80 shared memory per CTA");
 };
 
-template <typename T, int HD>
+template <typename T, int HD, typename Shape = Sm80Shape<HD>>
 __device__ __forceinline__ void sm80_forward(const FaFwdParams &p) {
-    using Cfg = Sm80Config<HD>;
+    using Cfg = Sm80Config<HD, Shape>;
     constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, MT = Cfg::kMTiles;
     constexpr int BUFS = Cfg::kBufs, THREADS = Cfg::kThreads, CHUNKS = Cfg::kChunks;
     constexpr int KS = HD / 16;  // k16 steps of S = Q K^T
@@ -323,33 +327,41 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &p) {
 
 }  // namespace
 
-// FA_KERNEL(name, dtype, head_dim bucket, block_m, block_n, threads, dynamic smem, min sm).
+// FA_KERNEL(name, dtype, head_dim bucket, block_m, block_n, threads, dynamic smem, min sm, grid).
 // build.rs reads these lines to make the Rust dispatch table; the static_assert
-// makes the compiler check each row against Sm80Config.
-#define FA_KERNEL(name, dtype, head_dim, block_m, block_n, threads, smem, min_sm)             \
-    static_assert(block_m == Sm80Config<head_dim>::kBlockM &&                                  \
-                      block_n == Sm80Config<head_dim>::kBlockN &&                              \
-                      threads == Sm80Config<head_dim>::kThreads &&                             \
-                      smem == Sm80Config<head_dim>::kSmemBytes && min_sm == 80,                \
-                  "table row disagrees with Sm80Config<" #head_dim ">");                      \
-    extern "C" __global__ void __launch_bounds__(threads, Sm80Config<head_dim>::kMinBlocks)    \
-        name(const __grid_constant__ FaFwdParams p) {                                          \
-        sm80_forward<FA_DTYPE(dtype), head_dim>(p);                                            \
+// makes the compiler check each row against its Sm80Config. FA_SHAPE picks the
+// tile shape of the rows that follow: the bucket's default, or a variant's.
+#define FA_SHAPE(head_dim) Sm80Shape<head_dim>
+#define FA_CFG(head_dim) Sm80Config<head_dim, FA_SHAPE(head_dim)>
+#define FA_KERNEL(name, dtype, head_dim, block_m, block_n, threads, smem, min_sm, grid)             \
+    static_assert(block_m == FA_CFG(head_dim)::kBlockM && block_n == FA_CFG(head_dim)::kBlockN &&   \
+                      threads == FA_CFG(head_dim)::kThreads && smem == FA_CFG(head_dim)::kSmemBytes && \
+                      min_sm == 80 && grid == FA_GRID_TILES,                                        \
+                  "table row disagrees with the Sm80Config of " #name);                            \
+    extern "C" __global__ void __launch_bounds__(threads, FA_CFG(head_dim)::kMinBlocks)            \
+        name(const __grid_constant__ FaFwdParams p) {                                              \
+        sm80_forward<FA_DTYPE(dtype), head_dim, FA_SHAPE(head_dim)>(p);                            \
     }
 
-FA_KERNEL(fa_fwd_sm80_f16_hd32, f16, 32, 128, 128, 128, 24576, 80)
-FA_KERNEL(fa_fwd_sm80_f16_hd64, f16, 64, 128, 64, 128, 49152, 80)
-FA_KERNEL(fa_fwd_sm80_f16_hd96, f16, 96, 128, 64, 256, 73728, 80)
-FA_KERNEL(fa_fwd_sm80_f16_hd128, f16, 128, 128, 64, 256, 98304, 80)
-FA_KERNEL(fa_fwd_sm80_f16_hd160, f16, 160, 128, 64, 256, 122880, 80)
-FA_KERNEL(fa_fwd_sm80_f16_hd192, f16, 192, 128, 64, 256, 147456, 80)
-FA_KERNEL(fa_fwd_sm80_f16_hd224, f16, 224, 128, 64, 256, 114688, 80)
-FA_KERNEL(fa_fwd_sm80_f16_hd256, f16, 256, 128, 32, 256, 131072, 80)
-FA_KERNEL(fa_fwd_sm80_bf16_hd32, bf16, 32, 128, 128, 128, 24576, 80)
-FA_KERNEL(fa_fwd_sm80_bf16_hd64, bf16, 64, 128, 64, 128, 49152, 80)
-FA_KERNEL(fa_fwd_sm80_bf16_hd96, bf16, 96, 128, 64, 256, 73728, 80)
-FA_KERNEL(fa_fwd_sm80_bf16_hd128, bf16, 128, 128, 64, 256, 98304, 80)
-FA_KERNEL(fa_fwd_sm80_bf16_hd160, bf16, 160, 128, 64, 256, 122880, 80)
-FA_KERNEL(fa_fwd_sm80_bf16_hd192, bf16, 192, 128, 64, 256, 147456, 80)
-FA_KERNEL(fa_fwd_sm80_bf16_hd224, bf16, 224, 128, 64, 256, 114688, 80)
-FA_KERNEL(fa_fwd_sm80_bf16_hd256, bf16, 256, 128, 32, 256, 131072, 80)
+FA_KERNEL(fa_fwd_sm80_f16_hd32, f16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd64, f16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd96, f16, 96, 128, 64, 256, 73728, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd128, f16, 128, 128, 64, 256, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd160, f16, 160, 128, 64, 256, 122880, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd192, f16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd224, f16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd256, f16, 256, 128, 32, 256, 131072, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd32, bf16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd64, bf16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd96, bf16, 96, 128, 64, 256, 73728, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd128, bf16, 128, 128, 64, 256, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd160, bf16, 160, 128, 64, 256, 122880, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd192, bf16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd224, bf16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd256, bf16, 256, 128, 32, 256, 131072, 80, FA_GRID_TILES)
+
+// Variants: never dispatched automatically; benchmarks and GPU tests force them by name.
+#undef FA_SHAPE
+#define FA_SHAPE(head_dim) Sm80ShapeFa2Hd128
+FA_KERNEL(fa_fwd_sm80_f16_hd128__fa2, f16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd128__fa2, bf16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)

@@ -424,24 +424,25 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
 
 }  // namespace
 
-// FA_KERNEL(name, dtype, head_dim bucket, block_m, block_n, threads, dynamic smem, min sm).
+// FA_KERNEL(name, dtype, head_dim bucket, block_m, block_n, threads, dynamic smem, min sm, grid).
 // build.rs reads these lines to make the Rust dispatch table; the static_assert
 // makes the compiler check each row against Sm90Config. Launch: grid
 // (ceil(seqlen_q / block_m), heads_q, batch), block (threads), smem as listed.
-#define FA_KERNEL(name, dtype, head_dim, block_m, block_n, threads, smem, min_sm)              \
+#define FA_KERNEL(name, dtype, head_dim, block_m, block_n, threads, smem, min_sm, grid)              \
     static_assert(block_m == Sm90Config<head_dim>::kBlockM &&                                  \
                       block_n == Sm90Config<head_dim>::kBlockN &&                              \
                       threads == Sm90Config<head_dim>::kThreads &&                             \
-                      smem == Sm90Config<head_dim>::kSmemBytes && min_sm == 90,                \
+                      smem == Sm90Config<head_dim>::kSmemBytes && min_sm == 90 &&              \
+                      grid == FA_GRID_TILES,                                                   \
                   "table row disagrees with Sm90Config<" #head_dim ">");                      \
     extern "C" __global__ void __launch_bounds__(threads, 1)                                   \
         name(const __grid_constant__ FaFwdSm90Params P) {                                      \
         sm90_forward<FA_DTYPE(dtype), head_dim>(P);                                            \
     }
 
-FA_KERNEL(fa_fwd_sm90_f16_hd64, f16, 64, 128, 128, 384, 148616, 90)
-FA_KERNEL(fa_fwd_sm90_f16_hd128, f16, 128, 128, 128, 384, 164936, 90)
-FA_KERNEL(fa_fwd_sm90_f16_hd256, f16, 256, 128, 80, 384, 230472, 90)
-FA_KERNEL(fa_fwd_sm90_bf16_hd64, bf16, 64, 128, 128, 384, 148616, 90)
-FA_KERNEL(fa_fwd_sm90_bf16_hd128, bf16, 128, 128, 128, 384, 164936, 90)
-FA_KERNEL(fa_fwd_sm90_bf16_hd256, bf16, 256, 128, 80, 384, 230472, 90)
+FA_KERNEL(fa_fwd_sm90_f16_hd64, f16, 64, 128, 128, 384, 148616, 90, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm90_f16_hd128, f16, 128, 128, 128, 384, 164936, 90, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm90_f16_hd256, f16, 256, 128, 80, 384, 230472, 90, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm90_bf16_hd64, bf16, 64, 128, 128, 384, 148616, 90, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm90_bf16_hd128, bf16, 128, 128, 128, 384, 164936, 90, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm90_bf16_hd256, bf16, 256, 128, 80, 384, 230472, 90, FA_GRID_TILES)

@@ -6,6 +6,12 @@
 
 #include <stdint.h>
 
+/* Launch shapes a kernel's table row can declare (its last FA_KERNEL field):
+ * TILES: grid = (ceil(seqlen_q / block_m), heads_q, batch), one CTA per tile.
+ * PERSISTENT: grid = (min(#SMs, #tiles), 1, 1); each CTA walks the tiles. */
+#define FA_GRID_TILES 0
+#define FA_GRID_PERSISTENT 1
+
 /* All strides are in elements; the last (head-dim) dimension is contiguous.
  * Logical shapes: Q [B, Lq, Hq, D], K [B, Lk, Hk, D], V [B, Lk, Hk, D],
  * O [B, Lq, Hq, D], LSE [B, Hq, Lq] f32 contiguous. */

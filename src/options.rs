@@ -100,6 +100,9 @@ pub struct AttentionOptions {
     pub softcap: Option<f32>,
     /// `None` lets the dispatcher choose; `Some(f)` forces a family (tests, benchmarks).
     pub kernel: Option<KernelFamily>,
+    /// Forces one kernel by its table name, variants (`name__tag`) included:
+    /// for benchmarks and ablations. Overrides `kernel`.
+    pub kernel_name: Option<&'static str>,
 }
 
 impl AttentionOptions {
@@ -120,6 +123,11 @@ impl AttentionOptions {
     /// Forces a kernel family.
     pub fn with_kernel(mut self, family: KernelFamily) -> Self {
         self.kernel = Some(family);
+        self
+    }
+    /// Forces one kernel by name (see [`crate::sys::KERNEL_TABLE`]).
+    pub fn with_kernel_name(mut self, name: &'static str) -> Self {
+        self.kernel_name = Some(name);
         self
     }
 }

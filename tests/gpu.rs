@@ -64,9 +64,19 @@ impl Case {
 }
 
 fn check_case(c: Case, name: String) -> Result<(), Failed> {
+    check_case_named(c, name, None)
+}
+
+fn check_case_named(c: Case, name: String, kernel_name: Option<&'static str>) -> Result<(), Failed> {
     let g = gpu()?;
     let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
-    let opts = AttentionOptions { mask: c.mask, softcap: c.softcap, scale: None, kernel: Some(c.family) };
+    let opts = AttentionOptions {
+        mask: c.mask,
+        softcap: c.softcap,
+        kernel: Some(c.family),
+        kernel_name,
+        ..Default::default()
+    };
     let checked = match c.dtype {
         DType::F16 => {
             run_and_check(g, &stream, &make_inputs::<f16>(c.seed, c.shape, c.storage), c.shape, c.storage, &opts)
@@ -75,7 +85,7 @@ fn check_case(c: Case, name: String) -> Result<(), Failed> {
             run_and_check(g, &stream, &make_inputs::<bf16>(c.seed, c.shape, c.storage), c.shape, c.storage, &opts)
         }
     }?;
-    if checked.kernel.family != c.family {
+    if checked.kernel.family != c.family || kernel_name.is_some_and(|k| k != checked.kernel.name) {
         return Err(format!("asked for {:?}, ran {}", c.family, checked.kernel.name).into());
     }
     RESULTS.lock().unwrap().push((name, c.family, c.dtype, checked.o_err, checked.lse_err));
@@ -385,6 +395,19 @@ fn main() {
     add_sweep(&mut trials, "sweep", sweep(KernelFamily::Sm80, 1, false));
     add_sweep(&mut trials, "sweep", sweep(KernelFamily::Naive, 2, true));
     add_sweep(&mut trials, "sweep", sweep(KernelFamily::Sm90, 3, false));
+    // Every variant kernel (alternative tiles or schedules kept for
+    // measurement), forced by name over a light sweep of its bucket.
+    for row in fused_attn::sys::KERNEL_TABLE.iter().filter(|r| r.is_variant()) {
+        let family = KernelFamily::from_image_stem(row.image).expect("known family");
+        for c in
+            sweep(family, 4, true).into_iter().filter(|c| c.dtype == row.dtype && c.shape.d <= row.head_dim as usize)
+        {
+            let name = format!("{}/{}", c.name("variant"), row.name);
+            let n2 = name.clone();
+            let kernel_name = row.name;
+            trials.push(Trial::test(name, move || check_case_named(c, n2, Some(kernel_name))));
+        }
+    }
     // A small subset for compute-sanitizer (memcheck, racecheck): both kernels, masks, GQA, odd sizes.
     let sanitize: Vec<Case> = [KernelFamily::Naive, KernelFamily::Sm80, KernelFamily::Sm90]
         .into_iter()

@@ -11,8 +11,8 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{CudaContextExt, Error, Result};
-use crate::options::{check_alignment, KernelFamily, Problem, TensorDesc};
-use crate::sys::{self, FaFwdParams, FaFwdSm90Params, FaTensorMap, KernelRow};
+use crate::options::{check_alignment, AttentionOptions, KernelFamily, Problem, TensorDesc};
+use crate::sys::{self, FaFwdParams, FaFwdSm90Params, FaTensorMap, GridKind, KernelRow};
 use crate::tensor::{DType, DeviceTensor, DeviceTensorMut, Element, Layout};
 
 /// Opens (retains) the primary context of GPU `ordinal`.
@@ -65,6 +65,8 @@ pub struct KernelInfo {
 /// Kernels of one context: loaded once, shared by every handle on it.
 struct LoadedKernels {
     kernels: Vec<(KernelRow, CudaFunction)>,
+    /// Streaming multiprocessors: the grid of persistent kernels.
+    sm_count: u32,
     /// Images or kernels that could not be used on this device, and why.
     skipped: Vec<String>,
 }
@@ -154,56 +156,77 @@ impl Attention {
     /// Picks the kernel for a validated problem whose tensors are `descs`
     /// with base addresses `addrs`. Auto order: sm90, sm80, naive; a family
     /// is passed over when it has no kernel for the dtype/head dim on this
-    /// device or when the tensors miss its alignment. A forced family that
-    /// cannot run is an error.
+    /// device or when the tensors miss its alignment; variants are never
+    /// picked. A forced family or kernel name that cannot run is an error.
     pub(crate) fn choose(
         &self,
         p: &Problem,
         descs: &[(TensorDesc, u64)],
         forced: Option<KernelFamily>,
+        forced_name: Option<&'static str>,
     ) -> Result<(usize, KernelInfo)> {
         let families = match forced {
             Some(f) => vec![f],
             None => vec![KernelFamily::Sm90, KernelFamily::Sm80, KernelFamily::Naive],
         };
-        let elem = 2; // f16 and bf16
+        let serves = |r: &KernelRow| r.dtype == p.dtype && r.head_dim as usize >= p.head_dim;
         let mut passed_over = Vec::new();
         for fam in families {
-            let best = self
-                .loaded
-                .kernels
-                .iter()
-                .enumerate()
-                .filter(|(_, (r, _))| {
-                    KernelFamily::from_image_stem(r.image) == Some(fam)
-                        && r.dtype == p.dtype
-                        && r.head_dim as usize >= p.head_dim
-                })
-                .min_by_key(|(_, (r, _))| r.head_dim);
+            let best = match forced_name {
+                Some(name) => self.loaded.kernels.iter().enumerate().find(|(_, (r, _))| r.name == name),
+                None => self
+                    .loaded
+                    .kernels
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (r, _))| {
+                        KernelFamily::from_image_stem(r.image) == Some(fam) && !r.is_variant() && serves(r)
+                    })
+                    .min_by_key(|(_, (r, _))| r.head_dim),
+            };
             let Some((idx, (row, _))) = best else {
-                passed_over
-                    .push(format!("{fam:?}: no kernel for {} head_dim {} on sm_{}", p.dtype, p.head_dim, self.sm));
+                passed_over.push(match forced_name {
+                    Some(name) => format!("kernel {name} is not loaded on sm_{}", self.sm),
+                    None => format!("{fam:?}: no kernel for {} head_dim {} on sm_{}", p.dtype, p.head_dim, self.sm),
+                });
+                if forced_name.is_some() {
+                    break;
+                }
                 continue;
             };
-            let aligned = descs.iter().try_for_each(|(d, addr)| {
-                check_alignment(d, *addr, elem, fam, row.name)?;
+            let fam = KernelFamily::from_image_stem(row.image).unwrap_or(fam);
+            if !serves(row) {
+                return Err(Error::NoKernel {
+                    reason: format!("{} does not serve {} head_dim {}", row.name, p.dtype, p.head_dim),
+                });
+            }
+            let checks = descs.iter().try_for_each(|(d, addr)| {
+                check_alignment(d, *addr, 2, fam, row.name)?;
                 if fam == KernelFamily::Sm90 {
                     tma_compatible(d, row.name)?;
                 }
                 Ok(())
             });
-            if let Err(e) = aligned {
-                if forced.is_some() {
+            if let Err(e) = checks {
+                if forced.is_some() || forced_name.is_some() {
                     return Err(e);
                 }
                 passed_over.push(format!("{fam:?}: {e}"));
                 continue;
             }
+            let m_tiles = p.seqlen_q.div_ceil(row.block_m as usize);
+            let grid = match row.grid {
+                GridKind::Tiles => (m_tiles as u32, p.heads_q as u32, p.batch as u32),
+                GridKind::Persistent => {
+                    let tiles = m_tiles * p.heads_q * p.batch;
+                    (tiles.min(self.loaded.sm_count as usize) as u32, 1, 1)
+                }
+            };
             let info = KernelInfo {
                 name: row.name,
                 family: fam,
                 head_dim_bucket: row.head_dim,
-                grid: (p.seqlen_q.div_ceil(row.block_m as usize) as u32, p.heads_q as u32, p.batch as u32),
+                grid,
                 threads: row.threads,
                 smem_bytes: row.smem_bytes,
                 passed_over,
@@ -231,7 +254,7 @@ impl Attention {
         stream: &CudaStream,
         p: &Problem,
         descs: [TensorDesc; 4],
-        forced: Option<KernelFamily>,
+        opts: &AttentionOptions,
         q: &DeviceTensor<'_, T>,
         k: &DeviceTensor<'_, T>,
         v: &DeviceTensor<'_, T>,
@@ -252,7 +275,7 @@ impl Attention {
         };
         let addrs = [q_ptr, k_ptr, v_ptr, o_ptr];
         let with_addrs: Vec<(TensorDesc, u64)> = descs.into_iter().zip(addrs).collect();
-        let (idx, info) = self.choose(p, &with_addrs, forced)?;
+        let (idx, info) = self.choose(p, &with_addrs, opts.kernel, opts.kernel_name)?;
         if dry_run || p.seqlen_q == 0 {
             return Ok(info); // nothing to write; a zero-sized grid is a launch error
         }
@@ -439,7 +462,10 @@ fn load_kernels(ctx: &Arc<CudaContext>, sm: u32) -> Result<LoadedKernels> {
             kernels.push((*row, func));
         }
     }
-    Ok(LoadedKernels { kernels, skipped })
+    let sm_count = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .during("reading the SM count")? as u32;
+    Ok(LoadedKernels { kernels, sm_count, skipped })
 }
 
 /// Allocates an output buffer that the kernel will fully overwrite.

@@ -75,7 +75,7 @@ impl Attention {
     ) -> Result<KernelInfo> {
         let lse_len = lse.as_ref().map(|l| l.len());
         let (p, descs) = self.check_problem(stream, q, k, v, Some(o), lse_len, opts)?;
-        self.run(stream, &p, descs, opts.kernel, q, k, v, o, lse, false)
+        self.run(stream, &p, descs, opts, q, k, v, o, lse, false)
     }
 
     /// Says which kernel [`forward_into`](Self::forward_into) would run on
@@ -90,7 +90,7 @@ impl Attention {
         opts: &AttentionOptions,
     ) -> Result<KernelInfo> {
         let (p, descs) = self.check_problem(stream, q, k, v, Some(o), None, opts)?;
-        self.run(stream, &p, descs, opts.kernel, q, k, v, o, None, true)
+        self.run(stream, &p, descs, opts, q, k, v, o, None, true)
     }
 
     /// [`forward_into`](Self::forward_into) for callers that hold tensors of

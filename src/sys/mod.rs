@@ -57,6 +57,25 @@ pub struct KernelRow {
     pub smem_bytes: u32,
     /// Lowest compute capability (major·10 + minor) it runs on.
     pub min_sm: u32,
+    /// How it is launched.
+    pub grid: GridKind,
+}
+
+impl KernelRow {
+    /// Variants (`name__tag`) are alternative tile shapes or schedules kept
+    /// for measurement: the dispatcher never picks one on its own.
+    pub fn is_variant(&self) -> bool {
+        self.name.contains("__")
+    }
+}
+
+/// A kernel's launch shape (`FA_GRID_*` in params.h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GridKind {
+    /// `(ceil(Lq / block_m), Hq, B)`: one CTA per tile of query rows.
+    Tiles,
+    /// `(min(#SMs, #tiles), 1, 1)`: each CTA loops over tiles.
+    Persistent,
 }
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));

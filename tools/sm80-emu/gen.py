@@ -27,6 +27,9 @@ def copy(s):
     return s
 sub('common/copy.cuh', copy)
 sub('fwd_sm80.cu', lambda s: s.replace('extern __shared__ __align__(128) unsigned char smem[];', 'unsigned char *smem = emu_smem;'))
+# The emulator's kernel list is the kernel file's own table (variants included).
+table = [l for l in open(os.path.join(src, 'fwd_sm80.cu')).read().split('\n') if l.startswith('FA_KERNEL(')]
+open(os.path.join(dst, 'sm80_table.inc'), 'w').write('\n'.join(table) + '\n')
 for root, _, files in os.walk(dst):
     for f in files:
         t = open(os.path.join(root, f)).read()
