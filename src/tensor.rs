@@ -50,6 +50,8 @@ pub trait Element:
     const DTYPE: DType;
     /// Rounds an `f32` to this type (round to nearest even).
     fn from_f32(x: f32) -> Self;
+    /// The raw 16-bit pattern (for bitwise comparisons of results).
+    fn to_bits(self) -> u16;
 }
 
 impl Element for half::f16 {
@@ -57,12 +59,18 @@ impl Element for half::f16 {
     fn from_f32(x: f32) -> Self {
         half::f16::from_f32(x)
     }
+    fn to_bits(self) -> u16 {
+        half::f16::to_bits(self)
+    }
 }
 
 impl Element for half::bf16 {
     const DTYPE: DType = DType::BF16;
     fn from_f32(x: f32) -> Self {
         half::bf16::from_f32(x)
+    }
+    fn to_bits(self) -> u16 {
+        half::bf16::to_bits(self)
     }
 }
 

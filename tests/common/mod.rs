@@ -160,27 +160,13 @@ pub fn run_and_check<T: Element>(
                 for x in 0..s.d {
                     let val = o_host[ol.offset(b, i, h, x)];
                     got.push(val.into());
-                    bits.push(to_bits(val));
+                    bits.push(val.to_bits());
                 }
             }
         }
     }
     let lse_got: Vec<f64> = lse_host.iter().map(|&x| x as f64).collect();
     Ok(Checked { kernel, o_err: rel_l2_error(&got, &r.o), lse_err: rel_l2_error(&lse_got, &r.lse), o_bits: bits })
-}
-
-fn to_bits<T: Element>(x: T) -> u16 {
-    // Both element types are 16-bit; compare bit patterns through f64 is lossy
-    // for NaN payloads, so go through the raw representation.
-    let f: f64 = x.into();
-    if f.is_nan() {
-        0xFFFF
-    } else {
-        match T::DTYPE {
-            DType::F16 => half::f16::from_f64(f).to_bits(),
-            DType::BF16 => half::bf16::from_f64(f).to_bits(),
-        }
-    }
 }
 
 /// DESIGN.md section 4's tolerance on relative L2 error.

@@ -1,0 +1,1611 @@
+// Host emulator of the sm_90a features kernels/fwd_sm90.cu uses, run over the
+// real kernel source (gen.py translates its inline PTX into the emu_* calls
+// of shim.h). Driven by tests/emulated_sm90.rs.
+//
+// What is modelled, from the PTX ISA rather than from the kernel's own index
+// arithmetic:
+//  * every CUDA thread is a fiber; warp collectives (shuffles, votes,
+//    bar.sync/bar.arrive) and warpgroup collectives (wgmma.*, setmaxnreg)
+//    are rendezvous points; warps run in random order;
+//  * wgmma.mma_async m64nNk16 (f16/bf16 -> f32): A from registers (ISA
+//    register-fragment layout) or from a shared-memory descriptor, B from a
+//    descriptor, K-major or MN-major, addresses from the ISA's canonical
+//    layouts ((8,m),(T,2k)) / ((T,8,m),(8,k)) and the Swizzle<3,4,3> of the
+//    absolute shared address; commit/wait groups; results either at issue or
+//    only at the retiring wait_group, with the accumulators poisoned and the
+//    operands re-read and compared in between;
+//  * cp.async.bulk.tensor (tile mode) through our own encoding of the tensor
+//    map (the launcher mirrors src/device/mod.rs::encode_tensor_map), 128B
+//    swizzle, zero fill out of bounds, complete_tx landing at issue, at a
+//    random later point, or as late as possible;
+//  * mbarrier init/arrive/expect_tx/try_wait.parity with phases, pending
+//    arrivals and tx-count, and their misuse; named barriers with counts;
+//    setmaxnreg with a register pool;
+//  * bounds of every shared, global and tensor-map access; poisoned outputs;
+//    a deadlock report naming where every warp waits.
+#include "shim.h"
+#include "kernels/fwd_sm90.cu"
+
+#include <ucontext.h>
+#include <sys/mman.h>
+#include <signal.h>
+#include <unistd.h>
+#include <cstdarg>
+#include <vector>
+#include <deque>
+#include <map>
+#include <string>
+#include <algorithm>
+#include <random>
+
+#ifndef FA_GRID_TILES
+#define FA_GRID_TILES 0
+#define FA_GRID_PERSISTENT 1
+#endif
+
+// ================================================================== options
+enum { TMA_EAGER, TMA_RANDOM, TMA_LAZY };
+enum { WG_AT_ISSUE, WG_AT_WAIT };
+static struct {
+    int tma = TMA_LAZY;
+    int wgmma = WG_AT_WAIT;
+    bool shuffle = true;
+    bool oob_skip_empty = false;  // alternative reading: a box wholly out of bounds completes 0 bytes
+    int sms = 2;                  // grid of FA_GRID_PERSISTENT kernels
+    int random = 0;               // extra random cases
+    unsigned seed = 1;
+    std::string cases = "all";
+    std::string only;             // run kernels whose name contains this
+    bool verbose = false;
+} opt;
+static std::mt19937 rng(1);
+static unsigned rnd(unsigned n) { return n ? rng() % n : 0; }
+
+// ================================================================== errors
+static long errors_total = 0;
+static int case_errors = 0;
+static char cta_desc[160] = "";
+static int cur = -1;  // running fiber (CUDA thread), -1 in the scheduler
+static bool cta_abort = false;
+
+static void emu_fail(const char *fmt, ...) {
+    errors_total++;
+    if (case_errors++ < 12) {
+        char buf[600];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(buf, sizeof buf, fmt, ap);
+        va_end(ap);
+        if (cur >= 0)
+            fprintf(stdout, "  EMU ERROR [%s, thread %d (warp %d lane %d)]: %s\n", cta_desc, cur, cur / 32, cur % 32, buf);
+        else
+            fprintf(stdout, "  EMU ERROR [%s]: %s\n", cta_desc, buf);
+    }
+}
+#define FAIL(...) emu_fail(__VA_ARGS__)
+
+static struct Stats {
+    long wgmma = 0, wgmma_rs = 0, wgmma_trans_b = 0, tma = 0, tma_partial = 0, tma_empty = 0, phases = 0, ctas = 0;
+} stats;
+
+// ================================================================== fibers and threads
+enum State { RUN, BLK_WARP, BLK_WG, BLK_MBAR, BLK_NBAR, DONE };
+enum Op {
+    OP_NONE,
+    W_SHFL, W_VOTE, W_SYNCWARP, W_BAR, W_ELECT,         // warp collectives
+    G_FENCE, G_COMMIT, G_WAIT, G_MMA, G_SETMAXNREG,     // warpgroup collectives
+};
+static const char *op_name(int op) {
+    static const char *n[] = {"-", "shfl", "vote", "syncwarp", "bar", "elect.sync", "wgmma.fence", "wgmma.commit_group",
+                              "wgmma.wait_group", "wgmma.mma_async", "setmaxnreg"};
+    return n[op];
+}
+
+struct Lane {
+    ucontext_t ctx;
+    State st = RUN;
+    int op = OP_NONE;
+    const char *mn = nullptr;
+    // collective arguments and results
+    uint32_t mask = 0, u = 0, res = 0;
+    int mode = 0, arg = 0, width = 32, count = 0;
+    uint32_t id = 0;
+    // wgmma issue (pointers into the issuing frame, valid while blocked)
+    float *const *dptr = nullptr;
+    int nd = 0, na = 0;
+    const uint32_t *avals = nullptr;
+    const uint32_t *const *aptrs = nullptr;
+    bool a_regs = false, scale_d = false;
+    uint64_t da = 0, db = 0;
+    int sa = 1, sb = 1, ta = 0, tb = 0;
+    // mbarrier wait
+    uint32_t wbar = 0;
+    uint64_t wparity = 0;
+    std::vector<std::pair<uint32_t, int64_t>> last_phase;  // barrier -> phase this thread last saw complete
+    uint64_t seen_gen = 0;  // named-barrier completions this thread has waited for
+    // cp.async.bulk store groups
+    std::vector<int> bulk_open;
+    std::deque<std::vector<int>> bulk_groups;
+};
+
+static int nthreads = 0;
+static std::vector<Lane> lanes;
+static std::vector<int> runq;
+static ucontext_t sched_ctx;
+static std::vector<char *> stacks;
+static const size_t kStack = 256 * 1024;
+static std::vector<int> warp_blk, warp_done, wg_blk, wg_done;
+static void (*kernel_fn)(FaFwdSm90Params);
+static FaFwdSm90Params kernel_params;
+
+uint3 blockIdx, gridDim, blockDim;
+uint3 emu_thread_idx() {
+    if (cur < 0) { fprintf(stderr, "threadIdx outside a thread\n"); abort(); }
+    return make_uint3(cur, 0, 0);
+}
+
+static void make_runnable(int id) {
+    lanes[id].st = RUN;
+    runq.push_back(id);
+}
+// The running thread stops here until the scheduler resumes it.
+static void block_as(State s) {
+    Lane &L = lanes[cur];
+    L.st = s;
+    const int me = cur;
+    swapcontext(&L.ctx, &sched_ctx);
+    cur = me;
+}
+// Lets another thread run at an emulated instruction boundary, so that
+// arrivals, copies and waits interleave in many orders.
+static void maybe_yield() {
+    if (!opt.shuffle || cur < 0 || rnd(3)) return;
+    runq.push_back(cur);
+    block_as(RUN);
+}
+
+void emu_sched_point() { maybe_yield(); }
+
+static void lane_main() {
+    kernel_fn(kernel_params);
+    lanes[cur].st = DONE;
+    swapcontext(&lanes[cur].ctx, &sched_ctx);
+    abort();  // never resumed
+}
+
+// ================================================================== shared memory window
+static unsigned char *win = nullptr;     // the whole shared window
+static uint32_t dyn_off = 0, dyn_size = 0;  // dynamic shared memory within it
+static const uint32_t kGuard = 1024;
+static std::vector<uint16_t> tma_pending;  // per byte: in-flight TMA writes
+static std::vector<uint16_t> wg_readers;   // per byte: in-flight wgmma reads
+
+unsigned char *emu_dynamic_smem() { return win + dyn_off; }
+size_t emu_cvta_to_shared(const void *p) {
+    const unsigned char *c = (const unsigned char *)p;
+    if (c < win || c >= win + dyn_off + dyn_size + kGuard) FAIL("cvta.to.shared of a pointer outside shared memory");
+    return (size_t)(c - win);
+}
+static bool in_dyn(uint64_t a, uint64_t n) { return a >= dyn_off && a + n <= (uint64_t)dyn_off + dyn_size; }
+
+// ================================================================== mbarriers
+struct MBar {
+    int idx = 0;
+    uint32_t expected = 0;
+    int64_t pending = 0, tx = 0;
+    int64_t phase = 0;  // completed phases
+    int init_thread = -1;
+    uint64_t init_gen = 0;  // named-barrier completions at init
+    bool fenced = false;    // fence.mbarrier_init by the initialiser since init
+    int inflight = 0;       // TMA copies that will complete_tx on it
+    std::vector<int> waiters;
+};
+static std::map<uint32_t, MBar> mbars;
+static uint64_t bar_gen = 0;  // completed named barriers (bar.sync/__syncthreads), any id
+
+static void mbar_sign(uint32_t a, const MBar &b) {
+    // Our own pattern in the barrier's 8 bytes: a generic store over a live
+    // barrier shows as a changed pattern.
+    uint64_t sig = 0x4d42415200000000ull | (uint64_t)b.idx;
+    memcpy(win + a, &sig, 8);
+}
+static bool mbar_sign_ok(uint32_t a, const MBar &b) {
+    uint64_t sig = 0x4d42415200000000ull | (uint64_t)b.idx, got;
+    memcpy(&got, win + a, 8);
+    return got == sig;
+}
+static bool overlaps_mbar(uint32_t a, uint32_t n) {
+    auto it = mbars.lower_bound(a >= 7 ? a - 7 : 0);
+    return it != mbars.end() && it->first < a + n;
+}
+static MBar *get_mbar(uint32_t a, const char *what) {
+    auto it = mbars.find(a);
+    if (it == mbars.end()) {
+        FAIL("%s on shared address 0x%x, which holds no initialised mbarrier", what, a);
+        return nullptr;
+    }
+    MBar &b = it->second;
+    if (!mbar_sign_ok(a, b)) FAIL("mbarrier #%d at 0x%x was overwritten by an ordinary store", b.idx, a);
+    // The init must reach other threads through a barrier they passed
+    // after it (fence.mbarrier_init + bar.sync in the ISA's pattern).
+    if (cur >= 0 && cur != b.init_thread && lanes[cur].seen_gen <= b.init_gen)
+        FAIL("%s on mbarrier #%d before a barrier made its init visible to this thread", what, b.idx);
+    return &b;
+}
+static void mbar_maybe_complete(MBar &b) {
+    if (b.pending == 0 && b.tx == 0) {
+        b.phase++;
+        b.pending = b.expected;
+        stats.phases++;
+        for (int w : b.waiters) make_runnable(w);
+        b.waiters.clear();
+    }
+}
+static void mbar_check_tx_range(MBar &b) {
+    if (b.tx > (1 << 20) - 1 || b.tx < -((1 << 20) - 1))
+        FAIL("mbarrier #%d tx-count %lld outside the ISA range +-(2^20-1)", b.idx, (long long)b.tx);
+}
+
+void emu_mbarrier_init(const char *mn, uint32_t a, uint32_t count) {
+    if (a % 8 || !in_dyn(a, 8)) { FAIL("mbarrier.init at 0x%x: not 8-byte aligned inside dynamic shared memory", a); return; }
+    if (count < 1 || count > (1u << 20) - 1) FAIL("mbarrier.init count %u outside [1, 2^20-1]", count);
+    auto it = mbars.find(a);
+    if (it != mbars.end() && (it->second.inflight || !it->second.waiters.empty()))
+        FAIL("mbarrier.init over mbarrier #%d while it has waiters or copies in flight", it->second.idx);
+    if (tma_pending[a] || wg_readers[a]) FAIL("mbarrier.init over bytes an async operation is using");
+    MBar b;
+    b.idx = it != mbars.end() ? it->second.idx : (int)mbars.size();
+    b.expected = count;
+    b.pending = count;
+    b.init_thread = cur;
+    b.init_gen = bar_gen;
+    mbars[a] = b;
+    mbar_sign(a, mbars[a]);
+    (void)mn;
+    maybe_yield();
+}
+
+uint64_t emu_mbarrier_arrive(const char *mn, uint32_t a, uint32_t count, uint32_t tx) {
+    if (strstr(mn, "shared::cluster")) FAIL("%s: cluster-scope barriers are not emulated", mn);
+    MBar *b = get_mbar(a, "mbarrier.arrive");
+    if (!b) return 0;
+    const uint64_t token = (uint64_t)b->phase;
+    // arrive.expect_tx: the expect-tx happens before the arrive-on.
+    if (tx) {
+        b->tx += tx;
+        mbar_check_tx_range(*b);
+    }
+    if (b->pending < (int64_t)count) {
+        FAIL("mbarrier #%d: arrival beyond the expected count in phase %lld (pending %lld, arriving %u)", b->idx,
+             (long long)b->phase, (long long)b->pending, count);
+        b->pending = 0;
+    } else {
+        b->pending -= count;
+    }
+    mbar_maybe_complete(*b);
+    maybe_yield();
+    return token;
+}
+
+void emu_mbarrier_tx(const char *mn, uint32_t a, uint32_t tx) {
+    MBar *b = get_mbar(a, mn);
+    if (!b) return;
+    if (strstr(mn, "expect_tx")) b->tx += tx;
+    else {
+        b->tx -= tx;
+        if (b->tx < 0 && b->pending == 0) FAIL("mbarrier #%d: complete_tx beyond the bytes expected", b->idx);
+    }
+    mbar_check_tx_range(*b);
+    mbar_maybe_complete(*b);
+}
+
+// try_wait.parity is only defined for the current (incomplete) phase and the
+// one just before it (ISA, mbarrier.test_wait/try_wait). Each thread's
+// intended phase follows from the last one it saw complete on this barrier:
+// the same parity again is a re-poll of that phase, the other parity the next
+// one. A wait whose intended phase is two or more behind the barrier, or
+// ahead of the current one, is reported: the hardware's parity answer aliases.
+static int64_t *thread_last_phase(uint32_t a) {
+    for (auto &e : lanes[cur].last_phase)
+        if (e.first == a) return &e.second;
+    return nullptr;
+}
+static bool parity_check(MBar &b, uint32_t a, uint32_t parity, const char *mn) {
+    const bool done = (uint32_t)(b.phase & 1) != parity;
+    int64_t *last = thread_last_phase(a);
+    int64_t want;
+    if (!last) want = done ? b.phase - 1 : b.phase;  // first wait: what the hardware reads it as
+    else want = ((*last & 1) == (int64_t)parity) ? *last : *last + 1;
+    if (b.phase - want >= 2)
+        FAIL("%s on mbarrier #%d: waits for phase %lld (parity %u) but the barrier already completed phase %lld: "
+             "two phases behind, the parity test aliases",
+             mn, b.idx, (long long)want, parity, (long long)b.phase - 1);
+    if (want > b.phase)
+        FAIL("%s on mbarrier #%d: waits for phase %lld, ahead of the current phase %lld (wrong parity?)", mn, b.idx,
+             (long long)want, (long long)b.phase);
+    return done;
+}
+static void record_phase(uint32_t a, int64_t ph) {
+    if (int64_t *p = thread_last_phase(a)) *p = ph;
+    else lanes[cur].last_phase.push_back({a, ph});
+}
+
+bool emu_mbarrier_wait(const char *mn, uint32_t a, uint64_t x) {
+    MBar *b = get_mbar(a, mn);
+    if (!b) return true;
+    const bool parity = strstr(mn, ".parity") != nullptr;
+    const bool blocking = strstr(mn, "try_wait") != nullptr;
+    if (parity && x > 1) FAIL("%s: phaseParity %llu is not 0 or 1", mn, (unsigned long long)x);
+    auto complete = [&]() {
+        if (parity) return parity_check(*b, a, (uint32_t)x, mn);
+        return b->phase > (int64_t)x;  // state token = phase at arrival
+    };
+    bool done = complete();
+    if (!done && blocking) {
+        lanes[cur].wbar = a;
+        lanes[cur].wparity = x;
+        b->waiters.push_back(cur);
+        block_as(BLK_MBAR);
+        b = &mbars[a];
+        done = complete();
+    }
+    if (done) {
+        if (parity) record_phase(a, ((b->phase & 1) != (int64_t)x) ? b->phase - 1 : b->phase - 2);
+        maybe_yield();
+    }
+    return done;
+}
+
+static void mbars_by_thread_fenced(int t) {
+    for (auto &e : mbars)
+        if (e.second.init_thread == t) e.second.fenced = true;
+}
+
+void emu_fence(const char *mn) {
+    // Fences order memory; every emulated access is already ordered, so only
+    // the bookkeeping that other checks rely on happens here.
+    if (strstr(mn, "mbarrier_init")) mbars_by_thread_fenced(cur);
+    maybe_yield();
+}
+
+// ================================================================== warp collectives
+static void warp_collective(int op) {
+    lanes[cur].op = op;
+    block_as(BLK_WARP);
+}
+
+uint32_t emu_shfl(int mode, unsigned mask, uint32_t v, int arg, int width) {
+    if (mask != 0xffffffffu) FAIL("shuffle with partial mask 0x%x is not emulated", mask);
+    if (width != 32) FAIL("shuffle width %d is not emulated", width);
+    Lane &L = lanes[cur];
+    L.mode = mode; L.mask = mask; L.u = v; L.arg = arg;
+    warp_collective(W_SHFL);
+    return lanes[cur].res;
+}
+uint32_t emu_vote(int mode, unsigned mask, int pred) {
+    if (mask != 0xffffffffu) FAIL("vote with partial mask 0x%x is not emulated", mask);
+    Lane &L = lanes[cur];
+    L.mode = mode; L.mask = mask; L.u = pred != 0;
+    warp_collective(W_VOTE);
+    return lanes[cur].res;
+}
+void __syncwarp(unsigned mask) {
+    if (mask != 0xffffffffu) FAIL("__syncwarp with partial mask is not emulated");
+    warp_collective(W_SYNCWARP);
+}
+bool emu_elect_sync(const char *mn, uint32_t mask, uint32_t *laneid) {
+    if (mask != 0xffffffffu) FAIL("%s with partial mask is not emulated", mn);
+    lanes[cur].mask = mask;
+    warp_collective(W_ELECT);
+    *laneid = 0;
+    return cur % 32 == 0;
+}
+
+// Named barriers: bar.sync/bar.arrive execute per warp (the ISA counts a
+// warp's arrival as 32 threads); the barrier completes when `count` threads
+// have arrived, releasing the warps that wait on it.
+struct NBar { int count = 0, arrived = 0; };
+static NBar nbars[16];
+
+void emu_bar(const char *mn, uint32_t id, int count) {
+    Lane &L = lanes[cur];
+    L.id = id;
+    L.count = count;
+    L.mode = strstr(mn, ".arrive") ? 0 : 1;  // 1: sync
+    L.mn = mn;
+    warp_collective(W_BAR);
+}
+void __syncthreads() { emu_bar("bar.sync", 0, -1); }
+
+static void exec_warp(int w) {
+    Lane *W = &lanes[w * 32];
+    const int op = W[0].op;
+    for (int l = 1; l < 32; ++l)
+        if (W[l].op != op || W[l].mode != W[0].mode) {
+            FAIL("warp %d diverged at a warp collective: lane 0 at %s, lane %d at %s", w, op_name(op), l, op_name(W[l].op));
+            break;
+        }
+    for (int l = 0; l < 32; ++l) W[l].op = OP_NONE;
+    switch (op) {
+    case W_SHFL:
+        for (int l = 0; l < 32; ++l) {
+            int src = l;
+            switch (W[l].mode) {
+            case EMU_SHFL_XOR: src = l ^ W[l].arg; break;
+            case EMU_SHFL_IDX: src = W[l].arg & 31; break;
+            case EMU_SHFL_DOWN: src = l + W[l].arg; break;
+            case EMU_SHFL_UP: src = l - W[l].arg; break;
+            }
+            W[l].res = (src < 0 || src > 31) ? W[l].u : W[src].u;
+        }
+        break;
+    case W_VOTE: {
+        uint32_t ballot = 0;
+        for (int l = 0; l < 32; ++l) ballot |= (W[l].u & 1) << l;
+        for (int l = 0; l < 32; ++l)
+            W[l].res = W[l].mode == EMU_VOTE_ALL ? ballot == 0xffffffffu : W[l].mode == EMU_VOTE_ANY ? ballot != 0 : ballot;
+        break;
+    }
+    case W_BAR: {
+        const uint32_t id = W[0].id;
+        int count = W[0].count < 0 ? nthreads : W[0].count;
+        for (int l = 1; l < 32; ++l)
+            if (W[l].id != id || W[l].count != W[0].count) { FAIL("warp %d: lanes disagree on bar id/count", w); break; }
+        if (id > 15) { FAIL("%s: barrier id %u > 15", W[0].mn, id); break; }
+        if (count <= 0 || count % 32 || count > nthreads) {
+            FAIL("%s %u, %d: the thread count must be a positive multiple of 32, at most the CTA's %d", W[0].mn, id, count, nthreads);
+            count = nthreads;
+        }
+        NBar &B = nbars[id];
+        if (B.arrived && B.count != count)
+            FAIL("named barrier %u: used with %d threads while %d threads of a %d-thread use have arrived", id, count, B.arrived, B.count);
+        B.count = count;
+        B.arrived += 32;
+        const bool sync = W[0].mode == 1;
+        for (int l = 0; l < 32; ++l) {
+            W[l].id = id;
+            if (sync) W[l].st = BLK_NBAR;
+            else make_runnable(w * 32 + l);
+        }
+        if (B.arrived >= B.count) {
+            B.arrived = 0;
+            bar_gen++;
+            for (int t = 0; t < nthreads; ++t)
+                if (lanes[t].st == BLK_NBAR && lanes[t].id == id) {
+                    lanes[t].seen_gen = bar_gen;
+                    make_runnable(t);
+                }
+        }
+        return;
+    }
+    default:
+        break;
+    }
+    for (int l = 0; l < 32; ++l) make_runnable(w * 32 + l);
+}
+
+// ================================================================== warpgroup collectives
+static float h2f(uint16_t bits, bool bf16) {
+    if (bf16) { uint32_t u = (uint32_t)bits << 16; float f; memcpy(&f, &u, 4); return f; }
+    __half h; memcpy(&h, &bits, 2); return __half2float(h);
+}
+
+struct MmaOp {
+    int n = 0;
+    bool bf16 = false, a_regs = false, scale_d = false, chained = false;
+    uint64_t da = 0, db = 0;
+    int sa = 1, sb = 1, ta = 0, tb = 0;
+    std::vector<float *> d;              // 128 x n/2
+    std::vector<uint32_t> a_issue;       // 128 x 4
+    std::vector<const uint32_t *> a_ptr; // 128 x 4
+    std::vector<float> c_issue;          // 128 x n/2
+    std::vector<float> A, B;             // 64x16 and 16xN as read at issue
+    std::vector<uint32_t> reads;         // shared addresses of every operand element
+};
+struct Track {  // registers a wgmma wrote or read
+    std::vector<float *> fp;
+    std::vector<const uint32_t *> up;
+    std::vector<uint32_t> snap;          // bit patterns at the last fence / completion
+    uint64_t write_epoch = 0;            // fence epoch when a wgmma last wrote them
+    bool written = false;
+};
+struct WG {
+    std::vector<MmaOp *> open;
+    std::deque<std::vector<MmaOp *>> groups;
+    uint64_t fence_epoch = 0;
+    std::map<const void *, Track> acc, areg;
+    int regs = 0;
+};
+static std::vector<WG> wgs;
+static int reg_pool = 0;  // registers released by setmaxnreg.dec, not yet claimed
+
+static const uint32_t kPoison = 0x7fdead00u;  // NaN: accumulators while a wgmma owns them
+
+static void wg_collective(int op) {
+    lanes[cur].op = op;
+    block_as(BLK_WG);
+}
+void emu_wgmma_fence(const char *mn) { lanes[cur].mn = mn; wg_collective(G_FENCE); }
+void emu_wgmma_commit(const char *mn) { lanes[cur].mn = mn; wg_collective(G_COMMIT); }
+void emu_wgmma_wait(const char *mn, int n) { lanes[cur].mn = mn; lanes[cur].arg = n; wg_collective(G_WAIT); }
+void emu_setmaxnreg(const char *mn, uint32_t regs) {
+    lanes[cur].mn = mn;
+    lanes[cur].u = regs;
+    lanes[cur].mode = strstr(mn, ".inc") ? 1 : 0;
+    wg_collective(G_SETMAXNREG);
+}
+void emu_wgmma_mma_async(const char *mn, float *const *d, int nd, bool a_regs, const uint32_t *av,
+                         const uint32_t *const *ap, int na, uint64_t da, uint64_t db, bool scale_d, int sa, int sb,
+                         int ta, int tb) {
+    Lane &L = lanes[cur];
+    L.mn = mn; L.dptr = d; L.nd = nd; L.a_regs = a_regs; L.avals = av; L.aptrs = ap; L.na = na;
+    L.da = da; L.db = db; L.scale_d = scale_d; L.sa = sa; L.sb = sb; L.ta = ta; L.tb = tb;
+    wg_collective(G_MMA);
+}
+
+// Shared address of element (mn, k) of a 16-bit operand (mn indexes M or N,
+// k the 16 K elements of one instruction) through a matrix descriptor, per
+// the ISA's canonical layouts (T = 8 elements = 16 bytes):
+//   K-major  swizzle W bytes: ((8,m),(T,2k)) : ((W/16*T, SBO), (1, T))
+//   K-major  no swizzle:      ((8,m),(T,2k)) : ((1T, SBO), (1, LBO))
+//   MN-major swizzle W bytes: ((T,W/16,m),(8,k)) : ((1, T, LBO), (W/16*T, SBO))
+//   MN-major no swizzle:      ((T,1,m),(8,k)) : ((1, T, SBO), (1T, LBO))
+// then the swizzle Swizzle<log2(W/16),4,3> applied to the absolute shared
+// address (bits [4,4+b) ^= bits [7,7+b)), base offset 0.
+static bool desc_addr(uint64_t desc, bool mn_major, int mn, int k, uint32_t &out) {
+    const uint32_t start = (uint32_t)(desc & 0x3fff) << 4;
+    const uint32_t lbo = (uint32_t)((desc >> 16) & 0x3fff) << 4;
+    const uint32_t sbo = (uint32_t)((desc >> 32) & 0x3fff) << 4;
+    const int mode = (int)(desc >> 62);
+    const uint32_t W = mode == 1 ? 128 : mode == 2 ? 64 : mode == 3 ? 32 : 0;  // swizzle bytes
+    uint32_t off;
+    if (!mn_major) {
+        if (W) off = (mn % 8) * W + (mn / 8) * sbo + 2 * k;
+        else off = (mn % 8) * 16 + (mn / 8) * sbo + 2 * (k % 8) + (k / 8) * lbo;
+    } else {
+        if (W) off = 2 * (mn % (W / 2)) + (mn / (W / 2)) * lbo + (k % 8) * W + (k / 8) * sbo;
+        else off = 2 * (mn % 8) + (mn / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo;
+    }
+    uint32_t a = start + off;
+    if (W) {
+        const uint32_t bits = W == 128 ? 7 : W == 64 ? 3 : 1;
+        a ^= ((a >> 7) & bits) << 4;
+    }
+    out = a;
+    return true;
+}
+
+static bool check_desc(uint64_t desc, const char *which) {
+    if ((desc >> 49) & 7) { FAIL("wgmma %s descriptor: non-zero base offset is not emulated", which); return false; }
+    return true;
+}
+
+// Reads the operands of one wgmma from shared memory (and registers) into
+// dense A[64][16], B[16][N].
+static void gather(MmaOp &op, std::vector<float> &A, std::vector<float> &B, std::vector<uint32_t> *reads,
+                   const uint32_t *aregs) {
+    A.assign(64 * 16, 0.f);
+    B.assign(16 * op.n, 0.f);
+    // One report per kind and operand read, not one per element.
+    int64_t outside = -1, undelivered = -1, on_mbar = -1;
+    auto rd = [&](uint32_t a) -> float {
+        if (a % 2 || !in_dyn(a, 2)) {
+            if (outside < 0) outside = a;
+            return NAN;
+        }
+        if ((tma_pending[a] || tma_pending[a + 1]) && undelivered < 0) undelivered = a;
+        if (reads) {
+            if (on_mbar < 0 && overlaps_mbar(a, 2)) on_mbar = a;
+            reads->push_back(a);
+        }
+        uint16_t v;
+        memcpy(&v, win + a, 2);
+        return h2f(v, op.bf16);
+    };
+    if (op.a_regs) {
+        // Register fragment of A (m64nNk16, 16-bit): thread t = 32w + l holds
+        // a[r] = A[16w + l/4 + 8(r%2)][2(l%4) + 8(r/2) + {0,1}], low half first.
+        for (int t = 0; t < 128; ++t) {
+            const int w = t / 32, l = t % 32;
+            for (int r = 0; r < 4; ++r) {
+                const uint32_t v = aregs[t * 4 + r];
+                const int row = 16 * w + l / 4 + 8 * (r % 2), col = 2 * (l % 4) + 8 * (r / 2);
+                A[row * 16 + col] = h2f((uint16_t)(v & 0xffff), op.bf16);
+                A[row * 16 + col + 1] = h2f((uint16_t)(v >> 16), op.bf16);
+            }
+        }
+    } else {
+        for (int m = 0; m < 64; ++m)
+            for (int k = 0; k < 16; ++k) {
+                uint32_t a;
+                desc_addr(op.da, op.ta != 0, m, k, a);
+                A[m * 16 + k] = rd(a);
+            }
+    }
+    for (int n = 0; n < op.n; ++n)
+        for (int k = 0; k < 16; ++k) {
+            uint32_t a;
+            desc_addr(op.db, op.tb != 0, n, k, a);
+            B[k * op.n + n] = rd(a);
+        }
+    if (outside >= 0) FAIL("wgmma operand element at 0x%llx outside dynamic shared memory", (long long)outside);
+    if (undelivered >= 0)
+        FAIL("wgmma reads shared bytes at 0x%llx that an in-flight TMA copy has not delivered (waited on the wrong "
+             "phase?)", (long long)undelivered);
+    if (on_mbar >= 0) FAIL("wgmma operand at 0x%llx overlaps an mbarrier", (long long)on_mbar);
+}
+
+// D[m][n] = sa*A x sb*B + C, written to the threads' registers in the ISA's
+// accumulator layout: d[4i + 2h + e] of thread 32w + l is
+// D[16w + l/4 + 8h][8i + 2(l%4) + e].
+static void compute(MmaOp &op, const std::vector<float> &A, const std::vector<float> &B, const float *C) {
+    const int N = op.n, nd = N / 2;
+    for (int t = 0; t < 128; ++t) {
+        const int w = t / 32, l = t % 32;
+        for (int j = 0; j < nd; ++j) {
+            const int i = j / 4, h = (j / 2) % 2, e = j % 2;
+            const int m = 16 * w + l / 4 + 8 * h, n = 8 * i + 2 * (l % 4) + e;
+            double s = 0;
+            for (int k = 0; k < 16; ++k) s += (double)(op.sa * A[m * 16 + k]) * (op.sb * B[k * N + n]);
+            *op.d[t * nd + j] = (float)((C ? (double)C[t * nd + j] : 0.0) + s);
+        }
+    }
+}
+
+static void snapshot(Track &tr) {
+    tr.snap.resize(std::max(tr.fp.size(), tr.up.size()));
+    for (size_t i = 0; i < tr.fp.size(); ++i) memcpy(&tr.snap[i], tr.fp[i], 4);
+    for (size_t i = 0; i < tr.up.size(); ++i) tr.snap[i] = *tr.up[i];
+}
+static bool same_as_snapshot(const Track &tr) {
+    for (size_t i = 0; i < tr.fp.size(); ++i) if (memcmp(&tr.snap[i], tr.fp[i], 4)) return false;
+    for (size_t i = 0; i < tr.up.size(); ++i) if (tr.snap[i] != *tr.up[i]) return false;
+    return true;
+}
+
+static void retire(WG &g, MmaOp *op) {
+    const int nd = op->n / 2;
+    if (opt.wgmma == WG_AT_WAIT) {
+        std::vector<float> C;
+        if (!op->chained) {
+            for (size_t i = 0; i < op->d.size(); ++i) {
+                uint32_t b;
+                memcpy(&b, op->d[i], 4);
+                if (b != kPoison) {
+                    FAIL("accumulator registers of an in-flight wgmma were written before its wait_group (thread %zu)", i / nd);
+                    break;
+                }
+            }
+            C = op->c_issue;
+        } else {
+            C.resize(op->d.size());
+            for (size_t i = 0; i < op->d.size(); ++i) C[i] = *op->d[i];  // the previous wgmma of the chain
+        }
+        std::vector<uint32_t> areg = op->a_issue;
+        if (op->a_regs)
+            for (size_t i = 0; i < areg.size(); ++i)
+                if (op->a_ptr[i]) {
+                    if (*op->a_ptr[i] != op->a_issue[i]) {
+                        FAIL("A-fragment registers of an in-flight wgmma were modified before its wait_group (thread %zu)", i / 4);
+                        for (size_t j = 0; j < areg.size(); ++j) if (op->a_ptr[j]) areg[j] = *op->a_ptr[j];
+                        break;
+                    }
+                }
+        std::vector<float> A, B;
+        gather(*op, A, B, nullptr, areg.data());
+        if (memcmp(A.data(), op->A.data(), A.size() * 4) || memcmp(B.data(), op->B.data(), B.size() * 4))
+            FAIL("shared-memory operands of a wgmma changed between its issue and its wait_group");
+        compute(*op, A, B, op->scale_d || op->chained ? C.data() : nullptr);
+    }
+    for (uint32_t a : op->reads) { wg_readers[a]--; wg_readers[a + 1]--; }
+    Track &tr = g.acc[op->d[0]];
+    snapshot(tr);
+    tr.write_epoch = g.fence_epoch;
+    tr.written = true;
+    delete op;
+}
+
+static bool parse_mma(const char *mn, int &n, bool &bf16) {
+    const char *s = strstr(mn, ".m64n");
+    int m = 0, k = 0;
+    if (!s || sscanf(s, ".m%dn%dk%d", &m, &n, &k) != 3 || m != 64 || k != 16 || n % 8 || n < 8 || n > 256) {
+        FAIL("%s: only m64nNk16 shapes are emulated", mn);
+        return false;
+    }
+    if (strstr(mn, ".f32.bf16.bf16")) bf16 = true;
+    else if (strstr(mn, ".f32.f16.f16")) bf16 = false;
+    else { FAIL("%s: only f32 += f16/bf16 is emulated", mn); return false; }
+    return true;
+}
+
+static void issue_mma(int gi) {
+    WG &g = wgs[gi];
+    Lane *T = &lanes[gi * 128];
+    const Lane &L0 = T[0];
+    for (int t = 1; t < 128; ++t) {
+        const Lane &L = T[t];
+        if (strcmp(L.mn, L0.mn) || L.nd != L0.nd || L.da != L0.da || L.db != L0.db || L.scale_d != L0.scale_d ||
+            L.sa != L0.sa || L.sb != L0.sb || L.ta != L0.ta || L.tb != L0.tb || L.a_regs != L0.a_regs) {
+            FAIL("wgmma.mma_async operands differ across the warpgroup (thread %d vs %d): descriptors, shape and "
+                 "immediates must be warpgroup-uniform", gi * 128, gi * 128 + t);
+            break;
+        }
+    }
+    MmaOp *op = new MmaOp;
+    if (!parse_mma(L0.mn, op->n, op->bf16)) { delete op; return; }
+    const int nd = op->n / 2;
+    if (L0.nd != nd) FAIL("%s takes %d accumulator registers, got %d", L0.mn, nd, L0.nd);
+    op->a_regs = L0.a_regs; op->scale_d = L0.scale_d; op->da = L0.da; op->db = L0.db;
+    op->sa = L0.sa; op->sb = L0.sb; op->ta = L0.ta; op->tb = L0.tb;
+    if ((op->sa != 1 && op->sa != -1) || (op->sb != 1 && op->sb != -1)) FAIL("imm-scale must be 1 or -1");
+    if (op->a_regs && (L0.na != 4 || op->ta)) FAIL("A in registers: 4 registers, no transpose");
+    if ((!op->a_regs && !check_desc(op->da, "A")) || !check_desc(op->db, "B")) { delete op; return; }
+    stats.wgmma++;
+    stats.wgmma_rs += op->a_regs;
+    stats.wgmma_trans_b += op->tb != 0;
+    if (g.fence_epoch == 0) FAIL("wgmma.mma_async before any wgmma.fence of this warpgroup");
+    op->d.resize(128 * nd);
+    for (int t = 0; t < 128; ++t)
+        for (int j = 0; j < nd; ++j) op->d[t * nd + j] = T[t].dptr[j];
+    if (op->a_regs) {
+        op->a_issue.resize(512);
+        op->a_ptr.resize(512);
+        for (int t = 0; t < 128; ++t)
+            for (int r = 0; r < 4; ++r) { op->a_issue[t * 4 + r] = T[t].avals[r]; op->a_ptr[t * 4 + r] = T[t].aptrs[r]; }
+    }
+    // Same accumulators as a wgmma still in flight: the ISA orders such a
+    // chain (same shape) without a fence; the C input is that wgmma's D.
+    auto in_flight = [&](auto fn) {
+        for (MmaOp *o : g.open) fn(o);
+        for (auto &grp : g.groups) for (MmaOp *o : grp) fn(o);
+    };
+    in_flight([&](MmaOp *o) {
+        if (o->d[0] == op->d[0]) {
+            if (o->n != op->n || o->d != op->d) FAIL("in-flight wgmmas share some but not all accumulator registers");
+            op->chained = true;
+        }
+    });
+    // wgmma.fence must separate the threads' own accesses to these registers
+    // from a wgmma that uses them (ISA, wgmma.fence).
+    auto it = g.acc.find(op->d[0]);
+    if (!op->chained && it != g.acc.end() && it->second.written) {
+        Track &tr = it->second;
+        if (tr.write_epoch >= g.fence_epoch)
+            FAIL("no wgmma.fence between the threads' use of a wgmma's results and the next wgmma on those accumulators");
+        else if (op->scale_d && !same_as_snapshot(tr))
+            FAIL("accumulator registers were modified after the last wgmma.fence and before the wgmma that reads them");
+    }
+    if (it == g.acc.end()) {
+        Track &tr = g.acc[op->d[0]];
+        tr.fp = op->d;
+    }
+    if (op->a_regs && op->a_ptr[0]) {
+        auto ia = g.areg.find(op->a_ptr[0]);
+        if (ia != g.areg.end()) {
+            if (!same_as_snapshot(ia->second))
+                FAIL("A-fragment registers were written after the last wgmma.fence and before the wgmma that reads them");
+        } else {
+            Track &tr = g.areg[op->a_ptr[0]];
+            bool all = true;
+            for (auto p : op->a_ptr) all &= p != nullptr;
+            if (all) tr.up = op->a_ptr;
+        }
+        snapshot(g.areg[op->a_ptr[0]]);
+    }
+    gather(*op, op->A, op->B, &op->reads, op->a_issue.data());
+    for (uint32_t a : op->reads) { wg_readers[a]++; wg_readers[a + 1]++; }
+    if (opt.wgmma == WG_AT_ISSUE) {
+        std::vector<float> C(op->d.size());
+        for (size_t i = 0; i < C.size(); ++i) C[i] = *op->d[i];
+        compute(*op, op->A, op->B, op->scale_d ? C.data() : nullptr);
+    } else if (!op->chained) {
+        op->c_issue.resize(op->d.size());
+        for (size_t i = 0; i < op->d.size(); ++i) {
+            op->c_issue[i] = *op->d[i];
+            memcpy(op->d[i], &kPoison, 4);
+        }
+    }
+    g.open.push_back(op);
+}
+
+static void exec_wg(int gi) {
+    Lane *T = &lanes[gi * 128];
+    const int op = T[0].op;
+    for (int t = 1; t < 128; ++t)
+        if (T[t].op != op) {
+            FAIL("warpgroup %d diverged: thread %d at %s, thread %d at %s", gi, gi * 128, op_name(op), gi * 128 + t,
+                 op_name(T[t].op));
+            cta_abort = true;
+            return;
+        }
+    WG &g = wgs[gi];
+    switch (op) {
+    case G_FENCE:
+        g.fence_epoch++;
+        for (auto &e : g.acc) snapshot(e.second);
+        for (auto &e : g.areg) snapshot(e.second);
+        break;
+    case G_COMMIT:
+        g.groups.push_back(g.open);
+        g.open.clear();
+        break;
+    case G_WAIT: {
+        const int n = T[0].arg;
+        for (int t = 1; t < 128; ++t) if (T[t].arg != n) { FAIL("wgmma.wait_group: N differs across the warpgroup"); break; }
+        if (n < 0 || n > 7) FAIL("wgmma.wait_group %d: N must be an immediate in [0, 7]", n);
+        while ((int)g.groups.size() > std::max(n, 0)) {
+            for (MmaOp *o : g.groups.front()) retire(g, o);
+            g.groups.pop_front();
+        }
+        break;
+    }
+    case G_MMA:
+        issue_mma(gi);
+        break;
+    case G_SETMAXNREG: {
+        const uint32_t r = T[0].u;
+        const bool inc = T[0].mode == 1;
+        for (int t = 1; t < 128; ++t)
+            if (T[t].u != r || T[t].mode != T[0].mode) { FAIL("setmaxnreg differs across the warpgroup"); break; }
+        if (r % 8 || r < 24 || r > 256) FAIL("%s %u: the count must be a multiple of 8 in [24, 256]", T[0].mn, r);
+        if (inc && (int)r < g.regs) FAIL("setmaxnreg.inc %u below the current %d", r, g.regs);
+        if (!inc && (int)r > g.regs) FAIL("setmaxnreg.dec %u above the current %d", r, g.regs);
+        const int delta = ((int)r - g.regs) * 128;
+        if (inc && delta > reg_pool) return;  // waits (blocked) until registers are released
+        reg_pool -= delta;
+        g.regs = (int)r;
+        break;
+    }
+    default:
+        FAIL("unknown warpgroup op");
+    }
+    for (int t = 0; t < 128; ++t) T[t].op = OP_NONE;
+    for (int t = 0; t < 128; ++t) make_runnable(gi * 128 + t);
+}
+
+// ================================================================== tensor maps and TMA
+// What our launcher stores in FaTensorMap::opaque: the fields of
+// cuTensorMapEncodeTiled (the real CUtensorMap is opaque, so the emulator
+// cannot decode one; the kernel only passes &P.tma_x through).
+struct EmuTensorMap {
+    uint64_t magic;
+    uint64_t addr;
+    uint64_t dims[4];
+    uint64_t strides[3];  // bytes, dims 1..3
+    uint32_t box[4];
+    uint32_t estr[4];
+    uint32_t rank, esize, swizzle_bytes, interleave, oob_nan;
+};
+static_assert(sizeof(EmuTensorMap) <= sizeof(FaTensorMap), "fits the 128-byte map");
+static const uint64_t kMapMagic = 0x50414d524f534e45ull;
+
+// cuTensorMapEncodeTiled's documented requirements (cuda.h), for the
+// subset we emulate (rank <= 4, no interleave, element strides 1).
+static const char *encode_tiled(FaTensorMap *out, uint32_t esize, uint32_t rank, const void *addr, const uint64_t *dims,
+                                const uint64_t *strides, const uint32_t *box, const uint32_t *estr, uint32_t swizzle_bytes) {
+    if ((uintptr_t)out % 64) return "tensorMap not 64-byte aligned";
+    if (rank < 1 || rank > 4) return "rank outside the emulated 1..4";
+    if ((uintptr_t)addr % 16) return "globalAddress not 16-byte aligned";
+    for (uint32_t i = 0; i < rank; ++i) {
+        if (dims[i] == 0 || dims[i] > (1ull << 32)) return "globalDim must be in [1, 2^32]";
+        if (box[i] == 0 || box[i] > 256) return "boxDim must be in [1, 256]";
+        if (estr[i] != 1) return "elementStrides other than 1 are not emulated";
+    }
+    for (uint32_t i = 0; i + 1 < rank; ++i)
+        if (strides[i] % 16 || strides[i] >= (1ull << 40)) return "globalStrides must be multiples of 16 below 2^40";
+    if (box[0] * esize % 16) return "boxDim[0] * elementSize must be a multiple of 16 bytes";
+    if (swizzle_bytes && box[0] * esize > swizzle_bytes) return "the box's inner dimension exceeds the swizzle span";
+    EmuTensorMap m{};
+    m.magic = kMapMagic;
+    m.addr = (uint64_t)(uintptr_t)addr;
+    m.rank = rank;
+    m.esize = esize;
+    m.swizzle_bytes = swizzle_bytes;
+    for (uint32_t i = 0; i < rank; ++i) { m.dims[i] = dims[i]; m.box[i] = box[i]; m.estr[i] = estr[i]; }
+    for (uint32_t i = 0; i + 1 < rank; ++i) m.strides[i] = strides[i];
+    memset(out, 0, sizeof *out);
+    memcpy(out, &m, sizeof m);
+    return nullptr;
+}
+
+// Mirror of src/device/mod.rs::encode_tensor_map: a [B, S, H, D] tensor
+// (strides in elements, batch/seq/heads) as rank 4, dims innermost first
+// {D, max(S,1), H, B}, byte strides {row, head, batch} (a dimension of extent
+// 1 gets the extent of what is inside it), box {64, rows, 1, 1}, 128B
+// swizzle, zero fill.
+static FaTensorMap encode_like_rust(const void *ptr, int64_t B, int64_t S, int64_t H, int64_t D, int64_t sb, int64_t ss,
+                                    int64_t sh, uint32_t rows) {
+    const uint64_t shape[3] = {(uint64_t)B, (uint64_t)S, (uint64_t)H};
+    const int64_t str[3] = {sb, ss, sh};
+    auto stride = [&](int i, uint64_t inner) -> uint64_t {
+        if (shape[i] > 1) return (uint64_t)str[i] * 2;
+        uint64_t x = std::max<uint64_t>(inner, 16);
+        return (x + 15) / 16 * 16;
+    };
+    const uint64_t s1 = std::max<uint64_t>(S, 1);
+    const uint64_t row = stride(1, D * 2), head = stride(2, row * s1), batch = stride(0, head * H);
+    const uint64_t dims[4] = {(uint64_t)D, s1, (uint64_t)H, (uint64_t)B};
+    const uint64_t strides[3] = {row, head, batch};
+    const uint32_t box[4] = {64, rows, 1, 1}, estr[4] = {1, 1, 1, 1};
+    FaTensorMap m;
+    if (const char *e = encode_tiled(&m, 2, 4, ptr, dims, strides, box, estr, 128)) {
+        printf("  tensor map encoding rejected: %s\n", e);
+        errors_total++;
+        case_errors++;
+    }
+    return m;
+}
+
+struct Range { const unsigned char *lo, *hi; };
+static std::vector<Range> readable, writable;
+
+struct TmaCopy {
+    EmuTensorMap map;
+    int32_t c[4];
+    uint32_t smem, bytes, bar;
+    bool empty;  // no element in bounds
+};
+static std::vector<TmaCopy> inflight;
+
+static const EmuTensorMap *get_map(uint64_t p, const char *mn) {
+    const EmuTensorMap *m = (const EmuTensorMap *)(uintptr_t)p;
+    if (p % 64 || !m || m->magic != kMapMagic) {
+        FAIL("%s: operand is not the address of a tensor map built by the launcher", mn);
+        return nullptr;
+    }
+    return m;
+}
+void emu_prefetch_tensormap(const char *mn, uint64_t p) { get_map(p, mn); }
+
+// Visits every element of the box at coords c: smem byte offset within the
+// box (dense rows of box[0] elements), global address, in bounds.
+template <typename F>
+static void for_box(const EmuTensorMap &m, const int32_t *c, F fn) {
+    uint32_t box[4] = {1, 1, 1, 1};
+    for (uint32_t i = 0; i < m.rank; ++i) box[i] = m.box[i];
+    const uint32_t rowbytes = box[0] * m.esize;
+    uint32_t row = 0;
+    for (uint32_t e3 = 0; e3 < box[3]; ++e3)
+        for (uint32_t e2 = 0; e2 < box[2]; ++e2)
+            for (uint32_t e1 = 0; e1 < box[1]; ++e1, ++row) {
+                const int64_t x[4] = {0, (int64_t)c[1] + e1, (int64_t)c[2] + e2, (int64_t)c[3] + e3};
+                bool rin = true;
+                uint64_t base = m.addr;
+                for (uint32_t i = 1; i < m.rank; ++i) {
+                    rin &= x[i] >= 0 && x[i] < (int64_t)m.dims[i];
+                    base += (uint64_t)x[i] * m.strides[i - 1];
+                }
+                for (uint32_t e0 = 0; e0 < box[0]; ++e0) {
+                    const int64_t x0 = (int64_t)c[0] + e0;
+                    const bool in = rin && x0 >= 0 && x0 < (int64_t)m.dims[0];
+                    fn(row * rowbytes + e0 * m.esize, in, (const unsigned char *)(uintptr_t)(base + x0 * m.esize));
+                }
+            }
+}
+// The 128B (64B, 32B) swizzle as the hardware applies it: the 16-byte chunk
+// index (address bits 4..6) XOR the row within the 1024-byte atom (bits
+// 7..9) of the absolute shared address.
+static uint32_t swz(uint32_t a, uint32_t W) {
+    if (!W) return a;
+    const uint32_t bits = W == 128 ? 7 : W == 64 ? 3 : 1;
+    return a ^ (((a >> 7) & bits) << 4);
+}
+
+static void complete_tx(uint32_t a, uint32_t bytes) {
+    auto it = mbars.find(a);
+    if (it == mbars.end()) { FAIL("TMA completes on a barrier that no longer exists"); return; }
+    MBar &b = it->second;
+    b.inflight--;
+    b.tx -= bytes;
+    if (b.tx < 0 && b.pending == 0)
+        FAIL("mbarrier #%d: tx-count underflow (%lld): more bytes completed than this phase expects", b.idx, (long long)b.tx);
+    mbar_check_tx_range(b);
+    mbar_maybe_complete(b);
+}
+
+static void land(TmaCopy &t) {
+    const uint32_t W = t.map.swizzle_bytes;
+    const bool skip = t.empty && opt.oob_skip_empty;
+    for_box(t.map, t.c, [&](uint32_t off, bool in, const unsigned char *g) {
+        const uint32_t a = swz(t.smem + off, W);
+        for (uint32_t b = 0; b < t.map.esize; ++b) tma_pending[a + b]--;
+        if (skip) return;
+        if (in) memcpy(win + a, g, t.map.esize);
+        else memset(win + a, 0, t.map.esize);  // zero fill (FLOAT_OOB_FILL_NONE)
+    });
+    complete_tx(t.bar, skip ? 0 : t.bytes);
+}
+static void land_one(size_t i) {
+    TmaCopy t = inflight[i];
+    inflight.erase(inflight.begin() + i);
+    land(t);
+}
+
+void emu_tma_load(const char *mn, uint32_t dst, uint64_t mp, const int32_t *c, int n, uint32_t bar) {
+    if (strstr(mn, ".im2col") || strstr(mn, ".multicast") || strstr(mn, "gather4") || strstr(mn, "cache_hint")) {
+        FAIL("%s: only plain tile-mode loads are emulated", mn);
+        return;
+    }
+    if (!strstr(mn, ".mbarrier::complete_tx::bytes")) { FAIL("%s: completion mechanism not emulated", mn); return; }
+    char dim[8];
+    snprintf(dim, sizeof dim, ".%dd.", n);
+    if (!strstr(mn, dim)) FAIL("%s: the dimension modifier disagrees with %d coordinates", mn, n);
+    const EmuTensorMap *m = get_map(mp, mn);
+    if (!m) return;
+    if ((int)m->rank != n) { FAIL("%s: %d coordinates for a rank-%u tensor map", mn, n, m->rank); return; }
+    MBar *b = get_mbar(bar, mn);
+    if (!b) return;
+    if (!b->fenced) FAIL("%s: mbarrier #%d is used by the async proxy without fence.mbarrier_init after its init", mn, b->idx);
+    uint32_t bytes = m->esize;
+    for (uint32_t i = 0; i < m->rank; ++i) bytes *= m->box[i];
+    if (dst % 128 || (m->swizzle_bytes == 128 && dst % 1024)) {
+        FAIL("%s: shared destination 0x%x is not aligned to 128 bytes (1024 with 128B swizzle)", mn, dst);
+        return;
+    }
+    if (m->swizzle_bytes && m->box[0] * m->esize != m->swizzle_bytes) {
+        FAIL("%s: boxes narrower than the swizzle span are not emulated", mn);
+        return;
+    }
+    if (!in_dyn(dst, bytes)) { FAIL("%s: box of %u bytes at 0x%x outside dynamic shared memory", mn, bytes, dst); return; }
+    if (overlaps_mbar(dst, bytes)) FAIL("%s: box at 0x%x overlaps an mbarrier", mn, dst);
+    TmaCopy t;
+    t.map = *m;
+    memcpy(t.c, c, 4 * n);
+    for (int i = n; i < 4; ++i) t.c[i] = 0;
+    t.smem = dst; t.bytes = bytes; t.bar = bar;
+    long in_count = 0, total = 0;
+    bool war = false, waw = false, oob_read = false;
+    for_box(t.map, t.c, [&](uint32_t off, bool in, const unsigned char *g) {
+        const uint32_t a = swz(dst + off, m->swizzle_bytes);
+        for (uint32_t k = 0; k < m->esize; ++k) {
+            war |= wg_readers[a + k] != 0;
+            waw |= tma_pending[a + k] != 0;
+            tma_pending[a + k]++;
+        }
+        total++;
+        if (in) {
+            in_count++;
+            bool ok = false;
+            for (auto &r : readable) ok |= g >= r.lo && g + m->esize <= r.hi;
+            oob_read |= !ok;
+        }
+    });
+    if (war) FAIL("%s: overwrites shared memory that an in-flight wgmma still reads (slot released too early?)", mn);
+    if (waw) FAIL("%s: overwrites shared memory another in-flight TMA copy is writing", mn);
+    if (oob_read) FAIL("%s: reads global memory outside the Q/K/V tensors (coords %d,%d,%d,%d)", mn, c[0], c[1], c[2], c[3]);
+    t.empty = in_count == 0;
+    stats.tma++;
+    stats.tma_partial += in_count && in_count < total;
+    stats.tma_empty += t.empty;
+    b->inflight++;
+    if (opt.tma == TMA_EAGER) land(t);
+    else inflight.push_back(t);
+    maybe_yield();
+}
+
+// TMA stores (smem -> global, bulk-group completion): not used by today's
+// kernel; emulated so an epilogue through tma_o would run, with writes
+// limited to the O view.
+struct StoreOp { EmuTensorMap map; int32_t c[4]; uint32_t src; };
+static std::vector<StoreOp> stores;
+static void do_store(const StoreOp &s) {
+    for_box(s.map, s.c, [&](uint32_t off, bool in, const unsigned char *g) {
+        const uint32_t a = swz(s.src + off, s.map.swizzle_bytes);
+        if (!in) return;  // out-of-bounds elements are not written
+        bool ok = false;
+        for (auto &r : writable) ok |= g >= r.lo && g + s.map.esize <= r.hi;
+        if (!ok) { FAIL("TMA store writes global memory outside O"); return; }
+        memcpy((void *)g, win + a, s.map.esize);
+    });
+}
+void emu_tma_store(const char *mn, uint64_t mp, const int32_t *c, int n, uint32_t src) {
+    if (!strstr(mn, ".bulk_group")) { FAIL("%s: only bulk_group stores are emulated", mn); return; }
+    const EmuTensorMap *m = get_map(mp, mn);
+    if (!m || (int)m->rank != n) return;
+    uint32_t bytes = m->esize;
+    for (uint32_t i = 0; i < m->rank; ++i) bytes *= m->box[i];
+    if (src % 128 || !in_dyn(src, bytes)) { FAIL("%s: bad shared source 0x%x", mn, src); return; }
+    StoreOp s{*m, {0, 0, 0, 0}, src};
+    memcpy(s.c, c, 4 * n);
+    if (opt.tma == TMA_EAGER) { do_store(s); return; }
+    stores.push_back(s);
+    lanes[cur].bulk_open.push_back((int)stores.size() - 1);
+}
+void emu_bulk_commit(const char *) {
+    Lane &L = lanes[cur];
+    L.bulk_groups.push_back(L.bulk_open);
+    L.bulk_open.clear();
+}
+void emu_bulk_wait(const char *, int n) {
+    Lane &L = lanes[cur];
+    while ((int)L.bulk_groups.size() > n) {
+        for (int i : L.bulk_groups.front()) do_store(stores[i]);
+        L.bulk_groups.pop_front();
+    }
+}
+
+float emu_ex2_approx(const char *mn, float x) {
+    // ex2.approx.ftz: subnormal inputs and results flush to zero.
+    if (strstr(mn, ".ftz") && std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
+    float y = exp2f(x);
+    if (strstr(mn, ".ftz") && std::fpclassify(y) == FP_SUBNORMAL) y = 0.f;
+    return y;
+}
+float emu_tanh_approx(const char *, float x) { return tanhf(x); }
+
+// ================================================================== scheduler
+static void deadlock_report() {
+    printf("  EMU DEADLOCK [%s]: every live thread is blocked and no copy is in flight\n", cta_desc);
+    for (int w = 0; w < nthreads / 32; ++w) {
+        std::map<std::string, int> what;
+        for (int l = 0; l < 32; ++l) {
+            const Lane &L = lanes[w * 32 + l];
+            char buf[240];
+            switch (L.st) {
+            case DONE: snprintf(buf, sizeof buf, "exited"); break;
+            case BLK_WARP: snprintf(buf, sizeof buf, "at warp collective %s", op_name(L.op)); break;
+            case BLK_WG:
+                snprintf(buf, sizeof buf, "at warpgroup collective %s (%d of 128 threads there)%s", op_name(L.op),
+                         wg_blk[w / 4], L.op == G_SETMAXNREG ? " waiting for registers" : "");
+                break;
+            case BLK_NBAR: snprintf(buf, sizeof buf, "in bar.sync %u (%d of %d threads arrived)", L.id,
+                                    nbars[L.id].arrived, nbars[L.id].count); break;
+            case BLK_MBAR: {
+                const MBar &b = mbars[L.wbar];
+                snprintf(buf, sizeof buf,
+                         "in mbarrier.try_wait parity %llu on mbarrier #%d (smem 0x%x): phase %lld, %lld of %u "
+                         "arrivals pending, tx-count %lld",
+                         (unsigned long long)L.wparity, b.idx, L.wbar, (long long)b.phase, (long long)b.pending,
+                         b.expected, (long long)b.tx);
+                break;
+            }
+            default: snprintf(buf, sizeof buf, "runnable"); break;
+            }
+            what[buf]++;
+        }
+        for (auto &e : what) printf("    warp %2d (warpgroup %d): %2d lanes %s\n", w, w / 4, e.second, e.first.c_str());
+    }
+}
+
+static void after_block(int id) {
+    Lane &L = lanes[id];
+    const int w = id / 32, g = id / 128;
+    if (L.st == BLK_WARP) warp_blk[w]++;
+    if (L.st == BLK_WG) wg_blk[g]++;
+    if (L.st == DONE) { warp_done[w]++; wg_done[g]++; }
+    if (warp_blk[w] && warp_blk[w] + warp_done[w] == 32) {
+        if (warp_done[w]) {
+            FAIL("warp %d: a full-warp collective (%s) while %d lanes have exited", w, op_name(lanes[w * 32 + (id % 32)].op), warp_done[w]);
+            cta_abort = true;
+            return;
+        }
+        warp_blk[w] = 0;
+        exec_warp(w);
+    }
+    if (wg_blk[g] && wg_blk[g] + wg_done[g] == 128) {
+        if (wg_done[g]) {
+            FAIL("warpgroup %d: a warpgroup collective while %d threads have exited", g, wg_done[g]);
+            cta_abort = true;
+            return;
+        }
+        wg_blk[g] = 0;
+        exec_wg(g);
+        if (lanes[g * 128].st == BLK_WG) wg_blk[g] = 128;  // setmaxnreg.inc still waiting
+    }
+}
+
+static void retry_setmaxnreg() {
+    for (size_t g = 0; g < wgs.size(); ++g)
+        if (wg_blk[g] == 128 && lanes[g * 128].op == G_SETMAXNREG) {
+            wg_blk[g] = 0;
+            exec_wg((int)g);
+            if (lanes[g * 128].st == BLK_WG) wg_blk[g] = 128;
+        }
+}
+
+static void alloc_stacks(int n) {
+    while ((int)stacks.size() < n) {
+        const long page = sysconf(_SC_PAGESIZE);
+        char *p = (char *)mmap(nullptr, kStack + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) { perror("mmap"); exit(2); }
+        mprotect(p, page, PROT_NONE);  // overflow guard
+        stacks.push_back(p + page);
+    }
+}
+
+// Runs one CTA to completion; false if it had to be abandoned.
+static bool run_cta(int threads, int regs_at_launch) {
+    nthreads = threads;
+    lanes.assign(threads, Lane());
+    alloc_stacks(threads);
+    runq.clear();
+    warp_blk.assign(threads / 32, 0); warp_done.assign(threads / 32, 0);
+    wg_blk.assign((threads + 127) / 128, 0); wg_done.assign((threads + 127) / 128, 0);
+    wgs.assign((threads + 127) / 128, WG());
+    for (auto &g : wgs) g.regs = regs_at_launch;
+    reg_pool = 0;
+    mbars.clear();
+    bar_gen = 0;
+    for (auto &b : nbars) b = NBar();
+    inflight.clear();
+    stores.clear();
+    cta_abort = false;
+    for (int i = 0; i < threads; ++i) {
+        Lane &L = lanes[i];
+        getcontext(&L.ctx);
+        L.ctx.uc_stack.ss_sp = stacks[i];
+        L.ctx.uc_stack.ss_size = kStack;
+        L.ctx.uc_link = nullptr;
+        makecontext(&L.ctx, lane_main, 0);
+        runq.push_back(i);
+    }
+    stats.ctas++;
+    for (;;) {
+        if (cta_abort) return false;
+        if (!inflight.empty() && opt.tma == TMA_RANDOM && rnd(8) == 0) land_one(rnd(inflight.size()));
+        if (runq.empty()) {
+            if (!inflight.empty()) {  // nothing else can happen: a copy lands
+                land_one(opt.shuffle ? rnd(inflight.size()) : 0);
+                continue;
+            }
+            int done = 0;
+            for (auto &L : lanes) done += L.st == DONE;
+            if (done == threads) break;
+            deadlock_report();
+            errors_total++;
+            case_errors++;
+            return false;
+        }
+        const size_t k = opt.shuffle ? rnd(runq.size()) : 0;
+        const int id = runq[k];
+        runq[k] = runq.back();
+        runq.pop_back();
+        if (lanes[id].st != RUN) continue;
+        const int pool_before = reg_pool;
+        cur = id;
+        swapcontext(&sched_ctx, &lanes[id].ctx);
+        cur = -1;
+        if (lanes[id].st != RUN) after_block(id);
+        if (reg_pool != pool_before) retry_setmaxnreg();
+    }
+    // Everything asynchronous must be finished when the CTA exits.
+    for (auto &g : wgs)
+        if (!g.open.empty() || !g.groups.empty()) FAIL("CTA exits with wgmma operations not retired by a wait_group");
+    for (auto &L : lanes)
+        if (!L.bulk_open.empty() || !L.bulk_groups.empty()) FAIL("CTA exits with TMA stores not waited for");
+    for (int i = 0; i < 16; ++i)
+        if (nbars[i].arrived) FAIL("named barrier %d left with %d of %d threads arrived", i, nbars[i].arrived, nbars[i].count);
+    for (auto &e : mbars) {
+        if (!mbar_sign_ok(e.first, e.second)) FAIL("mbarrier #%d overwritten by an ordinary store", e.second.idx);
+        if (e.second.tx) FAIL("mbarrier #%d: CTA exits with tx-count %lld (bytes expected, never delivered)", e.second.idx, (long long)e.second.tx);
+    }
+    return true;
+}
+
+// ================================================================== harness
+struct Kern { const char *name; void (*fn)(FaFwdSm90Params); bool bf16; int hd, bm, bn, threads, smem, grid; };
+#define EMU_KERNEL(name, dtype, head_dim, block_m, block_n, threads, smem, min_sm, grid) \
+    {#name, name, std::is_same<FA_DTYPE(dtype), __nv_bfloat16>::value, head_dim, block_m, block_n, threads, smem, grid},
+static Kern kerns[] = {
+#include "kernels/sm90_table.inc"
+};
+
+static uint16_t f2h(float f, bool bf16) {
+    uint16_t u;
+    if (bf16) { __nv_bfloat16 b = __float2bfloat16_rn(f); memcpy(&u, &b, 2); }
+    else { __half h = __float2half_rn(f); memcpy(&u, &h, 2); }
+    return u;
+}
+
+struct Case {
+    int B, Hq, Hk, Lq, Lk, D, wl, wr;
+    float softcap;
+    bool bhsd;  // BHSD strides instead of BSHD
+    int pad;    // extra elements per row / head slot: non-contiguous strides
+    float amp;  // input amplitude
+    bool lse;
+    const char *what;
+};
+
+static void alarm_handler(int) {
+    const char msg[] = "EMU WATCHDOG: a case ran too long (a thread spinning without ever waiting?)\n";
+    if (write(1, msg, sizeof msg - 1) < 0) {}
+    _exit(3);
+}
+
+static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
+    case_errors = 0;
+    std::mt19937 g(seed);
+    std::uniform_real_distribution<float> U(-1.f, 1.f);
+    const bool bf16 = kn.bf16;
+    // Strides in elements. BSHD: row = H*(D+pad); BHSD: row = D+pad.
+    auto strides = [&](int H, int L, int64_t &bs, int64_t &rs, int64_t &hs) {
+        const int64_t rowlen = cs.D + cs.pad;
+        if (!cs.bhsd) { hs = rowlen; rs = H * rowlen; bs = (int64_t)L * rs + 8 * cs.pad; }
+        else { rs = rowlen; hs = (int64_t)L * rowlen + 8 * cs.pad; bs = H * hs; }
+    };
+    int64_t qb, qr, qh, kb, kr, kh, ob, orr, oh;
+    strides(cs.Hq, cs.Lq, qb, qr, qh);
+    strides(cs.Hk, cs.Lk, kb, kr, kh);
+    strides(cs.Hq, cs.Lq, ob, orr, oh);
+    // Exactly the elements the views span (plus nothing): any TMA read past
+    // them is outside the tensor.
+    auto span = [&](int H, int L, int64_t bs, int64_t rs, int64_t hs) -> size_t {
+        if (L == 0) return 8;
+        return (size_t)((cs.B - 1) * bs + (int64_t)(L - 1) * rs + (int64_t)(H - 1) * hs + cs.D);
+    };
+    const size_t qn = span(cs.Hq, cs.Lq, qb, qr, qh), kn_ = span(cs.Hk, cs.Lk, kb, kr, kh);
+    auto alloc16 = [](size_t n) { return std::vector<uint16_t>(n + 8); };
+    std::vector<uint16_t> qv = alloc16(qn), kv = alloc16(kn_), vv = alloc16(kn_);
+    // 16-byte aligned bases, as the Rust side requires for TMA.
+    auto base16 = [](std::vector<uint16_t> &v) { return v.data() + ((16 - (uintptr_t)v.data() % 16) % 16) / 2; };
+    uint16_t *q = base16(qv), *k = base16(kv), *v = base16(vv);
+    for (size_t i = 0; i < qn; ++i) q[i] = f2h(U(g) * cs.amp, bf16);
+    for (size_t i = 0; i < kn_; ++i) k[i] = f2h(U(g) * cs.amp, bf16);
+    for (size_t i = 0; i < kn_; ++i) v[i] = f2h(U(g), bf16);
+    const size_t on = span(cs.Hq, cs.Lq, ob, orr, oh);
+    const int guard = 64;
+    std::vector<uint16_t> ov(on + 2 * guard + 8, 0xffff);
+    uint16_t *O = ov.data() + guard + ((16 - (uintptr_t)(ov.data() + guard) % 16) % 16) / 2;
+    std::vector<float> lse((size_t)cs.B * cs.Hq * cs.Lq + 2 * guard, NAN);
+    float *LSE = lse.data() + guard;
+
+    readable = {{(const unsigned char *)q, (const unsigned char *)(q + qn)},
+                {(const unsigned char *)k, (const unsigned char *)(k + kn_)},
+                {(const unsigned char *)v, (const unsigned char *)(v + kn_)}};
+    writable = {{(const unsigned char *)O, (const unsigned char *)(O + on)}};
+
+    FaFwdSm90Params P;
+    memset(&P, 0, sizeof P);
+    FaFwdParams &p = P.p;
+    p.q = q; p.k = k; p.v = v; p.o = O; p.lse = cs.lse ? LSE : nullptr;
+    p.q_batch_stride = qb; p.q_row_stride = qr; p.q_head_stride = qh;
+    p.k_batch_stride = kb; p.k_row_stride = kr; p.k_head_stride = kh;
+    p.v_batch_stride = kb; p.v_row_stride = kr; p.v_head_stride = kh;
+    p.o_batch_stride = ob; p.o_row_stride = orr; p.o_head_stride = oh;
+    p.batch = cs.B; p.heads_q = cs.Hq; p.heads_kv = cs.Hk; p.q_per_kv = cs.Hq / cs.Hk;
+    p.seqlen_q = cs.Lq; p.seqlen_k = cs.Lk; p.head_dim = cs.D;
+    // The host clamps finite windows to at most Lq + Lk (params.h).
+    p.window_left = cs.wl < 0 ? -1 : std::min(cs.wl, cs.Lq + cs.Lk);
+    p.window_right = cs.wr < 0 ? -1 : std::min(cs.wr, cs.Lq + cs.Lk);
+    p.scale = 1.f / sqrtf((float)cs.D); p.softcap = cs.softcap;
+    P.tma_q = encode_like_rust(q, cs.B, cs.Lq, cs.Hq, cs.D, qb, qr, qh, kn.bm);
+    P.tma_k = encode_like_rust(k, cs.B, cs.Lk, cs.Hk, cs.D, kb, kr, kh, kn.bn);
+    P.tma_v = encode_like_rust(v, cs.B, cs.Lk, cs.Hk, cs.D, kb, kr, kh, kn.bn);
+    P.tma_o = encode_like_rust(O, cs.B, cs.Lq, cs.Hq, cs.D, ob, orr, oh, kn.bm);
+
+    // The shared window: [0, dyn_off) stands for whatever precedes the
+    // dynamic array, then the table's dynamic bytes, then a guard.
+    static unsigned char *window = nullptr;
+    const uint32_t win_bytes = 1024 + 256 * 1024 + kGuard;
+    if (!window) window = (unsigned char *)aligned_alloc(4096, win_bytes);
+    win = window;
+    dyn_size = kn.smem;
+    tma_pending.assign(win_bytes, 0);
+    wg_readers.assign(win_bytes, 0);
+    kernel_fn = kn.fn;
+    kernel_params = P;
+    const int regs_at_launch = (65536 / kn.threads) / 8 * 8;  // __launch_bounds__(threads, 1)
+    const int m_tiles = (cs.Lq + kn.bm - 1) / kn.bm;
+    if (kn.grid == FA_GRID_PERSISTENT) gridDim = make_uint3(std::min(opt.sms, m_tiles * cs.Hq * cs.B), 1, 1);
+    else gridDim = make_uint3(m_tiles, cs.Hq, cs.B);
+    blockDim = make_uint3(kn.threads, 1, 1);
+    bool ran_ok = true;
+    alarm(120);
+    for (unsigned z = 0; z < gridDim.z && ran_ok; ++z)
+        for (unsigned y = 0; y < gridDim.y && ran_ok; ++y)
+            for (unsigned x = 0; x < gridDim.x && ran_ok; ++x) {
+                dyn_off = opt.shuffle ? 16 * rnd(64) : 0;
+                memset(win, 0xab, win_bytes);
+                memset(win + dyn_off, 0xff, dyn_size);  // garbage (f16/bf16 NaN) in every CTA
+                blockIdx = make_uint3(x, y, z);
+                snprintf(cta_desc, sizeof cta_desc, "%s CTA (%u,%u,%u)", kn.name, x, y, z);
+                ran_ok = run_cta(kn.threads, regs_at_launch);
+                for (uint32_t i = 0; i < win_bytes; ++i)
+                    if ((i < dyn_off || i >= dyn_off + dyn_size) && win[i] != 0xab) {
+                        FAIL("ordinary store to shared memory outside the dynamic allocation (offset %d)", (int)i - (int)dyn_off);
+                        break;
+                    }
+            }
+    alarm(0);
+
+    // f64 reference
+    double err2 = 0, ref2 = 0, lse_err = 0;
+    bool ok = ran_ok;
+    const double cap = cs.softcap;
+    const int off = cs.Lk - cs.Lq;
+    for (int b = 0; b < cs.B; ++b)
+        for (int h = 0; h < cs.Hq; ++h) {
+            const int hk = h / (cs.Hq / cs.Hk);
+            for (int i = 0; i < cs.Lq; ++i) {
+                std::vector<double> s(cs.Lk, -INFINITY);
+                double mx = -INFINITY;
+                for (int j = 0; j < cs.Lk; ++j) {
+                    const bool vis = (cs.wl < 0 || j >= i + off - cs.wl) && (cs.wr < 0 || j <= i + off + cs.wr);
+                    if (!vis) continue;
+                    double dot = 0;
+                    for (int d = 0; d < cs.D; ++d)
+                        dot += (double)h2f(q[b * qb + (int64_t)i * qr + h * qh + d], bf16) *
+                               h2f(k[b * kb + (int64_t)j * kr + hk * kh + d], bf16);
+                    double sc = dot * p.scale;
+                    if (cap > 0) sc = cap * tanh(sc / cap);
+                    s[j] = sc;
+                    mx = std::max(mx, sc);
+                }
+                double l = 0;
+                std::vector<double> out(cs.D, 0.0);
+                if (mx > -INFINITY) {
+                    for (int j = 0; j < cs.Lk; ++j) {
+                        if (s[j] == -INFINITY) continue;
+                        const double e = exp(s[j] - mx);
+                        l += e;
+                        for (int d = 0; d < cs.D; ++d) out[d] += e * h2f(v[b * kb + (int64_t)j * kr + hk * kh + d], bf16);
+                    }
+                    for (auto &x : out) x /= l;
+                }
+                const double ref_lse = mx > -INFINITY ? mx + log(l) : -INFINITY;
+                for (int d = 0; d < cs.D; ++d) {
+                    const float got = h2f(O[b * ob + (int64_t)i * orr + h * oh + d], bf16);
+                    if (!std::isfinite(got)) {
+                        if (ok) printf("  non-finite O at b%d h%d row %d col %d\n", b, h, i, d);
+                        ok = false;
+                    }
+                    err2 += (got - out[d]) * (got - out[d]);
+                    ref2 += out[d] * out[d];
+                    if (mx == -INFINITY && got != 0.f) {
+                        if (ok) printf("  row %d sees no key but O is not 0\n", i);
+                        ok = false;
+                    }
+                }
+                if (cs.lse) {
+                    const float got = LSE[((int64_t)b * cs.Hq + h) * cs.Lq + i];
+                    if (ref_lse == -INFINITY) {
+                        if (!(got == -INFINITY)) { if (ok) printf("  empty row %d: LSE %f, not -inf\n", i, got); ok = false; }
+                    } else {
+                        if (!std::isfinite(got)) { if (ok) printf("  LSE of row %d not finite\n", i); ok = false; }
+                        lse_err = std::max(lse_err, fabs(got - ref_lse));
+                    }
+                }
+            }
+        }
+    // Everything of O outside the view, and LSE's guards, keep their poison.
+    std::vector<char> inview(on, 0);
+    for (int b = 0; b < cs.B; ++b)
+        for (int h = 0; h < cs.Hq; ++h)
+            for (int i = 0; i < cs.Lq; ++i)
+                for (int d = 0; d < cs.D; ++d) inview[b * ob + (int64_t)i * orr + h * oh + d] = 1;
+    long stray = 0;
+    for (uint16_t *x = ov.data(); x < ov.data() + ov.size(); ++x) {
+        const bool in = x >= O && x < O + on && inview[x - O];
+        if (!in && *x != 0xffff) stray++;
+    }
+    for (int x = 0; x < guard; ++x)
+        if (!std::isnan(lse[x]) || !std::isnan(lse[lse.size() - 1 - x])) stray++;
+    if (!cs.lse)
+        for (float x : lse) if (!std::isnan(x)) { stray++; break; }
+    if (stray) { ok = false; printf("  %ld stray writes outside O's view / LSE\n", stray); }
+    const double rel = ref2 > 0 ? sqrt(err2 / ref2) : sqrt(err2);
+    const double tol = bf16 ? 1e-2 : 3e-3;
+    if (!(rel <= tol)) ok = false;
+    if (cs.lse && lse_err > 2e-3 * std::max(1.0, (double)cs.amp * cs.amp)) ok = false;
+    ok = ok && case_errors == 0;
+    printf("%-4s %-24s %-24s B%d Hq%d Hk%d Lq%4d Lk%4d D%3d w(%d,%d) cap%.0f %s pad%d amp%.0f lse%d: rel %.2e lse_err %.2e%s\n",
+           ok ? "ok" : "FAIL", kn.name, cs.what, cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, cs.softcap,
+           cs.bhsd ? "BHSD" : "BSHD", cs.pad, cs.amp, cs.lse, rel, lse_err, case_errors ? " (emulator errors)" : "");
+    fflush(stdout);
+    return ok;
+}
+
+// Every kernel of the case's bucket and dtype: the default and its variants.
+static int run_case(const Case &cs, bool bf16, unsigned seed) {
+    int hd = 1 << 30;
+    for (const Kern &k : kerns)
+        if (k.bf16 == bf16 && k.hd >= cs.D && !strstr(k.name, "__")) hd = std::min(hd, k.hd);
+    int fails = 0, ran = 0;
+    for (const Kern &k : kerns)
+        if (k.hd == hd && k.bf16 == bf16 && (opt.only.empty() || strstr(k.name, opt.only.c_str()))) {
+            fails += !run_case_on(k, cs, seed);
+            ++ran;
+        }
+    if (!ran && opt.only.empty()) { printf("FAIL no kernel for %s D %d\n", bf16 ? "bf16" : "f16", cs.D); return 1; }
+    return fails;
+}
+
+int main(int argc, char **argv) {
+    std::string mode;
+    for (int i = 1; i < argc; ++i) {
+        std::string a = argv[i];
+        auto val = [&](const char *k) { return a.rfind(k, 0) == 0 ? a.substr(strlen(k)) : std::string(); };
+        if (a == "--tma=eager") opt.tma = TMA_EAGER;
+        else if (a == "--tma=random") opt.tma = TMA_RANDOM;
+        else if (a == "--tma=lazy") opt.tma = TMA_LAZY;
+        else if (a == "--wgmma=issue") opt.wgmma = WG_AT_ISSUE;
+        else if (a == "--wgmma=wait") opt.wgmma = WG_AT_WAIT;
+        else if (a == "--ordered") opt.shuffle = false;
+        else if (a == "--oob-box=skip-empty") opt.oob_skip_empty = true;
+        else if (!val("--seed=").empty()) opt.seed = atoi(val("--seed=").c_str());
+        else if (!val("--sms=").empty()) opt.sms = atoi(val("--sms=").c_str());
+        else if (!val("--cases=").empty()) opt.cases = val("--cases=");
+        else if (!val("--only=").empty()) opt.only = val("--only=");
+        else if (!val("--random=").empty()) opt.random = atoi(val("--random=").c_str());
+        else { fprintf(stderr, "unknown option %s\n", a.c_str()); return 2; }
+        mode += (mode.empty() ? "" : " ") + a;
+    }
+    if (mode.empty()) mode = "defaults";
+    rng.seed(opt.seed);
+    signal(SIGALRM, alarm_handler);
+    setvbuf(stdout, nullptr, _IOLBF, 0);
+
+    // Bucket sizes from the table (non-variant kernels).
+    std::vector<int> buckets;
+    for (const Kern &k : kerns)
+        if (!strstr(k.name, "__") && std::find(buckets.begin(), buckets.end(), k.hd) == buckets.end()) buckets.push_back(k.hd);
+    std::sort(buckets.begin(), buckets.end());
+
+    int fails = 0;
+    unsigned seed = 7 + opt.seed;
+    const bool quick = opt.cases == "quick", neg = opt.cases == "neg";
+    if (opt.cases == "none") buckets.clear();  // only the random sweep
+    // Every bucket, both dtypes: GQA, odd lengths, causal with Lq != Lk, LSE.
+    for (int hd : buckets)
+        for (int bf = 0; bf < 2; ++bf) {
+            if (neg && bf) continue;
+            Case c{1, 2, 1, 77, 150, hd, -1, 0, 0.f, false, 0, 1.f, true, "mixed"};
+            if (hd > 128) c.Lk = 100;  // the slowest bucket: fewer keys
+            fails += run_case(c, bf, seed++);
+        }
+    // Per bucket: masks, shapes and head dims; the dtype alternates.
+    for (size_t bi = 0; bi < buckets.size(); ++bi) {
+        const int hd = buckets[bi];
+        const bool big = hd > 128;
+        const int below = bi ? buckets[bi - 1] : 0;  // head dims in (below, hd] use this bucket
+        std::vector<Case> cs = {
+            {1, 1, 1, 130, big ? 100 : 200, hd, -1, -1, 0.f, false, 0, 1.f, true, "full, tail tiles"},
+            {2, 2, 2, big ? 140 : 200, 90, hd, -1, 0, 0.f, true, 8, 1.f, true, "causal Lq>Lk, BHSD pad"},
+            {1, 2, 1, big ? 130 : 150, big ? 180 : 260, hd, 20, 5, 0.f, false, 16, 1.f, true, "window both sides"},
+            {1, 1, 1, 64, 64, hd, 0, 0, 0.f, false, 0, 1.f, true, "diagonal only"},
+            {1, 1, 1, 100, 300, hd, 3, -1, 0.f, false, 0, 1.f, false, "left window, no LSE"},
+            {1, 3, 1, 129, big ? 90 : 129, hd, -1, -1, 30.f, false, 0, 3.f, true, "softcap"},
+            {1, 1, 1, 40, 0, hd, -1, -1, 0.f, false, 0, 1.f, true, "seqlen_k = 0"},
+            {1, 1, 1, 70, 70, hd, -1, -1, 0.f, false, 0, 40.f, true, "huge logits"},
+            {1, 1, 1, 1, 1, hd, -1, -1, 0.f, false, 0, 1.f, true, "single element"},
+            {1, 2, 2, 150, 40, hd, 5, 2, 0.f, true, 0, 1.f, true, "tiny window Lq>>Lk, BHSD"},
+            // More key tiles than ring stages: slots are reused and the
+            // barrier parities wrap.
+            {1, 1, 1, 100, big ? 500 : 700, hd, -1, -1, 0.f, false, 8, 1.f, true, "long keys, ring wraps"},
+        };
+        // Head dims inside the bucket but not equal to it (for the 256 bucket
+        // with D <= 192 the fourth 64-column box lies wholly out of bounds).
+        std::vector<int> odd;
+        for (int d : {40, 56, 72, 96, 120, 136, 160, 200, 248})
+            if (d > below && d < hd) odd.push_back(d);
+        for (size_t i = 0; i < odd.size(); ++i)
+            cs.push_back({1, 2, 1, 90, big ? 100 : 140, odd[i], -1, (int)i % 2 ? -1 : 0, 0.f, i % 2 == 1, 8 * (int)(i % 3),
+                          1.f, true, "head_dim inside bucket"});
+        for (size_t i = 0; i < cs.size(); ++i) {
+            if (quick && i % 3) continue;
+            if (neg && !(i == 0 || i == 1 || i == 2 || i == 10)) continue;
+            fails += run_case(cs[i], neg ? false : (bi + i) % 2, seed++);
+        }
+    }
+    // A seeded sweep of random problems (--random=N).
+    std::mt19937 r(opt.seed * 7919 + 17);
+    for (int it = 0; it < opt.random; ++it) {
+        Case c{};
+        c.B = 1 + r() % 2; c.Hk = 1 + r() % 2; c.Hq = c.Hk * (1 + r() % 3);
+        c.Lq = 1 + r() % 300; c.Lk = r() % 10 == 0 ? 0 : 1 + r() % 400;
+        c.D = 8 * (1 + r() % 32);
+        c.wl = r() % 2 ? -1 : (int)(r() % 150); c.wr = r() % 2 ? -1 : (int)(r() % 150);
+        c.softcap = r() % 4 == 0 ? 5.f + r() % 50 : 0.f;
+        c.bhsd = r() % 2; c.pad = 8 * (r() % 3); c.amp = r() % 5 == 0 ? 20.f : 1.f; c.lse = r() % 5 != 0;
+        c.what = "random";
+        if (c.D > 128) { c.Lq = std::min(c.Lq, 200); c.Lk = std::min(c.Lk, 200); }  // the slow bucket
+        fails += run_case(c, r() % 2, seed++);
+    }
+    printf("stats: %ld CTAs, %ld wgmma (%ld with A from registers, %ld with B MN-major), %ld TMA boxes "
+           "(%ld partly and %ld wholly out of bounds), %ld mbarrier phases\n",
+           stats.ctas, stats.wgmma, stats.wgmma_rs, stats.wgmma_trans_b, stats.tma, stats.tma_partial, stats.tma_empty,
+           stats.phases);
+    printf("%s: %d failing cases, %ld emulator errors\n", mode.c_str(), fails, errors_total);
+    return fails || errors_total ? 1 : 0;
+}
