@@ -133,12 +133,14 @@ fn sm90_kernel_source_passes_under_the_emulator() {
     // Strictest first: copies land as late as possible, wgmma results only at
     // the retiring wait_group; then copies at random points with results at
     // issue (and a persistent grid of 3 if a kernel asks for one); a fixed
-    // thread order with copies at issue; a random sweep.
+    // thread order with copies at issue; a seeded random sweep in both wgmma
+    // timings.
     let modes: &[&[&str]] = &[
         &["--tma=lazy", "--wgmma=wait", "--seed=1"],
         &["--tma=random", "--wgmma=issue", "--seed=2", "--sms=3"],
         &["--tma=eager", "--wgmma=wait", "--ordered", "--cases=quick"],
         &["--tma=random", "--wgmma=wait", "--seed=3", "--cases=none", "--random=40"],
+        &["--tma=lazy", "--wgmma=issue", "--seed=4", "--cases=none", "--random=40"],
     ];
     let mut failures = Vec::new();
     for (args, ok, out) in run_modes(&exe, &work, modes) {
@@ -150,7 +152,13 @@ fn sm90_kernel_source_passes_under_the_emulator() {
         if !ok || !verdict.contains(": 0 failing cases, 0 emulator errors") {
             let bad: Vec<&str> =
                 out.lines().filter(|l| !l.starts_with("ok ") && !l.starts_with("stats:")).take(60).collect();
-            failures.push(format!("emulator {args}:\n{}", bad.join("\n")));
+            failures.push(format!(
+                "emulator {args}:\n{}\nreproduce: python3 tools/sm90-emu/gen.py kernels /tmp/emu90 && g++ -O2 \
+                 -std=c++17 -w -I {} -I tools/sm90-emu -I /tmp/emu90 tools/sm90-emu/emu.cpp -o /tmp/emu90/emu && \
+                 /tmp/emu90/emu {args}",
+                bad.join("\n"),
+                include.display()
+            ));
         }
         // The fixed cases must reach what they are there for.
         if !args.contains("--cases=") {
@@ -255,7 +263,33 @@ const MUTANTS: &[Mutant] = &[
             "mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes / 2); mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes / 2);",
         )],
     },
+    Mutant {
+        name: "producer does not wait for free K slots",
+        file: "fwd_sm90.cu",
+        edits: &[("mbarrier_wait(k_empty(stage), phase ^ 1);", "")],
+    },
+    Mutant {
+        name: "producer loads one key tile too many (never consumed)",
+        file: "fwd_sm90.cu",
+        edits: &[(
+            "for (int j = 0; j < n_tiles; ++j) {\n                const int n0",
+            "for (int j = 0; j <= n_tiles; ++j) {\n                const int n0",
+        )],
+    },
     Mutant { name: "fence.mbarrier_init dropped", file: "fwd_sm90.cu", edits: &[("mbarrier_init_fence();", "")] },
+    Mutant {
+        name: "__syncthreads after the mbarrier inits dropped",
+        file: "fwd_sm90.cu",
+        edits: &[("    __syncthreads();\n", "\n")],
+    },
+    Mutant {
+        name: "epilogue barrier between staging and reading O dropped",
+        file: "fwd_sm90.cu",
+        edits: &[(
+            "named_barrier_sync(kBarEpilogue + cw, kWarpgroupThreads);\n\n    // 16-byte chunks",
+            "\n    // 16-byte chunks",
+        )],
+    },
 ];
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -23,6 +23,13 @@
 //    setmaxnreg with a register pool;
 //  * bounds of every shared, global and tensor-map access; poisoned outputs;
 //    a deadlock report naming where every warp waits.
+//
+// Not modelled: the kernel's ordinary C++ loads and stores run natively
+// (only guard bytes and poisoned outputs see them, and threads interleave only
+// at emulated instructions); the memory model (proxy fences, acquire/release)
+// beyond the orderings above; nvcc's register allocation (the empty asm pins
+// are no-ops); tensor-core rounding (products are exact, sums in double);
+// ex2.approx's error; clusters and multicast.
 #include "shim.h"
 #include "kernels/fwd_sm90.cu"
 
@@ -56,7 +63,6 @@ static struct {
     unsigned seed = 1;
     std::string cases = "all";
     std::string only;             // run kernels whose name contains this
-    bool verbose = false;
 } opt;
 static std::mt19937 rng(1);
 static unsigned rnd(unsigned n) { return n ? rng() % n : 0; }
@@ -1244,12 +1250,14 @@ static bool run_cta(int threads, int regs_at_launch) {
         if (cta_abort) return false;
         if (!inflight.empty() && opt.tma == TMA_RANDOM && rnd(8) == 0) land_one(rnd(inflight.size()));
         if (runq.empty()) {
+            int done = 0;
+            for (auto &L : lanes) done += L.st == DONE;
+            if (done == threads && !inflight.empty())
+                FAIL("CTA exits with %zu TMA copies in flight that no thread waited for", inflight.size());
             if (!inflight.empty()) {  // nothing else can happen: a copy lands
                 land_one(opt.shuffle ? rnd(inflight.size()) : 0);
                 continue;
             }
-            int done = 0;
-            for (auto &L : lanes) done += L.st == DONE;
             if (done == threads) break;
             deadlock_report();
             errors_total++;
@@ -1511,6 +1519,21 @@ static int run_case(const Case &cs, bool bf16, unsigned seed) {
     return fails;
 }
 
+// Options (tests/emulated_sm90.rs picks the combinations):
+//   --tma=eager|random|lazy   TMA copies land at issue / at random later points
+//                             / only when no thread can run (default lazy)
+//   --wgmma=issue|wait        wgmma results written at issue, or only at the
+//                             retiring wait_group, accumulators poisoned
+//                             meanwhile (default wait)
+//   --ordered                 fixed thread order, no yields, dynamic smem at 0
+//   --cases=all|quick|neg|none  the fixed case list (neg: the negative control's)
+//   --random=N --seed=S       N extra random problems
+//   --sms=N                   grid of FA_GRID_PERSISTENT kernels (default 2)
+//   --only=SUBSTR             kernels whose name contains SUBSTR
+//   --oob-box=skip-empty      the alternative reading of a wholly
+//                             out-of-bounds TMA box: nothing written, 0 bytes
+//                             completed (the kernel then deadlocks)
+// The last line is "<options>: N failing cases, M emulator errors".
 int main(int argc, char **argv) {
     std::string mode;
     for (int i = 1; i < argc; ++i) {
