@@ -86,6 +86,20 @@ pub enum Error {
         len: usize,
     },
 
+    /// An output view whose strides make two elements share one address
+    /// (e.g. a zero stride): the kernels' writes would race.
+    #[error(
+        "`{arg}` has overlapping strides {strides:?} for shape {shape:?}; an output needs one address per element"
+    )]
+    Overlapping {
+        /// The argument at fault.
+        arg: &'static str,
+        /// Its shape.
+        shape: [usize; 4],
+        /// Its strides.
+        strides: [usize; 4],
+    },
+
     /// A pointer or stride does not meet the alignment the chosen kernel needs.
     #[error("`{arg}` is not aligned for kernel {kernel}: {detail}")]
     Misaligned {

@@ -252,6 +252,9 @@ pub fn validate(
         return Err(Error::HeadsNotDivisible { heads_q, heads_kv });
     }
     if let Some(o) = o {
+        if !o.layout.is_non_overlapping() {
+            return Err(Error::Overlapping { arg: o.arg, shape: o.layout.shape, strides: o.layout.strides });
+        }
         expect(o, "batch", 0, batch, "q")?;
         expect(o, "seqlen", 1, seqlen_q, "q")?;
         expect(o, "heads", 2, heads_q, "q")?;

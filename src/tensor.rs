@@ -138,6 +138,26 @@ impl Layout {
         b * self.strides[0] + s * self.strides[1] + h * self.strides[2] + d * self.strides[3]
     }
 
+    /// Whether every logical element has its own address: ordered by
+    /// stride, each stepping dimension must clear the whole extent of the
+    /// ones inside it. (Sufficient, and exact for every permuted layout.)
+    pub fn is_non_overlapping(&self) -> bool {
+        if self.numel() == 0 {
+            return true;
+        }
+        let mut dims: Vec<(usize, usize)> =
+            self.shape.iter().zip(self.strides).filter(|(&n, _)| n > 1).map(|(&n, s)| (s, n)).collect();
+        dims.sort_unstable();
+        let mut reach = 1usize; // elements covered by the dimensions so far
+        for (stride, extent) in dims {
+            if stride < reach {
+                return false;
+            }
+            reach = stride.saturating_mul(extent);
+        }
+        true
+    }
+
     /// One past the highest element offset the layout touches (0 when empty),
     /// or `None` if that overflows `usize`.
     pub fn span(&self) -> Option<usize> {

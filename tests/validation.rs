@@ -224,3 +224,25 @@ fn errors_print_the_argument() {
     let msg = check(&d, None, AttentionOptions::default()).unwrap_err().to_string();
     assert!(msg.starts_with("`v`"), "{msg}");
 }
+
+#[test]
+fn overlapping_output_strides() {
+    let mut d = good();
+    // A zero batch stride: both batches would write the same rows.
+    d[3] = TensorDesc { arg: "o", layout: Layout::strided([2, 5, 4, 64], [0, 256, 64, 1]), len: usize::MAX };
+    let e = check(&d, None, AttentionOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::Overlapping { arg: "o", .. }), "{e}");
+    // Heads interleaved with a stride smaller than the head dim.
+    d[3] = TensorDesc { arg: "o", layout: Layout::strided([2, 5, 4, 64], [5 * 256, 256, 32, 1]), len: usize::MAX };
+    assert!(matches!(check(&d, None, AttentionOptions::default()), Err(Error::Overlapping { arg: "o", .. })));
+    // Inputs may broadcast (stride 0): only outputs must not overlap.
+    let mut d = good();
+    d[1] = TensorDesc { arg: "k", layout: Layout::strided([2, 7, 2, 64], [0, 128, 64, 1]), len: usize::MAX };
+    assert!(check(&d, None, AttentionOptions::default()).is_ok());
+    // Permuted and padded layouts are fine.
+    for l in
+        [Layout::bhsd(2, 5, 4, 64), Layout::strided([2, 5, 4, 64], [5 * 300, 300, 64, 1]), Layout::bshd(1, 1, 1, 64)]
+    {
+        assert!(l.is_non_overlapping(), "{l:?}");
+    }
+}

@@ -64,7 +64,9 @@ pub struct KernelInfo {
 
 /// Kernels of one context: loaded once, shared by every handle on it.
 struct LoadedKernels {
-    kernels: Vec<(KernelRow, CudaFunction)>,
+    /// The usable table rows, and their functions at the same index.
+    rows: Vec<KernelRow>,
+    funcs: Vec<CudaFunction>,
     /// Streaming multiprocessors: the grid of persistent kernels.
     sm_count: u32,
     /// Images or kernels that could not be used on this device, and why.
@@ -92,7 +94,7 @@ impl std::fmt::Debug for Attention {
         f.debug_struct("Attention")
             .field("ordinal", &self.ctx.ordinal())
             .field("sm", &self.sm)
-            .field("kernels", &self.loaded.kernels.len())
+            .field("kernels", &self.loaded.rows.len())
             .finish()
     }
 }
@@ -127,7 +129,7 @@ impl Attention {
                 l
             }
         };
-        if loaded.kernels.is_empty() {
+        if loaded.rows.is_empty() {
             return Err(Error::UnsupportedDevice { major, minor });
         }
         Ok(Attention { ctx: ctx.clone(), sm, loaded })
@@ -145,7 +147,7 @@ impl Attention {
 
     /// Names of the kernels usable on this device.
     pub fn kernels(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.loaded.kernels.iter().map(|(r, _)| r.name)
+        self.loaded.rows.iter().map(|r| r.name)
     }
 
     /// Images or kernels that were not loaded on this device, with the reason.
@@ -153,11 +155,7 @@ impl Attention {
         &self.loaded.skipped
     }
 
-    /// Picks the kernel for a validated problem whose tensors are `descs`
-    /// with base addresses `addrs`. Auto order: sm90, sm80, naive; a family
-    /// is passed over when it has no kernel for the dtype/head dim on this
-    /// device or when the tensors miss its alignment; variants are never
-    /// picked. A forced family or kernel name that cannot run is an error.
+    /// Picks the kernel for a validated problem over these tensors (see [`dispatch`]).
     pub(crate) fn choose(
         &self,
         p: &Problem,
@@ -165,75 +163,8 @@ impl Attention {
         forced: Option<KernelFamily>,
         forced_name: Option<&'static str>,
     ) -> Result<(usize, KernelInfo)> {
-        let families = match forced {
-            Some(f) => vec![f],
-            None => vec![KernelFamily::Sm90, KernelFamily::Sm80, KernelFamily::Naive],
-        };
-        let serves = |r: &KernelRow| r.dtype == p.dtype && r.head_dim as usize >= p.head_dim;
-        let mut passed_over = Vec::new();
-        for fam in families {
-            let best = match forced_name {
-                Some(name) => self.loaded.kernels.iter().enumerate().find(|(_, (r, _))| r.name == name),
-                None => self
-                    .loaded
-                    .kernels
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, (r, _))| {
-                        KernelFamily::from_image_stem(r.image) == Some(fam) && !r.is_variant() && serves(r)
-                    })
-                    .min_by_key(|(_, (r, _))| r.head_dim),
-            };
-            let Some((idx, (row, _))) = best else {
-                passed_over.push(match forced_name {
-                    Some(name) => format!("kernel {name} is not loaded on sm_{}", self.sm),
-                    None => format!("{fam:?}: no kernel for {} head_dim {} on sm_{}", p.dtype, p.head_dim, self.sm),
-                });
-                if forced_name.is_some() {
-                    break;
-                }
-                continue;
-            };
-            let fam = KernelFamily::from_image_stem(row.image).unwrap_or(fam);
-            if !serves(row) {
-                return Err(Error::NoKernel {
-                    reason: format!("{} does not serve {} head_dim {}", row.name, p.dtype, p.head_dim),
-                });
-            }
-            let checks = descs.iter().try_for_each(|(d, addr)| {
-                check_alignment(d, *addr, 2, fam, row.name)?;
-                if fam == KernelFamily::Sm90 {
-                    tma_compatible(d, row.name)?;
-                }
-                Ok(())
-            });
-            if let Err(e) = checks {
-                if forced.is_some() || forced_name.is_some() {
-                    return Err(e);
-                }
-                passed_over.push(format!("{fam:?}: {e}"));
-                continue;
-            }
-            let m_tiles = p.seqlen_q.div_ceil(row.block_m as usize);
-            let grid = match row.grid {
-                GridKind::Tiles => (m_tiles as u32, p.heads_q as u32, p.batch as u32),
-                GridKind::Persistent => {
-                    let tiles = m_tiles * p.heads_q * p.batch;
-                    (tiles.min(self.loaded.sm_count as usize) as u32, 1, 1)
-                }
-            };
-            let info = KernelInfo {
-                name: row.name,
-                family: fam,
-                head_dim_bucket: row.head_dim,
-                grid,
-                threads: row.threads,
-                smem_bytes: row.smem_bytes,
-                passed_over,
-            };
-            return Ok((idx, info));
-        }
-        Err(Error::NoKernel { reason: passed_over.join("; ") })
+        let device = DeviceInfo { sm: self.sm, sm_count: self.loaded.sm_count };
+        dispatch(&self.loaded.rows, device, p, descs, forced, forced_name)
     }
 
     /// Checks that a stream or buffer lives in this handle's context.
@@ -279,7 +210,7 @@ impl Attention {
         if dry_run || p.seqlen_q == 0 {
             return Ok(info); // nothing to write; a zero-sized grid is a launch error
         }
-        let (_, func) = &self.loaded.kernels[idx];
+        let func = &self.loaded.funcs[idx];
         let s = |l: &Layout| l.strides.map(|x| x as i64);
         let (qs, ks, vs, os) = (s(&q.layout), s(&k.layout), s(&v.layout), s(&o.layout));
         let (window_left, window_right) = p.window_i32();
@@ -318,7 +249,7 @@ impl Attention {
             LaunchConfig { grid_dim: info.grid, block_dim: (info.threads, 1, 1), shared_mem_bytes: info.smem_bytes };
         // The Hopper kernels take the same parameters plus one TMA map per tensor.
         let sm90 = if info.family == KernelFamily::Sm90 {
-            let row = &self.loaded.kernels[idx].0;
+            let row = &self.loaded.rows[idx];
             let map = |ptr, layout: &Layout, rows| encode_tensor_map(ptr, layout, p.dtype, rows);
             // SAFETY: the struct is plain integers, pointers and byte arrays
             // (plus bindgen's padding), for all of which all-zero is valid.
@@ -345,6 +276,112 @@ impl Attention {
         // kernel family needs holds. The views' sync guards outlive the launch.
         unsafe { builder.launch(cfg) }.during("launching the attention kernel")?;
         Ok(info)
+    }
+}
+
+/// What the dispatcher needs to know of the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Compute capability as `major·10 + minor`.
+    pub sm: u32,
+    /// Streaming multiprocessors (the grid of persistent kernels).
+    pub sm_count: u32,
+}
+
+/// The dispatcher, as a pure function of the usable kernel rows (those loaded
+/// on the device), the device, a validated problem and its tensors
+/// (`descs` with their base addresses, in the order q, k, v, o).
+///
+/// Auto order: sm90, then sm80, then naive. A family is passed over when it
+/// has no kernel for the dtype and head dim, or when the tensors miss its
+/// alignment (or TMA's limits); within a family the smallest head-dim bucket
+/// that holds `D` wins; variants (`name__tag`) are never picked. A forced
+/// family or kernel name that cannot run is an error. Returns the index into
+/// `rows` and the launch.
+pub fn dispatch(
+    rows: &[KernelRow],
+    device: DeviceInfo,
+    p: &Problem,
+    descs: &[(TensorDesc, u64)],
+    forced: Option<KernelFamily>,
+    forced_name: Option<&'static str>,
+) -> Result<(usize, KernelInfo)> {
+    let serves = |r: &KernelRow| r.dtype == p.dtype && r.head_dim as usize >= p.head_dim;
+    let family = |r: &KernelRow| KernelFamily::from_image_stem(r.image).expect("build.rs knows every image");
+    let mut passed_over = Vec::new();
+    let candidates: Vec<usize> = match forced_name {
+        Some(name) => {
+            let idx = rows.iter().position(|r| r.name == name).ok_or_else(|| Error::NoKernel {
+                reason: format!("kernel {name} is not loaded on sm_{}", device.sm),
+            })?;
+            if !serves(&rows[idx]) {
+                return Err(Error::NoKernel {
+                    reason: format!("{name} does not serve {} head_dim {}", p.dtype, p.head_dim),
+                });
+            }
+            vec![idx]
+        }
+        None => forced
+            .map_or(vec![KernelFamily::Sm90, KernelFamily::Sm80, KernelFamily::Naive], |f| vec![f])
+            .into_iter()
+            .filter_map(|fam| {
+                // The family's smallest bucket that holds the head dim.
+                let best = (0..rows.len())
+                    .filter(|&i| family(&rows[i]) == fam && !rows[i].is_variant() && serves(&rows[i]))
+                    .min_by_key(|&i| rows[i].head_dim);
+                if best.is_none() {
+                    passed_over.push(format!(
+                        "{fam:?}: no kernel for {} head_dim {} on sm_{}",
+                        p.dtype, p.head_dim, device.sm
+                    ));
+                }
+                best
+            })
+            .collect(),
+    };
+    for idx in candidates {
+        let row = &rows[idx];
+        let fam = family(row);
+        let fits = descs.iter().try_for_each(|(d, addr)| {
+            check_alignment(d, *addr, 2, fam, row.name)?;
+            if fam == KernelFamily::Sm90 {
+                tma_compatible(d, row.name)?;
+            }
+            Ok(())
+        });
+        match fits {
+            Ok(()) => return Ok((idx, kernel_info(row, fam, device, p, passed_over))),
+            Err(e) if forced.is_some() || forced_name.is_some() => return Err(e),
+            Err(e) => passed_over.push(format!("{fam:?}: {e}")),
+        }
+    }
+    Err(Error::NoKernel { reason: passed_over.join("; ") })
+}
+
+/// The launch of `row` for problem `p`.
+fn kernel_info(
+    row: &KernelRow,
+    family: KernelFamily,
+    device: DeviceInfo,
+    p: &Problem,
+    passed_over: Vec<String>,
+) -> KernelInfo {
+    let m_tiles = p.seqlen_q.div_ceil(row.block_m as usize);
+    let grid = match row.grid {
+        GridKind::Tiles => (m_tiles as u32, p.heads_q as u32, p.batch as u32),
+        GridKind::Persistent => {
+            let tiles = m_tiles * p.heads_q * p.batch;
+            (tiles.min(device.sm_count as usize) as u32, 1, 1)
+        }
+    };
+    KernelInfo {
+        name: row.name,
+        family,
+        head_dim_bucket: row.head_dim,
+        grid,
+        threads: row.threads,
+        smem_bytes: row.smem_bytes,
+        passed_over,
     }
 }
 
@@ -426,11 +463,11 @@ fn load_kernels(ctx: &Arc<CudaContext>, sm: u32) -> Result<LoadedKernels> {
     let optin = ctx
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         .during("reading the shared-memory limit")? as u32;
-    let mut kernels = Vec::new();
+    let (mut rows, mut funcs) = (Vec::new(), Vec::new());
     let mut skipped = Vec::new();
     for image in sys::IMAGES {
-        let rows: Vec<&KernelRow> = sys::KERNEL_TABLE.iter().filter(|r| r.image == image.stem).collect();
-        if rows.iter().all(|r| r.min_sm > sm) {
+        let image_rows: Vec<&KernelRow> = sys::KERNEL_TABLE.iter().filter(|r| r.image == image.stem).collect();
+        if image_rows.iter().all(|r| r.min_sm > sm) {
             skipped.push(format!("{}: needs a newer GPU than sm_{sm}", image.stem));
             continue;
         }
@@ -443,7 +480,7 @@ fn load_kernels(ctx: &Arc<CudaContext>, sm: u32) -> Result<LoadedKernels> {
             }
             Err(e) => return Err(Error::Cuda { during: "loading a kernel image", source: e }),
         };
-        for row in rows {
+        for row in image_rows {
             if row.min_sm > sm {
                 continue;
             }
@@ -459,13 +496,14 @@ fn load_kernels(ctx: &Arc<CudaContext>, sm: u32) -> Result<LoadedKernels> {
                 )
                 .during("raising a kernel's shared-memory limit")?;
             }
-            kernels.push((*row, func));
+            rows.push(*row);
+            funcs.push(func);
         }
     }
     let sm_count = ctx
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .during("reading the SM count")? as u32;
-    Ok(LoadedKernels { kernels, sm_count, skipped })
+    Ok(LoadedKernels { rows, funcs, sm_count, skipped })
 }
 
 /// Allocates an output buffer that the kernel will fully overwrite.
