@@ -8,6 +8,7 @@
 //!   reduced case of the same kind where the full one is too big for the CPU),
 //!   and everything written as JSON for `scripts/peers.py` and `scripts/report.py`.
 //!   `FUSED_ATTN_BENCH_FILTER=substr` keeps only matching cases;
+//!   `FUSED_ATTN_BENCH_FAMILY=sm80` times that family instead of the dispatcher's choice;
 //!   `FUSED_ATTN_BENCH_VARIANTS=1` also times every variant kernel
 //!   (`name__tag`: other tiles or schedules) that could replace the one the
 //!   dispatcher chose, into the case's `variants` field: the ablation data.
@@ -27,7 +28,9 @@ use common::{make_inputs, open_gpu, upload, Gpu, Shape, Storage};
 use criterion::{Criterion, Throughput};
 use fused_attn::cudarc::driver::sys::CUevent_flags;
 use fused_attn::cudarc::driver::{CudaSlice, CudaStream};
-use fused_attn::{AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, KernelInfo, Layout, Mask};
+use fused_attn::{
+    AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, KernelFamily, KernelInfo, Layout, Mask,
+};
 use grid::{grid, BenchCase};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
@@ -75,7 +78,7 @@ fn time_case<T: Element>(
     let (qt, kt, vt) = (DeviceTensor::new(&bufs.q, ql), DeviceTensor::new(&bufs.k, kl), DeviceTensor::new(&bufs.v, kl));
     let mut ot = DeviceTensorMut::from_view(bufs.o.slice_mut(..ql.numel()), ql);
     let mut lse = bufs.lse.slice_mut(..c.batch * c.heads_q * c.seqlen);
-    let opts = AttentionOptions { kernel_name, ..AttentionOptions::new(c.mask) };
+    let opts = AttentionOptions { kernel_name, kernel: forced_family(), ..AttentionOptions::new(c.mask) };
     let mut info = None;
     for _ in 0..3 {
         info = Some(g.attn.forward_into(stream, &qt, &kt, &vt, &mut ot, Some(&mut lse), &opts)?);
@@ -94,6 +97,17 @@ fn time_case<T: Element>(
         .map(|p| p[0].elapsed_ms(&p[1]).map(|x| x as f64).map_err(cuda("reading events")))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((ms, info.expect("warm-up ran")))
+}
+
+/// `FUSED_ATTN_BENCH_FAMILY=naive|sm80|sm90` times one family instead of the
+/// dispatcher's choice (e.g. the portable kernel on an H100).
+fn forced_family() -> Option<KernelFamily> {
+    match std::env::var("FUSED_ATTN_BENCH_FAMILY").ok()?.as_str() {
+        "naive" => Some(KernelFamily::Naive),
+        "sm80" => Some(KernelFamily::Sm80),
+        "sm90" => Some(KernelFamily::Sm90),
+        other => panic!("FUSED_ATTN_BENCH_FAMILY={other}: expected naive, sm80 or sm90"),
+    }
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -149,7 +163,8 @@ fn reduced(c: &BenchCase) -> (BenchCase, String) {
 fn check_error<T: Element>(g: &Gpu, stream: &Arc<CudaStream>, c: &BenchCase) -> Result<f64, String> {
     let s = Shape { b: c.batch, lq: c.seqlen, lk: c.seqlen, hq: c.heads_q, hk: c.heads_kv, d: c.head_dim };
     let inp = make_inputs::<T>(42, s, Storage::Bshd);
-    let checked = common::run_and_check(g, stream, &inp, s, Storage::Bshd, &AttentionOptions::new(c.mask))?;
+    let opts = AttentionOptions { kernel: forced_family(), ..AttentionOptions::new(c.mask) };
+    let checked = common::run_and_check(g, stream, &inp, s, Storage::Bshd, &opts)?;
     Ok(checked.o_err)
 }
 
