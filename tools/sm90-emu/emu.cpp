@@ -22,11 +22,19 @@
 //    arrivals and tx-count, and their misuse; named barriers with counts;
 //    setmaxnreg with a register pool;
 //  * bounds of every shared, global and tensor-map access; poisoned outputs;
-//    a deadlock report naming where every warp waits.
+//    a deadlock report naming where every warp waits;
+//  * the generic/async proxy split, coarsely: a shadow copy of shared memory
+//    holds what the async proxy (TMA, wgmma) is known to see; TMA copies
+//    write both, fence.proxy.async (by any thread) copies the generic view
+//    into it, and a wgmma operand read or a TMA destination whose bytes
+//    ordinary stores changed since is reported. Ordinary stores into the
+//    destination of an in-flight TMA copy are reported when it lands.
 //
 // Not modelled: the kernel's ordinary C++ loads and stores run natively
-// (only guard bytes and poisoned outputs see them, and threads interleave only
-// at emulated instructions); the memory model (proxy fences, acquire/release)
+// (only guard bytes, poisoned outputs and the byte comparisons above see
+// them, and threads interleave only at emulated instructions); which thread
+// fenced (one fence covers every thread's stores here, the hardware wants a
+// fence by each writer); the rest of the memory model (acquire/release)
 // beyond the orderings above; nvcc's register allocation (the empty asm pins
 // are no-ops); tensor-core rounding (products are exact, sums in double);
 // ex2.approx's error; clusters and multicast.
@@ -92,6 +100,7 @@ static void emu_fail(const char *fmt, ...) {
 
 static struct Stats {
     long wgmma = 0, wgmma_rs = 0, wgmma_trans_b = 0, tma = 0, tma_partial = 0, tma_empty = 0, phases = 0, ctas = 0;
+    long persistent_multi = 0, persistent_mixed = 0;  // persistent launches with more tiles than CTAs; with keyless tiles too
 } stats;
 
 // ================================================================== fibers and threads
@@ -185,6 +194,7 @@ static uint32_t dyn_off = 0, dyn_size = 0;  // dynamic shared memory within it
 static const uint32_t kGuard = 1024;
 static std::vector<uint16_t> tma_pending;  // per byte: in-flight TMA writes
 static std::vector<uint16_t> wg_readers;   // per byte: in-flight wgmma reads
+static std::vector<unsigned char> async_view;  // shared memory as the async proxy is known to see it
 
 unsigned char *emu_dynamic_smem() { return win + dyn_off; }
 size_t emu_cvta_to_shared(const void *p) {
@@ -371,6 +381,9 @@ void emu_fence(const char *mn) {
     // Fences order memory; every emulated access is already ordered, so only
     // the bookkeeping that other checks rely on happens here.
     if (strstr(mn, "mbarrier_init")) mbars_by_thread_fenced(cur);
+    // A proxy fence (for shared memory, or all state spaces): the async proxy
+    // now sees what ordinary stores wrote (of every thread: coarse, see top).
+    if (strstr(mn, "proxy.async") && !strstr(mn, ".global")) memcpy(async_view.data(), win, async_view.size());
     maybe_yield();
 }
 
@@ -593,7 +606,7 @@ static void gather(MmaOp &op, std::vector<float> &A, std::vector<float> &B, std:
     A.assign(64 * 16, 0.f);
     B.assign(16 * op.n, 0.f);
     // One report per kind and operand read, not one per element.
-    int64_t outside = -1, undelivered = -1, on_mbar = -1;
+    int64_t outside = -1, undelivered = -1, on_mbar = -1, unfenced = -1;
     auto rd = [&](uint32_t a) -> float {
         if (a % 2 || !in_dyn(a, 2)) {
             if (outside < 0) outside = a;
@@ -602,6 +615,7 @@ static void gather(MmaOp &op, std::vector<float> &A, std::vector<float> &B, std:
         if ((tma_pending[a] || tma_pending[a + 1]) && undelivered < 0) undelivered = a;
         if (reads) {
             if (on_mbar < 0 && overlaps_mbar(a, 2)) on_mbar = a;
+            if (unfenced < 0 && memcmp(win + a, &async_view[a], 2)) unfenced = a;
             reads->push_back(a);
         }
         uint16_t v;
@@ -639,6 +653,9 @@ static void gather(MmaOp &op, std::vector<float> &A, std::vector<float> &B, std:
         FAIL("wgmma reads shared bytes at 0x%llx that an in-flight TMA copy has not delivered (waited on the wrong "
              "phase?)", (long long)undelivered);
     if (on_mbar >= 0) FAIL("wgmma operand at 0x%llx overlaps an mbarrier", (long long)on_mbar);
+    if (unfenced >= 0)
+        FAIL("wgmma reads shared bytes at 0x%llx that ordinary stores changed with no fence.proxy.async since: the "
+             "async proxy need not see them", (long long)unfenced);
 }
 
 // D[m][n] = sa*A x sb*B + C, written to the threads' registers in the ISA's
@@ -950,6 +967,7 @@ struct TmaCopy {
     int32_t c[4];
     uint32_t smem, bytes, bar;
     bool empty;  // no element in bounds
+    std::vector<unsigned char> before;  // the destination bytes at issue, in for_box order
 };
 static std::vector<TmaCopy> inflight;
 
@@ -1012,13 +1030,21 @@ static void complete_tx(uint32_t a, uint32_t bytes) {
 static void land(TmaCopy &t) {
     const uint32_t W = t.map.swizzle_bytes;
     const bool skip = t.empty && opt.oob_skip_empty;
+    size_t k = 0;
+    int64_t raced = -1;
     for_box(t.map, t.c, [&](uint32_t off, bool in, const unsigned char *g) {
         const uint32_t a = swz(t.smem + off, W);
         for (uint32_t b = 0; b < t.map.esize; ++b) tma_pending[a + b]--;
+        if (raced < 0 && memcmp(win + a, &t.before[k], t.map.esize)) raced = a;
+        k += t.map.esize;
         if (skip) return;
         if (in) memcpy(win + a, g, t.map.esize);
         else memset(win + a, 0, t.map.esize);  // zero fill (FLOAT_OOB_FILL_NONE)
+        memcpy(&async_view[a], win + a, t.map.esize);
     });
+    if (raced >= 0)
+        FAIL("ordinary stores wrote shared byte 0x%llx while a TMA copy into it was in flight (buffer handed back "
+             "to the producer too early?)", (long long)raced);
     complete_tx(t.bar, skip ? 0 : t.bytes);
 }
 static void land_one(size_t i) {
@@ -1060,13 +1086,15 @@ void emu_tma_load(const char *mn, uint32_t dst, uint64_t mp, const int32_t *c, i
     for (int i = n; i < 4; ++i) t.c[i] = 0;
     t.smem = dst; t.bytes = bytes; t.bar = bar;
     long in_count = 0, total = 0;
-    bool war = false, waw = false, oob_read = false;
+    bool war = false, waw = false, oob_read = false, unfenced = false;
     for_box(t.map, t.c, [&](uint32_t off, bool in, const unsigned char *g) {
         const uint32_t a = swz(dst + off, m->swizzle_bytes);
         for (uint32_t k = 0; k < m->esize; ++k) {
             war |= wg_readers[a + k] != 0;
             waw |= tma_pending[a + k] != 0;
+            unfenced |= win[a + k] != async_view[a + k];
             tma_pending[a + k]++;
+            t.before.push_back(win[a + k]);
         }
         total++;
         if (in) {
@@ -1078,6 +1106,9 @@ void emu_tma_load(const char *mn, uint32_t dst, uint64_t mp, const int32_t *c, i
     });
     if (war) FAIL("%s: overwrites shared memory that an in-flight wgmma still reads (slot released too early?)", mn);
     if (waw) FAIL("%s: overwrites shared memory another in-flight TMA copy is writing", mn);
+    if (unfenced)
+        FAIL("%s: overwrites shared bytes that ordinary stores changed with no fence.proxy.async since (the two "
+             "proxies' writes are unordered)", mn);
     if (oob_read) FAIL("%s: reads global memory outside the Q/K/V tensors (coords %d,%d,%d,%d)", mn, c[0], c[1], c[2], c[3]);
     t.empty = in_count == 0;
     stats.tma++;
@@ -1390,13 +1421,35 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     win = window;
     dyn_size = kn.smem;
     tma_pending.assign(win_bytes, 0);
+    async_view.assign(win_bytes, 0);
     wg_readers.assign(win_bytes, 0);
     kernel_fn = kn.fn;
     kernel_params = P;
     const int regs_at_launch = (65536 / kn.threads) / 8 * 8;  // __launch_bounds__(threads, 1)
     const int m_tiles = (cs.Lq + kn.bm - 1) / kn.bm;
-    if (kn.grid == FA_GRID_PERSISTENT) gridDim = make_uint3(std::min(opt.sms, m_tiles * cs.Hq * cs.B), 1, 1);
-    else gridDim = make_uint3(m_tiles, cs.Hq, cs.B);
+    if (kn.grid == FA_GRID_PERSISTENT) {
+        const int tiles = m_tiles * cs.Hq * cs.B;
+        gridDim = make_uint3(std::min(opt.sms, tiles), 1, 1);
+        // Coverage: CTAs that loop, and whether some row blocks see no key
+        // at all (from the case's band, not from the kernel's schedule).
+        if (tiles > (int)gridDim.x) {
+            stats.persistent_multi++;
+            int keyless = 0;
+            for (int mb = 0; mb < m_tiles; ++mb) {
+                bool any = false;
+                for (int i = mb * kn.bm; i < std::min(cs.Lq, (mb + 1) * kn.bm) && !any; ++i) {
+                    const int off = cs.Lk - cs.Lq;
+                    const int lo = std::max(0, cs.wl < 0 ? 0 : i + off - cs.wl);
+                    const int hi = std::min(cs.Lk, cs.wr < 0 ? cs.Lk : i + off + cs.wr + 1);
+                    any = lo < hi;
+                }
+                keyless += !any;
+            }
+            stats.persistent_mixed += keyless > 0 && keyless < m_tiles;
+        }
+    } else {
+        gridDim = make_uint3(m_tiles, cs.Hq, cs.B);
+    }
     blockDim = make_uint3(kn.threads, 1, 1);
     bool ran_ok = true;
     alarm(120);
@@ -1406,6 +1459,7 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
                 dyn_off = opt.shuffle ? 16 * rnd(64) : 0;
                 memset(win, 0xab, win_bytes);
                 memset(win + dyn_off, 0xff, dyn_size);  // garbage (f16/bf16 NaN) in every CTA
+                memcpy(async_view.data(), win, win_bytes);  // both proxies agree at launch
                 blockIdx = make_uint3(x, y, z);
                 snprintf(cta_desc, sizeof cta_desc, "%s CTA (%u,%u,%u)", kn.name, x, y, z);
                 ran_ok = run_cta(kn.threads, regs_at_launch);
@@ -1532,7 +1586,8 @@ static int run_case(const Case &cs, bool bf16, unsigned seed) {
 //   --only=SUBSTR             kernels whose name contains SUBSTR
 //   --oob-box=skip-empty      the alternative reading of a wholly
 //                             out-of-bounds TMA box: nothing written, 0 bytes
-//                             completed (the kernel then deadlocks)
+//                             completed (a kernel that issues such a box and
+//                             counts its bytes deadlocks)
 // The last line is "<options>: N failing cases, M emulator errors".
 int main(int argc, char **argv) {
     std::string mode;
@@ -1596,6 +1651,9 @@ int main(int argc, char **argv) {
             // More key tiles than ring stages: slots are reused and the
             // barrier parities wrap.
             {1, 1, 1, 100, big ? 500 : 700, hd, -1, -1, 0.f, false, 8, 1.f, true, "long keys, ring wraps"},
+            // Causal with Lq >> Lk: the top row blocks see no key at all, the
+            // last one does (a persistent CTA mixes both kinds of tile).
+            {1, 2, 1, 300, 40, hd, -1, 0, 0.f, false, 0, 1.f, true, "keyless and keyed tiles"},
         };
         // Head dims inside the bucket but not equal to it (for the 256 bucket
         // with D <= 192 the fourth 64-column box lies wholly out of bounds).
@@ -1607,7 +1665,9 @@ int main(int argc, char **argv) {
                           1.f, true, "head_dim inside bucket"});
         for (size_t i = 0; i < cs.size(); ++i) {
             if (quick && i % 3) continue;
-            if (neg && !(i == 0 || i == 1 || i == 2 || i == 10)) continue;
+            // neg: the negative control's subset; with the keyless-tile case
+            // and the first head dim inside the bucket (hd256: a dead box).
+            if (neg && !(i == 0 || i == 1 || i == 2 || i == 10 || i == 11 || i == 12)) continue;
             fails += run_case(cs[i], neg ? false : (bi + i) % 2, seed++);
         }
     }
@@ -1626,9 +1686,10 @@ int main(int argc, char **argv) {
         fails += run_case(c, r() % 2, seed++);
     }
     printf("stats: %ld CTAs, %ld wgmma (%ld with A from registers, %ld with B MN-major), %ld TMA boxes "
-           "(%ld partly and %ld wholly out of bounds), %ld mbarrier phases\n",
+           "(%ld partly and %ld wholly out of bounds), %ld mbarrier phases, %ld persistent launches with more tiles "
+           "than CTAs (%ld of them mixing tiles with and without keys)\n",
            stats.ctas, stats.wgmma, stats.wgmma_rs, stats.wgmma_trans_b, stats.tma, stats.tma_partial, stats.tma_empty,
-           stats.phases);
+           stats.phases, stats.persistent_multi, stats.persistent_mixed);
     printf("%s: %d failing cases, %ld emulator errors\n", mode.c_str(), fails, errors_total);
     return fails || errors_total ? 1 : 0;
 }
