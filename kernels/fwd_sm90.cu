@@ -4,9 +4,9 @@
 // One CTA computes O for block_m = 128 query rows of one (batch, query head)
 // with three warpgroups:
 //   producer (WG 0): gives most of its registers away (setmaxnreg.dec); one
-//     thread issues every TMA load: Q once, then K_j and V_j of each visible
-//     key tile into a ring of `stages` shared buffers, each slot guarded by a
-//     full and an empty mbarrier.
+//     thread issues every TMA load: Q once per tile, then K_j and V_j of each
+//     visible key tile into a ring of `stages` shared buffers, each slot
+//     guarded by a full and an empty mbarrier.
 //   consumers (WG 1, 2): take the registers (setmaxnreg.inc); each owns 64
 //     query rows and, per key tile j:
 //       S = Q K_j^T            wgmma, Q and K from shared memory (both K-major)
@@ -333,8 +333,12 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
 
     // ======================== Consumers =========================================
     setmaxnreg_inc<Cfg::kConsumerRegs>();
-    // consumer index: owns CTA rows [64 cw, 64 cw + 64)
-    const int cw = Cfg::kPersistent ? __shfl_sync(0xffffffffu, wg - 1, 0) : wg - 1;
+    // Consumer index: owns CTA rows [64 cw, 64 cw + 64). Broadcast from lane 0
+    // so that ptxas knows it is warp-uniform: the Q descriptors derived from it
+    // then live in uniform registers (as the K and V ones do) rather than in
+    // 32 vector registers, which the persistent hd256 consumer, with its tile
+    // loop around everything, does not have (it spilled them).
+    const int cw = __shfl_sync(0xffffffffu, wg - 1, 0);
     const int tid = threadIdx.x % kWarpgroupThreads, warp = tid / 32, lane = tid % 32;
     // Accumulator rows of this thread: row0 (h = 0) and row0 + 8 (h = 1), CTA-local;
     // columns 8i + col0 + e (sm90_wgmma.cuh).
