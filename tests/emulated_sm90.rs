@@ -26,46 +26,13 @@
 //! --ignored --nocapture` injects known bugs into a copy of the kernel source
 //! and checks that each one is caught.
 
+#[path = "common/emu.rs"]
+mod emu;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-fn cuda_include() -> Option<PathBuf> {
-    let from_nvcc =
-        std::env::var_os("NVCC").map(PathBuf::from).and_then(|p| Some(p.parent()?.parent()?.join("include")));
-    let from_home = std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("include"));
-    [from_nvcc, from_home].into_iter().flatten().find(|p| p.join("cuda_fp16.h").is_file())
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
-}
-
-/// The CUDA headers when g++ and python3 are there too; skips (or, under
-/// FUSED_ATTN_REQUIRE_KERNELS=1, fails) otherwise.
-fn prerequisites(test: &str) -> Option<PathBuf> {
-    let required = std::env::var("FUSED_ATTN_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
-    let include = cuda_include().filter(|_| have("g++") && have("python3"));
-    if include.is_none() {
-        assert!(!required, "the sm90 emulator needs g++, python3 and the CUDA headers (set NVCC or CUDA_HOME)");
-        eprintln!("SKIPPED {test}: no g++, python3 or CUDA headers");
-    }
-    include
-}
-
-fn output(cmd: &mut Command, what: &str) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if out.status.success() {
-        Ok(text)
-    } else {
-        Err(format!("{what} failed:\n{}", tail(&text, 40)))
-    }
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
+use emu::{output, prerequisites, tail};
 
 /// Translates `kernels` into `work` and compiles the emulator there.
 fn build(kernels: &Path, work: &Path, include: &Path) -> Result<PathBuf, String> {

@@ -39,6 +39,7 @@
 // are no-ops); tensor-core rounding (products are exact, sums in double);
 // ex2.approx's error; clusters and multicast.
 #include "shim.h"
+#include "../emu-common/check.h"
 #include "kernels/fwd_sm90.cu"
 
 #include <ucontext.h>
@@ -504,10 +505,6 @@ static void exec_warp(int w) {
 }
 
 // ================================================================== warpgroup collectives
-static float h2f(uint16_t bits, bool bf16) {
-    if (bf16) { uint32_t u = (uint32_t)bits << 16; float f; memcpy(&f, &u, 4); return f; }
-    __half h; memcpy(&h, &bits, 2); return __half2float(h);
-}
 
 struct MmaOp {
     int n = 0;
@@ -1472,64 +1469,11 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     alarm(0);
 
     // f64 reference
-    double err2 = 0, ref2 = 0, lse_err = 0;
-    bool ok = ran_ok;
-    const double cap = cs.softcap;
-    const int off = cs.Lk - cs.Lq;
-    for (int b = 0; b < cs.B; ++b)
-        for (int h = 0; h < cs.Hq; ++h) {
-            const int hk = h / (cs.Hq / cs.Hk);
-            for (int i = 0; i < cs.Lq; ++i) {
-                std::vector<double> s(cs.Lk, -INFINITY);
-                double mx = -INFINITY;
-                for (int j = 0; j < cs.Lk; ++j) {
-                    const bool vis = (cs.wl < 0 || j >= i + off - cs.wl) && (cs.wr < 0 || j <= i + off + cs.wr);
-                    if (!vis) continue;
-                    double dot = 0;
-                    for (int d = 0; d < cs.D; ++d)
-                        dot += (double)h2f(q[b * qb + (int64_t)i * qr + h * qh + d], bf16) *
-                               h2f(k[b * kb + (int64_t)j * kr + hk * kh + d], bf16);
-                    double sc = dot * p.scale;
-                    if (cap > 0) sc = cap * tanh(sc / cap);
-                    s[j] = sc;
-                    mx = std::max(mx, sc);
-                }
-                double l = 0;
-                std::vector<double> out(cs.D, 0.0);
-                if (mx > -INFINITY) {
-                    for (int j = 0; j < cs.Lk; ++j) {
-                        if (s[j] == -INFINITY) continue;
-                        const double e = exp(s[j] - mx);
-                        l += e;
-                        for (int d = 0; d < cs.D; ++d) out[d] += e * h2f(v[b * kb + (int64_t)j * kr + hk * kh + d], bf16);
-                    }
-                    for (auto &x : out) x /= l;
-                }
-                const double ref_lse = mx > -INFINITY ? mx + log(l) : -INFINITY;
-                for (int d = 0; d < cs.D; ++d) {
-                    const float got = h2f(O[b * ob + (int64_t)i * orr + h * oh + d], bf16);
-                    if (!std::isfinite(got)) {
-                        if (ok) printf("  non-finite O at b%d h%d row %d col %d\n", b, h, i, d);
-                        ok = false;
-                    }
-                    err2 += (got - out[d]) * (got - out[d]);
-                    ref2 += out[d] * out[d];
-                    if (mx == -INFINITY && got != 0.f) {
-                        if (ok) printf("  row %d sees no key but O is not 0\n", i);
-                        ok = false;
-                    }
-                }
-                if (cs.lse) {
-                    const float got = LSE[((int64_t)b * cs.Hq + h) * cs.Lq + i];
-                    if (ref_lse == -INFINITY) {
-                        if (!(got == -INFINITY)) { if (ok) printf("  empty row %d: LSE %f, not -inf\n", i, got); ok = false; }
-                    } else {
-                        if (!std::isfinite(got)) { if (ok) printf("  LSE of row %d not finite\n", i); ok = false; }
-                        lse_err = std::max(lse_err, fabs(got - ref_lse));
-                    }
-                }
-            }
-        }
+    EmuProblem ep{cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale, (double)cs.softcap, bf16, cs.lse,
+                  q, k, v, O, LSE, qb, qr, qh, kb, kr, kh, ob, orr, oh};
+    const EmuCheck chk = emu_check_against_reference(ep, true);
+    bool ok = ran_ok && chk.ok;
+    const double lse_err = chk.lse_err;
     // Everything of O outside the view, and LSE's guards, keep their poison.
     std::vector<char> inview(on, 0);
     for (int b = 0; b < cs.B; ++b)
@@ -1546,7 +1490,7 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     if (!cs.lse)
         for (float x : lse) if (!std::isnan(x)) { stray++; break; }
     if (stray) { ok = false; printf("  %ld stray writes outside O's view / LSE\n", stray); }
-    const double rel = ref2 > 0 ? sqrt(err2 / ref2) : sqrt(err2);
+    const double rel = chk.rel();
     const double tol = bf16 ? 1e-2 : 3e-3;
     if (!(rel <= tol)) ok = false;
     if (cs.lse && lse_err > 2e-3 * std::max(1.0, (double)cs.amp * cs.amp)) ok = false;

@@ -1,0 +1,101 @@
+// Shared by the sm80 and sm90 emulators: 16-bit element decoding and the
+// comparison of a kernel's O and LSE with an f64 evaluation of DESIGN.md
+// section 1 (bottom-right band, GQA, softcap, empty rows O = 0, LSE = -inf).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+#include <algorithm>
+#include <cuda_fp16.h>
+
+static float h2f(uint16_t bits, bool bf16) {
+    if (bf16) { uint32_t u = (uint32_t)bits << 16; float f; memcpy(&f, &u, 4); return f; }
+    __half h; memcpy(&h, &bits, 2); return __half2float(h);
+}
+
+// Strides are in elements, as in FaFwdParams; v shares k's strides.
+struct EmuProblem {
+    int B, Hq, Hk, Lq, Lk, D, wl, wr;  // window side < 0: unbounded
+    double scale, softcap;             // softcap 0: none
+    bool bf16, lse;
+    const uint16_t *q, *k, *v, *o;
+    const float *lse_out;
+    int64_t qb, qr, qh, kb, kr, kh, ob, orr, oh;
+};
+
+struct EmuCheck {
+    bool ok = true;
+    double err2 = 0, ref2 = 0, lse_err = 0;
+    double rel() const { return ref2 > 0 ? sqrt(err2 / ref2) : sqrt(err2); }
+};
+
+// Every in-view element of O must be finite and, for rows that see no key,
+// exactly 0; LSE (when written) exactly -inf for those rows, finite otherwise.
+static EmuCheck emu_check_against_reference(const EmuProblem &c, bool verbose) {
+    EmuCheck r;
+    const int off = c.Lk - c.Lq;
+    for (int b = 0; b < c.B; ++b)
+        for (int h = 0; h < c.Hq; ++h) {
+            const int hk = h / (c.Hq / c.Hk);
+            for (int i = 0; i < c.Lq; ++i) {
+                std::vector<double> s(c.Lk, -INFINITY);
+                double mx = -INFINITY;
+                for (int j = 0; j < c.Lk; ++j) {
+                    const bool vis = (c.wl < 0 || j >= i + off - c.wl) && (c.wr < 0 || j <= i + off + c.wr);
+                    if (!vis) continue;
+                    double dot = 0;
+                    for (int d = 0; d < c.D; ++d)
+                        dot += (double)h2f(c.q[b * c.qb + (int64_t)i * c.qr + h * c.qh + d], c.bf16) *
+                               h2f(c.k[b * c.kb + (int64_t)j * c.kr + hk * c.kh + d], c.bf16);
+                    double sc = dot * c.scale;
+                    if (c.softcap > 0) sc = c.softcap * tanh(sc / c.softcap);
+                    s[j] = sc;
+                    mx = std::max(mx, sc);
+                }
+                double l = 0;
+                std::vector<double> out(c.D, 0.0);
+                if (mx > -INFINITY) {
+                    for (int j = 0; j < c.Lk; ++j) {
+                        if (s[j] == -INFINITY) continue;
+                        const double e = exp(s[j] - mx);
+                        l += e;
+                        for (int d = 0; d < c.D; ++d)
+                            out[d] += e * h2f(c.v[b * c.kb + (int64_t)j * c.kr + hk * c.kh + d], c.bf16);
+                    }
+                    for (auto &x : out) x /= l;
+                }
+                const double ref_lse = mx > -INFINITY ? mx + log(l) : -INFINITY;
+                for (int d = 0; d < c.D; ++d) {
+                    const float got = h2f(c.o[b * c.ob + (int64_t)i * c.orr + h * c.oh + d], c.bf16);
+                    if (!std::isfinite(got)) {
+                        if (r.ok && verbose) printf("  non-finite O at b%d h%d row %d col %d\n", b, h, i, d);
+                        r.ok = false;
+                    }
+                    r.err2 += (got - out[d]) * (got - out[d]);
+                    r.ref2 += out[d] * out[d];
+                    if (mx == -INFINITY && got != 0.f) {
+                        if (r.ok && verbose) printf("  row %d sees no key but O is not 0\n", i);
+                        r.ok = false;
+                    }
+                }
+                if (c.lse) {
+                    const float got = c.lse_out[((int64_t)b * c.Hq + h) * c.Lq + i];
+                    if (ref_lse == -INFINITY) {
+                        if (!(got == -INFINITY)) {
+                            if (r.ok && verbose) printf("  empty row %d: LSE %f, not -inf\n", i, got);
+                            r.ok = false;
+                        }
+                    } else {
+                        if (!std::isfinite(got)) {
+                            if (r.ok && verbose) printf("  LSE of row %d not finite\n", i);
+                            r.ok = false;
+                        }
+                        r.lse_err = std::max(r.lse_err, fabs(got - ref_lse));
+                    }
+                }
+            }
+        }
+    return r;
+}
