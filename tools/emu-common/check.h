@@ -99,3 +99,26 @@ static EmuCheck emu_check_against_reference(const EmuProblem &c, bool verbose) {
         }
     return r;
 }
+
+// Writes outside the kernel's outputs: elements of O's allocation
+// [alloc, alloc + alloc_len) that are not in the view must keep the 0xffff
+// poison; LSE's `guard` floats at each end of its allocation must stay NaN,
+// and all of it when the kernel was given no LSE.
+static long emu_count_stray(const EmuProblem &c, const uint16_t *alloc, size_t alloc_len,
+                            const std::vector<float> &lse_alloc, int guard) {
+    std::vector<char> inview(alloc_len, 0);
+    for (int b = 0; b < c.B; ++b)
+        for (int h = 0; h < c.Hq; ++h)
+            for (int i = 0; i < c.Lq; ++i)
+                for (int d = 0; d < c.D; ++d)
+                    inview[(c.o - alloc) + b * c.ob + (int64_t)i * c.orr + h * c.oh + d] = 1;
+    long stray = 0;
+    for (size_t x = 0; x < alloc_len; ++x)
+        if (!inview[x] && alloc[x] != 0xffff) stray++;
+    for (int x = 0; x < guard; ++x)
+        if (!std::isnan(lse_alloc[x]) || !std::isnan(lse_alloc[lse_alloc.size() - 1 - x])) stray++;
+    if (!c.lse)
+        for (float x : lse_alloc)
+            if (!std::isnan(x)) { stray++; break; }
+    return stray;
+}

@@ -1474,21 +1474,8 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     const EmuCheck chk = emu_check_against_reference(ep, true);
     bool ok = ran_ok && chk.ok;
     const double lse_err = chk.lse_err;
-    // Everything of O outside the view, and LSE's guards, keep their poison.
-    std::vector<char> inview(on, 0);
-    for (int b = 0; b < cs.B; ++b)
-        for (int h = 0; h < cs.Hq; ++h)
-            for (int i = 0; i < cs.Lq; ++i)
-                for (int d = 0; d < cs.D; ++d) inview[b * ob + (int64_t)i * orr + h * oh + d] = 1;
-    long stray = 0;
-    for (uint16_t *x = ov.data(); x < ov.data() + ov.size(); ++x) {
-        const bool in = x >= O && x < O + on && inview[x - O];
-        if (!in && *x != 0xffff) stray++;
-    }
-    for (int x = 0; x < guard; ++x)
-        if (!std::isnan(lse[x]) || !std::isnan(lse[lse.size() - 1 - x])) stray++;
-    if (!cs.lse)
-        for (float x : lse) if (!std::isnan(x)) { stray++; break; }
+    // Outside the view and LSE's guards everything keeps its poison.
+    const long stray = emu_count_stray(ep, ov.data(), ov.size(), lse, guard);
     if (stray) { ok = false; printf("  %ld stray writes outside O's view / LSE\n", stray); }
     const double rel = chk.rel();
     const double tol = bf16 ? 1e-2 : 3e-3;
