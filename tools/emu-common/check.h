@@ -15,14 +15,14 @@ static float h2f(uint16_t bits, bool bf16) {
     __half h; memcpy(&h, &bits, 2); return __half2float(h);
 }
 
-// Strides are in elements, as in FaFwdParams; v shares k's strides.
+// Strides are in elements, as in FaFwdParams; every tensor has its own.
 struct EmuProblem {
     int B, Hq, Hk, Lq, Lk, D, wl, wr;  // window side < 0: unbounded
     double scale, softcap;             // softcap 0: none
     bool bf16, lse;
     const uint16_t *q, *k, *v, *o;
     const float *lse_out;
-    int64_t qb, qr, qh, kb, kr, kh, ob, orr, oh;
+    int64_t qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orr, oh;
 };
 
 struct EmuCheck {
@@ -62,7 +62,7 @@ static EmuCheck emu_check_against_reference(const EmuProblem &c, bool verbose) {
                         const double e = exp(s[j] - mx);
                         l += e;
                         for (int d = 0; d < c.D; ++d)
-                            out[d] += e * h2f(c.v[b * c.kb + (int64_t)j * c.kr + hk * c.kh + d], c.bf16);
+                            out[d] += e * h2f(c.v[b * c.vb + (int64_t)j * c.vr + hk * c.vh + d], c.bf16);
                     }
                     for (auto &x : out) x /= l;
                 }

@@ -340,7 +340,7 @@ static bool run_case_on(const Kern *kn, const Case &cs, bool bf16, unsigned seed
 
     // reference
     EmuProblem ep{cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale, (double)cs.softcap, bf16, cs.lse,
-                  q.data(), k.data(), v.data(), O, LSE, qb, qr, qh, kb, kr, kh, ob, orr, oh};
+                  q.data(), k.data(), v.data(), O, LSE, qb, qr, qh, kb, kr, kh, kb, kr, kh, ob, orr, oh};
     const EmuCheck chk = emu_check_against_reference(ep, verbose);
     bool ok = chk.ok;
     const double lse_err = chk.lse_err;

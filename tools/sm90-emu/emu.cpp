@@ -1470,7 +1470,7 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
 
     // f64 reference
     EmuProblem ep{cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale, (double)cs.softcap, bf16, cs.lse,
-                  q, k, v, O, LSE, qb, qr, qh, kb, kr, kh, ob, orr, oh};
+                  q, k, v, O, LSE, qb, qr, qh, kb, kr, kh, kb, kr, kh, ob, orr, oh};
     const EmuCheck chk = emu_check_against_reference(ep, true);
     bool ok = ran_ok && chk.ok;
     const double lse_err = chk.lse_err;
