@@ -1,21 +1,70 @@
-// Host emulator of the CUDA features fwd_sm80.cu uses, run over the real kernel
-// source (see gen.py): every CUDA thread is a fiber; ldmatrix, mma.sync, shuffles,
-// barriers and cp.async (landing at issue or at the wait, with random warp
-// order) are emulated, reads/writes outside the tensors and shared-memory
-// overruns are errors, and each case is checked against an f64 reference.
-// Driven by tests/emulated_sm80.rs.
+// Host emulator of the CUDA features fwd_sm80.cu and fwd_naive.cu use, run over
+// the real kernel sources (see gen.py): every CUDA thread is a fiber; ldmatrix,
+// mma.sync, shuffles, barriers and cp.async are emulated and each case is
+// checked against an f64 reference (../emu-common/check.h). Driven by
+// tests/emulated_sm80.rs.
+//
+// What is checked besides the result: reads/writes outside the tensors,
+// stray writes into O's padding and LSE's guards, shared-memory overruns,
+// bank conflicts, and the ordering of every shared-memory access (see
+// "shared-memory ordering" below): an access that overlaps a cp.async copy
+// not yet waited for and published by a barrier, or a plain access that
+// races with another thread's, is an emulator error whatever the timing.
+//
+// Options:
+//   --kernel=sm80|naive        which kernel table
+//   --land=lazy|eager|random   cp.async data lands at the wait, at issue, or at
+//                              a random point in between
+//   --order=shuffle|fixed      random or fixed warp order
+//   --cases=all|quick|none|neg fixed case set (neg: the negative control's)
+//   --random=N --seed=S        N seeded random cases
+//   --round=exact|hw           hw: ex2.approx with its documented error, and
+//                              mma accumulation truncated and jittered
+//   --only=SUBSTR              only kernels whose name contains SUBSTR
 #include "shim.h"
 #include "../emu-common/check.h"
 #include "kernels/fwd_sm80.cu"
+#undef FA_KERNEL
+#undef FA_SHAPE
+#undef FA_CFG
+#include "kernels/fwd_naive.cu"
+#include <string>
+
+// ------------------------------------------------------------------ options
+enum Land { LAND_LAZY, LAND_EAGER, LAND_RANDOM };
+static Land land = LAND_LAZY;
+static bool shuffle_order = true;
+static bool hw_round = false;
+static std::mt19937 rng(1);
+static uint64_t noise_state = 0x9e3779b97f4a7c15ull;
+static long errors = 0;
+static long ldsm_conflicts = 0, ldsm_phases = 0;
+static long n_ctas = 0, n_cp_async = 0, n_checked = 0;
+
+#define FAIL(...)                                        \
+    do {                                                 \
+        if (errors++ < 20) {                             \
+            fprintf(stderr, "EMU ERROR: " __VA_ARGS__);  \
+            fprintf(stderr, "\n");                       \
+        }                                                \
+    } while (0)
+
+// Uniform in [-1, 1): the rounding noise of --round=hw, independent of the
+// scheduling rng so that thread order and rounding can vary separately.
+static double noise() {
+    noise_state ^= noise_state << 13; noise_state ^= noise_state >> 7; noise_state ^= noise_state << 17;
+    return (double)(noise_state >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+}
 
 // ------------------------------------------------------------------ scheduler
 enum { RUN, WAIT_WARP, WAIT_BAR, DONE };
 enum { OP_SHFL = 1, OP_LDSM, OP_LDSM_T, OP_MMA_F16, OP_MMA_BF16, OP_SYNCWARP };
 
-struct Copy { uint32_t dst; const unsigned char *src; uint32_t bytes; };
+struct Copy { uint32_t dst; const unsigned char *src; uint32_t bytes; int seq; bool landed; };
 
 struct Lane {
-    ucontext_t ctx;
+    ucontext_t ctx;     // fiber context where emu_switch is not available
+    void *sp = nullptr; // saved stack pointer (emu_switch)
     std::vector<char> stack;
     int state = RUN;
     int op = 0;
@@ -29,6 +78,10 @@ struct Lane {
     float fout;
     std::vector<Copy> open;
     std::deque<std::vector<Copy>> groups;
+    int seq = 0;                                // cp.async copies issued
+    int done_seq = 0;                           // copies 1..done_seq completed (waited for)
+    std::vector<std::pair<int, int>> done_at;   // (done_seq, CTA epoch of that wait)
+    int shared_calls = 0;                       // emu_shared_alloc calls so far
 };
 
 unsigned char *emu_smem;
@@ -36,32 +89,56 @@ uint3 blockIdx;
 static std::vector<Lane> lanes;
 static int cur = -1;
 static int n_threads = 0;
-static ucontext_t sched_ctx;
 static void (*kernel_fn)(FaFwdParams);
 static FaFwdParams kernel_params;
 static size_t smem_bytes = 0;
-static std::vector<int> pending;      // in-flight cp.async bytes per smem byte (lazy mode)
-static bool eager = false;            // cp.async lands at issue (else at the wait)
-static bool shuffle_order = false;
-static std::mt19937 rng(1);
-static long errors = 0;
-static long ldsm_conflicts = 0, ldsm_phases = 0;
 struct Range { const unsigned char *lo, *hi; };
 static std::vector<Range> readable;
-
-#define FAIL(...)                                        \
-    do {                                                 \
-        if (errors++ < 20) {                             \
-            fprintf(stderr, "EMU ERROR: " __VA_ARGS__);  \
-            fprintf(stderr, "\n");                       \
-        }                                                \
-    } while (0)
+static Range writable;
+static std::vector<size_t> shared_offsets;  // naive kernel: offset of each static array
+static size_t shared_top = 0;
 
 uint3 emu_thread_idx() { return make_uint3(cur, 0, 0); }
 
+// Fiber switches: swapcontext makes a signal-mask system call each time, which
+// was most of the emulator's run time; on x86-64 a few instructions that swap
+// the callee-saved registers and the stack pointer do the same job.
+#if defined(__x86_64__)
+extern "C" void emu_switch(void **save_sp, void *load_sp);
+asm(".text\n.globl emu_switch\n.type emu_switch,@function\nemu_switch:\n"
+    "pushq %rbp\npushq %rbx\npushq %r12\npushq %r13\npushq %r14\npushq %r15\n"
+    "movq %rsp, (%rdi)\nmovq %rsi, %rsp\n"
+    "popq %r15\npopq %r14\npopq %r13\npopq %r12\npopq %rbx\npopq %rbp\nret\n");
+static void *sched_sp;
+static void lane_entry();
+static void start_fiber(Lane &L) {
+    uintptr_t top = ((uintptr_t)(L.stack.data() + L.stack.size())) & ~(uintptr_t)15;
+    void **sp = (void **)(top - 64);
+    for (int i = 0; i < 6; ++i) sp[i] = nullptr;   // r15 .. rbp
+    sp[6] = (void *)&lane_entry;                   // where `ret` goes
+    sp[7] = nullptr;                               // lane_entry's return address (never used)
+    L.sp = sp;
+}
+static void to_scheduler() { emu_switch(&lanes[cur].sp, sched_sp); }
+static void to_lane(int i) { cur = i; emu_switch(&sched_sp, lanes[i].sp); }
+static void lane_exit() { void *dead; emu_switch(&dead, sched_sp); }
+#else
+static ucontext_t sched_ctx;
+static void lane_entry();
+static void start_fiber(Lane &L) {
+    getcontext(&L.ctx);
+    L.ctx.uc_stack.ss_sp = L.stack.data();
+    L.ctx.uc_stack.ss_size = L.stack.size();
+    L.ctx.uc_link = nullptr;
+    makecontext(&L.ctx, lane_entry, 0);
+}
+static void to_scheduler() { swapcontext(&lanes[cur].ctx, &sched_ctx); }
+static void to_lane(int i) { cur = i; swapcontext(&sched_ctx, &lanes[i].ctx); }
+static void lane_exit() { setcontext(&sched_ctx); }
+#endif
 static void block_on(int state) {
     lanes[cur].state = state;
-    swapcontext(&lanes[cur].ctx, &sched_ctx);
+    to_scheduler();
 }
 
 float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
@@ -74,43 +151,197 @@ float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
 void __syncthreads() { block_on(WAIT_BAR); }
 void __syncwarp(unsigned) { lanes[cur].op = OP_SYNCWARP; block_on(WAIT_WARP); }
 
-static void do_copy(const Copy &c) {
+// ------------------------------------------------------------------ numerics
+static bool is_sub(float x) { return x != 0.f && fabsf(x) < FLT_MIN; }
+
+// ex2.approx.ftz.f32: subnormal inputs and results flush to zero; PTX documents
+// a maximum relative error of 2^-22 for the approximation, which --round=hw
+// applies with a random sign and size.
+float emu_ex2(float x) {
+    if (is_sub(x)) x = 0.f;
+    float y = exp2f(x);
+    if (hw_round && std::isfinite(y) && y != 0.f) y = (float)((double)y * (1.0 + noise() * 0x1p-22));
+    if (is_sub(y)) y = 0.f;
+    return y;
+}
+// __fdividef: 0 for 2^126 < |b| < 2^128 (CUDA's documented behaviour), else
+// a / b within 2 ulp (--round=hw).
+float __fdividef(float a, float b) {
+    if (fabsf(b) > 0x1p126f && std::isfinite(b)) return 0.f;
+    float y = a / b;
+    if (hw_round && std::isfinite(y) && y != 0.f) y = (float)((double)y * (1.0 + noise() * 0x1p-23));
+    return y;
+}
+
+// f32 rounding toward zero of an exactly computed double.
+static float to_f32_rz(double s) {
+    float f = (float)s;
+    if (std::isfinite(f) && fabs((double)f) > fabs(s)) f = nextafterf(f, 0.f);
+    return f;
+}
+
+// ------------------------------------------------------------------ shared-memory ordering
+// Per 4-byte granule of shared memory: the last write (thread, CTA epoch, warp
+// epoch, and for a cp.async its sequence number in the issuing thread) and the
+// reads since. The CTA epoch counts completed __syncthreads, a warp's epoch its
+// completed __syncwarp. Rules (conservative readings of the PTX memory model):
+//  - a cp.async copy is in flight until its thread's cp.async.wait_group covers
+//    it; then its data is visible to that thread, and to others only after a
+//    __syncthreads that follows the wait;
+//  - plain accesses by different threads are ordered by a __syncthreads, or
+//    within a warp by a __syncwarp; ldmatrix counts as a read by the whole warp
+//    (its data goes to every lane), so it is ordered with a lane's own plain
+//    write only by a __syncwarp.
+// Any access that overlaps an unordered write, and any write (plain or a new
+// cp.async) that overlaps an unordered read, is reported.
+struct Gran {
+    int w_thread = -1, w_E = 0, w_we = 0, w_seq = 0;
+    int r_E = -1, r_we = 0, r_thread = -1;
+    uint32_t r_warps = 0;
+};
+static std::vector<Gran> shadow;
+static int cta_epoch = 0;
+static std::vector<int> warp_epoch;
+
+static int completion_epoch(const Lane &U, int seq) {
+    for (auto &d : U.done_at)
+        if (d.first >= seq) return d.second;
+    return INT32_MAX;
+}
+
+// who: the accessing thread; collective: a warp-wide ldmatrix (who is the lane
+// that gave the address).
+static void shadow_access(uint32_t off, uint32_t n, int who, bool collective, bool write, int seq,
+                          const char *what) {
+    if (off % 4 || n % 4) { FAIL("%s: unaligned shared access at %u (%u bytes)", what, off, n); return; }
+    if (off + n > smem_bytes) { FAIL("%s: shared access %u..%u past %zu bytes", what, off, off + n, smem_bytes); return; }
+    const int warp = who / 32, we = warp_epoch[warp];
+    const int reader = collective ? -2 : who;
+    for (uint32_t g = off / 4; g < (off + n) / 4; ++g) {
+        Gran &s = shadow[g];
+        ++n_checked;
+        if (s.w_thread >= 0) {
+            if (s.w_seq > 0) {
+                const Lane &U = lanes[s.w_thread];
+                if (s.w_seq > U.done_seq) {
+                    FAIL("%s by thread %d overlaps shared bytes %u.. of a cp.async of thread %d still in flight "
+                         "(no cp.async.wait_group covers it yet)", what, who, g * 4, s.w_thread);
+                    return;
+                }
+                if (!(s.w_thread == who && !collective) && !(completion_epoch(U, s.w_seq) < cta_epoch)) {
+                    FAIL("%s by thread %d overlaps shared bytes %u.. of a cp.async of thread %d that was waited "
+                         "for but not yet published by a __syncthreads", what, who, g * 4, s.w_thread);
+                    return;
+                }
+            } else {
+                const bool ordered = s.w_E < cta_epoch || (s.w_thread == who && !collective) ||
+                                     (s.w_thread / 32 == warp && s.w_we < we);
+                if (!ordered) {
+                    FAIL("%s by thread %d races with a plain write of thread %d to shared bytes %u.. "
+                         "(no barrier between)", what, who, s.w_thread, g * 4);
+                    return;
+                }
+            }
+        }
+        if (write) {
+            if (s.r_E == cta_epoch) {
+                const bool other_warp = (s.r_warps & ~(1u << warp)) != 0;
+                const bool same_warp = (s.r_warps & (1u << warp)) && s.r_we == we && s.r_thread != who;
+                if (other_warp || same_warp) {
+                    FAIL("%s by thread %d overwrites shared bytes %u.. that %s read without a barrier between",
+                         what, who, g * 4, other_warp ? "another warp" : "another lane (or ldmatrix) of its warp");
+                    return;
+                }
+            }
+            s = Gran();
+            s.w_thread = who; s.w_E = cta_epoch; s.w_we = we; s.w_seq = seq;
+        } else if (s.r_E != cta_epoch || (s.r_warps == (1u << warp) && s.r_we != we)) {
+            s.r_E = cta_epoch; s.r_we = we; s.r_warps = 1u << warp; s.r_thread = reader;
+        } else {
+            s.r_warps |= 1u << warp;
+            if (s.r_thread != reader) s.r_thread = -1;
+            s.r_we = we;
+        }
+    }
+}
+
+void emu_mem_access(const void *p, size_t bytes, bool write) {
+    const unsigned char *c = (const unsigned char *)p;
+    if (c >= emu_smem && c < emu_smem + smem_bytes + 1024) {
+        shadow_access((uint32_t)(c - emu_smem), (uint32_t)bytes, cur, false, write, 0, write ? "store" : "load");
+        return;
+    }
+    if (write) {
+        if (!(c >= writable.lo && c + bytes <= writable.hi)) FAIL("global store outside O's allocation (thread %d)", cur);
+    } else {
+        bool ok = false;
+        for (auto &r : readable) ok |= c >= r.lo && c + bytes <= r.hi;
+        if (!ok) FAIL("global load outside Q/K/V (thread %d)", cur);
+    }
+}
+
+void *emu_shared_alloc(size_t bytes) {
+    Lane &L = lanes[cur];
+    const size_t k = L.shared_calls++;
+    if (k == shared_offsets.size()) {
+        shared_offsets.push_back(shared_top);
+        shared_top += (bytes + 15) / 16 * 16;
+        if (shared_top > smem_bytes) FAIL("static shared arrays exceed %zu bytes", smem_bytes);
+    }
+    return emu_smem + shared_offsets[k];
+}
+
+// ------------------------------------------------------------------ cp.async
+static void do_copy(Copy &c) {
+    if (c.landed) return;
     if (c.bytes) memcpy(emu_smem + c.dst, c.src, 16);
     else memset(emu_smem + c.dst, 0, 16);
+    c.landed = true;
 }
 
 void emu_cp_async_16(uint32_t dst, const void *src, uint32_t bytes) {
-    if (dst % 16 || dst + 16 > smem_bytes) FAIL("cp.async dst %u out of smem (%zu)", dst, smem_bytes);
+    if (dst % 16 || dst + 16 > smem_bytes) { FAIL("cp.async dst %u out of smem (%zu)", dst, smem_bytes); return; }
     if (bytes != 0 && bytes != 16) FAIL("cp.async bytes %u", bytes);
     const unsigned char *s = (const unsigned char *)src;
     if ((uintptr_t)s % 16) FAIL("cp.async src misaligned");
     if (bytes) {
         bool ok = false;
         for (auto &r : readable) ok |= s >= r.lo && s + 16 <= r.hi;
-        if (!ok) FAIL("cp.async reads outside Q/K/V (thread %d)", cur);
+        if (!ok) { FAIL("cp.async reads outside Q/K/V (thread %d)", cur); return; }
     }
-    Copy c{dst, s, bytes};
-    if (eager) { do_copy(c); return; }
-    for (int i = 0; i < 16; ++i)
-        if (pending[dst + i]++) { FAIL("cp.async over an in-flight cp.async at %u", dst); break; }
-    lanes[cur].open.push_back(c);
+    Lane &L = lanes[cur];
+    Copy c{dst, s, bytes, ++L.seq, false};
+    ++n_cp_async;
+    shadow_access(dst, 16, cur, false, true, c.seq, "cp.async");
+    if (land == LAND_EAGER) do_copy(c);
+    L.open.push_back(c);
 }
 void emu_cp_async_commit() {
     Lane &L = lanes[cur];
     L.groups.push_back(std::move(L.open));
     L.open.clear();
 }
-static void land_group(Lane &L) {
+static void complete_group(Lane &L) {
     for (auto &c : L.groups.front()) {
         do_copy(c);
-        for (int i = 0; i < 16; ++i) pending[c.dst + i]--;
+        L.done_seq = std::max(L.done_seq, c.seq);
     }
+    L.done_at.push_back({L.done_seq, cta_epoch});
     L.groups.pop_front();
 }
 void emu_cp_async_wait(int n) {
     Lane &L = lanes[cur];
-    while ((int)L.groups.size() > n) land_group(L);
+    while ((int)L.groups.size() > n) complete_group(L);
 }
+// --land=random: some copy of some thread lands now (data only; it is still
+// in flight for the ordering rules until its wait).
+static void land_something() {
+    Lane &L = lanes[rng() % n_threads];
+    auto *g = !L.groups.empty() ? &L.groups[rng() % L.groups.size()] : &L.open;
+    if (!g->empty()) do_copy((*g)[rng() % g->size()]);
+}
+
+// ------------------------------------------------------------------ warp collectives
 void emu_ldsm(uint32_t (&r)[4], uint32_t addr, bool trans) {
     Lane &L = lanes[cur];
     L.op = trans ? OP_LDSM_T : OP_LDSM; L.addr = addr;
@@ -126,7 +357,6 @@ void emu_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bo
     for (int i = 0; i < 4; ++i) d[i] = lanes[cur].d[i];
 }
 
-
 static void exec_warp(int w) {
     Lane *W = &lanes[w * 32];
     const int op = W[0].op;
@@ -141,8 +371,7 @@ static void exec_warp(int w) {
             for (int row = 0; row < 8; ++row) {
                 uint32_t a = W[8 * m + row].addr;
                 if (a % 16 || a + 16 > smem_bytes) { FAIL("ldmatrix address %u out of smem", a); a = 0; }
-                for (int i = 0; i < 16; ++i)
-                    if (!eager && pending[a + i]) { FAIL("ldmatrix reads in-flight cp.async data at %u", a); break; }
+                shadow_access(a, 16, w * 32 + 8 * m + row, true, false, 0, "ldmatrix");
                 memcpy(mat[row], emu_smem + a, 16);
                 slots |= 1 << ((a / 16) % 8);
             }
@@ -174,9 +403,25 @@ static void exec_warp(int w) {
         float D[16][8];
         for (int i = 0; i < 16; ++i)
             for (int j = 0; j < 8; ++j) {
-                float s = C[i][j];
-                for (int k = 0; k < 16; ++k) s += A[i][k] * B[k][j];
-                D[i][j] = s;
+                if (!hw_round) {
+                    float s = C[i][j];
+                    for (int k = 0; k < 16; ++k) s += A[i][k] * B[k][j];
+                    D[i][j] = s;
+                } else {
+                    // Tensor cores add exact products in blocks (8 for f16/bf16
+                    // on sm80) to the aligned accumulator and truncate: each
+                    // block is summed exactly here, rounded toward zero, then
+                    // moved by up to one more ulp either way.
+                    float s = C[i][j];
+                    for (int k0 = 0; k0 < 16; k0 += 8) {
+                        double e = s;
+                        for (int k = k0; k < k0 + 8; ++k) e += (double)A[i][k] * B[k][j];
+                        s = to_f32_rz(e);
+                        const double u = noise();
+                        if (std::isfinite(s) && s != 0.f && fabs(u) > 0.5) s = nextafterf(s, u > 0 ? INFINITY : -INFINITY);
+                    }
+                    D[i][j] = s;
+                }
             }
         for (int t = 0; t < 32; ++t) {
             const int g = t / 4, c = 2 * (t % 4);
@@ -184,34 +429,42 @@ static void exec_warp(int w) {
             W[t].d[2] = D[g + 8][c]; W[t].d[3] = D[g + 8][c + 1];
         }
     } else if (op == OP_SYNCWARP) {
+        warp_epoch[w]++;
     } else {
         FAIL("unknown op %d", op);
     }
     for (int l = 0; l < 32; ++l) W[l].state = RUN;
 }
 
-static void lane_main() {
+static void lane_entry() {
     kernel_fn(kernel_params);
     lanes[cur].state = DONE;
-    swapcontext(&lanes[cur].ctx, &sched_ctx);
+    lane_exit();
 }
 
 static void run_cta(int threads) {
     n_threads = threads;
-    lanes.assign(threads, Lane());
+    ++n_ctas;
+    if ((int)lanes.size() < threads) lanes.resize(threads);
     for (int i = 0; i < threads; ++i) {
         Lane &L = lanes[i];
-        L.stack.resize(256 * 1024);
-        getcontext(&L.ctx);
-        L.ctx.uc_stack.ss_sp = L.stack.data();
-        L.ctx.uc_stack.ss_size = L.stack.size();
-        L.ctx.uc_link = nullptr;
-        makecontext(&L.ctx, lane_main, 0);
+        // Stacks are kept from CTA to CTA: allocating them is most of the cost.
+        if (L.stack.empty()) L.stack.resize(256 * 1024);
+        L.state = RUN; L.op = 0;
+        L.open.clear(); L.groups.clear();
+        L.seq = 0; L.done_seq = 0; L.done_at.clear(); L.shared_calls = 0;
+        start_fiber(L);
     }
+    shadow.assign(smem_bytes / 4, Gran());
+    cta_epoch = 0;
+    warp_epoch.assign(threads / 32, 0);
+    shared_offsets.clear();
+    shared_top = 0;
     const int warps = threads / 32;
+    std::vector<int> cand;
     for (;;) {
         // warps that can make progress: some lane runnable, or a complete warp collective
-        std::vector<int> cand;
+        cand.clear();
         for (int w = 0; w < warps; ++w) {
             int run = 0, ww = 0;
             for (int l = 0; l < 32; ++l) {
@@ -220,11 +473,19 @@ static void run_cta(int threads) {
             }
             if (run || ww == 32) cand.push_back(w);
         }
+        if (land == LAND_RANDOM && rng() % 4 == 0) land_something();
         if (cand.empty()) {
             int nbar = 0, ndone = 0, nw = 0;
-            for (auto &L : lanes) { nbar += L.state == WAIT_BAR; ndone += L.state == DONE; nw += L.state == WAIT_WARP; }
+            for (int i = 0; i < threads; ++i) {
+                const Lane &L = lanes[i];
+                nbar += L.state == WAIT_BAR; ndone += L.state == DONE; nw += L.state == WAIT_WARP;
+            }
             if (ndone == threads) break;
-            if (nbar == threads) { for (auto &L : lanes) L.state = RUN; continue; }
+            if (nbar == threads) {
+                for (int i = 0; i < threads; ++i) lanes[i].state = RUN;
+                cta_epoch++;
+                continue;
+            }
             FAIL("deadlock: %d at barrier, %d in warp ops, %d done", nbar, nw, ndone);
             exit(1);
         }
@@ -234,27 +495,36 @@ static void run_cta(int threads) {
         if (ww == 32) { exec_warp(w); continue; }
         for (int l = 0; l < 32; ++l)
             if (lanes[w * 32 + l].state == RUN) {
-                cur = w * 32 + l;
-                swapcontext(&sched_ctx, &lanes[cur].ctx);
+                to_lane(w * 32 + l);
             }
     }
-    for (auto &L : lanes) {
-        if (!L.open.empty()) FAIL("uncommitted cp.async at exit");
-        while (!L.groups.empty()) land_group(L);
+    // A copy never waited for lands in the shared memory of a finished CTA:
+    // at best wasted bandwidth, at worst a sign of a miscounted ring.
+    for (int i = 0; i < threads; ++i) {
+        Lane &L = lanes[i];
+        if (!L.open.empty()) FAIL("thread %d exits with uncommitted cp.async copies", i);
+        for (auto &g : L.groups)
+            if (!g.empty()) { FAIL("thread %d exits with cp.async copies never waited for", i); break; }
     }
-    for (size_t i = 0; i < smem_bytes; ++i)
-        if (pending[i]) { FAIL("pending bytes at exit"); break; }
 }
 
 // ------------------------------------------------------------------ test harness
-struct Kern { const char *name; void (*fn)(FaFwdParams); int hd, bm, threads, smem; bool bf16; };
-// One entry per FA_KERNEL line of fwd_sm80.cu (gen.py extracts them).
+enum KernKind { SM80, NAIVE };
+struct Kern { const char *name; void (*fn)(FaFwdParams); int hd, bm, bn, threads, smem; bool bf16; KernKind kind; };
+// One entry per FA_KERNEL line of the kernel files (gen.py extracts them).
 #undef FA_KERNEL
 #define FA_KERNEL(name, dtype, head_dim, block_m, block_n, threads, smem, min_sm, grid) \
-    {#name, name, head_dim, block_m, threads, smem, std::is_same<FA_DTYPE(dtype), __nv_bfloat16>::value},
-static Kern kerns[] = {
+    {#name, name, head_dim, block_m, block_n, threads, smem, std::is_same<FA_DTYPE(dtype), __nv_bfloat16>::value, SM80},
+static Kern sm80_kerns[] = {
 #include "kernels/sm80_table.inc"
-};
+    {nullptr, nullptr, 0, 0, 0, 0, 0, false, SM80}};
+#undef FA_KERNEL
+#define FA_KERNEL(name, dtype, head_dim, block_m, block_n, threads, smem, min_sm, grid) \
+    {#name, name, head_dim, block_m, block_n, threads, smem, std::is_same<FA_DTYPE(dtype), __nv_bfloat16>::value, NAIVE},
+static Kern naive_kerns[] = {
+#include "kernels/naive_table.inc"
+    {nullptr, nullptr, 0, 0, 0, 0, 0, false, NAIVE}};
+static std::vector<const Kern *> kerns;
 
 static uint16_t f2h(float f, bool bf16) {
     if (bf16) { __nv_bfloat16 b = __float2bfloat16_rn(f); uint16_t u; memcpy(&u, &b, 2); return u; }
@@ -264,66 +534,74 @@ static uint16_t f2h(float f, bool bf16) {
 struct Case {
     int B, Hq, Hk, Lq, Lk, D, wl, wr;
     float softcap;
-    bool bhsd;        // BHSD strides instead of BSHD
-    int pad;          // extra elements per row/head slot, to make strides non-contiguous
-    float amp;        // input amplitude
+    bool bhsd;        // Q and K in BHSD (V and O take the other layout)
+    int pad;          // extra elements per row/head slot (each tensor adds its own on top)
+    float amp;        // Q and K amplitude
     bool lse;
+    float scale = 0;  // 0: 1/sqrt(D)
 };
 
-static int bucket_of(int D) {
-    const int b[] = {32, 64, 96, 128, 160, 192, 224, 256};
-    for (int x : b) if (D <= x) return x;
-    return -1;
+// Each tensor its own layout and strides (K != V, Q != O), all padded: a kernel
+// that uses one tensor's strides for another reads or writes the wrong place.
+struct Layout { int64_t bs, rs, hs; size_t n; };
+static Layout layout_of(const Case &cs, int H, int L, int which) {
+    const bool bhsd = which < 2 ? cs.bhsd : !cs.bhsd;        // Q, K | V, O
+    const int64_t row = cs.D + cs.pad + 8 * which;
+    const int64_t gap = 8 * (which + 1);
+    Layout l;
+    if (!bhsd) { l.hs = row; l.rs = H * row + gap; l.bs = (int64_t)L * l.rs + gap; }
+    else { l.rs = row; l.hs = (int64_t)L * row + gap; l.bs = H * l.hs + gap; }
+    l.n = (size_t)cs.B * l.bs + 8;
+    return l;
 }
 
 static bool run_case_on(const Kern *kn, const Case &cs, bool bf16, unsigned seed, bool verbose) {
     std::mt19937 g(seed);
     std::uniform_real_distribution<float> U(-1.f, 1.f);
-    // strides (elements). BSHD: row stride = Hq*(D+pad); BHSD: row stride = D+pad.
-    auto strides = [&](int H, int L, int64_t &bs, int64_t &rs, int64_t &hs) {
-        const int64_t rowlen = cs.D + cs.pad;
-        if (!cs.bhsd) { hs = rowlen; rs = H * rowlen; bs = (int64_t)L * rs + 8 * cs.pad; }
-        else { rs = rowlen; hs = (int64_t)L * rowlen + 8 * cs.pad; bs = H * hs; }
+    const Layout lq = layout_of(cs, cs.Hq, cs.Lq, 0), lk = layout_of(cs, cs.Hk, cs.Lk, 1),
+                 lv = layout_of(cs, cs.Hk, cs.Lk, 2), lo = layout_of(cs, cs.Hq, cs.Lq, 3);
+    // Inputs: NaN (0xffff in both dtypes) outside the view, so that reading
+    // padding or a guard shows in O; a guard before each tensor too.
+    const int in_guard = 64;
+    auto fill = [&](std::vector<uint16_t> &buf, const Layout &l, int H, int L, float amp) {
+        buf.assign(l.n + 2 * in_guard, 0xffff);
+        uint16_t *t = buf.data() + in_guard;
+        for (int b = 0; b < cs.B; ++b)
+            for (int i = 0; i < L; ++i)
+                for (int h = 0; h < H; ++h)
+                    for (int d = 0; d < cs.D; ++d) t[b * l.bs + i * l.rs + h * l.hs + d] = f2h(U(g) * amp, bf16);
+        return t;
     };
-    int64_t qb, qr, qh, kb, kr, kh, ob, orr, oh;
-    strides(cs.Hq, cs.Lq, qb, qr, qh);
-    strides(cs.Hk, cs.Lk, kb, kr, kh);
-    strides(cs.Hq, cs.Lq, ob, orr, oh);
-    const size_t qn = (size_t)cs.B * qb + 8, kn_ = (size_t)cs.B * kb + 8;
-    std::vector<uint16_t> q(qn), k(kn_), v(kn_);
-    for (auto &x : q) x = f2h(U(g) * cs.amp, bf16);
-    for (auto &x : k) x = f2h(U(g) * cs.amp, bf16);
-    for (auto &x : v) x = f2h(U(g), bf16);
-    // 16-byte aligned copies: vector storage is 16-aligned in practice, check
-    if ((uintptr_t)q.data() % 16 || (uintptr_t)k.data() % 16 || (uintptr_t)v.data() % 16) { printf("alignment\n"); }
-    const size_t on = (size_t)cs.B * ob + 8;
+    std::vector<uint16_t> qbuf, kbuf, vbuf;
+    const uint16_t *q = fill(qbuf, lq, cs.Hq, cs.Lq, cs.amp), *k = fill(kbuf, lk, cs.Hk, cs.Lk, cs.amp),
+                   *v = fill(vbuf, lv, cs.Hk, cs.Lk, 1.f);
     const int guard = 64;
-    std::vector<uint16_t> o(on + 2 * guard, 0xffff);
+    std::vector<uint16_t> o(lo.n + 2 * guard, 0xffff);
     uint16_t *O = o.data() + guard;
     std::vector<float> lse((size_t)cs.B * cs.Hq * cs.Lq + 2 * guard, NAN);
     float *LSE = lse.data() + guard;
 
     readable.clear();
-    readable.push_back({(const unsigned char *)q.data(), (const unsigned char *)(q.data() + q.size())});
-    readable.push_back({(const unsigned char *)k.data(), (const unsigned char *)(k.data() + k.size())});
-    readable.push_back({(const unsigned char *)v.data(), (const unsigned char *)(v.data() + v.size())});
+    for (auto *buf : {&qbuf, &kbuf, &vbuf})
+        readable.push_back({(const unsigned char *)buf->data(), (const unsigned char *)(buf->data() + buf->size())});
+    writable = {(const unsigned char *)o.data(), (const unsigned char *)(o.data() + o.size())};
 
     FaFwdParams p{};
-    p.q = q.data(); p.k = k.data(); p.v = v.data(); p.o = O; p.lse = cs.lse ? LSE : nullptr;
-    p.q_batch_stride = qb; p.q_row_stride = qr; p.q_head_stride = qh;
-    p.k_batch_stride = kb; p.k_row_stride = kr; p.k_head_stride = kh;
-    p.v_batch_stride = kb; p.v_row_stride = kr; p.v_head_stride = kh;
-    p.o_batch_stride = ob; p.o_row_stride = orr; p.o_head_stride = oh;
+    p.q = q; p.k = k; p.v = v; p.o = O; p.lse = cs.lse ? LSE : nullptr;
+    p.q_batch_stride = lq.bs; p.q_row_stride = lq.rs; p.q_head_stride = lq.hs;
+    p.k_batch_stride = lk.bs; p.k_row_stride = lk.rs; p.k_head_stride = lk.hs;
+    p.v_batch_stride = lv.bs; p.v_row_stride = lv.rs; p.v_head_stride = lv.hs;
+    p.o_batch_stride = lo.bs; p.o_row_stride = lo.rs; p.o_head_stride = lo.hs;
     p.batch = cs.B; p.heads_q = cs.Hq; p.heads_kv = cs.Hk; p.q_per_kv = cs.Hq / cs.Hk;
     p.seqlen_q = cs.Lq; p.seqlen_k = cs.Lk; p.head_dim = cs.D;
     p.window_left = cs.wl; p.window_right = cs.wr;
-    p.scale = 1.f / sqrtf((float)cs.D); p.softcap = cs.softcap;
+    p.scale = cs.scale != 0 ? cs.scale : 1.f / sqrtf((float)cs.D); p.softcap = cs.softcap;
 
-    smem_bytes = kn->smem;
+    // The naive kernel's static arrays: q_s, p_s and scratch, with room to spare.
+    smem_bytes = kn->kind == NAIVE ? 4096 : kn->smem;
     const int guard_bytes = 1024;
     std::vector<unsigned char> smem_buf(smem_bytes + guard_bytes + 128);
     emu_smem = smem_buf.data() + (128 - (uintptr_t)smem_buf.data() % 128) % 128;
-    pending.assign(smem_bytes + 16, 0);
     kernel_fn = kn->fn;
     kernel_params = p;
     for (int b = 0; b < cs.B; ++b)
@@ -338,9 +616,8 @@ static bool run_case_on(const Kern *kn, const Case &cs, bool bf16, unsigned seed
                     if (emu_smem[smem_bytes + i] != 0xab) { FAIL("shared memory written past smem bytes"); break; }
             }
 
-    // reference
     EmuProblem ep{cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale, (double)cs.softcap, bf16, cs.lse,
-                  q.data(), k.data(), v.data(), O, LSE, qb, qr, qh, kb, kr, kh, kb, kr, kh, ob, orr, oh};
+                  q, k, v, O, LSE, lq.bs, lq.rs, lq.hs, lk.bs, lk.rs, lk.hs, lv.bs, lv.rs, lv.hs, lo.bs, lo.rs, lo.hs};
     const EmuCheck chk = emu_check_against_reference(ep, verbose);
     bool ok = chk.ok;
     // Outside the view and LSE's guards everything keeps its poison.
@@ -349,73 +626,173 @@ static bool run_case_on(const Kern *kn, const Case &cs, bool bf16, unsigned seed
     const double rel = chk.rel();
     if (!(rel <= emu_o_tol(bf16)) || !(chk.row_rel <= emu_row_tol(bf16))) ok = false;
     if (cs.lse && !(chk.lse_rel <= kEmuLseTol)) ok = false;
-    printf("%-4s %-24s B%d Hq%d Hk%d Lq%4d Lk%4d D%3d w(%d,%d) cap%.0f %s pad%d amp%.0f lse%d: rel %.2e row %.2e lse %.2e %s\n",
-           ok ? "ok" : "FAIL", kn->name, cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, cs.softcap,
-           cs.bhsd ? "BHSD" : "BSHD", cs.pad, cs.amp, cs.lse, rel, chk.row_rel, chk.lse_rel, errors ? "(emu errors)" : "");
+    printf("%-4s %-28s B%d Hq%2d Hk%d Lq%4d Lk%4d D%3d w(%d,%d) scale %.3g cap %.3g %s pad%d amp%.0f lse%d: "
+           "rel %.2e row %.2e lse %.2e stray %ld %s\n",
+           ok ? "ok" : "FAIL", kn->name, cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, p.scale, cs.softcap,
+           cs.bhsd ? "BHSD" : "BSHD", cs.pad, cs.amp, cs.lse, rel, chk.row_rel, chk.lse_rel, stray,
+           errors ? "(emu errors)" : "");
     return ok && errors == 0;
 }
 
-// Every kernel of the case's bucket and dtype: the default and its variants.
-static bool run_case(const Case &cs, bool bf16, unsigned seed, bool verbose) {
+static int bucket_of(int D) {
+    const int b[] = {32, 64, 96, 128, 160, 192, 224, 256};
+    for (int x : b) if (D <= x) return x;
+    return -1;
+}
+
+// Every kernel of the case's bucket and dtype: the default and its variants
+// (the naive kernel serves every head dim).
+static int fails = 0;
+static void run_case(const Case &cs, bool bf16, unsigned seed, bool verbose) {
     const int hd = bucket_of(cs.D);
     bool ok = true;
     int ran = 0;
-    for (const Kern &k : kerns)
-        if (k.hd == hd && k.bf16 == bf16) {
-            ok = run_case_on(&k, cs, bf16, seed, verbose) && ok;
+    for (const Kern *k : kerns)
+        if ((k->kind == NAIVE || k->hd == hd) && k->bf16 == bf16) {
+            ok = run_case_on(k, cs, bf16, seed, verbose) && ok;
             ++ran;
         }
-    if (!ran) printf("FAIL no kernel for D %d\n", cs.D);
-    return ok && ran;
+    fails += !ok;
+}
+
+static const Kern *first_kernel(int hd, bool bf16) {
+    for (const Kern *k : kerns)
+        if ((k->kind == NAIVE || k->hd == hd) && k->bf16 == bf16) return k;
+    return nullptr;
+}
+
+// Per bucket and dtype: the shapes where tile arithmetic goes wrong (Lq one
+// short of block_m, Lk one short of a multiple of block_n), GQA with several KV
+// heads and 4:1 / 4:1 ratios, custom and negative scales, scores in the
+// hundreds and thousands, and softcaps from 1e-30 to f32's largest.
+static void bucket_cases(int hd, bool bf, unsigned &seed, bool verbose, bool naive) {
+    const Kern *k = first_kernel(hd, bf);
+    if (!k) return;
+    const int BM = naive ? 128 : k->bm, BN = naive ? 64 : k->bn;
+    const int lk_edge = BN * ((200 + BN - 1) / BN) - 1;   // ≡ -1 mod block_n, several tiles
+    const int d_in = hd == 32 ? 24 : hd - 8;             // a head dim inside the bucket
+    const int lq = naive ? 37 : BM - 1;                  // the naive kernel runs a CTA per row
+    Case cases[] = {
+        {2, 8, 2, lq, lk_edge, hd, -1, -1, 0.f, false, 8, 1.f, true, 0.3f},     // GQA 4:1 x2, tile edges, full
+        {1, 12, 3, lq, lk_edge + 40, d_in, 40, 7, 0.f, true, 0, 1.f, true, -0.7f},  // GQA 4:1 x3, window, negative scale
+        {1, 4, 1, 70, 3 * BN - 1, hd, -1, 0, 0.f, false, 8, 30.f, true, 1.7f},   // scores in the thousands, causal
+        {1, 2, 2, 60, 2 * BN + 5, hd, -1, -1, 0.f, true, 0, 40.f, true},         // scores in the hundreds
+        {1, 3, 1, 50, 90, hd, -1, 0, 20.f, false, 0, 3.f, true, 1.7f},           // softcap with a custom scale
+        {1, 2, 1, 33, 77, hd, -1, -1, 1e6f, false, 8, 2.f, true},                // softcaps far above the scores
+        {1, 2, 1, 33, 77, hd, -1, -1, 1e38f, false, 0, 2.f, true},
+        {1, 2, 1, 33, 77, hd, -1, -1, 3.4028235e38f, true, 0, 2.f, true},
+        {1, 2, 1, 33, 77, hd, -1, -1, 1e-30f, false, 0, 2.f, true},              // tiny softcap: every score ~ +-c
+    };
+    for (auto &c : cases) run_case(c, bf, seed++, verbose);
+}
+
+static Case random_case(std::mt19937 &r, bool naive) {
+    Case c{};
+    c.B = 1 + r() % 2; c.Hk = 1 + r() % 3; c.Hq = c.Hk * (1 + r() % 5);
+    const int lmax = naive ? 80 : 300;
+    c.Lq = 1 + r() % lmax; c.Lk = r() % 10 == 0 ? 0 : 1 + r() % lmax;
+    c.D = 8 * (1 + r() % 32);
+    c.wl = r() % 2 ? -1 : (int)(r() % 150); c.wr = r() % 2 ? -1 : (int)(r() % 150);
+    c.softcap = r() % 4 == 0 ? 5.f + r() % 50 : 0.f;
+    c.bhsd = r() % 2; c.pad = 8 * (r() % 3); c.amp = r() % 5 == 0 ? 20.f : 1.f; c.lse = r() % 5 != 0;
+    const float scales[] = {0.f, 0.f, 0.3f, 1.7f, -0.5f};
+    c.scale = scales[r() % 5];
+    return c;
 }
 
 int main(int argc, char **argv) {
-    const char *mode = argc > 1 ? argv[1] : "lazy";
-    eager = !strcmp(mode, "eager");
-    shuffle_order = argc > 2 && !strcmp(argv[2], "shuffle");
-    int fails = 0;
-    const bool quick = argc > 3;
-    std::vector<int> dims = {8, 32, 40, 64, 72, 96, 128, 136, 160, 192, 200, 224, 256};
+    std::string kernel = "sm80", cases = "all", only;
+    int n_random = 0;
+    unsigned seed_arg = 1;
+    for (int i = 1; i < argc; ++i) {
+        std::string a = argv[i];
+        auto val = [&](const char *key) { return a.rfind(key, 0) == 0 ? a.substr(strlen(key)) : std::string("\x01"); };
+        std::string v;
+        if ((v = val("--kernel=")) != "\x01") kernel = v;
+        else if ((v = val("--land=")) != "\x01") land = v == "eager" ? LAND_EAGER : v == "random" ? LAND_RANDOM : LAND_LAZY;
+        else if ((v = val("--order=")) != "\x01") shuffle_order = v != "fixed";
+        else if ((v = val("--cases=")) != "\x01") cases = v;
+        else if ((v = val("--random=")) != "\x01") n_random = atoi(v.c_str());
+        else if ((v = val("--seed=")) != "\x01") seed_arg = atoi(v.c_str());
+        else if ((v = val("--round=")) != "\x01") hw_round = v == "hw";
+        else if ((v = val("--only=")) != "\x01") only = v;
+        else { fprintf(stderr, "unknown argument %s\n", argv[i]); return 2; }
+    }
+    rng.seed(seed_arg);
+    noise_state ^= seed_arg * 0x2545F4914F6CDD1Dull;
+    const bool naive = kernel == "naive";
+    for (Kern *k = naive ? naive_kerns : sm80_kerns; k->name; ++k)
+        if (only.empty() || strstr(k->name, only.c_str())) kerns.push_back(k);
+    if (kerns.empty()) { fprintf(stderr, "no kernel matches\n"); return 2; }
+    const bool verbose = true;
     unsigned seed = 7;
-    // Every bucket, both dtypes: a mixed case (GQA, odd lengths, causal + Lq != Lk, lse)
-    for (int bf = 0; bf < 2; ++bf)
-        for (int D : dims) {
-            Case c{1, 2, 1, 77, 150, D, -1, 0, 0.f, false, 0, 1.f, true};
-            fails += !run_case(c, bf, seed++, !quick);
+    const std::vector<int> buckets = {32, 64, 96, 128, 160, 192, 224, 256};
+    if (cases == "all" || cases == "quick") {
+        const bool quick = cases == "quick";
+        // Every bucket, both dtypes: a mixed case (GQA, odd lengths, causal + Lq != Lk, lse)
+        std::vector<int> dims = {8, 32, 40, 64, 72, 96, 128, 136, 160, 192, 200, 224, 256};
+        if (naive) dims = {8, 40, 64, 136, 256};
+        for (int bf = 0; bf < 2; ++bf)
+            for (int D : dims) {
+                Case c{1, 2, 1, naive ? 20 : 77, 150, D, -1, 0, 0.f, false, 0, 1.f, true};
+                run_case(c, bf, seed++, verbose);
+            }
+        for (int bf = 0; bf < 2; ++bf)
+            for (int hd : buckets) {
+                if (naive && hd != 64 && hd != 256) continue;
+                if (quick && hd != 64 && hd != 128) continue;
+                bucket_cases(hd, bf, seed, verbose, naive);
+            }
+        // Masks and shapes on a few buckets
+        for (int D : {64, 128, 40, 256, 32, 96}) {
+            if ((quick || naive) && D != 96 && D != 64) continue;
+            for (int bf = 0; bf < 2; ++bf) {
+                const int s = naive ? 3 : 1;  // the naive kernel: fewer query rows
+                Case cs[] = {
+                    {1, 1, 1, 130 / s, 200, D, -1, -1, 0.f, false, 0, 1.f, true},   // full, tail tiles
+                    {2, 2, 2, 200 / s, 90 / s, D, -1, 0, 0.f, true, 8, 1.f, true},  // causal Lq > Lk: empty rows, BHSD, padding
+                    {1, 2, 1, 150 / s, 260, D, 20, 5, 0.f, false, 16, 1.f, true},   // window both sides
+                    {1, 1, 1, 64, 64, D, 0, 0, 0.f, false, 0, 1.f, true},           // diagonal only
+                    {1, 1, 1, 100 / s, 300, D, 3, -1, 0.f, false, 0, 1.f, false},   // left window, right unbounded, no lse
+                    {1, 3, 1, 129 / s, 129, D, -1, -1, 30.f, false, 0, 3.f, true},  // softcap
+                    {1, 1, 1, 40, 0, D, -1, -1, 0.f, false, 0, 1.f, true},          // no keys at all
+                    {1, 1, 1, 70, 70, D, -1, -1, 0.f, false, 0, 40.f, true},        // huge logits
+                    {1, 1, 1, 1, 1, D, -1, -1, 0.f, false, 0, 1.f, true},           // single element
+                    {1, 1, 1, 300 / s, 20, D, 5, 2, 0.f, false, 0, 1.f, true},      // tiny window, Lq >> Lk
+                };
+                for (auto &c : cs) run_case(c, bf, seed++, verbose);
+            }
         }
-    // Masks and shapes on a few buckets
-    for (int D : {64, 128, 40, 256, 32, 96}) {
-        if (quick && D != 96 && D != 64) continue;
-        for (int bf = 0; bf < 2; ++bf) {
-            Case cases[] = {
-                {1, 1, 1, 130, 200, D, -1, -1, 0.f, false, 0, 1.f, true},   // full, tail tiles
-                {2, 2, 2, 200, 90, D, -1, 0, 0.f, true, 8, 1.f, true},      // causal Lq > Lk: empty rows, BHSD, padding
-                {1, 2, 1, 150, 260, D, 20, 5, 0.f, false, 16, 1.f, true},   // window both sides
-                {1, 1, 1, 64, 64, D, 0, 0, 0.f, false, 0, 1.f, true},       // diagonal only
-                {1, 1, 1, 100, 300, D, 3, -1, 0.f, false, 0, 1.f, false},   // left window, right unbounded, no lse
-                {1, 3, 1, 129, 129, D, -1, -1, 30.f, false, 0, 3.f, true},  // softcap
-                {1, 1, 1, 40, 0, D, -1, -1, 0.f, false, 0, 1.f, true},      // no keys at all
-                {1, 1, 1, 70, 70, D, -1, -1, 0.f, false, 0, 40.f, true},    // huge logits
-                {1, 1, 1, 1, 1, D, -1, -1, 0.f, false, 0, 1.f, true},       // single element
-                {1, 1, 1, 300, 20, D, 5, 2, 0.f, false, 0, 1.f, true},      // tiny window, Lq >> Lk
-            };
-            for (auto &c : cases) fails += !run_case(c, bf, seed++, !quick);
+    } else if (cases == "neg") {
+        // The negative control's cases: few and small, each aimed at a class
+        // of injected bug (tests/emulated_sm80.rs lists them).
+        for (int bf = 0; bf < 2; ++bf)
+            for (int hd : {64, 128}) {
+                if (!first_kernel(hd, bf)) continue;
+                const int BN = naive ? 64 : first_kernel(hd, bf)->bn;
+                const int lq = naive ? 9 : 65;
+                Case cs[] = {
+                    {1, 8, 2, lq, 2 * BN - 1, hd, -1, -1, 0.f, false, 0, 1.f, true, 0.3f},  // GQA, tile edge, scale, strides
+                    {1, 2, 1, naive ? 30 : 100, 150, hd, 20, 5, 0.f, false, 8, 1.f, true},  // window edges
+                    {1, 1, 1, naive ? 20 : 200, 50, hd, -1, 0, 0.f, true, 0, 1.f, true},   // empty rows, no-key blocks
+                    {1, 2, 1, naive ? 10 : 40, 90, hd, -1, -1, 5.f, false, 0, 3.f, true}, // softcap
+                };
+                for (auto &c : cs) run_case(c, bf, seed++, verbose);
+            }
+    } else if (cases != "none") {
+        fprintf(stderr, "unknown case set %s\n", cases.c_str());
+        return 2;
+    }
+    if (n_random) {
+        std::mt19937 r(seed_arg);
+        for (int it = 0; it < n_random; ++it) {
+            const Case c = random_case(r, naive);
+            const bool bf = r() % 2;
+            run_case(c, bf, seed++, true);
         }
     }
-    if (argc > 4) {
-        std::mt19937 r(atoi(argv[4]));
-        for (int it = 0; it < 80; ++it) {
-            Case c;
-            c.B = 1 + r() % 2; c.Hk = 1 + r() % 2; c.Hq = c.Hk * (1 + r() % 3);
-            c.Lq = 1 + r() % 300; c.Lk = r() % 10 == 0 ? 0 : 1 + r() % 300;
-            c.D = 8 * (1 + r() % 32);
-            c.wl = r() % 2 ? -1 : (int)(r() % 150); c.wr = r() % 2 ? -1 : (int)(r() % 150);
-            c.softcap = r() % 4 == 0 ? 5.f + r() % 50 : 0.f;
-            c.bhsd = r() % 2; c.pad = 8 * (r() % 3); c.amp = r() % 5 == 0 ? 20.f : 1.f; c.lse = r() % 5 != 0;
-            fails += !run_case(c, r() % 2, seed++, true);
-        }
-    }
+    printf("stats: %ld CTAs, %ld cp.async, %ld shared granule checks\n", n_ctas, n_cp_async, n_checked);
     printf("ldmatrix phases %ld, with bank conflicts %ld\n", ldsm_phases, ldsm_conflicts);
-    printf("%s: %d failing cases, %ld emulator errors\n", mode, fails, errors);
+    printf("%s %s: %d failing cases, %ld emulator errors\n", kernel.c_str(), cases.c_str(), fails, errors);
     return fails || errors;
 }

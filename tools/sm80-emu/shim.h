@@ -1,6 +1,8 @@
-// Host emulation of the CUDA features the sm80 kernel uses: every CUDA thread
-// is a fiber (ucontext); warp collectives (ldmatrix, mma, shfl, syncwarp) and
-// __syncthreads are rendezvous points resolved by a scheduler.
+// Host emulation of the CUDA features the sm80 and naive kernels use: every
+// CUDA thread is a fiber (ucontext); warp collectives (ldmatrix, mma, shfl,
+// syncwarp) and __syncthreads are rendezvous points resolved by a scheduler.
+// Plain shared-memory accesses of the sm80 kernel go through emu_deref (gen.py
+// rewrites them) so that they can be checked against cp.async copies in flight.
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -15,6 +17,8 @@
 #include <deque>
 #include <algorithm>
 #include <random>
+#include <type_traits>
+#include <cfloat>
 
 #undef __device__
 #undef __forceinline__
@@ -45,8 +49,9 @@ void __syncwarp(unsigned mask = 0xffffffffu);
 static inline size_t __cvta_generic_to_shared(const void *p) {
     return (size_t)((const unsigned char *)p - emu_smem);
 }
-static inline float __fdividef(float a, float b) { return a / b; }
-static inline float emu_ex2(float x) { return exp2f(x); }
+// Both model the hardware (flush-to-zero, and in --round=hw its error bound).
+float __fdividef(float a, float b);
+float emu_ex2(float x);
 
 void emu_cp_async_16(uint32_t dst, const void *src, uint32_t src_bytes);
 void emu_cp_async_commit();
@@ -57,3 +62,23 @@ template <typename T>
 inline void emu_mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     emu_mma(d, a, b0, b1, std::is_same<T, __nv_bfloat16>::value);
 }
+
+// A plain load or store of sizeof(T) bytes at p: checked (shared-memory races
+// and cp.async copies in flight, global stores outside O) before it happens.
+void emu_mem_access(const void *p, size_t bytes, bool write);
+template <typename T>
+struct EmuRef {
+    T *p;
+    using V = typename std::remove_const<T>::type;
+    operator V() const { emu_mem_access(p, sizeof(T), false); return *p; }
+    const EmuRef &operator=(const V &v) const { emu_mem_access(p, sizeof(T), true); *const_cast<V *>(p) = v; return *this; }
+};
+// gen.py turns `*reinterpret_cast<T *>(ptr)` into `emu_deref<T>(ptr)`.
+template <typename T, typename P>
+inline EmuRef<T> emu_deref(P *ptr) { return EmuRef<T>{reinterpret_cast<T *>(ptr)}; }
+
+// The naive kernel's static __shared__ arrays (gen.py rewrites each
+// declaration): every thread of the CTA gets the same block of emu_smem.
+void *emu_shared_alloc(size_t bytes);
+template <typename T>
+inline T *emu_shared_array(size_t n) { return static_cast<T *>(emu_shared_alloc(n * sizeof(T))); }
