@@ -10,9 +10,16 @@
 #include <algorithm>
 #include <cuda_fp16.h>
 
+// f16 through a table: the emulators convert every mma operand, and
+// __half2float's host version is slow.
 static float h2f(uint16_t bits, bool bf16) {
     if (bf16) { uint32_t u = (uint32_t)bits << 16; float f; memcpy(&f, &u, 4); return f; }
-    __half h; memcpy(&h, &bits, 2); return __half2float(h);
+    static const std::vector<float> table = [] {
+        std::vector<float> t(65536);
+        for (uint32_t i = 0; i < 65536; ++i) { const uint16_t b = (uint16_t)i; __half h; memcpy(&h, &b, 2); t[i] = __half2float(h); }
+        return t;
+    }();
+    return table[bits];
 }
 
 // Strides are in elements, as in FaFwdParams; every tensor has its own.
@@ -46,19 +53,26 @@ static const double kEmuLseTol = 1e-4;
 static EmuCheck emu_check_against_reference(const EmuProblem &c, bool verbose) {
     EmuCheck r;
     const int off = c.Lk - c.Lq;
+    std::vector<double> kf((size_t)c.Lk * c.D), vf((size_t)c.Lk * c.D), qf(c.D);
     for (int b = 0; b < c.B; ++b)
         for (int h = 0; h < c.Hq; ++h) {
             const int hk = h / (c.Hq / c.Hk);
+            if (h % (c.Hq / c.Hk) == 0)  // K and V of this KV head, decoded once
+                for (int j = 0; j < c.Lk; ++j)
+                    for (int d = 0; d < c.D; ++d) {
+                        kf[(size_t)j * c.D + d] = h2f(c.k[b * c.kb + (int64_t)j * c.kr + hk * c.kh + d], c.bf16);
+                        vf[(size_t)j * c.D + d] = h2f(c.v[b * c.vb + (int64_t)j * c.vr + hk * c.vh + d], c.bf16);
+                    }
             for (int i = 0; i < c.Lq; ++i) {
+                for (int d = 0; d < c.D; ++d) qf[d] = h2f(c.q[b * c.qb + (int64_t)i * c.qr + h * c.qh + d], c.bf16);
                 std::vector<double> s(c.Lk, -INFINITY);
                 double mx = -INFINITY;
                 for (int j = 0; j < c.Lk; ++j) {
                     const bool vis = (c.wl < 0 || j >= i + off - c.wl) && (c.wr < 0 || j <= i + off + c.wr);
                     if (!vis) continue;
                     double dot = 0;
-                    for (int d = 0; d < c.D; ++d)
-                        dot += (double)h2f(c.q[b * c.qb + (int64_t)i * c.qr + h * c.qh + d], c.bf16) *
-                               h2f(c.k[b * c.kb + (int64_t)j * c.kr + hk * c.kh + d], c.bf16);
+                    const double *kj = &kf[(size_t)j * c.D];
+                    for (int d = 0; d < c.D; ++d) dot += qf[d] * kj[d];
                     double sc = dot * c.scale;
                     if (c.softcap > 0) sc = c.softcap * tanh(sc / c.softcap);
                     s[j] = sc;
@@ -74,8 +88,8 @@ static EmuCheck emu_check_against_reference(const EmuProblem &c, bool verbose) {
                         if (s[j] == -INFINITY) continue;
                         const double e = exp(s[j] - mx);
                         l += e;
-                        for (int d = 0; d < c.D; ++d)
-                            out[d] += e * h2f(c.v[b * c.vb + (int64_t)j * c.vr + hk * c.vh + d], c.bf16);
+                        const double *vj = &vf[(size_t)j * c.D];
+                        for (int d = 0; d < c.D; ++d) out[d] += e * vj[d];
                     }
                     for (auto &x : out) x /= l;
                 }

@@ -66,7 +66,6 @@ struct Lane {
     ucontext_t ctx;     // fiber context where emu_switch is not available
     void *sp = nullptr; // saved stack pointer (emu_switch)
     std::vector<char> stack;
-    int state = RUN;
     int op = 0;
     uint32_t addr = 0;
     float fval = 0;
@@ -87,6 +86,7 @@ struct Lane {
 unsigned char *emu_smem;
 uint3 blockIdx;
 static std::vector<Lane> lanes;
+static uint8_t lstate[1024];  // each lane's RUN/WAIT_*/DONE, apart from Lane: the scheduler scans it every step
 static int cur = -1;
 static int n_threads = 0;
 static void (*kernel_fn)(FaFwdParams);
@@ -137,7 +137,7 @@ static void to_lane(int i) { cur = i; swapcontext(&sched_ctx, &lanes[i].ctx); }
 static void lane_exit() { setcontext(&sched_ctx); }
 #endif
 static void block_on(int state) {
-    lanes[cur].state = state;
+    lstate[cur] = state;
     to_scheduler();
 }
 
@@ -195,6 +195,7 @@ static float to_f32_rz(double s) {
 // Any access that overlaps an unordered write, and any write (plain or a new
 // cp.async) that overlaps an unordered read, is reported.
 struct Gran {
+    long cta = -1;    // the CTA this entry belongs to: older entries read as fresh
     int w_thread = -1, w_E = 0, w_we = 0, w_seq = 0;
     int r_E = -1, r_we = 0, r_thread = -1;
     uint32_t r_warps = 0;
@@ -219,6 +220,7 @@ static void shadow_access(uint32_t off, uint32_t n, int who, bool collective, bo
     const int reader = collective ? -2 : who;
     for (uint32_t g = off / 4; g < (off + n) / 4; ++g) {
         Gran &s = shadow[g];
+        if (s.cta != n_ctas) { s = Gran(); s.cta = n_ctas; }
         ++n_checked;
         if (s.w_thread >= 0) {
             if (s.w_seq > 0) {
@@ -254,6 +256,7 @@ static void shadow_access(uint32_t off, uint32_t n, int who, bool collective, bo
                 }
             }
             s = Gran();
+            s.cta = n_ctas;
             s.w_thread = who; s.w_E = cta_epoch; s.w_we = we; s.w_seq = seq;
         } else if (s.r_E != cta_epoch || (s.r_warps == (1u << warp) && s.r_we != we)) {
             s.r_E = cta_epoch; s.r_we = we; s.r_warps = 1u << warp; s.r_thread = reader;
@@ -433,12 +436,12 @@ static void exec_warp(int w) {
     } else {
         FAIL("unknown op %d", op);
     }
-    for (int l = 0; l < 32; ++l) W[l].state = RUN;
+    for (int l = 0; l < 32; ++l) lstate[w * 32 + l] = RUN;
 }
 
 static void lane_entry() {
     kernel_fn(kernel_params);
-    lanes[cur].state = DONE;
+    lstate[cur] = DONE;
     lane_exit();
 }
 
@@ -450,12 +453,12 @@ static void run_cta(int threads) {
         Lane &L = lanes[i];
         // Stacks are kept from CTA to CTA: allocating them is most of the cost.
         if (L.stack.empty()) L.stack.resize(256 * 1024);
-        L.state = RUN; L.op = 0;
+        lstate[i] = RUN; L.op = 0;
         L.open.clear(); L.groups.clear();
         L.seq = 0; L.done_seq = 0; L.done_at.clear(); L.shared_calls = 0;
         start_fiber(L);
     }
-    shadow.assign(smem_bytes / 4, Gran());
+    if (shadow.size() < smem_bytes / 4) shadow.resize(smem_bytes / 4);
     cta_epoch = 0;
     warp_epoch.assign(threads / 32, 0);
     shared_offsets.clear();
@@ -468,8 +471,8 @@ static void run_cta(int threads) {
         for (int w = 0; w < warps; ++w) {
             int run = 0, ww = 0;
             for (int l = 0; l < 32; ++l) {
-                run += lanes[w * 32 + l].state == RUN;
-                ww += lanes[w * 32 + l].state == WAIT_WARP;
+                run += lstate[w * 32 + l] == RUN;
+                ww += lstate[w * 32 + l] == WAIT_WARP;
             }
             if (run || ww == 32) cand.push_back(w);
         }
@@ -477,12 +480,11 @@ static void run_cta(int threads) {
         if (cand.empty()) {
             int nbar = 0, ndone = 0, nw = 0;
             for (int i = 0; i < threads; ++i) {
-                const Lane &L = lanes[i];
-                nbar += L.state == WAIT_BAR; ndone += L.state == DONE; nw += L.state == WAIT_WARP;
+                nbar += lstate[i] == WAIT_BAR; ndone += lstate[i] == DONE; nw += lstate[i] == WAIT_WARP;
             }
             if (ndone == threads) break;
             if (nbar == threads) {
-                for (int i = 0; i < threads; ++i) lanes[i].state = RUN;
+                for (int i = 0; i < threads; ++i) lstate[i] = RUN;
                 cta_epoch++;
                 continue;
             }
@@ -491,10 +493,10 @@ static void run_cta(int threads) {
         }
         const int w = shuffle_order ? cand[rng() % cand.size()] : cand[0];
         int ww = 0;
-        for (int l = 0; l < 32; ++l) ww += lanes[w * 32 + l].state == WAIT_WARP;
+        for (int l = 0; l < 32; ++l) ww += lstate[w * 32 + l] == WAIT_WARP;
         if (ww == 32) { exec_warp(w); continue; }
         for (int l = 0; l < 32; ++l)
-            if (lanes[w * 32 + l].state == RUN) {
+            if (lstate[w * 32 + l] == RUN) {
                 to_lane(w * 32 + l);
             }
     }
