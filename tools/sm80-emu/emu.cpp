@@ -541,6 +541,7 @@ struct Case {
     float amp;        // Q and K amplitude
     bool lse;
     float scale = 0;  // 0: 1/sqrt(D)
+    bool top_left = false;  // mask aligned to the top-left corner instead of bottom-right
 };
 
 // Each tensor its own layout and strides (K != V, Q != O), all padded: a kernel
@@ -596,6 +597,8 @@ static bool run_case_on(const Kern *kn, const Case &cs, bool bf16, unsigned seed
     p.o_batch_stride = lo.bs; p.o_row_stride = lo.rs; p.o_head_stride = lo.hs;
     p.batch = cs.B; p.heads_q = cs.Hq; p.heads_kv = cs.Hk; p.q_per_kv = cs.Hq / cs.Hk;
     p.seqlen_q = cs.Lq; p.seqlen_k = cs.Lk; p.head_dim = cs.D;
+    p.diag_offset = cs.top_left ? 0 : cs.Lk - cs.Lq;  // bottom-right unless the case says top-left
+    p.lse_batch_stride = (int64_t)cs.Hq * cs.Lq; p.lse_head_stride = cs.Lq;
     p.window_left = cs.wl; p.window_right = cs.wr;
     p.scale = cs.scale != 0 ? cs.scale : 1.f / sqrtf((float)cs.D); p.softcap = cs.softcap;
 
@@ -620,6 +623,7 @@ static bool run_case_on(const Kern *kn, const Case &cs, bool bf16, unsigned seed
 
     EmuProblem ep{cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale, (double)cs.softcap, bf16, cs.lse,
                   q, k, v, O, LSE, lq.bs, lq.rs, lq.hs, lk.bs, lk.rs, lk.hs, lv.bs, lv.rs, lv.hs, lo.bs, lo.rs, lo.hs};
+    ep.top_left = cs.top_left;
     const EmuCheck chk = emu_check_against_reference(ep, verbose);
     bool ok = chk.ok;
     // Outside the view and LSE's guards everything keeps its poison.
@@ -699,6 +703,7 @@ static Case random_case(std::mt19937 &r, bool naive) {
     c.bhsd = r() % 2; c.pad = 8 * (r() % 3); c.amp = r() % 5 == 0 ? 20.f : 1.f; c.lse = r() % 5 != 0;
     const float scales[] = {0.f, 0.f, 0.3f, 1.7f, -0.5f};
     c.scale = scales[r() % 5];
+    c.top_left = r() % 4 == 0;
     return c;
 }
 
@@ -761,6 +766,8 @@ int main(int argc, char **argv) {
                     {1, 1, 1, 70, 70, D, -1, -1, 0.f, false, 0, 40.f, true},        // huge logits
                     {1, 1, 1, 1, 1, D, -1, -1, 0.f, false, 0, 1.f, true},           // single element
                     {1, 1, 1, 300 / s, 20, D, 5, 2, 0.f, false, 0, 1.f, true},      // tiny window, Lq >> Lk
+                    {1, 2, 1, 90 / s, 200, D, -1, 0, 0.f, false, 0, 1.f, true, 0.f, true},  // top-left causal, Lq < Lk
+                    {1, 1, 1, 200 / s, 70, D, 10, 3, 0.f, true, 8, 1.f, true, 0.f, true},   // top-left window, Lq > Lk
                 };
                 for (auto &c : cs) run_case(c, bf, seed++, verbose);
             }

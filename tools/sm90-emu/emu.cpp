@@ -1341,6 +1341,7 @@ struct Case {
     float amp;  // input amplitude
     bool lse;
     const char *what;
+    bool top_left = false;  // mask aligned to the top-left corner instead of bottom-right
 };
 
 static void alarm_handler(int) {
@@ -1401,6 +1402,8 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     p.o_batch_stride = ob; p.o_row_stride = orr; p.o_head_stride = oh;
     p.batch = cs.B; p.heads_q = cs.Hq; p.heads_kv = cs.Hk; p.q_per_kv = cs.Hq / cs.Hk;
     p.seqlen_q = cs.Lq; p.seqlen_k = cs.Lk; p.head_dim = cs.D;
+    p.diag_offset = cs.top_left ? 0 : cs.Lk - cs.Lq;  // bottom-right unless the case says top-left
+    p.lse_batch_stride = (int64_t)cs.Hq * cs.Lq; p.lse_head_stride = cs.Lq;
     // The host clamps finite windows to at most Lq + Lk (params.h).
     p.window_left = cs.wl < 0 ? -1 : std::min(cs.wl, cs.Lq + cs.Lk);
     p.window_right = cs.wr < 0 ? -1 : std::min(cs.wr, cs.Lq + cs.Lk);
@@ -1471,6 +1474,7 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     // f64 reference
     EmuProblem ep{cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale, (double)cs.softcap, bf16, cs.lse,
                   q, k, v, O, LSE, qb, qr, qh, kb, kr, kh, kb, kr, kh, ob, orr, oh};
+    ep.top_left = cs.top_left;
     const EmuCheck chk = emu_check_against_reference(ep, true);
     bool ok = ran_ok && chk.ok;
     // Outside the view and LSE's guards everything keeps its poison.
@@ -1583,6 +1587,8 @@ int main(int argc, char **argv) {
             // Causal with Lq >> Lk: the top row blocks see no key at all, the
             // last one does (a persistent CTA mixes both kinds of tile).
             {1, 2, 1, 300, 40, hd, -1, 0, 0.f, false, 0, 1.f, true, "keyless and keyed tiles"},
+            {1, 2, 1, 90, big ? 150 : 200, hd, -1, 0, 0.f, false, 0, 1.f, true, "top-left causal Lq<Lk", true},
+            {1, 1, 1, 200, 70, hd, 10, 3, 0.f, true, 8, 1.f, true, "top-left window Lq>Lk", true},
         };
         // Head dims inside the bucket but not equal to it (for the 256 bucket
         // with D <= 192 the fourth 64-column box lies wholly out of bounds).
