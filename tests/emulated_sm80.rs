@@ -1,64 +1,438 @@
-//! CPU tier, emulated: the real `kernels/fwd_sm80.cu` source, with only its
-//! inline PTX leaves swapped for host emulations (`tools/sm80-emu`), run
-//! thread by thread on the CPU over every head-dim bucket, both dtypes, all
-//! mask kinds, GQA, odd lengths, strides and empty rows, against an f64
-//! reference. It checks fragment layouts, barriers, cp.async ordering (copies
-//! landing early or late, random warp order), bounds and bank conflicts, so a
-//! kernel change is exercised without a GPU. It is no substitute for the GPU
-//! tier: the emulator encodes our reading of the PTX ISA.
+//! CPU tier, emulated (Ampere and the portable kernel): the real
+//! `kernels/fwd_sm80.cu` and `kernels/fwd_naive.cu` sources, with only their
+//! inline PTX leaves swapped for host emulations (`tools/sm80-emu`), run thread
+//! by thread on the CPU against an f64 reference (`tools/emu-common/check.h`).
 //!
-//! Needs g++, python3 and the CUDA headers (next to `$NVCC`, or `$CUDA_HOME/include`);
-//! fails when they are missing under `FUSED_ATTN_REQUIRE_KERNELS=1`, else skips.
+//! Cases: every head-dim bucket and both dtypes, every kernel of the FA_KERNEL
+//! tables (variants included), with
+//! - each tensor in its own padded layout (Q, K, V, O with different batch,
+//!   row and head strides; K and V, Q and O never share one), inputs NaN
+//!   outside the view, O's padding and LSE's guards checked to keep their
+//!   poison;
+//! - GQA up to 5:1 with several KV heads (8:2, 12:3), MQA, MHA;
+//! - lengths where tile arithmetic breaks (Lq one short of block_m, Lk ≡ −1
+//!   mod block_n), empty rows and row blocks with no key at all, zero keys;
+//! - full, causal, windowed masks, bottom-right and top-left aligned;
+//! - custom scales (0.3, 1.7, −0.7) and the default, scores from ~1 to
+//!   thousands, softcaps from 1e-30 to f32::MAX;
+//! - a seeded random sweep (`FUSED_ATTN_EMU_SEED` overrides the seed).
+//!
+//! Checks besides the result: reads outside Q/K/V, shared-memory overruns,
+//! ldmatrix bank conflicts, and the ordering of every shared-memory access:
+//! a load, store, ldmatrix or new cp.async that overlaps a cp.async copy not
+//! yet covered by its thread's `cp.async.wait_group` and published by a
+//! `__syncthreads`, or that races with another thread's plain access without
+//! a barrier (or `__syncwarp` within a warp), is an emulator error, whatever
+//! order the threads happen to run in. Copies land at the wait, at issue or at
+//! random points in between, with random or fixed warp order.
+//!
+//! Rounding: one mode models the hardware's rounding instead of exact f32
+//! arithmetic: `ex2.approx.ftz` with its documented 2^-22 relative error and
+//! flush to zero, and mma.sync accumulation truncated per block of 8 products
+//! and jittered by an ulp; the tolerances (DESIGN.md §4) must still hold.
+//!
+//! Negative control: `sm80_emulator_catches_injected_bugs` applies each of
+//! `MUTANTS` (semantic and synchronisation bugs in the sm80 and naive kernels)
+//! to a copy of the kernel source and requires the emulator to catch it; it
+//! is `#[ignore]`d (a few minutes: one build per mutant), run it with
+//! `cargo test --test emulated_sm80 -- --ignored --nocapture`.
+//!
+//! It is no substitute for the GPU tier: the emulator encodes our reading of
+//! the PTX ISA. Needs g++, python3 and the CUDA headers (next to `$NVCC`, or
+//! `$CUDA_HOME/include`); fails when they are missing under
+//! `FUSED_ATTN_REQUIRE_KERNELS=1`, else skips.
 
 #[path = "common/emu.rs"]
 mod emu;
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use emu::{output, prerequisites, tail};
 
-fn run(cmd: &mut Command, what: &str) -> String {
-    output(cmd, what).unwrap_or_else(|e| panic!("{e}"))
-}
-
-#[test]
-fn sm80_kernel_source_passes_under_the_emulator() {
-    let Some(include) = prerequisites("sm80_kernel_source_passes_under_the_emulator") else {
-        return;
-    };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let tool = root.join("tools/sm80-emu");
-    let work = std::env::temp_dir().join(format!("fused-attn-emu-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).unwrap();
-    run(
-        Command::new("python3").arg(tool.join("gen.py")).arg(root.join("kernels")).arg(work.join("kernels")),
-        "generating the emulated kernel source",
-    );
+/// Translates `kernels` into `work/kernels` (only the kernels matching `only`,
+/// if given) and compiles the emulator there.
+fn build(kernels: &Path, work: &Path, include: &Path, only: Option<&str>) -> Result<PathBuf, String> {
+    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/sm80-emu");
+    let mut gen = Command::new("python3");
+    gen.arg(tool.join("gen.py")).arg(kernels).arg(work.join("kernels"));
+    if let Some(only) = only {
+        gen.arg(format!("--only={only}"));
+    }
+    output(&mut gen, "generating the emulated kernel source (gen.py)")?;
     let exe = work.join("emu");
-    run(
+    output(
         Command::new("g++")
-            .args(["-O1", "-std=c++17", "-w"])
+            .args(["-O2", "-std=c++17", "-w"])
             .arg("-I")
-            .arg(&include)
+            .arg(include)
             .arg("-I")
             .arg(&tool)
             .arg("-I")
-            .arg(&work)
+            .arg(work)
             .arg(tool.join("emu.cpp"))
             .arg("-o")
             .arg(&exe),
         "compiling the emulator",
-    );
-    // Copies landing at the wait with shuffled warps, then landing at issue:
-    // a missing barrier or wait shows in one or the other.
-    for args in [&["lazy", "shuffle"][..], &["eager", "shuffle", "quick"][..]] {
-        let out = run(Command::new(&exe).args(args), &format!("emulator {args:?}"));
-        let verdict = out.lines().last().unwrap_or("");
-        eprintln!("emulator {args:?}: {verdict}");
-        assert!(verdict.contains(": 0 failing cases, 0 emulator errors"), "{}", tail(&out, 40));
-        assert!(out.contains("with bank conflicts 0"), "ldmatrix bank conflicts:\n{}", tail(&out, 40));
-    }
+    )?;
+    Ok(exe)
+}
+
+/// Runs the emulator once per argument list, as many at a time as there are
+/// cores (each run is single-threaded); returns (args, exit ok, output) in order.
+fn run_modes(exe: &Path, work: &Path, modes: &[Vec<String>]) -> Vec<(String, bool, String)> {
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get()).min(modes.len()).max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(vec![None; modes.len()]);
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(args) = modes.get(i) else { break };
+                // Output to a file: a full pipe must not stall the emulator.
+                let log = work.join(format!("mode{i}.log"));
+                let file = std::fs::File::create(&log).expect("creating a log file");
+                let status = Command::new(exe)
+                    .args(args)
+                    .stdout(Stdio::from(file.try_clone().expect("log file")))
+                    .stderr(Stdio::from(file))
+                    .status();
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let ok = status.is_ok_and(|s| s.success());
+                results.lock().unwrap()[i] = Some((args.join(" "), ok, text));
+            });
+        }
+    });
+    results.into_inner().unwrap().into_iter().map(|r| r.expect("every mode ran")).collect()
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn sm80_and_naive_kernel_sources_pass_under_the_emulator() {
+    let Some(include) = prerequisites("sm80_and_naive_kernel_sources_pass_under_the_emulator") else {
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let work = std::env::temp_dir().join(format!("fused-attn-emu-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let exe = build(&root.join("kernels"), &work, &include, None).unwrap_or_else(|e| panic!("{e}"));
+    let seed = std::env::var("FUSED_ATTN_EMU_SEED").unwrap_or_else(|_| "2024".into());
+    let random = |n: &str, extra: &[&str]| {
+        let mut a = args(&["--cases=none", "--land=random", "--round=hw"]);
+        a.push(format!("--random={n}"));
+        a.push(format!("--seed={seed}"));
+        a.extend(args(extra));
+        a
+    };
+    // Every fixed case with copies landing at the wait and shuffled warps; a
+    // subset with copies landing at issue in a fixed order, and with copies
+    // landing at random points under hardware-like rounding; a random sweep
+    // (hardware-like rounding); the naive kernel's cases and sweep.
+    let mut modes = vec![
+        args(&["--cases=all", "--land=lazy", "--seed=1"]),
+        args(&["--cases=quick", "--land=eager", "--order=fixed"]),
+        args(&["--cases=quick", "--land=random", "--round=hw", "--seed=3"]),
+        random("24", &[]),
+        random("16", &["--kernel=naive"]),
+        args(&["--kernel=naive", "--cases=all", "--land=lazy"]),
+    ];
+    modes.sort_by_key(|m| !m.contains(&"--cases=all".to_string())); // longest first
+    let mut failures = Vec::new();
+    for (args, ok, out) in run_modes(&exe, &work, &modes) {
+        let verdict = out.lines().last().unwrap_or("");
+        eprintln!("emulator {args}: {verdict}");
+        if !ok || !verdict.contains(": 0 failing cases, 0 emulator errors") {
+            let bad: Vec<&str> =
+                out.lines().filter(|l| !l.starts_with("ok ") && !l.starts_with("stats:")).take(60).collect();
+            failures.push(format!(
+                "emulator {args}:\n{}\nreproduce: python3 tools/sm80-emu/gen.py kernels /tmp/emu80/kernels && g++ -O2 \
+                 -std=c++17 -w -I {} -I tools/sm80-emu -I /tmp/emu80 tools/sm80-emu/emu.cpp -o /tmp/emu80/emu && \
+                 /tmp/emu80/emu {args}",
+                bad.join("\n"),
+                include.display()
+            ));
+        }
+        if !args.contains("naive") && !out.contains("with bank conflicts 0") {
+            failures.push(format!("emulator {args}: ldmatrix bank conflicts\n{}", tail(&out, 5)));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// One injected bug: exact-text edits to a copy of `kernels/`.
+struct Mutant {
+    name: &'static str,
+    file: &'static str,
+    edits: &'static [(&'static str, &'static str)],
+}
+
+const MUTANTS: &[Mutant] = &[
+    // ---- the bugs the emulated tier used to miss ----
+    Mutant {
+        name: "GQA: KV head h % Hk instead of h / (Hq/Hk)",
+        file: "fwd_sm80.cu",
+        edits: &[("const int hk = h / p.q_per_kv;", "const int hk = h % p.heads_kv;")],
+    },
+    Mutant {
+        name: "edge tile off by one: no element mask when the tile ends one past the last key",
+        file: "fwd_sm80.cu",
+        edits: &[("n0 + BN > all_hi)", "n0 + BN > all_hi + 1)")],
+    },
+    Mutant {
+        name: "V read with K's row stride",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "const int64_t stride = is_v ? p.v_row_stride : p.k_row_stride;",
+            "const int64_t stride = p.k_row_stride;",
+        )],
+    },
+    Mutant {
+        name: "O written with Q's row stride",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "o + (m0 + warp_row) * p.o_row_stride, p.o_row_stride,",
+            "o + (m0 + warp_row) * p.q_row_stride, p.q_row_stride,",
+        )],
+    },
+    Mutant {
+        name: "__fa2: n_tiles == 0 path without its cp.async wait and barrier",
+        file: "fwd_sm80.cu",
+        edits: &[("    if (n_tiles == 0) {\n        cp_async_wait<0>();\n        __syncthreads();\n    }\n", "")],
+    },
+    // ---- scale, masks, LSE, softcap ----
+    Mutant {
+        name: "kernel ignores p.scale (always 1/sqrt(head_dim))",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "const float score_in = capped ? p.scale / p.softcap : p.scale * log2e;",
+            "const float score_in = capped ? (1.f / sqrtf((float)p.head_dim)) / p.softcap : (1.f / \
+             sqrtf((float)p.head_dim)) * log2e;",
+        )],
+    },
+    Mutant {
+        name: "mask: left edge one key too far",
+        file: "common/mask.cuh",
+        edits: &[("i + off - p.window_left;", "i + off - p.window_left - 1;")],
+    },
+    Mutant {
+        name: "mask: left edge one key short",
+        file: "common/mask.cuh",
+        edits: &[("i + off - p.window_left;", "i + off - p.window_left + 1;")],
+    },
+    Mutant {
+        name: "mask: right edge one key too far",
+        file: "common/mask.cuh",
+        edits: &[("i + off + p.window_right + 1;", "i + off + p.window_right + 2;")],
+    },
+    Mutant {
+        name: "mask: right edge one key short",
+        file: "common/mask.cuh",
+        edits: &[("i + off + p.window_right + 1;", "i + off + p.window_right;")],
+    },
+    Mutant {
+        name: "element mask keeps key == hi",
+        file: "fwd_sm80.cu",
+        edits: &[("if (key < lo || key >= hi)", "if (key < lo || key > hi)")],
+    },
+    Mutant {
+        name: "LSE in log2 units",
+        file: "common/softmax.cuh",
+        edits: &[("row_max[mt][hf] * 0.6931471805599453f + logf(l)", "row_max[mt][hf] + log2f(l)")],
+    },
+    Mutant {
+        name: "LSE without the running max",
+        file: "common/softmax.cuh",
+        edits: &[("row_max[mt][hf] * 0.6931471805599453f + logf(l)", "logf(l)")],
+    },
+    Mutant {
+        name: "softcap dropped",
+        file: "fwd_sm80.cu",
+        edits: &[("const bool capped = p.softcap > 0.f;", "const bool capped = false;")],
+    },
+    Mutant {
+        name: "-inf guard of the running max dropped",
+        file: "common/softmax.cuh",
+        edits: &[("const float sub = mx == -INFINITY ? 0.f : mx;", "const float sub = mx;")],
+    },
+    // ---- tile bounds and guards ----
+    Mutant {
+        name: "loader: rows past the sequence read instead of zero-filled",
+        file: "common/sm80_tile_io.cuh",
+        edits: &[("const bool ok = col_ok && r < rows_valid;", "const bool ok = col_ok;")],
+    },
+    Mutant {
+        name: "store: rows past seqlen_q written",
+        file: "common/sm80_tile_io.cuh",
+        edits: &[("        if (r < rows_valid) {", "        if (true) {")],
+    },
+    Mutant {
+        name: "LSE of rows past seqlen_q written",
+        file: "fwd_sm80.cu",
+        edits: &[("if (row < p.seqlen_q) lse_row[row]", "lse_row[row]")],
+    },
+    Mutant {
+        name: "last partial key tile skipped",
+        file: "fwd_sm80.cu",
+        edits: &[("(keys.hi + BN - 1) / BN - n_begin", "keys.hi / BN - n_begin")],
+    },
+    // ---- synchronisation ----
+    Mutant {
+        name: "main loop: __syncthreads before loading into V_{j-1}'s buffer dropped",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "cp_async_wait<BUFS - 2>();\n        __syncthreads();\n        issue_kv(2 * j + BUFS - 1);",
+            "cp_async_wait<BUFS - 2>();\n        issue_kv(2 * j + BUFS - 1);",
+        )],
+    },
+    Mutant {
+        name: "main loop: __syncthreads before P·V dropped",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "cp_async_wait<BUFS - 2>();\n        __syncthreads();\n        issue_kv(2 * j + BUFS);",
+            "cp_async_wait<BUFS - 2>();\n        issue_kv(2 * j + BUFS);",
+        )],
+    },
+    Mutant {
+        name: "main loop: cp.async wait for K_j dropped",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "cp_async_wait<BUFS - 2>();\n        __syncthreads();\n        issue_kv(2 * j + BUFS - 1);",
+            "__syncthreads();\n        issue_kv(2 * j + BUFS - 1);",
+        )],
+    },
+    Mutant {
+        name: "main loop: cp.async wait for V_j dropped",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "cp_async_wait<BUFS - 2>();\n        __syncthreads();\n        issue_kv(2 * j + BUFS);",
+            "__syncthreads();\n        issue_kv(2 * j + BUFS);",
+        )],
+    },
+    Mutant {
+        name: "Q in registers: barrier after the Q wait dropped",
+        file: "fwd_sm80.cu",
+        edits: &[("cp_async_wait<BUFS - 1>();  // the Q group\n        __syncthreads();", "cp_async_wait<BUFS - 1>();")],
+    },
+    Mutant {
+        name: "epilogue: __syncwarp between staging O and storing it dropped",
+        file: "fwd_sm80.cu",
+        edits: &[("    __syncwarp();\n    T *o =", "    T *o =")],
+    },
+    // ---- the naive kernel ----
+    Mutant {
+        name: "naive: KV head h % Hk instead of h / (Hq/Hk)",
+        file: "fwd_naive.cu",
+        edits: &[("const int hk = h / p.q_per_kv;", "const int hk = h % p.heads_kv;")],
+    },
+    Mutant {
+        name: "naive: key range end inclusive (one key past the mask)",
+        file: "fwd_naive.cu",
+        edits: &[("if (j < r.hi) {", "if (j <= r.hi) {")],
+    },
+    Mutant {
+        name: "naive: V read with K's row stride",
+        file: "fwd_naive.cu",
+        edits: &[("* p.v_row_stride + d]", "* p.k_row_stride + d]")],
+    },
+];
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Negative control: every injected bug must make the emulator fail (a wrong
+/// result, a stray write, an emulator error or a deadlock) in at least one
+/// run, while the unmodified source passes the same runs. Prints a table:
+/// mutant, the run that caught it, and the first check that failed.
+#[test]
+#[ignore = "negative control, run by hand: cargo test --test emulated_sm80 -- --ignored --nocapture"]
+fn sm80_emulator_catches_injected_bugs() {
+    let Some(include) = prerequisites("sm80_emulator_catches_injected_bugs") else { return };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let base = std::env::temp_dir().join(format!("fused-attn-emu80-neg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    // hd64: Q in registers, 4 warps, a ring of 4; hd128__fa2: Q re-read from
+    // shared memory, a ring of 2 (the n_tiles == 0 path matters there).
+    let only = "^fa_fwd_(sm80_f16_hd64|sm80_f16_hd128__fa2|naive_f16)$";
+    let modes = vec![
+        args(&["--cases=neg", "--land=lazy", "--seed=1"]),
+        args(&["--cases=neg", "--land=eager", "--order=fixed"]),
+        args(&["--kernel=naive", "--cases=neg"]),
+    ];
+    // (name, Ok(Some(first diagnostic)) if caught / Ok(None) if missed, or Err(why not run))
+    let mut rows: Vec<(String, Result<Option<String>, String>)> = Vec::new();
+    for (i, m) in std::iter::once(None).chain(MUTANTS.iter().map(Some)).enumerate() {
+        let work = base.join(format!("m{i}"));
+        let src = work.join("src");
+        copy_dir(&root.join("kernels"), &src);
+        let name = m.map_or("(unmodified source: must pass)", |m| m.name).to_string();
+        if let Some(m) = m {
+            let path = src.join(m.file);
+            let mut text = std::fs::read_to_string(&path).unwrap();
+            if let Some((old, _)) = m.edits.iter().find(|(old, _)| !text.contains(old)) {
+                rows.push((name, Err(format!("not applicable: `{old}` is no longer in {}", m.file))));
+                continue;
+            }
+            for (old, new) in m.edits {
+                text = text.replace(old, new);
+            }
+            std::fs::write(&path, text).unwrap();
+        }
+        let exe = match build(&src, &work, &include, Some(only)) {
+            Ok(exe) => exe,
+            Err(e) => {
+                rows.push((name, Err(tail(&e, 5))));
+                continue;
+            }
+        };
+        let runs = run_modes(&exe, &work, &modes);
+        let caught = runs.iter().find(|(_, ok, _)| !ok).map(|(args, _, out)| {
+            // "FAIL[checks] kernel ...": which checks failed, on which kernel;
+            // or the first emulator error.
+            let fail = out.lines().find(|l| l.starts_with("FAIL")).map(|l| {
+                let mut w = l.split_whitespace();
+                format!("{} {}", w.next().unwrap_or(""), w.next().unwrap_or(""))
+            });
+            let error = out.lines().find(|l| l.contains("EMU ERROR")).map(|l| l.trim().to_string());
+            let what = match (fail, error) {
+                (Some(f), Some(e)) => format!("{f}\n            {e}"),
+                (Some(f), None) => f,
+                (None, Some(e)) => e,
+                (None, None) => "(non-zero exit)".into(),
+            };
+            format!("[{args}] {what}")
+        });
+        rows.push((name, Ok(caught)));
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    let mut bad = Vec::new();
+    for (i, (name, r)) in rows.iter().enumerate() {
+        let line = match (i, r) {
+            (0, Ok(None)) => format!("ok      {name}"),
+            (0, Ok(Some(d))) => format!("BROKEN  {name}: {d}"),
+            (_, Ok(Some(d))) => format!("caught  {name}\n          {d}"),
+            (_, Ok(None)) => format!("MISSED  {name}"),
+            (_, Err(e)) => format!("ERROR   {name}: {e}"),
+        };
+        eprintln!("{line}");
+        if !line.starts_with("ok") && !line.starts_with("caught") {
+            bad.push(line);
+        }
+    }
+    assert!(bad.is_empty(), "negative control failed:\n{}", bad.join("\n"));
+    let _ = std::fs::remove_dir_all(&base);
 }
