@@ -122,6 +122,11 @@ pub use options::{AttentionOptions, KernelFamily, Mask, MaskAlignment};
 pub use tensor::{DType, DeviceTensor, DeviceTensorMut, Element, HostTensor, Layout, LseLayout, LseTensorMut};
 pub use validate::Problem;
 
+/// The README's code blocks compile as doctests, so its API example cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// Re-exported so callers use the same cudarc and half versions as the crate.
 pub use cudarc;
 pub use half;
