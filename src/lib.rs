@@ -101,7 +101,7 @@
 //! and is a [`Error::DTypeMismatch`] with the runtime-typed
 //! [`Attention::forward_into_dyn`].
 
-#![warn(missing_docs)]
+#![warn(missing_docs, clippy::missing_errors_doc, clippy::missing_panics_doc)]
 
 mod device;
 mod dispatch;
