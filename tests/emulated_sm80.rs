@@ -209,9 +209,8 @@ const MUTANTS: &[Mutant] = &[
         name: "kernel ignores p.scale (always 1/sqrt(head_dim))",
         file: "fwd_sm80.cu",
         edits: &[(
-            "const float score_in = capped ? p.scale / p.softcap : p.scale * log2e;",
-            "const float score_in = capped ? (1.f / sqrtf((float)p.head_dim)) / p.softcap : (1.f / \
-             sqrtf((float)p.head_dim)) * log2e;",
+            "const float score_in = p.scale * log2e;",
+            "const float score_in = (1.f / sqrtf((float)p.head_dim)) * log2e;",
         )],
     },
     Mutant {
