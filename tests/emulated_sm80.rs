@@ -249,6 +249,14 @@ const MUTANTS: &[Mutant] = &[
         edits: &[("row_max[mt][hf] * 0.6931471805599453f + logf(l)", "logf(l)")],
     },
     Mutant {
+        name: "LSE indexed as contiguous [B, Hq, Lq] (its strides ignored)",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "float *lse_row = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride;",
+            "float *lse_row = p.lse + (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q;",
+        )],
+    },
+    Mutant {
         name: "softcap dropped",
         file: "fwd_sm80.cu",
         edits: &[("const bool capped = p.softcap > 0.f;", "const bool capped = false;")],

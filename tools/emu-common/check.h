@@ -31,6 +31,9 @@ struct EmuProblem {
     const float *lse_out;
     int64_t qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orr, oh;
     bool top_left = false;             // mask aligned to the top-left corner (off = 0)
+    int64_t lseb = 0, lseh = 0;        // LSE batch and head strides; 0: contiguous [B, Hq, Lq]
+    int64_t lse_b() const { return lseb ? lseb : (int64_t)Hq * Lq; }
+    int64_t lse_h() const { return lseh ? lseh : Lq; }
 };
 
 // Errors: whole-tensor relative L2 of O; the worst row's relative L2 (one bad
@@ -114,7 +117,7 @@ static EmuCheck emu_check_against_reference(const EmuProblem &c, bool verbose) {
                 if (row_ref2 > 0) r.row_rel = std::max(r.row_rel, sqrt(row_err2 / row_ref2));
                 else if (row_err2 > 0) r.row_rel = INFINITY;
                 if (c.lse) {
-                    const float got = c.lse_out[((int64_t)b * c.Hq + h) * c.Lq + i];
+                    const float got = c.lse_out[b * c.lse_b() + h * c.lse_h() + i];
                     if (ref_lse == -INFINITY) {
                         if (!(got == -INFINITY)) {
                             if (r.ok && verbose) printf("  empty row %d: LSE %f, not -inf\n", i, got);
@@ -148,10 +151,17 @@ static long emu_count_stray(const EmuProblem &c, const uint16_t *alloc, size_t a
     long stray = 0;
     for (size_t x = 0; x < alloc_len; ++x)
         if (!inview[x] && alloc[x] != 0xffff) stray++;
-    for (int x = 0; x < guard; ++x)
-        if (!std::isnan(lse_alloc[x]) || !std::isnan(lse_alloc[lse_alloc.size() - 1 - x])) stray++;
-    if (!c.lse)
-        for (float x : lse_alloc)
-            if (!std::isnan(x)) { stray++; break; }
+    // LSE: everything outside the written view (guards, and the gaps that
+    // strided LSE leaves) stays NaN; all of it when no LSE was asked for.
+    std::vector<char> lse_in(lse_alloc.size(), 0);
+    if (c.lse)
+        for (int b = 0; b < c.B; ++b)
+            for (int h = 0; h < c.Hq; ++h)
+                for (int i = 0; i < c.Lq; ++i) {
+                    const int64_t at = guard + b * c.lse_b() + h * c.lse_h() + i;
+                    if (at >= 0 && at < (int64_t)lse_in.size()) lse_in[at] = 1;
+                }
+    for (size_t x = 0; x < lse_alloc.size(); ++x)
+        if (!lse_in[x] && !std::isnan(lse_alloc[x])) stray++;
     return stray;
 }

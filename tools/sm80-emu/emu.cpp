@@ -582,7 +582,10 @@ static bool run_case_on(const Kern *kn, const Case &cs, bool bf16, unsigned seed
     const int guard = 256;
     std::vector<uint16_t> o(lo.n + 2 * guard, 0xffff);
     uint16_t *O = o.data() + guard;
-    std::vector<float> lse((size_t)cs.B * cs.Hq * cs.Lq + 2 * guard, NAN);
+    // LSE strided too: [B, Hq, Lq] or, with bhsd, [Hq, B, Lq], rows padded.
+    const int64_t lse_row = cs.Lq + 8;
+    const int64_t lseh = cs.bhsd ? cs.B * lse_row + 16 : lse_row, lseb = cs.bhsd ? lse_row : cs.Hq * lse_row + 16;
+    std::vector<float> lse((size_t)(cs.bhsd ? cs.Hq * lseh : cs.B * lseb) + 2 * guard, NAN);
     float *LSE = lse.data() + guard;
 
     readable.clear();
@@ -599,7 +602,7 @@ static bool run_case_on(const Kern *kn, const Case &cs, bool bf16, unsigned seed
     p.batch = cs.B; p.heads_q = cs.Hq; p.heads_kv = cs.Hk; p.q_per_kv = cs.Hq / cs.Hk;
     p.seqlen_q = cs.Lq; p.seqlen_k = cs.Lk; p.head_dim = cs.D;
     p.diag_offset = cs.top_left ? 0 : cs.Lk - cs.Lq;  // bottom-right unless the case says top-left
-    p.lse_batch_stride = (int64_t)cs.Hq * cs.Lq; p.lse_head_stride = cs.Lq;
+    p.lse_batch_stride = lseb; p.lse_head_stride = lseh;
     p.window_left = cs.wl; p.window_right = cs.wr;
     p.scale = cs.scale != 0 ? cs.scale : 1.f / sqrtf((float)cs.D); p.softcap = cs.softcap;
 
@@ -625,6 +628,7 @@ static bool run_case_on(const Kern *kn, const Case &cs, bool bf16, unsigned seed
     EmuProblem ep{cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale, (double)cs.softcap, bf16, cs.lse,
                   q, k, v, O, LSE, lq.bs, lq.rs, lq.hs, lk.bs, lk.rs, lk.hs, lv.bs, lv.rs, lv.hs, lo.bs, lo.rs, lo.hs};
     ep.top_left = cs.top_left;
+    ep.lseb = lseb; ep.lseh = lseh;
     const EmuCheck chk = emu_check_against_reference(ep, verbose);
     // Which checks failed, named so that the negative control can say what caught a bug.
     std::string why;
@@ -691,6 +695,7 @@ static void bucket_cases(int hd, bool bf, unsigned &seed, bool verbose, bool nai
         {1, 4, 1, 70, 3 * BN - 1, hd, -1, 0, 0.f, false, 8, 30.f, true, 1.7f},   // scores in the thousands, causal
         {1, 2, 2, 60, 2 * BN + 5, hd, -1, -1, 0.f, true, 0, 40.f, true},         // scores in the hundreds
         {1, 3, 1, 50, 90, hd, -1, 0, 20.f, false, 0, 3.f, true, 1.7f},           // softcap with a custom scale
+        {1, 2, 1, 40, 90, hd, -1, 0, 2000.f, true, 0, 30.f, true, 1.7f},         // softcap near scores in the thousands
         {1, 2, 1, 33, 77, hd, -1, -1, 1e6f, false, 8, 2.f, true},                // softcaps far above the scores
         {1, 2, 1, 33, 77, hd, -1, -1, 1e38f, false, 0, 2.f, true},
         {1, 2, 1, 33, 77, hd, -1, -1, 3.4028235e38f, true, 0, 2.f, true},
