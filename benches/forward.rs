@@ -169,7 +169,7 @@ fn check_error<T: Element>(g: &Gpu, stream: &Arc<CudaStream>, c: &BenchCase) -> 
     let inp = make_inputs::<T>(42, s, Storage::Bshd);
     let opts = forced_family().map_or(AttentionOptions::new(c.mask), |f| AttentionOptions::new(c.mask).with_kernel(f));
     let checked = common::run_and_check(g, stream, &inp, s, Storage::Bshd, LseStorage::Contiguous, &opts)?;
-    Ok(checked.o_err)
+    Ok(checked.cmp.o_err)
 }
 
 /// A kernel that returns at once: the floor of a launch's host-side cost.

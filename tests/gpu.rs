@@ -129,6 +129,10 @@ struct CaseResult {
     lse_row_err: f64,
 }
 static RESULTS: Mutex<Vec<CaseResult>> = Mutex::new(Vec::new());
+/// Held by the graph trials: one capture at a time, and no trial of theirs
+/// creates a tracked context's first stream (cudarc synchronises the whole
+/// context then) while another captures.
+static CAPTURE: Mutex<()> = Mutex::new(());
 
 fn gpu() -> Result<&'static Gpu, Failed> {
     GPU.get_or_init(open_gpu).as_ref().map_err(|e| Failed::from(format!("no GPU: {e}")))
@@ -240,10 +244,10 @@ fn check_case(c: Case, name: String, kernel_name: Option<&'static str>) -> Resul
         name,
         family: c.family,
         dtype: c.dtype,
-        o_err: checked.o_err,
-        row_err: checked.row_err,
-        lse_err: checked.lse_err,
-        lse_row_err: checked.lse_row_err,
+        o_err: checked.cmp.o_err,
+        row_err: checked.cmp.row_err,
+        lse_err: checked.cmp.lse_err,
+        lse_row_err: checked.cmp.lse_row_err,
     });
     checked.verdict(c.dtype).map_err(Failed::from)
 }
@@ -473,7 +477,7 @@ fn determinism(family: KernelFamily) -> Result<(), Failed> {
     let opts = AttentionOptions::new(Mask::Causal).with_kernel(family);
     let a = run_and_check(g, &stream, &inp, s, Storage::Bshd, LseStorage::Contiguous, &opts)?;
     let b = run_and_check(g, &stream, &inp, s, Storage::Bshd, LseStorage::Contiguous, &opts)?;
-    if a.o_bits != b.o_bits {
+    if a.cmp.o_bits != b.cmp.o_bits {
         return Err("two runs differ bitwise".into());
     }
     Ok(())
@@ -487,7 +491,7 @@ fn concurrency() -> Result<(), Failed> {
     let expected = {
         let stream = g.ctx.new_stream().map_err(text)?;
         let opts = AttentionOptions::new(Mask::Causal);
-        run_and_check(g, &stream, &inp, s, Storage::Bshd, LseStorage::Contiguous, &opts)?.o_bits
+        run_and_check(g, &stream, &inp, s, Storage::Bshd, LseStorage::Contiguous, &opts)?.cmp.o_bits
     };
     let errors: Vec<String> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..2)
@@ -600,7 +604,7 @@ impl<T: Element> Buffers<T> {
 
 /// Compares what the buffers hold with the f64 reference (every rule of `Checked::verdict`).
 fn check_buffers<T: Element>(
-    kernel: KernelInfo,
+    kernel: &KernelInfo,
     inp: &Inputs<T>,
     s: Shape,
     (o, lse): (&[T], &[f32]),
@@ -611,7 +615,7 @@ fn check_buffers<T: Element>(
         (HostTensor::new(&inp.q, inp.ql), HostTensor::new(&inp.k, inp.kl), HostTensor::new(&inp.v, inp.vl));
     let r = reference::forward(qh, kh, vh, opts).map_err(text)?;
     let smax = row_max_abs_scores(&r.problem, qh, kh);
-    compare(kernel, &r, &smax, s, (o, ol), (lse, ll))?.verdict(T::DTYPE)
+    compare(&r, &smax, s, (o, ol), (lse, ll))?.verdict(T::DTYPE).map_err(|e| format!("{}: {e}", kernel.name))
 }
 
 fn bits<T: Element>(x: &[T]) -> Vec<u16> {
@@ -642,9 +646,10 @@ const GRAPH_LAYOUTS: Layouts = Layouts {
 /// loaded before the capture, thread-local capture mode.
 fn graph_capture(family: KernelFamily) -> Result<(), Failed> {
     gpu()?; // a GPU with kernels is there
-            // Its own handle on the primary context: the event-tracking switch and
-            // the error slot cudarc keeps per handle are this trial's alone, so the
-            // trials running beside it keep their tracking.
+    let _one_capture = CAPTURE.lock().unwrap_or_else(|e| e.into_inner());
+    // Its own handle on the primary context: the event-tracking switch and
+    // the error slot cudarc keeps per handle are this trial's alone, so the
+    // trials running beside it keep their tracking.
     let ctx = fused_attn::cuda_context(0)?;
     // SAFETY: every buffer of this trial is created after this call and used
     // on `stream` alone, whose order is all the synchronisation they need.
@@ -660,7 +665,7 @@ fn graph_capture(family: KernelFamily) -> Result<(), Failed> {
 
     let eager_info = bufs.forward(&attn, &stream, &inp, &opts)?;
     let (eager_o, eager_lse) = bufs.read(&stream)?;
-    check_buffers(eager_info.clone(), &inp, s, (&eager_o, &eager_lse), (bufs.ol, bufs.ll), &opts)?;
+    check_buffers(&eager_info, &inp, s, (&eager_o, &eager_lse), (bufs.ol, bufs.ll), &opts)?;
 
     bufs.repoison(&stream)?;
     stream.synchronize().map_err(text)?;
@@ -699,7 +704,7 @@ fn graph_capture(family: KernelFamily) -> Result<(), Failed> {
     if bits(&graph_o) != bits(&o) || f32_bits(&graph_lse) != f32_bits(&lse) {
         return Err("after Q changed, the replay differs from an eager run".into());
     }
-    check_buffers(info, &inp2, s, (&o, &lse), (bufs.ol, bufs.ll), &opts)?;
+    check_buffers(&info, &inp2, s, (&o, &lse), (bufs.ol, bufs.ll), &opts)?;
     drop(graph);
     stream.synchronize().map_err(text)?;
     // Anything cudarc recorded instead of returning (e.g. from a guard).
@@ -714,6 +719,7 @@ fn graph_capture(family: KernelFamily) -> Result<(), Failed> {
 /// succeeds gives wrong results.
 fn graph_capture_tracking_probe() -> Result<(), Failed> {
     gpu()?;
+    let _one_capture = CAPTURE.lock().unwrap_or_else(|e| e.into_inner());
     let ctx = fused_attn::cuda_context(0)?;
     let upload_stream = ctx.new_stream().map_err(text)?; // multi-stream mode: tracking active
     let stream = ctx.new_stream().map_err(text)?;
@@ -787,7 +793,7 @@ fn no_host_allocation(family: KernelFamily) -> Result<(), Failed> {
         return Err(format!("{allocations} heap allocations in {CALLS} calls of forward_into ({})", first.name).into());
     }
     let (o, lse) = bufs.read(&stream)?;
-    check_buffers(first, &inp, s, (&o, &lse), (bufs.ol, bufs.ll), &opts)?;
+    check_buffers(&first, &inp, s, (&o, &lse), (bufs.ol, bufs.ll), &opts)?;
     Ok(())
 }
 
@@ -969,8 +975,91 @@ fn trials() -> Vec<(Trial, bool)> {
     trials
 }
 
+/// The checker's negative control, run on the host before any trial (no
+/// GPU needed): a perfect output (the reference itself, rounded and written
+/// through the layouts) passes `compare`, and each injected fault fails it:
+/// a write into O's guards or padding or LSE's gaps, an element left
+/// unwritten, one bad O row (invisible in the whole-tensor norm), one bad LSE row.
+fn checker_negative_control() -> Result<usize, String> {
+    let s = Shape { b: 2, lq: 100, lk: 150, hq: 8, hk: 2, d: 64 };
+    let l = Layouts {
+        q: Storage::Bhsd,
+        k: Storage::Padded(8),
+        v: Storage::HeadPadded(8),
+        o: Storage::BhsdPadded(16),
+        lse: LseStorage::Gapped(3),
+    };
+    let inp = make_inputs_in::<bf16>(5, s, &l, 1.0);
+    let opts = AttentionOptions::new(Mask::window(30, 10)).with_scale(-0.7);
+    let (qh, kh, vh) =
+        (HostTensor::new(&inp.q, inp.ql), HostTensor::new(&inp.k, inp.kl), HostTensor::new(&inp.v, inp.vl));
+    let r = reference::forward(qh, kh, vh, &opts).map_err(text)?;
+    let smax = row_max_abs_scores(&r.problem, qh, kh);
+    let (ol, ll) = (l.o.layout(s.b, s.lq, s.hq, s.d), l.lse.layout(s.b, s.hq, s.lq));
+    let mut o = poison::<bf16>(O_GUARD + ol.span().unwrap() + O_GUARD);
+    let mut lse = vec![f32::from_bits(LSE_POISON); LSE_GUARD + ll.span().unwrap() + LSE_GUARD];
+    for b in 0..s.b {
+        for i in 0..s.lq {
+            for h in 0..s.hq {
+                for x in 0..s.d {
+                    o[O_GUARD + ol.offset(b, i, h, x)] = bf16::from_f64(r.o[((b * s.lq + i) * s.hq + h) * s.d + x]);
+                }
+                lse[LSE_GUARD + ll.offset(b, h, i)] = r.lse[(b * s.hq + h) * s.lq + i] as f32;
+            }
+        }
+    }
+    let check = |o: &[bf16], lse: &[f32]| compare(&r, &smax, s, (o, ol), (lse, ll))?.verdict(DType::BF16);
+    check(&o, &lse).map_err(|e| format!("a perfect output failed: {e}"))?;
+    let in_view_o = O_GUARD + ol.offset(1, 7, 3, 5);
+    let padding_o = O_GUARD + ol.offset(0, 0, 0, s.d); // the row's padding (BhsdPadded)
+    let gap_lse = LSE_GUARD + ll.offset(0, 0, s.lq); // the gap after a row (Gapped)
+    let row = (1, 42, 5); // (b, i, h)
+    let bad_lse = LSE_GUARD + ll.offset(1, 2, 3);
+    let bump = 1e-3 * smax[(s.hq + 2) * s.lq + 3].max(1.0) as f32;
+    type Fault = Box<dyn Fn(&mut [bf16], &mut [f32])>;
+    let faults: Vec<(&str, Fault)> = vec![
+        ("a write before O's view", Box::new(|o, _| o[3] = bf16::ZERO)),
+        ("a write after O's view", Box::new(|o, _| *o.last_mut().unwrap() = bf16::ONE)),
+        ("a write into O's padding", Box::new(move |o, _| o[padding_o] = bf16::ONE)),
+        ("an O element left unwritten", Box::new(move |o, _| o[in_view_o] = poison_value())),
+        ("a write before LSE's view", Box::new(|_, lse| lse[0] = 0.0)),
+        ("a write into LSE's gap", Box::new(move |_, lse| lse[gap_lse] = 1.0)),
+        (
+            "one O row 20% off",
+            Box::new(move |o, _| {
+                for x in 0..s.d {
+                    let at = O_GUARD + ol.offset(row.0, row.1, row.2, x);
+                    o[at] = bf16::from_f32(o[at].to_f32() * 1.2);
+                }
+            }),
+        ),
+        ("one LSE row off by 1e-3 of its largest score", Box::new(move |_, lse| lse[bad_lse] += bump)),
+    ];
+    for (what, fault) in &faults {
+        let (mut o2, mut lse2) = (o.clone(), lse.clone());
+        fault(&mut o2, &mut lse2);
+        if check(&o2, &lse2).is_ok() {
+            return Err(format!("the checker missed {what}"));
+        }
+    }
+    // The bad row alone must not fail the whole-tensor norm: the per-row check is what catches it.
+    let mut o2 = o.clone();
+    (faults[6].1)(&mut o2, &mut lse.clone());
+    let c = compare(&r, &smax, s, (&o2, ol), (&lse, ll))?;
+    if c.o_err > tolerance(DType::BF16) {
+        return Err(format!("the bad-row control is too coarse: whole-tensor error {:.3e}", c.o_err));
+    }
+    Ok(faults.len())
+}
+
 fn main() {
     let args = Arguments::from_args();
+    if !args.list {
+        match checker_negative_control() {
+            Ok(n) => println!("checker self-test: a perfect output passes, {n} injected faults are caught"),
+            Err(e) => panic!("checker self-test: {e}"),
+        }
+    }
     let trials = trials();
     // The GPU is opened before any trial runs, so whether there is one (and
     // which) decides what is ignored, with the reason printed.

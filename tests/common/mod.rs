@@ -258,7 +258,21 @@ pub fn download<T: Element>(stream: &Arc<CudaStream>, x: &CudaSlice<T>) -> Resul
 /// Result of one GPU run compared with the reference.
 #[derive(Debug, Clone)]
 pub struct Checked {
+    /// The kernel that ran.
     pub kernel: KernelInfo,
+    pub cmp: Comparison,
+}
+
+impl Checked {
+    /// [`Comparison::verdict`], naming the kernel.
+    pub fn verdict(&self, dtype: DType) -> Result<(), String> {
+        self.cmp.verdict(dtype).map_err(|e| format!("{}: {e}", self.kernel.name))
+    }
+}
+
+/// Outputs (as read back) against the reference.
+#[derive(Debug, Clone)]
+pub struct Comparison {
     /// Whole-tensor relative L2 error of O.
     pub o_err: f64,
     /// Whole-tensor relative L2 error of LSE.
@@ -286,7 +300,7 @@ pub fn row_tolerance(dtype: DType) -> f64 {
 /// LSE per row: `|lse − ref| ≤ LSE_ROW_TOL · max(1, max_j |s_ij|)`.
 pub const LSE_ROW_TOL: f64 = 1e-4;
 
-impl Checked {
+impl Comparison {
     /// Every rule of DESIGN.md section 4 for one case: O rel L2 within the
     /// dtype's tolerance, the worst row within 3×, LSE per row, LSE rel L2,
     /// and no stray or missing write.
@@ -319,7 +333,7 @@ impl Checked {
         if bad.is_empty() {
             Ok(())
         } else {
-            Err(format!("{}: {}", self.kernel.name, bad.join(", ")))
+            Err(bad.join(", "))
         }
     }
 }
@@ -368,20 +382,19 @@ pub fn run_and_check<T: Element>(
         (HostTensor::new(&inp.q, inp.ql), HostTensor::new(&inp.k, inp.kl), HostTensor::new(&inp.v, inp.vl));
     let r = reference::forward(qh, kh, vh, opts).map_err(e)?;
     let smax = row_max_abs_scores(&r.problem, qh, kh);
-    compare(kernel, &r, &smax, s, (&o_host, ol), (&lse_host, ll))
+    Ok(Checked { kernel, cmp: compare(&r, &smax, s, (&o_host, ol), (&lse_host, ll))? })
 }
 
 /// The comparison half of [`run_and_check`], for callers with their own
 /// launch: `o_alloc` is O's whole allocation with the view at [`O_GUARD`],
 /// `lse_alloc` LSE's with the view at [`LSE_GUARD`].
 pub fn compare<T: Element>(
-    kernel: KernelInfo,
     r: &reference::Reference,
     smax: &[f64],
     s: Shape,
     (o_alloc, ol): (&[T], Layout),
     (lse_alloc, ll): (&[f32], LseLayout),
-) -> Result<Checked, String> {
+) -> Result<Comparison, String> {
     let e = |e: Error| e.to_string();
     let d = s.d;
     // Gather O from its storage into the reference's contiguous BSHD order,
@@ -480,7 +493,7 @@ pub fn compare<T: Element>(
     }
     let o_err = rel_l2_error(&got, &r.o).map_err(e)?;
     let lse_err = rel_l2_error(&lse_got, &r.lse).map_err(e)?;
-    Ok(Checked { kernel, o_err, lse_err, row_err, lse_row_err, stray, unwritten, write_notes: notes, o_bits: bits })
+    Ok(Comparison { o_err, lse_err, row_err, lse_row_err, stray, unwritten, write_notes: notes, o_bits: bits })
 }
 
 /// `max_j |s_ij|` over the keys row `i` sees (scale and softcap applied),
@@ -494,7 +507,9 @@ pub fn row_max_abs_scores<T: Element>(p: &Problem, q: HostTensor<'_, T>, k: Host
     }
     // Units of (b, h, up to 32 rows), dealt round-robin to one thread per core.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut groups: Vec<Vec<(usize, usize, usize, &mut [f64])>> = (0..threads).map(|_| Vec::new()).collect();
+    /// (batch, head, first row, the rows' outputs).
+    type Unit<'a> = (usize, usize, usize, &'a mut [f64]);
+    let mut groups: Vec<Vec<Unit<'_>>> = (0..threads).map(|_| Vec::new()).collect();
     let mut n = 0;
     for (bh, rows_out) in out.chunks_mut(lq).enumerate() {
         for (blk, slot) in rows_out.chunks_mut(32).enumerate() {
