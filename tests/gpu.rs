@@ -896,40 +896,16 @@ fn dispatch_prefers_tiled() -> Result<(), Failed> {
     Ok(())
 }
 
-/// The trials, each with whether it needs an sm_90 GPU.
-fn trials() -> Vec<(Trial, bool)> {
-    let mut trials: Vec<(Trial, bool)> = Vec::new();
-    let is90 = |f: KernelFamily| f == KernelFamily::Sm90;
-    let add_cases = |trials: &mut Vec<(Trial, bool)>, group: &str, cases: Vec<Case>| {
-        for c in cases {
-            let name = c.name(group);
-            let n2 = name.clone();
-            trials.push((Trial::test(name, move || check_case(c, n2, None)), is90(c.family)));
-        }
-    };
-    add_cases(&mut trials, "sweep", sweep(KernelFamily::Sm80, 1, &FULL_DIMS, &all_pairs()));
-    add_cases(
-        &mut trials,
-        "sweep",
-        sweep(KernelFamily::Naive, 2, &[32, 64, 128, 192, 256], &[(17, 127), (1000, 4097)]),
-    );
-    add_cases(&mut trials, "sweep", sweep(KernelFamily::Sm90, 3, &FULL_DIMS, &all_pairs()));
+/// Every checked case of the trials: its name, the case, and the kernel
+/// forced by name (variants).
+fn cases() -> Vec<(String, Case, Option<&'static str>)> {
+    let mut out = Vec::new();
+    let mut add = |group: &str, cases: Vec<Case>| out.extend(cases.into_iter().map(|c| (c.name(group), c, None)));
+    add("sweep", sweep(KernelFamily::Sm80, 1, &FULL_DIMS, &all_pairs()));
+    add("sweep", sweep(KernelFamily::Naive, 2, &[32, 64, 128, 192, 256], &[(17, 127), (1000, 4097)]));
+    add("sweep", sweep(KernelFamily::Sm90, 3, &FULL_DIMS, &all_pairs()));
     for family in [KernelFamily::Naive, KernelFamily::Sm80, KernelFamily::Sm90] {
-        add_cases(&mut trials, "edge", edge_cases(family));
-    }
-    // Every variant kernel (alternative tiles or schedules kept for
-    // measurement), forced by name over dims of its own bucket.
-    for row in fused_attn::internals::KERNEL_TABLE.iter().filter(|r| r.is_variant()) {
-        let family = KernelFamily::from_image_stem(row.image).expect("known family");
-        let hd = row.head_dim as usize;
-        let dims: Vec<usize> =
-            [hd, hd.saturating_sub(8), hd.saturating_sub(24)].into_iter().filter(|&d| d >= 8).collect();
-        for c in sweep(family, 4, &dims, &[(17, 127), (1000, 4097)]).into_iter().filter(|c| c.dtype == row.dtype) {
-            let name = format!("{}/{}", c.name("variant"), row.name);
-            let n2 = name.clone();
-            let kernel_name = row.name;
-            trials.push((Trial::test(name, move || check_case(c, n2, Some(kernel_name))), is90(family)));
-        }
+        add("edge", edge_cases(family));
     }
     // A small subset for compute-sanitizer (memcheck, racecheck): every family,
     // masks, GQA, odd sizes, every tensor its own layout.
@@ -953,7 +929,62 @@ fn trials() -> Vec<(Trial, bool)> {
             })
         })
         .collect();
-    add_cases(&mut trials, "sanitize", sanitize);
+    add("sanitize", sanitize);
+    // Every variant kernel (alternative tiles or schedules kept for
+    // measurement), forced by name over dims of its own bucket.
+    for row in fused_attn::internals::KERNEL_TABLE.iter().filter(|r| r.is_variant()) {
+        let family = KernelFamily::from_image_stem(row.image).expect("known family");
+        let hd = row.head_dim as usize;
+        let dims: Vec<usize> =
+            [hd, hd.saturating_sub(8), hd.saturating_sub(24)].into_iter().filter(|&d| d >= 8).collect();
+        for c in sweep(family, 4, &dims, &[(17, 127), (1000, 4097)]).into_iter().filter(|c| c.dtype == row.dtype) {
+            out.push((format!("{}/{}", c.name("variant"), row.name), c, Some(row.name)));
+        }
+    }
+    out
+}
+
+/// Every case, validated on the host exactly as its GPU call will be (all
+/// five layouts with their buffer lengths, the options) and aligned for the
+/// family it forces: a mistake in the case tables shows on any machine, not
+/// as a failure on a rented GPU. Also: Q, K, V and O of a non-uniform case
+/// have four different storages.
+fn cases_are_valid(cases: &[(String, Case, Option<&'static str>)]) -> Result<usize, String> {
+    use fused_attn::internals::{check_alignment, validate, LseDesc, TensorDesc};
+    for (name, c, _) in cases {
+        let (s, l) = (c.shape, &c.layouts);
+        let desc = |arg, layout: Layout| TensorDesc { arg, layout, len: layout.span().unwrap_or(0) };
+        let q = desc("q", l.q.layout(s.b, s.lq, s.hq, s.d));
+        let k = desc("k", l.k.layout(s.b, s.lk, s.hk, s.d));
+        let v = desc("v", l.v.layout(s.b, s.lk, s.hk, s.d));
+        let o = desc("o", l.o.layout(s.b, s.lq, s.hq, s.d));
+        let ll = l.lse.layout(s.b, s.hq, s.lq);
+        let lse = LseDesc { layout: ll, len: ll.span().unwrap_or(0) };
+        let fail = |e: Error| format!("{name}: {e}");
+        validate(c.dtype, &q, &k, &v, Some(&o), Some(&lse), &c.options()).map_err(fail)?;
+        // Inputs start their buffers (256-byte aligned); O's view starts O_GUARD elements in.
+        for (t, addr) in [(q, 0u64), (k, 0), (v, 0), (o, 2 * O_GUARD as u64)] {
+            check_alignment(&t, Some(addr), 2, c.family, "case").map_err(fail)?;
+        }
+        let storages = [l.q, l.k, l.v, l.o];
+        let distinct = (0..4).all(|a| (a + 1..4).all(|b| storages[a] != storages[b]));
+        if *l != Layouts::uniform(l.q) && !distinct {
+            return Err(format!("{name}: Q, K, V and O share a storage"));
+        }
+    }
+    Ok(cases.len())
+}
+
+/// The trials, each with whether it needs an sm_90 GPU.
+fn trials() -> Vec<(Trial, bool)> {
+    let is90 = |f: KernelFamily| f == KernelFamily::Sm90;
+    let mut trials: Vec<(Trial, bool)> = cases()
+        .into_iter()
+        .map(|(name, c, kernel_name)| {
+            let n2 = name.clone();
+            (Trial::test(name, move || check_case(c, n2, kernel_name)), is90(c.family))
+        })
+        .collect();
     for family in [KernelFamily::Naive, KernelFamily::Sm80, KernelFamily::Sm90] {
         let f = format!("{family:?}").to_lowercase();
         let t = |name: String, run: fn(KernelFamily) -> Result<(), Failed>| {
@@ -1058,6 +1089,10 @@ fn main() {
         match checker_negative_control() {
             Ok(n) => println!("checker self-test: a perfect output passes, {n} injected faults are caught"),
             Err(e) => panic!("checker self-test: {e}"),
+        }
+        match cases_are_valid(&cases()) {
+            Ok(n) => println!("case tables: all {n} cases validate on the host and are aligned for their family"),
+            Err(e) => panic!("case tables: {e}"),
         }
     }
     let trials = trials();
