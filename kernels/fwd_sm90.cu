@@ -348,8 +348,7 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
     // Scores enter the softmax in the log2 domain: s * log2(e), or with the cap
     // c * tanh(s / c) * log2(e).
     const bool capped = p.softcap > 0.f;
-    const float score_in = capped ? p.scale / p.softcap : p.scale * kLog2e;
-    const float score_out = capped ? p.softcap * kLog2e : 1.f;
+    const float score_in = p.scale * kLog2e;
 
     // A slot is released once per consumer warp, after that warp's wait_group
     // has retired the wgmmas that read it.
@@ -425,7 +424,7 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
         auto scores_to_probs = [&](float (&s)[BN / 2], int j, float (&alpha)[2]) {
             if (capped) {
 #pragma unroll
-                for (int i = 0; i < BN / 2; ++i) s[i] = score_out * fa_tanh(s[i] * score_in);
+                for (int i = 0; i < BN / 2; ++i) s[i] = fa_softcap_log2(s[i] * score_in, p.softcap);
             } else {
 #pragma unroll
                 for (int i = 0; i < BN / 2; ++i) s[i] *= score_in;
@@ -631,6 +630,10 @@ FA_KERNEL(fa_fwd_sm90_bf16_hd128, bf16, 128, 128, 128, 384, 164936, 90, FA_GRID_
 FA_KERNEL(fa_fwd_sm90_bf16_hd256, bf16, 256, 128, 80, 384, 230472, 90, FA_GRID_TILES)
 
 // Variants: never dispatched automatically; benchmarks and GPU tests force them by name.
+// Built only with FUSED_ATTN_VARIANTS=1: build.rs otherwise defines FA_NO_VARIANTS
+// and leaves these rows out of the table too (the emulators define nothing: they
+// always see every row).
+#ifndef FA_NO_VARIANTS
 // __nopp: no inter-warpgroup ping-pong (the consumers issue their GEMMs freely).
 #undef FA_SHAPE
 #define FA_SHAPE(head_dim) Sm90NoPingPong<Sm90Shape<head_dim>>
@@ -655,3 +658,4 @@ FA_KERNEL(fa_fwd_sm90_f16_hd256__persistent, f16, 256, 128, 80, 384, 230480, 90,
 FA_KERNEL(fa_fwd_sm90_bf16_hd64__persistent, bf16, 64, 128, 128, 384, 148624, 90, FA_GRID_PERSISTENT)
 FA_KERNEL(fa_fwd_sm90_bf16_hd128__persistent, bf16, 128, 128, 128, 384, 164944, 90, FA_GRID_PERSISTENT)
 FA_KERNEL(fa_fwd_sm90_bf16_hd256__persistent, bf16, 256, 128, 80, 384, 230480, 90, FA_GRID_PERSISTENT)
+#endif  // FA_NO_VARIANTS

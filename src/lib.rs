@@ -43,8 +43,9 @@
 //!   to reproduce SDPA when `Lq != Lk`.
 //! - `O_i = Σ_j softmax(s_i)_j · v_j` over visible keys, `LSE_i = ln Σ_j exp(s_ij)`.
 //! - A row with no visible key gives `O_i = 0`, `LSE_i = −∞`. No NaN comes
-//!   from finite inputs whose scores `scale·⟨q_i, k_j⟩` are finite in f32;
-//!   scores that overflow f32 (bf16 inputs near 2e19) are outside the contract.
+//!   from finite inputs whose scores satisfy `|scale·⟨q_i, k_j⟩| < 2.3e38`
+//!   (the kernels work in base 2, so `s·log2(e)` must be finite in f32);
+//!   larger scores (bf16 inputs near 1e19) are outside the contract.
 //! - Every element of O (and LSE, when given) is written; nothing else is.
 //! - Everything is asynchronous on the caller's stream.
 //!
@@ -101,7 +102,7 @@
 //! and is a [`Error::DTypeMismatch`] with the runtime-typed
 //! [`Attention::forward_into_dyn`].
 
-#![warn(missing_docs)]
+#![warn(missing_docs, clippy::missing_errors_doc, clippy::missing_panics_doc)]
 
 mod device;
 mod dispatch;
@@ -121,6 +122,11 @@ pub use ops::{problem_of, DynTensor, DynTensorMut, ForwardOutput};
 pub use options::{AttentionOptions, KernelFamily, Mask, MaskAlignment};
 pub use tensor::{DType, DeviceTensor, DeviceTensorMut, Element, HostTensor, Layout, LseLayout, LseTensorMut};
 pub use validate::Problem;
+
+/// The README's code blocks compile as doctests, so its API example cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 /// Re-exported so callers use the same cudarc and half versions as the crate.
 pub use cudarc;

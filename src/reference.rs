@@ -1,4 +1,5 @@
-//! The CPU reference: DESIGN.md section 1 computed in `f64`, multi-threaded.
+//! The CPU reference: the crate's contract (see the crate docs) computed in
+//! `f64`, multi-threaded.
 //!
 //! It accepts what the GPU path accepts (it runs the same validation) and
 //! computes the same function: masks and windows in either alignment, GQA,

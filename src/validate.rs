@@ -98,7 +98,7 @@ impl Problem {
         (0..self.seqlen_q).map(|i| self.key_range(i)).map(|(lo, hi)| hi.saturating_sub(lo) as u128).sum()
     }
 
-    /// Forward FLOPs: `4 · B · Hq · D · visible pairs` (DESIGN.md section 5).
+    /// Forward FLOPs: `4 · B · Hq · D · visible pairs` (counted exactly for every mask).
     pub fn flops(&self) -> u128 {
         4 * self.batch as u128 * self.heads_q as u128 * self.head_dim as u128 * self.visible_pairs()
     }
@@ -115,7 +115,7 @@ fn overflow(arg: &'static str, what: &'static str, value: Option<u128>, limit: u
 /// k, v, o, lse; then cross-tensor shapes; then size limits; then options.
 ///
 /// # Errors
-/// Every row of DESIGN.md section 6 that depends on shapes and options, as
+/// Every shape and option error of the contract, as
 /// a variant naming the argument.
 pub fn validate(
     dtype: DType,

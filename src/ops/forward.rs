@@ -50,7 +50,7 @@ impl Attention {
     /// kernel on that stream; copying them to the host synchronises.
     ///
     /// # Errors
-    /// Any validation error of DESIGN.md section 6 naming the argument
+    /// Any validation error naming the argument
     /// (before anything is allocated), [`Error::ForeignContext`],
     /// [`Error::NoKernel`], or [`Error::Cuda`] for a failed allocation
     /// (out of memory) or launch.
@@ -88,7 +88,7 @@ impl Attention {
     /// graph capture (load first with [`Attention::preload`] or one eager call).
     ///
     /// # Errors
-    /// Any validation error of DESIGN.md section 6 naming the argument,
+    /// Any validation error naming the argument,
     /// [`Error::ForeignContext`], [`Error::NoKernel`] (e.g. a forced kernel
     /// that cannot run), or [`Error::Cuda`] for a failed launch.
     #[allow(clippy::too_many_arguments)]
