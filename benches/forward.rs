@@ -305,6 +305,11 @@ fn report_mode(path: &str) -> Result<(), Error> {
     let mut fp = if cases.iter().any(|c| c.dtype == DType::F16) { Some(buffers::<f16>(&stream, 2)?) } else { None };
     let mut rows = Vec::new();
     let variants_wanted = std::env::var("FUSED_ATTN_BENCH_VARIANTS").is_ok_and(|v| v == "1");
+    if variants_wanted && !fused_attn::internals::VARIANTS_BUILT {
+        eprintln!(
+            "FUSED_ATTN_BENCH_VARIANTS=1 but this build has no variant kernels: rebuild with FUSED_ATTN_VARIANTS=1"
+        );
+    }
     for c in &cases {
         let mut time = |name| match c.dtype {
             DType::BF16 => time_case(&g, &stream, &mut bf, c, reps, name),
