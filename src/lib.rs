@@ -74,6 +74,24 @@
 //! strides) on a `&CudaStream`, allocates nothing on the host once its kernel
 //! is loaded, and may be captured in a CUDA graph.
 //!
+//! ## CUDA graphs
+//! `forward_into` can be captured with cudarc's `CudaStream::begin_capture` /
+//! `end_capture` and replayed; a replay writes exactly what an eager call
+//! writes. The caller's part:
+//! 1. **Load first**: module loading cannot be captured; call
+//!    [`Attention::preload`] (or make one eager call) before capturing.
+//! 2. **Turn off cudarc's event tracking** (`unsafe { ctx.disable_event_tracking() }`)
+//!    before creating the buffers and capturing. With several streams,
+//!    cudarc makes each launch wait on events of the buffers' last reads
+//!    and writes; inside a capture those waits refer to events recorded
+//!    outside it, which CUDA rejects (the capture is invalidated). Order the
+//!    graph's stream against other streams yourself.
+//! 3. **The graph holds addresses**: replays use the same Q/K/V/O/LSE memory
+//!    (the Hopper kernels also bake in TMA maps of it); keep the buffers
+//!    alive and in place, and change inputs in place.
+//!
+//! The GPU tier's `graph/` trials follow exactly this recipe.
+//!
 //! ## Host architecture
 //! Data flows one way, one module per arrow:
 //! ```text
