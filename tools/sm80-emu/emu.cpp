@@ -679,8 +679,8 @@ static const Kern *first_kernel(int hd, bool bf16) {
 }
 
 // Per bucket and dtype: the shapes where tile arithmetic goes wrong (Lq one
-// short of block_m, Lk one short of a multiple of block_n), GQA with several KV
-// heads and 4:1 / 4:1 ratios, custom and negative scales, scores in the
+// short of block_m, Lk one short of a multiple of block_n), GQA 4:1 with several KV
+// heads (8:2, 12:3), custom and negative scales, scores in the
 // hundreds and thousands, and softcaps from 1e-30 to f32's largest.
 static void bucket_cases(int hd, bool bf, unsigned &seed, bool verbose, bool naive) {
     const Kern *k = first_kernel(hd, bf);
