@@ -72,7 +72,7 @@ __device__ void naive_forward(const FaFwdParams &p) {
         if (d < p.head_dim) o[d] = fa_from_float<T>(acc[c] * inv_l);
     }
     if (p.lse != nullptr && tid == 0) {
-        const int64_t idx = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + i;
+        const int64_t idx = b * p.lse_batch_stride + h * p.lse_head_stride + i;
         p.lse[idx] = l > 0.f ? m + logf(l) : -INFINITY;
     }
 }

@@ -314,7 +314,7 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &p) {
                                         p.seqlen_q - m0 - warp_row, p.head_dim, lane);
 
     if (p.lse != nullptr && tig == 0) {
-        float *lse_row = p.lse + (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q;
+        float *lse_row = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll

@@ -591,7 +591,7 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
         }
 
         if (p.lse != nullptr && lane % 4 == 0) {
-            float *const lse_row = p.lse + (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q;
+            float *const lse_row = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride;
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int row = m0 + row0 + 8 * h;

@@ -14,7 +14,7 @@
 
 /* All strides are in elements; the last (head-dim) dimension is contiguous.
  * Logical shapes: Q [B, Lq, Hq, D], K [B, Lk, Hk, D], V [B, Lk, Hk, D],
- * O [B, Lq, Hq, D], LSE [B, Hq, Lq] f32 contiguous. */
+ * O [B, Lq, Hq, D], LSE [B, Hq, Lq] f32 with unit row stride. */
 typedef struct FaFwdParams {
     const void *q;
     const void *k;
@@ -35,6 +35,9 @@ typedef struct FaFwdParams {
     int64_t o_batch_stride;
     int64_t o_row_stride;
     int64_t o_head_stride;
+    /* LSE of (b, h, i) is lse[b * lse_batch_stride + h * lse_head_stride + i]. */
+    int64_t lse_batch_stride;
+    int64_t lse_head_stride;
 
     int32_t batch;
     int32_t heads_q;
@@ -45,10 +48,12 @@ typedef struct FaFwdParams {
     int32_t seqlen_k;
     int32_t head_dim;
 
-    /* Bottom-right aligned band: with off = seqlen_k - seqlen_q, query i sees
-     * key j iff i + off - window_left <= j <= i + off + window_right.
-     * A negative value means that side is unbounded. The host clamps finite
-     * values to at most seqlen_q + seqlen_k, so no sum here overflows int32. */
+    /* The band: query i sees key j iff
+     * i + diag_offset - window_left <= j <= i + diag_offset + window_right.
+     * A negative window value means that side is unbounded. The host clamps
+     * finite values to at most seqlen_q + seqlen_k, so no sum here overflows
+     * int32. diag_offset is seqlen_k - seqlen_q for bottom-right alignment
+     * (the default), 0 for top-left (PyTorch's is_causal). */
     int32_t window_left;
     int32_t window_right;
 
@@ -56,7 +61,7 @@ typedef struct FaFwdParams {
     float scale;
     /* c > 0: s <- c * tanh(s / c); 0 disables the cap. */
     float softcap;
-    int32_t reserved;
+    int32_t diag_offset;
 } FaFwdParams;
 
 /* An opaque CUDA tensor map (CUtensorMap: 128 bytes, 64-byte aligned),

@@ -1,4 +1,5 @@
-// The bottom-right aligned band of DESIGN.md section 1, as key ranges.
+// The band of DESIGN.md section 1 (bottom- or top-left-aligned by the host's
+// choice of diag_offset), as key ranges.
 // Everything works on [lo, hi) half-open key ranges so that skipping hidden
 // tiles and masking partial ones use the same two numbers.
 #pragma once
@@ -11,7 +12,7 @@ struct FaKeyRange {
 
 // Keys visible to query row i (0 <= i < seqlen_q). Empty when lo >= hi.
 __device__ __forceinline__ FaKeyRange fa_key_range(const FaFwdParams &p, int i) {
-    const int off = p.seqlen_k - p.seqlen_q;
+    const int off = p.diag_offset;
     int lo = p.window_left < 0 ? 0 : i + off - p.window_left;
     int hi = p.window_right < 0 ? p.seqlen_k : i + off + p.window_right + 1;
     lo = max(lo, 0);

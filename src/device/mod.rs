@@ -232,6 +232,8 @@ impl Attention {
             o_batch_stride: os[0],
             o_row_stride: os[1],
             o_head_stride: os[2],
+            lse_batch_stride: (p.heads_q * p.seqlen_q) as i64,
+            lse_head_stride: p.seqlen_q as i64,
             batch: p.batch as i32,
             heads_q: p.heads_q as i32,
             heads_kv: p.heads_kv as i32,
@@ -243,7 +245,7 @@ impl Attention {
             window_right,
             scale: p.scale,
             softcap: p.softcap.unwrap_or(0.0),
-            reserved: 0,
+            diag_offset: p.seqlen_k as i32 - p.seqlen_q as i32,
         };
         let cfg =
             LaunchConfig { grid_dim: info.grid, block_dim: (info.threads, 1, 1), shared_mem_bytes: info.smem_bytes };

@@ -22,6 +22,8 @@ pub struct FaFwdParams {
     pub o_batch_stride: i64,
     pub o_row_stride: i64,
     pub o_head_stride: i64,
+    pub lse_batch_stride: i64,
+    pub lse_head_stride: i64,
     pub batch: i32,
     pub heads_q: i32,
     pub heads_kv: i32,
@@ -33,11 +35,11 @@ pub struct FaFwdParams {
     pub window_right: i32,
     pub scale: f32,
     pub softcap: f32,
-    pub reserved: i32,
+    pub diag_offset: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of FaFwdParams"][::core::mem::size_of::<FaFwdParams>() - 184usize];
+    ["Size of FaFwdParams"][::core::mem::size_of::<FaFwdParams>() - 200usize];
     ["Alignment of FaFwdParams"][::core::mem::align_of::<FaFwdParams>() - 8usize];
     [
         "Offset of field: FaFwdParams::q",
@@ -91,41 +93,47 @@ const _: () = {
         "Offset of field: FaFwdParams::o_head_stride",
     ][::core::mem::offset_of!(FaFwdParams, o_head_stride) - 128usize];
     [
+        "Offset of field: FaFwdParams::lse_batch_stride",
+    ][::core::mem::offset_of!(FaFwdParams, lse_batch_stride) - 136usize];
+    [
+        "Offset of field: FaFwdParams::lse_head_stride",
+    ][::core::mem::offset_of!(FaFwdParams, lse_head_stride) - 144usize];
+    [
         "Offset of field: FaFwdParams::batch",
-    ][::core::mem::offset_of!(FaFwdParams, batch) - 136usize];
+    ][::core::mem::offset_of!(FaFwdParams, batch) - 152usize];
     [
         "Offset of field: FaFwdParams::heads_q",
-    ][::core::mem::offset_of!(FaFwdParams, heads_q) - 140usize];
+    ][::core::mem::offset_of!(FaFwdParams, heads_q) - 156usize];
     [
         "Offset of field: FaFwdParams::heads_kv",
-    ][::core::mem::offset_of!(FaFwdParams, heads_kv) - 144usize];
+    ][::core::mem::offset_of!(FaFwdParams, heads_kv) - 160usize];
     [
         "Offset of field: FaFwdParams::q_per_kv",
-    ][::core::mem::offset_of!(FaFwdParams, q_per_kv) - 148usize];
+    ][::core::mem::offset_of!(FaFwdParams, q_per_kv) - 164usize];
     [
         "Offset of field: FaFwdParams::seqlen_q",
-    ][::core::mem::offset_of!(FaFwdParams, seqlen_q) - 152usize];
+    ][::core::mem::offset_of!(FaFwdParams, seqlen_q) - 168usize];
     [
         "Offset of field: FaFwdParams::seqlen_k",
-    ][::core::mem::offset_of!(FaFwdParams, seqlen_k) - 156usize];
+    ][::core::mem::offset_of!(FaFwdParams, seqlen_k) - 172usize];
     [
         "Offset of field: FaFwdParams::head_dim",
-    ][::core::mem::offset_of!(FaFwdParams, head_dim) - 160usize];
+    ][::core::mem::offset_of!(FaFwdParams, head_dim) - 176usize];
     [
         "Offset of field: FaFwdParams::window_left",
-    ][::core::mem::offset_of!(FaFwdParams, window_left) - 164usize];
+    ][::core::mem::offset_of!(FaFwdParams, window_left) - 180usize];
     [
         "Offset of field: FaFwdParams::window_right",
-    ][::core::mem::offset_of!(FaFwdParams, window_right) - 168usize];
+    ][::core::mem::offset_of!(FaFwdParams, window_right) - 184usize];
     [
         "Offset of field: FaFwdParams::scale",
-    ][::core::mem::offset_of!(FaFwdParams, scale) - 172usize];
+    ][::core::mem::offset_of!(FaFwdParams, scale) - 188usize];
     [
         "Offset of field: FaFwdParams::softcap",
-    ][::core::mem::offset_of!(FaFwdParams, softcap) - 176usize];
+    ][::core::mem::offset_of!(FaFwdParams, softcap) - 192usize];
     [
-        "Offset of field: FaFwdParams::reserved",
-    ][::core::mem::offset_of!(FaFwdParams, reserved) - 180usize];
+        "Offset of field: FaFwdParams::diag_offset",
+    ][::core::mem::offset_of!(FaFwdParams, diag_offset) - 196usize];
 };
 impl Default for FaFwdParams {
     fn default() -> Self {
@@ -164,7 +172,7 @@ impl Default for FaTensorMap {
 #[derive(Debug, Copy, Clone)]
 pub struct FaFwdSm90Params {
     pub p: FaFwdParams,
-    pub __bindgen_padding_0: u64,
+    pub __bindgen_padding_0: [u64; 7usize],
     pub tma_q: FaTensorMap,
     pub tma_k: FaTensorMap,
     pub tma_v: FaTensorMap,
@@ -172,7 +180,7 @@ pub struct FaFwdSm90Params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of FaFwdSm90Params"][::core::mem::size_of::<FaFwdSm90Params>() - 704usize];
+    ["Size of FaFwdSm90Params"][::core::mem::size_of::<FaFwdSm90Params>() - 768usize];
     [
         "Alignment of FaFwdSm90Params",
     ][::core::mem::align_of::<FaFwdSm90Params>() - 64usize];
@@ -181,16 +189,16 @@ const _: () = {
     ][::core::mem::offset_of!(FaFwdSm90Params, p) - 0usize];
     [
         "Offset of field: FaFwdSm90Params::tma_q",
-    ][::core::mem::offset_of!(FaFwdSm90Params, tma_q) - 192usize];
+    ][::core::mem::offset_of!(FaFwdSm90Params, tma_q) - 256usize];
     [
         "Offset of field: FaFwdSm90Params::tma_k",
-    ][::core::mem::offset_of!(FaFwdSm90Params, tma_k) - 320usize];
+    ][::core::mem::offset_of!(FaFwdSm90Params, tma_k) - 384usize];
     [
         "Offset of field: FaFwdSm90Params::tma_v",
-    ][::core::mem::offset_of!(FaFwdSm90Params, tma_v) - 448usize];
+    ][::core::mem::offset_of!(FaFwdSm90Params, tma_v) - 512usize];
     [
         "Offset of field: FaFwdSm90Params::tma_o",
-    ][::core::mem::offset_of!(FaFwdSm90Params, tma_o) - 576usize];
+    ][::core::mem::offset_of!(FaFwdSm90Params, tma_o) - 640usize];
 };
 impl Default for FaFwdSm90Params {
     fn default() -> Self {

@@ -268,6 +268,7 @@ struct Case {
     int pad;          // extra elements per row/head slot, to make strides non-contiguous
     float amp;        // input amplitude
     bool lse;
+    bool top_left = false;  // mask aligned to the top-left corner instead of bottom-right
 };
 
 static int bucket_of(int D) {
@@ -316,6 +317,8 @@ static bool run_case_on(const Kern *kn, const Case &cs, bool bf16, unsigned seed
     p.o_batch_stride = ob; p.o_row_stride = orr; p.o_head_stride = oh;
     p.batch = cs.B; p.heads_q = cs.Hq; p.heads_kv = cs.Hk; p.q_per_kv = cs.Hq / cs.Hk;
     p.seqlen_q = cs.Lq; p.seqlen_k = cs.Lk; p.head_dim = cs.D;
+    p.diag_offset = cs.top_left ? 0 : cs.Lk - cs.Lq;  // bottom-right unless the case says top-left
+    p.lse_batch_stride = (int64_t)cs.Hq * cs.Lq; p.lse_head_stride = cs.Lq;
     p.window_left = cs.wl; p.window_right = cs.wr;
     p.scale = 1.f / sqrtf((float)cs.D); p.softcap = cs.softcap;
 
@@ -341,6 +344,7 @@ static bool run_case_on(const Kern *kn, const Case &cs, bool bf16, unsigned seed
     // reference
     EmuProblem ep{cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale, (double)cs.softcap, bf16, cs.lse,
                   q.data(), k.data(), v.data(), O, LSE, qb, qr, qh, kb, kr, kh, kb, kr, kh, ob, orr, oh};
+    ep.top_left = cs.top_left;
     const EmuCheck chk = emu_check_against_reference(ep, verbose);
     bool ok = chk.ok;
     // Outside the view and LSE's guards everything keeps its poison.
@@ -398,6 +402,8 @@ int main(int argc, char **argv) {
                 {1, 1, 1, 70, 70, D, -1, -1, 0.f, false, 0, 40.f, true},    // huge logits
                 {1, 1, 1, 1, 1, D, -1, -1, 0.f, false, 0, 1.f, true},       // single element
                 {1, 1, 1, 300, 20, D, 5, 2, 0.f, false, 0, 1.f, true},      // tiny window, Lq >> Lk
+                {1, 2, 1, 90, 200, D, -1, 0, 0.f, false, 0, 1.f, true, true},   // top-left causal, Lq < Lk
+                {1, 1, 1, 200, 70, D, 10, 3, 0.f, true, 8, 1.f, true, true},    // top-left window, Lq > Lk
             };
             for (auto &c : cases) fails += !run_case(c, bf, seed++, !quick);
         }

@@ -76,6 +76,7 @@ static struct {
     std::string cases = "all";
     std::string only;             // run kernels whose name contains this
     bool real_round = false;      // realistic rounding (see emu_perturb)
+    bool stop_on_fail = false;    // exit at the first failing case
 } opt;
 static std::mt19937 rng(1);
 static std::mt19937 rng_round(1);  // its own stream: rounding must not change the thread schedule
@@ -1369,6 +1370,7 @@ struct Case {
     float amp;  // input amplitude
     bool lse;
     const char *what;
+    bool top_left = false;  // mask aligned to the top-left corner instead of bottom-right
     float scale = 0.f;  // 0: the default 1/sqrt(D)
     // Every tensor its own layout: Q, K, V, O take the layouts (layout + t) % 3
     // of BSHD, BHSD, SBHD and pad + 8t extra elements per row, so no two of
@@ -1426,7 +1428,10 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     const int guard = 64;
     std::vector<uint16_t> ov(on + 2 * guard + 8, 0xffff);
     uint16_t *O = ov.data() + guard + ((16 - (uintptr_t)(ov.data() + guard) % 16) % 16) / 2;
-    std::vector<float> lse((size_t)cs.B * cs.Hq * cs.Lq + 2 * guard, NAN);
+    // LSE [B, Hq, Lq] with unit row stride; with own layouts, padded head
+    // and batch strides (gaps that must keep their NaN).
+    const int64_t lse_hs = cs.Lq + (cs.own ? 8 : 0), lse_bs = cs.Hq * lse_hs + (cs.own ? 24 : 0);
+    std::vector<float> lse((size_t)((cs.B - 1) * lse_bs + (cs.Hq - 1) * lse_hs + cs.Lq) + 2 * guard, NAN);
     float *LSE = lse.data() + guard;
 
     readable = {{(const unsigned char *)q, (const unsigned char *)(q + qn)},
@@ -1444,6 +1449,8 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     p.o_batch_stride = ob; p.o_row_stride = orr; p.o_head_stride = oh;
     p.batch = cs.B; p.heads_q = cs.Hq; p.heads_kv = cs.Hk; p.q_per_kv = cs.Hq / cs.Hk;
     p.seqlen_q = cs.Lq; p.seqlen_k = cs.Lk; p.head_dim = cs.D;
+    p.diag_offset = cs.top_left ? 0 : cs.Lk - cs.Lq;  // bottom-right unless the case says top-left
+    p.lse_batch_stride = lse_bs; p.lse_head_stride = lse_hs;
     // The host clamps finite windows to at most Lq + Lk (params.h).
     p.window_left = cs.wl < 0 ? -1 : std::min(cs.wl, cs.Lq + cs.Lk);
     p.window_right = cs.wr < 0 ? -1 : std::min(cs.wr, cs.Lq + cs.Lk);
@@ -1478,7 +1485,7 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
             for (int mb = 0; mb < m_tiles; ++mb) {
                 bool any = false;
                 for (int i = mb * kn.bm; i < std::min(cs.Lq, (mb + 1) * kn.bm) && !any; ++i) {
-                    const int off = cs.Lk - cs.Lq;
+                    const int off = p.diag_offset;
                     const int lo = std::max(0, cs.wl < 0 ? 0 : i + off - cs.wl);
                     const int hi = std::min(cs.Lk, cs.wr < 0 ? cs.Lk : i + off + cs.wr + 1);
                     any = lo < hi;
@@ -1512,35 +1519,62 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     alarm(0);
 
     // f64 reference
+    // (check.h reads LSE densely: gather the strided one, and check its gaps here.)
+    std::vector<float> lse_dense((size_t)cs.B * cs.Hq * cs.Lq);
+    std::vector<char> lse_inview(lse.size(), 0);
+    for (int b = 0; b < cs.B; ++b)
+        for (int h = 0; h < cs.Hq; ++h)
+            for (int i = 0; i < cs.Lq; ++i) {
+                const int64_t at = b * lse_bs + h * lse_hs + i;
+                lse_dense[((size_t)b * cs.Hq + h) * cs.Lq + i] = LSE[at];
+                lse_inview[guard + at] = 1;
+            }
     EmuProblem ep{cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale, (double)cs.softcap, bf16, cs.lse,
-                  q, k, v, O, LSE, qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orr, oh};
+                  q, k, v, O, lse_dense.data(), qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orr, oh};
+    ep.top_left = cs.top_left;
     const EmuCheck chk = emu_check_against_reference(ep, true);
     bool ok = ran_ok && chk.ok;
     // Outside the view and LSE's guards everything keeps its poison.
-    const long stray = emu_count_stray(ep, ov.data(), ov.size(), lse, guard);
+    long stray = emu_count_stray(ep, ov.data(), ov.size(), lse, guard);
+    for (size_t x = 0; x < lse.size(); ++x)
+        if (!lse_inview[x] && x >= (size_t)guard && x < lse.size() - guard && !std::isnan(lse[x])) stray++;
     if (stray) { ok = false; printf("  %ld stray writes outside O's view / LSE\n", stray); }
     const double rel = chk.rel();
-    if (!(rel <= emu_o_tol(bf16)) || !(chk.row_rel <= emu_row_tol(bf16))) ok = false;
-    if (cs.lse && !(chk.lse_rel <= kEmuLseTol)) ok = false;
-    ok = ok && case_errors == 0;
+    // Which checks failed, named on the FAIL line (the negative control's table).
+    std::string why;
+    auto failed = [&](const char *what) { why += why.empty() ? " [failed: " : ", "; why += what; ok = false; };
+    if (!ran_ok) failed("run abandoned");
+    if (case_errors) failed("emulator errors");
+    if (!chk.ok) failed("non-finite O / empty-row O or LSE");
+    if (stray) failed("stray writes");
+    if (!(rel <= emu_o_tol(bf16))) failed("O rel L2");
+    if (!(chk.row_rel <= emu_row_tol(bf16))) failed("O worst row");
+    if (cs.lse && !(chk.lse_rel <= kEmuLseTol)) failed("LSE");
+    if (!why.empty()) why += "]";
     char layout[32];
     if (cs.own) snprintf(layout, sizeof layout, "%s/%s/%s/%s", lay_name(lay[0]), lay_name(lay[1]), lay_name(lay[2]), lay_name(lay[3]));
     else snprintf(layout, sizeof layout, "%s", lay_name(lay[0]));
     printf("%-4s %-24s %-24s B%d Hq%d Hk%d Lq%4d Lk%4d D%3d w(%d,%d) scale %.3g cap %.3g %s pad%d amp%.0f lse%d: rel %.2e row %.2e lse %.2e%s\n",
            ok ? "ok" : "FAIL", kn.name, cs.what, cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale,
-           (double)cs.softcap, layout, cs.pad, cs.amp, cs.lse, rel, chk.row_rel, chk.lse_rel, case_errors ? " (emulator errors)" : "");
+           (double)cs.softcap, layout, cs.pad, cs.amp, cs.lse, rel, chk.row_rel, chk.lse_rel, why.c_str());
+    if (!ok && opt.stop_on_fail) {
+        printf("--stop-on-fail: 1 failing case, %ld emulator errors\n", errors_total);
+        fflush(stdout);
+        _exit(1);
+    }
     fflush(stdout);
     return ok;
 }
 
 // Every kernel of the case's bucket and dtype: the default and its variants.
-static int run_case(const Case &cs, bool bf16, unsigned seed) {
+static int run_case(const Case &cs, bool bf16, unsigned seed, bool variants = true) {
     int hd = 1 << 30;
     for (const Kern &k : kerns)
         if (k.bf16 == bf16 && k.hd >= cs.D && !strstr(k.name, "__")) hd = std::min(hd, k.hd);
     int fails = 0, ran = 0;
     for (const Kern &k : kerns)
-        if (k.hd == hd && k.bf16 == bf16 && (opt.only.empty() || strstr(k.name, opt.only.c_str()))) {
+        if (k.hd == hd && k.bf16 == bf16 && (opt.only.empty() || strstr(k.name, opt.only.c_str())) &&
+            (variants || !strstr(k.name, "__"))) {
             fails += !run_case_on(k, cs, seed);
             ++ran;
         }
@@ -1565,6 +1599,7 @@ static int run_case(const Case &cs, bool bf16, unsigned seed) {
 //                             cases; base: all but those)
 //   --random=N --seed=S       N extra random problems
 //   --sms=N                   grid of FA_GRID_PERSISTENT kernels (default 2)
+//   --stop-on-fail            exit at the first failing case (the negative control)
 //   --only=SUBSTR             kernels whose name contains SUBSTR
 //   --oob-box=skip-empty      the alternative reading of a wholly
 //                             out-of-bounds TMA box: nothing written, 0 bytes
@@ -1584,6 +1619,7 @@ int main(int argc, char **argv) {
         else if (a == "--ordered") opt.shuffle = false;
         else if (a == "--round=real") opt.real_round = true;
         else if (a == "--round=exact") opt.real_round = false;
+        else if (a == "--stop-on-fail") opt.stop_on_fail = true;
         else if (a == "--oob-box=skip-empty") opt.oob_skip_empty = true;
         else if (!val("--seed=").empty()) opt.seed = atoi(val("--seed=").c_str());
         else if (!val("--sms=").empty()) opt.sms = atoi(val("--sms=").c_str());
@@ -1646,6 +1682,8 @@ int main(int argc, char **argv) {
             // Causal with Lq >> Lk: the top row blocks see no key at all, the
             // last one does (a persistent CTA mixes both kinds of tile).
             {1, 2, 1, 300, 40, hd, -1, 0, 0.f, false, 0, 1.f, true, "keyless and keyed tiles"},
+            {1, 2, 1, 90, big ? 150 : 200, hd, -1, 0, 0.f, false, 0, 1.f, true, "top-left causal Lq<Lk", true},
+            {1, 1, 1, 200, 70, hd, 10, 3, 0.f, true, 8, 1.f, true, "top-left window Lq>Lk", true},
         };
         // Head dims inside the bucket but not equal to it (for the 256 bucket
         // with D <= 192 the fourth 64-column box lies wholly out of bounds).
@@ -1657,9 +1695,10 @@ int main(int argc, char **argv) {
                           1.f, true, "head_dim inside bucket"});
         for (size_t i = 0; i < cs.size(); ++i) {
             if (quick && i % 3) continue;
-            // neg: the negative control's subset; with the keyless-tile case
-            // and the first head dim inside the bucket (hd256: a dead box).
-            if (neg && !(i == 0 || i == 1 || i == 2 || i == 10 || i == 11 || i == 12)) continue;
+            // neg: the negative control's subset; with the keyless-tile case,
+            // top-left causal and the first head dim inside the bucket (hd256:
+            // a dead box).
+            if (neg && !(i == 0 || i == 1 || i == 2 || i == 10 || i == 11 || i == 12 || i == 14)) continue;
             fails += run_case(cs[i], neg ? false : (bi + i) % 2, seed++);
         }
     }
@@ -1680,22 +1719,31 @@ int main(int argc, char **argv) {
         const int gqa_bf = (hd / 64) % 2;
         struct Sem { Case c; int dtypes; };  // dtypes: bit 0 f16, bit 1 bf16
         std::vector<Sem> cs = {
-            {{2, 8, 2, one_short, 2 * bn - 1, hd, -1, 0, 0.f, LAY_BSHD, 8, 1.f, true, "GQA 8:2, causal", 0.3f, true},
+            {{2, 8, 2, one_short, 2 * bn - 1, hd, -1, 0, 0.f, LAY_BSHD, 8, 1.f, true, "GQA 8:2, causal", false, 0.3f, true},
              1 << gqa_bf},
-            {{1, 12, 3, one_short, bn + 40, hd, 37, 11, 0.f, LAY_BHSD, 0, 1.f, true, "GQA 12:3, window", -0.7f, true},
+            {{1, 12, 3, one_short, bn + 40, hd, 37, 11, 0.f, LAY_BHSD, 0, 1.f, true, "GQA 12:3, window", false, -0.7f, true},
              2 >> gqa_bf},
-            {{2, 1, 1, 2 * bm - 1, 3 * bn - 1, hd, -1, -1, 0.f, LAY_SBHD, 8, 12.f, true, "scores in the 1000s", 1.7f, true},
+            {{2, 1, 1, 2 * bm - 1, 3 * bn - 1, hd, -1, -1, 0.f, LAY_SBHD, 8, 12.f, true, "scores in the 1000s", false, 1.7f, true},
              3},
-            {{1, 4, 2, one_short, 2 * bn - 1, hd, -1, -1, 5.f, LAY_BHSD, 8, 3.f, true, "softcap 5", 1.7f, true}, 3},
-            {{1, 1, 1, one_short, 2 * bn - 1, hd, -1, 0, 1e-30f, LAY_BSHD, 0, 4.f, true, "softcap 1e-30", 0.3f, true}, 3},
-            {{1, 1, 1, one_short, 2 * bn - 1, hd, -1, 0, 1e6f, LAY_SBHD, 8, 4.f, true, "softcap 1e6", 0.3f, true}, 3},
-            {{1, 1, 1, one_short, 2 * bn - 1, hd, -1, 0, 1e38f, LAY_BHSD, 0, 4.f, true, "softcap 1e38", 1.7f, true}, 3},
-            {{1, 1, 1, one_short, 2 * bn - 1, hd, -1, 0, FLT_MAX, LAY_BSHD, 8, 4.f, true, "softcap FLT_MAX", 0.f, true}, 3},
+            {{1, 4, 2, one_short, 2 * bn - 1, hd, -1, -1, 5.f, LAY_BHSD, 8, 3.f, true, "softcap 5", false, 1.7f, true}, 3},
+            {{1, 1, 1, one_short, 2 * bn - 1, hd, -1, 0, 1e-30f, LAY_BSHD, 0, 4.f, true, "softcap 1e-30", false, 0.3f, true}, 3},
+            {{1, 1, 1, one_short, 2 * bn - 1, hd, -1, 0, 1e6f, LAY_SBHD, 8, 4.f, true, "softcap 1e6", false, 0.3f, true}, 3},
+            {{1, 1, 1, one_short, 2 * bn - 1, hd, -1, 0, 1e38f, LAY_BHSD, 0, 4.f, true, "softcap 1e38", false, 1.7f, true}, 3},
+            {{1, 1, 1, one_short, 2 * bn - 1, hd, -1, 0, FLT_MAX, LAY_BSHD, 8, 4.f, true, "softcap FLT_MAX", false, 0.f, true}, 3},
         };
+        if (neg) {
+            // The negative control, for its semantic mutants: all of the
+            // above in one case on the bucket's default kernel (the variants
+            // share this code); mask edges and the rest come from the cases
+            // above.
+            const Case c{2, 4, 2, one_short, 2 * bn - 1, hd, 37, 11, 5.f, LAY_BHSD, 8, 3.f, true, "neg: GQA, scale, cap",
+                         false, -1.7f, true};
+            fails += run_case(c, false, seed++, false);
+            continue;
+        }
         for (size_t i = 0; i < cs.size(); ++i)
             for (int bf = 0; bf < 2; ++bf) {
                 if (!(cs[i].dtypes >> bf & 1)) continue;
-                if (neg && (bf || i > 3)) continue;  // f16: whichever GQA case it has, scale, softcap 5
                 if (quick && i % 3) continue;
                 fails += run_case(cs[i].c, bf, seed++);
             }
