@@ -1425,9 +1425,13 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     for (size_t i = 0; i < kn_; ++i) k[i] = f2h(U(g) * cs.amp, bf16);
     for (size_t i = 0; i < vn; ++i) v[i] = f2h(U(g), bf16);
     const size_t on = span(cs.Hq, cs.Lq, ob, orr, oh);
-    const int guard = 64;
-    std::vector<uint16_t> ov(on + 2 * guard + 8, 0xffff);
-    uint16_t *O = ov.data() + guard + ((16 - (uintptr_t)(ov.data() + guard) % 16) % 16) / 2;
+    // Guards around O and LSE as large as a tile's rows past the end could
+    // reach (the kernel's ordinary stores run natively: a write beyond the
+    // guards would corrupt the emulator's heap instead of being counted).
+    const int64_t o_guard = 64 + (int64_t)kn.bm * std::max<int64_t>(orr, cs.D);
+    const int guard = 64 + kn.bm;
+    std::vector<uint16_t> ov(on + 2 * o_guard + 8, 0xffff);
+    uint16_t *O = ov.data() + o_guard + ((16 - (uintptr_t)(ov.data() + o_guard) % 16) % 16) / 2;
     // LSE [B, Hq, Lq] with unit row stride; with own layouts, padded head
     // and batch strides (gaps that must keep their NaN).
     const int64_t lse_hs = cs.Lq + (cs.own ? 8 : 0), lse_bs = cs.Hq * lse_hs + (cs.own ? 24 : 0);
@@ -1541,8 +1545,8 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     if (stray) { ok = false; printf("  %ld stray writes outside O's view / LSE\n", stray); }
     const double rel = chk.rel();
     // Which checks failed, named on the FAIL line (the negative control's table).
-    std::string why;
-    auto failed = [&](const char *what) { why += why.empty() ? " [failed: " : ", "; why += what; ok = false; };
+    std::string checks;
+    auto failed = [&](const char *what) { checks += checks.empty() ? "" : ", "; checks += what; ok = false; };
     if (!ran_ok) failed("run abandoned");
     if (case_errors) failed("emulator errors");
     if (!chk.ok) failed("non-finite O / empty-row O or LSE");
@@ -1550,7 +1554,7 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     if (!(rel <= emu_o_tol(bf16))) failed("O rel L2");
     if (!(chk.row_rel <= emu_row_tol(bf16))) failed("O worst row");
     if (cs.lse && !(chk.lse_rel <= kEmuLseTol)) failed("LSE");
-    if (!why.empty()) why += "]";
+    const std::string why = checks.empty() ? "" : " [failed: " + checks + "]";
     char layout[32];
     if (cs.own) snprintf(layout, sizeof layout, "%s/%s/%s/%s", lay_name(lay[0]), lay_name(lay[1]), lay_name(lay[2]), lay_name(lay[3]));
     else snprintf(layout, sizeof layout, "%s", lay_name(lay[0]));
@@ -1558,6 +1562,7 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
            ok ? "ok" : "FAIL", kn.name, cs.what, cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale,
            (double)cs.softcap, layout, cs.pad, cs.amp, cs.lse, rel, chk.row_rel, chk.lse_rel, why.c_str());
     if (!ok && opt.stop_on_fail) {
+        printf("first failing case: %s, %s: %s\n", kn.name, cs.what, checks.c_str());
         printf("--stop-on-fail: 1 failing case, %ld emulator errors\n", errors_total);
         fflush(stdout);
         _exit(1);
