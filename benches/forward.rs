@@ -29,7 +29,8 @@ use criterion::{Criterion, Throughput};
 use fused_attn::cudarc::driver::sys::CUevent_flags;
 use fused_attn::cudarc::driver::{CudaSlice, CudaStream};
 use fused_attn::{
-    AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, KernelFamily, KernelInfo, Layout, Mask,
+    AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, KernelFamily, KernelInfo, Layout,
+    LseLayout, LseTensorMut, Mask,
 };
 use grid::{grid, BenchCase};
 use half::{bf16, f16};
@@ -56,11 +57,11 @@ fn buffers<T: Element>(stream: &Arc<CudaStream>, seed: u64) -> Result<Buffers<T>
 }
 
 fn upload_f32(stream: &Arc<CudaStream>, x: &[f32]) -> Result<CudaSlice<f32>, Error> {
-    stream.clone_htod(x).map_err(|source| Error::Cuda { during: "upload", source })
+    stream.clone_htod(x).map_err(|driver| Error::Cuda { during: "upload", driver })
 }
 
 fn cuda(during: &'static str) -> impl Fn(fused_attn::cudarc::driver::DriverError) -> Error {
-    move |source| Error::Cuda { during, source }
+    move |driver| Error::Cuda { during, driver }
 }
 
 /// Launches the case `reps` times, each between its own pair of events;
@@ -76,9 +77,17 @@ fn time_case<T: Element>(
     let ql = Layout::bshd(c.batch, c.seqlen, c.heads_q, c.head_dim);
     let kl = Layout::bshd(c.batch, c.seqlen, c.heads_kv, c.head_dim);
     let (qt, kt, vt) = (DeviceTensor::new(&bufs.q, ql), DeviceTensor::new(&bufs.k, kl), DeviceTensor::new(&bufs.v, kl));
-    let mut ot = DeviceTensorMut::from_view(bufs.o.slice_mut(..ql.numel()), ql);
-    let mut lse = bufs.lse.slice_mut(..c.batch * c.heads_q * c.seqlen);
-    let opts = AttentionOptions { kernel_name, kernel: forced_family(), ..AttentionOptions::new(c.mask) };
+    let n = ql.numel().ok_or(Error::NoKernel { reason: "case too large".into() })?;
+    let mut ot = DeviceTensorMut::from_view(bufs.o.slice_mut(..n), ql);
+    let lse_layout = LseLayout::contiguous(c.batch, c.heads_q, c.seqlen);
+    let mut lse = LseTensorMut::from_view(bufs.lse.slice_mut(..c.batch * c.heads_q * c.seqlen), lse_layout);
+    let mut opts = AttentionOptions::new(c.mask);
+    if let Some(f) = forced_family() {
+        opts = opts.with_kernel(f);
+    }
+    if let Some(name) = kernel_name {
+        opts = opts.with_kernel_name(name);
+    }
     let mut info = None;
     for _ in 0..3 {
         info = Some(g.attn.forward_into(stream, &qt, &kt, &vt, &mut ot, Some(&mut lse), &opts)?);
@@ -127,17 +136,7 @@ fn flops(c: &BenchCase) -> u128 {
 fn problem_of(c: &BenchCase) -> fused_attn::Problem {
     let ql = Layout::bshd(c.batch, c.seqlen, c.heads_q, c.head_dim);
     let kl = Layout::bshd(c.batch, c.seqlen, c.heads_kv, c.head_dim);
-    let d = |arg, layout: Layout| fused_attn::options::TensorDesc { arg, layout, len: layout.numel() };
-    fused_attn::options::validate(
-        c.dtype,
-        &d("q", ql),
-        &d("k", kl),
-        &d("v", kl),
-        None,
-        None,
-        &AttentionOptions::new(c.mask),
-    )
-    .expect("grid cases are valid")
+    fused_attn::problem_of(c.dtype, &ql, &kl, &kl, &AttentionOptions::new(c.mask)).expect("grid cases are valid")
 }
 
 /// The case the CPU can check: at most 1024 tokens and 4 query heads, the
@@ -163,7 +162,7 @@ fn reduced(c: &BenchCase) -> (BenchCase, String) {
 fn check_error<T: Element>(g: &Gpu, stream: &Arc<CudaStream>, c: &BenchCase) -> Result<f64, String> {
     let s = Shape { b: c.batch, lq: c.seqlen, lk: c.seqlen, hq: c.heads_q, hk: c.heads_kv, d: c.head_dim };
     let inp = make_inputs::<T>(42, s, Storage::Bshd);
-    let opts = AttentionOptions { kernel: forced_family(), ..AttentionOptions::new(c.mask) };
+    let opts = forced_family().map_or(AttentionOptions::new(c.mask), |f| AttentionOptions::new(c.mask).with_kernel(f));
     let checked = common::run_and_check(g, stream, &inp, s, Storage::Bshd, &opts)?;
     Ok(checked.o_err)
 }
@@ -194,8 +193,8 @@ fn report_mode(path: &str) -> Result<(), Error> {
         let mut variants = Vec::new();
         if variants_wanted {
             let chosen =
-                fused_attn::sys::KERNEL_TABLE.iter().find(|r| r.name == info.name).expect("a table kernel ran");
-            for v in fused_attn::sys::KERNEL_TABLE.iter().filter(|v| {
+                fused_attn::internals::KERNEL_TABLE.iter().find(|r| r.name == info.name).expect("a table kernel ran");
+            for v in fused_attn::internals::KERNEL_TABLE.iter().filter(|v| {
                 v.is_variant() && v.image == chosen.image && v.dtype == chosen.dtype && v.head_dim == chosen.head_dim
             }) {
                 match time(Some(v.name)) {
@@ -237,7 +236,7 @@ fn report_mode(path: &str) -> Result<(), Error> {
             c.seqlen,
             c.seqlen,
             c.head_dim,
-            c.mask.name(),
+            c.mask.to_string(),
             wl,
             wr,
             fl,
@@ -259,7 +258,7 @@ fn report_mode(path: &str) -> Result<(), Error> {
         g.attn.sm(),
         env("FUSED_ATTN_DRIVER"),
         env("FUSED_ATTN_CUDA"),
-        fused_attn::sys::NVCC_VERSION,
+        fused_attn::internals::NVCC_VERSION,
         rows.join(",\n  ")
     );
     std::fs::write(path, json).map_err(|e| Error::NoKernel { reason: format!("writing {path}: {e}") })?;

@@ -20,13 +20,7 @@ impl BenchCase {
     pub fn name(&self) -> String {
         format!(
             "{} b{} s{} hq{} hkv{} d{} {}",
-            self.dtype,
-            self.batch,
-            self.seqlen,
-            self.heads_q,
-            self.heads_kv,
-            self.head_dim,
-            self.mask.name()
+            self.dtype, self.batch, self.seqlen, self.heads_q, self.heads_kv, self.head_dim, self.mask
         )
     }
 }

@@ -11,7 +11,10 @@ use std::time::Instant;
 
 use fused_attn::cudarc::driver::sys::CUevent_flags;
 use fused_attn::reference::{self, rel_l2_error};
-use fused_attn::{cuda_context, Attention, AttentionOptions, DeviceTensor, Error, HostTensor, Layout, Mask};
+use fused_attn::{
+    cuda_context, Attention, AttentionOptions, DeviceTensor, DeviceTensorMut, Error, HostTensor, Layout, LseLayout,
+    LseTensorMut, Mask,
+};
 use half::bf16;
 
 /// Deterministic pseudo-random inputs in [-1, 1) (no extra dependency).
@@ -46,29 +49,34 @@ fn main() {
 fn run_gpu() -> Result<(), Error> {
     let ctx = cuda_context(0)?;
     let attn = Attention::new(&ctx)?;
-    let stream = ctx.new_stream().map_err(|source| Error::Cuda { during: "creating a stream", source })?;
-    let (b, l, h, d) = (2, 4096, 16, 128);
-    let layout = Layout::bshd(b, l, h, d);
-    let (qh, kh, vh) = (inputs(layout.numel(), 1), inputs(layout.numel(), 2), inputs(layout.numel(), 3));
-    let up = |x: &[bf16]| stream.clone_htod(x).map_err(|source| Error::Cuda { during: "upload", source });
-    let (q, k, v) = (up(&qh)?, up(&kh)?, up(&vh)?);
+    let stream = ctx.new_stream()?; // cudarc's errors convert into fused_attn::Error
+                                    // Stored as PyTorch/candle do, [B, H, S, D]: Layout::bhsd takes its dims in that order.
+    let (b, h, l, d) = (2, 16, 4096, 128);
+    let layout = Layout::bhsd(b, h, l, d);
+    let n = b * h * l * d;
+    let (qh, kh, vh) = (inputs(n, 1), inputs(n, 2), inputs(n, 3));
+    let (q, k, v) = (stream.clone_htod(&qh)?, stream.clone_htod(&kh)?, stream.clone_htod(&vh)?);
     let (qt, kt, vt) = (DeviceTensor::new(&q, layout), DeviceTensor::new(&k, layout), DeviceTensor::new(&v, layout));
     let opts = AttentionOptions::new(Mask::Causal);
 
-    let out = attn.forward(&stream, &qt, &kt, &vt, &opts)?; // warm-up, and the result we check
-    let cuda = |source| Error::Cuda { during: "timing", source };
-    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda)?;
-    let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda)?;
+    // Caller-owned outputs, reused by every call: the steady state allocates nothing.
+    let mut o = stream.alloc_zeros::<bf16>(n)?;
+    let mut lse = stream.alloc_zeros::<f32>(b * h * l)?;
+    let mut ot = DeviceTensorMut::new(&mut o, layout);
+    let mut lt = LseTensorMut::new(&mut lse, LseLayout::contiguous(b, h, l));
+    let kernel = attn.forward_into(&stream, &qt, &kt, &vt, &mut ot, Some(&mut lt), &opts)?; // warm-up
+    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
     let reps = 20;
-    start.record(&stream).map_err(cuda)?;
+    start.record(&stream)?;
     for _ in 0..reps {
-        attn.forward(&stream, &qt, &kt, &vt, &opts)?;
+        attn.forward_into(&stream, &qt, &kt, &vt, &mut ot, Some(&mut lt), &opts)?;
     }
-    end.record(&stream).map_err(cuda)?;
-    end.synchronize().map_err(cuda)?;
-    let ms = start.elapsed_ms(&end).map_err(cuda)? as f64 / reps as f64;
+    end.record(&stream)?;
+    end.synchronize()?;
+    let ms = start.elapsed_ms(&end)? as f64 / reps as f64;
 
-    let o: Vec<bf16> = stream.clone_dtoh(&out.o).map_err(|source| Error::Cuda { during: "download", source })?;
+    let o: Vec<bf16> = stream.clone_dtoh(&o)?;
     let t = Instant::now();
     let r = reference::forward(
         HostTensor::new(&qh, layout),
@@ -76,13 +84,22 @@ fn run_gpu() -> Result<(), Error> {
         HostTensor::new(&vh, layout),
         &opts,
     )?;
-    let o64: Vec<f64> = o.iter().map(|&x| x.into()).collect();
-    let err = rel_l2_error(&o64, &r.o);
+    // The reference's O is contiguous [B, S, H, D]; ours is stored [B, H, S, D].
+    let mut o64 = Vec::with_capacity(n);
+    for bi in 0..b {
+        for s in 0..l {
+            for hi in 0..h {
+                let at = layout.offset(bi, s, hi, 0);
+                o64.extend(o[at..at + d].iter().map(|&x| f64::from(x)));
+            }
+        }
+    }
+    let err = rel_l2_error(&o64, &r.o)?;
     let tflops = r.problem.flops() as f64 / (ms * 1e-3) / 1e12;
     println!("GPU: {} (sm_{})", ctx.name().unwrap_or_default(), attn.sm());
-    println!("problem: B={b} L={l} H={h} D={d} bf16, causal");
-    println!("kernel: {}", out.kernel.name);
-    println!("time: {ms:.3} ms per call (mean of {reps}, includes output allocation), {tflops:.1} TFLOP/s");
+    println!("problem: B={b} H={h} L={l} D={d} bf16 [B,H,S,D], causal");
+    println!("kernel: {}", kernel.name);
+    println!("time: {ms:.3} ms per call (mean of {reps}, caller-owned outputs), {tflops:.1} TFLOP/s");
     println!("rel L2 error vs f64 CPU reference: {err:.2e} (reference took {:.1} s)", t.elapsed().as_secs_f64());
     if err > 1e-2 {
         eprintln!("error above the bf16 tolerance 1e-2");
@@ -94,7 +111,7 @@ fn run_gpu() -> Result<(), Error> {
 fn cpu_only() {
     let (b, l, h, d) = (1, 256, 4, 64);
     let layout = Layout::bshd(b, l, h, d);
-    let (q, k, v) = (inputs(layout.numel(), 1), inputs(layout.numel(), 2), inputs(layout.numel(), 3));
+    let (q, k, v) = (inputs(b * l * h * d, 1), inputs(b * l * h * d, 2), inputs(b * l * h * d, 3));
     let t = Instant::now();
     let r = reference::forward(
         HostTensor::new(&q, layout),
@@ -102,7 +119,7 @@ fn cpu_only() {
         HostTensor::new(&v, layout),
         &AttentionOptions::new(Mask::Causal),
     )
-    .expect("a valid problem");
+    .expect("a valid problem of a fixed shape");
     println!(
         "CPU reference: B={b} L={l} H={h} D={d} causal in {:.1} ms; O[0][0..4] = {:?}, LSE[0..4] = {:?}",
         t.elapsed().as_secs_f64() * 1e3,

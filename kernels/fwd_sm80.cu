@@ -154,8 +154,7 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &p) {
     // c * tanh(s / c) * log2(e).
     const bool capped = p.softcap > 0.f;
     const float log2e = 1.4426950408889634f;
-    const float score_in = capped ? p.scale / p.softcap : p.scale * log2e;
-    const float score_out = capped ? p.softcap * log2e : 1.f;
+    const float score_in = p.scale * log2e;
 
     float acc_o[MT][DT][4];
 #pragma unroll
@@ -218,7 +217,7 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &p) {
                 for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e)
-                        s[mt][nt][e] = score_out * fa_tanh(s[mt][nt][e] * score_in);
+                        s[mt][nt][e] = fa_softcap_log2(s[mt][nt][e] * score_in, p.softcap);
         } else {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)

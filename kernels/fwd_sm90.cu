@@ -348,8 +348,7 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
     // Scores enter the softmax in the log2 domain: s * log2(e), or with the cap
     // c * tanh(s / c) * log2(e).
     const bool capped = p.softcap > 0.f;
-    const float score_in = capped ? p.scale / p.softcap : p.scale * kLog2e;
-    const float score_out = capped ? p.softcap * kLog2e : 1.f;
+    const float score_in = p.scale * kLog2e;
 
     // A slot is released once per consumer warp, after that warp's wait_group
     // has retired the wgmmas that read it.
@@ -425,7 +424,7 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
         auto scores_to_probs = [&](float (&s)[BN / 2], int j, float (&alpha)[2]) {
             if (capped) {
 #pragma unroll
-                for (int i = 0; i < BN / 2; ++i) s[i] = score_out * fa_tanh(s[i] * score_in);
+                for (int i = 0; i < BN / 2; ++i) s[i] = fa_softcap_log2(s[i] * score_in, p.softcap);
             } else {
 #pragma unroll
                 for (int i = 0; i < BN / 2; ++i) s[i] *= score_in;

@@ -11,7 +11,10 @@ use cudarc::driver::DriverError;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong, from a bad shape to a failed launch.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Debug` prints the same text as `Display`, so `fn main() -> Result<(),
+/// fused_attn::Error>` shows the message, not a variant name.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A shape or stride list does not have the four dimensions `[B, S, H, D]`.
@@ -100,15 +103,20 @@ pub enum Error {
         strides: [usize; 4],
     },
 
-    /// A pointer or stride does not meet the alignment the chosen kernel needs.
-    #[error("`{arg}` is not aligned for kernel {kernel}: {detail}")]
+    /// A pointer or stride does not meet what the chosen kernel needs
+    /// (an alignment, or a limit of TMA tensor maps).
+    #[error("`{arg}` does not suit kernel {kernel}: its {what} of {bytes} bytes {need}")]
     Misaligned {
         /// The argument at fault.
         arg: &'static str,
         /// The kernel that needs the alignment.
         kernel: &'static str,
-        /// What is misaligned.
-        detail: String,
+        /// What is at fault: `"base address"`, `"batch stride"`, `"seq stride"`, `"heads stride"`.
+        what: &'static str,
+        /// Its value in bytes.
+        bytes: u64,
+        /// What the kernel needs, as a phrase (e.g. "is not a multiple of 16").
+        need: &'static str,
     },
 
     /// A size exceeds what the kernels' index types or launch grid can address.
@@ -193,14 +201,37 @@ pub enum Error {
 
     /// A CUDA driver call failed (launch, allocation — out of memory included —,
     /// copy, module load).
-    #[error("CUDA error while {during}: {source}")]
+    ///
+    /// The driver's error code is part of the message and not also reported
+    /// as [`std::error::Error::source`], so chain reporters print it once.
+    /// (The code's name, not the driver's description: formatting never
+    /// calls into libcuda, so it works, and cannot panic, without a driver.)
+    #[error("CUDA error while {during}: {}", cuda_code(driver))]
     Cuda {
         /// What the crate was doing.
         during: &'static str,
         /// The driver's error.
-        #[source]
-        source: DriverError,
+        driver: DriverError,
     },
+}
+
+/// `CUDA_ERROR_OUT_OF_MEMORY`-style name of a driver error.
+fn cuda_code(e: &DriverError) -> String {
+    format!("{:?}", e.0)
+}
+
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// Lets callers use `?` on their own cudarc calls in a function that returns
+/// this crate's [`Result`].
+impl From<DriverError> for Error {
+    fn from(driver: DriverError) -> Self {
+        Error::Cuda { during: "a CUDA driver call", driver }
+    }
 }
 
 /// Attaches what the crate was doing to a driver error.
@@ -210,6 +241,6 @@ pub(crate) trait CudaContextExt<T> {
 
 impl<T> CudaContextExt<T> for std::result::Result<T, DriverError> {
     fn during(self, during: &'static str) -> Result<T> {
-        self.map_err(|source| Error::Cuda { during, source })
+        self.map_err(|driver| Error::Cuda { during, driver })
     }
 }

@@ -9,14 +9,12 @@
 //!
 //! ## Features
 //! - **Element types**: [`half::f16`] and [`half::bf16`] in and out, f32 accumulation.
-//! - **Masks** ([`Mask`]): full, causal and sliding windows, all aligned to the
-//!   **bottom-right** corner (like FlashAttention ≥ 2.1; PyTorch's
-//!   `is_causal` is top-left aligned, and the two agree only when `Lq == Lk`).
-//! - **Heads**: multi-head, grouped-query (GQA) and multi-query (MQA):
-//!   query head `h` reads KV head `h / (Hq / Hk)`.
+//! - **Masks** ([`Mask`]): full, causal and sliding windows, aligned to the
+//!   bottom-right corner by default or to the top-left ([`MaskAlignment`]).
+//! - **Heads**: multi-head, grouped-query (GQA) and multi-query (MQA).
 //! - **Shapes**: any `Lq`, `Lk` (also `Lq != Lk`), head dims that are
 //!   multiples of 8 up to 256, any batch/sequence/head strides ([`Layout`]).
-//! - **Options**: custom scale, logit softcap ([`AttentionOptions`]).
+//! - **Options** ([`AttentionOptions`]): custom scale, logit softcap.
 //! - **Kernels** ([`KernelFamily`]): a naive baseline (sm_80+), a tiled
 //!   FlashAttention-2-style kernel (sm_80+, `mma.sync`), and a Hopper kernel
 //!   (sm_90a: TMA, `wgmma`, warp specialisation); the dispatcher's choice is
@@ -24,6 +22,31 @@
 //! - **Safety**: every bad input is a typed [`Error`] naming the argument; a
 //!   machine without a driver or GPU gets an error value, not a panic.
 //! - **CPU reference** ([`reference`](mod@reference)): f64, multi-threaded, same validation.
+//!
+//! ## What is computed (the contract)
+//! Shapes are logical; any strides work (last dimension contiguous):
+//!
+//! | tensor | shape | |
+//! |---|---|---|
+//! | Q | `[B, Lq, Hq, D]` | |
+//! | K, V | `[B, Lk, Hk, D]` | `Hq % Hk == 0`; query head `h` reads KV head `h / (Hq / Hk)` |
+//! | O | `[B, Lq, Hq, D]` | Q's element type |
+//! | LSE | `[B, Hq, Lq]` f32 | natural log; row stride 1, other strides free |
+//!
+//! - Scores `s_ij = scale · ⟨q_i, k_j⟩`, `scale` defaulting to `1/√D`; with a
+//!   softcap `c`, `s_ij ← c · tanh(s_ij / c)`.
+//! - Query `i` sees key `j` iff `i + off − left ≤ j ≤ i + off + right`, with
+//!   `off = Lk − Lq` (bottom-right, default) or `0` (top-left). `Full` is
+//!   (∞, ∞), `Causal` is (∞, 0), `Window { left, right }` is local attention.
+//!   **PyTorch's `is_causal=True` is top-left**: use
+//!   `AttentionOptions::new(Mask::Causal).with_alignment(MaskAlignment::TopLeft)`
+//!   to reproduce SDPA when `Lq != Lk`.
+//! - `O_i = Σ_j softmax(s_i)_j · v_j` over visible keys, `LSE_i = ln Σ_j exp(s_ij)`.
+//! - A row with no visible key gives `O_i = 0`, `LSE_i = −∞`. No NaN comes
+//!   from finite inputs whose scores `scale·⟨q_i, k_j⟩` are finite in f32;
+//!   scores that overflow f32 (bf16 inputs near 2e19) are outside the contract.
+//! - Every element of O (and LSE, when given) is written; nothing else is.
+//! - Everything is asynchronous on the caller's stream.
 //!
 //! ## Example
 //! ```no_run
@@ -35,15 +58,30 @@
 //! let stream = ctx.default_stream();
 //! let attn = Attention::new(&ctx)?;
 //!
-//! let (b, l, h, d) = (2, 1024, 16, 128);
-//! let host: Vec<bf16> = (0..b * l * h * d).map(|i| bf16::from_f32((i as f32).sin())).collect();
-//! let q = stream.clone_htod(&host).map_err(|e| fused_attn::Error::Cuda { during: "upload", source: e })?;
-//! let layout = Layout::bshd(b, l, h, d);
-//! let t = DeviceTensor::new(&q, layout);
+//! // A PyTorch/candle-style [B, H, S, D] tensor: Layout::bhsd takes its dims in that order.
+//! let (b, h, l, d) = (2, 16, 1024, 128);
+//! let host: Vec<bf16> = (0..b * h * l * d).map(|i| bf16::from_f32((i as f32).sin())).collect();
+//! let q = stream.clone_htod(&host)?; // cudarc errors convert with `?`
+//! let t = DeviceTensor::new(&q, Layout::bhsd(b, h, l, d));
 //!
 //! let out = attn.forward(&stream, &t, &t, &t, &AttentionOptions::new(Mask::Causal))?;
 //! println!("ran {}", out.kernel.name);
 //! # Ok(()) }
+//! ```
+//!
+//! [`Attention::forward_into`] writes caller-owned O and LSE views (any
+//! strides) on a `&CudaStream`, allocates nothing on the host once its kernel
+//! is loaded, and may be captured in a CUDA graph.
+//!
+//! ## Host architecture
+//! Data flows one way, one module per arrow:
+//! ```text
+//! tensor, options   user types: Layout, views, Mask, AttentionOptions (no logic)
+//!   → validate      checked arithmetic; every error of the contract; a Problem
+//!   → dispatch      kernel table (build.rs) + device facts → a kernel (pure, CPU-tested)
+//!   → params        Problem + kernel + addresses → the params.h structs, TMA map specs
+//!   → device        per-context registry (lazy image loading), launch: the driver calls
+//! ops/ composes these per public operation; reference implements each on the host.
 //! ```
 //!
 //! ## Building kernels
@@ -65,20 +103,44 @@
 
 #![warn(missing_docs)]
 
-pub mod device;
-pub mod error;
-pub mod ops;
-pub mod options;
+mod device;
+mod dispatch;
+mod error;
+mod ops;
+mod options;
+mod params;
 pub mod reference;
-pub mod sys;
-pub mod tensor;
+mod sys;
+mod tensor;
+mod validate;
 
-pub use device::{cuda_context, driver_present, Attention, KernelInfo};
+pub use device::{cuda_context, driver_present, Attention};
+pub use dispatch::{KernelInfo, PassReason, PassedOver};
 pub use error::{Error, Result};
-pub use ops::{DynTensor, DynTensorMut, ForwardOutput};
-pub use options::{AttentionOptions, KernelFamily, Mask, Problem};
-pub use tensor::{DType, DeviceTensor, DeviceTensorMut, Element, HostTensor, Layout};
+pub use ops::{problem_of, DynTensor, DynTensorMut, ForwardOutput};
+pub use options::{AttentionOptions, KernelFamily, Mask, MaskAlignment};
+pub use tensor::{DType, DeviceTensor, DeviceTensorMut, Element, HostTensor, Layout, LseLayout, LseTensorMut};
+pub use validate::Problem;
+
+/// The README's code blocks compile as doctests, so its API example cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 /// Re-exported so callers use the same cudarc and half versions as the crate.
 pub use cudarc;
 pub use half;
+
+/// The plumbing, reachable for this crate's tests, benches and tools: the
+/// kernel table and images, validation, the dispatcher and the parameter
+/// structs. Not part of the stable API.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::device::{image_runs_on, require_kernels};
+    pub use crate::dispatch::{check_alignment, dispatch, family_of, DeviceInfo, DispatchTensors};
+    pub use crate::params::{fwd_params, tma_spec, Addrs, TmaSpec};
+    pub use crate::sys::*;
+    pub use crate::validate::{
+        check_dtypes, validate, LseDesc, TensorDesc, MAX_GRID_YZ, MAX_HEAD_DIM, MAX_SCALE, MAX_SEQLEN,
+    };
+}

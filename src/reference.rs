@@ -1,10 +1,15 @@
-//! The CPU reference: DESIGN.md section 1 computed in `f64`, multi-threaded.
+//! The CPU reference: the crate's contract (see the crate docs) computed in
+//! `f64`, multi-threaded.
 //!
-//! It accepts exactly what the GPU path accepts (it runs the same
-//! [`validate`](crate::options::validate()) and computes the same function:
-//! bottom-right masks and windows, GQA, `Lq != Lk`, softcap, LSE, and rows
-//! with no visible key (`O = 0`, `LSE = -inf`). Every GPU test compares
-//! against it.
+//! It accepts what the GPU path accepts (it runs the same validation) and
+//! computes the same function: masks and windows in either alignment, GQA,
+//! `Lq != Lk`, softcap, LSE, and rows with no visible key (`O = 0`,
+//! `LSE = -inf`). Every GPU test compares against it.
+//!
+//! Being a host computation, it also has limits of its own, so that no input
+//! makes it abort on an allocation or run for hours: at most
+//! [`MAX_OUTPUT_ELEMENTS`] output elements and [`MAX_WORK`] multiply-adds;
+//! beyond them it returns [`Error::SizeOverflow`].
 //!
 //! ```
 //! use fused_attn::{reference, AttentionOptions, HostTensor, Layout, Mask};
@@ -19,9 +24,16 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::error::Result;
-use crate::options::{validate, AttentionOptions, Problem, TensorDesc};
+use crate::error::{Error, Result};
+use crate::options::AttentionOptions;
 use crate::tensor::{Element, HostTensor};
+use crate::validate::{validate, Problem, TensorDesc};
+
+/// Largest output (`B·Lq·Hq·D` elements of f64, 2 GiB) the reference computes.
+pub const MAX_OUTPUT_ELEMENTS: usize = 1 << 28;
+/// Largest work (`B·Hq·D·visible pairs` multiply-adds, about 10^12: minutes
+/// on a few cores) the reference takes on.
+pub const MAX_WORK: u128 = 1 << 40;
 
 /// The reference result.
 #[derive(Debug, Clone)]
@@ -41,6 +53,11 @@ type UnitResult = (usize, Vec<f64>, Vec<f64>);
 const ROWS_PER_UNIT: usize = 32;
 
 /// Computes attention on the host in `f64`, on all available cores.
+///
+/// # Errors
+/// The validation errors of the GPU path, and [`Error::SizeOverflow`] for a
+/// problem beyond [`MAX_OUTPUT_ELEMENTS`] or [`MAX_WORK`] (or whose buffers
+/// the host cannot allocate).
 pub fn forward<T: Element>(
     q: HostTensor<'_, T>,
     k: HostTensor<'_, T>,
@@ -50,8 +67,18 @@ pub fn forward<T: Element>(
     let desc = |arg, t: &HostTensor<'_, T>| TensorDesc { arg, layout: t.layout, len: t.data.len() };
     let p = validate(T::DTYPE, &desc("q", &q), &desc("k", &k), &desc("v", &v), None, None, opts)?;
     let (b_n, lq, hq, d) = (p.batch, p.seqlen_q, p.heads_q, p.head_dim);
-    let mut o = vec![0.0f64; b_n * lq * hq * d];
-    let mut lse = vec![f64::NEG_INFINITY; b_n * hq * lq];
+    let too_big = |what, value: u128, limit: u128| Error::SizeOverflow { arg: "q", what, value, limit };
+    // Validation bounded every tensor's element count by i64::MAX: no overflow here.
+    let n_out = b_n * lq * hq * d;
+    if n_out > MAX_OUTPUT_ELEMENTS {
+        return Err(too_big("reference output elements", n_out as u128, MAX_OUTPUT_ELEMENTS as u128));
+    }
+    let work = p.flops() / 4;
+    if work > MAX_WORK {
+        return Err(too_big("reference work (multiply-adds)", work, MAX_WORK));
+    }
+    let mut o = filled(n_out, 0.0)?;
+    let mut lse = filled(b_n * hq * lq, f64::NEG_INFINITY)?;
 
     // Units are (batch, head, block of rows); threads pull them off a counter
     // so a long causal tail does not leave cores idle.
@@ -77,7 +104,8 @@ pub fn forward<T: Element>(
                 })
             })
             .collect();
-        workers.into_iter().map(|w| w.join().expect("reference worker panicked")).collect()
+        // A worker only panics on a bug of this module; pass it on as one.
+        workers.into_iter().map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
     });
 
     for (u, unit_o, unit_lse) in results.into_iter().flatten() {
@@ -91,6 +119,20 @@ pub fn forward<T: Element>(
         }
     }
     Ok(Reference { problem: p, o, lse })
+}
+
+/// A vector of `n` copies of `x`, or an error instead of an abort when the
+/// host cannot allocate it.
+fn filled(n: usize, x: f64) -> Result<Vec<f64>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::SizeOverflow {
+        arg: "q",
+        what: "reference buffer bytes",
+        value: n as u128 * 8,
+        limit: isize::MAX as u128,
+    })?;
+    v.resize(n, x);
+    Ok(v)
 }
 
 /// Rows `rows` of query head `h` in batch `b`: outputs `[rows, D]` and LSEs.
@@ -158,8 +200,17 @@ pub fn capped_score(p: &Problem, dot: f64) -> f64 {
 /// entries must match exactly (e.g. `-inf` LSE of empty rows) and are left
 /// out of the norms; a NaN anywhere, or an infinity that does not match,
 /// gives `+inf`. Both all-zero gives 0.
-pub fn rel_l2_error(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len(), "rel_l2_error: lengths differ");
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] naming `a` when the lengths differ.
+pub fn rel_l2_error(a: &[f64], b: &[f64]) -> Result<f64> {
+    if a.len() != b.len() {
+        return Err(Error::ShapeMismatch { arg: "a", dim: "len", expected: b.len(), got: a.len(), against: "b" });
+    }
+    Ok(rel_l2(a, b))
+}
+
+fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (&x, &y) in a.iter().zip(b) {
         if x.is_nan() || y.is_nan() {

@@ -1,9 +1,11 @@
 //! Element types, shapes with strides, and tensor views over host slices and
-//! cudarc device buffers.
+//! cudarc device buffers. No logic beyond describing memory: the operation
+//! that uses a view validates it and names the argument on error.
 //!
-//! Every tensor is logically `[batch, seq, heads, head_dim]` (BSHD). Other
-//! memory orders are just other strides: [`Layout::bhsd`] describes a buffer
-//! stored as `[batch, heads, seq, head_dim]` with the same logical indexing.
+//! Every attention tensor is indexed logically as `[batch, seq, heads,
+//! head_dim]`. Other memory orders are other strides: a PyTorch/candle tensor
+//! of shape `[B, H, S, D]` is [`Layout::bhsd`] (contiguous) or
+//! [`Layout::from_bhsd_dims`] (its own dims and strides, in its own order).
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 
@@ -25,6 +27,11 @@ impl DType {
             DType::F16 => "f16",
             DType::BF16 => "bf16",
         }
+    }
+
+    /// Bytes per element (2 for both).
+    pub fn size(self) -> usize {
+        2
     }
 }
 
@@ -75,39 +82,64 @@ impl Element for half::bf16 {
 }
 
 /// Shape and strides (in elements) of a logical `[B, S, H, D]` tensor.
+///
+/// Constructors never panic: sizes whose products overflow `usize` saturate,
+/// and validation then rejects the layout with [`Error::SizeOverflow`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Layout {
-    /// `[batch, seq, heads, head_dim]`.
+    /// `[batch, seq, heads, head_dim]`, whatever the memory order.
     pub shape: [usize; 4],
     /// Element strides of the same four dimensions; `strides[3]` must be 1.
     pub strides: [usize; 4],
 }
 
+/// `a · b · …`, saturating at `usize::MAX` (validation rejects the result).
+fn sat(xs: &[usize]) -> usize {
+    xs.iter().fold(1usize, |acc, &x| acc.saturating_mul(x))
+}
+
 impl Layout {
-    /// Contiguous `[B, S, H, D]` storage, the default.
+    /// Contiguous storage in `[batch, seq, heads, head_dim]` order (the default,
+    /// FlashAttention's layout).
     pub fn bshd(batch: usize, seq: usize, heads: usize, head_dim: usize) -> Self {
         Layout {
             shape: [batch, seq, heads, head_dim],
-            strides: [seq * heads * head_dim, heads * head_dim, head_dim, 1],
+            strides: [sat(&[seq, heads, head_dim]), sat(&[heads, head_dim]), head_dim, 1],
         }
     }
 
-    /// Contiguous `[B, H, S, D]` storage, indexed logically as `[B, S, H, D]`.
-    pub fn bhsd(batch: usize, seq: usize, heads: usize, head_dim: usize) -> Self {
-        Layout { shape: [batch, seq, heads, head_dim], strides: [heads * seq * head_dim, head_dim, seq * head_dim, 1] }
+    /// Contiguous storage in `[batch, heads, seq, head_dim]` order (PyTorch
+    /// SDPA's and candle's layout). The arguments come in that order too.
+    pub fn bhsd(batch: usize, heads: usize, seq: usize, head_dim: usize) -> Self {
+        Layout {
+            shape: [batch, seq, heads, head_dim],
+            strides: [sat(&[heads, seq, head_dim]), head_dim, sat(&[seq, head_dim]), 1],
+        }
     }
 
-    /// Any strides. Nothing is checked here; the operation that uses the
-    /// layout validates it and names the argument on error.
-    pub fn strided(shape: [usize; 4], strides: [usize; 4]) -> Self {
+    /// Any strides, shape and strides both in `[batch, seq, heads, head_dim]` order.
+    pub fn strided_bshd(shape: [usize; 4], strides: [usize; 4]) -> Self {
         Layout { shape, strides }
     }
 
-    /// From dynamically sized lists (e.g. another framework's tensor), checking the rank.
-    pub fn from_dims(shape: &[usize], strides: &[usize]) -> Result<Self> {
-        let shape: [usize; 4] = shape.try_into().map_err(|_| Error::Rank { arg: "shape", got: shape.len() })?;
-        let strides: [usize; 4] = strides.try_into().map_err(|_| Error::Rank { arg: "strides", got: strides.len() })?;
+    /// From a framework tensor's dims and strides listed in `[B, S, H, D]`
+    /// order, checking the rank.
+    ///
+    /// # Errors
+    /// [`Error::Rank`] when either list does not have four entries.
+    pub fn from_bshd_dims(shape: &[usize], strides: &[usize]) -> Result<Self> {
+        let (shape, strides) = rank4(shape, strides)?;
         Ok(Layout { shape, strides })
+    }
+
+    /// From a framework tensor's dims and strides listed in `[B, H, S, D]`
+    /// order (a PyTorch or candle attention tensor), checking the rank.
+    ///
+    /// # Errors
+    /// [`Error::Rank`] when either list does not have four entries.
+    pub fn from_bhsd_dims(shape: &[usize], strides: &[usize]) -> Result<Self> {
+        let ([b, h, s, d], [sb, sh, ss, sd]) = rank4(shape, strides)?;
+        Ok(Layout { shape: [b, s, h, d], strides: [sb, ss, sh, sd] })
     }
 
     /// Batch size.
@@ -127,47 +159,108 @@ impl Layout {
         self.shape[3]
     }
 
-    /// Number of logical elements.
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+    /// Number of logical elements, or `None` if that overflows `usize`.
+    pub fn numel(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |acc, &n| acc.checked_mul(n))
     }
 
-    /// Element offset of `[b, s, h, d]`.
+    /// Element offset of `[b, s, h, d]`. Meant for indices inside a validated
+    /// layout; wraps instead of panicking on anything else.
     #[inline]
     pub fn offset(&self, b: usize, s: usize, h: usize, d: usize) -> usize {
-        b * self.strides[0] + s * self.strides[1] + h * self.strides[2] + d * self.strides[3]
+        b.wrapping_mul(self.strides[0])
+            .wrapping_add(s.wrapping_mul(self.strides[1]))
+            .wrapping_add(h.wrapping_mul(self.strides[2]))
+            .wrapping_add(d.wrapping_mul(self.strides[3]))
     }
 
     /// Whether every logical element has its own address: ordered by
     /// stride, each stepping dimension must clear the whole extent of the
     /// ones inside it. (Sufficient, and exact for every permuted layout.)
+    /// A layout whose element count overflows `usize` is reported overlapping.
     pub fn is_non_overlapping(&self) -> bool {
-        if self.numel() == 0 {
-            return true;
-        }
-        let mut dims: Vec<(usize, usize)> =
-            self.shape.iter().zip(self.strides).filter(|(&n, _)| n > 1).map(|(&n, s)| (s, n)).collect();
-        dims.sort_unstable();
-        let mut reach = 1usize; // elements covered by the dimensions so far
-        for (stride, extent) in dims {
-            if stride < reach {
-                return false;
-            }
-            reach = stride.saturating_mul(extent);
-        }
-        true
+        non_overlapping(&self.shape, &self.strides)
     }
 
     /// One past the highest element offset the layout touches (0 when empty),
     /// or `None` if that overflows `usize`.
     pub fn span(&self) -> Option<usize> {
-        if self.numel() == 0 {
-            return Some(0);
+        span(&self.shape, &self.strides)
+    }
+}
+
+fn rank4(shape: &[usize], strides: &[usize]) -> Result<([usize; 4], [usize; 4])> {
+    let shape: [usize; 4] = shape.try_into().map_err(|_| Error::Rank { arg: "shape", got: shape.len() })?;
+    let strides: [usize; 4] = strides.try_into().map_err(|_| Error::Rank { arg: "strides", got: strides.len() })?;
+    Ok((shape, strides))
+}
+
+/// One past the highest offset of a strided box, checked.
+pub(crate) fn span(shape: &[usize], strides: &[usize]) -> Option<usize> {
+    if shape.contains(&0) {
+        return Some(0);
+    }
+    shape.iter().zip(strides).try_fold(1usize, |acc, (&n, &s)| (n - 1).checked_mul(s).and_then(|x| acc.checked_add(x)))
+}
+
+/// See [`Layout::is_non_overlapping`]; for any rank up to 4.
+pub(crate) fn non_overlapping(shape: &[usize], strides: &[usize]) -> bool {
+    if shape.contains(&0) {
+        return true;
+    }
+    if shape.iter().try_fold(1usize, |acc, &n| acc.checked_mul(n)).is_none() {
+        return false;
+    }
+    // (stride, extent) of the stepping dimensions, sorted by stride, on the stack.
+    let mut dims = [(0usize, 0usize); 4];
+    let mut n = 0;
+    for (&extent, &stride) in shape.iter().zip(strides) {
+        if extent > 1 && n < dims.len() {
+            dims[n] = (stride, extent);
+            n += 1;
         }
-        self.shape
-            .iter()
-            .zip(self.strides)
-            .try_fold(1usize, |acc, (&n, s)| (n - 1).checked_mul(s).and_then(|x| acc.checked_add(x)))
+    }
+    let dims = &mut dims[..n];
+    dims.sort_unstable();
+    let mut reach = 1usize; // elements covered by the dimensions so far
+    for &(stride, extent) in dims.iter() {
+        if stride < reach {
+            return false;
+        }
+        reach = stride.saturating_mul(extent);
+    }
+    true
+}
+
+/// Shape and strides (in elements) of a log-sum-exp tensor `[B, Hq, Lq]` (f32).
+///
+/// The row dimension must be contiguous (`strides[2] == 1`); batch and head
+/// strides are free, so LSE can live inside a larger buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LseLayout {
+    /// `[batch, heads_q, seqlen_q]`.
+    pub shape: [usize; 3],
+    /// Element strides of the same dimensions.
+    pub strides: [usize; 3],
+}
+
+impl LseLayout {
+    /// Contiguous `[B, Hq, Lq]`, what [`Attention::forward`](crate::Attention::forward) returns.
+    pub fn contiguous(batch: usize, heads: usize, seq: usize) -> Self {
+        LseLayout { shape: [batch, heads, seq], strides: [sat(&[heads, seq]), seq, 1] }
+    }
+    /// Any batch and head strides (row stride 1).
+    pub fn strided(shape: [usize; 3], strides: [usize; 3]) -> Self {
+        LseLayout { shape, strides }
+    }
+    /// One past the highest element offset, or `None` on overflow.
+    pub fn span(&self) -> Option<usize> {
+        span(&self.shape, &self.strides)
+    }
+    /// Element offset of `[b, h, i]` (wrapping; for validated layouts).
+    #[inline]
+    pub fn offset(&self, b: usize, h: usize, i: usize) -> usize {
+        b.wrapping_mul(self.strides[0]).wrapping_add(h.wrapping_mul(self.strides[1])).wrapping_add(i)
     }
 }
 
@@ -225,5 +318,25 @@ impl<'a, T> DeviceTensorMut<'a, T> {
     /// A view of part of a buffer.
     pub fn from_view(view: CudaViewMut<'a, T>, layout: Layout) -> Self {
         DeviceTensorMut { view, layout }
+    }
+}
+
+/// A writable device LSE tensor: an f32 view plus its [`LseLayout`].
+#[derive(Debug)]
+pub struct LseTensorMut<'a> {
+    /// The device memory.
+    pub view: CudaViewMut<'a, f32>,
+    /// How `view` is indexed.
+    pub layout: LseLayout,
+}
+
+impl<'a> LseTensorMut<'a> {
+    /// A view of a whole buffer.
+    pub fn new(buffer: &'a mut CudaSlice<f32>, layout: LseLayout) -> Self {
+        LseTensorMut { view: buffer.as_view_mut(), layout }
+    }
+    /// A view of part of a buffer.
+    pub fn from_view(view: CudaViewMut<'a, f32>, layout: LseLayout) -> Self {
+        LseTensorMut { view, layout }
     }
 }

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use fused_attn::sys::{IMAGES, KERNELS_BUILT, KERNEL_TABLE, RESOURCE_REPORT};
+use fused_attn::internals::{IMAGES, KERNELS_BUILT, KERNEL_TABLE, RESOURCE_REPORT};
 use fused_attn::{DType, KernelFamily};
 
 fn required() -> bool {

@@ -1,11 +1,12 @@
-//! CPU tier: the dispatcher (`device::dispatch`) over the real kernel table,
+//! CPU tier: the dispatcher (`internals::dispatch`) over the real kernel table,
 //! as it would run on an A100 (sm_80) and an H100 (sm_90). No GPU needed: the
 //! choice is a pure function of the table, the device and the tensors.
 
-use fused_attn::device::{dispatch, DeviceInfo};
-use fused_attn::options::{validate, TensorDesc};
-use fused_attn::sys::{KernelRow, KERNEL_TABLE};
-use fused_attn::{AttentionOptions, DType, Error, KernelFamily, Layout, Mask};
+use fused_attn::internals::{
+    dispatch, image_runs_on, validate, DeviceInfo, DispatchTensors, GridKind, KernelImage, KernelRow, TensorDesc,
+    IMAGES, KERNEL_TABLE,
+};
+use fused_attn::{AttentionOptions, DType, Error, KernelFamily, Layout, Mask, PassReason};
 
 const A100: DeviceInfo = DeviceInfo { sm: 80, sm_count: 108 };
 const H100: DeviceInfo = DeviceInfo { sm: 90, sm_count: 132 };
@@ -17,7 +18,14 @@ fn rows(sm: u32) -> Vec<KernelRow> {
 
 struct Problem {
     p: fused_attn::Problem,
-    descs: Vec<(TensorDesc, u64)>,
+    descs: [TensorDesc; 4],
+    addrs: [u64; 4],
+}
+
+impl Problem {
+    fn tensors(&self) -> DispatchTensors<'_> {
+        DispatchTensors { descs: &self.descs, addrs: Some(self.addrs) }
+    }
 }
 
 fn problem(dtype: DType, d: usize, q_layout: Option<Layout>, base: u64) -> Problem {
@@ -25,19 +33,11 @@ fn problem(dtype: DType, d: usize, q_layout: Option<Layout>, base: u64) -> Probl
     let kl = Layout::bshd(2, 500, 2, d);
     let ol = Layout::bshd(2, 300, 8, d);
     let desc = |arg, layout: Layout| TensorDesc { arg, layout, len: layout.span().unwrap() };
-    let descs =
-        vec![(desc("q", ql), base), (desc("k", kl), 0x10000), (desc("v", kl), 0x20000), (desc("o", ol), 0x30000)];
-    let p = validate(
-        dtype,
-        &descs[0].0,
-        &descs[1].0,
-        &descs[2].0,
-        Some(&descs[3].0),
-        None,
-        &AttentionOptions::new(Mask::Causal),
-    )
-    .unwrap();
-    Problem { p, descs }
+    let descs = [desc("q", ql), desc("k", kl), desc("v", kl), desc("o", ol)];
+    let p =
+        validate(dtype, &descs[0], &descs[1], &descs[2], Some(&descs[3]), None, &AttentionOptions::new(Mask::Causal))
+            .unwrap();
+    Problem { p, descs, addrs: [base, 0x10000, 0x20000, 0x30000] }
 }
 
 fn choose(
@@ -47,7 +47,7 @@ fn choose(
     name: Option<&'static str>,
 ) -> Result<&'static str, Error> {
     let rows = rows(device.sm);
-    dispatch(&rows, device, &pr.p, &pr.descs, forced, name).map(|(i, info)| {
+    dispatch(&rows, device, &pr.p, pr.tensors(), forced, name).map(|(i, info)| {
         assert_eq!(rows[i].name, info.name);
         info.name
     })
@@ -70,19 +70,95 @@ fn picks_the_smallest_bucket_of_the_best_family() {
 #[test]
 fn misalignment_falls_back_to_naive_unless_forced() {
     // Rows of 8·64 + 4 elements: 8-byte row stride remainder.
-    let padded = Layout::strided([2, 300, 8, 64], [300 * 516, 516, 64, 1]);
+    let padded = Layout::strided_bshd([2, 300, 8, 64], [300 * 516, 516, 64, 1]);
     let pr = problem(DType::BF16, 64, Some(padded), 0x1000);
     assert_eq!(choose(H100, &pr, None, None).unwrap(), "fa_fwd_naive_bf16");
     assert!(matches!(choose(H100, &pr, Some(KernelFamily::Sm80), None), Err(Error::Misaligned { arg: "q", .. })));
     // A misaligned base address alone does the same.
     let pr = problem(DType::BF16, 64, None, 0x1008);
     assert_eq!(choose(A100, &pr, None, None).unwrap(), "fa_fwd_naive_bf16");
+    // The choice says what was passed over and why, without formatting anything.
+    let rows = rows(90);
+    let (_, info) = dispatch(&rows, H100, &pr.p, pr.tensors(), None, None).unwrap();
+    let passed: Vec<_> = info.passed_over().map(|p| (p.family, p.reason)).collect();
+    let why = PassReason::Unsuitable { arg: "q", what: "base address" };
+    assert_eq!(passed, [(KernelFamily::Sm90, why), (KernelFamily::Sm80, why)]);
+    // Unknown base addresses (`plan` before buffers exist) are assumed aligned.
+    let plan = DispatchTensors { descs: &pr.descs, addrs: None };
+    assert_eq!(dispatch(&rows, H100, &pr.p, plan, None, None).unwrap().1.name, "fa_fwd_sm90_bf16_hd64");
+}
+
+#[test]
+fn strides_of_unit_dimensions_are_never_looked_at() {
+    // Extent-1 batch and head dims with absurd strides: nothing overflows, nothing panics.
+    let odd = Layout::strided_bshd([1, 300, 1, 64], [usize::MAX, 64, usize::MAX, 1]);
+    let kv = Layout::strided_bshd([1, 500, 1, 64], [usize::MAX, 64, 7, 1]);
+    let desc = |arg, layout: Layout| TensorDesc { arg, layout, len: layout.span().unwrap() };
+    let descs = [desc("q", odd), desc("k", kv), desc("v", kv), desc("o", odd)];
+    let p = validate(DType::BF16, &descs[0], &descs[1], &descs[2], Some(&descs[3]), None, &AttentionOptions::default())
+        .unwrap();
+    let t = DispatchTensors { descs: &descs, addrs: Some([0x1000; 4]) };
+    let (_, info) = dispatch(&rows(90), H100, &p, t, None, None).unwrap();
+    assert_eq!(info.name, "fa_fwd_sm90_bf16_hd64");
+    // The kernel parameters get 0 for strides that never step.
+    let params = fused_attn::internals::fwd_params(
+        &p,
+        &[odd, kv, kv, odd],
+        None,
+        fused_attn::internals::Addrs { q: 0x1000, k: 0x1000, v: 0x1000, o: 0x1000, lse: 0 },
+    );
+    assert_eq!((params.q_batch_stride, params.q_head_stride, params.k_head_stride), (0, 0, 0));
+    assert_eq!(params.q_row_stride, 64);
+}
+
+#[test]
+fn persistent_schedule_refuses_tile_counts_past_int32() {
+    // 2^28 rows · 65535 heads · 1 batch / block_m tiles overflow the kernel's int32 numbering.
+    let o = Layout::bshd(1, 1 << 28, 65_535, 64);
+    let (q, kv) = (o, Layout::bshd(1, 1, 1, 64));
+    let desc = |arg, layout: Layout| TensorDesc { arg, layout, len: layout.span().unwrap() };
+    let descs = [desc("q", q), desc("k", kv), desc("v", kv), desc("o", o)];
+    let p = validate(DType::BF16, &descs[0], &descs[1], &descs[2], Some(&descs[3]), None, &AttentionOptions::default())
+        .unwrap();
+    let persistent = KERNEL_TABLE
+        .iter()
+        .find(|r| r.grid == GridKind::Persistent && r.dtype == DType::BF16 && r.head_dim == 64)
+        .map(|r| r.name);
+    if let Some(name) = persistent {
+        let t = DispatchTensors { descs: &descs, addrs: Some([0x1000; 4]) };
+        let e = dispatch(&rows(90), H100, &p, t, None, Some(name)).unwrap_err();
+        assert!(matches!(e, Error::SizeOverflow { what: "tiles of the persistent schedule", .. }), "{e}");
+    }
+}
+
+#[test]
+fn images_are_loadable_where_they_have_code() {
+    let img = |sass: &'static [&'static str], ptx| KernelImage { stem: "x", fatbin: &[], sass, ptx };
+    let both = img(&["sm_80", "sm_90a"], Some("compute_80"));
+    let hopper = img(&["sm_90a"], None);
+    let sass_only = img(&["sm_80"], None);
+    for sm in [80, 86, 89, 90, 100, 120] {
+        assert!(image_runs_on(&both, sm), "PTX compute_80 JITs on sm_{sm}");
+    }
+    assert!(image_runs_on(&hopper, 90));
+    for sm in [80, 89, 100, 103] {
+        assert!(!image_runs_on(&hopper, sm), "sm_90a code on sm_{sm}");
+    }
+    assert!(image_runs_on(&sass_only, 86) && !image_runs_on(&sass_only, 90) && !image_runs_on(&sass_only, 75));
+    // The real images: the portable ones load everywhere from sm_80, the Hopper one on sm_90 only.
+    for image in IMAGES {
+        let on = |sm| image_runs_on(image, sm);
+        match image.stem {
+            "fwd_sm90" => assert!(on(90) && !on(80) && !on(100)),
+            _ => assert!(on(80) && on(86) && on(90) && on(100)),
+        }
+    }
 }
 
 #[test]
 fn stride_zero_broadcast_skips_tma_but_not_the_sm80_kernel() {
     // Q broadcast over the batch (stride 0): TMA cannot express it.
-    let bcast = Layout::strided([2, 300, 8, 128], [0, 8 * 128, 128, 1]);
+    let bcast = Layout::strided_bshd([2, 300, 8, 128], [0, 8 * 128, 128, 1]);
     let pr = problem(DType::BF16, 128, Some(bcast), 0x1000);
     assert_eq!(choose(H100, &pr, None, None).unwrap(), "fa_fwd_sm80_bf16_hd128");
     assert!(matches!(choose(H100, &pr, Some(KernelFamily::Sm90), None), Err(Error::Misaligned { arg: "q", .. })));
@@ -117,13 +193,13 @@ fn forced_choices_that_cannot_run_are_errors() {
 fn launch_grids() {
     let pr = problem(DType::BF16, 128, None, 0x1000);
     let rows = rows(90);
-    let (i, info) = dispatch(&rows, H100, &pr.p, &pr.descs, None, None).unwrap();
+    let (i, info) = dispatch(&rows, H100, &pr.p, pr.tensors(), None, None).unwrap();
     let bm = rows[i].block_m as usize;
     assert_eq!(info.grid, (300usize.div_ceil(bm) as u32, 8, 2));
     assert_eq!((info.threads, info.smem_bytes), (rows[i].threads, rows[i].smem_bytes));
-    for r in rows.iter().filter(|r| r.grid == fused_attn::sys::GridKind::Persistent && r.dtype == DType::BF16) {
+    for r in rows.iter().filter(|r| r.grid == GridKind::Persistent && r.dtype == DType::BF16) {
         let pr = problem(DType::BF16, r.head_dim as usize, None, 0x1000);
-        let (_, info) = dispatch(&rows, H100, &pr.p, &pr.descs, None, Some(r.name)).unwrap();
+        let (_, info) = dispatch(&rows, H100, &pr.p, pr.tensors(), None, Some(r.name)).unwrap();
         let tiles = 300usize.div_ceil(r.block_m as usize) * 8 * 2;
         assert_eq!(info.grid, (tiles.min(132) as u32, 1, 1), "{}", r.name);
     }

@@ -50,7 +50,7 @@ impl Case {
             self.family,
             self.dtype,
             s.d,
-            self.mask.name(),
+            self.mask,
             s.b,
             s.lq,
             s.lk,
@@ -70,13 +70,13 @@ fn check_case(c: Case, name: String) -> Result<(), Failed> {
 fn check_case_named(c: Case, name: String, kernel_name: Option<&'static str>) -> Result<(), Failed> {
     let g = gpu()?;
     let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
-    let opts = AttentionOptions {
-        mask: c.mask,
-        softcap: c.softcap,
-        kernel: Some(c.family),
-        kernel_name,
-        ..Default::default()
-    };
+    let mut opts = AttentionOptions::new(c.mask).with_kernel(c.family);
+    if let Some(cap) = c.softcap {
+        opts = opts.with_softcap(cap);
+    }
+    if let Some(name) = kernel_name {
+        opts = opts.with_kernel_name(name);
+    }
     let checked = match c.dtype {
         DType::F16 => {
             run_and_check(g, &stream, &make_inputs::<f16>(c.seed, c.shape, c.storage), c.shape, c.storage, &opts)
@@ -248,7 +248,7 @@ fn concurrency() -> Result<(), Failed> {
                     let ol = Layout::bshd(s.b, s.lq, s.hq, s.d);
                     let mut outs = Vec::new();
                     for _ in 0..150 {
-                        let mut o = upload(&stream, &poison::<f16>(ol.numel())).map_err(e)?;
+                        let mut o = upload(&stream, &poison::<f16>(ol.span().unwrap())).map_err(e)?;
                         {
                             let (qt, kt, vt) = (
                                 DeviceTensor::new(&q, inp.ql),
@@ -317,8 +317,8 @@ fn out_of_memory() -> Result<(), Failed> {
     let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
     let q = upload(&stream, &randn::<bf16>(&mut StdRng::seed_from_u64(3), 256))?;
     // Stride-0 broadcasting keeps the inputs tiny while O would need ~8 TB.
-    let big = Layout::strided([60_000, 1 << 20, 1, 64], [0, 0, 0, 1]);
-    let small = Layout::strided([60_000, 4, 1, 64], [0, 0, 0, 1]);
+    let big = Layout::strided_bshd([60_000, 1 << 20, 1, 64], [0, 0, 0, 1]);
+    let small = Layout::strided_bshd([60_000, 4, 1, 64], [0, 0, 0, 1]);
     let (qt, kt) = (DeviceTensor::new(&q, big), DeviceTensor::new(&q, small));
     match g.attn.forward(&stream, &qt, &kt, &kt, &AttentionOptions::default()) {
         Err(Error::Cuda { during: "allocating the output", .. }) => Ok(()),
@@ -361,14 +361,19 @@ fn dispatch_prefers_tiled() -> Result<(), Failed> {
         };
         let want = buckets.iter().copied().find(|&b| b as usize >= d).unwrap();
         if g.attn.sm() == 90 && c.kernel.family != KernelFamily::Sm90 {
-            return Err(
-                format!("d {d}: an sm_90 GPU ran {}, passed over {:?}", c.kernel.name, c.kernel.passed_over).into()
-            );
+            return Err(format!(
+                "d {d}: an sm_90 GPU ran {}, passed over {:?}",
+                c.kernel.name,
+                c.kernel.passed_over().map(|p| p.to_string()).collect::<Vec<_>>()
+            )
+            .into());
         }
         if c.kernel.family < KernelFamily::Sm80 || c.kernel.head_dim_bucket != want {
             return Err(format!(
                 "d {d}: ran {} (bucket {}), passed over {:?}",
-                c.kernel.name, c.kernel.head_dim_bucket, c.kernel.passed_over
+                c.kernel.name,
+                c.kernel.head_dim_bucket,
+                c.kernel.passed_over().map(|p| p.to_string()).collect::<Vec<_>>()
             )
             .into());
         }
@@ -391,7 +396,7 @@ fn main() {
     add_sweep(&mut trials, "sweep", sweep(KernelFamily::Sm90, 3, false));
     // Every variant kernel (alternative tiles or schedules kept for
     // measurement), forced by name over a light sweep of its bucket.
-    for row in fused_attn::sys::KERNEL_TABLE.iter().filter(|r| r.is_variant()) {
+    for row in fused_attn::internals::KERNEL_TABLE.iter().filter(|r| r.is_variant()) {
         let family = KernelFamily::from_image_stem(row.image).expect("known family");
         for c in
             sweep(family, 4, true).into_iter().filter(|c| c.dtype == row.dtype && c.shape.d <= row.head_dim as usize)

@@ -2,7 +2,7 @@
 //! builds the dense mask matrix, plus the properties of DESIGN.md section 4.
 
 use fused_attn::reference::{self, rel_l2_error, Reference};
-use fused_attn::{AttentionOptions, HostTensor, Layout, Mask};
+use fused_attn::{AttentionOptions, Error, HostTensor, Layout, Mask, MaskAlignment};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -32,7 +32,10 @@ fn dense<T: fused_attn::Element>(
     // The scale is an f32 option (as the kernels take it), so round the default the same way.
     let scale = opts.scale.unwrap_or(1.0 / (c.d as f32).sqrt()) as f64;
     let (left, right) = opts.mask.bounds();
-    let off = c.lk as i64 - c.lq as i64;
+    let off = match opts.alignment {
+        MaskAlignment::TopLeft => 0,
+        _ => c.lk as i64 - c.lq as i64,
+    };
     let visible = |i: usize, j: usize| {
         let (i, j) = (i as i64, j as i64);
         left.is_none_or(|l| j >= i + off - l as i64) && right.is_none_or(|r| j <= i + off + r as i64)
@@ -81,20 +84,20 @@ fn run_case<T: fused_attn::Element>(seed: u64, c: Case, opts: AttentionOptions, 
     let mut rng = StdRng::seed_from_u64(seed);
     let lay = |l, h| {
         if bhsd {
-            Layout::bhsd(c.b, l, h, c.d)
+            Layout::bhsd(c.b, h, l, c.d)
         } else {
             Layout::bshd(c.b, l, h, c.d)
         }
     };
     let (ql, kl) = (lay(c.lq, c.hq), lay(c.lk, c.hk));
-    let qd = random::<T>(&mut rng, ql.numel(), 2.0);
-    let kd = random::<T>(&mut rng, kl.numel(), 2.0);
-    let vd = random::<T>(&mut rng, kl.numel(), 1.0);
+    let qd = random::<T>(&mut rng, ql.numel().unwrap(), 2.0);
+    let kd = random::<T>(&mut rng, kl.numel().unwrap(), 2.0);
+    let vd = random::<T>(&mut rng, kl.numel().unwrap(), 1.0);
     let (q, k, v) = (HostTensor::new(&qd, ql), HostTensor::new(&kd, kl), HostTensor::new(&vd, kl));
     let r = reference::forward(q, k, v, &opts).unwrap();
     let (o, lse) = dense(&c, &q, &k, &v, &opts);
-    let eo = rel_l2_error(&r.o, &o);
-    let el = rel_l2_error(&r.lse, &lse);
+    let eo = rel_l2_error(&r.o, &o).unwrap();
+    let el = rel_l2_error(&r.lse, &lse).unwrap();
     assert!(eo < 1e-12 && el < 1e-12, "seed {seed} {opts:?}: o err {eo}, lse err {el}");
 }
 
@@ -115,7 +118,13 @@ fn reference_matches_dense_mask_implementation() {
         for mask in masks {
             for softcap in [None, Some(5.0f32)] {
                 seed += 1;
-                let opts = AttentionOptions { mask, softcap, ..Default::default() };
+                let mut opts = AttentionOptions::new(mask);
+                if let Some(c) = softcap {
+                    opts = opts.with_softcap(c);
+                }
+                if seed % 4 == 1 {
+                    opts = opts.with_alignment(MaskAlignment::TopLeft);
+                }
                 run_case::<bf16>(seed, Case { b, lq, lk, hq, hk, d }, opts, seed % 2 == 0);
                 run_case::<f16>(seed + 1000, Case { b, lq, lk, hq, hk, d }, opts.with_scale(0.3), seed % 3 == 0);
             }
@@ -134,7 +143,13 @@ fn problem(
 ) -> (Vec<bf16>, Vec<bf16>, Vec<bf16>, Layout, Layout) {
     let mut rng = StdRng::seed_from_u64(seed);
     let (ql, kl) = (Layout::bshd(b, lq, hq, d), Layout::bshd(b, lk, hk, d));
-    (random(&mut rng, ql.numel(), 2.0), random(&mut rng, kl.numel(), 2.0), random(&mut rng, kl.numel(), 1.0), ql, kl)
+    (
+        random(&mut rng, ql.numel().unwrap(), 2.0),
+        random(&mut rng, kl.numel().unwrap(), 2.0),
+        random(&mut rng, kl.numel().unwrap(), 1.0),
+        ql,
+        kl,
+    )
 }
 
 fn run(q: &[bf16], k: &[bf16], v: &[bf16], ql: Layout, kl: Layout, opts: AttentionOptions) -> Reference {
@@ -145,7 +160,7 @@ fn run(q: &[bf16], k: &[bf16], v: &[bf16], ql: Layout, kl: Layout, opts: Attenti
 fn softmax_rows_sum_to_one() {
     // With V = all ones, each visible row's output is Σ softmax = 1 exactly in f64.
     let (q, k, _, ql, kl) = problem(1, 2, 9, 17, 4, 2, 16);
-    let ones = vec![bf16::ONE; kl.numel()];
+    let ones = vec![bf16::ONE; kl.numel().unwrap()];
     for mask in [Mask::Full, Mask::Causal, Mask::Window { left: 2, right: 1 }] {
         let r = run(&q, &k, &ones, ql, kl, AttentionOptions::new(mask));
         for (row, lse) in r.o.chunks(16).zip(r.lse.iter().cycle()) {
@@ -235,7 +250,8 @@ fn empty_rows_and_empty_sequences() {
 fn huge_logits_stay_finite() {
     let (b, l, h, d) = (1, 16, 1, 32);
     let ql = Layout::bshd(b, l, h, d);
-    let big: Vec<bf16> = (0..ql.numel()).map(|i| bf16::from_f32(if i % 3 == 0 { 3.0e4 } else { -2.0e4 })).collect();
+    let big: Vec<bf16> =
+        (0..ql.numel().unwrap()).map(|i| bf16::from_f32(if i % 3 == 0 { 3.0e4 } else { -2.0e4 })).collect();
     let r = run(&big, &big, &big, ql, ql, AttentionOptions::new(Mask::Causal));
     assert!(r.o.iter().all(|x| x.is_finite()));
     assert!(r.lse.iter().all(|x| x.is_finite()));
@@ -255,11 +271,29 @@ fn flops_count_visible_pairs_exactly() {
 
 #[test]
 fn rel_l2_error_semantics() {
-    assert_eq!(rel_l2_error(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
-    assert!((rel_l2_error(&[1.1, 2.0], &[1.0, 2.0]) - 0.1 / 5f64.sqrt()).abs() < 1e-12);
-    assert_eq!(rel_l2_error(&[f64::NAN], &[1.0]), f64::INFINITY);
-    assert_eq!(rel_l2_error(&[f64::NEG_INFINITY, 1.0], &[f64::NEG_INFINITY, 1.0]), 0.0);
-    assert_eq!(rel_l2_error(&[0.0, 1.0], &[f64::NEG_INFINITY, 1.0]), f64::INFINITY);
+    let e = |a: &[f64], b: &[f64]| rel_l2_error(a, b).unwrap();
+    assert_eq!(e(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+    assert!((e(&[1.1, 2.0], &[1.0, 2.0]) - 0.1 / 5f64.sqrt()).abs() < 1e-12);
+    assert_eq!(e(&[f64::NAN], &[1.0]), f64::INFINITY);
+    assert_eq!(e(&[f64::NEG_INFINITY, 1.0], &[f64::NEG_INFINITY, 1.0]), 0.0);
+    assert_eq!(e(&[0.0, 1.0], &[f64::NEG_INFINITY, 1.0]), f64::INFINITY);
+    // Different lengths are an error naming the argument, not a panic.
+    assert!(matches!(rel_l2_error(&[1.0], &[1.0, 2.0]), Err(Error::ShapeMismatch { arg: "a", .. })));
+}
+
+#[test]
+fn top_left_causal_matches_pytorch_is_causal() {
+    // SDPA's is_causal: query i sees keys 0..=i, whatever Lq and Lk are.
+    for (lq, lk) in [(5, 9), (9, 5), (7, 7)] {
+        let (q, k, v, ql, kl) = problem(11, 1, lq, lk, 2, 1, 8);
+        let opts = AttentionOptions::new(Mask::Causal).with_alignment(MaskAlignment::TopLeft);
+        let p = run(&q, &k, &v, ql, kl, opts).problem;
+        for i in 0..lq {
+            assert_eq!(p.key_range(i), (0, (i + 1).min(lk)), "Lq {lq} Lk {lk} row {i}");
+        }
+        let bottom = run(&q, &k, &v, ql, kl, AttentionOptions::new(Mask::Causal)).problem;
+        assert_eq!(bottom.key_range(lq - 1), (0, lk), "bottom-right: the last query sees every key");
+    }
 }
 
 #[test]

@@ -2,8 +2,8 @@
 //! typed error naming the argument. (Foreign contexts, launch and allocation
 //! failures are GPU-tier tests in tests/gpu.rs.)
 
-use fused_attn::options::{check_alignment, check_dtypes, validate, TensorDesc};
-use fused_attn::{AttentionOptions, DType, Error, HostTensor, KernelFamily, Layout, Mask};
+use fused_attn::internals::{check_alignment, check_dtypes, validate, LseDesc, TensorDesc};
+use fused_attn::{AttentionOptions, DType, Error, HostTensor, KernelFamily, Layout, LseLayout, Mask};
 use half::bf16;
 
 fn desc(arg: &'static str, layout: Layout) -> TensorDesc {
@@ -17,8 +17,11 @@ fn good() -> [TensorDesc; 4] {
     [desc("q", q), desc("k", kv), desc("v", kv), desc("o", q)]
 }
 
+/// `lse`: the length of a contiguous `[B, Hq, Lq]` LSE buffer, if any.
 fn check(t: &[TensorDesc; 4], lse: Option<usize>, opts: AttentionOptions) -> Result<fused_attn::Problem, Error> {
-    validate(DType::BF16, &t[0], &t[1], &t[2], Some(&t[3]), lse, &opts)
+    let [b, lq, hq, _] = t[0].layout.shape;
+    let lse = lse.map(|len| LseDesc { layout: LseLayout::contiguous(b, hq, lq), len });
+    validate(DType::BF16, &t[0], &t[1], &t[2], Some(&t[3]), lse.as_ref(), &opts)
 }
 
 #[test]
@@ -30,11 +33,12 @@ fn a_valid_problem_passes() {
 
 #[test]
 fn rank_mismatch() {
-    let e = Layout::from_dims(&[2, 5, 64], &[320, 64, 1]).unwrap_err();
+    let e = Layout::from_bshd_dims(&[2, 5, 64], &[320, 64, 1]).unwrap_err();
+    assert!(matches!(Layout::from_bhsd_dims(&[2, 5, 64], &[320, 64, 1]), Err(Error::Rank { arg: "shape", got: 3 })));
     assert!(matches!(e, Error::Rank { arg: "shape", got: 3 }), "{e}");
-    let e = Layout::from_dims(&[2, 5, 1, 64], &[320, 64, 1]).unwrap_err();
+    let e = Layout::from_bshd_dims(&[2, 5, 1, 64], &[320, 64, 1]).unwrap_err();
     assert!(matches!(e, Error::Rank { arg: "strides", got: 3 }), "{e}");
-    assert!(Layout::from_dims(&[2, 5, 1, 64], &[320, 64, 64, 1]).is_ok());
+    assert!(Layout::from_bshd_dims(&[2, 5, 1, 64], &[320, 64, 64, 1]).is_ok());
 }
 
 #[test]
@@ -64,7 +68,20 @@ fn dimension_mismatches_name_the_argument() {
         }
     }
     let e = check(&good(), Some(39), AttentionOptions::default()).unwrap_err();
-    assert!(matches!(e, Error::ShapeMismatch { arg: "lse", dim: "len", expected: 40, got: 39, .. }), "{e}");
+    assert!(matches!(e, Error::OutOfBounds { arg: "lse", needed: 40, len: 39 }), "{e}");
+    // An LSE view of the wrong shape names its dimension.
+    let d = good();
+    let lse = LseDesc { layout: LseLayout::contiguous(2, 4, 6), len: 48 };
+    let e =
+        validate(DType::BF16, &d[0], &d[1], &d[2], Some(&d[3]), Some(&lse), &AttentionOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { arg: "lse", dim: "seqlen", expected: 5, got: 6, .. }), "{e}");
+    // Strided LSE (a slice of a larger [B, H, L_max] buffer) is fine; a non-unit row stride is not.
+    let lse = LseDesc { layout: LseLayout::strided([2, 4, 5], [4 * 8, 8, 1]), len: 64 };
+    assert!(validate(DType::BF16, &d[0], &d[1], &d[2], Some(&d[3]), Some(&lse), &AttentionOptions::default()).is_ok());
+    let lse = LseDesc { layout: LseLayout::strided([2, 4, 5], [40, 10, 2]), len: 80 };
+    let e =
+        validate(DType::BF16, &d[0], &d[1], &d[2], Some(&d[3]), Some(&lse), &AttentionOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::LastDimStride { arg: "lse", stride: 2 }), "{e}");
 }
 
 #[test]
@@ -126,7 +143,8 @@ fn view_reaching_past_its_buffer() {
     assert!(matches!(e, Error::OutOfBounds { arg: "o", needed, len } if needed == len + 1), "{e}");
     // Padded strides that look fine per row but overrun at the end.
     let mut d = good();
-    d[1] = TensorDesc { arg: "k", layout: Layout::strided([2, 7, 2, 64], [7 * 256, 256, 64, 1]), len: 2 * 7 * 128 };
+    d[1] =
+        TensorDesc { arg: "k", layout: Layout::strided_bshd([2, 7, 2, 64], [7 * 256, 256, 64, 1]), len: 2 * 7 * 128 };
     assert!(matches!(check(&d, None, AttentionOptions::default()), Err(Error::OutOfBounds { arg: "k", .. })));
     // The CPU reference refuses the same way.
     let buf = vec![bf16::ZERO; 10];
@@ -144,15 +162,15 @@ fn view_reaching_past_its_buffer() {
 #[test]
 fn alignment_where_the_kernel_needs_it() {
     let t = desc("k", Layout::bshd(2, 7, 2, 64));
-    assert!(check_alignment(&t, 0x1000, 2, KernelFamily::Sm80, "x").is_ok());
-    let e = check_alignment(&t, 0x1002, 2, KernelFamily::Sm80, "x").unwrap_err();
+    assert!(check_alignment(&t, Some(0x1000), 2, KernelFamily::Sm80, "x").is_ok());
+    let e = check_alignment(&t, Some(0x1002), 2, KernelFamily::Sm80, "x").unwrap_err();
     assert!(matches!(e, Error::Misaligned { arg: "k", .. }), "{e}");
     // The naive kernel reads elements one by one: 2-byte alignment is enough.
-    assert!(check_alignment(&t, 0x1002, 2, KernelFamily::Naive, "x").is_ok());
+    assert!(check_alignment(&t, Some(0x1002), 2, KernelFamily::Naive, "x").is_ok());
     // A row stride of 68 elements = 136 bytes is not a multiple of 16.
-    let padded = desc("q", Layout::strided([1, 4, 1, 64], [4 * 68, 68, 68, 1]));
-    let e = check_alignment(&padded, 0x1000, 2, KernelFamily::Sm80, "x").unwrap_err();
-    assert!(matches!(&e, Error::Misaligned { arg: "q", detail, .. } if detail.contains("seq stride")), "{e}");
+    let padded = desc("q", Layout::strided_bshd([1, 4, 1, 64], [4 * 68, 68, 68, 1]));
+    let e = check_alignment(&padded, Some(0x1000), 2, KernelFamily::Sm80, "x").unwrap_err();
+    assert!(matches!(&e, Error::Misaligned { arg: "q", what: "seq stride", bytes: 136, .. }), "{e}");
 }
 
 #[test]
@@ -166,7 +184,7 @@ fn sizes_that_overflow_the_index_types() {
         assert!(matches!(e, Error::SizeOverflow { arg: "q", what: w, .. } if w == what), "{e}");
     }
     // Offsets that do not fit usize / i64.
-    let huge = Layout::strided([2, 2, 1, 8], [usize::MAX / 2, 8, 8, 1]);
+    let huge = Layout::strided_bshd([2, 2, 1, 8], [usize::MAX / 2, 8, 8, 1]);
     let d = [
         desc("q", Layout::bshd(2, 2, 1, 8)),
         TensorDesc { arg: "k", layout: huge, len: usize::MAX },
@@ -186,8 +204,13 @@ fn element_type_mismatch() {
 
 #[test]
 fn invalid_options() {
-    let e = check(&good(), None, AttentionOptions::default().with_scale(f32::NAN)).unwrap_err();
-    assert!(matches!(e, Error::InvalidOption { arg: "scale", .. }), "{e}");
+    for scale in [f32::NAN, f32::INFINITY, 1e38, -f32::MAX, 1.9e19] {
+        let e = check(&good(), None, AttentionOptions::default().with_scale(scale)).unwrap_err();
+        assert!(matches!(e, Error::InvalidOption { arg: "scale", .. }), "{scale}: {e}");
+    }
+    for scale in [0.0, -0.3, 1e-30, 1.8e19] {
+        assert!(check(&good(), None, AttentionOptions::default().with_scale(scale)).is_ok(), "{scale}");
+    }
     for cap in [0.0, -1.0, f32::INFINITY] {
         let e = check(&good(), None, AttentionOptions::default().with_softcap(cap)).unwrap_err();
         assert!(matches!(e, Error::InvalidOption { arg: "softcap", .. }), "{e}");
@@ -211,10 +234,10 @@ fn no_driver_no_device_is_an_error_not_a_panic() {
 
 #[test]
 fn crate_without_kernels_is_an_error() {
-    let e = fused_attn::device::require_kernels(false).unwrap_err();
+    let e = fused_attn::internals::require_kernels(false).unwrap_err();
     assert!(matches!(e, Error::KernelsNotBuilt), "{e}");
     assert!(e.to_string().contains("nvcc"));
-    assert!(fused_attn::device::require_kernels(true).is_ok());
+    assert!(fused_attn::internals::require_kernels(true).is_ok());
 }
 
 #[test]
@@ -229,20 +252,22 @@ fn errors_print_the_argument() {
 fn overlapping_output_strides() {
     let mut d = good();
     // A zero batch stride: both batches would write the same rows.
-    d[3] = TensorDesc { arg: "o", layout: Layout::strided([2, 5, 4, 64], [0, 256, 64, 1]), len: usize::MAX };
+    d[3] = TensorDesc { arg: "o", layout: Layout::strided_bshd([2, 5, 4, 64], [0, 256, 64, 1]), len: usize::MAX };
     let e = check(&d, None, AttentionOptions::default()).unwrap_err();
     assert!(matches!(e, Error::Overlapping { arg: "o", .. }), "{e}");
     // Heads interleaved with a stride smaller than the head dim.
-    d[3] = TensorDesc { arg: "o", layout: Layout::strided([2, 5, 4, 64], [5 * 256, 256, 32, 1]), len: usize::MAX };
+    d[3] = TensorDesc { arg: "o", layout: Layout::strided_bshd([2, 5, 4, 64], [5 * 256, 256, 32, 1]), len: usize::MAX };
     assert!(matches!(check(&d, None, AttentionOptions::default()), Err(Error::Overlapping { arg: "o", .. })));
     // Inputs may broadcast (stride 0): only outputs must not overlap.
     let mut d = good();
-    d[1] = TensorDesc { arg: "k", layout: Layout::strided([2, 7, 2, 64], [0, 128, 64, 1]), len: usize::MAX };
+    d[1] = TensorDesc { arg: "k", layout: Layout::strided_bshd([2, 7, 2, 64], [0, 128, 64, 1]), len: usize::MAX };
     assert!(check(&d, None, AttentionOptions::default()).is_ok());
     // Permuted and padded layouts are fine.
-    for l in
-        [Layout::bhsd(2, 5, 4, 64), Layout::strided([2, 5, 4, 64], [5 * 300, 300, 64, 1]), Layout::bshd(1, 1, 1, 64)]
-    {
+    for l in [
+        Layout::bhsd(2, 4, 5, 64),
+        Layout::strided_bshd([2, 5, 4, 64], [5 * 300, 300, 64, 1]),
+        Layout::bshd(1, 1, 1, 64),
+    ] {
         assert!(l.is_non_overlapping(), "{l:?}");
     }
 }

@@ -29,9 +29,16 @@ __device__ __forceinline__ FaKeyRange fa_key_range_rows(const FaFwdParams &p, in
     return {first.lo, last.hi};
 }
 
-// Applies the scale and optional softcap to a raw dot product.
+// Applies the scale and optional softcap to a raw dot product (natural-log
+// domain, for the naive kernel). s / c is inf for a tiny c (tanhf gives +-1,
+// and 0 / c stays 0) but subnormal for a huge one (c = FLT_MAX, |s| < 4), where
+// it has lost bits: there tanh(x) = x to within 2^-25 relative, so s itself is
+// the correctly rounded result.
 __device__ __forceinline__ float fa_score(const FaFwdParams &p, float dot) {
     float s = dot * p.scale;
-    if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);
+    if (p.softcap > 0.f) {
+        const float x = s / p.softcap;
+        s = fabsf(x) < 0x1p-12f ? s : p.softcap * tanhf(x);
+    }
     return s;
 }

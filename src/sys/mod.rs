@@ -1,7 +1,8 @@
 //! The lowest layer: the bindgen mirror of `kernels/params.h` and the kernel
 //! images with their dispatch table, as build.rs generated them.
 //!
-//! Nothing here is needed for ordinary use; the tests and tools read it.
+//! Nothing here is needed for ordinary use; the tests and tools reach it
+//! through `fused_attn::internals`.
 
 use cudarc::driver::DeviceRepr;
 

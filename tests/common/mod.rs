@@ -8,7 +8,7 @@ use fused_attn::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use fused_attn::reference::{self, rel_l2_error};
 use fused_attn::{
     cuda_context, Attention, AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, HostTensor,
-    KernelInfo, Layout,
+    KernelInfo, Layout, LseLayout, LseTensorMut,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -42,10 +42,10 @@ impl Storage {
     pub fn layout(self, b: usize, s: usize, h: usize, d: usize) -> Layout {
         match self {
             Storage::Bshd => Layout::bshd(b, s, h, d),
-            Storage::Bhsd => Layout::bhsd(b, s, h, d),
+            Storage::Bhsd => Layout::bhsd(b, h, s, d),
             Storage::Padded(pad) => {
                 let row = h * d + pad;
-                Layout::strided([b, s, h, d], [s * row, row, d, 1])
+                Layout::strided_bshd([b, s, h, d], [s * row, row, d, 1])
             }
         }
     }
@@ -101,11 +101,11 @@ pub fn make_inputs<T: Element>(seed: u64, s: Shape, storage: Storage) -> Inputs<
 }
 
 pub fn upload<T: Element>(stream: &Arc<CudaStream>, x: &[T]) -> Result<CudaSlice<T>, Error> {
-    stream.clone_htod(x).map_err(|source| Error::Cuda { during: "upload", source })
+    stream.clone_htod(x).map_err(|driver| Error::Cuda { during: "upload", driver })
 }
 
 pub fn download<T: Element>(stream: &Arc<CudaStream>, x: &CudaSlice<T>) -> Result<Vec<T>, Error> {
-    stream.clone_dtoh(x).map_err(|source| Error::Cuda { during: "download", source })
+    stream.clone_dtoh(x).map_err(|driver| Error::Cuda { during: "download", driver })
 }
 
 /// Result of one GPU run compared with the reference.
@@ -138,7 +138,7 @@ pub fn run_and_check<T: Element>(
         let (qt, kt, vt) =
             (DeviceTensor::new(&q, inp.ql), DeviceTensor::new(&k, inp.kl), DeviceTensor::new(&v, inp.kl));
         let mut ot = DeviceTensorMut::new(&mut o, ol);
-        let mut lv = lse.as_view_mut();
+        let mut lv = LseTensorMut::new(&mut lse, LseLayout::contiguous(s.b, s.hq, s.lq));
         gpu.attn.forward_into(stream, &qt, &kt, &vt, &mut ot, Some(&mut lv), opts).map_err(e)?
     };
     let o_host = download(stream, &o).map_err(e)?;
@@ -166,7 +166,9 @@ pub fn run_and_check<T: Element>(
         }
     }
     let lse_got: Vec<f64> = lse_host.iter().map(|&x| x as f64).collect();
-    Ok(Checked { kernel, o_err: rel_l2_error(&got, &r.o), lse_err: rel_l2_error(&lse_got, &r.lse), o_bits: bits })
+    let o_err = rel_l2_error(&got, &r.o).map_err(e)?;
+    let lse_err = rel_l2_error(&lse_got, &r.lse).map_err(e)?;
+    Ok(Checked { kernel, o_err, lse_err, o_bits: bits })
 }
 
 /// DESIGN.md section 4's tolerance on relative L2 error.

@@ -1,0 +1,181 @@
+//! The launch: device addresses (cudarc's stream-ordering guards, taken only
+//! here, just before a launch), kernel choice with the real addresses, the
+//! `params.h` structs, TMA maps (cached), and `cuLaunchKernel`. Nothing on
+//! this path allocates host memory once the kernel is loaded.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+
+use super::Attention;
+use crate::dispatch::{DispatchTensors, KernelInfo};
+use crate::error::{CudaContextExt, Result};
+use crate::options::{AttentionOptions, KernelFamily};
+use crate::params::{fwd_params, tma_spec, Addrs, TmaSpec};
+use crate::sys::{FaFwdSm90Params, FaTensorMap};
+use crate::tensor::{DType, DeviceTensor, DeviceTensorMut, Element, LseTensorMut};
+use crate::validate::{Problem, TensorDesc};
+
+/// Encoded TMA maps keyed by everything that goes into them. A framework
+/// calls attention with the same buffers step after step, so four lookups
+/// replace four driver encodings per call. Fixed size, no allocation;
+/// round-robin replacement.
+#[derive(Default)]
+pub(crate) struct TmaCache {
+    slots: Mutex<TmaSlots>,
+}
+
+const TMA_SLOTS: usize = 32;
+
+#[derive(Default)]
+struct TmaSlots {
+    entries: [Option<(TmaSpec, FaTensorMap)>; TMA_SLOTS],
+    next: usize,
+}
+
+impl TmaCache {
+    fn get_or_encode(&self, spec: &TmaSpec) -> Result<FaTensorMap> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, map)) = slots.entries.iter().flatten().find(|(s, _)| s == spec) {
+            return Ok(*map);
+        }
+        let map = encode_tensor_map(spec)?;
+        let at = slots.next;
+        slots.entries[at] = Some((*spec, map));
+        slots.next = (at + 1) % TMA_SLOTS;
+        Ok(map)
+    }
+}
+
+impl Attention {
+    /// Chooses a kernel for the validated problem `p` over exactly these
+    /// tensors (`descs` in the order q, k, v, o) and launches it on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_forward<T: Element>(
+        &self,
+        stream: &CudaStream,
+        p: &Problem,
+        descs: &[TensorDesc; 4],
+        q: &DeviceTensor<'_, T>,
+        k: &DeviceTensor<'_, T>,
+        v: &DeviceTensor<'_, T>,
+        o: &mut DeviceTensorMut<'_, T>,
+        lse: Option<&mut LseTensorMut<'_>>,
+        opts: &AttentionOptions,
+    ) -> Result<KernelInfo> {
+        // The guards make `stream` wait for earlier writes to these buffers
+        // and, when dropped after the launch, record this launch's reads and
+        // writes (cudarc's multi-stream tracking).
+        let (q_ptr, _q_sync) = q.view.device_ptr(stream);
+        let (k_ptr, _k_sync) = k.view.device_ptr(stream);
+        let (v_ptr, _v_sync) = v.view.device_ptr(stream);
+        let (o_ptr, _o_sync) = o.view.device_ptr_mut(stream);
+        let lse_layout = lse.as_ref().map(|l| l.layout);
+        let (lse_ptr, _lse_sync) = match lse {
+            Some(l) => {
+                let (ptr, sync) = l.view.device_ptr_mut(stream);
+                (ptr, Some(sync))
+            }
+            None => (0, None),
+        };
+        let addrs = [q_ptr, k_ptr, v_ptr, o_ptr];
+        let tensors = DispatchTensors { descs, addrs: Some(addrs) };
+        let (idx, info) = self.choose(p, tensors, opts.kernel, opts.kernel_name)?;
+        if p.seqlen_q == 0 {
+            return Ok(info); // nothing to write; a zero-sized grid is a launch error
+        }
+        let func = self.reg.function(&self.ctx, idx)?;
+        let a = Addrs { q: q_ptr, k: k_ptr, v: v_ptr, o: o_ptr, lse: lse_ptr };
+        let layouts = [q.layout, k.layout, v.layout, o.layout];
+        let params = fwd_params(p, &layouts, lse_layout.as_ref(), a);
+        let cfg = (info.grid, (info.threads, 1, 1), info.smem_bytes);
+        if info.family == KernelFamily::Sm90 {
+            // The Hopper kernels take the same parameters plus one TMA map per tensor.
+            let row = &self.reg.rows[idx];
+            let map = |addr, l, rows| self.reg.tma.get_or_encode(&tma_spec(addr, l, p.dtype, rows));
+            // SAFETY: the struct is plain integers, pointers and byte arrays
+            // (plus bindgen's padding), for all of which all-zero is valid.
+            let mut p90: FaFwdSm90Params = unsafe { std::mem::zeroed() };
+            p90.p = params;
+            p90.tma_q = map(q_ptr, &q.layout, row.block_m)?;
+            p90.tma_k = map(k_ptr, &k.layout, row.block_n)?;
+            p90.tma_v = map(v_ptr, &v.layout, row.block_n)?;
+            p90.tma_o = map(o_ptr, &o.layout, row.block_m)?;
+            // SAFETY: see `launch`; the kernel's one argument is FaFwdSm90Params.
+            unsafe { launch(stream, func.cu_function(), cfg, &p90) }?;
+        } else {
+            // SAFETY: see `launch`; the kernel's one argument is FaFwdParams.
+            unsafe { launch(stream, func.cu_function(), cfg, &params) }?;
+        }
+        Ok(info)
+    }
+}
+
+/// Launches `func` with its single by-value argument `arg`.
+///
+/// # Safety
+/// `arg` must be the exact type of the kernel's one parameter (a bindgen
+/// mirror of `params.h`). Every pointer in it must come from a live view
+/// in `stream`'s context whose shape, strides and alignment were validated
+/// for this kernel (the caller's validation and dispatch prove that the
+/// kernel stays inside each view), and the views' cudarc guards must outlive
+/// this call.
+unsafe fn launch<P: DeviceRepr>(
+    stream: &CudaStream,
+    func: cudarc::driver::sys::CUfunction,
+    (grid, block, smem): ((u32, u32, u32), (u32, u32, u32), u32),
+    arg: &P,
+) -> Result<()> {
+    stream.context().bind_to_thread().during("binding the context")?;
+    // cuLaunchKernel copies the argument before returning.
+    let mut args = [(arg as *const P).cast_mut().cast::<std::ffi::c_void>()];
+    // SAFETY: by this function's contract; `args` lives until the call returns.
+    unsafe { cudarc::driver::result::launch_kernel(func, grid, block, smem, stream.cu_stream(), &mut args) }
+        .during("launching the attention kernel")
+}
+
+/// Encodes one TMA map (a host-side driver call; the address is recorded,
+/// not dereferenced).
+fn encode_tensor_map(spec: &TmaSpec) -> Result<FaTensorMap> {
+    use cudarc::driver::sys::{
+        CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
+    };
+    let data_type = match spec.dtype {
+        DType::F16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        DType::BF16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+    };
+    let elem_strides = [1u32; 4];
+    let mut map = FaTensorMap { opaque: [0; 16] };
+    // SAFETY: `FaTensorMap` has the size (128 B) and alignment (64 B) of
+    // `CUtensorMap` (bindgen's layout assertions check ours), every array
+    // argument has the length the rank (4) requires (dims 4, strides 3,
+    // boxes 4, element strides 4), and encoding only writes the map.
+    let result = unsafe {
+        cudarc::driver::sys::cuTensorMapEncodeTiled(
+            (&mut map as *mut FaTensorMap).cast(),
+            data_type,
+            4,
+            spec.addr as usize as *mut std::ffi::c_void,
+            spec.dims.as_ptr(),
+            spec.strides.as_ptr(),
+            spec.boxes.as_ptr(),
+            elem_strides.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    result.result().during("encoding a TMA tensor map")?;
+    Ok(map)
+}
+
+/// Allocates an output buffer that the kernel will fully overwrite.
+pub(crate) fn alloc_output<T: DeviceRepr>(stream: &Arc<CudaStream>, len: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: the memory is uninitialised, but every forward kernel writes
+    // every element of O and LSE (DESIGN.md section 1; the GPU tests poison
+    // outputs to prove it), and nothing reads the buffer before the launch
+    // that fills it is ordered before the read on the same stream.
+    // The driver refuses 0-byte allocations; an empty problem gets one spare element.
+    unsafe { stream.alloc::<T>(len.max(1)) }.during("allocating the output")
+}

@@ -1,0 +1,123 @@
+//! Kernel parameters: a validated [`Problem`], the chosen kernel and the
+//! tensors' device addresses → the `params.h` structs. Pure and
+//! allocation-free; the encodings the kernels expect (`-1` for an unbounded
+//! window side, the diagonal offset, strides of unit dimensions) live here
+//! and nowhere else.
+
+use crate::sys::FaFwdParams;
+use crate::tensor::{DType, Layout, LseLayout};
+use crate::validate::Problem;
+
+/// Device addresses of one call's tensors (`lse` 0 when not written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addrs {
+    /// Q, K, V, O base addresses.
+    pub q: u64,
+    /// K.
+    pub k: u64,
+    /// V.
+    pub v: u64,
+    /// O.
+    pub o: u64,
+    /// LSE, or 0.
+    pub lse: u64,
+}
+
+/// Element strides as the kernels take them (`int64`). A dimension of
+/// extent 1 is never stepped; its stride becomes 0, so no caller value
+/// (up to `usize::MAX`) is reinterpreted as a negative stride. Other strides
+/// are bounded by the validated span (at most `i64::MAX`).
+fn strides(shape: &[usize], strides: &[usize]) -> [i64; 3] {
+    let mut out = [0i64; 3];
+    for i in 0..3 {
+        out[i] = if shape[i] > 1 { i64::try_from(strides[i]).unwrap_or(i64::MAX) } else { 0 };
+    }
+    out
+}
+
+/// The band bound as the kernels take it: `-1` for unbounded, finite values
+/// clamped to `Lq + Lk` (which changes nothing, and keeps `i32` sums safe).
+fn window_side(bound: Option<usize>, cap: usize) -> i32 {
+    bound.map_or(-1, |v| v.min(cap) as i32)
+}
+
+/// The common launch parameters of every forward kernel.
+pub fn fwd_params(p: &Problem, layouts: &[Layout; 4], lse: Option<&LseLayout>, a: Addrs) -> FaFwdParams {
+    let [qs, ks, vs, os] = layouts.map(|l| strides(&l.shape, &l.strides));
+    let ls = lse.map_or([0; 3], |l| strides(&l.shape, &l.strides));
+    // Validation bounds Lq, Lk by 2^28, B and H by 65535: all fit i32.
+    let cap = p.seqlen_q + p.seqlen_k;
+    let (left, right) = p.mask.bounds();
+    FaFwdParams {
+        q: a.q as usize as *const _,
+        k: a.k as usize as *const _,
+        v: a.v as usize as *const _,
+        o: a.o as usize as *mut _,
+        lse: a.lse as usize as *mut f32,
+        q_batch_stride: qs[0],
+        q_row_stride: qs[1],
+        q_head_stride: qs[2],
+        k_batch_stride: ks[0],
+        k_row_stride: ks[1],
+        k_head_stride: ks[2],
+        v_batch_stride: vs[0],
+        v_row_stride: vs[1],
+        v_head_stride: vs[2],
+        o_batch_stride: os[0],
+        o_row_stride: os[1],
+        o_head_stride: os[2],
+        lse_batch_stride: ls[0],
+        lse_head_stride: ls[1],
+        batch: p.batch as i32,
+        heads_q: p.heads_q as i32,
+        heads_kv: p.heads_kv as i32,
+        q_per_kv: p.q_per_kv() as i32,
+        seqlen_q: p.seqlen_q as i32,
+        seqlen_k: p.seqlen_k as i32,
+        head_dim: p.head_dim as i32,
+        window_left: window_side(left, cap),
+        window_right: window_side(right, cap),
+        scale: p.scale,
+        softcap: p.softcap.unwrap_or(0.0),
+        diag_offset: p.diag_offset() as i32,
+    }
+}
+
+/// The arguments of `cuTensorMapEncodeTiled` for one `[B, S, H, D]` tensor,
+/// as `kernels/params.h` specifies: rank 4, dims innermost first
+/// `{D, S, H, B}`, byte strides `{row, head, batch}`, boxes of `64 × rows`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TmaSpec {
+    /// Base address.
+    pub addr: u64,
+    /// Element type.
+    pub dtype: DType,
+    /// `{D, S, H, B}`.
+    pub dims: [u64; 4],
+    /// Byte strides of S, H, B.
+    pub strides: [u64; 3],
+    /// `{64, rows, 1, 1}`.
+    pub boxes: [u32; 4],
+}
+
+/// The stride given to a dimension of extent 1 is at most this (TMA wants < 2^40).
+const TMA_MAX_UNIT_STRIDE: u64 = (1 << 40) - 16;
+
+/// The TMA map of a validated, TMA-compatible tensor (see `dispatch`).
+pub fn tma_spec(addr: u64, layout: &Layout, dtype: DType, rows: u32) -> TmaSpec {
+    let [b, s, h, d] = layout.shape.map(|x| x as u64);
+    let elem = dtype.size() as u64;
+    // A dimension of extent 1 is never stepped, so any legal stride will do;
+    // use the extent of the dimensions inside it (TMA rejects 0).
+    let stride = |i: usize, inner: u64| -> u64 {
+        if layout.shape[i] > 1 {
+            layout.strides[i] as u64 * elem
+        } else {
+            inner.clamp(16, TMA_MAX_UNIT_STRIDE).next_multiple_of(16)
+        }
+    };
+    let row = stride(1, d * elem);
+    let head = stride(2, row.saturating_mul(s.max(1)));
+    let batch = stride(0, head.saturating_mul(h));
+    TmaSpec { addr, dtype, dims: [d, s.max(1), h, b], strides: [row, head, batch], boxes: [64, rows, 1, 1] }
+}

@@ -1,0 +1,283 @@
+//! Validation: user types → a [`Problem`] whose every size and option is
+//! known good (DESIGN.md section 6). Both the GPU path and the CPU
+//! [`reference`](crate::reference) go through [`validate`], so the two accept
+//! and reject exactly the same inputs. All arithmetic on caller sizes is
+//! checked, in release builds too.
+
+use crate::error::{Error, Result};
+use crate::options::{AttentionOptions, Mask, MaskAlignment};
+use crate::tensor::{non_overlapping, DType, Layout, LseLayout};
+
+/// Largest sequence length: the kernels do band arithmetic in `i32`, where
+/// `i + off + right` with `right` clamped to `Lq + Lk` must not overflow.
+pub const MAX_SEQLEN: usize = 1 << 28;
+/// Largest batch and head count: they index the launch grid's y and z.
+pub const MAX_GRID_YZ: usize = 65_535;
+/// Largest head dimension served.
+pub const MAX_HEAD_DIM: usize = 256;
+/// Largest `|scale|`: with it every f16 input gives a finite score
+/// (`256 · 65504² · 2^64 ≈ 2e31`), and `scale · log2(e)`, which the kernels
+/// fold into one multiplier, stays far from f32's overflow. Realistic scales
+/// are below 10; a larger one is a typed error rather than a NaN.
+pub const MAX_SCALE: f32 = 18_446_744_073_709_551_616.0; // 2^64
+
+/// What [`validate`] needs to know of one tensor argument.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorDesc {
+    /// Its name in error messages.
+    pub arg: &'static str,
+    /// Shape and strides.
+    pub layout: Layout,
+    /// Elements in the underlying buffer (view).
+    pub len: usize,
+}
+
+/// What [`validate`] needs to know of the LSE argument.
+#[derive(Debug, Clone, Copy)]
+pub struct LseDesc {
+    /// Shape and strides.
+    pub layout: LseLayout,
+    /// Elements in the underlying buffer (view).
+    pub len: usize,
+}
+
+/// A validated attention problem: every size and option is known good.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct Problem {
+    /// Element type of Q, K, V and O.
+    pub dtype: DType,
+    /// Batch size `B`.
+    pub batch: usize,
+    /// Query length `Lq`.
+    pub seqlen_q: usize,
+    /// Key/value length `Lk`.
+    pub seqlen_k: usize,
+    /// Query heads `Hq`.
+    pub heads_q: usize,
+    /// Key/value heads `Hk` (divides `Hq`).
+    pub heads_kv: usize,
+    /// Head dimension `D` (multiple of 8, at most 256).
+    pub head_dim: usize,
+    /// The mask.
+    pub mask: Mask,
+    /// Its alignment.
+    pub alignment: MaskAlignment,
+    /// The effective scale (default resolved).
+    pub scale: f32,
+    /// The softcap, if any.
+    pub softcap: Option<f32>,
+}
+
+impl Problem {
+    /// Query heads per KV head.
+    pub fn q_per_kv(&self) -> usize {
+        self.heads_q / self.heads_kv
+    }
+
+    /// The diagonal's offset: `Lk − Lq` bottom-right, `0` top-left.
+    pub fn diag_offset(&self) -> i64 {
+        match self.alignment {
+            MaskAlignment::BottomRight => self.seqlen_k as i64 - self.seqlen_q as i64,
+            MaskAlignment::TopLeft => 0,
+        }
+    }
+
+    /// The keys `[lo, hi)` visible to query row `i` (empty when `lo >= hi`).
+    pub fn key_range(&self, i: usize) -> (usize, usize) {
+        let (left, right) = self.mask.bounds();
+        // Done in i128 so no case overflows.
+        let diag = i as i128 + self.diag_offset() as i128;
+        let lo = left.map_or(0, |l| (diag - l as i128).max(0));
+        let hi = right.map_or(self.seqlen_k as i128, |r| (diag + r as i128 + 1).min(self.seqlen_k as i128));
+        (lo.min(self.seqlen_k as i128) as usize, hi.max(lo).min(self.seqlen_k as i128) as usize)
+    }
+
+    /// Number of visible (query, key) pairs of one head: the exact work.
+    pub fn visible_pairs(&self) -> u128 {
+        (0..self.seqlen_q).map(|i| self.key_range(i)).map(|(lo, hi)| hi.saturating_sub(lo) as u128).sum()
+    }
+
+    /// Forward FLOPs: `4 · B · Hq · D · visible pairs` (counted exactly for every mask).
+    pub fn flops(&self) -> u128 {
+        4 * self.batch as u128 * self.heads_q as u128 * self.head_dim as u128 * self.visible_pairs()
+    }
+}
+
+fn overflow(arg: &'static str, what: &'static str, value: Option<u128>, limit: u128) -> Error {
+    Error::SizeOverflow { arg, what, value: value.unwrap_or(u128::MAX), limit }
+}
+
+/// Checks a whole problem: Q, K, V, optionally O and LSE.
+///
+/// The order of checks is fixed so the reported argument is predictable:
+/// per-tensor checks (empty dims, last stride, size, bounds) in the order q,
+/// k, v, o, lse; then cross-tensor shapes; then size limits; then options.
+///
+/// # Errors
+/// Every shape and option error of the contract, as
+/// a variant naming the argument.
+pub fn validate(
+    dtype: DType,
+    q: &TensorDesc,
+    k: &TensorDesc,
+    v: &TensorDesc,
+    o: Option<&TensorDesc>,
+    lse: Option<&LseDesc>,
+    opts: &AttentionOptions,
+) -> Result<Problem> {
+    for t in [Some(q), Some(k), Some(v), o].into_iter().flatten() {
+        check_tensor(t)?;
+    }
+    if let Some(l) = lse {
+        check_lse(l)?;
+    }
+    let [batch, seqlen_q, heads_q, head_dim] = q.layout.shape;
+    let [_, seqlen_k, heads_kv, _] = k.layout.shape;
+    if head_dim == 0 || head_dim % 8 != 0 || head_dim > MAX_HEAD_DIM {
+        return Err(Error::HeadDim { arg: "q", head_dim });
+    }
+    let expect = |t: &TensorDesc, dim: &'static str, idx: usize, expected: usize, against: &'static str| {
+        let got = t.layout.shape[idx];
+        if got == expected {
+            Ok(())
+        } else {
+            Err(Error::ShapeMismatch { arg: t.arg, dim, expected, got, against })
+        }
+    };
+    expect(k, "batch", 0, batch, "q")?;
+    expect(k, "head_dim", 3, head_dim, "q")?;
+    expect(v, "batch", 0, batch, "q")?;
+    expect(v, "seqlen", 1, seqlen_k, "k")?;
+    expect(v, "heads", 2, heads_kv, "k")?;
+    expect(v, "head_dim", 3, head_dim, "q")?;
+    if heads_q % heads_kv != 0 {
+        return Err(Error::HeadsNotDivisible { heads_q, heads_kv });
+    }
+    if let Some(o) = o {
+        expect(o, "batch", 0, batch, "q")?;
+        expect(o, "seqlen", 1, seqlen_q, "q")?;
+        expect(o, "heads", 2, heads_q, "q")?;
+        expect(o, "head_dim", 3, head_dim, "q")?;
+        if !o.layout.is_non_overlapping() {
+            return Err(Error::Overlapping { arg: o.arg, shape: o.layout.shape, strides: o.layout.strides });
+        }
+    }
+    if let Some(l) = lse {
+        for (i, (dim, expected)) in [("batch", batch), ("heads", heads_q), ("seqlen", seqlen_q)].into_iter().enumerate()
+        {
+            let got = l.layout.shape[i];
+            if got != expected {
+                return Err(Error::ShapeMismatch { arg: "lse", dim, expected, got, against: "q" });
+            }
+        }
+        if !non_overlapping(&l.layout.shape, &l.layout.strides) {
+            return Err(Error::Overlapping {
+                arg: "lse",
+                shape: [l.layout.shape[0], l.layout.shape[1], l.layout.shape[2], 1],
+                strides: [l.layout.strides[0], l.layout.strides[1], l.layout.strides[2], 1],
+            });
+        }
+    }
+    let limit = |arg: &'static str, what: &'static str, value: usize, limit: usize| {
+        if value > limit {
+            Err(overflow(arg, what, Some(value as u128), limit as u128))
+        } else {
+            Ok(())
+        }
+    };
+    limit("q", "seqlen", seqlen_q, MAX_SEQLEN)?;
+    limit("k", "seqlen", seqlen_k, MAX_SEQLEN)?;
+    limit("q", "batch", batch, MAX_GRID_YZ)?;
+    limit("q", "heads", heads_q, MAX_GRID_YZ)?;
+
+    let scale = opts.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
+    if !scale.is_finite() || scale.abs() > MAX_SCALE {
+        return Err(Error::InvalidOption {
+            arg: "scale",
+            value: scale.to_string(),
+            reason: "must be finite with |scale| <= 2^64",
+        });
+    }
+    if let Some(c) = opts.softcap {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(Error::InvalidOption {
+                arg: "softcap",
+                value: c.to_string(),
+                reason: "must be finite and > 0",
+            });
+        }
+    }
+    Ok(Problem {
+        dtype,
+        batch,
+        seqlen_q,
+        seqlen_k,
+        heads_q,
+        heads_kv,
+        head_dim,
+        mask: opts.mask,
+        alignment: opts.alignment,
+        scale,
+        softcap: opts.softcap,
+    })
+}
+
+/// Checks of one tensor on its own: non-empty batch/heads, contiguous last
+/// dimension, an element count and highest offset that fit the kernels'
+/// 64-bit offsets, the view inside its buffer.
+fn check_tensor(t: &TensorDesc) -> Result<()> {
+    let [batch, _, heads, _] = t.layout.shape;
+    if batch == 0 {
+        return Err(Error::Empty { arg: t.arg, dim: "batch" });
+    }
+    if heads == 0 {
+        return Err(Error::Empty { arg: t.arg, dim: "heads" });
+    }
+    if t.layout.strides[3] != 1 {
+        return Err(Error::LastDimStride { arg: t.arg, stride: t.layout.strides[3] });
+    }
+    let limit = i64::MAX as u128;
+    let numel = t.layout.shape.iter().try_fold(1u128, |acc, &n| acc.checked_mul(n as u128));
+    if numel.is_none_or(|n| n > limit) {
+        return Err(overflow(t.arg, "element count", numel, limit));
+    }
+    let span = t.layout.span();
+    match span {
+        Some(s) if s as u128 <= limit => {
+            if s > t.len {
+                return Err(Error::OutOfBounds { arg: t.arg, needed: s, len: t.len });
+            }
+            Ok(())
+        }
+        _ => Err(overflow(t.arg, "highest element offset", span.map(|s| s as u128), limit)),
+    }
+}
+
+fn check_lse(l: &LseDesc) -> Result<()> {
+    if l.layout.strides[2] != 1 && l.layout.shape[2] > 1 {
+        return Err(Error::LastDimStride { arg: "lse", stride: l.layout.strides[2] });
+    }
+    let limit = i64::MAX as u128;
+    let span = l.layout.span();
+    match span {
+        Some(s) if s as u128 <= limit => {
+            if s > l.len {
+                return Err(Error::OutOfBounds { arg: "lse", needed: s, len: l.len });
+            }
+            Ok(())
+        }
+        _ => Err(overflow("lse", "highest element offset", span.map(|s| s as u128), limit)),
+    }
+}
+
+/// Checks that all tensors of a dynamically typed call share `q`'s element type.
+///
+/// # Errors
+/// [`Error::DTypeMismatch`] naming the first tensor that differs.
+pub fn check_dtypes(q: DType, others: &[(&'static str, DType)]) -> Result<()> {
+    match others.iter().find(|(_, d)| *d != q) {
+        Some(&(arg, got)) => Err(Error::DTypeMismatch { arg, expected: q, got }),
+        None => Ok(()),
+    }
+}
