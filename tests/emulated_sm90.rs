@@ -410,15 +410,14 @@ const MUTANTS: &[Mutant] = &[
         name: "p.scale ignored (the default 1/sqrt(head_dim) instead)",
         file: "fwd_sm90.cu",
         edits: &[(
-            "const float score_in = capped ? p.scale / p.softcap : p.scale * kLog2e;",
-            "const float dflt = 1.f / sqrtf((float)p.head_dim);\n    \
-             const float score_in = capped ? dflt / p.softcap : dflt * kLog2e;",
+            "const float score_in = p.scale * kLog2e;",
+            "const float score_in = (1.f / sqrtf((float)p.head_dim)) * kLog2e;",
         )],
     },
     Mutant {
         name: "log2(e) dropped from the scores (softmax in base 2)",
         file: "fwd_sm90.cu",
-        edits: &[("p.scale / p.softcap : p.scale * kLog2e;", "p.scale / p.softcap : p.scale;")],
+        edits: &[("const float score_in = p.scale * kLog2e;", "const float score_in = p.scale;")],
     },
     Mutant {
         name: "softcap dropped",
@@ -426,9 +425,19 @@ const MUTANTS: &[Mutant] = &[
         edits: &[("const bool capped = p.softcap > 0.f;", "const bool capped = false;")],
     },
     Mutant {
-        name: "softcap: log2(e) dropped after the tanh",
-        file: "fwd_sm90.cu",
-        edits: &[("const float score_out = capped ? p.softcap * kLog2e : 1.f;", "const float score_out = capped ? p.softcap : 1.f;")],
+        name: "softcap, |s/c| > 0.55: log2(e) dropped after the tanh",
+        file: "common/math.cuh",
+        edits: &[("c * (th * 1.4426950408889634f)", "c * th")],
+    },
+    Mutant {
+        name: "softcap, |s/c| < 0.55: tanh(x)/x polynomial dropped (s uncapped there)",
+        file: "common/math.cuh",
+        edits: &[("const float near0 = u * q;", "const float near0 = u;")],
+    },
+    Mutant {
+        name: "softcap: the far branch's sign dropped",
+        file: "common/math.cuh",
+        edits: &[("copysignf(c * (th * 1.4426950408889634f), t)", "c * (th * 1.4426950408889634f)")],
     },
     Mutant {
         name: "mask: left edge one key further left",

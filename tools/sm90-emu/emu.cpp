@@ -15,7 +15,7 @@
 //    only at the retiring wait_group, with the accumulators poisoned and the
 //    operands re-read and compared in between;
 //  * cp.async.bulk.tensor (tile mode) through our own encoding of the tensor
-//    map (the launcher mirrors src/device/mod.rs::encode_tensor_map), 128B
+//    map (the launcher mirrors src/params.rs::tma_spec), 128B
 //    swizzle, zero fill out of bounds, complete_tx landing at issue, at a
 //    random later point, or as late as possible;
 //  * mbarrier init/arrive/expect_tx/try_wait.parity with phases, pending
@@ -953,7 +953,8 @@ static const char *encode_tiled(FaTensorMap *out, uint32_t esize, uint32_t rank,
     return nullptr;
 }
 
-// Mirror of src/device/mod.rs::encode_tensor_map: a [B, S, H, D] tensor
+// Mirror of src/params.rs::tma_spec (encoded by src/device/launch.rs, one map
+// per tensor from its own layout): a [B, S, H, D] tensor
 // (strides in elements, batch/seq/heads) as rank 4, dims innermost first
 // {D, max(S,1), H, B}, byte strides {row, head, batch} (a dimension of extent
 // 1 gets the extent of what is inside it), box {64, rows, 1, 1}, 128B
@@ -964,7 +965,7 @@ static FaTensorMap encode_like_rust(const void *ptr, int64_t B, int64_t S, int64
     const int64_t str[3] = {sb, ss, sh};
     auto stride = [&](int i, uint64_t inner) -> uint64_t {
         if (shape[i] > 1) return (uint64_t)str[i] * 2;
-        uint64_t x = std::max<uint64_t>(inner, 16);
+        uint64_t x = std::min<uint64_t>(std::max<uint64_t>(inner, 16), (1ull << 40) - 16);
         return (x + 15) / 16 * 16;
     };
     const uint64_t s1 = std::max<uint64_t>(S, 1);
