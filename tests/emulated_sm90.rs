@@ -17,7 +17,7 @@
 //!   head dims inside a bucket (dead 64-column boxes), BHSD and padded
 //!   strides, more key tiles than ring stages;
 //! * semantics, per bucket and both dtypes: GQA 8:2 and 12:3 (several KV heads,
-//!   4+ query heads each), custom scales (0.3, 1.7, −0.7, −1.7), lengths one
+//!   4+ query heads each), custom scales (0.3, 1.7, −0.7), lengths one
 //!   short of a tile (Lq = block_m − 1 or 2·block_m − 1, Lk = k·block_n − 1),
 //!   every tensor with its own layout (Q, K, V, O in different ones of BSHD,
 //!   BHSD, SBHD, differently padded, so no two share a batch, row or head
