@@ -8,6 +8,11 @@
 //! - The `FA_KERNEL(...)` lines at the end of each `.cu` are the one list of
 //!   instantiated kernels: nvcc instantiates them and this script turns them into
 //!   the Rust dispatch table (`kernels.rs` in `OUT_DIR`).
+//! - Variants (`base__tag` kernels, for measurement, never auto-dispatched) sit
+//!   in an `#ifndef FA_NO_VARIANTS` block of their `.cu`. They are built only
+//!   with `FUSED_ATTN_VARIANTS=1`; otherwise nvcc gets `-DFA_NO_VARIANTS` and
+//!   the table leaves the same rows out, so the default build is faster and
+//!   smaller.
 //! - Without nvcc the crate still builds (CPU reference only) with a warning,
 //!   unless `FUSED_ATTN_REQUIRE_KERNELS=1`. `DOCS_RS` never looks for nvcc.
 
@@ -16,6 +21,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Instant;
 
 const DEFAULT_ARCHS: &str = "80;90a";
 
@@ -57,7 +63,9 @@ impl Arch {
 
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["NVCC", "CUDA_HOME", "FUSED_ATTN_CUDA_ARCHS", "FUSED_ATTN_REQUIRE_KERNELS", "DOCS_RS"] {
+    for var in
+        ["NVCC", "CUDA_HOME", "FUSED_ATTN_CUDA_ARCHS", "FUSED_ATTN_REQUIRE_KERNELS", "FUSED_ATTN_VARIANTS", "DOCS_RS"]
+    {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -69,7 +77,8 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|x| x == "cu"))
         .collect();
     sources.sort();
-    let rows: Vec<Row> = sources.iter().flat_map(|p| parse_table(p)).collect();
+    let variants = env::var("FUSED_ATTN_VARIANTS").is_ok_and(|v| v == "1");
+    let rows: Vec<Row> = sources.iter().flat_map(|p| parse_table(p, variants)).collect();
 
     let require = env::var("FUSED_ATTN_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
     let nvcc = if env::var_os("DOCS_RS").is_some() { None } else { find_nvcc() };
@@ -81,7 +90,7 @@ fn main() {
         .collect();
 
     let built = match &nvcc {
-        Some(nvcc) => Some(compile_all(nvcc, &sources, &rows, &archs, &kernel_dir, &out_dir)),
+        Some(nvcc) => Some(compile_all(nvcc, &sources, &rows, &archs, variants, &kernel_dir, &out_dir)),
         None if require => panic!(
             "FUSED_ATTN_REQUIRE_KERNELS=1 but no nvcc was found: set NVCC, CUDA_HOME, or put nvcc on PATH \
              (pip install nvidia-cuda-nvcc, see README)"
@@ -96,15 +105,32 @@ fn main() {
             None
         }
     };
-    write_rust_table(&out_dir, &rows, built.as_ref());
+    write_rust_table(&out_dir, &rows, variants, built.as_ref());
 }
 
-/// Parses the `FA_KERNEL(...)` table lines of one source file.
-fn parse_table(path: &Path) -> Vec<Row> {
+/// Parses the `FA_KERNEL(...)` table lines of one source file; the rows of its
+/// `#ifndef FA_NO_VARIANTS` block (which must be exactly its `base__tag` rows)
+/// only when `variants`, as nvcc sees them.
+fn parse_table(path: &Path, variants: bool) -> Vec<Row> {
     let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
     let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let mut in_variants = false;
     text.lines()
-        .filter_map(|line| line.strip_prefix("FA_KERNEL("))
+        .filter_map(|line| {
+            match line.trim() {
+                "#ifndef FA_NO_VARIANTS" => in_variants = true,
+                l if in_variants && l.starts_with("#endif") => in_variants = false,
+                _ => {}
+            }
+            let rest = line.strip_prefix("FA_KERNEL(")?;
+            let name = rest.split(',').next().unwrap_or("").trim();
+            assert_eq!(
+                name.contains("__"),
+                in_variants,
+                "{stem}: {name}: variants (`base__tag`) go inside `#ifndef FA_NO_VARIANTS`, base kernels outside"
+            );
+            (variants || !in_variants).then_some(rest)
+        })
         .map(|rest| {
             let inner = rest.trim_end().strip_suffix(')').unwrap_or_else(|| panic!("{stem}: unterminated FA_KERNEL"));
             let f: Vec<&str> = inner.split(',').map(str::trim).collect();
@@ -153,7 +179,15 @@ struct Built {
     nvcc_version: String,
 }
 
-fn compile_all(nvcc: &Path, sources: &[PathBuf], rows: &[Row], archs: &[Arch], kernel_dir: &Path, out: &Path) -> Built {
+fn compile_all(
+    nvcc: &Path,
+    sources: &[PathBuf],
+    rows: &[Row],
+    archs: &[Arch],
+    variants: bool,
+    kernel_dir: &Path,
+    out: &Path,
+) -> Built {
     let nvcc_version = Command::new(nvcc)
         .arg("--version")
         .output()
@@ -161,6 +195,7 @@ fn compile_all(nvcc: &Path, sources: &[PathBuf], rows: &[Row], archs: &[Arch], k
         .unwrap_or_else(|e| panic!("cannot run nvcc at {}: {e}", nvcc.display()));
 
     // One nvcc per file, all at once: each is single-threaded for most of its time.
+    let started = Instant::now();
     let jobs: Vec<_> = sources
         .iter()
         .filter_map(|src| {
@@ -183,6 +218,9 @@ fn compile_all(nvcc: &Path, sources: &[PathBuf], rows: &[Row], archs: &[Arch], k
             cmd.args(["-O3", "-std=c++17", "--fatbin", "-lineinfo", "-Xptxas", "-v", "--threads", "2"])
                 .arg("-I")
                 .arg(kernel_dir);
+            if !variants {
+                cmd.arg("-DFA_NO_VARIANTS");
+            }
             for a in &sass {
                 cmd.arg("-gencode").arg(format!("arch=compute_{0},code=sm_{0}", a.name()));
             }
@@ -211,13 +249,20 @@ fn compile_all(nvcc: &Path, sources: &[PathBuf], rows: &[Row], archs: &[Arch], k
         let _ = writeln!(report, "=== {stem}.cu ===\n{log}");
         images.push((stem, fatbin, sass, ptx));
     }
+    // The kernel build time (all files in parallel), for the README's budget.
+    let _ = writeln!(report, "=== nvcc: {:.1} s wall for all files ===", started.elapsed().as_secs_f64());
     let report_path = out.join("resource-report.txt");
     fs::write(&report_path, &report).expect("writing the resource report");
     Built { images, report: report_path, nvcc_version }
 }
 
-fn write_rust_table(out: &Path, rows: &[Row], built: Option<&Built>) {
+fn write_rust_table(out: &Path, rows: &[Row], variants: bool, built: Option<&Built>) {
     let mut s = String::from("// Generated by build.rs from the FA_KERNEL lines of kernels/*.cu.\n\n");
+    let _ = writeln!(
+        s,
+        "/// Whether the variant kernels (`base__tag`) are in the table: `FUSED_ATTN_VARIANTS=1` at build time."
+    );
+    let _ = writeln!(s, "pub const VARIANTS_BUILT: bool = {variants};");
     let _ = writeln!(s, "/// Whether nvcc ran and the kernel images below are real.");
     let _ = writeln!(s, "pub const KERNELS_BUILT: bool = {};", built.is_some());
     let _ = writeln!(s, "/// The `nvcc --version` line of the compiler that built the images (empty without kernels).");

@@ -12,6 +12,10 @@
 //!   `FUSED_ATTN_BENCH_VARIANTS=1` also times every variant kernel
 //!   (`name__tag`: other tiles or schedules) that could replace the one the
 //!   dispatcher chose, into the case's `variants` field: the ablation data.
+//!   The report also holds a `launch_overhead` object: the host-side cost of
+//!   one `forward_into` call on a tiny problem against an empty kernel
+//!   launched through cudarc (median µs per call; `FUSED_ATTN_BENCH_LAUNCHES`
+//!   calls each, default 2000).
 //!
 //! Inputs are random normal, never zeros; one case's Q, K and V together are
 //! ~200 MB (bf16, 16k tokens × 2048), several times an H100's 50 MB L2, so
@@ -22,12 +26,13 @@ mod common;
 mod grid;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{make_inputs, open_gpu, upload, Gpu, Shape, Storage};
+use common::{make_inputs, open_gpu, poison, upload, Gpu, LseStorage, Shape, Storage};
 use criterion::{Criterion, Throughput};
 use fused_attn::cudarc::driver::sys::CUevent_flags;
-use fused_attn::cudarc::driver::{CudaSlice, CudaStream};
+use fused_attn::cudarc::driver::{CudaSlice, CudaStream, LaunchConfig};
+use fused_attn::cudarc::nvrtc::Ptx;
 use fused_attn::{
     AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, KernelFamily, KernelInfo, Layout,
     LseLayout, LseTensorMut, Mask,
@@ -163,8 +168,120 @@ fn check_error<T: Element>(g: &Gpu, stream: &Arc<CudaStream>, c: &BenchCase) -> 
     let s = Shape { b: c.batch, lq: c.seqlen, lk: c.seqlen, hq: c.heads_q, hk: c.heads_kv, d: c.head_dim };
     let inp = make_inputs::<T>(42, s, Storage::Bshd);
     let opts = forced_family().map_or(AttentionOptions::new(c.mask), |f| AttentionOptions::new(c.mask).with_kernel(f));
-    let checked = common::run_and_check(g, stream, &inp, s, Storage::Bshd, &opts)?;
-    Ok(checked.o_err)
+    let checked = common::run_and_check(g, stream, &inp, s, Storage::Bshd, LseStorage::Contiguous, &opts)?;
+    Ok(checked.cmp.o_err)
+}
+
+/// A kernel that returns at once: the floor of a launch's host-side cost.
+const EMPTY_PTX: &str = "\
+.version 7.0
+.target sm_80
+.address_size 64
+
+.visible .entry fa_empty()
+{
+    ret;
+}
+";
+
+/// Median host-side microseconds of one call of `launch` over `calls` calls
+/// (after a warm-up). The stream is drained every 64 calls, outside the
+/// timed region, so a full launch queue never makes a call wait.
+fn time_host_calls(
+    stream: &Arc<CudaStream>,
+    calls: usize,
+    mut launch: impl FnMut() -> Result<(), Error>,
+) -> Result<f64, Error> {
+    for _ in 0..64 {
+        launch()?;
+    }
+    let mut us = Vec::with_capacity(calls);
+    for i in 0..calls {
+        if i % 64 == 0 {
+            stream.synchronize().map_err(cuda("synchronising"))?;
+        }
+        let t = Instant::now();
+        launch()?;
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    stream.synchronize().map_err(cuda("synchronising"))?;
+    Ok(median(us))
+}
+
+/// Issue 8: the host cost per call of `forward_into` (caller-owned O and
+/// LSE, a tiny problem: the kernel is too short to matter) against an empty
+/// kernel launched by cudarc, raw (`result::launch_kernel`) and through
+/// `launch_builder`. Returns the `launch_overhead` JSON object.
+fn launch_overhead(g: &Gpu, stream: &Arc<CudaStream>) -> Result<String, Error> {
+    let calls: usize = std::env::var("FUSED_ATTN_BENCH_LAUNCHES").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
+    let module = g.ctx.load_module(Ptx::from_src(EMPTY_PTX)).map_err(cuda("loading the empty kernel"))?;
+    let empty = module.load_function("fa_empty").map_err(cuda("looking up the empty kernel"))?;
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+    let raw_us = time_host_calls(stream, calls, || {
+        let mut no_args: [*mut std::ffi::c_void; 0] = [];
+        // SAFETY: `fa_empty` takes no parameters and touches no memory; the
+        // function belongs to this stream's context, which is current.
+        unsafe {
+            fused_attn::cudarc::driver::result::launch_kernel(
+                empty.cu_function(),
+                one.grid_dim,
+                one.block_dim,
+                0,
+                stream.cu_stream(),
+                &mut no_args,
+            )
+        }
+        .map_err(cuda("launching the empty kernel"))
+    })?;
+    let builder_us = time_host_calls(stream, calls, || {
+        // SAFETY: as above; no arguments pushed, matching the kernel's none.
+        unsafe { stream.launch_builder(&empty).launch(one) }.map(|_| ()).map_err(cuda("launching the empty kernel"))
+    })?;
+
+    let s = Shape { b: 1, lq: 64, lk: 64, hq: 2, hk: 1, d: 64 };
+    let inp = make_inputs::<bf16>(5, s, Storage::Bshd);
+    let (q, k, v) = (upload(stream, &inp.q)?, upload(stream, &inp.k)?, upload(stream, &inp.v)?);
+    let ol = Layout::bshd(s.b, s.lq, s.hq, s.d);
+    let mut o = upload(stream, &poison::<bf16>(ol.span().unwrap_or(0)))?;
+    let mut lse = upload_f32(stream, &vec![0.0; s.b * s.hq * s.lq])?;
+    let ll = LseLayout::contiguous(s.b, s.hq, s.lq);
+    let mut forward = |opts: AttentionOptions| -> Result<(f64, &'static str), Error> {
+        let (qt, kt, vt) =
+            (DeviceTensor::new(&q, inp.ql), DeviceTensor::new(&k, inp.kl), DeviceTensor::new(&v, inp.vl));
+        let mut ot = DeviceTensorMut::new(&mut o, ol);
+        let mut lv = LseTensorMut::new(&mut lse, ll);
+        let info = g.attn.forward_into(stream, &qt, &kt, &vt, &mut ot, Some(&mut lv), &opts)?;
+        let us = time_host_calls(stream, calls, || {
+            g.attn.forward_into(stream, &qt, &kt, &vt, &mut ot, Some(&mut lv), &opts).map(|_| ())
+        })?;
+        Ok((us, info.name))
+    };
+    let auto = forced_family()
+        .map_or(AttentionOptions::new(Mask::Causal), |f| AttentionOptions::new(Mask::Causal).with_kernel(f));
+    let (fwd_us, fwd_kernel) = forward(auto)?;
+    let (sm80_us, sm80_kernel) = forward(AttentionOptions::new(Mask::Causal).with_kernel(KernelFamily::Sm80))?;
+    eprintln!(
+        "launch overhead (median host µs per call, {calls} calls): forward_into {fwd_us:.2} ({fwd_kernel}), \
+         forward_into sm80 {sm80_us:.2} ({sm80_kernel}), empty kernel raw {raw_us:.2}, via launch_builder {builder_us:.2}; \
+         forward_into costs {:.2} µs more than a raw launch",
+        fwd_us - raw_us
+    );
+    Ok(format!(
+        concat!(
+            "{{\"problem\": \"bf16 b1 lq64 lk64 hq2 hkv1 d64 causal, caller-owned O and LSE\", \"calls\": {}, ",
+            "\"forward_into_us\": {:.3}, \"forward_into_kernel\": {:?}, \"forward_into_sm80_us\": {:.3}, ",
+            "\"forward_into_sm80_kernel\": {:?}, \"empty_launch_kernel_us\": {:.3}, \"empty_launch_builder_us\": {:.3}, ",
+            "\"overhead_vs_raw_us\": {:.3}}}"
+        ),
+        calls,
+        fwd_us,
+        fwd_kernel,
+        sm80_us,
+        sm80_kernel,
+        raw_us,
+        builder_us,
+        fwd_us - raw_us
+    ))
 }
 
 fn report_mode(path: &str) -> Result<(), Error> {
@@ -176,6 +293,11 @@ fn report_mode(path: &str) -> Result<(), Error> {
         }
     };
     let stream = g.ctx.new_stream().map_err(cuda("creating a stream"))?;
+    // Measured first, on a quiet GPU; a failure here must not cost the case timings.
+    let overhead = launch_overhead(&g, &stream).unwrap_or_else(|e| {
+        eprintln!("launch overhead not measured: {e}");
+        "null".into()
+    });
     let filter = std::env::var("FUSED_ATTN_BENCH_FILTER").unwrap_or_default();
     let reps: usize = std::env::var("FUSED_ATTN_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
     let cases: Vec<BenchCase> = grid().into_iter().filter(|c| c.name().contains(&filter)).collect();
@@ -183,6 +305,11 @@ fn report_mode(path: &str) -> Result<(), Error> {
     let mut fp = if cases.iter().any(|c| c.dtype == DType::F16) { Some(buffers::<f16>(&stream, 2)?) } else { None };
     let mut rows = Vec::new();
     let variants_wanted = std::env::var("FUSED_ATTN_BENCH_VARIANTS").is_ok_and(|v| v == "1");
+    if variants_wanted && !fused_attn::internals::VARIANTS_BUILT {
+        eprintln!(
+            "FUSED_ATTN_BENCH_VARIANTS=1 but this build has no variant kernels: rebuild with FUSED_ATTN_VARIANTS=1"
+        );
+    }
     for c in &cases {
         let mut time = |name| match c.dtype {
             DType::BF16 => time_case(&g, &stream, &mut bf, c, reps, name),
@@ -251,7 +378,7 @@ fn report_mode(path: &str) -> Result<(), Error> {
     }
     let env = |k: &str| std::env::var(k).unwrap_or_default();
     let json = format!(
-        "{{\"commit\": {:?}, \"dirty\": {}, \"gpu\": {:?}, \"sm\": {}, \"driver\": {:?}, \"cuda\": {:?}, \"nvcc\": {:?}, \"cases\": [\n  {}\n]}}\n",
+        "{{\"commit\": {:?}, \"dirty\": {}, \"gpu\": {:?}, \"sm\": {}, \"driver\": {:?}, \"cuda\": {:?}, \"nvcc\": {:?}, \"launch_overhead\": {}, \"cases\": [\n  {}\n]}}\n",
         env("FUSED_ATTN_COMMIT"),
         env("FUSED_ATTN_DIRTY") == "1",
         g.name,
@@ -259,6 +386,7 @@ fn report_mode(path: &str) -> Result<(), Error> {
         env("FUSED_ATTN_DRIVER"),
         env("FUSED_ATTN_CUDA"),
         fused_attn::internals::NVCC_VERSION,
+        overhead,
         rows.join(",\n  ")
     );
     std::fs::write(path, json).map_err(|e| Error::NoKernel { reason: format!("writing {path}: {e}") })?;

@@ -360,7 +360,12 @@ FA_KERNEL(fa_fwd_sm80_bf16_hd224, bf16, 224, 128, 64, 256, 114688, 80, FA_GRID_T
 FA_KERNEL(fa_fwd_sm80_bf16_hd256, bf16, 256, 128, 32, 256, 131072, 80, FA_GRID_TILES)
 
 // Variants: never dispatched automatically; benchmarks and GPU tests force them by name.
+// Built only with FUSED_ATTN_VARIANTS=1: build.rs otherwise defines FA_NO_VARIANTS
+// and leaves these rows out of the table too (the emulators define nothing: they
+// always see every row).
+#ifndef FA_NO_VARIANTS
 #undef FA_SHAPE
 #define FA_SHAPE(head_dim) Sm80ShapeFa2Hd128
 FA_KERNEL(fa_fwd_sm80_f16_hd128__fa2, f16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd128__fa2, bf16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
+#endif  // FA_NO_VARIANTS

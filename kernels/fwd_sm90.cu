@@ -630,6 +630,10 @@ FA_KERNEL(fa_fwd_sm90_bf16_hd128, bf16, 128, 128, 128, 384, 164936, 90, FA_GRID_
 FA_KERNEL(fa_fwd_sm90_bf16_hd256, bf16, 256, 128, 80, 384, 230472, 90, FA_GRID_TILES)
 
 // Variants: never dispatched automatically; benchmarks and GPU tests force them by name.
+// Built only with FUSED_ATTN_VARIANTS=1: build.rs otherwise defines FA_NO_VARIANTS
+// and leaves these rows out of the table too (the emulators define nothing: they
+// always see every row).
+#ifndef FA_NO_VARIANTS
 // __nopp: no inter-warpgroup ping-pong (the consumers issue their GEMMs freely).
 #undef FA_SHAPE
 #define FA_SHAPE(head_dim) Sm90NoPingPong<Sm90Shape<head_dim>>
@@ -654,3 +658,4 @@ FA_KERNEL(fa_fwd_sm90_f16_hd256__persistent, f16, 256, 128, 80, 384, 230480, 90,
 FA_KERNEL(fa_fwd_sm90_bf16_hd64__persistent, bf16, 64, 128, 128, 384, 148624, 90, FA_GRID_PERSISTENT)
 FA_KERNEL(fa_fwd_sm90_bf16_hd128__persistent, bf16, 128, 128, 128, 384, 164944, 90, FA_GRID_PERSISTENT)
 FA_KERNEL(fa_fwd_sm90_bf16_hd256__persistent, bf16, 256, 128, 80, 384, 230480, 90, FA_GRID_PERSISTENT)
+#endif  // FA_NO_VARIANTS

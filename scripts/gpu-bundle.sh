@@ -9,6 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export FUSED_ATTN_REQUIRE_KERNELS=1
+# The bundle measures and tests the variant kernels too (README: variants).
+export FUSED_ATTN_VARIANTS=1
 # nvcc from PyPI installed as in the README (and by .ci/run) is picked up here.
 if [ -z "${NVCC:-}" ] && [ -z "${CUDA_HOME:-}" ] && [ -x .cuda/nvidia/cu13/bin/nvcc ]; then
   export NVCC="$PWD/.cuda/nvidia/cu13/bin/nvcc"

@@ -43,8 +43,9 @@
 //!   to reproduce SDPA when `Lq != Lk`.
 //! - `O_i = Σ_j softmax(s_i)_j · v_j` over visible keys, `LSE_i = ln Σ_j exp(s_ij)`.
 //! - A row with no visible key gives `O_i = 0`, `LSE_i = −∞`. No NaN comes
-//!   from finite inputs whose scores `scale·⟨q_i, k_j⟩` are finite in f32;
-//!   scores that overflow f32 (bf16 inputs near 2e19) are outside the contract.
+//!   from finite inputs whose scores satisfy `|scale·⟨q_i, k_j⟩| < 2.3e38`
+//!   (the kernels work in base 2, so `s·log2(e)` must be finite in f32);
+//!   larger scores (bf16 inputs near 1e19) are outside the contract.
 //! - Every element of O (and LSE, when given) is written; nothing else is.
 //! - Everything is asynchronous on the caller's stream.
 //!
@@ -72,6 +73,24 @@
 //! [`Attention::forward_into`] writes caller-owned O and LSE views (any
 //! strides) on a `&CudaStream`, allocates nothing on the host once its kernel
 //! is loaded, and may be captured in a CUDA graph.
+//!
+//! ## CUDA graphs
+//! `forward_into` can be captured with cudarc's `CudaStream::begin_capture` /
+//! `end_capture` and replayed; a replay writes exactly what an eager call
+//! writes. The caller's part:
+//! 1. **Load first**: module loading cannot be captured; call
+//!    [`Attention::preload`] (or make one eager call) before capturing.
+//! 2. **Turn off cudarc's event tracking** (`unsafe { ctx.disable_event_tracking() }`)
+//!    before creating the buffers and capturing. With several streams,
+//!    cudarc makes each launch wait on events of the buffers' last reads
+//!    and writes; inside a capture those waits refer to events recorded
+//!    outside it, which CUDA rejects (the capture is invalidated). Order the
+//!    graph's stream against other streams yourself.
+//! 3. **The graph holds addresses**: replays use the same Q/K/V/O/LSE memory
+//!    (the Hopper kernels also bake in TMA maps of it); keep the buffers
+//!    alive and in place, and change inputs in place.
+//!
+//! The GPU tier's `graph/` trials follow exactly this recipe.
 //!
 //! ## Host architecture
 //! Data flows one way, one module per arrow:
@@ -101,7 +120,7 @@
 //! and is a [`Error::DTypeMismatch`] with the runtime-typed
 //! [`Attention::forward_into_dyn`].
 
-#![warn(missing_docs)]
+#![warn(missing_docs, clippy::missing_errors_doc, clippy::missing_panics_doc)]
 
 mod device;
 mod dispatch;

@@ -1,33 +1,145 @@
-//! GPU tier (DESIGN.md section 4): every kernel against the f64 CPU reference
-//! over a seeded sweep, plus LSE, empty rows, determinism, concurrency, and
-//! the error rows that need a device.
+//! GPU tier (DESIGN.md section 4): every kernel against the f64 CPU reference.
 //!
-//! Without a GPU every test is reported as *ignored* with the reason printed
-//! first: never a silent pass. Trial names are `<family>/<dtype>/d<D>/...`
-//! so subsets run by filter (e.g. `gpu sanitize/` under compute-sanitizer).
-//! A summary (worst error per family and dtype) is printed at the end and,
-//! with `FUSED_ATTN_GPU_LOG=path`, written there too.
+//! What each trial checks (tests/common/mod.rs does the comparing):
+//! - **Every tensor its own layout**: Q, K, V and O each get a different
+//!   storage (BSHD, BHSD, row/head/batch padding) and LSE its own strided
+//!   view with gaps, so a kernel that reads V with K's strides or writes O
+//!   with Q's fails.
+//! - **Stray and missing writes**: O is a view inside a larger allocation
+//!   whose every element (padding and guards before and after the view) is
+//!   poisoned, LSE likewise; all of it is read back, and any element outside
+//!   a view that lost its poison, or inside one that kept it, fails the case.
+//! - **Errors**: O's whole-tensor relative L2 (bf16 ≤ 1e-2, f16 ≤ 3e-3), the
+//!   worst row's relative L2 over every (b, h, i) at 3× that, LSE per row
+//!   within 1e-4 · max(1, max_j |s_ij|) (scores recomputed on the host), and
+//!   LSE's relative L2.
+//! - **Sweeps** (`sweep/`): per family, every head-dim bucket and dims between
+//!   (168, 184, 192 included) × every mask kind × both dtypes, with lengths
+//!   (one short of a tile too), GQA ratios up to 16:4, storages, custom and
+//!   negative scales, softcaps (tiny and huge), huge logits and top-left
+//!   alignment drawn per case; then odd lengths against each other.
+//!   `edge/` runs each of those features deterministically for every family.
+//!   `variant/` forces every variant kernel over dims of its own bucket.
+//! - **Properties** (`props/`): empty rows, determinism, two threads on two
+//!   streams, zero lengths, the dispatcher's choice.
+//! - **Host hot path** (`graph/`, `alloc/`): `forward_into` captured in a CUDA
+//!   graph and replayed (bitwise equal to eager runs); no host allocation in
+//!   steady state (a counting global allocator).
+//! - **Errors that need a device** (`errors/`).
+//!
+//! Without a GPU every trial is reported *ignored* with the reason printed
+//! first: never a silent pass. On a GPU that is not sm_90, the sm90 trials
+//! are ignored with the reason printed. Trial names are
+//! `<group>/<family>/<dtype>/d<D>/...` so subsets run by filter (e.g.
+//! `gpu sanitize/` under compute-sanitizer, `gpu edge/sm80`). A summary
+//! (worst errors per family and dtype) is printed at the end and, with
+//! `FUSED_ATTN_GPU_LOG=path`, written there too.
 
 #[path = "common/mod.rs"]
 mod common;
 
+use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
+use std::cell::Cell;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use common::*;
-use fused_attn::cudarc::driver::CudaContext;
-use fused_attn::{AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Error, KernelFamily, Layout, Mask};
+use fused_attn::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use fused_attn::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use fused_attn::reference;
+use fused_attn::{
+    Attention, AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, HostTensor, KernelFamily,
+    KernelInfo, Layout, LseLayout, LseTensorMut, Mask, MaskAlignment,
+};
 use half::{bf16, f16};
 use libtest_mimic::{Arguments, Failed, Trial};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+// ---------------------------------------------------------------------------
+// A counting allocator: heap allocations of the current thread while its
+// flag is up. Thread-local, so trials running on other threads (and
+// libtest-mimic's own bookkeeping) are never counted.
+
+struct CountingAlloc;
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn note_allocation() {
+    // `try_with`: a thread being torn down has no thread-locals left.
+    let _ = COUNTING.try_with(|on| {
+        if on.get() {
+            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+        }
+    });
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; the
+// bookkeeping touches only const-initialised thread-locals without
+// destructors, which never allocate.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
+        note_allocation();
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: AllocLayout) -> *mut u8 {
+        note_allocation();
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new_size: usize) -> *mut u8 {
+        note_allocation();
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAlloc = CountingAlloc;
+
+/// Runs `f` and returns its result with the number of heap allocations
+/// (and reallocations) this thread made meanwhile.
+fn count_allocations<R>(f: impl FnOnce() -> R) -> (R, u64) {
+    ALLOCATIONS.with(|n| n.set(0));
+    COUNTING.with(|c| c.set(true));
+    let r = f();
+    COUNTING.with(|c| c.set(false));
+    (r, ALLOCATIONS.with(|n| n.get()))
+}
+
+// ---------------------------------------------------------------------------
+
 static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
-/// (case name, family, dtype, O error, LSE error) of every checked sweep case.
-type CaseResult = (String, KernelFamily, DType, f64, f64);
+
+/// One checked sweep case, for the summary.
+struct CaseResult {
+    name: String,
+    family: KernelFamily,
+    dtype: DType,
+    o_err: f64,
+    row_err: f64,
+    lse_err: f64,
+    lse_row_err: f64,
+}
 static RESULTS: Mutex<Vec<CaseResult>> = Mutex::new(Vec::new());
+/// Held by the graph trials: one capture at a time, and no trial of theirs
+/// creates a tracked context's first stream (cudarc synchronises the whole
+/// context then) while another captures.
+static CAPTURE: Mutex<()> = Mutex::new(());
 
 fn gpu() -> Result<&'static Gpu, Failed> {
     GPU.get_or_init(open_gpu).as_ref().map_err(|e| Failed::from(format!("no GPU: {e}")))
+}
+
+fn text<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
 }
 
 /// One sweep case.
@@ -36,8 +148,13 @@ struct Case {
     dtype: DType,
     shape: Shape,
     mask: Mask,
+    align: MaskAlignment,
+    /// `None`: the default `1/√D`.
+    scale: Option<f32>,
     softcap: Option<f32>,
-    storage: Storage,
+    /// Q and K are multiplied by this (large: huge logits).
+    qk_mult: f32,
+    layouts: Layouts,
     family: KernelFamily,
     seed: u64,
 }
@@ -45,8 +162,8 @@ struct Case {
 impl Case {
     fn name(&self, group: &str) -> String {
         let s = self.shape;
-        format!(
-            "{group}/{:?}/{}/d{}/{}/b{}_lq{}_lk{}_h{}:{}/{:?}{}",
+        let mut name = format!(
+            "{group}/{:?}/{}/d{}/{}/b{}_lq{}_lk{}_h{}:{}/{}",
             self.family,
             self.dtype,
             s.d,
@@ -56,86 +173,161 @@ impl Case {
             s.lk,
             s.hq,
             s.hk,
-            self.storage,
-            self.softcap.map_or(String::new(), |c| format!("/cap{c}"))
-        )
-        .to_lowercase()
+            self.layouts.tag(),
+        );
+        if self.align == MaskAlignment::TopLeft {
+            name += "/topleft";
+        }
+        if let Some(scale) = self.scale {
+            name += &format!("/scale{scale}");
+        }
+        if let Some(c) = self.softcap {
+            name += &format!("/cap{c:e}");
+        }
+        if self.qk_mult != 1.0 {
+            name += &format!("/qk_x{}", self.qk_mult);
+        }
+        name.to_lowercase()
+    }
+
+    fn options(&self) -> AttentionOptions {
+        let mut opts = AttentionOptions::new(self.mask).with_kernel(self.family).with_alignment(self.align);
+        if let Some(scale) = self.scale {
+            opts = opts.with_scale(scale);
+        }
+        if let Some(cap) = self.softcap {
+            opts = opts.with_softcap(cap);
+        }
+        opts
+    }
+
+    /// A plain case: default scale, no softcap, bottom-right, every tensor in `storage`.
+    fn plain(family: KernelFamily, dtype: DType, shape: Shape, mask: Mask, storage: Storage, seed: u64) -> Self {
+        Case {
+            dtype,
+            shape,
+            mask,
+            align: MaskAlignment::BottomRight,
+            scale: None,
+            softcap: None,
+            qk_mult: 1.0,
+            layouts: Layouts::uniform(storage),
+            family,
+            seed,
+        }
     }
 }
 
-fn check_case(c: Case, name: String) -> Result<(), Failed> {
-    check_case_named(c, name, None)
-}
-
-fn check_case_named(c: Case, name: String, kernel_name: Option<&'static str>) -> Result<(), Failed> {
+fn check_case(c: Case, name: String, kernel_name: Option<&'static str>) -> Result<(), Failed> {
     let g = gpu()?;
-    let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
-    let mut opts = AttentionOptions::new(c.mask).with_kernel(c.family);
-    if let Some(cap) = c.softcap {
-        opts = opts.with_softcap(cap);
-    }
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let mut opts = c.options();
     if let Some(name) = kernel_name {
         opts = opts.with_kernel_name(name);
     }
+    let (o, lse) = (c.layouts.o, c.layouts.lse);
     let checked = match c.dtype {
         DType::F16 => {
-            run_and_check(g, &stream, &make_inputs::<f16>(c.seed, c.shape, c.storage), c.shape, c.storage, &opts)
+            let inp = make_inputs_in::<f16>(c.seed, c.shape, &c.layouts, c.qk_mult);
+            run_and_check(g, &stream, &inp, c.shape, o, lse, &opts)
         }
         DType::BF16 => {
-            run_and_check(g, &stream, &make_inputs::<bf16>(c.seed, c.shape, c.storage), c.shape, c.storage, &opts)
+            let inp = make_inputs_in::<bf16>(c.seed, c.shape, &c.layouts, c.qk_mult);
+            run_and_check(g, &stream, &inp, c.shape, o, lse, &opts)
         }
     }?;
     if checked.kernel.family != c.family || kernel_name.is_some_and(|k| k != checked.kernel.name) {
-        return Err(format!("asked for {:?}, ran {}", c.family, checked.kernel.name).into());
+        let asked = kernel_name.map_or(format!("{:?}", c.family), |k| k.to_string());
+        return Err(format!("asked for {asked}, ran {}", checked.kernel.name).into());
     }
-    RESULTS.lock().unwrap().push((name, c.family, c.dtype, checked.o_err, checked.lse_err));
-    let tol = tolerance(c.dtype);
-    if !(checked.o_err <= tol && checked.lse_err <= 1e-3) {
-        return Err(format!(
-            "{}: O rel L2 {:.3e} (tol {tol:.0e}), LSE rel L2 {:.3e}",
-            checked.kernel.name, checked.o_err, checked.lse_err
-        )
-        .into());
-    }
-    Ok(())
+    RESULTS.lock().unwrap().push(CaseResult {
+        name,
+        family: c.family,
+        dtype: c.dtype,
+        o_err: checked.cmp.o_err,
+        row_err: checked.cmp.row_err,
+        lse_err: checked.cmp.lse_err,
+        lse_row_err: checked.cmp.lse_row_err,
+    });
+    checked.verdict(c.dtype).map_err(Failed::from)
 }
 
-/// The seeded sweep: every head-dim bucket (and dims between buckets) ×
-/// every mask kind × both dtypes, with lengths, GQA ratios, storage and
-/// softcap drawn per case; then the odd lengths of the issue against each
-/// other with every mask.
-fn sweep(family: KernelFamily, seed0: u64, light: bool) -> Vec<Case> {
+/// Every mask kind, windows drawn from `rng`.
+fn masks(rng: &mut StdRng) -> [Mask; 6] {
+    [
+        Mask::Full,
+        Mask::Causal,
+        Mask::Window { left: rng.random_range(0..8), right: 0 }, // narrower than a tile
+        Mask::Window { left: rng.random_range(20..300), right: rng.random_range(1..70) }, // right > 0
+        Mask::Window { left: 100_000, right: 100_000 },          // wider than the sequence
+        Mask::Window { left: 0, right: rng.random_range(0..40) },
+    ]
+}
+
+/// GQA ratios, several KV heads included.
+const GQA: [(usize, usize); 8] = [(1, 1), (4, 4), (4, 2), (8, 1), (6, 3), (8, 2), (12, 3), (16, 4)];
+/// Softcaps far outside the usual range: huge (`c·tanh(s/c)` ≈ s, and
+/// `1/c` is subnormal or zero in f32) and tiny (every score ≈ 0).
+const EXTREME_CAPS: [f32; 4] = [1e6, 1e38, f32::MAX, 1e-30];
+/// Custom scales, negative included.
+const SCALES: [f32; 4] = [0.3, 1.7, -0.5, -1.7];
+/// Q and K multipliers giving scores of ~1e3 (30) and ~1e4 (60) with the default scale.
+const HUGE_LOGITS: [f32; 2] = [30.0, 60.0];
+
+/// Head dims of the full sweeps: every sm80 bucket (32 … 256, by 32), dims
+/// between buckets, and 168, 184 (bucket 192).
+const FULL_DIMS: [usize; 13] = [32, 40, 64, 80, 96, 128, 160, 168, 184, 192, 200, 224, 256];
+
+/// The seeded sweep: every dim of `dims` × every mask kind × both dtypes,
+/// with lengths, GQA ratio, layouts, scale, softcap, logit size and mask
+/// alignment drawn per case; then the lengths of `pairs` against each other
+/// with every mask.
+fn sweep(family: KernelFamily, seed0: u64, dims: &[usize], pairs: &[(usize, usize)]) -> Vec<Case> {
     let mut rng = StdRng::seed_from_u64(seed0);
-    let masks = |rng: &mut StdRng| {
-        [
-            Mask::Full,
-            Mask::Causal,
-            Mask::Window { left: rng.random_range(0..8), right: 0 }, // narrower than a tile
-            Mask::Window { left: rng.random_range(20..300), right: rng.random_range(1..70) }, // right > 0
-            Mask::Window { left: 100_000, right: 100_000 },          // wider than the sequence
-            Mask::Window { left: 0, right: rng.random_range(0..40) },
-        ]
-    };
-    let dims: &[usize] = if light { &[32, 64, 128, 256] } else { &[32, 40, 64, 80, 96, 128, 160, 200, 224, 256] };
-    let lens = [1usize, 17, 127, 1000, 4097];
-    let gqa = [(1, 1), (4, 4), (4, 2), (8, 1), (6, 3)];
-    let storages = [Storage::Bshd, Storage::Bhsd, Storage::Padded(8), Storage::Padded(24)];
     let mut cases = Vec::new();
     let mut seed = seed0 * 100_000;
+    // Options drawn per case, each rare enough that most cases stay plain.
+    let draw_options = |rng: &mut StdRng| {
+        let scale = rng.random_bool(0.15).then(|| SCALES[rng.random_range(0..SCALES.len())]);
+        let softcap = if rng.random_bool(0.05) {
+            Some(EXTREME_CAPS[rng.random_range(0..EXTREME_CAPS.len())])
+        } else if rng.random_bool(0.12) {
+            Some(rng.random_range(5.0..30.0))
+        } else {
+            None
+        };
+        let qk_mult = if rng.random_bool(0.08) { HUGE_LOGITS[rng.random_range(0..2)] } else { 1.0 };
+        let align = if rng.random_bool(0.25) { MaskAlignment::TopLeft } else { MaskAlignment::BottomRight };
+        let layouts = if rng.random_bool(0.85) {
+            Layouts::random(rng)
+        } else {
+            Layouts::uniform(Storage::ALL[rng.random_range(0..Storage::ALL.len())])
+        };
+        (scale, softcap, qk_mult, align, layouts)
+    };
     for &d in dims {
         for mask in masks(&mut rng) {
             for dtype in [DType::BF16, DType::F16] {
                 seed += 1;
-                let (hq, hk) = gqa[rng.random_range(0..gqa.len())];
-                let lq = [1, 17, 127, 300, 1000][rng.random_range(0..5)];
-                let lk = if rng.random_bool(0.5) { lq } else { [17, 127, 513, 1000][rng.random_range(0..4)] };
+                // Lengths one short of a tile (63, 127, 191, 255) among them.
+                let lq = [1, 17, 127, 255, 300, 1000][rng.random_range(0..6)];
+                let lk =
+                    if rng.random_bool(0.4) { lq } else { [17, 63, 127, 191, 255, 513, 1000][rng.random_range(0..7)] };
                 let b = if lq * lk > 300_000 { 1 } else { rng.random_range(1..3) };
+                let (mut hq, mut hk) = GQA[rng.random_range(0..GQA.len())];
+                if b * hq * lq * lk * d > 1_500_000_000 {
+                    (hq, hk) = (4, 1); // keeps the CPU reference quick
+                }
+                let (scale, softcap, qk_mult, align, layouts) = draw_options(&mut rng);
                 cases.push(Case {
                     dtype,
                     shape: Shape { b, lq, lk, hq, hk, d },
                     mask,
-                    softcap: if rng.random_bool(0.15) { Some(rng.random_range(5.0..30.0)) } else { None },
-                    storage: storages[rng.random_range(0..storages.len())],
+                    align,
+                    scale,
+                    softcap,
+                    qk_mult,
+                    layouts,
                     family,
                     seed,
                 });
@@ -143,20 +335,26 @@ fn sweep(family: KernelFamily, seed0: u64, light: bool) -> Vec<Case> {
         }
     }
     // Odd lengths against each other (Lq != Lk both ways), every mask kind.
-    let pairs: &[(usize, usize)] = if light { &[(17, 127), (1000, 4097)] } else { &[] };
-    let all_pairs: Vec<(usize, usize)> =
-        if light { pairs.to_vec() } else { lens.iter().flat_map(|&a| lens.iter().map(move |&b| (a, b))).collect() };
-    for (lq, lk) in all_pairs {
+    let pair_dims: Vec<usize> = match dims.iter().copied().filter(|&d| d <= 128).collect::<Vec<_>>() {
+        small if !small.is_empty() => small,
+        _ => dims.to_vec(),
+    };
+    for &(lq, lk) in pairs {
         for mask in masks(&mut rng) {
             seed += 1;
-            let d = [64, 128][rng.random_range(0..2)];
-            let (hq, hk) = if lq * lk > 1_000_000 { (2, 1) } else { gqa[rng.random_range(0..gqa.len())] };
+            let d = pair_dims[rng.random_range(0..pair_dims.len())];
+            let (hq, hk) = if lq * lk > 1_000_000 { (2, 1) } else { GQA[rng.random_range(0..GQA.len())] };
+            let layouts = Layouts::random(&mut rng);
+            let align = if rng.random_bool(0.25) { MaskAlignment::TopLeft } else { MaskAlignment::BottomRight };
             cases.push(Case {
                 dtype: if seed % 2 == 0 { DType::BF16 } else { DType::F16 },
                 shape: Shape { b: 1, lq, lk, hq, hk, d },
                 mask,
+                align,
+                scale: None,
                 softcap: None,
-                storage: storages[rng.random_range(0..storages.len())],
+                qk_mult: 1.0,
+                layouts,
                 family,
                 seed,
             });
@@ -165,20 +363,81 @@ fn sweep(family: KernelFamily, seed0: u64, light: bool) -> Vec<Case> {
     cases
 }
 
+/// Every pair of the odd lengths.
+fn all_pairs() -> Vec<(usize, usize)> {
+    let lens = [1usize, 17, 127, 1000, 4097];
+    lens.iter().flat_map(|&a| lens.iter().map(move |&b| (a, b))).collect()
+}
+
+/// Each feature the random sweep draws only sometimes, run deterministically
+/// for one family: GQA ratios with several KV heads, custom scales, head
+/// dims in (160, 192], lengths one short of a tile, huge logits, extreme
+/// softcaps, top-left alignment with Lq ≠ Lk. Every case has four different
+/// storages and a strided LSE.
+fn edge_cases(family: KernelFamily) -> Vec<Case> {
+    let index = KernelFamily::PREFERENCE.iter().position(|&f| f == family).unwrap_or(0) as u64;
+    let mut rng = StdRng::seed_from_u64(77 + index);
+    let mut cases = Vec::new();
+    let mut seed = 7_000_000 + 1000 * index;
+    let mut push = |rng: &mut StdRng, dtype: DType, shape: Shape, mask: Mask, tweak: &dyn Fn(&mut Case)| {
+        seed += 1;
+        let mut c = Case::plain(family, dtype, shape, mask, Storage::Bshd, seed);
+        c.layouts = Layouts::random(rng);
+        tweak(&mut c);
+        cases.push(c);
+    };
+    let both = [DType::BF16, DType::F16];
+    let shape = |lq, lk, hq, hk, d| Shape { b: 2, lq, lk, hq, hk, d };
+    for dtype in both {
+        for (hq, hk) in [(8, 2), (12, 3), (16, 4)] {
+            push(&mut rng, dtype, shape(130, 257, hq, hk, 64), Mask::Causal, &|_: &mut Case| {});
+        }
+        for scale in [0.3, 1.7, -0.5] {
+            push(&mut rng, dtype, shape(200, 333, 4, 2, 128), Mask::window(90, 30), &|c: &mut Case| {
+                c.scale = Some(scale)
+            });
+        }
+        for d in [168, 184, 192] {
+            push(&mut rng, dtype, shape(129, 255, 4, 1, d), Mask::Causal, &|_: &mut Case| {});
+        }
+        for cap in EXTREME_CAPS {
+            push(&mut rng, dtype, shape(100, 191, 4, 2, 64), Mask::Full, &|c: &mut Case| c.softcap = Some(cap));
+        }
+    }
+    // Lengths one short of a tile: Lk ≡ −1 mod 64 and 128, Lq ≡ −1 mod 128.
+    for (n, (lq, lk)) in [(127, 63), (255, 191), (127, 255), (383, 127), (1, 127), (129, 383)].into_iter().enumerate() {
+        let mask = [Mask::Full, Mask::Causal, Mask::window(50, 7)][n % 3];
+        push(&mut rng, both[n % 2], shape(lq, lk, 4, 2, 128), mask, &|_: &mut Case| {});
+    }
+    // Huge logits (scores ~1e3 and ~1e4), also under a softcap that leaves them nearly intact.
+    for (n, mult) in [30.0, 60.0, 30.0, 60.0].into_iter().enumerate() {
+        let mask = [Mask::Full, Mask::Causal][n / 2];
+        push(&mut rng, both[n % 2], shape(150, 300, 4, 2, 128), mask, &|c: &mut Case| c.qk_mult = mult);
+    }
+    push(&mut rng, DType::BF16, shape(150, 300, 4, 2, 64), Mask::Full, &|c: &mut Case| {
+        c.qk_mult = 30.0;
+        c.softcap = Some(1e6);
+    });
+    // Top-left alignment with Lq ≠ Lk, both ways.
+    for (n, (lq, lk)) in [(100, 300), (300, 100)].into_iter().enumerate() {
+        for mask in [Mask::Causal, Mask::window(40, 5)] {
+            push(&mut rng, both[n], shape(lq, lk, 4, 2, 64), mask, &|c: &mut Case| c.align = MaskAlignment::TopLeft);
+        }
+    }
+    cases
+}
+
 /// Empty rows (Lq > Lk under a causal mask; Lk = 0) give O = 0 and LSE = -inf.
 fn empty_rows(family: KernelFamily) -> Result<(), Failed> {
     let g = gpu()?;
-    let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
+    let stream = g.ctx.new_stream().map_err(text)?;
     for (lq, lk) in [(40, 3), (5, 0)] {
         let s = Shape { b: 1, lq, lk, hq: 2, hk: 1, d: 64 };
         let inp = make_inputs::<bf16>(7, s, Storage::Bshd);
         let opts = AttentionOptions::new(Mask::Causal).with_kernel(family);
-        let c = run_and_check(g, &stream, &inp, s, Storage::Bshd, &opts)?;
-        // rel_l2_error already demands exact -inf where the reference has it and
-        // exact zeros contribute nothing; both must be tiny.
-        if c.o_err > 1e-2 || c.lse_err > 1e-3 {
-            return Err(format!("lq {lq} lk {lk}: O err {:.3e}, LSE err {:.3e}", c.o_err, c.lse_err).into());
-        }
+        let c = run_and_check(g, &stream, &inp, s, Storage::Padded(8), LseStorage::Gapped(3), &opts)?;
+        // The per-row checks demand exact zeros and exact -inf for rows that see no key.
+        c.verdict(DType::BF16).map_err(|e| format!("lq {lq} lk {lk}: {e}"))?;
     }
     Ok(())
 }
@@ -187,7 +446,7 @@ fn empty_rows(family: KernelFamily) -> Result<(), Failed> {
 /// nothing and succeeds; Lk = 0 gives O = 0 and LSE = -inf.
 fn zero_lengths() -> Result<(), Failed> {
     let g = gpu()?;
-    let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
+    let stream = g.ctx.new_stream().map_err(text)?;
     for (lq, lk) in [(0usize, 16usize), (0, 0), (9, 0)] {
         let s = Shape { b: 2, lq, lk, hq: 4, hk: 2, d: 64 };
         let inp = make_inputs::<bf16>(17, s, Storage::Bshd);
@@ -197,7 +456,7 @@ fn zero_lengths() -> Result<(), Failed> {
         let (qt, kt) = (DeviceTensor::new(&q, inp.ql), DeviceTensor::new(&k, inp.kl));
         let out = g.attn.forward(&stream, &qt, &kt, &kt, &AttentionOptions::new(Mask::Causal))?;
         let o = download(&stream, &out.o)?;
-        let lse: Vec<f32> = stream.clone_dtoh(&out.lse).map_err(|e| e.to_string())?;
+        let lse: Vec<f32> = stream.clone_dtoh(&out.lse).map_err(text)?;
         let n = s.b * s.lq * s.hq * s.d;
         if lq > 0
             && !(o[..n].iter().all(|x| x.to_f32() == 0.0)
@@ -212,13 +471,13 @@ fn zero_lengths() -> Result<(), Failed> {
 /// Two runs on the same inputs give bitwise-equal outputs.
 fn determinism(family: KernelFamily) -> Result<(), Failed> {
     let g = gpu()?;
-    let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
+    let stream = g.ctx.new_stream().map_err(text)?;
     let s = Shape { b: 2, lq: 777, lk: 1029, hq: 8, hk: 2, d: 128 };
     let inp = make_inputs::<bf16>(11, s, Storage::Bshd);
     let opts = AttentionOptions::new(Mask::Causal).with_kernel(family);
-    let a = run_and_check(g, &stream, &inp, s, Storage::Bshd, &opts)?;
-    let b = run_and_check(g, &stream, &inp, s, Storage::Bshd, &opts)?;
-    if a.o_bits != b.o_bits {
+    let a = run_and_check(g, &stream, &inp, s, Storage::Bshd, LseStorage::Contiguous, &opts)?;
+    let b = run_and_check(g, &stream, &inp, s, Storage::Bshd, LseStorage::Contiguous, &opts)?;
+    if a.cmp.o_bits != b.cmp.o_bits {
         return Err("two runs differ bitwise".into());
     }
     Ok(())
@@ -230,48 +489,39 @@ fn concurrency() -> Result<(), Failed> {
     let s = Shape { b: 1, lq: 130, lk: 257, hq: 4, hk: 2, d: 64 };
     let inp = Arc::new(make_inputs::<f16>(13, s, Storage::Bshd));
     let expected = {
-        let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
-        run_and_check(g, &stream, &inp, s, Storage::Bshd, &AttentionOptions::new(Mask::Causal))?.o_bits
+        let stream = g.ctx.new_stream().map_err(text)?;
+        let opts = AttentionOptions::new(Mask::Causal);
+        run_and_check(g, &stream, &inp, s, Storage::Bshd, LseStorage::Contiguous, &opts)?.cmp.o_bits
     };
     let errors: Vec<String> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..2)
             .map(|_| {
                 let (inp, expected) = (inp.clone(), &expected);
                 scope.spawn(move || -> Result<(), String> {
-                    let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
-                    let e = |e: Error| e.to_string();
+                    let stream = g.ctx.new_stream().map_err(text)?;
                     let (q, k, v) = (
-                        upload(&stream, &inp.q).map_err(e)?,
-                        upload(&stream, &inp.k).map_err(e)?,
-                        upload(&stream, &inp.v).map_err(e)?,
+                        upload(&stream, &inp.q).map_err(text)?,
+                        upload(&stream, &inp.k).map_err(text)?,
+                        upload(&stream, &inp.v).map_err(text)?,
                     );
                     let ol = Layout::bshd(s.b, s.lq, s.hq, s.d);
                     let mut outs = Vec::new();
                     for _ in 0..150 {
-                        let mut o = upload(&stream, &poison::<f16>(ol.span().unwrap())).map_err(e)?;
+                        let mut o = upload(&stream, &poison::<f16>(ol.span().unwrap())).map_err(text)?;
                         {
                             let (qt, kt, vt) = (
                                 DeviceTensor::new(&q, inp.ql),
                                 DeviceTensor::new(&k, inp.kl),
-                                DeviceTensor::new(&v, inp.kl),
+                                DeviceTensor::new(&v, inp.vl),
                             );
                             let mut ot = DeviceTensorMut::new(&mut o, ol);
-                            g.attn
-                                .forward_into(
-                                    &stream,
-                                    &qt,
-                                    &kt,
-                                    &vt,
-                                    &mut ot,
-                                    None,
-                                    &AttentionOptions::new(Mask::Causal),
-                                )
-                                .map_err(e)?;
+                            let opts = AttentionOptions::new(Mask::Causal);
+                            g.attn.forward_into(&stream, &qt, &kt, &vt, &mut ot, None, &opts).map_err(text)?;
                         }
                         outs.push(o);
                     }
                     for o in outs {
-                        let bits: Vec<u16> = download(&stream, &o).map_err(e)?.iter().map(|x| x.to_bits()).collect();
+                        let bits: Vec<u16> = download(&stream, &o).map_err(text)?.iter().map(|x| x.to_bits()).collect();
                         if &bits != expected {
                             return Err("a concurrent launch gave a different result".into());
                         }
@@ -289,12 +539,273 @@ fn concurrency() -> Result<(), Failed> {
     }
 }
 
+// ---------------------------------------------------------------------------
+// The host hot path: graph capture and allocation-free steady state.
+
+/// Device buffers of one problem: inputs, and O and LSE allocations with
+/// poisoned guards around their views (at `O_GUARD` and `LSE_GUARD`).
+struct Buffers<T> {
+    q: CudaSlice<T>,
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    o: CudaSlice<T>,
+    lse: CudaSlice<f32>,
+    ol: Layout,
+    ll: LseLayout,
+}
+
+impl<T: Element> Buffers<T> {
+    fn new(stream: &Arc<CudaStream>, inp: &Inputs<T>, s: Shape, l: &Layouts) -> Result<Self, String> {
+        let ol = l.o.layout(s.b, s.lq, s.hq, s.d);
+        let ll = l.lse.layout(s.b, s.hq, s.lq);
+        let o_len = O_GUARD + ol.span().unwrap() + O_GUARD;
+        let lse_len = LSE_GUARD + ll.span().unwrap() + LSE_GUARD;
+        Ok(Buffers {
+            q: upload(stream, &inp.q).map_err(text)?,
+            k: upload(stream, &inp.k).map_err(text)?,
+            v: upload(stream, &inp.v).map_err(text)?,
+            o: upload(stream, &poison::<T>(o_len)).map_err(text)?,
+            lse: stream.clone_htod(&vec![f32::from_bits(LSE_POISON); lse_len]).map_err(text)?,
+            ol,
+            ll,
+        })
+    }
+
+    /// Poisons O's and LSE's whole allocations again.
+    fn repoison(&mut self, stream: &Arc<CudaStream>) -> Result<(), String> {
+        stream.memcpy_htod(&poison::<T>(self.o.len()), &mut self.o).map_err(text)?;
+        stream.memcpy_htod(&vec![f32::from_bits(LSE_POISON); self.lse.len()], &mut self.lse).map_err(text)
+    }
+
+    /// One `forward_into` over the views.
+    fn forward(
+        &mut self,
+        attn: &Attention,
+        stream: &CudaStream,
+        inp: &Inputs<T>,
+        opts: &AttentionOptions,
+    ) -> Result<KernelInfo, Error> {
+        let (o_span, lse_span) = (self.ol.span().unwrap(), self.ll.span().unwrap());
+        let (qt, kt, vt) = (
+            DeviceTensor::new(&self.q, inp.ql),
+            DeviceTensor::new(&self.k, inp.kl),
+            DeviceTensor::new(&self.v, inp.vl),
+        );
+        let mut ot = DeviceTensorMut::from_view(self.o.slice_mut(O_GUARD..O_GUARD + o_span), self.ol);
+        let mut lv = LseTensorMut::from_view(self.lse.slice_mut(LSE_GUARD..LSE_GUARD + lse_span), self.ll);
+        attn.forward_into(stream, &qt, &kt, &vt, &mut ot, Some(&mut lv), opts)
+    }
+
+    /// O's and LSE's whole allocations.
+    fn read(&self, stream: &Arc<CudaStream>) -> Result<(Vec<T>, Vec<f32>), String> {
+        Ok((download(stream, &self.o).map_err(text)?, stream.clone_dtoh(&self.lse).map_err(text)?))
+    }
+}
+
+/// Compares what the buffers hold with the f64 reference (every rule of `Checked::verdict`).
+fn check_buffers<T: Element>(
+    kernel: &KernelInfo,
+    inp: &Inputs<T>,
+    s: Shape,
+    (o, lse): (&[T], &[f32]),
+    (ol, ll): (Layout, LseLayout),
+    opts: &AttentionOptions,
+) -> Result<(), String> {
+    let (qh, kh, vh) =
+        (HostTensor::new(&inp.q, inp.ql), HostTensor::new(&inp.k, inp.kl), HostTensor::new(&inp.v, inp.vl));
+    let r = reference::forward(qh, kh, vh, opts).map_err(text)?;
+    let smax = row_max_abs_scores(&r.problem, qh, kh);
+    compare(&r, &smax, s, (o, ol), (lse, ll))?.verdict(T::DTYPE).map_err(|e| format!("{}: {e}", kernel.name))
+}
+
+fn bits<T: Element>(x: &[T]) -> Vec<u16> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+fn f32_bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+/// The graph problem: GQA, a window, every tensor its own layout.
+const GRAPH_SHAPE: Shape = Shape { b: 2, lq: 300, lk: 257, hq: 8, hk: 2, d: 128 };
+const GRAPH_LAYOUTS: Layouts = Layouts {
+    q: Storage::Padded(8),
+    k: Storage::Bhsd,
+    v: Storage::BhsdPadded(8),
+    o: Storage::HeadPadded(8),
+    lse: LseStorage::HeadMajor(5),
+};
+
+/// `forward_into` captured in a CUDA graph: capture runs nothing, and every
+/// replay writes exactly what an eager run writes (whole allocations, guards
+/// included, compared bitwise); a replay after Q's contents change equals an
+/// eager run on the new contents (the graph reads the buffers, not a copy).
+///
+/// How (see the crate docs on graph capture): an own `CudaContext` handle
+/// with cudarc's event tracking off, one stream for everything, kernels
+/// loaded before the capture, thread-local capture mode.
+fn graph_capture(family: KernelFamily) -> Result<(), Failed> {
+    gpu()?; // a GPU with kernels is there
+    let _one_capture = CAPTURE.lock().unwrap_or_else(|e| e.into_inner());
+    // Its own handle on the primary context: the event-tracking switch and
+    // the error slot cudarc keeps per handle are this trial's alone, so the
+    // trials running beside it keep their tracking.
+    let ctx = fused_attn::cuda_context(0)?;
+    // SAFETY: every buffer of this trial is created after this call and used
+    // on `stream` alone, whose order is all the synchronisation they need.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().map_err(text)?;
+    let attn = Attention::new(&ctx)?;
+    attn.preload()?; // loading a module cannot be captured
+
+    let (s, l) = (GRAPH_SHAPE, GRAPH_LAYOUTS);
+    let inp = make_inputs_in::<bf16>(31, s, &l, 1.0);
+    let opts = AttentionOptions::new(Mask::window(100, 20)).with_kernel(family);
+    let mut bufs = Buffers::new(&stream, &inp, s, &l)?;
+
+    let eager_info = bufs.forward(&attn, &stream, &inp, &opts)?;
+    let (eager_o, eager_lse) = bufs.read(&stream)?;
+    check_buffers(&eager_info, &inp, s, (&eager_o, &eager_lse), (bufs.ol, bufs.ll), &opts)?;
+
+    bufs.repoison(&stream)?;
+    stream.synchronize().map_err(text)?;
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(text)?;
+    let captured = bufs.forward(&attn, &stream, &inp, &opts);
+    // End the capture whatever happened, so the stream is usable again.
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+    let captured_info = captured.map_err(|e| format!("forward_into during capture: {e}"))?;
+    let graph = graph.map_err(|e| format!("ending the capture: {e}"))?.ok_or("the capture made no graph")?;
+    if captured_info.name != eager_info.name {
+        return Err(format!("captured {}, eager ran {}", captured_info.name, eager_info.name).into());
+    }
+    let (o, lse) = bufs.read(&stream)?;
+    if bits(&o) != bits(&poison::<bf16>(o.len())) || f32_bits(&lse) != vec![LSE_POISON; lse.len()] {
+        return Err("the capture ran the kernel instead of recording it".into());
+    }
+
+    for replay in 0..5 {
+        bufs.repoison(&stream)?;
+        graph.launch().map_err(text)?;
+        let (o, lse) = bufs.read(&stream)?;
+        if bits(&o) != bits(&eager_o) || f32_bits(&lse) != f32_bits(&eager_lse) {
+            return Err(format!("replay {replay} differs bitwise from the eager run").into());
+        }
+    }
+
+    // New Q contents in the same buffer: the replay must see them.
+    let inp2 = Inputs { q: make_inputs_in::<bf16>(32, s, &l, 1.0).q, k: inp.k.clone(), v: inp.v.clone(), ..inp };
+    stream.memcpy_htod(&inp2.q, &mut bufs.q).map_err(text)?;
+    bufs.repoison(&stream)?;
+    graph.launch().map_err(text)?;
+    let (graph_o, graph_lse) = bufs.read(&stream)?;
+    bufs.repoison(&stream)?;
+    let info = bufs.forward(&attn, &stream, &inp2, &opts)?;
+    let (o, lse) = bufs.read(&stream)?;
+    if bits(&graph_o) != bits(&o) || f32_bits(&graph_lse) != f32_bits(&lse) {
+        return Err("after Q changed, the replay differs from an eager run".into());
+    }
+    check_buffers(&info, &inp2, s, (&o, &lse), (bufs.ol, bufs.ll), &opts)?;
+    drop(graph);
+    stream.synchronize().map_err(text)?;
+    // Anything cudarc recorded instead of returning (e.g. from a guard).
+    ctx.check_err().map_err(|e| format!("an error cudarc recorded on the way: {e}"))?;
+    Ok(())
+}
+
+/// What happens when a graph is captured with cudarc's event tracking on
+/// (the default) and a second stream has been created: printed, for the
+/// crate docs' paragraph on graph capture to be checked against. Passes
+/// unless something panics, the stream is left capturing, or a capture that
+/// succeeds gives wrong results.
+fn graph_capture_tracking_probe() -> Result<(), Failed> {
+    gpu()?;
+    let _one_capture = CAPTURE.lock().unwrap_or_else(|e| e.into_inner());
+    let ctx = fused_attn::cuda_context(0)?;
+    let upload_stream = ctx.new_stream().map_err(text)?; // multi-stream mode: tracking active
+    let stream = ctx.new_stream().map_err(text)?;
+    let attn = Attention::new(&ctx)?;
+    attn.preload()?;
+    let (s, l) = (GRAPH_SHAPE, GRAPH_LAYOUTS);
+    let inp = make_inputs_in::<bf16>(33, s, &l, 1.0);
+    let opts = AttentionOptions::new(Mask::Causal).with_kernel(KernelFamily::Sm80);
+    // Buffers written on another stream: their write events were recorded outside the capture.
+    let mut bufs = Buffers::new(&upload_stream, &inp, s, &l)?;
+    let eager = bufs.forward(&attn, &stream, &inp, &opts)?;
+    let (eager_o, _) = bufs.read(&stream)?;
+    stream.synchronize().map_err(text)?;
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(text)?;
+    let captured = bufs.forward(&attn, &stream, &inp, &opts);
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+    let recorded = ctx.check_err();
+    println!(
+        "graph/probe_event_tracking_on: forward_into during capture: {:?}; end_capture: {:?}; error cudarc recorded: {:?}",
+        captured.as_ref().map(|k| k.name),
+        graph.as_ref().map(|g| g.is_some()),
+        recorded
+    );
+    let capturing = stream.capture_status().map_err(text)?;
+    if capturing != fused_attn::cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+        return Err(format!("the stream is left in capture state {capturing:?}").into());
+    }
+    if let (Ok(_), Ok(Some(graph))) = (captured, graph) {
+        graph.launch().map_err(text)?;
+        let (o, _) = bufs.read(&stream)?;
+        let after = ctx.check_err();
+        println!("graph/probe_event_tracking_on: replay then download: recorded error {after:?}");
+        if bits(&o) != bits(&eager_o) {
+            return Err(format!("{}: the replay differs from the eager run", eager.name).into());
+        }
+    }
+    let _ = ctx.check_err(); // leave this handle clean
+    Ok(())
+}
+
+/// After a warm-up call, `CALLS` calls of `forward_into` with caller-owned O
+/// and LSE make no heap allocation on the calling thread (sm90: the TMA maps
+/// come from the cache), and the last call's results are right.
+fn no_host_allocation(family: KernelFamily) -> Result<(), Failed> {
+    const CALLS: usize = 50;
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let s = Shape { b: 2, lq: 200, lk: 300, hq: 8, hk: 2, d: 128 };
+    let l = Layouts {
+        q: Storage::Bhsd,
+        k: Storage::Padded(8),
+        v: Storage::HeadPadded(8),
+        o: Storage::BhsdPadded(16),
+        lse: LseStorage::Gapped(3),
+    };
+    let inp = make_inputs_in::<bf16>(21, s, &l, 1.0);
+    let opts = AttentionOptions::new(Mask::Causal).with_kernel(family);
+    let mut bufs = Buffers::new(&stream, &inp, s, &l)?;
+    let first = bufs.forward(&g.attn, &stream, &inp, &opts)?; // loads the kernel, encodes the TMA maps
+    if first.family != family {
+        return Err(format!("asked for {family:?}, ran {}", first.name).into());
+    }
+    let (result, allocations) = count_allocations(|| -> Result<(), Error> {
+        for _ in 0..CALLS {
+            bufs.forward(&g.attn, &stream, &inp, &opts)?;
+        }
+        Ok(())
+    });
+    result?;
+    if allocations != 0 {
+        return Err(format!("{allocations} heap allocations in {CALLS} calls of forward_into ({})", first.name).into());
+    }
+    let (o, lse) = bufs.read(&stream)?;
+    check_buffers(&first, &inp, s, (&o, &lse), (bufs.ol, bufs.ll), &opts)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Error rows that need a device.
+
 /// Buffers from another context are refused, naming the argument.
 fn foreign_context() -> Result<(), Failed> {
     let g = gpu()?;
-    let other = CudaContext::new_non_primary(0, 0).map_err(|e| e.to_string())?;
+    let other = CudaContext::new_non_primary(0, 0).map_err(text)?;
     let other_stream = other.default_stream();
-    let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
+    let stream = g.ctx.new_stream().map_err(text)?;
     let s = Shape { b: 1, lq: 8, lk: 8, hq: 1, hk: 1, d: 64 };
     let inp = make_inputs::<bf16>(1, s, Storage::Bshd);
     let q = upload(&stream, &inp.q)?;
@@ -314,7 +825,7 @@ fn foreign_context() -> Result<(), Failed> {
 /// An output too large for the device is an error value (out of memory), not a panic.
 fn out_of_memory() -> Result<(), Failed> {
     let g = gpu()?;
-    let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
+    let stream = g.ctx.new_stream().map_err(text)?;
     let q = upload(&stream, &randn::<bf16>(&mut StdRng::seed_from_u64(3), 256))?;
     // Stride-0 broadcasting keeps the inputs tiny while O would need ~8 TB.
     let big = Layout::strided_bshd([60_000, 1 << 20, 1, 64], [0, 0, 0, 1]);
@@ -330,13 +841,15 @@ fn out_of_memory() -> Result<(), Failed> {
 /// right); forcing the tiled kernel is a Misaligned error naming the argument.
 fn misaligned() -> Result<(), Failed> {
     let g = gpu()?;
-    let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
+    let stream = g.ctx.new_stream().map_err(text)?;
     let s = Shape { b: 1, lq: 33, lk: 65, hq: 2, hk: 2, d: 64 };
     let inp = make_inputs::<bf16>(5, s, Storage::Padded(4)); // 8-byte row padding
-    let c = run_and_check(g, &stream, &inp, s, Storage::Bshd, &AttentionOptions::new(Mask::Causal))?;
-    if c.kernel.family != KernelFamily::Naive || c.o_err > tolerance(DType::BF16) {
-        return Err(format!("fallback ran {} with error {:.3e}", c.kernel.name, c.o_err).into());
+    let opts = AttentionOptions::new(Mask::Causal);
+    let c = run_and_check(g, &stream, &inp, s, Storage::Bshd, LseStorage::Contiguous, &opts)?;
+    if c.kernel.family != KernelFamily::Naive {
+        return Err(format!("fallback ran {}", c.kernel.name).into());
     }
+    c.verdict(DType::BF16)?;
     let q = upload(&stream, &inp.q)?;
     let k = upload(&stream, &inp.k)?;
     let (qt, kt) = (DeviceTensor::new(&q, inp.ql), DeviceTensor::new(&k, inp.kl));
@@ -349,11 +862,13 @@ fn misaligned() -> Result<(), Failed> {
 /// The dispatcher picks the tiled kernel for aligned problems on sm_80+.
 fn dispatch_prefers_tiled() -> Result<(), Failed> {
     let g = gpu()?;
-    let stream = g.ctx.new_stream().map_err(|e| e.to_string())?;
-    for d in [64, 72, 128, 256] {
+    let stream = g.ctx.new_stream().map_err(text)?;
+    for d in [64, 72, 128, 176, 256] {
         let s = Shape { b: 1, lq: 64, lk: 64, hq: 2, hk: 1, d };
         let inp = make_inputs::<bf16>(d as u64, s, Storage::Bshd);
-        let c = run_and_check(g, &stream, &inp, s, Storage::Bshd, &AttentionOptions::default())?;
+        let opts = AttentionOptions::default();
+        let c = run_and_check(g, &stream, &inp, s, Storage::Bshd, LseStorage::Contiguous, &opts)?;
+        c.verdict(DType::BF16)?;
         let buckets: &[u32] = if c.kernel.family == KernelFamily::Sm90 {
             &[64, 128, 256]
         } else {
@@ -381,33 +896,19 @@ fn dispatch_prefers_tiled() -> Result<(), Failed> {
     Ok(())
 }
 
-fn main() {
-    let args = Arguments::from_args();
-    let mut trials = Vec::new();
-    let add_sweep = |trials: &mut Vec<Trial>, group: &str, cases: Vec<Case>| {
-        for c in cases {
-            let name = c.name(group);
-            let n2 = name.clone();
-            trials.push(Trial::test(name, move || check_case(c, n2)));
-        }
-    };
-    add_sweep(&mut trials, "sweep", sweep(KernelFamily::Sm80, 1, false));
-    add_sweep(&mut trials, "sweep", sweep(KernelFamily::Naive, 2, true));
-    add_sweep(&mut trials, "sweep", sweep(KernelFamily::Sm90, 3, false));
-    // Every variant kernel (alternative tiles or schedules kept for
-    // measurement), forced by name over a light sweep of its bucket.
-    for row in fused_attn::internals::KERNEL_TABLE.iter().filter(|r| r.is_variant()) {
-        let family = KernelFamily::from_image_stem(row.image).expect("known family");
-        for c in
-            sweep(family, 4, true).into_iter().filter(|c| c.dtype == row.dtype && c.shape.d <= row.head_dim as usize)
-        {
-            let name = format!("{}/{}", c.name("variant"), row.name);
-            let n2 = name.clone();
-            let kernel_name = row.name;
-            trials.push(Trial::test(name, move || check_case_named(c, n2, Some(kernel_name))));
-        }
+/// Every checked case of the trials: its name, the case, and the kernel
+/// forced by name (variants).
+fn cases() -> Vec<(String, Case, Option<&'static str>)> {
+    let mut out = Vec::new();
+    let mut add = |group: &str, cases: Vec<Case>| out.extend(cases.into_iter().map(|c| (c.name(group), c, None)));
+    add("sweep", sweep(KernelFamily::Sm80, 1, &FULL_DIMS, &all_pairs()));
+    add("sweep", sweep(KernelFamily::Naive, 2, &[32, 64, 128, 192, 256], &[(17, 127), (1000, 4097)]));
+    add("sweep", sweep(KernelFamily::Sm90, 3, &FULL_DIMS, &all_pairs()));
+    for family in [KernelFamily::Naive, KernelFamily::Sm80, KernelFamily::Sm90] {
+        add("edge", edge_cases(family));
     }
-    // A small subset for compute-sanitizer (memcheck, racecheck): both kernels, masks, GQA, odd sizes.
+    // A small subset for compute-sanitizer (memcheck, racecheck): every family,
+    // masks, GQA, odd sizes, every tensor its own layout.
     let sanitize: Vec<Case> = [KernelFamily::Naive, KernelFamily::Sm80, KernelFamily::Sm90]
         .into_iter()
         .flat_map(|family| {
@@ -416,38 +917,208 @@ fn main() {
                 (Mask::Window { left: 5, right: 3 }, 128, 70, 129),
                 (Mask::Full, 256, 9, 130),
                 (Mask::Full, 96, 130, 17),
+                (Mask::Causal, 192, 127, 191),
             ]
             .into_iter()
-            .map(move |(mask, d, lq, lk)| Case {
-                dtype: DType::BF16,
-                shape: Shape { b: 1, lq, lk, hq: 4, hk: 2, d },
-                mask,
-                softcap: None,
-                storage: Storage::Bshd,
-                family,
-                seed: 99,
+            .enumerate()
+            .map(move |(n, (mask, d, lq, lk))| {
+                let shape = Shape { b: 1, lq, lk, hq: 4, hk: 2, d };
+                let mut c = Case::plain(family, DType::BF16, shape, mask, Storage::Bshd, 99);
+                c.layouts = Layouts::random(&mut StdRng::seed_from_u64(n as u64));
+                c
             })
         })
         .collect();
-    add_sweep(&mut trials, "sanitize", sanitize);
+    add("sanitize", sanitize);
+    // Every variant kernel (alternative tiles or schedules kept for
+    // measurement), forced by name over dims of its own bucket.
+    for row in fused_attn::internals::KERNEL_TABLE.iter().filter(|r| r.is_variant()) {
+        let family = KernelFamily::from_image_stem(row.image).expect("known family");
+        let hd = row.head_dim as usize;
+        let dims: Vec<usize> =
+            [hd, hd.saturating_sub(8), hd.saturating_sub(24)].into_iter().filter(|&d| d >= 8).collect();
+        for c in sweep(family, 4, &dims, &[(17, 127), (1000, 4097)]).into_iter().filter(|c| c.dtype == row.dtype) {
+            out.push((format!("{}/{}", c.name("variant"), row.name), c, Some(row.name)));
+        }
+    }
+    out
+}
+
+/// Every case, validated on the host exactly as its GPU call will be (all
+/// five layouts with their buffer lengths, the options) and aligned for the
+/// family it forces: a mistake in the case tables shows on any machine, not
+/// as a failure on a rented GPU. Also: Q, K, V and O of a non-uniform case
+/// have four different storages.
+fn cases_are_valid(cases: &[(String, Case, Option<&'static str>)]) -> Result<usize, String> {
+    use fused_attn::internals::{check_alignment, validate, LseDesc, TensorDesc};
+    for (name, c, _) in cases {
+        let (s, l) = (c.shape, &c.layouts);
+        let desc = |arg, layout: Layout| TensorDesc { arg, layout, len: layout.span().unwrap_or(0) };
+        let q = desc("q", l.q.layout(s.b, s.lq, s.hq, s.d));
+        let k = desc("k", l.k.layout(s.b, s.lk, s.hk, s.d));
+        let v = desc("v", l.v.layout(s.b, s.lk, s.hk, s.d));
+        let o = desc("o", l.o.layout(s.b, s.lq, s.hq, s.d));
+        let ll = l.lse.layout(s.b, s.hq, s.lq);
+        let lse = LseDesc { layout: ll, len: ll.span().unwrap_or(0) };
+        let fail = |e: Error| format!("{name}: {e}");
+        validate(c.dtype, &q, &k, &v, Some(&o), Some(&lse), &c.options()).map_err(fail)?;
+        // Inputs start their buffers (256-byte aligned); O's view starts O_GUARD elements in.
+        for (t, addr) in [(q, 0u64), (k, 0), (v, 0), (o, 2 * O_GUARD as u64)] {
+            check_alignment(&t, Some(addr), 2, c.family, "case").map_err(fail)?;
+        }
+        let storages = [l.q, l.k, l.v, l.o];
+        let distinct = (0..4).all(|a| (a + 1..4).all(|b| storages[a] != storages[b]));
+        if *l != Layouts::uniform(l.q) && !distinct {
+            return Err(format!("{name}: Q, K, V and O share a storage"));
+        }
+    }
+    Ok(cases.len())
+}
+
+/// The trials, each with whether it needs an sm_90 GPU.
+fn trials() -> Vec<(Trial, bool)> {
+    let is90 = |f: KernelFamily| f == KernelFamily::Sm90;
+    let mut trials: Vec<(Trial, bool)> = cases()
+        .into_iter()
+        .map(|(name, c, kernel_name)| {
+            let n2 = name.clone();
+            (Trial::test(name, move || check_case(c, n2, kernel_name)), is90(c.family))
+        })
+        .collect();
     for family in [KernelFamily::Naive, KernelFamily::Sm80, KernelFamily::Sm90] {
         let f = format!("{family:?}").to_lowercase();
-        trials.push(Trial::test(format!("props/{f}/empty_rows"), move || empty_rows(family)));
-        trials.push(Trial::test(format!("props/{f}/determinism"), move || determinism(family)));
+        let t = |name: String, run: fn(KernelFamily) -> Result<(), Failed>| {
+            (Trial::test(name, move || run(family)), is90(family))
+        };
+        trials.push(t(format!("props/{f}/empty_rows"), empty_rows));
+        trials.push(t(format!("props/{f}/determinism"), determinism));
+        trials.push(t(format!("graph/{f}/capture_replay"), graph_capture));
+        trials.push(t(format!("alloc/{f}/forward_into_steady_state"), no_host_allocation));
     }
-    trials.push(Trial::test("props/concurrency_two_streams_two_threads", concurrency));
-    trials.push(Trial::test("props/zero_lengths", zero_lengths));
-    trials.push(Trial::test("props/dispatch_prefers_tiled", dispatch_prefers_tiled));
-    trials.push(Trial::test("errors/foreign_context", foreign_context));
-    trials.push(Trial::test("errors/out_of_memory", out_of_memory));
-    trials.push(Trial::test("errors/misaligned", misaligned));
+    let plain = |name: &str, run: fn() -> Result<(), Failed>| (Trial::test(name, run), false);
+    trials.push(plain("graph/probe_event_tracking_on", graph_capture_tracking_probe));
+    trials.push(plain("props/concurrency_two_streams_two_threads", concurrency));
+    trials.push(plain("props/zero_lengths", zero_lengths));
+    trials.push(plain("props/dispatch_prefers_tiled", dispatch_prefers_tiled));
+    trials.push(plain("errors/foreign_context", foreign_context));
+    trials.push(plain("errors/out_of_memory", out_of_memory));
+    trials.push(plain("errors/misaligned", misaligned));
+    trials
+}
 
-    if let Err(reason) = GPU.get_or_init(open_gpu) {
-        println!("GPU tests ignored: {reason}");
-        trials = trials.into_iter().map(|t| t.with_ignored_flag(true)).collect();
-    } else if let Ok(g) = GPU.get().unwrap() {
-        println!("GPU: {} (sm_{}), kernels: {}", g.name, g.attn.sm(), g.attn.kernels().count());
+/// The checker's negative control, run on the host before any trial (no
+/// GPU needed): a perfect output (the reference itself, rounded and written
+/// through the layouts) passes `compare`, and each injected fault fails it:
+/// a write into O's guards or padding or LSE's gaps, an element left
+/// unwritten, one bad O row (invisible in the whole-tensor norm), one bad LSE row.
+fn checker_negative_control() -> Result<usize, String> {
+    let s = Shape { b: 2, lq: 100, lk: 150, hq: 8, hk: 2, d: 64 };
+    let l = Layouts {
+        q: Storage::Bhsd,
+        k: Storage::Padded(8),
+        v: Storage::HeadPadded(8),
+        o: Storage::BhsdPadded(16),
+        lse: LseStorage::Gapped(3),
+    };
+    let inp = make_inputs_in::<bf16>(5, s, &l, 1.0);
+    let opts = AttentionOptions::new(Mask::window(30, 10)).with_scale(-0.7);
+    let (qh, kh, vh) =
+        (HostTensor::new(&inp.q, inp.ql), HostTensor::new(&inp.k, inp.kl), HostTensor::new(&inp.v, inp.vl));
+    let r = reference::forward(qh, kh, vh, &opts).map_err(text)?;
+    let smax = row_max_abs_scores(&r.problem, qh, kh);
+    let (ol, ll) = (l.o.layout(s.b, s.lq, s.hq, s.d), l.lse.layout(s.b, s.hq, s.lq));
+    let mut o = poison::<bf16>(O_GUARD + ol.span().unwrap() + O_GUARD);
+    let mut lse = vec![f32::from_bits(LSE_POISON); LSE_GUARD + ll.span().unwrap() + LSE_GUARD];
+    for b in 0..s.b {
+        for i in 0..s.lq {
+            for h in 0..s.hq {
+                for x in 0..s.d {
+                    o[O_GUARD + ol.offset(b, i, h, x)] = bf16::from_f64(r.o[((b * s.lq + i) * s.hq + h) * s.d + x]);
+                }
+                lse[LSE_GUARD + ll.offset(b, h, i)] = r.lse[(b * s.hq + h) * s.lq + i] as f32;
+            }
+        }
     }
+    let check = |o: &[bf16], lse: &[f32]| compare(&r, &smax, s, (o, ol), (lse, ll))?.verdict(DType::BF16);
+    check(&o, &lse).map_err(|e| format!("a perfect output failed: {e}"))?;
+    let in_view_o = O_GUARD + ol.offset(1, 7, 3, 5);
+    let padding_o = O_GUARD + ol.offset(0, 0, 0, s.d); // the row's padding (BhsdPadded)
+    let gap_lse = LSE_GUARD + ll.offset(0, 0, s.lq); // the gap after a row (Gapped)
+    let row = (1, 42, 5); // (b, i, h)
+    let bad_lse = LSE_GUARD + ll.offset(1, 2, 3);
+    let bump = 1e-3 * smax[(s.hq + 2) * s.lq + 3].max(1.0) as f32;
+    type Fault = Box<dyn Fn(&mut [bf16], &mut [f32])>;
+    let faults: Vec<(&str, Fault)> = vec![
+        ("a write before O's view", Box::new(|o, _| o[3] = bf16::ZERO)),
+        ("a write after O's view", Box::new(|o, _| *o.last_mut().unwrap() = bf16::ONE)),
+        ("a write into O's padding", Box::new(move |o, _| o[padding_o] = bf16::ONE)),
+        ("an O element left unwritten", Box::new(move |o, _| o[in_view_o] = poison_value())),
+        ("a write before LSE's view", Box::new(|_, lse| lse[0] = 0.0)),
+        ("a write into LSE's gap", Box::new(move |_, lse| lse[gap_lse] = 1.0)),
+        (
+            "one O row 20% off",
+            Box::new(move |o, _| {
+                for x in 0..s.d {
+                    let at = O_GUARD + ol.offset(row.0, row.1, row.2, x);
+                    o[at] = bf16::from_f32(o[at].to_f32() * 1.2);
+                }
+            }),
+        ),
+        ("one LSE row off by 1e-3 of its largest score", Box::new(move |_, lse| lse[bad_lse] += bump)),
+    ];
+    for (what, fault) in &faults {
+        let (mut o2, mut lse2) = (o.clone(), lse.clone());
+        fault(&mut o2, &mut lse2);
+        if check(&o2, &lse2).is_ok() {
+            return Err(format!("the checker missed {what}"));
+        }
+    }
+    // The bad row alone must not fail the whole-tensor norm: the per-row check is what catches it.
+    let mut o2 = o.clone();
+    (faults[6].1)(&mut o2, &mut lse.clone());
+    let c = compare(&r, &smax, s, (&o2, ol), (&lse, ll))?;
+    if c.o_err > tolerance(DType::BF16) {
+        return Err(format!("the bad-row control is too coarse: whole-tensor error {:.3e}", c.o_err));
+    }
+    Ok(faults.len())
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    if !args.list {
+        match checker_negative_control() {
+            Ok(n) => println!("checker self-test: a perfect output passes, {n} injected faults are caught"),
+            Err(e) => panic!("checker self-test: {e}"),
+        }
+        match cases_are_valid(&cases()) {
+            Ok(n) => println!("case tables: all {n} cases validate on the host and are aligned for their family"),
+            Err(e) => panic!("case tables: {e}"),
+        }
+    }
+    let trials = trials();
+    // The GPU is opened before any trial runs, so whether there is one (and
+    // which) decides what is ignored, with the reason printed.
+    let trials: Vec<Trial> = match GPU.get_or_init(open_gpu) {
+        Err(reason) => {
+            println!("GPU tests ignored: {reason}");
+            trials.into_iter().map(|(t, _)| t.with_ignored_flag(true)).collect()
+        }
+        Ok(g) => {
+            println!("GPU: {} (sm_{}), kernels: {}", g.name, g.attn.sm(), g.attn.kernels().count());
+            let skip90 = g.attn.sm() != 90;
+            if skip90 {
+                let n = trials.iter().filter(|(_, needs90)| *needs90).count();
+                println!(
+                    "{n} sm90 trials ignored: this GPU is sm_{}, and the sm_90a kernels run on sm_90 only",
+                    g.attn.sm()
+                );
+            }
+            trials
+                .into_iter()
+                .map(|(t, needs90)| if needs90 && skip90 { t.with_ignored_flag(true) } else { t })
+                .collect()
+        }
+    };
     let conclusion = libtest_mimic::run(&args, trials);
     summarize();
     conclusion.exit();
@@ -459,18 +1130,22 @@ fn summarize() {
     if results.is_empty() {
         return;
     }
-    let mut out = String::from("\nsummary: family dtype cases worst_O_rel_l2 worst_LSE_rel_l2 (worst case)\n");
+    let mut out = String::from(
+        "\nsummary: family dtype cases worst_O_rel_l2 worst_O_row worst_LSE_rel_l2 worst_LSE_row (worst O case)\n",
+    );
     for family in [KernelFamily::Naive, KernelFamily::Sm80, KernelFamily::Sm90] {
         for dtype in [DType::BF16, DType::F16] {
-            let rows: Vec<_> = results.iter().filter(|r| r.1 == family && r.2 == dtype).collect();
-            if let Some(worst) = rows.iter().max_by(|a, b| a.3.total_cmp(&b.3)) {
-                let worst_lse = rows.iter().map(|r| r.4).fold(0.0, f64::max);
+            let rows: Vec<_> = results.iter().filter(|r| r.family == family && r.dtype == dtype).collect();
+            if let Some(worst) = rows.iter().max_by(|a, b| a.o_err.total_cmp(&b.o_err)) {
+                let max = |f: fn(&CaseResult) -> f64| rows.iter().map(|r| f(r)).fold(0.0, f64::max);
                 out += &format!(
-                    "summary: {family:?} {dtype} {} {:.3e} {:.3e} ({})\n",
+                    "summary: {family:?} {dtype} {} {:.3e} {:.3e} {:.3e} {:.3e} ({})\n",
                     rows.len(),
-                    worst.3,
-                    worst_lse,
-                    worst.0
+                    worst.o_err,
+                    max(|r| r.row_err),
+                    max(|r| r.lse_err),
+                    max(|r| r.lse_row_err),
+                    worst.name
                 );
             }
         }
@@ -479,7 +1154,10 @@ fn summarize() {
     if let Ok(path) = std::env::var("FUSED_ATTN_GPU_LOG") {
         let mut all = out.clone();
         for r in results.iter() {
-            all += &format!("case {} O {:.3e} LSE {:.3e}\n", r.0, r.3, r.4);
+            all += &format!(
+                "case {} O {:.3e} O_row {:.3e} LSE {:.3e} LSE_row {:.3e}\n",
+                r.name, r.o_err, r.row_err, r.lse_err, r.lse_row_err
+            );
         }
         let _ = std::fs::write(path, all);
     }

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::process::Command;
 
 use fused_attn::reference::capped_score;
-use fused_attn::{DType, Mask, Problem};
+use fused_attn::{AttentionOptions, DType, Layout, Mask, Problem};
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
 /// The bound asserted on the tiled kernels' softcap and the naive kernel's,
@@ -80,18 +80,9 @@ fn device_softcap_sweep() -> Result<Completion, Failed> {
 }
 
 fn problem(softcap: f32) -> Problem {
-    Problem {
-        dtype: DType::F16,
-        batch: 1,
-        seqlen_q: 1,
-        seqlen_k: 1,
-        heads_q: 1,
-        heads_kv: 1,
-        head_dim: 8,
-        mask: Mask::Full,
-        scale: 1.0,
-        softcap: Some(softcap),
-    }
+    let l = Layout::bshd(1, 1, 1, 8);
+    let opts = AttentionOptions::new(Mask::Full).with_scale(1.0).with_softcap(softcap);
+    fused_attn::problem_of(DType::F16, &l, &l, &l, &opts).expect("a valid one-element problem")
 }
 
 /// `c tanh(s / c)` by its Taylor series where `s / c` is small, else by f64

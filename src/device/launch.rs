@@ -63,6 +63,11 @@ impl Attention {
         lse: Option<&mut LseTensorMut<'_>>,
         opts: &AttentionOptions,
     ) -> Result<KernelInfo> {
+        // Choose once before touching the buffers' stream ordering: a call
+        // that cannot run fails here with no guard taken. The choice is made
+        // again below with the real base addresses, which can only move an
+        // automatic choice down to a family that accepts them.
+        self.choose(p, DispatchTensors { descs, addrs: None }, opts.kernel, opts.kernel_name)?;
         // The guards make `stream` wait for earlier writes to these buffers
         // and, when dropped after the launch, record this launch's reads and
         // writes (cudarc's multi-stream tracking).

@@ -26,7 +26,7 @@ pub fn missing(reason: impl std::fmt::Display) -> Result<Completion, Failed> {
 /// `$CUDA_HOME/bin`, on `PATH`.
 pub fn cuda_tool(env: &str, name: &str) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
-        return Some(p.into());
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
     }
     let from_nvcc = std::env::var_os("NVCC").map(PathBuf::from).and_then(|p| Some(p.parent()?.join(name)));
     let from_home = std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("bin").join(name));
