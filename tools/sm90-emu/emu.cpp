@@ -15,7 +15,7 @@
 //    only at the retiring wait_group, with the accumulators poisoned and the
 //    operands re-read and compared in between;
 //  * cp.async.bulk.tensor (tile mode) through our own encoding of the tensor
-//    map (the launcher mirrors src/device/mod.rs::encode_tensor_map), 128B
+//    map (the launcher mirrors src/params.rs::tma_spec), 128B
 //    swizzle, zero fill out of bounds, complete_tx landing at issue, at a
 //    random later point, or as late as possible;
 //  * mbarrier init/arrive/expect_tx/try_wait.parity with phases, pending
@@ -36,8 +36,10 @@
 // fenced (one fence covers every thread's stores here, the hardware wants a
 // fence by each writer); the rest of the memory model (acquire/release)
 // beyond the orderings above; nvcc's register allocation (the empty asm pins
-// are no-ops); tensor-core rounding (products are exact, sums in double);
-// ex2.approx's error; clusters and multicast.
+// are no-ops); the tensor cores' and ex2.approx's actual rounding (by default
+// products are exact, sums in double, ex2 correctly rounded; --round=real
+// makes each as inexact as the ISA allows instead, see emu_perturb); clusters
+// and multicast.
 #include "shim.h"
 #include "../emu-common/check.h"
 #include "kernels/fwd_sm90.cu"
@@ -53,6 +55,7 @@
 #include <string>
 #include <algorithm>
 #include <random>
+#include <cfloat>
 
 #ifndef FA_GRID_TILES
 #define FA_GRID_TILES 0
@@ -72,8 +75,21 @@ static struct {
     unsigned seed = 1;
     std::string cases = "all";
     std::string only;             // run kernels whose name contains this
+    bool real_round = false;      // realistic rounding (see emu_perturb)
+    bool stop_on_fail = false;    // exit at the first failing case
 } opt;
 static std::mt19937 rng(1);
+static std::mt19937 rng_round(1);  // its own stream: rounding must not change the thread schedule
+
+// --round=real: results that the hardware does not round exactly come out
+// `ulps` units in the last place off, in a random direction; zeros, infinities,
+// NaN and subnormals are left alone (the special values are exact in the ISA).
+float emu_perturb(float y, int ulps) {
+    if (!opt.real_round || !std::isnormal(y)) return y;
+    const float dir = rng_round() & 1 ? INFINITY : -INFINITY;
+    for (int i = 0; i < ulps; ++i) y = nextafterf(y, dir);
+    return y;
+}
 static unsigned rnd(unsigned n) { return n ? rng() % n : 0; }
 
 // ================================================================== errors
@@ -667,7 +683,16 @@ static void compute(MmaOp &op, const std::vector<float> &A, const std::vector<fl
             const int m = 16 * w + l / 4 + 8 * h, n = 8 * i + 2 * (l % 4) + e;
             double s = 0;
             for (int k = 0; k < 16; ++k) s += (double)(op.sa * A[m * 16 + k]) * (op.sb * B[k * N + n]);
-            *op.d[t * nd + j] = (float)((C ? (double)C[t * nd + j] : 0.0) + s);
+            const double exact = (C ? (double)C[t * nd + j] : 0.0) + s;
+            float r = (float)exact;
+            if (opt.real_round) {
+                // Tensor cores do not round each k16 step to nearest: model it as
+                // truncation toward zero, then one more ulp either way, so every
+                // step loses up to 2 ulp with a bias, as a long chain of them does.
+                if (fabs((double)r) > fabs(exact)) r = nextafterf(r, 0.f);
+                r = emu_perturb(r, 1);
+            }
+            *op.d[t * nd + j] = r;
         }
     }
 }
@@ -928,7 +953,8 @@ static const char *encode_tiled(FaTensorMap *out, uint32_t esize, uint32_t rank,
     return nullptr;
 }
 
-// Mirror of src/device/mod.rs::encode_tensor_map: a [B, S, H, D] tensor
+// Mirror of src/params.rs::tma_spec (encoded by src/device/launch.rs, one map
+// per tensor from its own layout): a [B, S, H, D] tensor
 // (strides in elements, batch/seq/heads) as rank 4, dims innermost first
 // {D, max(S,1), H, B}, byte strides {row, head, batch} (a dimension of extent
 // 1 gets the extent of what is inside it), box {64, rows, 1, 1}, 128B
@@ -939,7 +965,7 @@ static FaTensorMap encode_like_rust(const void *ptr, int64_t B, int64_t S, int64
     const int64_t str[3] = {sb, ss, sh};
     auto stride = [&](int i, uint64_t inner) -> uint64_t {
         if (shape[i] > 1) return (uint64_t)str[i] * 2;
-        uint64_t x = std::max<uint64_t>(inner, 16);
+        uint64_t x = std::min<uint64_t>(std::max<uint64_t>(inner, 16), (1ull << 40) - 16);
         return (x + 15) / 16 * 16;
     };
     const uint64_t s1 = std::max<uint64_t>(S, 1);
@@ -1163,7 +1189,9 @@ float emu_ex2_approx(const char *mn, float x) {
     if (strstr(mn, ".ftz") && std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
     float y = exp2f(x);
     if (strstr(mn, ".ftz") && std::fpclassify(y) == FP_SUBNORMAL) y = 0.f;
-    return y;
+    // PTX ISA (ex2): "The maximum ulp error is 2 ulp from correctly rounded
+    // result across the full range of inputs"; --round=real takes all of it.
+    return emu_perturb(y, 2);
 }
 float emu_tanh_approx(const char *, float x) { return tanhf(x); }
 
@@ -1333,15 +1361,23 @@ static uint16_t f2h(float f, bool bf16) {
     return u;
 }
 
+enum { LAY_BSHD, LAY_BHSD, LAY_SBHD };
+static const char *lay_name(int k) { return k == LAY_BSHD ? "BSHD" : k == LAY_BHSD ? "BHSD" : "SBHD"; }
 struct Case {
     int B, Hq, Hk, Lq, Lk, D, wl, wr;
     float softcap;
-    bool bhsd;  // BHSD strides instead of BSHD
+    int layout;  // LAY_*: BSHD (0, false), BHSD (1, true) or SBHD
     int pad;    // extra elements per row / head slot: non-contiguous strides
     float amp;  // input amplitude
     bool lse;
     const char *what;
     bool top_left = false;  // mask aligned to the top-left corner instead of bottom-right
+    float scale = 0.f;  // 0: the default 1/sqrt(D)
+    // Every tensor its own layout: Q, K, V, O take the layouts (layout + t) % 3
+    // of BSHD, BHSD, SBHD and pad + 8t extra elements per row, so no two of
+    // them share a batch, row or head stride (a kernel that addresses one
+    // tensor with another's strides reads or writes the wrong elements).
+    bool own = false;
 };
 
 static void alarm_handler(int) {
@@ -1355,41 +1391,57 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     std::mt19937 g(seed);
     std::uniform_real_distribution<float> U(-1.f, 1.f);
     const bool bf16 = kn.bf16;
-    // Strides in elements. BSHD: row = H*(D+pad); BHSD: row = D+pad.
-    auto strides = [&](int H, int L, int64_t &bs, int64_t &rs, int64_t &hs) {
-        const int64_t rowlen = cs.D + cs.pad;
-        if (!cs.bhsd) { hs = rowlen; rs = H * rowlen; bs = (int64_t)L * rs + 8 * cs.pad; }
-        else { rs = rowlen; hs = (int64_t)L * rowlen + 8 * cs.pad; bs = H * hs; }
+    // Strides in elements of tensor t (0 Q, 1 K, 2 V, 3 O). BSHD: row =
+    // H*(D+pad); BHSD: row = D+pad; SBHD: batch = H*(D+pad) + 8 pad, row =
+    // B*batch. Padding between batches / heads too, so that no stride is the
+    // product of the others.
+    int lay[4];
+    auto strides = [&](int t, int H, int L, int64_t &bs, int64_t &rs, int64_t &hs) {
+        const int pad = cs.pad + (cs.own ? 8 * t : 0);
+        const int kind = lay[t] = cs.own ? (cs.layout + t) % 3 : cs.layout;
+        const int64_t rowlen = cs.D + pad;
+        if (kind == LAY_BSHD) { hs = rowlen; rs = H * rowlen; bs = (int64_t)L * rs + 8 * pad; }
+        else if (kind == LAY_BHSD) { rs = rowlen; hs = (int64_t)L * rowlen + 8 * pad; bs = H * hs; }
+        else { hs = rowlen; bs = H * rowlen + 8 * pad; rs = cs.B * bs; }
     };
-    int64_t qb, qr, qh, kb, kr, kh, ob, orr, oh;
-    strides(cs.Hq, cs.Lq, qb, qr, qh);
-    strides(cs.Hk, cs.Lk, kb, kr, kh);
-    strides(cs.Hq, cs.Lq, ob, orr, oh);
+    int64_t qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orr, oh;
+    strides(0, cs.Hq, cs.Lq, qb, qr, qh);
+    strides(1, cs.Hk, cs.Lk, kb, kr, kh);
+    strides(2, cs.Hk, cs.Lk, vb, vr, vh);
+    strides(3, cs.Hq, cs.Lq, ob, orr, oh);
     // Exactly the elements the views span (plus nothing): any TMA read past
     // them is outside the tensor.
     auto span = [&](int H, int L, int64_t bs, int64_t rs, int64_t hs) -> size_t {
         if (L == 0) return 8;
         return (size_t)((cs.B - 1) * bs + (int64_t)(L - 1) * rs + (int64_t)(H - 1) * hs + cs.D);
     };
-    const size_t qn = span(cs.Hq, cs.Lq, qb, qr, qh), kn_ = span(cs.Hk, cs.Lk, kb, kr, kh);
+    const size_t qn = span(cs.Hq, cs.Lq, qb, qr, qh), kn_ = span(cs.Hk, cs.Lk, kb, kr, kh),
+                 vn = span(cs.Hk, cs.Lk, vb, vr, vh);
     auto alloc16 = [](size_t n) { return std::vector<uint16_t>(n + 8); };
-    std::vector<uint16_t> qv = alloc16(qn), kv = alloc16(kn_), vv = alloc16(kn_);
+    std::vector<uint16_t> qv = alloc16(qn), kv = alloc16(kn_), vv = alloc16(vn);
     // 16-byte aligned bases, as the Rust side requires for TMA.
     auto base16 = [](std::vector<uint16_t> &v) { return v.data() + ((16 - (uintptr_t)v.data() % 16) % 16) / 2; };
     uint16_t *q = base16(qv), *k = base16(kv), *v = base16(vv);
     for (size_t i = 0; i < qn; ++i) q[i] = f2h(U(g) * cs.amp, bf16);
     for (size_t i = 0; i < kn_; ++i) k[i] = f2h(U(g) * cs.amp, bf16);
-    for (size_t i = 0; i < kn_; ++i) v[i] = f2h(U(g), bf16);
+    for (size_t i = 0; i < vn; ++i) v[i] = f2h(U(g), bf16);
     const size_t on = span(cs.Hq, cs.Lq, ob, orr, oh);
-    const int guard = 64;
-    std::vector<uint16_t> ov(on + 2 * guard + 8, 0xffff);
-    uint16_t *O = ov.data() + guard + ((16 - (uintptr_t)(ov.data() + guard) % 16) % 16) / 2;
-    std::vector<float> lse((size_t)cs.B * cs.Hq * cs.Lq + 2 * guard, NAN);
+    // Guards around O and LSE as large as a tile's rows past the end could
+    // reach (the kernel's ordinary stores run natively: a write beyond the
+    // guards would corrupt the emulator's heap instead of being counted).
+    const int64_t o_guard = 64 + (int64_t)kn.bm * std::max<int64_t>(orr, cs.D);
+    const int guard = 64 + kn.bm;
+    std::vector<uint16_t> ov(on + 2 * o_guard + 8, 0xffff);
+    uint16_t *O = ov.data() + o_guard + ((16 - (uintptr_t)(ov.data() + o_guard) % 16) % 16) / 2;
+    // LSE [B, Hq, Lq] with unit row stride; with own layouts, padded head
+    // and batch strides (gaps that must keep their NaN).
+    const int64_t lse_hs = cs.Lq + (cs.own ? 8 : 0), lse_bs = cs.Hq * lse_hs + (cs.own ? 24 : 0);
+    std::vector<float> lse((size_t)((cs.B - 1) * lse_bs + (cs.Hq - 1) * lse_hs + cs.Lq) + 2 * guard, NAN);
     float *LSE = lse.data() + guard;
 
     readable = {{(const unsigned char *)q, (const unsigned char *)(q + qn)},
                 {(const unsigned char *)k, (const unsigned char *)(k + kn_)},
-                {(const unsigned char *)v, (const unsigned char *)(v + kn_)}};
+                {(const unsigned char *)v, (const unsigned char *)(v + vn)}};
     writable = {{(const unsigned char *)O, (const unsigned char *)(O + on)}};
 
     FaFwdSm90Params P;
@@ -1398,19 +1450,19 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     p.q = q; p.k = k; p.v = v; p.o = O; p.lse = cs.lse ? LSE : nullptr;
     p.q_batch_stride = qb; p.q_row_stride = qr; p.q_head_stride = qh;
     p.k_batch_stride = kb; p.k_row_stride = kr; p.k_head_stride = kh;
-    p.v_batch_stride = kb; p.v_row_stride = kr; p.v_head_stride = kh;
+    p.v_batch_stride = vb; p.v_row_stride = vr; p.v_head_stride = vh;
     p.o_batch_stride = ob; p.o_row_stride = orr; p.o_head_stride = oh;
     p.batch = cs.B; p.heads_q = cs.Hq; p.heads_kv = cs.Hk; p.q_per_kv = cs.Hq / cs.Hk;
     p.seqlen_q = cs.Lq; p.seqlen_k = cs.Lk; p.head_dim = cs.D;
     p.diag_offset = cs.top_left ? 0 : cs.Lk - cs.Lq;  // bottom-right unless the case says top-left
-    p.lse_batch_stride = (int64_t)cs.Hq * cs.Lq; p.lse_head_stride = cs.Lq;
+    p.lse_batch_stride = lse_bs; p.lse_head_stride = lse_hs;
     // The host clamps finite windows to at most Lq + Lk (params.h).
     p.window_left = cs.wl < 0 ? -1 : std::min(cs.wl, cs.Lq + cs.Lk);
     p.window_right = cs.wr < 0 ? -1 : std::min(cs.wr, cs.Lq + cs.Lk);
-    p.scale = 1.f / sqrtf((float)cs.D); p.softcap = cs.softcap;
+    p.scale = cs.scale != 0.f ? cs.scale : 1.f / sqrtf((float)cs.D); p.softcap = cs.softcap;
     P.tma_q = encode_like_rust(q, cs.B, cs.Lq, cs.Hq, cs.D, qb, qr, qh, kn.bm);
     P.tma_k = encode_like_rust(k, cs.B, cs.Lk, cs.Hk, cs.D, kb, kr, kh, kn.bn);
-    P.tma_v = encode_like_rust(v, cs.B, cs.Lk, cs.Hk, cs.D, kb, kr, kh, kn.bn);
+    P.tma_v = encode_like_rust(v, cs.B, cs.Lk, cs.Hk, cs.D, vb, vr, vh, kn.bn);
     P.tma_o = encode_like_rust(O, cs.B, cs.Lq, cs.Hq, cs.D, ob, orr, oh, kn.bm);
 
     // The shared window: [0, dyn_off) stands for whatever precedes the
@@ -1438,7 +1490,7 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
             for (int mb = 0; mb < m_tiles; ++mb) {
                 bool any = false;
                 for (int i = mb * kn.bm; i < std::min(cs.Lq, (mb + 1) * kn.bm) && !any; ++i) {
-                    const int off = cs.Lk - cs.Lq;
+                    const int off = p.diag_offset;
                     const int lo = std::max(0, cs.wl < 0 ? 0 : i + off - cs.wl);
                     const int hi = std::min(cs.Lk, cs.wr < 0 ? cs.Lk : i + off + cs.wr + 1);
                     any = lo < hi;
@@ -1472,33 +1524,63 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     alarm(0);
 
     // f64 reference
+    // (check.h reads LSE densely: gather the strided one, and check its gaps here.)
+    std::vector<float> lse_dense((size_t)cs.B * cs.Hq * cs.Lq);
+    std::vector<char> lse_inview(lse.size(), 0);
+    for (int b = 0; b < cs.B; ++b)
+        for (int h = 0; h < cs.Hq; ++h)
+            for (int i = 0; i < cs.Lq; ++i) {
+                const int64_t at = b * lse_bs + h * lse_hs + i;
+                lse_dense[((size_t)b * cs.Hq + h) * cs.Lq + i] = LSE[at];
+                lse_inview[guard + at] = 1;
+            }
     EmuProblem ep{cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale, (double)cs.softcap, bf16, cs.lse,
-                  q, k, v, O, LSE, qb, qr, qh, kb, kr, kh, kb, kr, kh, ob, orr, oh};
+                  q, k, v, O, lse_dense.data(), qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orr, oh};
     ep.top_left = cs.top_left;
     const EmuCheck chk = emu_check_against_reference(ep, true);
     bool ok = ran_ok && chk.ok;
     // Outside the view and LSE's guards everything keeps its poison.
-    const long stray = emu_count_stray(ep, ov.data(), ov.size(), lse, guard);
+    long stray = emu_count_stray(ep, ov.data(), ov.size(), lse, guard);
+    for (size_t x = 0; x < lse.size(); ++x)
+        if (!lse_inview[x] && x >= (size_t)guard && x < lse.size() - guard && !std::isnan(lse[x])) stray++;
     if (stray) { ok = false; printf("  %ld stray writes outside O's view / LSE\n", stray); }
     const double rel = chk.rel();
-    if (!(rel <= emu_o_tol(bf16)) || !(chk.row_rel <= emu_row_tol(bf16))) ok = false;
-    if (cs.lse && !(chk.lse_rel <= kEmuLseTol)) ok = false;
-    ok = ok && case_errors == 0;
-    printf("%-4s %-24s %-24s B%d Hq%d Hk%d Lq%4d Lk%4d D%3d w(%d,%d) cap%.0f %s pad%d amp%.0f lse%d: rel %.2e row %.2e lse %.2e%s\n",
-           ok ? "ok" : "FAIL", kn.name, cs.what, cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, cs.softcap,
-           cs.bhsd ? "BHSD" : "BSHD", cs.pad, cs.amp, cs.lse, rel, chk.row_rel, chk.lse_rel, case_errors ? " (emulator errors)" : "");
+    // Which checks failed, named on the FAIL line (the negative control's table).
+    std::string checks;
+    auto failed = [&](const char *what) { checks += checks.empty() ? "" : ", "; checks += what; ok = false; };
+    if (!ran_ok) failed("run abandoned");
+    if (case_errors) failed("emulator errors");
+    if (!chk.ok) failed("non-finite O / empty-row O or LSE");
+    if (stray) failed("stray writes");
+    if (!(rel <= emu_o_tol(bf16))) failed("O rel L2");
+    if (!(chk.row_rel <= emu_row_tol(bf16))) failed("O worst row");
+    if (cs.lse && !(chk.lse_rel <= kEmuLseTol)) failed("LSE");
+    const std::string why = checks.empty() ? "" : " [failed: " + checks + "]";
+    char layout[32];
+    if (cs.own) snprintf(layout, sizeof layout, "%s/%s/%s/%s", lay_name(lay[0]), lay_name(lay[1]), lay_name(lay[2]), lay_name(lay[3]));
+    else snprintf(layout, sizeof layout, "%s", lay_name(lay[0]));
+    printf("%-4s %-24s %-24s B%d Hq%d Hk%d Lq%4d Lk%4d D%3d w(%d,%d) scale %.3g cap %.3g %s pad%d amp%.0f lse%d: rel %.2e row %.2e lse %.2e%s\n",
+           ok ? "ok" : "FAIL", kn.name, cs.what, cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale,
+           (double)cs.softcap, layout, cs.pad, cs.amp, cs.lse, rel, chk.row_rel, chk.lse_rel, why.c_str());
+    if (!ok && opt.stop_on_fail) {
+        printf("first failing case: %s, %s: %s\n", kn.name, cs.what, checks.c_str());
+        printf("--stop-on-fail: 1 failing case, %ld emulator errors\n", errors_total);
+        fflush(stdout);
+        _exit(1);
+    }
     fflush(stdout);
     return ok;
 }
 
 // Every kernel of the case's bucket and dtype: the default and its variants.
-static int run_case(const Case &cs, bool bf16, unsigned seed) {
+static int run_case(const Case &cs, bool bf16, unsigned seed, bool variants = true) {
     int hd = 1 << 30;
     for (const Kern &k : kerns)
         if (k.bf16 == bf16 && k.hd >= cs.D && !strstr(k.name, "__")) hd = std::min(hd, k.hd);
     int fails = 0, ran = 0;
     for (const Kern &k : kerns)
-        if (k.hd == hd && k.bf16 == bf16 && (opt.only.empty() || strstr(k.name, opt.only.c_str()))) {
+        if (k.hd == hd && k.bf16 == bf16 && (opt.only.empty() || strstr(k.name, opt.only.c_str())) &&
+            (variants || !strstr(k.name, "__"))) {
             fails += !run_case_on(k, cs, seed);
             ++ran;
         }
@@ -1513,9 +1595,17 @@ static int run_case(const Case &cs, bool bf16, unsigned seed) {
 //                             retiring wait_group, accumulators poisoned
 //                             meanwhile (default wait)
 //   --ordered                 fixed thread order, no yields, dynamic smem at 0
-//   --cases=all|quick|neg|none  the fixed case list (neg: the negative control's)
+//   --round=exact|real        wgmma sums and ex2.approx / __fdividef exactly
+//                             rounded (default), or as inexact as the hardware
+//                             may be: ex2.approx and __fdividef 2 ulp off (their
+//                             documented maximum), each wgmma k16 step
+//                             truncated and then 1 ulp off
+//   --cases=all|base|quick|neg|sem|none  the fixed case list (neg: the
+//                             negative control's; sem: only the semantics
+//                             cases; base: all but those)
 //   --random=N --seed=S       N extra random problems
 //   --sms=N                   grid of FA_GRID_PERSISTENT kernels (default 2)
+//   --stop-on-fail            exit at the first failing case (the negative control)
 //   --only=SUBSTR             kernels whose name contains SUBSTR
 //   --oob-box=skip-empty      the alternative reading of a wholly
 //                             out-of-bounds TMA box: nothing written, 0 bytes
@@ -1533,6 +1623,9 @@ int main(int argc, char **argv) {
         else if (a == "--wgmma=issue") opt.wgmma = WG_AT_ISSUE;
         else if (a == "--wgmma=wait") opt.wgmma = WG_AT_WAIT;
         else if (a == "--ordered") opt.shuffle = false;
+        else if (a == "--round=real") opt.real_round = true;
+        else if (a == "--round=exact") opt.real_round = false;
+        else if (a == "--stop-on-fail") opt.stop_on_fail = true;
         else if (a == "--oob-box=skip-empty") opt.oob_skip_empty = true;
         else if (!val("--seed=").empty()) opt.seed = atoi(val("--seed=").c_str());
         else if (!val("--sms=").empty()) opt.sms = atoi(val("--sms=").c_str());
@@ -1543,7 +1636,13 @@ int main(int argc, char **argv) {
         mode += (mode.empty() ? "" : " ") + a;
     }
     if (mode.empty()) mode = "defaults";
+    if (opt.cases != "all" && opt.cases != "base" && opt.cases != "quick" && opt.cases != "neg" && opt.cases != "sem" &&
+        opt.cases != "none") {
+        fprintf(stderr, "unknown --cases=%s\n", opt.cases.c_str());
+        return 2;
+    }
     rng.seed(opt.seed);
+    rng_round.seed(opt.seed * 31 + 5);
     signal(SIGALRM, alarm_handler);
     setvbuf(stdout, nullptr, _IOLBF, 0);
 
@@ -1557,8 +1656,10 @@ int main(int argc, char **argv) {
     unsigned seed = 7 + opt.seed;
     const bool quick = opt.cases == "quick", neg = opt.cases == "neg";
     if (opt.cases == "none") buckets.clear();  // only the random sweep
+    const bool sem = opt.cases == "sem";       // only the semantics cases below
+    const bool base = opt.cases == "base";     // all but the semantics cases
     // Every bucket, both dtypes: GQA, odd lengths, causal with Lq != Lk, LSE.
-    for (int hd : buckets)
+    for (int hd : sem ? std::vector<int>() : buckets)
         for (int bf = 0; bf < 2; ++bf) {
             if (neg && bf) continue;
             Case c{1, 2, 1, 77, 150, hd, -1, 0, 0.f, false, 0, 1.f, true, "mixed"};
@@ -1566,7 +1667,7 @@ int main(int argc, char **argv) {
             fails += run_case(c, bf, seed++);
         }
     // Per bucket: masks, shapes and head dims; the dtype alternates.
-    for (size_t bi = 0; bi < buckets.size(); ++bi) {
+    for (size_t bi = 0; bi < (sem ? 0 : buckets.size()); ++bi) {
         const int hd = buckets[bi];
         const bool big = hd > 128;
         const int below = bi ? buckets[bi - 1] : 0;  // head dims in (below, hd] use this bucket
@@ -1600,22 +1701,75 @@ int main(int argc, char **argv) {
                           1.f, true, "head_dim inside bucket"});
         for (size_t i = 0; i < cs.size(); ++i) {
             if (quick && i % 3) continue;
-            // neg: the negative control's subset; with the keyless-tile case
-            // and the first head dim inside the bucket (hd256: a dead box).
-            if (neg && !(i == 0 || i == 1 || i == 2 || i == 10 || i == 11 || i == 12)) continue;
+            // neg: the negative control's subset; with the keyless-tile case,
+            // top-left causal and the first head dim inside the bucket (hd256:
+            // a dead box).
+            if (neg && !(i == 0 || i == 1 || i == 2 || i == 10 || i == 11 || i == 12 || i == 14)) continue;
             fails += run_case(cs[i], neg ? false : (bi + i) % 2, seed++);
         }
+    }
+    // Per bucket, both dtypes: what the kernel computes rather than how it
+    // schedules it. GQA with several KV heads and 4+ query heads each, custom
+    // and negative scales, lengths one short of a tile (block_m - 1 rows,
+    // k * block_n - 1 keys), every tensor with its own strides (V's tensor map
+    // from V's own), scores in the hundreds to thousands, window edges, and
+    // softcaps from tiny to f32's largest (c * tanh(s / c) must stay
+    // relatively accurate for every finite c, DESIGN.md section 1).
+    for (int hd : base ? std::vector<int>() : buckets) {
+        int bn = 0, bm = 0;
+        for (const Kern &k : kerns)
+            if (k.hd == hd && !strstr(k.name, "__")) bn = k.bn, bm = k.bm;
+        const int one_short = bm - 1;
+        // The two GQA cases (the most CTAs) take one dtype each, swapped
+        // from bucket to bucket; the rest run in both.
+        const int gqa_bf = (hd / 64) % 2;
+        struct Sem { Case c; int dtypes; };  // dtypes: bit 0 f16, bit 1 bf16
+        std::vector<Sem> cs = {
+            {{2, 8, 2, one_short, 2 * bn - 1, hd, -1, 0, 0.f, LAY_BSHD, 8, 1.f, true, "GQA 8:2, causal", false, 0.3f, true},
+             1 << gqa_bf},
+            {{1, 12, 3, one_short, bn + 40, hd, 37, 11, 0.f, LAY_BHSD, 0, 1.f, true, "GQA 12:3, window", false, -0.7f, true},
+             2 >> gqa_bf},
+            {{2, 1, 1, 2 * bm - 1, 3 * bn - 1, hd, -1, -1, 0.f, LAY_SBHD, 8, 12.f, true, "scores in the 1000s", false, 1.7f, true},
+             3},
+            {{1, 4, 2, one_short, 2 * bn - 1, hd, -1, -1, 5.f, LAY_BHSD, 8, 3.f, true, "softcap 5", false, 1.7f, true}, 3},
+            {{1, 1, 1, one_short, 2 * bn - 1, hd, -1, 0, 1e-30f, LAY_BSHD, 0, 4.f, true, "softcap 1e-30", false, 0.3f, true}, 3},
+            {{1, 1, 1, one_short, 2 * bn - 1, hd, -1, 0, 1e6f, LAY_SBHD, 8, 4.f, true, "softcap 1e6", false, 0.3f, true}, 3},
+            {{1, 1, 1, one_short, 2 * bn - 1, hd, -1, 0, 1e38f, LAY_BHSD, 0, 4.f, true, "softcap 1e38", false, 1.7f, true}, 3},
+            {{1, 1, 1, one_short, 2 * bn - 1, hd, -1, 0, FLT_MAX, LAY_BSHD, 8, 4.f, true, "softcap FLT_MAX", false, 0.f, true}, 3},
+        };
+        if (neg) {
+            // The negative control, for its semantic mutants: all of the
+            // above in one case on the bucket's default kernel (the variants
+            // share this code); mask edges and the rest come from the cases
+            // above.
+            const Case c{2, 4, 2, one_short, 2 * bn - 1, hd, 37, 11, 5.f, LAY_BHSD, 8, 3.f, true, "neg: GQA, scale, cap",
+                         false, -1.7f, true};
+            fails += run_case(c, false, seed++, false);
+            continue;
+        }
+        for (size_t i = 0; i < cs.size(); ++i)
+            for (int bf = 0; bf < 2; ++bf) {
+                if (!(cs[i].dtypes >> bf & 1)) continue;
+                if (quick && i % 3) continue;
+                fails += run_case(cs[i].c, bf, seed++);
+            }
     }
     // A seeded sweep of random problems (--random=N).
     std::mt19937 r(opt.seed * 7919 + 17);
     for (int it = 0; it < opt.random; ++it) {
         Case c{};
-        c.B = 1 + r() % 2; c.Hk = 1 + r() % 2; c.Hq = c.Hk * (1 + r() % 3);
+        static const int ratios[] = {1, 2, 3, 4, 6};
+        c.B = 1 + r() % 2; c.Hk = 1 + r() % 3; c.Hq = c.Hk * ratios[r() % 5];
         c.Lq = 1 + r() % 300; c.Lk = r() % 10 == 0 ? 0 : 1 + r() % 400;
+        // Many heads: fewer row blocks, so a case stays about as cheap.
+        if (c.B * c.Hq > 8) c.B = 1;
+        if (c.B * c.Hq > 4) c.Lq = std::min(c.Lq, 128 * std::max(1, 12 / (c.B * c.Hq)));
         c.D = 8 * (1 + r() % 32);
         c.wl = r() % 2 ? -1 : (int)(r() % 150); c.wr = r() % 2 ? -1 : (int)(r() % 150);
         c.softcap = r() % 4 == 0 ? 5.f + r() % 50 : 0.f;
-        c.bhsd = r() % 2; c.pad = 8 * (r() % 3); c.amp = r() % 5 == 0 ? 20.f : 1.f; c.lse = r() % 5 != 0;
+        c.layout = r() % 3; c.own = r() % 2; c.pad = 8 * (r() % 3); c.amp = r() % 5 == 0 ? 20.f : 1.f; c.lse = r() % 5 != 0;
+        // A custom scale in a third of the cases, negative in half of those.
+        if (r() % 3 == 0) c.scale = (r() % 2 ? -1.f : 1.f) * (0.05f + (r() % 1000) * 0.002f);
         c.what = "random";
         if (c.D > 128) { c.Lq = std::min(c.Lq, 200); c.Lk = std::min(c.Lk, 200); }  // the slow bucket
         fails += run_case(c, r() % 2, seed++);

@@ -90,13 +90,16 @@ static inline void __threadfence_block() { emu_sched_point(); }
 static inline void __nanosleep(unsigned) { emu_sched_point(); }
 
 // ---- math with device semantics ------------------------------------------------------
+// `ulps` off in a random direction under --round=real (emu.cpp), else y.
+float emu_perturb(float y, int ulps);
 // __fdividef(x, y) is x * rcp.approx(y): for 2^126 < |y| < 2^128 the
 // reciprocal flushes to zero, so the quotient is 0 (NaN for infinite x), as
-// the CUDA math documentation states; elsewhere an ordinary quotient.
+// the CUDA math documentation states; elsewhere an ordinary quotient, up to
+// its documented 2 ulp off under --round=real.
 static inline float __fdividef(float x, float y) {
     const float ay = fabsf(y);
     if (ay > 0x1p126f && ay <= 3.40282347e38f) return std::isinf(x) ? NAN : 0.f * x;
-    return x / y;
+    return emu_perturb(x / y, 2);
 }
 
 // ---- translated PTX (see gen.py) ------------------------------------------------------
