@@ -47,9 +47,9 @@
 mod emu;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use emu::{output, prerequisites, tail};
+use emu::{mutated_copy, output, prerequisites, run_modes, tail, Mutant};
 
 /// Translates `kernels` into `work/kernels` (only the kernels matching `only`,
 /// if given) and compiles the emulator there.
@@ -77,34 +77,6 @@ fn build(kernels: &Path, work: &Path, include: &Path, only: Option<&str>) -> Res
         "compiling the emulator",
     )?;
     Ok(exe)
-}
-
-/// Runs the emulator once per argument list, as many at a time as there are
-/// cores (each run is single-threaded); returns (args, exit ok, output) in order.
-fn run_modes(exe: &Path, work: &Path, modes: &[Vec<String>]) -> Vec<(String, bool, String)> {
-    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get()).min(modes.len()).max(1);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results = std::sync::Mutex::new(vec![None; modes.len()]);
-    std::thread::scope(|s| {
-        for _ in 0..jobs {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(args) = modes.get(i) else { break };
-                // Output to a file: a full pipe must not stall the emulator.
-                let log = work.join(format!("mode{i}.log"));
-                let file = std::fs::File::create(&log).expect("creating a log file");
-                let status = Command::new(exe)
-                    .args(args)
-                    .stdout(Stdio::from(file.try_clone().expect("log file")))
-                    .stderr(Stdio::from(file))
-                    .status();
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                let ok = status.is_ok_and(|s| s.success());
-                results.lock().unwrap()[i] = Some((args.join(" "), ok, text));
-            });
-        }
-    });
-    results.into_inner().unwrap().into_iter().map(|r| r.expect("every mode ran")).collect()
 }
 
 fn args(list: &[&str]) -> Vec<String> {
@@ -163,13 +135,6 @@ fn sm80_and_naive_kernel_sources_pass_under_the_emulator() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     let _ = std::fs::remove_dir_all(&work);
-}
-
-/// One injected bug: exact-text edits to a copy of `kernels/`.
-struct Mutant {
-    name: &'static str,
-    file: &'static str,
-    edits: &'static [(&'static str, &'static str)],
 }
 
 const MUTANTS: &[Mutant] = &[
@@ -356,19 +321,6 @@ const MUTANTS: &[Mutant] = &[
     },
 ];
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 /// Negative control: every injected bug must make the emulator fail (a wrong
 /// result, a stray write, an emulator error or a deadlock) in at least one
 /// run, while the unmodified source passes the same runs. Prints a table:
@@ -393,19 +345,10 @@ fn sm80_emulator_catches_injected_bugs() {
     for (i, m) in std::iter::once(None).chain(MUTANTS.iter().map(Some)).enumerate() {
         let work = base.join(format!("m{i}"));
         let src = work.join("src");
-        copy_dir(&root.join("kernels"), &src);
         let name = m.map_or("(unmodified source: must pass)", |m| m.name).to_string();
-        if let Some(m) = m {
-            let path = src.join(m.file);
-            let mut text = std::fs::read_to_string(&path).unwrap();
-            if let Some((old, _)) = m.edits.iter().find(|(old, _)| !text.contains(old)) {
-                rows.push((name, Err(format!("not applicable: `{old}` is no longer in {}", m.file))));
-                continue;
-            }
-            for (old, new) in m.edits {
-                text = text.replace(old, new);
-            }
-            std::fs::write(&path, text).unwrap();
+        if let Err(why) = mutated_copy(&root.join("kernels"), &src, m) {
+            rows.push((name, Err(why)));
+            continue;
         }
         let exe = match build(&src, &work, &include, Some(only)) {
             Ok(exe) => exe,

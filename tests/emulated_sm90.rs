@@ -63,7 +63,7 @@ mod emu;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use emu::{output, prerequisites, tail};
+use emu::{mutated_copy, output, prerequisites, run_modes, tail, Mutant};
 
 /// Translates `kernels` into `work` and compiles the emulator there.
 fn build(kernels: &Path, work: &Path, include: &Path) -> Result<PathBuf, String> {
@@ -88,34 +88,6 @@ fn build(kernels: &Path, work: &Path, include: &Path) -> Result<PathBuf, String>
         "compiling the emulator",
     )?;
     Ok(exe)
-}
-
-/// Runs the emulator once per argument list, two at a time (the emulator is
-/// single-threaded); returns (args, exit ok, output) in order.
-fn run_modes(exe: &Path, work: &Path, modes: &[&[&str]]) -> Vec<(String, bool, String)> {
-    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get()).min(modes.len()).max(1);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results = std::sync::Mutex::new(vec![None; modes.len()]);
-    std::thread::scope(|s| {
-        for _ in 0..jobs {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(args) = modes.get(i) else { break };
-                // Output to a file: a full pipe must not stall the emulator.
-                let log = work.join(format!("mode{i}.log"));
-                let file = std::fs::File::create(&log).expect("creating a log file");
-                let status = Command::new(exe)
-                    .args(*args)
-                    .stdout(Stdio::from(file.try_clone().expect("log file")))
-                    .stderr(Stdio::from(file))
-                    .status();
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                let ok = status.is_ok_and(|s| s.success());
-                results.lock().unwrap()[i] = Some((args.join(" "), ok, text));
-            });
-        }
-    });
-    results.into_inner().unwrap().into_iter().map(|r| r.expect("every mode ran")).collect()
 }
 
 fn stat(out: &str, label: &str) -> u64 {
@@ -201,13 +173,6 @@ fn sm90_kernel_source_passes_under_the_emulator() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     let _ = std::fs::remove_dir_all(&work);
-}
-
-/// One injected bug: exact-text edits to a copy of `kernels/`.
-struct Mutant {
-    name: &'static str,
-    file: &'static str,
-    edits: &'static [(&'static str, &'static str)],
 }
 
 const MUTANTS: &[Mutant] = &[
@@ -519,19 +484,6 @@ const MUTANTS: &[Mutant] = &[
     },
 ];
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 /// Runs the emulator with each argument list in turn until one fails;
 /// `Some([args] diagnostic)` for that one (the first emulator error,
 /// deadlock or watchdog line if any, and the first failing case with the
@@ -630,18 +582,9 @@ fn run_mutant(
     modes: &[&[&str]],
 ) -> (String, Result<Option<String>, String>) {
     let src = work.join("src");
-    copy_dir(&root.join("kernels"), &src);
     let name = m.map_or("(unmodified source: must pass)", |m| m.name).to_string();
-    if let Some(m) = m {
-        let path = src.join(m.file);
-        let mut text = std::fs::read_to_string(&path).unwrap();
-        if let Some((old, _)) = m.edits.iter().find(|(old, _)| !text.contains(old)) {
-            return (name, Err(format!("not applicable: `{old}` is no longer in {}", m.file)));
-        }
-        for (old, new) in m.edits {
-            text = text.replace(old, new);
-        }
-        std::fs::write(&path, text).unwrap();
+    if let Err(why) = mutated_copy(&root.join("kernels"), &src, m) {
+        return (name, Err(why));
     }
     // f16 kernels only: half the compile time.
     let entry = src.join("fwd_sm90.cu");

@@ -46,3 +46,77 @@ pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// Runs the emulator once per argument list, as many at a time as there are
+/// cores (the emulator is single-threaded), each writing to its own log file
+/// (a full pipe must not stall it); returns (args, exit ok, output) in order.
+pub fn run_modes<A: AsRef<[S]> + Sync, S: AsRef<str> + Sync>(
+    exe: &std::path::Path,
+    work: &std::path::Path,
+    modes: &[A],
+) -> Vec<(String, bool, String)> {
+    use std::process::Stdio;
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get()).min(modes.len()).max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(vec![None; modes.len()]);
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(args) = modes.get(i) else { break };
+                let args: Vec<&str> = args.as_ref().iter().map(|a| a.as_ref()).collect();
+                let log = work.join(format!("mode{i}.log"));
+                let file = std::fs::File::create(&log).expect("creating a log file");
+                let status = Command::new(exe)
+                    .args(&args)
+                    .stdout(Stdio::from(file.try_clone().expect("log file")))
+                    .stderr(Stdio::from(file))
+                    .status();
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let ok = status.is_ok_and(|s| s.success());
+                results.lock().unwrap()[i] = Some((args.join(" "), ok, text));
+            });
+        }
+    });
+    results.into_inner().unwrap().into_iter().map(|r| r.expect("every mode ran")).collect()
+}
+
+/// An injected bug for a negative control: exact text edits to one kernel
+/// source file. A pattern that is no longer in the file makes the control
+/// fail rather than pass vacuously.
+pub struct Mutant {
+    pub name: &'static str,
+    pub file: &'static str,
+    pub edits: &'static [(&'static str, &'static str)],
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Copies `kernels` to `src` and applies the mutant's edits there (none for
+/// the unmodified source). Err when a pattern is not found.
+pub fn mutated_copy(kernels: &std::path::Path, src: &std::path::Path, m: Option<&Mutant>) -> Result<(), String> {
+    copy_dir(kernels, src);
+    if let Some(m) = m {
+        let path = src.join(m.file);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        if let Some((old, _)) = m.edits.iter().find(|(old, _)| !text.contains(old)) {
+            return Err(format!("not applicable: `{old}` is no longer in {}", m.file));
+        }
+        for (old, new) in m.edits {
+            text = text.replace(old, new);
+        }
+        std::fs::write(&path, text).unwrap();
+    }
+    Ok(())
+}
