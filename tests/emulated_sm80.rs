@@ -49,7 +49,7 @@ mod emu;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use emu::{mutated_copy, output, prerequisites, run_modes, tail, Mutant};
+use emu::{control_verdict, mutated_copy, output, prerequisites, run_modes, tail, Mutant};
 
 /// Translates `kernels` into `work/kernels` (only the kernels matching `only`,
 /// if given) and compiles the emulator there.
@@ -341,7 +341,7 @@ fn sm80_emulator_catches_injected_bugs() {
         args(&["--kernel=naive", "--cases=neg"]),
     ];
     // (name, Ok(Some(first diagnostic)) if caught / Ok(None) if missed, or Err(why not run))
-    let mut rows: Vec<(String, Result<Option<String>, String>)> = Vec::new();
+    let mut rows: Vec<emu::ControlRow> = Vec::new();
     for (i, m) in std::iter::once(None).chain(MUTANTS.iter().map(Some)).enumerate() {
         let work = base.join(format!("m{i}"));
         let src = work.join("src");
@@ -377,20 +377,7 @@ fn sm80_emulator_catches_injected_bugs() {
         rows.push((name, Ok(caught)));
         let _ = std::fs::remove_dir_all(&work);
     }
-    let mut bad = Vec::new();
-    for (i, (name, r)) in rows.iter().enumerate() {
-        let line = match (i, r) {
-            (0, Ok(None)) => format!("ok      {name}"),
-            (0, Ok(Some(d))) => format!("BROKEN  {name}: {d}"),
-            (_, Ok(Some(d))) => format!("caught  {name}\n          {d}"),
-            (_, Ok(None)) => format!("MISSED  {name}"),
-            (_, Err(e)) => format!("ERROR   {name}: {e}"),
-        };
-        eprintln!("{line}");
-        if !line.starts_with("ok") && !line.starts_with("caught") {
-            bad.push(line);
-        }
-    }
+    let bad = control_verdict(rows);
     assert!(bad.is_empty(), "negative control failed:\n{}", bad.join("\n"));
     let _ = std::fs::remove_dir_all(&base);
 }

@@ -63,7 +63,7 @@ mod emu;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use emu::{mutated_copy, output, prerequisites, run_modes, tail, Mutant};
+use emu::{control_verdict, mutated_copy, output, prerequisites, run_modes, tail, Mutant};
 
 /// Translates `kernels` into `work` and compiles the emulator there.
 fn build(kernels: &Path, work: &Path, include: &Path) -> Result<PathBuf, String> {
@@ -539,7 +539,7 @@ fn sm90_emulator_catches_injected_bugs() {
     ];
     let all: Vec<Option<&Mutant>> = std::iter::once(None).chain(MUTANTS.iter().map(Some)).collect();
     // (name, Ok(Some(diagnostic)) if caught / Ok(None) if missed, or Err(why not run))
-    type Row = (String, Result<Option<String>, String>);
+    type Row = emu::ControlRow;
     let rows: Vec<std::sync::Mutex<Option<Row>>> = all.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let started = std::time::Instant::now();
@@ -553,34 +553,14 @@ fn sm90_emulator_catches_injected_bugs() {
             });
         }
     });
-    let mut bad = Vec::new();
-    for (i, row) in rows.into_iter().enumerate() {
-        let (name, r) = row.into_inner().unwrap().expect("every mutant ran");
-        let line = match (i, r) {
-            (0, Ok(None)) => format!("ok      {name}"),
-            (0, Ok(Some(d))) => format!("BROKEN  {name}: {d}"),
-            (_, Ok(Some(d))) => format!("caught  {name}\n          {d}"),
-            (_, Ok(None)) => format!("MISSED  {name}"),
-            (_, Err(e)) => format!("ERROR   {name}: {e}"),
-        };
-        eprintln!("{line}");
-        if !line.starts_with("ok") && !line.starts_with("caught") {
-            bad.push(line);
-        }
-    }
+    let bad = control_verdict(rows.into_iter().map(|row| row.into_inner().unwrap().expect("every mutant ran")));
     eprintln!("negative control: {} mutants in {:.0} s", MUTANTS.len(), started.elapsed().as_secs_f64());
     assert!(bad.is_empty(), "negative control failed:\n{}", bad.join("\n"));
     let _ = std::fs::remove_dir_all(&base);
 }
 
 /// Builds one mutant (or the unmodified source) in `work` and runs it.
-fn run_mutant(
-    root: &Path,
-    work: &Path,
-    include: &Path,
-    m: Option<&Mutant>,
-    modes: &[&[&str]],
-) -> (String, Result<Option<String>, String>) {
+fn run_mutant(root: &Path, work: &Path, include: &Path, m: Option<&Mutant>, modes: &[&[&str]]) -> emu::ControlRow {
     let src = work.join("src");
     let name = m.map_or("(unmodified source: must pass)", |m| m.name).to_string();
     if let Err(why) = mutated_copy(&root.join("kernels"), &src, m) {

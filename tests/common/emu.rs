@@ -120,3 +120,28 @@ pub fn mutated_copy(kernels: &std::path::Path, src: &std::path::Path, m: Option<
     }
     Ok(())
 }
+
+/// What one run of a negative control found: the mutant's name and
+/// `Ok(Some(first failing check))` when caught, `Ok(None)` when it passed,
+/// `Err(why)` when it could not be run.
+pub type ControlRow = (String, Result<Option<String>, String>);
+
+/// Prints the control's table (row 0 is the unmodified source, which must
+/// pass; every other row must be caught) and returns the lines that are wrong.
+pub fn control_verdict(rows: impl IntoIterator<Item = ControlRow>) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (i, (name, r)) in rows.into_iter().enumerate() {
+        let line = match (i, r) {
+            (0, Ok(None)) => format!("ok      {name}"),
+            (0, Ok(Some(d))) => format!("BROKEN  {name}: {d}"),
+            (_, Ok(Some(d))) => format!("caught  {name}\n          {d}"),
+            (_, Ok(None)) => format!("MISSED  {name}"),
+            (_, Err(e)) => format!("ERROR   {name}: {e}"),
+        };
+        eprintln!("{line}");
+        if !line.starts_with("ok") && !line.starts_with("caught") {
+            bad.push(line);
+        }
+    }
+    bad
+}
