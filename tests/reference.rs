@@ -303,3 +303,33 @@ fn reference_is_parallel_and_deterministic() {
     let b = run(&q, &k, &v, ql, kl, AttentionOptions::new(Mask::Causal));
     assert_eq!(a.o, b.o);
 }
+
+#[test]
+fn a_bhsd_tensor_gives_the_result_of_its_bshd_copy() {
+    // A PyTorch SDPA / candle attention tensor is [B, H, S, D]: described by
+    // its own dims and strides (from_bhsd_dims) or by Layout::bhsd in that
+    // argument order, it must give exactly what its BSHD copy gives.
+    let (b, h, s, d) = (2, 3, 7, 16);
+    let mut rng = StdRng::seed_from_u64(12);
+    let bhsd: Vec<bf16> = random(&mut rng, b * h * s * d, 2.0);
+    let bhsd_layout = Layout::bhsd(b, h, s, d);
+    let candle = Layout::from_bhsd_dims(&[b, h, s, d], &[h * s * d, s * d, d, 1]).unwrap();
+    assert_eq!(candle, bhsd_layout);
+    let bshd_layout = Layout::bshd(b, s, h, d);
+    let mut bshd = vec![bf16::ZERO; b * s * h * d];
+    for bi in 0..b {
+        for hi in 0..h {
+            for si in 0..s {
+                for x in 0..d {
+                    bshd[bshd_layout.offset(bi, si, hi, x)] = bhsd[((bi * h + hi) * s + si) * d + x];
+                }
+            }
+        }
+    }
+    let opts = AttentionOptions::new(Mask::Causal);
+    let a = run(&bhsd, &bhsd, &bhsd, bhsd_layout, bhsd_layout, opts);
+    let c = run(&bshd, &bshd, &bshd, bshd_layout, bshd_layout, opts);
+    assert_eq!(a.o, c.o);
+    assert_eq!(a.lse, c.lse);
+    assert_eq!((a.problem.seqlen_q, a.problem.heads_q), (s, h));
+}
