@@ -228,7 +228,10 @@ fn dispatch_table_is_complete_and_consistent() {
 }
 
 fn dump(tool: &Path, flag: &str, bytes: &[u8], stem: &str) -> String {
-    let path = std::env::temp_dir().join(format!("fused-attn-{}-{stem}.fatbin", std::process::id()));
+    // One file per call: trials run on several threads and may dump the same image at once.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("fused-attn-{}-{n}-{stem}.fatbin", std::process::id()));
     std::fs::write(&path, bytes).unwrap();
     // cuobjdump runs nvdisasm for --dump-sass; it ships beside cuobjdump.
     let mut path_var = std::ffi::OsString::from(tool.parent().unwrap_or(Path::new(".")));
