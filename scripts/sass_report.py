@@ -158,6 +158,9 @@ def count(body):
     for i in body:
         c[classify(i["opcode"])] += 1
     c["total"] = len(body)
+    # Not classes (already in `tensor`): which tensor-core generation.
+    c["hmma"] = sum(1 for i in body if i["opcode"].split(".")[0] == "HMMA")
+    c["hgmma"] = sum(1 for i in body if i["opcode"].split(".")[0] == "HGMMA")
     return c
 
 
@@ -506,7 +509,7 @@ def self_test():
     assert (f[head]["addr"], f[br]["addr"]) == (0x20, 0xC0)
     c = count(f[head : br + 1])
     want = {"tensor": 1, "ex2": 2, "mufu_other": 0, "fp32": 1, "shared_ld": 1, "shared_st": 0, "copy": 0,
-            "sync": 3, "uniform": 1, "branch": 2, "alu": 0, "total": 11}
+            "sync": 3, "uniform": 1, "branch": 2, "alu": 0, "total": 11, "hmma": 0, "hgmma": 1}
     assert c == want, c
     w = wait_placement(f[head : br + 1])
     assert [(x["pending"], x["pos"], x["ex2_before"]) for x in w["waits"]] == [(1, 2, 0), (0, 4, 1)], w
@@ -522,6 +525,17 @@ def self_test():
     print("self-test ok")
 
 
+def flatten(value, prefix=""):
+    """`path<TAB>value` lines of a JSON-like value (lists indexed), for tests without a JSON parser."""
+    if isinstance(value, dict):
+        return [l for k, v in value.items() for l in flatten(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return [l for n, v in enumerate(value) for l in flatten(v, f"{prefix}.{n}")]
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    return [f"{prefix}\t{'null' if value is None else value}"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fatbin-dir", help="directory with <stem>.fatbin (default: newest target/*/build/fused-attn-*/out)")
@@ -532,20 +546,33 @@ def main():
     ap.add_argument("--variants", action="store_true", help="also report name__tag variant kernels if built")
     ap.add_argument("--out", help="Markdown report to write")
     ap.add_argument("--json", help="JSON to write ('-' for stdout)")
+    ap.add_argument("--flat", help="`kernel.path<TAB>value` lines to write ('-' for stdout)")
+    ap.add_argument("--sass", action="append", default=[],
+                    help="analyse this SASS text file (stem = image, e.g. fwd_sm90.sass) instead of the fatbins")
     ap.add_argument("--self-test", action="store_true")
     a = ap.parse_args()
     if a.self_test:
         self_test()
         return
-    d = a.fatbin_dir or locate_build()
-    report_path = a.resource_report or os.path.join(d, "resource-report.txt")
-    tool = find_tool(a.cuobjdump)
-    if not tool:
-        sys.exit("no cuobjdump: pass --cuobjdump or set CUOBJDUMP")
-    sass = {os.path.splitext(os.path.basename(p))[0]: dump_sass(tool, p)
-            for p in sorted(glob.glob(os.path.join(d, "*.fatbin")))}
-    with open(report_path) as f:
-        resources = parse_resource_report(f.read())
+    if a.sass:
+        sass = {}
+        for p in a.sass:
+            with open(p) as f:
+                sass[os.path.splitext(os.path.basename(p))[0]] = f.read()
+        resources = {}
+        if a.resource_report:
+            with open(a.resource_report) as f:
+                resources = parse_resource_report(f.read())
+    else:
+        d = a.fatbin_dir or locate_build()
+        report_path = a.resource_report or os.path.join(d, "resource-report.txt")
+        tool = find_tool(a.cuobjdump)
+        if not tool:
+            sys.exit("no cuobjdump: pass --cuobjdump or set CUOBJDUMP")
+        sass = {os.path.splitext(os.path.basename(p))[0]: dump_sass(tool, p)
+                for p in sorted(glob.glob(os.path.join(d, "*.fatbin")))}
+        with open(report_path) as f:
+            resources = parse_resource_report(f.read())
     kernels = analyse(sass, resources, parse_table(), a.variants)
     nvcc = a.nvcc_version
     if nvcc is None and os.environ.get("NVCC"):
@@ -565,7 +592,15 @@ def main():
         else:
             with open(a.json, "w") as f:
                 f.write(doc)
-    if not a.out and not a.json:
+    if a.flat:
+        lines = [l for k in kernels for l in flatten(k, k["kernel"])]
+        doc = "\n".join(lines) + "\n"
+        if a.flat == "-":
+            sys.stdout.write(doc)
+        else:
+            with open(a.flat, "w") as f:
+                f.write(doc)
+    if not a.out and not a.json and not a.flat:
         print(markdown(kernels, meta))
 
 
