@@ -165,17 +165,25 @@ def count(body):
 
 
 def hot_loop(insns, by="tensor"):
-    """The loop with the most instructions of class `by` (ties: the shorter body), or None."""
-    best = None
+    """The innermost loop with the most instructions of class `by`, or None.
+
+    Candidates are the loops holding at least one such instruction that do not
+    strictly contain another candidate (a persistent kernel's tile loop holds
+    the key-tile loop plus the GEMMs of its first and last tile; the key-tile
+    loop is the hot one). Among them the most `by` instructions win, ties going
+    to the shorter body.
+    """
+    cands = []
     for head, br in find_loops(insns):
-        body = insns[head : br + 1]
-        n = sum(1 for i in body if classify(i["opcode"]) == by)
-        key = (n, -len(body))
-        if n and (best is None or key > best[0]):
-            best = (key, head, br)
-    if best is None:
+        n = sum(1 for i in insns[head : br + 1] if classify(i["opcode"]) == by)
+        if n:
+            cands.append((head, br, n))
+    inner = [c for c in cands
+             if not any(o is not c and c[0] <= o[0] and o[1] <= c[1] and (o[0], o[1]) != (c[0], c[1])
+                        for o in cands)]
+    if not inner:
         return None
-    _, head, br = best
+    head, br, _ = max(inner, key=lambda c: (c[2], -(c[1] - c[0])))
     return head, br
 
 
@@ -386,17 +394,26 @@ def markdown(kernels, meta):
         "kernel change with",
         "",
         "```sh",
-        "cargo build --tests   # with NVCC set, see README",
-        "python3 scripts/sass_report.py --out docs/sass-report.md",
+        ("FUSED_ATTN_VARIANTS=1 cargo build --tests   # with NVCC set, see README"
+         if meta.get("variants") else "cargo build --tests   # with NVCC set, see README"),
+        "python3 scripts/sass_report.py " + ("--variants " if meta.get("variants") else "")
+        + "--out docs/sass-report.md",
         "```",
         "",
         f"Built with: `{meta.get('nvcc', '?')}`; SASS from `cuobjdump --dump-sass`.",
         "",
-        "**Hot loop**: the backward branch (`BRA` to a lower address) whose body holds the most",
-        "HMMA/HGMMA instructions (ties: the shorter body), i.e. the key-tile loop. Counts are *static*:",
+        "**Hot loop**: of the loops (a backward `BRA` and the body from its target to it) that hold",
+        "HMMA/HGMMA instructions and contain no other such loop, the one with the most (ties: the",
+        "shorter body), i.e. the key-tile loop (a persistent kernel's tile loop is skipped). Counts are *static*:",
         "each instruction of the body once, both sides of any branch inside it included, so they",
         "are issue slots per key tile per warp (an upper bound where the body has masked/unmasked",
-        "paths), not a profile. Classes (every instruction in exactly one, tried in this order):",
+        "paths), not a profile. The tiled kernels' loops include the softcap branch (its tanh is",
+        "one `MUFU.EX2` of `-|x|` and one `MUFU.RCP` per score: the `mufu_other` column). `fwd_naive`",
+        "has no tensor ops: its hot loop is the loop with the most `MUFU.EX2` (`selected_by` in the",
+        "JSON). Base kernels at sm_80 (fwd_sm80, fwd_naive) and sm_90a (fwd_sm90)"
+        + ("; `name__tag` rows are the measurement-only variants (FUSED_ATTN_VARIANTS=1)." if meta.get("variants")
+           else "."),
+        "Classes (every instruction in exactly one, tried in this order):",
         "",
     ]
     for c, desc in CLASSES:
@@ -459,21 +476,31 @@ def markdown(kernels, meta):
 
 def finding(kernels):
     """One paragraph summarising the sm90 wait placement."""
-    sm90 = [k for k in kernels if k["arch"].startswith("sm_90") and k["hot_loop"]]
+    every = [k for k in kernels if k["arch"].startswith("sm_90") and k["hot_loop"]]
+    sm90 = [k for k in every if not k["variant"]]
     if not sm90:
         return ""
     ws = [k["hot_loop"]["wgmma_waits"] for k in sm90]
-    if all(w["softmax_ex2_in_window"] == 0 and w["softmax_ex2_after_last_wait0"] for w in ws):
-        return ("**Finding** (all sm_90a kernels): the hot loop has one `WARPGROUP.DEPBAR.LE gsb0, 0x1` "
+    lost = lambda w: w["softmax_ex2_in_window"] == 0 and bool(w["softmax_ex2_after_last_wait0"])
+    variants = [k for k in every if k["variant"]]
+    tail = ""
+    if variants:
+        same = all(lost(k["hot_loop"]["wgmma_waits"]) for k in variants)
+        tail = (" The variants (`__tag`) show the same placement." if same else
+                " Variants differ: " + "; ".join(
+                    f"`{k['kernel']}`: {k['hot_loop']['wgmma_waits']['softmax_ex2_in_window']} softmax EX2 in the "
+                    "window" for k in variants if not lost(k["hot_loop"]["wgmma_waits"])) + ".")
+    if all(lost(w) for w in ws):
+        return ("**Finding** (all sm_90a base kernels): the hot loop has one `WARPGROUP.DEPBAR.LE gsb0, 0x1` "
                 "right after the two GEMMs are issued and one `0x0` wait later, but *no softmax exponential "
-                "lies between them*: every exp2(S - m) and the row-max FMNMXs come after the `0x0` wait, "
+                "lies between them*: every exp2(S - m) and nearly all of the row-max FMNMXs come after the `0x0` wait, "
                 "i.e. after P_{j-1} V_{j-1} has retired. The only EX2s inside the window are the softcap's "
                 "tanh (`-|x|` operand), present only when a softcap is set. So in the default (uncapped) "
                 "path the window holds just the score scaling and masking, and the intra-warpgroup "
                 "softmax/GEMM overlap the source asks for is lost in the SASS, as issue 9 says "
-                "(item 2 aims to change this).")
+                "(item 2 aims to change this)." + tail)
     return "**Finding**: softmax EX2 between the 0x1 and 0x0 waits: " + "; ".join(
-        f"`{k['kernel']}`: {w['softmax_ex2_in_window']}" for k, w in zip(sm90, ws)) + "."
+        f"`{k['kernel']}`: {w['softmax_ex2_in_window']}" for k, w in zip(sm90, ws)) + "." + tail
 
 
 SELF_TEST = """
@@ -515,6 +542,11 @@ def self_test():
     assert [(x["pending"], x["pos"], x["ex2_before"]) for x in w["waits"]] == [(1, 2, 0), (0, 4, 1)], w
     assert w["ex2_between_1_and_0"] == [1], w
     assert (w["softmax_ex2_in_window"], w["softmax_ex2_after_last_wait0"]) == (1, 1), w
+    # Two nested loops with tensor ops: the inner one is the hot loop.
+    nested = SELF_TEST.replace("/*00e0*/                   BRA 0xe0;", "/*00e0*/                   BRA 0x10;")
+    f2 = parse_sass(nested)[("sm_90a", "toy")]
+    head2, br2 = hot_loop(f2)
+    assert (f2[head2]["addr"], f2[br2]["addr"]) == (0x20, 0xC0), (f2[head2]["addr"], f2[br2]["addr"])
     # A function whose only backward branch encloses no tensor op has no hot loop.
     g = parse_sass(SELF_TEST.replace("HGMMA.64x128x16.F32.BF16", "FMUL").replace("HMMA.16816.F32", "FMUL"))
     assert hot_loop(g[("sm_90a", "toy")]) is None
@@ -581,7 +613,8 @@ def main():
             nvcc = next((l.strip() for l in v.splitlines() if "release" in l), None)
         except OSError:
             pass
-    meta = {"nvcc": nvcc or "unknown", "h100": H100, "finding": finding(kernels)}
+    meta = {"nvcc": nvcc or "unknown", "variants": a.variants and any(k["variant"] for k in kernels),
+            "h100": H100, "finding": finding(kernels)}
     if a.out:
         with open(a.out, "w") as f:
             f.write(markdown(kernels, meta))
