@@ -81,7 +81,7 @@ impl KernelInfo {
 }
 
 /// The family of a table row, or `None` for an image this build does not know.
-pub fn family_of(row: &KernelRow) -> Option<KernelFamily> {
+fn family_of(row: &KernelRow) -> Option<KernelFamily> {
     KernelFamily::from_image_stem(row.image)
 }
 

@@ -156,7 +156,7 @@ pub use half;
 #[doc(hidden)]
 pub mod internals {
     pub use crate::device::{image_runs_on, require_kernels};
-    pub use crate::dispatch::{check_alignment, dispatch, family_of, DeviceInfo, DispatchTensors};
+    pub use crate::dispatch::{check_alignment, dispatch, DeviceInfo, DispatchTensors};
     pub use crate::params::{fwd_params, tma_spec, Addrs, TmaSpec};
     pub use crate::sys::*;
     pub use crate::validate::{

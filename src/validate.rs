@@ -242,32 +242,28 @@ fn check_tensor(t: &TensorDesc) -> Result<()> {
     if numel.is_none_or(|n| n > limit) {
         return Err(overflow(t.arg, "element count", numel, limit));
     }
-    let span = t.layout.span();
-    match span {
-        Some(s) if s as u128 <= limit => {
-            if s > t.len {
-                return Err(Error::OutOfBounds { arg: t.arg, needed: s, len: t.len });
-            }
-            Ok(())
-        }
-        _ => Err(overflow(t.arg, "highest element offset", span.map(|s| s as u128), limit)),
-    }
+    check_span(t.arg, t.layout.span(), t.len)
 }
 
 fn check_lse(l: &LseDesc) -> Result<()> {
     if l.layout.strides[2] != 1 && l.layout.shape[2] > 1 {
         return Err(Error::LastDimStride { arg: "lse", stride: l.layout.strides[2] });
     }
+    check_span("lse", l.layout.span(), l.len)
+}
+
+/// The view's highest offset (`None`: it overflowed `usize`) fits the
+/// kernels' 64-bit offsets and lies inside a buffer of `len` elements.
+fn check_span(arg: &'static str, span: Option<usize>, len: usize) -> Result<()> {
     let limit = i64::MAX as u128;
-    let span = l.layout.span();
     match span {
         Some(s) if s as u128 <= limit => {
-            if s > l.len {
-                return Err(Error::OutOfBounds { arg: "lse", needed: s, len: l.len });
+            if s > len {
+                return Err(Error::OutOfBounds { arg, needed: s, len });
             }
             Ok(())
         }
-        _ => Err(overflow("lse", "highest element offset", span.map(|s| s as u128), limit)),
+        _ => Err(overflow(arg, "highest element offset", span.map(|s| s as u128), limit)),
     }
 }
 

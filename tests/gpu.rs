@@ -760,6 +760,18 @@ fn graph_capture_tracking_probe() -> Result<(), Failed> {
     Ok(())
 }
 
+/// A fixed mix where no two tensors share a stride: the host-path trials and
+/// the checker's own negative control use it.
+fn every_tensor_its_own_layout() -> Layouts {
+    Layouts {
+        q: Storage::Bhsd,
+        k: Storage::Padded(8),
+        v: Storage::HeadPadded(8),
+        o: Storage::BhsdPadded(16),
+        lse: LseStorage::Gapped(3),
+    }
+}
+
 /// After a warm-up call, `CALLS` calls of `forward_into` with caller-owned O
 /// and LSE make no heap allocation on the calling thread (sm90: the TMA maps
 /// come from the cache), and the last call's results are right.
@@ -768,13 +780,7 @@ fn no_host_allocation(family: KernelFamily) -> Result<(), Failed> {
     let g = gpu()?;
     let stream = g.ctx.new_stream().map_err(text)?;
     let s = Shape { b: 2, lq: 200, lk: 300, hq: 8, hk: 2, d: 128 };
-    let l = Layouts {
-        q: Storage::Bhsd,
-        k: Storage::Padded(8),
-        v: Storage::HeadPadded(8),
-        o: Storage::BhsdPadded(16),
-        lse: LseStorage::Gapped(3),
-    };
+    let l = every_tensor_its_own_layout();
     let inp = make_inputs_in::<bf16>(21, s, &l, 1.0);
     let opts = AttentionOptions::new(Mask::Causal).with_kernel(family);
     let mut bufs = Buffers::new(&stream, &inp, s, &l)?;
@@ -1013,13 +1019,7 @@ fn trials() -> Vec<(Trial, bool)> {
 /// unwritten, one bad O row (invisible in the whole-tensor norm), one bad LSE row.
 fn checker_negative_control() -> Result<usize, String> {
     let s = Shape { b: 2, lq: 100, lk: 150, hq: 8, hk: 2, d: 64 };
-    let l = Layouts {
-        q: Storage::Bhsd,
-        k: Storage::Padded(8),
-        v: Storage::HeadPadded(8),
-        o: Storage::BhsdPadded(16),
-        lse: LseStorage::Gapped(3),
-    };
+    let l = every_tensor_its_own_layout();
     let inp = make_inputs_in::<bf16>(5, s, &l, 1.0);
     let opts = AttentionOptions::new(Mask::window(30, 10)).with_scale(-0.7);
     let (qh, kh, vh) =

@@ -63,11 +63,10 @@ impl Attention {
         lse: Option<&mut LseTensorMut<'_>>,
         opts: &AttentionOptions,
     ) -> Result<KernelInfo> {
-        // Choose once before touching the buffers' stream ordering: a call
-        // that cannot run fails here with no guard taken. The choice is made
-        // again below with the real base addresses, which can only move an
-        // automatic choice down to a family that accepts them.
-        self.choose(p, DispatchTensors { descs, addrs: None }, opts.kernel, opts.kernel_name)?;
+        // Choose before touching the buffers' stream ordering, base addresses
+        // assumed aligned: a call that cannot run fails here with no guard taken.
+        let (mut idx, mut info) =
+            self.choose(p, DispatchTensors { descs, addrs: None }, opts.kernel, opts.kernel_name)?;
         // The guards make `stream` wait for earlier writes to these buffers
         // and, when dropped after the launch, record this launch's reads and
         // writes (cudarc's multi-stream tracking).
@@ -84,8 +83,14 @@ impl Attention {
             None => (0, None),
         };
         let addrs = [q_ptr, k_ptr, v_ptr, o_ptr];
-        let tensors = DispatchTensors { descs, addrs: Some(addrs) };
-        let (idx, info) = self.choose(p, tensors, opts.kernel, opts.kernel_name)?;
+        // Only a view that starts off the family's alignment (an odd element
+        // offset into its buffer) changes the choice: then choose again, now
+        // knowing the addresses.
+        let align = info.family.alignment() as u64;
+        if addrs.iter().any(|a| a % align != 0) {
+            let tensors = DispatchTensors { descs, addrs: Some(addrs) };
+            (idx, info) = self.choose(p, tensors, opts.kernel, opts.kernel_name)?;
+        }
         if p.seqlen_q == 0 {
             return Ok(info); // nothing to write; a zero-sized grid is a launch error
         }

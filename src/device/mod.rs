@@ -250,7 +250,7 @@ impl Registry {
             .during("raising a kernel's shared-memory limit")?;
         }
         let _ = self.funcs[idx].set(func);
-        self.funcs[idx].get().ok_or(Error::NoKernel { reason: format!("{} failed to load", row.name) })
+        self.funcs[idx].get().ok_or_else(|| Error::NoKernel { reason: format!("{} failed to load", row.name) })
     }
 }
 

@@ -72,9 +72,10 @@ impl Attention {
         let mut o = alloc_output::<T>(stream, od.len)?;
         let mut lse = alloc_output::<f32>(stream, p.batch * p.heads_q * p.seqlen_q)?;
         let kernel = {
+            // Validated above with O as allocated here: no second validation.
             let mut o_view = DeviceTensorMut::new(&mut o, od.layout);
             let mut lse_view = LseTensorMut::new(&mut lse, lse_layout);
-            self.forward_into(stream, q, k, v, &mut o_view, Some(&mut lse_view), opts)?
+            self.launch_forward(stream, &p, &[qd, kd, vd, od], q, k, v, &mut o_view, Some(&mut lse_view), opts)?
         };
         Ok(ForwardOutput { o, o_layout: od.layout, lse, lse_layout, kernel })
     }
