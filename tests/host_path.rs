@@ -57,7 +57,7 @@ fn allocations(f: impl FnOnce()) -> u64 {
 }
 
 /// One call's host work, as `forward_into` does it, for a device of `sm`.
-fn host_launch_path(sm: u32, d: usize, q: Layout, k: Layout, v: Layout, o: Layout, opts: &AttentionOptions) -> u64 {
+fn host_launch_path(sm: u32, q: Layout, k: Layout, v: Layout, o: Layout, opts: &AttentionOptions) -> u64 {
     let rows: Vec<_> = KERNEL_TABLE.iter().filter(|r| r.min_sm <= sm).copied().collect();
     let device = DeviceInfo { sm, sm_count: 132 };
     let descs = [
@@ -85,7 +85,7 @@ fn host_launch_path(sm: u32, d: usize, q: Layout, k: Layout, v: Layout, o: Layou
             sum = sum.wrapping_add(params.seqlen_q as u64 + info.grid.0 as u64 + info.passed_over().count() as u64);
         }
     });
-    assert!(sum > 0 || d == 0);
+    std::hint::black_box(sum); // keep the work from being optimised away
     n
 }
 
@@ -106,12 +106,12 @@ fn validation_dispatch_and_parameters_allocate_nothing() {
         let o = Layout::bshd(2, 300, 16, d);
         for opt in &opts {
             for sm in [80, 90] {
-                assert_eq!(host_launch_path(sm, d, q, kv, kv, o, opt), 0, "sm_{sm} d{d} {opt:?}");
+                assert_eq!(host_launch_path(sm, q, kv, kv, o, opt), 0, "sm_{sm} d{d} {opt:?}");
             }
         }
         // A padded row stride the tiled kernels cannot take: falls back to naive, still no allocation.
         let padded = Layout::strided_bshd([2, 300, 16, d], [300 * (16 * d + 4), 16 * d + 4, d, 1]);
-        assert_eq!(host_launch_path(90, d, padded, kv, kv, o, &opts[0]), 0, "fallback d{d}");
+        assert_eq!(host_launch_path(90, padded, kv, kv, o, &opts[0]), 0, "fallback d{d}");
     }
 }
 
