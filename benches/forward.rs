@@ -51,7 +51,8 @@ struct Buffers<T> {
     lse: CudaSlice<f32>,
 }
 
-const MAX_ELEMS: usize = 16384 * 2048;
+/// The largest Q/K/V/O of the grid: 16384 tokens × 32 heads × 128 (the GQA cases' Q).
+const MAX_ELEMS: usize = 16384 * 4096;
 
 fn buffers<T: Element>(stream: &Arc<CudaStream>, seed: u64) -> Result<Buffers<T>, Error> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -83,9 +84,11 @@ fn time_case<T: Element>(
     let kl = Layout::bshd(c.batch, c.seqlen, c.heads_kv, c.head_dim);
     let (qt, kt, vt) = (DeviceTensor::new(&bufs.q, ql), DeviceTensor::new(&bufs.k, kl), DeviceTensor::new(&bufs.v, kl));
     let n = ql.numel().ok_or(Error::NoKernel { reason: "case too large".into() })?;
-    let mut ot = DeviceTensorMut::from_view(bufs.o.slice_mut(..n), ql);
+    let too_large = || Error::NoKernel { reason: format!("bench case {} exceeds the bench buffers", c.name()) };
+    let mut ot = DeviceTensorMut::from_view(bufs.o.try_slice_mut(..n).ok_or_else(too_large)?, ql);
     let lse_layout = LseLayout::contiguous(c.batch, c.heads_q, c.seqlen);
-    let mut lse = LseTensorMut::from_view(bufs.lse.slice_mut(..c.batch * c.heads_q * c.seqlen), lse_layout);
+    let lse_view = bufs.lse.try_slice_mut(..c.batch * c.heads_q * c.seqlen).ok_or_else(too_large)?;
+    let mut lse = LseTensorMut::from_view(lse_view, lse_layout);
     let mut opts = AttentionOptions::new(c.mask);
     if let Some(f) = forced_family() {
         opts = opts.with_kernel(f);
