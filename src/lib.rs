@@ -85,7 +85,10 @@
 //!    cudarc makes each launch wait on events of the buffers' last reads
 //!    and writes; inside a capture those waits refer to events recorded
 //!    outside it, which CUDA rejects (the capture is invalidated). Order the
-//!    graph's stream against other streams yourself.
+//!    graph's stream against other streams yourself. If a capture does
+//!    fail, check `CudaStream::capture_status` after `end_capture`: cudarc
+//!    may first return an error recorded earlier without ending the capture
+//!    (seen on an H100), and a second `end_capture` then ends it.
 //! 3. **The graph holds addresses**: replays use the same Q/K/V/O/LSE memory
 //!    (the Hopper kernels also bake in TMA maps of it); keep the buffers
 //!    alive and in place, and change inputs in place.

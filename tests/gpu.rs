@@ -743,8 +743,26 @@ fn graph_capture_tracking_probe() -> Result<(), Failed> {
         graph.as_ref().map(|g| g.is_some()),
         recorded
     );
-    let capturing = stream.capture_status().map_err(text)?;
-    if capturing != fused_attn::cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+    // Seen on an H100 (2026-11-25): the failed launch records an error in
+    // cudarc's context, and `end_capture` returns that stale error from its
+    // context bind without ending the capture; the stream stays capturing
+    // (INVALIDATED). A second `end_capture` really ends it. The crate docs'
+    // graph paragraph tells callers to do the same.
+    use fused_attn::cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    let mut capturing = stream.capture_status().map_err(text)?;
+    for attempt in 1..=2 {
+        if capturing == CU_STREAM_CAPTURE_STATUS_NONE {
+            break;
+        }
+        let again = stream.end_capture(CUgraphInstantiate_flags(0));
+        capturing = stream.capture_status().map_err(text)?;
+        println!(
+            "graph/probe_event_tracking_on: left in capture; end_capture #{}: {:?}; now {capturing:?}",
+            attempt + 1,
+            again.as_ref().map(|g| g.is_some())
+        );
+    }
+    if capturing != CU_STREAM_CAPTURE_STATUS_NONE {
         return Err(format!("the stream is left in capture state {capturing:?}").into());
     }
     if let (Ok(_), Ok(Some(graph))) = (captured, graph) {
