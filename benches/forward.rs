@@ -243,12 +243,14 @@ fn launch_overhead(g: &Gpu, stream: &Arc<CudaStream>) -> Result<String, Error> {
 
     let s = Shape { b: 1, lq: 64, lk: 64, hq: 2, hk: 1, d: 64 };
     let inp = make_inputs::<bf16>(5, s, Storage::Bshd);
-    let (q, k, v) = (upload(stream, &inp.q)?, upload(stream, &inp.k)?, upload(stream, &inp.v)?);
     let ol = Layout::bshd(s.b, s.lq, s.hq, s.d);
-    let mut o = upload(stream, &poison::<bf16>(ol.span().unwrap_or(0)))?;
-    let mut lse = upload_f32(stream, &vec![0.0; s.b * s.hq * s.lq])?;
     let ll = LseLayout::contiguous(s.b, s.hq, s.lq);
-    let mut forward = |opts: AttentionOptions| -> Result<(f64, &'static str), Error> {
+    // Buffers are created inside: cudarc decides per buffer, at creation,
+    // whether its uses are tracked with events.
+    let forward = |opts: AttentionOptions| -> Result<(f64, &'static str), Error> {
+        let (q, k, v) = (upload(stream, &inp.q)?, upload(stream, &inp.k)?, upload(stream, &inp.v)?);
+        let mut o = upload(stream, &poison::<bf16>(ol.span().unwrap_or(0)))?;
+        let mut lse = upload_f32(stream, &vec![0.0; s.b * s.hq * s.lq])?;
         let (qt, kt, vt) =
             (DeviceTensor::new(&q, inp.ql), DeviceTensor::new(&k, inp.kl), DeviceTensor::new(&v, inp.vl));
         let mut ot = DeviceTensorMut::new(&mut o, ol);
@@ -263,9 +265,21 @@ fn launch_overhead(g: &Gpu, stream: &Arc<CudaStream>) -> Result<String, Error> {
         .map_or(AttentionOptions::new(Mask::Causal), |f| AttentionOptions::new(Mask::Causal).with_kernel(f));
     let (fwd_us, fwd_kernel) = forward(auto)?;
     let (sm80_us, sm80_kernel) = forward(AttentionOptions::new(Mask::Causal).with_kernel(KernelFamily::Sm80))?;
+    // The same call on buffers created with cudarc's event tracking off (the
+    // graph-capture recipe): what the per-view event waits and records cost.
+    let tracking = g.ctx.is_event_tracking();
+    // SAFETY: every buffer `forward` creates is used on `stream` alone, so no
+    // cross-stream ordering is lost; tracking is restored right after.
+    unsafe { g.ctx.disable_event_tracking() };
+    let untracked = forward(auto);
+    if tracking {
+        // SAFETY: restores the context's state from before this function.
+        unsafe { g.ctx.enable_event_tracking() };
+    }
+    let (untracked_us, _) = untracked?;
     eprintln!(
         "launch overhead (median host µs per call, {calls} calls): forward_into {fwd_us:.2} ({fwd_kernel}), \
-         forward_into sm80 {sm80_us:.2} ({sm80_kernel}), empty kernel raw {raw_us:.2}, via launch_builder {builder_us:.2}; \
+         forward_into sm80 {sm80_us:.2} ({sm80_kernel}), forward_into without event tracking {untracked_us:.2}, empty kernel raw {raw_us:.2}, via launch_builder {builder_us:.2}; \
          forward_into costs {:.2} µs more than a raw launch",
         fwd_us - raw_us
     );
@@ -273,7 +287,7 @@ fn launch_overhead(g: &Gpu, stream: &Arc<CudaStream>) -> Result<String, Error> {
         concat!(
             "{{\"problem\": \"bf16 b1 lq64 lk64 hq2 hkv1 d64 causal, caller-owned O and LSE\", \"calls\": {}, ",
             "\"forward_into_us\": {:.3}, \"forward_into_kernel\": {:?}, \"forward_into_sm80_us\": {:.3}, ",
-            "\"forward_into_sm80_kernel\": {:?}, \"empty_launch_kernel_us\": {:.3}, \"empty_launch_builder_us\": {:.3}, ",
+            "\"forward_into_sm80_kernel\": {:?}, \"forward_into_untracked_us\": {:.3}, \"empty_launch_kernel_us\": {:.3}, \"empty_launch_builder_us\": {:.3}, ",
             "\"overhead_vs_raw_us\": {:.3}}}"
         ),
         calls,
@@ -281,6 +295,7 @@ fn launch_overhead(g: &Gpu, stream: &Arc<CudaStream>) -> Result<String, Error> {
         fwd_kernel,
         sm80_us,
         sm80_kernel,
+        untracked_us,
         raw_us,
         builder_us,
         fwd_us - raw_us
