@@ -6,6 +6,7 @@
 #include "common/types.cuh"
 #include "common/mask.cuh"
 #include "common/reduce.cuh"
+#include "common/sequence.cuh"
 
 namespace {
 
@@ -14,12 +15,15 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kColsPerThread = kMaxHeadDim / kThreads;
 
 template <typename T>
-__device__ void naive_forward(const FaFwdParams &p) {
+__device__ void naive_forward(const FaFwdParams &launch) {
     __shared__ float q_s[kMaxHeadDim];
     __shared__ float p_s[kThreads];
     __shared__ float scratch[kThreads / 32];
 
     const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+    FaFwdParams p = launch;
+    fa_bind_sequence<T>(p, b);
+    if (i >= p.seqlen_q) return;  // a packed batch's shorter sequence
     const int hk = h / p.q_per_kv;
     const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride + i * p.q_row_stride +
                  h * p.q_head_stride;

@@ -24,6 +24,7 @@
 #include "common/swizzle.cuh"
 #include "common/softmax.cuh"
 #include "common/sm80_tile_io.cuh"
+#include "common/sequence.cuh"
 
 namespace {
 
@@ -72,7 +73,7 @@ struct Sm80Config : Shape {
 };
 
 template <typename T, int HD, typename Shape = Sm80Shape<HD>>
-__device__ __forceinline__ void sm80_forward(const FaFwdParams &p) {
+__device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     using Cfg = Sm80Config<HD, Shape>;
     constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, MT = Cfg::kMTiles;
     constexpr int BUFS = Cfg::kBufs, THREADS = Cfg::kThreads, CHUNKS = Cfg::kChunks;
@@ -88,6 +89,9 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &p) {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, tig = lane % 4;  // mma fragment row / column pair
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+    FaFwdParams p = launch;
+    fa_bind_sequence<T>(p, b);
+    if (m0 >= p.seqlen_q) return;  // past a packed batch's shorter sequence: the whole CTA leaves
     const int warp_row = warp * 16 * MT;     // first CTA-local row this warp owns
     const int hk = h / p.q_per_kv;
 

@@ -62,6 +62,19 @@ typedef struct FaFwdParams {
     /* c > 0: s <- c * tanh(s / c); 0 disables the cap. */
     float softcap;
     int32_t diag_offset;
+
+    /* Packed (varlen) batches, DESIGN.md 1b; all NULL for rectangular ones.
+     * cu_seqlens_q (B + 1 entries): batch entry b is rows
+     * cu_seqlens_q[b] .. cu_seqlens_q[b + 1] of Q, O and LSE, which the host
+     * describes as one sequence of all tokens (batch strides 0); seqlen_q is
+     * then the longest sequence (it sizes the grid). cu_seqlens_k likewise for
+     * K and V. seqused_k (B entries) caps the keys sequence b uses. With any
+     * of them the kernel derives each entry's diagonal itself: 0 when
+     * top_left, else its own Lk_b - Lq_b (diag_offset is unused). */
+    const int32_t *cu_seqlens_q;
+    const int32_t *cu_seqlens_k;
+    const int32_t *seqused_k;
+    int32_t top_left;
 } FaFwdParams;
 
 /* An opaque CUDA tensor map (CUtensorMap: 128 bytes, 64-byte aligned),

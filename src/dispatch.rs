@@ -32,6 +32,11 @@ pub enum PassReason {
     },
     /// The problem has more tiles than the kernel's schedule can number.
     TooManyTiles,
+    /// The family does not implement a feature the call uses.
+    Unsupported {
+        /// The feature (e.g. `"packed (varlen) batches"`).
+        what: &'static str,
+    },
 }
 
 /// A family the dispatcher passed over, and why.
@@ -49,6 +54,7 @@ impl std::fmt::Display for PassedOver {
             PassReason::NoKernel => write!(f, "{:?}: no kernel for this dtype and head dim here", self.family),
             PassReason::Unsuitable { arg, what } => write!(f, "{:?}: `{arg}` has an unsuitable {what}", self.family),
             PassReason::TooManyTiles => write!(f, "{:?}: too many tiles for its schedule", self.family),
+            PassReason::Unsupported { what } => write!(f, "{:?}: does not implement {what} yet", self.family),
         }
     }
 }
@@ -131,6 +137,9 @@ pub fn dispatch(
                 reason: format!("{name} does not serve {} head_dim {}", p.dtype, p.head_dim),
             });
         }
+        if p.varlen.is_some() && fam == KernelFamily::Sm90 {
+            return Err(unsupported(VARLEN));
+        }
         fits(row, fam, device, p, tensors)?;
         return Ok((idx, kernel_info(row, fam, device, p, [None; 2])));
     }
@@ -149,6 +158,17 @@ pub fn dispatch(
             .min_by_key(|&i| rows[i].head_dim);
         // `Err(None)`: no kernel; `Err(Some(e))`: the kernel cannot run here.
         // No message is formatted unless the call fails.
+        // The Hopper kernels ignore the sequence tables: never give them a packed batch.
+        if best.is_some() && p.varlen.is_some() && fam == KernelFamily::Sm90 {
+            if forced.is_some() {
+                return Err(unsupported(VARLEN));
+            }
+            if n_passed < passed.len() {
+                passed[n_passed] = Some(PassedOver { family: fam, reason: PassReason::Unsupported { what: VARLEN } });
+                n_passed += 1;
+            }
+            continue;
+        }
         let outcome = match best {
             None => Err(None),
             Some(idx) => fits(&rows[idx], fam, device, p, tensors).map(|()| idx).map_err(Some),
@@ -177,6 +197,12 @@ pub fn dispatch(
         reason.push(e.to_string());
     }
     Err(Error::NoKernel { reason: reason.join("; ") })
+}
+
+const VARLEN: &str = "packed (varlen) batches";
+
+fn unsupported(what: &'static str) -> Error {
+    Error::NoKernel { reason: format!("Sm90: does not implement {what} yet (sm80 and naive do)") }
 }
 
 fn reason_of(e: &Error) -> PassReason {

@@ -155,6 +155,21 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// A sequence table of a packed (varlen) batch is malformed: `cu_seqlens`
+    /// not starting at 0, decreasing, or not ending at the tensor's token
+    /// count; `seqused_k` above its sequence's keys; a wrong entry count.
+    #[error("`{arg}`[{index}] = {value}: {reason}")]
+    SeqLens {
+        /// The table at fault (`"cu_seqlens_q"`, `"cu_seqlens_k"`, `"seqused_k"`).
+        arg: &'static str,
+        /// The first entry at fault (the entry count for a wrong length).
+        index: usize,
+        /// Its value (the length for a wrong length).
+        value: i64,
+        /// What is required.
+        reason: &'static str,
+    },
+
     /// A buffer or stream belongs to a different CUDA context than the handle.
     #[error("`{arg}` belongs to a different CUDA context than this Attention handle")]
     ForeignContext {

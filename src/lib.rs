@@ -139,10 +139,10 @@ mod validate;
 pub use device::{cuda_context, driver_present, Attention};
 pub use dispatch::{KernelInfo, PassReason, PassedOver};
 pub use error::{Error, Result};
-pub use ops::{problem_of, DynTensor, DynTensorMut, ForwardOutput};
+pub use ops::{problem_of, DynTensor, DynTensorMut, ForwardOutput, SeqLens};
 pub use options::{AttentionOptions, KernelFamily, Mask, MaskAlignment};
 pub use tensor::{DType, DeviceTensor, DeviceTensorMut, Element, HostTensor, Layout, LseLayout, LseTensorMut};
-pub use validate::Problem;
+pub use validate::{Problem, SeqInfo};
 
 /// The README's code blocks compile as doctests, so its API example cannot rot.
 #[cfg(doctest)]
@@ -160,9 +160,10 @@ pub use half;
 pub mod internals {
     pub use crate::device::{image_runs_on, require_kernels};
     pub use crate::dispatch::{check_alignment, dispatch, DeviceInfo, DispatchTensors};
-    pub use crate::params::{fwd_params, tma_spec, Addrs, TmaSpec};
+    pub use crate::params::{fwd_params, tma_spec, with_sequences, Addrs, SeqAddrs, TmaSpec};
     pub use crate::sys::*;
     pub use crate::validate::{
-        check_dtypes, validate, LseDesc, TensorDesc, MAX_GRID_YZ, MAX_HEAD_DIM, MAX_SCALE, MAX_SEQLEN,
+        check_dtypes, check_seqlens, validate, validate_varlen, LseDesc, TensorDesc, MAX_GRID_YZ, MAX_HEAD_DIM,
+        MAX_SCALE, MAX_SEQLEN,
     };
 }

@@ -4,6 +4,7 @@
 //! window side, the diagonal offset, strides of unit dimensions) live here
 //! and nowhere else.
 
+use crate::options::MaskAlignment;
 use crate::sys::FaFwdParams;
 use crate::tensor::{DType, Layout, LseLayout};
 use crate::validate::Problem;
@@ -80,7 +81,32 @@ pub fn fwd_params(p: &Problem, layouts: &[Layout; 4], lse: Option<&LseLayout>, a
         scale: p.scale,
         softcap: p.softcap.unwrap_or(0.0),
         diag_offset: p.diag_offset() as i32,
+        cu_seqlens_q: std::ptr::null(),
+        cu_seqlens_k: std::ptr::null(),
+        seqused_k: std::ptr::null(),
+        top_left: i32::from(p.alignment == MaskAlignment::TopLeft),
     }
+}
+
+/// Device addresses of a packed batch's sequence tables (0: absent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SeqAddrs {
+    /// `cu_seqlens_q`, `B + 1` i32.
+    pub cu_seqlens_q: u64,
+    /// `cu_seqlens_k`, `B + 1` i32.
+    pub cu_seqlens_k: u64,
+    /// `seqused_k`, `B` i32, or 0.
+    pub seqused_k: u64,
+}
+
+/// Points the kernel at a packed batch's sequence tables. The tensors'
+/// layouts are then one sequence of all tokens (batch extent 1, so batch
+/// strides 0) and `seqlen_q`/`seqlen_k` hold the longest sequence.
+pub fn with_sequences(mut params: FaFwdParams, s: SeqAddrs) -> FaFwdParams {
+    params.cu_seqlens_q = s.cu_seqlens_q as usize as *const i32;
+    params.cu_seqlens_k = s.cu_seqlens_k as usize as *const i32;
+    params.seqused_k = s.seqused_k as usize as *const i32;
+    params
 }
 
 /// The arguments of `cuTensorMapEncodeTiled` for one `[B, S, H, D]` tensor,

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::error::{Error, Result};
 use crate::options::AttentionOptions;
 use crate::tensor::{Element, HostTensor};
-use crate::validate::{validate, Problem, TensorDesc};
+use crate::validate::{check_seqlens, validate, validate_varlen, Problem, TensorDesc};
 
 /// Largest output (`B·Lq·Hq·D` elements of f64, 2 GiB) the reference computes.
 pub const MAX_OUTPUT_ELEMENTS: usize = 1 << 28;
@@ -116,6 +116,72 @@ pub fn forward<T: Element>(
             let at = ((b * lq + i) * hq + h) * d;
             o[at..at + d].copy_from_slice(orow);
             lse[(b * hq + h) * lq + i] = l;
+        }
+    }
+    Ok(Reference { problem: p, o, lse })
+}
+
+/// Attention over a packed batch (DESIGN.md section 1b) on the host: `q`
+/// `[1, Tq, Hq, D]`, `k` and `v` `[1, Tk, Hk, D]`, sequence `b` being rows
+/// `cu_seqlens_q[b] .. cu_seqlens_q[b + 1]` of Q and `cu_seqlens_k[b] ..`
+/// of K and V (the first `seqused_k[b]` of them when given), each with its
+/// own diagonal. Computed one sequence at a time with [`forward`], so a
+/// packed batch equals its sequences run one by one.
+///
+/// The result's `o` is `[Tq, Hq, D]` and `lse` `[Hq, Tq]`, both contiguous;
+/// `problem` is the packed problem (`batch` = sequences, lengths the longest).
+///
+/// # Errors
+/// The validation errors of
+/// [`Attention::forward_varlen_into`](crate::Attention::forward_varlen_into)
+/// (the tables are checked as [`SeqLens::new`](crate::SeqLens::new) does),
+/// and the limits of [`forward`] over the whole batch.
+pub fn forward_varlen<T: Element>(
+    q: HostTensor<'_, T>,
+    k: HostTensor<'_, T>,
+    v: HostTensor<'_, T>,
+    cu_seqlens_q: &[i32],
+    cu_seqlens_k: &[i32],
+    seqused_k: Option<&[i32]>,
+    opts: &AttentionOptions,
+) -> Result<Reference> {
+    let info = check_seqlens(cu_seqlens_q, cu_seqlens_k, seqused_k)?;
+    let desc = |arg, t: &HostTensor<'_, T>| TensorDesc { arg, layout: t.layout, len: t.data.len() };
+    let p = validate_varlen(T::DTYPE, &desc("q", &q), &desc("k", &k), &desc("v", &v), None, None, &info, opts)?;
+    let (tq, hq, d) = (info.total_q, p.heads_q, p.head_dim);
+    let n_out = tq * hq * d; // bounded by Q's validated element count
+    if n_out > MAX_OUTPUT_ELEMENTS {
+        let (value, limit) = (n_out as u128, MAX_OUTPUT_ELEMENTS as u128);
+        return Err(Error::SizeOverflow { arg: "q", what: "reference output elements", value, limit });
+    }
+    let mut o = filled(n_out, 0.0)?;
+    let mut lse = filled(hq * tq, f64::NEG_INFINITY)?;
+    let mut work = 0u128;
+    // One sequence's rows of a packed tensor: the same strides, `len` rows from `start`.
+    fn rows<'a, T>(t: &HostTensor<'a, T>, start: usize, len: usize) -> HostTensor<'a, T> {
+        let mut layout = t.layout;
+        layout.shape[1] = len;
+        // Validation bounded every offset inside the buffer.
+        let data: &'a [T] = t.data;
+        HostTensor::new(&data[(start * layout.strides[1]).min(data.len())..], layout)
+    }
+    for b in 0..info.batch {
+        let (q0, q1) = (cu_seqlens_q[b] as usize, cu_seqlens_q[b + 1] as usize);
+        let k0 = cu_seqlens_k[b] as usize;
+        let lk = seqused_k.map_or(cu_seqlens_k[b + 1] as usize - k0, |u| u[b] as usize);
+        let r = forward(rows(&q, q0, q1 - q0), rows(&k, k0, lk), rows(&v, k0, lk), opts)?;
+        work += r.problem.flops() / 4;
+        if work > MAX_WORK {
+            return Err(Error::SizeOverflow {
+                arg: "q",
+                what: "reference work (multiply-adds)",
+                value: work,
+                limit: MAX_WORK,
+            });
+        }
+        o[q0 * hq * d..q1 * hq * d].copy_from_slice(&r.o);
+        for h in 0..hq {
+            lse[h * tq + q0..h * tq + q1].copy_from_slice(&r.lse[h * (q1 - q0)..(h + 1) * (q1 - q0)]);
         }
     }
     Ok(Reference { problem: p, o, lse })

@@ -67,6 +67,114 @@ pub struct Problem {
     pub scale: f32,
     /// The softcap, if any.
     pub softcap: Option<f32>,
+    /// For a packed (varlen) batch, its totals; `batch`, `seqlen_q` and
+    /// `seqlen_k` are then the number of sequences and the longest lengths.
+    pub varlen: Option<SeqInfo>,
+}
+
+/// The facts of a packed batch's sequence tables that the launch needs,
+/// checked once by [`check_seqlens`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqInfo {
+    /// Sequences `B`.
+    pub batch: usize,
+    /// Query tokens `Tq` (`cu_seqlens_q[B]`).
+    pub total_q: usize,
+    /// Key tokens `Tk` (`cu_seqlens_k[B]`).
+    pub total_k: usize,
+    /// Longest query sequence.
+    pub max_q: usize,
+    /// Longest key sequence (after `seqused_k`).
+    pub max_k: usize,
+    /// Whether `seqused_k` caps the keys.
+    pub seqused_k: bool,
+}
+
+/// Checks a packed batch's host sequence tables (DESIGN.md section 1b):
+/// `cu_seqlens_q` and `cu_seqlens_k` have `B + 1 >= 2` entries, start at 0
+/// and never decrease; `seqused_k`, if given, has `B` entries in
+/// `0..=Lk_b`. The totals are checked against the tensors by
+/// [`validate_varlen`].
+///
+/// # Errors
+/// [`Error::SeqLens`] naming the table and the first entry at fault.
+pub fn check_seqlens(cu_q: &[i32], cu_k: &[i32], seqused_k: Option<&[i32]>) -> Result<SeqInfo> {
+    let bad = |arg, index: usize, value: i64, reason| Error::SeqLens { arg, index, value, reason };
+    if cu_q.len() < 2 {
+        return Err(bad("cu_seqlens_q", cu_q.len(), cu_q.len() as i64, "needs B + 1 >= 2 entries"));
+    }
+    let batch = cu_q.len() - 1;
+    if cu_k.len() != cu_q.len() {
+        return Err(bad("cu_seqlens_k", cu_k.len(), cu_k.len() as i64, "needs as many entries as cu_seqlens_q"));
+    }
+    if batch > MAX_GRID_YZ {
+        return Err(overflow("cu_seqlens_q", "batch", Some(batch as u128), MAX_GRID_YZ as u128));
+    }
+    // Lengths of a valid table: its differences, each checked.
+    let lengths = |arg: &'static str, c: &[i32]| -> Result<(usize, usize)> {
+        if c[0] != 0 {
+            return Err(bad(arg, 0, c[0] as i64, "must start at 0"));
+        }
+        let mut max = 0;
+        for i in 1..c.len() {
+            if c[i] < c[i - 1] {
+                return Err(bad(arg, i, c[i] as i64, "must not decrease"));
+            }
+            max = max.max((c[i] - c[i - 1]) as usize);
+        }
+        Ok((c[c.len() - 1] as usize, max))
+    };
+    let (total_q, max_q) = lengths("cu_seqlens_q", cu_q)?;
+    let (total_k, mut max_k) = lengths("cu_seqlens_k", cu_k)?;
+    if let Some(u) = seqused_k {
+        if u.len() != batch {
+            return Err(bad("seqused_k", u.len(), u.len() as i64, "needs B entries (one per sequence)"));
+        }
+        max_k = 0;
+        for (b, &used) in u.iter().enumerate() {
+            if used < 0 || used > cu_k[b + 1] - cu_k[b] {
+                return Err(bad("seqused_k", b, used as i64, "must be in 0..=the sequence's keys"));
+            }
+            max_k = max_k.max(used as usize);
+        }
+    }
+    Ok(SeqInfo { batch, total_q, total_k, max_q, max_k, seqused_k: seqused_k.is_some() })
+}
+
+/// Checks a packed (varlen) problem: Q and O `[1, Tq, Hq, D]`, K and V
+/// `[1, Tk, Hk, D]` (one sequence of all tokens, any strides), LSE
+/// `[1, Hq, Tq]`, with the sequence tables `seq` (from [`check_seqlens`]).
+///
+/// # Errors
+/// Every error of [`validate`] on the packed tensors; a packed tensor with
+/// batch extent other than 1 ([`Error::ShapeMismatch`]); a token count that
+/// differs from its table's last entry ([`Error::SeqLens`]).
+#[allow(clippy::too_many_arguments)]
+pub fn validate_varlen(
+    dtype: DType,
+    q: &TensorDesc,
+    k: &TensorDesc,
+    v: &TensorDesc,
+    o: Option<&TensorDesc>,
+    lse: Option<&LseDesc>,
+    seq: &SeqInfo,
+    opts: &AttentionOptions,
+) -> Result<Problem> {
+    if q.layout.shape[0] != 1 {
+        let got = q.layout.shape[0];
+        return Err(Error::ShapeMismatch { arg: "q", dim: "batch", expected: 1, got, against: "a packed batch" });
+    }
+    let packed = validate(dtype, q, k, v, o, lse, opts)?;
+    let last = |arg, index, value: usize, total: usize| {
+        if value == total {
+            Ok(())
+        } else {
+            Err(Error::SeqLens { arg, index, value: value as i64, reason: "must equal the packed tensor's tokens" })
+        }
+    };
+    last("cu_seqlens_q", seq.batch, seq.total_q, packed.seqlen_q)?;
+    last("cu_seqlens_k", seq.batch, seq.total_k, packed.seqlen_k)?;
+    Ok(Problem { batch: seq.batch, seqlen_q: seq.max_q, seqlen_k: seq.max_k, varlen: Some(*seq), ..packed })
 }
 
 impl Problem {
@@ -98,7 +206,9 @@ impl Problem {
         (0..self.seqlen_q).map(|i| self.key_range(i)).map(|(lo, hi)| hi.saturating_sub(lo) as u128).sum()
     }
 
-    /// Forward FLOPs: `4 · B · Hq · D · visible pairs` (counted exactly for every mask).
+    /// Forward FLOPs: `4 · B · Hq · D · visible pairs` (counted exactly for
+    /// every mask). For a packed batch every sequence counts at the longest
+    /// lengths: an upper bound.
     pub fn flops(&self) -> u128 {
         4 * self.batch as u128 * self.heads_q as u128 * self.head_dim as u128 * self.visible_pairs()
     }
@@ -220,6 +330,7 @@ pub fn validate(
         alignment: opts.alignment,
         scale,
         softcap: opts.softcap,
+        varlen: None,
     })
 }
 

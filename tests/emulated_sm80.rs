@@ -303,6 +303,42 @@ const MUTANTS: &[Mutant] = &[
         file: "fwd_sm80.cu",
         edits: &[("    __syncwarp();\n    T *o =", "    T *o =")],
     },
+    // ---- packed (varlen) batches: common/sequence.cuh, in both kernels ----
+    Mutant {
+        name: "varlen: K not moved to the sequence's first key",
+        file: "common/sequence.cuh",
+        edits: &[("p.k = static_cast<const T *>(p.k) + k0 * p.k_row_stride;", "")],
+    },
+    Mutant {
+        name: "varlen: V moved with K's row stride",
+        file: "common/sequence.cuh",
+        edits: &[("k0 * p.v_row_stride", "k0 * p.k_row_stride")],
+    },
+    Mutant {
+        name: "varlen: O moved with Q's row stride",
+        file: "common/sequence.cuh",
+        edits: &[("q0 * p.o_row_stride", "q0 * p.q_row_stride")],
+    },
+    Mutant {
+        name: "varlen: the longest sequences' diagonal instead of each sequence's own",
+        file: "common/sequence.cuh",
+        edits: &[("p.diag_offset = p.top_left ? 0 : p.seqlen_k - p.seqlen_q;", "")],
+    },
+    Mutant {
+        name: "varlen: seqused_k ignored",
+        file: "common/sequence.cuh",
+        edits: &[("if (p.seqused_k != nullptr) p.seqlen_k = p.seqused_k[b];", "")],
+    },
+    Mutant {
+        name: "varlen: LSE not moved to the sequence's rows",
+        file: "common/sequence.cuh",
+        edits: &[("if (p.lse != nullptr) p.lse += q0;", "")],
+    },
+    Mutant {
+        name: "varlen: one query row past the sequence's end",
+        file: "common/sequence.cuh",
+        edits: &[("p.seqlen_q = p.cu_seqlens_q[b + 1] - q0;", "p.seqlen_q = p.cu_seqlens_q[b + 1] - q0 + 1;")],
+    },
     // ---- the naive kernel ----
     Mutant {
         name: "naive: KV head h % Hk instead of h / (Hq/Hk)",

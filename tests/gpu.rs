@@ -48,7 +48,7 @@ use fused_attn::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use fused_attn::reference;
 use fused_attn::{
     Attention, AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, HostTensor, KernelFamily,
-    KernelInfo, Layout, LseLayout, LseTensorMut, Mask, MaskAlignment,
+    KernelInfo, Layout, LseLayout, LseTensorMut, Mask, MaskAlignment, SeqLens,
 };
 use half::{bf16, f16};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -1027,6 +1027,10 @@ fn trials() -> Vec<(Trial, bool)> {
     trials.push(plain("errors/foreign_context", foreign_context));
     trials.push(plain("errors/out_of_memory", out_of_memory));
     trials.push(plain("errors/misaligned", misaligned));
+    trials.push(plain("varlen/dispatch", varlen_dispatch));
+    for c in varlen_cases() {
+        trials.push((Trial::test(c.name(), move || varlen_trial(c)), false));
+    }
     trials
 }
 
@@ -1179,4 +1183,227 @@ fn summarize() {
         }
         let _ = std::fs::write(path, all);
     }
+}
+
+// ---------------------------------------------------------------------------
+// Packed (varlen) batches.
+
+/// One packed-batch trial: sequences with lengths 0, 1, one short of a tile
+/// and crossing tiles, Lq > Lk and Lq < Lk in one batch, every tensor with
+/// its own padded row stride, O and LSE poisoned (padding must keep the
+/// poison), against `reference::forward_varlen`.
+#[derive(Debug, Clone, Copy)]
+struct VarlenCase {
+    family: KernelFamily,
+    dtype: DType,
+    d: usize,
+    mask: Mask,
+    align: MaskAlignment,
+    seqused: bool,
+    seed: u64,
+}
+
+impl VarlenCase {
+    fn name(&self) -> String {
+        let mut n = format!("varlen/{:?}/{}/d{}/{}", self.family, self.dtype, self.d, self.mask);
+        if self.align == MaskAlignment::TopLeft {
+            n += "/topleft";
+        }
+        if self.seqused {
+            n += "/seqused_k";
+        }
+        n.to_lowercase()
+    }
+}
+
+fn varlen_cases() -> Vec<VarlenCase> {
+    let mut out = Vec::new();
+    let mut seed = 9000;
+    for family in [KernelFamily::Naive, KernelFamily::Sm80] {
+        for dtype in [DType::BF16, DType::F16] {
+            for d in [64, 128, 96, 256] {
+                if family == KernelFamily::Naive && d != 64 && d != 256 {
+                    continue;
+                }
+                let masks = [
+                    (Mask::Full, MaskAlignment::BottomRight, false),
+                    (Mask::Causal, MaskAlignment::BottomRight, true),
+                    (Mask::Causal, MaskAlignment::TopLeft, false),
+                    (Mask::window(40, 7), MaskAlignment::BottomRight, true),
+                ];
+                for (mask, align, seqused) in masks {
+                    seed += 1;
+                    out.push(VarlenCase { family, dtype, d, mask, align, seqused, seed });
+                }
+            }
+        }
+    }
+    out
+}
+
+fn varlen_trial(c: VarlenCase) -> Result<(), Failed> {
+    match c.dtype {
+        DType::BF16 => varlen_run::<bf16>(c),
+        DType::F16 => varlen_run::<f16>(c),
+    }
+}
+
+fn varlen_run<T: Element>(c: VarlenCase) -> Result<(), Failed> {
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let (hq, hk, d) = (12, 3, c.d);
+    let lq = [127usize, 0, 1, 300, 64, 129];
+    let lk = [200usize, 7, 0, 129, 500, 64];
+    let used: Vec<i32> = lk.iter().map(|&l| rng.random_range(0..=l) as i32).collect();
+    let cu = |l: &[usize]| -> Vec<i32> {
+        std::iter::once(0)
+            .chain(l.iter().scan(0, |s, &x| {
+                *s += x as i32;
+                Some(*s)
+            }))
+            .collect()
+    };
+    let (cu_q, cu_k) = (cu(&lq), cu(&lk));
+    let (tq, tk) = (*cu_q.last().unwrap() as usize, *cu_k.last().unwrap() as usize);
+    // Own row strides (all multiples of 8): Q, K, V, O never share one.
+    let (qr, kr, vr, or) = (hq * d + 8, hk * d + 16, hk * d + 24, hq * d + 40);
+    let lay = |t: usize, h: usize, row: usize| Layout::strided_bshd([1, t, h, d], [t * row, row, d, 1]);
+    let (ql, kl, vl, ol) = (lay(tq, hq, qr), lay(tk, hk, kr), lay(tk, hk, vr), lay(tq, hq, or));
+    let q: Vec<T> = randn(&mut rng, tq * qr);
+    let k: Vec<T> = randn(&mut rng, tk * kr);
+    let v: Vec<T> = randn(&mut rng, tk * vr);
+    let lse_row = tq + 16;
+    let ll = LseLayout::strided([1, hq, tq], [hq * lse_row, lse_row, 1]);
+    let seqused = c.seqused.then_some(&used[..]);
+    let opts = AttentionOptions::new(c.mask).with_alignment(c.align).with_kernel(c.family);
+    let seq = SeqLens::new(&stream, &cu_q, &cu_k, seqused).map_err(text)?;
+    let (qd, kd, vd) = (upload(&stream, &q)?, upload(&stream, &k)?, upload(&stream, &v)?);
+    let mut od = upload(&stream, &poison::<T>(tq * or))?;
+    let mut lsed = stream.clone_htod(&vec![f32::from_bits(u32::MAX); hq * lse_row]).map_err(text)?;
+    let info = {
+        let mut ot = DeviceTensorMut::new(&mut od, ol);
+        let mut lt = LseTensorMut::new(&mut lsed, ll);
+        g.attn
+            .forward_varlen_into(
+                &stream,
+                &DeviceTensor::new(&qd, ql),
+                &DeviceTensor::new(&kd, kl),
+                &DeviceTensor::new(&vd, vl),
+                &mut ot,
+                Some(&mut lt),
+                &seq,
+                &opts,
+            )
+            .map_err(text)?
+    };
+    if info.family != c.family {
+        return Err(format!("asked for {:?}, ran {}", c.family, info.name).into());
+    }
+    let o = download(&stream, &od)?;
+    let lse: Vec<f32> = stream.clone_dtoh(&lsed).map_err(text)?;
+    let r = reference::forward_varlen(
+        HostTensor::new(&q, ql),
+        HostTensor::new(&k, kl),
+        HostTensor::new(&v, vl),
+        &cu_q,
+        &cu_k,
+        seqused,
+        &opts,
+    )
+    .map_err(text)?;
+    // O: every in-view element against the reference, padding keeps its poison.
+    let poison_bits = poison_value::<T>().to_bits();
+    let (mut err2, mut ref2, mut worst_row) = (0f64, 0f64, 0f64);
+    for i in 0..tq {
+        let (mut e2, mut r2) = (0f64, 0f64);
+        for x in 0..or {
+            if x >= hq * d {
+                if o[i * or + x].to_bits() != poison_bits {
+                    return Err(format!("{}: O padding of row {i} written", info.name).into());
+                }
+                continue;
+            }
+            let want = r.o[i * hq * d + x];
+            let got: f64 = o[i * or + x].into();
+            if !got.is_finite() {
+                return Err(format!("{}: O row {i} element {x} not finite ({got})", info.name).into());
+            }
+            e2 += (got - want).powi(2);
+            r2 += want * want;
+        }
+        err2 += e2;
+        ref2 += r2;
+        if r2 > 0.0 {
+            worst_row = worst_row.max((e2 / r2).sqrt());
+        } else if e2 > 0.0 {
+            return Err(format!("{}: row {i} sees no key but O is not 0", info.name).into());
+        }
+    }
+    let rel = (err2 / ref2.max(f64::MIN_POSITIVE)).sqrt();
+    // LSE: -inf exactly for rows with no key; the gaps after each head keep the poison.
+    let mut lse_worst = 0f64;
+    for h in 0..hq {
+        for i in 0..lse_row {
+            let got = lse[h * lse_row + i];
+            if i >= tq {
+                if got.to_bits() != u32::MAX {
+                    return Err(format!("{}: LSE gap of head {h} written", info.name).into());
+                }
+                continue;
+            }
+            let want = r.lse[h * tq + i];
+            if want == f64::NEG_INFINITY {
+                if got != f32::NEG_INFINITY {
+                    return Err(format!("{}: LSE of empty row {i} head {h} is {got}", info.name).into());
+                }
+            } else {
+                lse_worst = lse_worst.max((got as f64 - want).abs() / want.abs().max(1.0));
+            }
+        }
+    }
+    let tol = if c.dtype == DType::BF16 { 1e-2 } else { 3e-3 };
+    println!(
+        "{}: {} O rel {rel:.2e} worst row {worst_row:.2e} LSE rel {lse_worst:.2e} (passed over: {:?})",
+        c.name(),
+        info.name,
+        info.passed_over().collect::<Vec<_>>()
+    );
+    if !(rel <= tol && worst_row <= 3.0 * tol && lse_worst <= 1e-4) {
+        return Err(format!("{}: O rel {rel:.2e}, worst row {worst_row:.2e}, LSE {lse_worst:.2e}", info.name).into());
+    }
+    Ok(())
+}
+
+/// With no family forced, a packed batch runs on sm80 and says why not sm90
+/// (on a Hopper GPU), and a forced sm90 is a typed error.
+fn varlen_dispatch() -> Result<(), Failed> {
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let (t, h, d) = (10, 2, 64);
+    let x = upload(&stream, &randn::<bf16>(&mut StdRng::seed_from_u64(3), t * h * d))?;
+    let mut o = upload(&stream, &poison::<bf16>(t * h * d))?;
+    let seq = SeqLens::new(&stream, &[0, 4, 10], &[0, 4, 10], None).map_err(text)?;
+    let l = Layout::bshd(1, t, h, d);
+    let run = |o: &mut CudaSlice<bf16>, opts: &AttentionOptions| {
+        let mut ot = DeviceTensorMut::new(o, l);
+        let (qt, kt, vt) = (DeviceTensor::new(&x, l), DeviceTensor::new(&x, l), DeviceTensor::new(&x, l));
+        g.attn.forward_varlen_into(&stream, &qt, &kt, &vt, &mut ot, None, &seq, opts)
+    };
+    let info = run(&mut o, &AttentionOptions::new(Mask::Causal)).map_err(text)?;
+    println!("varlen/dispatch: ran {}, passed over {:?}", info.name, info.passed_over().collect::<Vec<_>>());
+    if info.family == KernelFamily::Sm90 {
+        return Err("a packed batch ran on the Hopper kernel, which ignores the sequence tables".into());
+    }
+    if g.attn.sm() >= 90 {
+        let why = info.passed_over().any(|p| p.family == KernelFamily::Sm90);
+        if !why {
+            return Err("sm90 not reported as passed over".into());
+        }
+        match run(&mut o, &AttentionOptions::new(Mask::Causal).with_kernel(KernelFamily::Sm90)) {
+            Err(fused_attn::Error::NoKernel { .. }) => {}
+            other => return Err(format!("forced sm90 on a packed batch: {other:?}").into()),
+        }
+    }
+    Ok(())
 }

@@ -11,7 +11,7 @@ use super::Attention;
 use crate::dispatch::{DispatchTensors, KernelInfo};
 use crate::error::{CudaContextExt, Result};
 use crate::options::{AttentionOptions, KernelFamily};
-use crate::params::{fwd_params, tma_spec, Addrs, TmaSpec};
+use crate::params::{fwd_params, tma_spec, with_sequences, Addrs, SeqAddrs, TmaSpec};
 use crate::sys::{FaFwdSm90Params, FaTensorMap};
 use crate::tensor::{DType, DeviceTensor, DeviceTensorMut, Element, LseTensorMut};
 use crate::validate::{Problem, TensorDesc};
@@ -63,6 +63,25 @@ impl Attention {
         lse: Option<&mut LseTensorMut<'_>>,
         opts: &AttentionOptions,
     ) -> Result<KernelInfo> {
+        self.launch_forward_seq(stream, p, descs, q, k, v, o, lse, None, opts)
+    }
+
+    /// [`launch_forward`](Self::launch_forward) with a packed batch's
+    /// sequence tables (`p.varlen` is then set).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_forward_seq<T: Element>(
+        &self,
+        stream: &CudaStream,
+        p: &Problem,
+        descs: &[TensorDesc; 4],
+        q: &DeviceTensor<'_, T>,
+        k: &DeviceTensor<'_, T>,
+        v: &DeviceTensor<'_, T>,
+        o: &mut DeviceTensorMut<'_, T>,
+        lse: Option<&mut LseTensorMut<'_>>,
+        seq: Option<&crate::ops::varlen::SeqLens>,
+        opts: &AttentionOptions,
+    ) -> Result<KernelInfo> {
         // Choose before touching the buffers' stream ordering, base addresses
         // assumed aligned: a call that cannot run fails here with no guard taken.
         let (mut idx, mut info) =
@@ -97,7 +116,24 @@ impl Attention {
         let func = self.reg.function(&self.ctx, idx)?;
         let a = Addrs { q: q_ptr, k: k_ptr, v: v_ptr, o: o_ptr, lse: lse_ptr };
         let layouts = [q.layout, k.layout, v.layout, o.layout];
-        let params = fwd_params(p, &layouts, lse_layout.as_ref(), a);
+        let mut params = fwd_params(p, &layouts, lse_layout.as_ref(), a);
+        // The tables are read by the kernel: the same stream ordering as the tensors.
+        let _seq_sync = match seq {
+            Some(s) => {
+                let (cu_q, sq) = s.cu_q.device_ptr(stream);
+                let (cu_k, sk) = s.cu_k.device_ptr(stream);
+                let (used, su) = match &s.seqused_k {
+                    Some(u) => {
+                        let (ptr, sync) = u.device_ptr(stream);
+                        (ptr, Some(sync))
+                    }
+                    None => (0, None),
+                };
+                params = with_sequences(params, SeqAddrs { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, seqused_k: used });
+                Some((sq, sk, su))
+            }
+            None => None,
+        };
         let cfg = (info.grid, (info.threads, 1, 1), info.smem_bytes);
         if info.family == KernelFamily::Sm90 {
             // The Hopper kernels take the same parameters plus one TMA map per tensor.

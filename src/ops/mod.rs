@@ -2,5 +2,7 @@
 //! composing validation → kernel choice → parameters → launch.
 
 mod forward;
+pub(crate) mod varlen;
 
 pub use forward::{problem_of, DynTensor, DynTensorMut, ForwardOutput};
+pub use varlen::SeqLens;

@@ -36,10 +36,14 @@ pub struct FaFwdParams {
     pub scale: f32,
     pub softcap: f32,
     pub diag_offset: i32,
+    pub cu_seqlens_q: *const i32,
+    pub cu_seqlens_k: *const i32,
+    pub seqused_k: *const i32,
+    pub top_left: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of FaFwdParams"][::core::mem::size_of::<FaFwdParams>() - 200usize];
+    ["Size of FaFwdParams"][::core::mem::size_of::<FaFwdParams>() - 232usize];
     ["Alignment of FaFwdParams"][::core::mem::align_of::<FaFwdParams>() - 8usize];
     [
         "Offset of field: FaFwdParams::q",
@@ -134,6 +138,18 @@ const _: () = {
     [
         "Offset of field: FaFwdParams::diag_offset",
     ][::core::mem::offset_of!(FaFwdParams, diag_offset) - 196usize];
+    [
+        "Offset of field: FaFwdParams::cu_seqlens_q",
+    ][::core::mem::offset_of!(FaFwdParams, cu_seqlens_q) - 200usize];
+    [
+        "Offset of field: FaFwdParams::cu_seqlens_k",
+    ][::core::mem::offset_of!(FaFwdParams, cu_seqlens_k) - 208usize];
+    [
+        "Offset of field: FaFwdParams::seqused_k",
+    ][::core::mem::offset_of!(FaFwdParams, seqused_k) - 216usize];
+    [
+        "Offset of field: FaFwdParams::top_left",
+    ][::core::mem::offset_of!(FaFwdParams, top_left) - 224usize];
 };
 impl Default for FaFwdParams {
     fn default() -> Self {
@@ -172,7 +188,7 @@ impl Default for FaTensorMap {
 #[derive(Debug, Copy, Clone)]
 pub struct FaFwdSm90Params {
     pub p: FaFwdParams,
-    pub __bindgen_padding_0: [u64; 7usize],
+    pub __bindgen_padding_0: [u64; 3usize],
     pub tma_q: FaTensorMap,
     pub tma_k: FaTensorMap,
     pub tma_v: FaTensorMap,

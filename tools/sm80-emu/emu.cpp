@@ -651,6 +651,129 @@ static bool run_case_on(const Kern *kn, const Case &cs, bool bf16, unsigned seed
     return ok;
 }
 
+// A packed (varlen) batch: sequences of their own lengths laid end to end in
+// [T, H, D] tensors (each with its own padded strides, BSHD or BHSD), LSE
+// [Hq, Tq] with padded rows. CTAs run last sequence first, so a CTA that
+// writes past its sequence's end is overwritten by nothing and shows.
+struct VarCase {
+    std::vector<int> lq, lk, used;  // used: seqused_k, empty for none
+    int Hq, Hk, D, wl, wr;
+    float softcap, scale;
+    bool bhsd, top_left;
+    int pad;
+};
+
+static bool run_varlen_on(const Kern *kn, const VarCase &vc, bool bf16, unsigned seed) {
+    const int n = (int)vc.lq.size();
+    std::vector<int> cu_q(n + 1, 0), cu_k(n + 1, 0);
+    for (int b = 0; b < n; ++b) { cu_q[b + 1] = cu_q[b] + vc.lq[b]; cu_k[b + 1] = cu_k[b] + vc.lk[b]; }
+    const int tq = cu_q[n], tk = cu_k[n];
+    int max_q = 0, max_k = 0;
+    for (int b = 0; b < n; ++b) {
+        max_q = std::max(max_q, vc.lq[b]);
+        max_k = std::max(max_k, vc.used.empty() ? vc.lk[b] : vc.used[b]);
+    }
+    // The packed tensors are one sequence of all tokens.
+    Case cs{1, vc.Hq, vc.Hk, tq, tk, vc.D, vc.wl, vc.wr, vc.softcap, vc.bhsd, vc.pad, 1.f, true, vc.scale, vc.top_left};
+    std::mt19937 g(seed);
+    std::uniform_real_distribution<float> U(-1.f, 1.f);
+    const Layout lq = layout_of(cs, vc.Hq, tq, 0), lk = layout_of(cs, vc.Hk, tk, 1), lv = layout_of(cs, vc.Hk, tk, 2),
+                 lo = layout_of(cs, vc.Hq, tq, 3);
+    const int in_guard = 64;
+    auto fill = [&](std::vector<uint16_t> &buf, const Layout &l, int H, int L) {
+        buf.assign(l.n + 2 * in_guard, 0xffff);
+        uint16_t *t = buf.data() + in_guard;
+        for (int i = 0; i < L; ++i)
+            for (int h = 0; h < H; ++h)
+                for (int d = 0; d < vc.D; ++d) t[i * l.rs + h * l.hs + d] = f2h(U(g), bf16);
+        return t;
+    };
+    std::vector<uint16_t> qbuf, kbuf, vbuf;
+    const uint16_t *q = fill(qbuf, lq, vc.Hq, tq), *k = fill(kbuf, lk, vc.Hk, tk), *v = fill(vbuf, lv, vc.Hk, tk);
+    const int guard = 256;
+    std::vector<uint16_t> o(lo.n + 2 * guard, 0xffff);
+    uint16_t *O = o.data() + guard;
+    const int64_t lse_row = tq + 8;  // LSE [Hq, Tq], rows padded
+    std::vector<float> lse((size_t)vc.Hq * lse_row + 2 * guard, NAN);
+    float *LSE = lse.data() + guard;
+    readable.clear();
+    for (auto *buf : {&qbuf, &kbuf, &vbuf})
+        readable.push_back({(const unsigned char *)buf->data(), (const unsigned char *)(buf->data() + buf->size())});
+    writable = {(const unsigned char *)o.data(), (const unsigned char *)(o.data() + o.size())};
+
+    FaFwdParams p{};
+    p.q = q; p.k = k; p.v = v; p.o = O; p.lse = LSE;
+    p.q_row_stride = lq.rs; p.q_head_stride = lq.hs;  // batch strides 0: one sequence of all tokens
+    p.k_row_stride = lk.rs; p.k_head_stride = lk.hs;
+    p.v_row_stride = lv.rs; p.v_head_stride = lv.hs;
+    p.o_row_stride = lo.rs; p.o_head_stride = lo.hs;
+    p.lse_head_stride = lse_row;
+    p.batch = n; p.heads_q = vc.Hq; p.heads_kv = vc.Hk; p.q_per_kv = vc.Hq / vc.Hk;
+    p.seqlen_q = max_q; p.seqlen_k = max_k; p.head_dim = vc.D;
+    // What the host passes (the longest lengths' diagonal); each sequence must use its own.
+    p.diag_offset = vc.top_left ? 0 : max_k - max_q;
+    p.window_left = vc.wl; p.window_right = vc.wr;
+    p.scale = vc.scale != 0 ? vc.scale : 1.f / sqrtf((float)vc.D); p.softcap = vc.softcap;
+    p.cu_seqlens_q = cu_q.data(); p.cu_seqlens_k = cu_k.data();
+    p.seqused_k = vc.used.empty() ? nullptr : vc.used.data();
+    p.top_left = vc.top_left;
+
+    smem_bytes = kn->kind == NAIVE ? 4096 : kn->smem;
+    const int guard_bytes = 1024;
+    std::vector<unsigned char> smem_buf(smem_bytes + guard_bytes + 128);
+    emu_smem = smem_buf.data() + (128 - (uintptr_t)smem_buf.data() % 128) % 128;
+    kernel_fn = kn->fn;
+    kernel_params = p;
+    for (int b = n - 1; b >= 0; --b)
+        for (int h = 0; h < vc.Hq; ++h)
+            for (int mb = 0; mb < (max_q + kn->bm - 1) / kn->bm; ++mb) {
+                memset(emu_smem, 0xff, smem_bytes);
+                memset(emu_smem + smem_bytes, 0xab, guard_bytes);
+                blockIdx = make_uint3(mb, h, b);
+                run_cta(kn->threads);
+                for (int i = 0; i < guard_bytes; ++i)
+                    if (emu_smem[smem_bytes + i] != 0xab) { FAIL("shared memory written past smem bytes"); break; }
+            }
+
+    // Each sequence against the reference as a rectangular problem of its own.
+    bool ok = true;
+    double err2 = 0, ref2 = 0, row_rel = 0, lse_rel = 0;
+    for (int b = 0; b < n; ++b) {
+        const int q0 = cu_q[b], k0 = cu_k[b];
+        const int lkb = vc.used.empty() ? vc.lk[b] : vc.used[b];
+        EmuProblem ep{1, vc.Hq, vc.Hk, vc.lq[b], lkb, vc.D, vc.wl, vc.wr, (double)p.scale, (double)vc.softcap, bf16, true,
+                      q + q0 * lq.rs, k + k0 * lk.rs, v + k0 * lv.rs, O + q0 * lo.rs, LSE + q0,
+                      0, lq.rs, lq.hs, 0, lk.rs, lk.hs, 0, lv.rs, lv.hs, 0, lo.rs, lo.hs};
+        ep.top_left = vc.top_left;
+        ep.lseb = 1; ep.lseh = lse_row;  // batch 1: the batch stride is never stepped
+        const EmuCheck c = emu_check_against_reference(ep, true);
+        ok = ok && c.ok;
+        err2 += c.err2; ref2 += c.ref2;
+        row_rel = std::max(row_rel, c.row_rel); lse_rel = std::max(lse_rel, c.lse_rel);
+    }
+    EmuProblem whole{1, vc.Hq, vc.Hk, tq, tk, vc.D, -1, -1, 1.0, 0.0, bf16, true, q, k, v, O, LSE,
+                     0, lq.rs, lq.hs, 0, lk.rs, lk.hs, 0, lv.rs, lv.hs, 0, lo.rs, lo.hs};
+    whole.lseb = 1; whole.lseh = lse_row;
+    const long stray = emu_count_stray(whole, o.data(), o.size(), lse, guard);
+    const double rel = ref2 > 0 ? sqrt(err2 / ref2) : sqrt(err2);
+    std::string why;
+    auto fail = [&](const char *w) { why += why.empty() ? w : std::string(",") + w; };
+    if (!ok) fail("non-finite-or-empty-row");
+    if (!(rel <= emu_o_tol(bf16))) fail("O-rel-L2");
+    if (!(row_rel <= emu_row_tol(bf16))) fail("O-row");
+    if (!(lse_rel <= kEmuLseTol)) fail("LSE");
+    if (stray) fail("stray-writes");
+    if (errors) fail("emu-error");
+    std::string lens;
+    for (int b = 0; b < n; ++b)
+        lens += std::to_string(vc.lq[b]) + ":" + std::to_string(vc.lk[b]) +
+                (vc.used.empty() ? "" : "/" + std::to_string(vc.used[b])) + " ";
+    printf("%s %-28s varlen [%s] Hq%d Hk%d D%d w(%d,%d)%s cap %.3g %s: rel %.2e row %.2e lse %.2e stray %ld\n",
+           why.empty() ? "ok  " : ("FAIL[" + why + "]").c_str(), kn->name, lens.c_str(), vc.Hq, vc.Hk, vc.D, vc.wl,
+           vc.wr, vc.top_left ? " top-left" : "", vc.softcap, vc.bhsd ? "BHSD" : "BSHD", rel, row_rel, lse_rel, stray);
+    return why.empty();
+}
+
 static int bucket_of(int D) {
     const int b[] = {32, 64, 96, 128, 160, 192, 224, 256};
     for (int x : b) if (D <= x) return x;
@@ -677,6 +800,30 @@ static const Kern *first_kernel(int hd, bool bf16) {
         if ((k->kind == NAIVE || k->hd == hd) && k->bf16 == bf16) return k;
     return nullptr;
 }
+
+static void run_varlen(const VarCase &vc, bool bf16, unsigned seed) {
+    const int hd = bucket_of(vc.D);
+    bool ok = true;
+    for (const Kern *k : kerns)
+        if ((k->kind == NAIVE || k->hd == hd) && k->bf16 == bf16) ok = run_varlen_on(k, vc, bf16, seed) && ok;
+    fails += !ok;
+}
+
+// Packed batches: empty sequences, one-token ones, lengths one short of a
+// tile and crossing tiles, Lq > Lk and Lq < Lk in one batch (each sequence
+// its own diagonal), seqused_k below the stored keys, GQA 4:1 with 3 KV heads.
+static void varlen_cases(int D, bool bf, unsigned &seed, bool naive) {
+    const Kern *k = first_kernel(bucket_of(D), bf);
+    if (!k) return;
+    const int BM = naive ? 16 : k->bm, BN = naive ? 64 : k->bn;
+    const VarCase cases[] = {
+        {{BM - 1, 0, 1, BM + 3}, {2 * BN - 1, 5, 0, BN + 1}, {}, 12, 3, D, -1, 0, 0.f, 0.3f, false, false, 8},
+        {{7, BM + 1, 0, 3}, {BN + 2, 10, 4, 2 * BN}, {BN, 9, 0, 17}, 4, 1, D, -1, -1, 0.f, 0.f, true, false, 0},
+        {{20, 1, 33}, {9, 40, 70}, {}, 2, 2, D, 6, 3, 7.f, -0.7f, false, true, 16},
+    };
+    for (const VarCase &vc : cases) run_varlen(vc, bf, seed++);
+}
+
 
 // Per bucket and dtype: the shapes where tile arithmetic goes wrong (Lq one
 // short of block_m, Lk one short of a multiple of block_n), GQA 4:1 with several KV
@@ -784,7 +931,16 @@ int main(int argc, char **argv) {
                 for (auto &c : cs) run_case(c, bf, seed++, verbose);
             }
         }
-    } else if (cases == "neg") {
+    }
+    if (cases == "all" || cases == "quick" || cases == "varlen") {
+        // Packed batches: a few buckets (the naive kernel: one).
+        for (int bf = 0; bf < 2; ++bf)
+            for (int D : {64, 128, 40, 256, 96}) {
+                if ((naive || cases == "quick") && D != 64) continue;
+                varlen_cases(D, bf, seed, naive);
+            }
+    }
+    if (cases == "neg") {
         // The negative control's cases: few and small, each aimed at a class
         // of injected bug (tests/emulated_sm80.rs lists them).
         for (int bf = 0; bf < 2; ++bf)
@@ -800,7 +956,8 @@ int main(int argc, char **argv) {
                 };
                 for (auto &c : cs) run_case(c, bf, seed++, verbose);
             }
-    } else if (cases != "none") {
+        for (int bf = 0; bf < 2; ++bf) varlen_cases(64, bf, seed, naive);
+    } else if (cases != "none" && cases != "all" && cases != "quick" && cases != "varlen") {
         fprintf(stderr, "unknown case set %s\n", cases.c_str());
         return 2;
     }
