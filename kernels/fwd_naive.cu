@@ -13,6 +13,9 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kMaxHeadDim = 256;
 constexpr int kColsPerThread = kMaxHeadDim / kThreads;
+// Up to 64 registers: without a bound ptxas aimed at 16 CTAs per SM (32
+// registers) and spilled the paged-cache address arithmetic.
+constexpr int kMinBlocks = 8;
 
 template <typename T>
 __device__ void naive_forward(const FaFwdParams &launch) {
@@ -27,8 +30,7 @@ __device__ void naive_forward(const FaFwdParams &launch) {
     const int hk = h / p.q_per_kv;
     const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride + i * p.q_row_stride +
                  h * p.q_head_stride;
-    const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-    const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+    const T *k = fa_kv_base<T>(p, false, b, hk), *v = fa_kv_base<T>(p, true, b, hk);
 
     for (int d = tid; d < p.head_dim; d += kThreads) q_s[d] = fa_to_float(q[d]);
     __syncthreads();
@@ -41,7 +43,7 @@ __device__ void naive_forward(const FaFwdParams &launch) {
         const int j = j0 + tid;
         float s = -INFINITY;
         if (j < r.hi) {
-            const T *kj = k + static_cast<int64_t>(j) * p.k_row_stride;
+            const T *kj = fa_kv_row(p, k, false, b, j);
             float dot = 0.f;
             for (int d = 0; d < p.head_dim; ++d) dot = fmaf(q_s[d], fa_to_float(kj[d]), dot);
             s = fa_score(p, dot);
@@ -60,7 +62,7 @@ __device__ void naive_forward(const FaFwdParams &launch) {
             if (d >= p.head_dim) continue;
             float a = acc[c] * alpha;
             for (int jj = 0; jj < n; ++jj)
-                a = fmaf(p_s[jj], fa_to_float(v[static_cast<int64_t>(j0 + jj) * p.v_row_stride + d]), a);
+                a = fmaf(p_s[jj], fa_to_float(fa_kv_row(p, v, true, b, j0 + jj)[d]), a);
             acc[c] = a;
         }
         m = m_new;
@@ -89,7 +91,7 @@ __device__ void naive_forward(const FaFwdParams &launch) {
     static_assert(block_m == 1 && block_n == kThreads && threads == kThreads && smem == 0 &&  \
                       head_dim == kMaxHeadDim && grid == FA_GRID_TILES,                      \
                   "table row disagrees with the naive kernel");                             \
-    extern "C" __global__ void __launch_bounds__(threads) name(const __grid_constant__ FaFwdParams p) { \
+    extern "C" __global__ void __launch_bounds__(threads, kMinBlocks) name(const __grid_constant__ FaFwdParams p) { \
         naive_forward<FA_DTYPE(dtype)>(p);                                                   \
     }
 

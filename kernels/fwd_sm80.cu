@@ -96,6 +96,8 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     const int hk = h / p.q_per_kv;
 
     const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+    // Dense K/V only (the dispatcher gives paged caches to the naive kernel:
+    // the gather costs these kernels spills at 255 registers).
     const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
     const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
 

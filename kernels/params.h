@@ -75,6 +75,17 @@ typedef struct FaFwdParams {
     const int32_t *cu_seqlens_k;
     const int32_t *seqused_k;
     int32_t top_left;
+
+    /* KV caches (DESIGN.md 1b); both NULL otherwise. cache_batch_idx (B
+     * entries): sequence b reads K/V batch entry cache_batch_idx[b] instead
+     * of b. block_table: K and V are pages [num_pages, page_size, Hk, D]
+     * (k/v_batch_stride step pages) and key j of sequence b is row
+     * j % page_size of page block_table[b * block_table_stride + j / page_size].
+     * Either comes with seqused_k (the cache lengths). */
+    const int32_t *cache_batch_idx;
+    const int32_t *block_table;
+    int64_t block_table_stride;
+    int32_t page_size;
 } FaFwdParams;
 
 /* An opaque CUDA tensor map (CUtensorMap: 128 bytes, 64-byte aligned),

@@ -137,8 +137,8 @@ pub fn dispatch(
                 reason: format!("{name} does not serve {} head_dim {}", p.dtype, p.head_dim),
             });
         }
-        if p.varlen.is_some() && fam == KernelFamily::Sm90 {
-            return Err(unsupported(VARLEN));
+        if let Some(what) = lacks(fam, p) {
+            return Err(unsupported(fam, what));
         }
         fits(row, fam, device, p, tensors)?;
         return Ok((idx, kernel_info(row, fam, device, p, [None; 2])));
@@ -158,13 +158,13 @@ pub fn dispatch(
             .min_by_key(|&i| rows[i].head_dim);
         // `Err(None)`: no kernel; `Err(Some(e))`: the kernel cannot run here.
         // No message is formatted unless the call fails.
-        // The Hopper kernels ignore the sequence tables: never give them a packed batch.
-        if best.is_some() && p.varlen.is_some() && fam == KernelFamily::Sm90 {
+        // Features a family's kernels ignore: never give them such a problem.
+        if let Some(what) = best.and(lacks(fam, p)) {
             if forced.is_some() {
-                return Err(unsupported(VARLEN));
+                return Err(unsupported(fam, what));
             }
             if n_passed < passed.len() {
-                passed[n_passed] = Some(PassedOver { family: fam, reason: PassReason::Unsupported { what: VARLEN } });
+                passed[n_passed] = Some(PassedOver { family: fam, reason: PassReason::Unsupported { what } });
                 n_passed += 1;
             }
             continue;
@@ -199,10 +199,21 @@ pub fn dispatch(
     Err(Error::NoKernel { reason: reason.join("; ") })
 }
 
-const VARLEN: &str = "packed (varlen) batches";
+/// The feature of `p` that family `fam` does not implement, if any. The
+/// Hopper kernels take neither packed batches nor caches yet; the sm80
+/// kernels take dense caches but not pages (the gather costs them spills).
+fn lacks(fam: KernelFamily, p: &Problem) -> Option<&'static str> {
+    let paged = p.kv_cache.is_some_and(|c| c.paged.is_some());
+    match fam {
+        KernelFamily::Sm90 if p.varlen.is_some() => Some("packed (varlen) batches"),
+        KernelFamily::Sm90 if p.kv_cache.is_some() => Some("KV caches"),
+        KernelFamily::Sm80 if paged => Some("paged KV caches"),
+        _ => None,
+    }
+}
 
-fn unsupported(what: &'static str) -> Error {
-    Error::NoKernel { reason: format!("Sm90: does not implement {what} yet (sm80 and naive do)") }
+fn unsupported(fam: KernelFamily, what: &'static str) -> Error {
+    Error::NoKernel { reason: format!("{fam:?}: does not implement {what} yet") }
 }
 
 fn reason_of(e: &Error) -> PassReason {

@@ -139,10 +139,10 @@ mod validate;
 pub use device::{cuda_context, driver_present, Attention};
 pub use dispatch::{KernelInfo, PassReason, PassedOver};
 pub use error::{Error, Result};
-pub use ops::{problem_of, DynTensor, DynTensorMut, ForwardOutput, SeqLens};
+pub use ops::{problem_of, CacheTables, DynTensor, DynTensorMut, ForwardOutput, SeqLens};
 pub use options::{AttentionOptions, KernelFamily, Mask, MaskAlignment};
 pub use tensor::{DType, DeviceTensor, DeviceTensorMut, Element, HostTensor, Layout, LseLayout, LseTensorMut};
-pub use validate::{Problem, SeqInfo};
+pub use validate::{CacheInfo, PagedInfo, Problem, SeqInfo};
 
 /// The README's code blocks compile as doctests, so its API example cannot rot.
 #[cfg(doctest)]
@@ -163,7 +163,7 @@ pub mod internals {
     pub use crate::params::{fwd_params, tma_spec, with_sequences, Addrs, SeqAddrs, TmaSpec};
     pub use crate::sys::*;
     pub use crate::validate::{
-        check_dtypes, check_seqlens, validate, validate_varlen, LseDesc, TensorDesc, MAX_GRID_YZ, MAX_HEAD_DIM,
-        MAX_SCALE, MAX_SEQLEN,
+        check_cache_tables, check_dtypes, check_seqlens, validate, validate_kvcache, validate_varlen, LseDesc,
+        TensorDesc, MAX_GRID_YZ, MAX_HEAD_DIM, MAX_SCALE, MAX_SEQLEN,
     };
 }

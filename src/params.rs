@@ -85,27 +85,46 @@ pub fn fwd_params(p: &Problem, layouts: &[Layout; 4], lse: Option<&LseLayout>, a
         cu_seqlens_k: std::ptr::null(),
         seqused_k: std::ptr::null(),
         top_left: i32::from(p.alignment == MaskAlignment::TopLeft),
+        cache_batch_idx: std::ptr::null(),
+        block_table: std::ptr::null(),
+        block_table_stride: 0,
+        page_size: 0,
     }
 }
 
-/// Device addresses of a packed batch's sequence tables (0: absent).
+/// Device addresses of a packed batch's or a KV cache's tables (0: absent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SeqAddrs {
     /// `cu_seqlens_q`, `B + 1` i32.
     pub cu_seqlens_q: u64,
     /// `cu_seqlens_k`, `B + 1` i32.
     pub cu_seqlens_k: u64,
-    /// `seqused_k`, `B` i32, or 0.
+    /// `seqused_k` (a cache's `cache_seqlens`), `B` i32.
     pub seqused_k: u64,
+    /// `cache_batch_idx`, `B` i32.
+    pub cache_batch_idx: u64,
+    /// `block_table`, `B × block_table_stride` i32.
+    pub block_table: u64,
+    /// Entries per block-table row.
+    pub block_table_stride: usize,
+    /// Keys per page.
+    pub page_size: usize,
 }
 
-/// Points the kernel at a packed batch's sequence tables. The tensors'
-/// layouts are then one sequence of all tokens (batch extent 1, so batch
-/// strides 0) and `seqlen_q`/`seqlen_k` hold the longest sequence.
+/// Points the kernel at the tables. For a packed batch the tensors' layouts
+/// are one sequence of all tokens (batch extent 1, so batch strides 0) and
+/// `seqlen_q`/`seqlen_k` hold the longest sequence; for a paged cache K and
+/// V are `[num_pages, page_size, Hk, D]`, their batch stride stepping pages.
+/// Validation bounded the stride and page size (block-table length, page
+/// extent of a validated tensor), so the conversions do not truncate.
 pub fn with_sequences(mut params: FaFwdParams, s: SeqAddrs) -> FaFwdParams {
     params.cu_seqlens_q = s.cu_seqlens_q as usize as *const i32;
     params.cu_seqlens_k = s.cu_seqlens_k as usize as *const i32;
     params.seqused_k = s.seqused_k as usize as *const i32;
+    params.cache_batch_idx = s.cache_batch_idx as usize as *const i32;
+    params.block_table = s.block_table as usize as *const i32;
+    params.block_table_stride = s.block_table_stride as i64;
+    params.page_size = s.page_size.min(i32::MAX as usize) as i32;
     params
 }
 

@@ -26,8 +26,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
 use crate::options::AttentionOptions;
-use crate::tensor::{Element, HostTensor};
-use crate::validate::{check_seqlens, validate, validate_varlen, Problem, TensorDesc};
+use crate::tensor::{Element, HostTensor, Layout};
+use crate::validate::{
+    check_cache_tables, check_seqlens, validate, validate_kvcache, validate_varlen, Problem, TensorDesc,
+};
 
 /// Largest output (`B·Lq·Hq·D` elements of f64, 2 GiB) the reference computes.
 pub const MAX_OUTPUT_ELEMENTS: usize = 1 << 28;
@@ -183,6 +185,90 @@ pub fn forward_varlen<T: Element>(
         for h in 0..hq {
             lse[h * tq + q0..h * tq + q1].copy_from_slice(&r.lse[h * (q1 - q0)..(h + 1) * (q1 - q0)]);
         }
+    }
+    Ok(Reference { problem: p, o, lse })
+}
+
+/// Attention over a KV cache (DESIGN.md section 1b) on the host: `q`
+/// `[B, Lq, Hq, D]`; `k_cache`, `v_cache` dense `[B_c, L_max, Hk, D]` (with
+/// `block_table` `None`) or pages `[num_pages, page_size, Hk, D]` (with
+/// `block_table` `Some((table, pages_per_seq))`, page size the caches' second
+/// extent). Each sequence's keys are gathered into a dense run and computed
+/// with [`forward`], so a paged cache equals the dense cache it pages.
+///
+/// The result is laid out as [`forward`]'s: `o` `[B, Lq, Hq, D]`, `lse`
+/// `[B, Hq, Lq]`.
+///
+/// # Errors
+/// The validation errors of
+/// [`Attention::forward_kvcache_into`](crate::Attention::forward_kvcache_into)
+/// (the tables checked as [`CacheTables`](crate::CacheTables) does), and the
+/// limits of [`forward`] over the whole batch.
+pub fn forward_kvcache<T: Element>(
+    q: HostTensor<'_, T>,
+    k_cache: HostTensor<'_, T>,
+    v_cache: HostTensor<'_, T>,
+    cache_seqlens: &[i32],
+    cache_batch_idx: Option<&[i32]>,
+    block_table: Option<(&[i32], usize)>,
+    opts: &AttentionOptions,
+) -> Result<Reference> {
+    let page_size = k_cache.layout.shape[1];
+    let info = check_cache_tables(cache_seqlens, cache_batch_idx, block_table.map(|(t, n)| (t, n, page_size)))?;
+    let desc = |arg, t: &HostTensor<'_, T>| TensorDesc { arg, layout: t.layout, len: t.data.len() };
+    let p = validate_kvcache(
+        T::DTYPE,
+        &desc("q", &q),
+        &desc("k_cache", &k_cache),
+        &desc("v_cache", &v_cache),
+        None,
+        None,
+        &info,
+        opts,
+    )?;
+    let (b_n, lq, hq, hk, d) = (p.batch, p.seqlen_q, p.heads_q, p.heads_kv, p.head_dim);
+    let n_out = b_n * lq * hq * d; // bounded by Q's validated element count
+    if n_out > MAX_OUTPUT_ELEMENTS {
+        let (value, limit) = (n_out as u128, MAX_OUTPUT_ELEMENTS as u128);
+        return Err(Error::SizeOverflow { arg: "q", what: "reference output elements", value, limit });
+    }
+    let mut o = filled(n_out, 0.0)?;
+    let mut lse = filled(b_n * hq * lq, f64::NEG_INFINITY)?;
+    let mut work = 0u128;
+    for b in 0..b_n {
+        let len = cache_seqlens[b] as usize;
+        // Sequence b's keys and values, gathered into contiguous [1, len, Hk, D].
+        let gather = |t: &HostTensor<'_, T>| -> Vec<T> {
+            let mut out = Vec::with_capacity(len * hk * d);
+            for j in 0..len {
+                let (entry, row) = match block_table {
+                    Some((table, per_seq)) => (table[b * per_seq + j / page_size] as usize, j % page_size),
+                    None => (cache_batch_idx.map_or(b, |idx| idx[b] as usize), j),
+                };
+                for h in 0..hk {
+                    let at = t.layout.offset(entry, row, h, 0);
+                    out.extend_from_slice(&t.data[at..at + d]);
+                }
+            }
+            out
+        };
+        let (kb, vb) = (gather(&k_cache), gather(&v_cache));
+        let kl = Layout::bshd(1, len, hk, d);
+        let mut ql = q.layout;
+        ql.shape[0] = 1;
+        let qb = HostTensor::new(&q.data[q.layout.offset(b, 0, 0, 0).min(q.data.len())..], ql);
+        let r = forward(qb, HostTensor::new(&kb, kl), HostTensor::new(&vb, kl), opts)?;
+        work += r.problem.flops() / 4;
+        if work > MAX_WORK {
+            return Err(Error::SizeOverflow {
+                arg: "q",
+                what: "reference work (multiply-adds)",
+                value: work,
+                limit: MAX_WORK,
+            });
+        }
+        o[b * lq * hq * d..(b + 1) * lq * hq * d].copy_from_slice(&r.o);
+        lse[b * hq * lq..(b + 1) * hq * lq].copy_from_slice(&r.lse);
     }
     Ok(Reference { problem: p, o, lse })
 }

@@ -70,6 +70,208 @@ pub struct Problem {
     /// For a packed (varlen) batch, its totals; `batch`, `seqlen_q` and
     /// `seqlen_k` are then the number of sequences and the longest lengths.
     pub varlen: Option<SeqInfo>,
+    /// For a KV cache, its tables' facts; `seqlen_k` is then the longest cache length.
+    pub kv_cache: Option<CacheInfo>,
+}
+
+/// The facts of a KV cache's tables that validation and the launch need,
+/// checked once by [`check_cache_tables`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheInfo {
+    /// Sequences `B`.
+    pub batch: usize,
+    /// The longest `cache_seqlens` entry, and its index.
+    pub max_seqlen: (usize, usize),
+    /// The largest `cache_batch_idx` entry, if that table is given.
+    pub max_batch_idx: Option<usize>,
+    /// For a paged cache: page size, block-table row length, largest page id used.
+    pub paged: Option<PagedInfo>,
+}
+
+/// A paged cache's geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedInfo {
+    /// Keys per page.
+    pub page_size: usize,
+    /// Entries per block-table row (the most pages a sequence can have).
+    pub pages_per_seq: usize,
+    /// The largest page id any sequence uses (`None`: no sequence uses a page).
+    pub max_page: Option<usize>,
+}
+
+/// Checks a KV cache's host tables (DESIGN.md section 1b): `cache_seqlens`
+/// (`B >= 1` entries, each `>= 0`); `cache_batch_idx` (`B` entries `>= 0`);
+/// for a paged cache `block_table` (`B · pages_per_seq` entries, row-major),
+/// `page_size >= 1`, every sequence's `ceil(len / page_size)` pages inside its
+/// row and those entries `>= 0` (entries past them are never read). The
+/// cache tensors' extents are checked by [`validate_kvcache`].
+///
+/// # Errors
+/// [`Error::SeqLens`] naming the table and the first entry at fault;
+/// [`Error::InvalidOption`] for `page_size` 0.
+pub fn check_cache_tables(
+    cache_seqlens: &[i32],
+    cache_batch_idx: Option<&[i32]>,
+    paged: Option<(&[i32], usize, usize)>,
+) -> Result<CacheInfo> {
+    let bad = |arg, index: usize, value: i64, reason| Error::SeqLens { arg, index, value, reason };
+    let batch = cache_seqlens.len();
+    if batch == 0 {
+        return Err(bad("cache_seqlens", 0, 0, "needs B >= 1 entries"));
+    }
+    if batch > MAX_GRID_YZ {
+        return Err(overflow("cache_seqlens", "batch", Some(batch as u128), MAX_GRID_YZ as u128));
+    }
+    let mut max_seqlen = (0, 0);
+    for (b, &l) in cache_seqlens.iter().enumerate() {
+        if l < 0 {
+            return Err(bad("cache_seqlens", b, l as i64, "must be >= 0"));
+        }
+        if l as usize > max_seqlen.0 {
+            max_seqlen = (l as usize, b);
+        }
+    }
+    let max_batch_idx = match cache_batch_idx {
+        None => None,
+        Some(idx) => {
+            if idx.len() != batch {
+                return Err(bad("cache_batch_idx", idx.len(), idx.len() as i64, "needs B entries (one per sequence)"));
+            }
+            if let Some((b, &i)) = idx.iter().enumerate().find(|(_, &i)| i < 0) {
+                return Err(bad("cache_batch_idx", b, i as i64, "must be >= 0"));
+            }
+            idx.iter().map(|&i| i as usize).max()
+        }
+    };
+    let paged = match paged {
+        None => None,
+        Some((table, pages_per_seq, page_size)) => {
+            if page_size == 0 {
+                return Err(Error::InvalidOption { arg: "page_size", value: "0".into(), reason: "must be >= 1" });
+            }
+            if Some(table.len()) != batch.checked_mul(pages_per_seq) || pages_per_seq == 0 {
+                return Err(bad(
+                    "block_table",
+                    table.len(),
+                    table.len() as i64,
+                    "needs B · pages_per_seq >= 1 entries",
+                ));
+            }
+            let mut max_page = None;
+            for (b, &l) in cache_seqlens.iter().enumerate() {
+                let pages = (l as usize).div_ceil(page_size);
+                if pages > pages_per_seq {
+                    return Err(bad("cache_seqlens", b, l as i64, "needs more pages than a block-table row holds"));
+                }
+                for (j, &id) in table[b * pages_per_seq..b * pages_per_seq + pages].iter().enumerate() {
+                    if id < 0 {
+                        return Err(bad("block_table", b * pages_per_seq + j, id as i64, "must be >= 0"));
+                    }
+                    max_page = max_page.max(Some(id as usize));
+                }
+            }
+            Some(PagedInfo { page_size, pages_per_seq, max_page })
+        }
+    };
+    if paged.is_some() && cache_batch_idx.is_some() {
+        return Err(bad("cache_batch_idx", 0, 0, "a paged cache addresses sequences through block_table only"));
+    }
+    Ok(CacheInfo { batch, max_seqlen, max_batch_idx, paged })
+}
+
+/// Checks attention over a KV cache: Q and O `[B, Lq, Hq, D]` (any
+/// strides), LSE `[B, Hq, Lq]`; K and V caches `[B_c, L_max, Hk, D]`
+/// (dense) or `[num_pages, page_size, Hk, D]` (paged), with the tables
+/// `cache` (from [`check_cache_tables`]). Sequence `b` attends to the first
+/// `cache_seqlens[b]` keys of its cache row, its queries the newest positions
+/// (bottom-right), or top-left as `opts` says.
+///
+/// # Errors
+/// Every error of [`validate`] on Q, O, LSE and the caches' own layouts;
+/// [`Error::ShapeMismatch`] for caches that disagree with each other or with
+/// Q (`B`, `Hk`, `D`, a page size other than the tables'); [`Error::SeqLens`]
+/// for a cache length above `L_max`, a `cache_batch_idx` or page id beyond
+/// the cache.
+#[allow(clippy::too_many_arguments)]
+pub fn validate_kvcache(
+    dtype: DType,
+    q: &TensorDesc,
+    k_cache: &TensorDesc,
+    v_cache: &TensorDesc,
+    o: Option<&TensorDesc>,
+    lse: Option<&LseDesc>,
+    cache: &CacheInfo,
+    opts: &AttentionOptions,
+) -> Result<Problem> {
+    check_tensor(k_cache)?;
+    check_tensor(v_cache)?;
+    for (i, dim) in ["batch", "seqlen", "heads", "head_dim"].into_iter().enumerate() {
+        let (expected, got) = (k_cache.layout.shape[i], v_cache.layout.shape[i]);
+        if expected != got {
+            return Err(Error::ShapeMismatch { arg: v_cache.arg, dim, expected, got, against: k_cache.arg });
+        }
+    }
+    let [entries, rows, heads_kv, head_dim] = k_cache.layout.shape;
+    let bad = |arg, index: usize, value: usize, reason| Error::SeqLens { arg, index, value: value as i64, reason };
+    match cache.paged {
+        None => {
+            let (len, b) = cache.max_seqlen;
+            if len > rows {
+                return Err(bad("cache_seqlens", b, len, "longer than the cache (its seqlen extent)"));
+            }
+            match cache.max_batch_idx {
+                Some(i) if i >= entries => return Err(bad("cache_batch_idx", 0, i, "beyond the cache's batch extent")),
+                None if entries < cache.batch => {
+                    let got = entries;
+                    return Err(Error::ShapeMismatch {
+                        arg: k_cache.arg,
+                        dim: "batch",
+                        expected: cache.batch,
+                        got,
+                        against: "cache_seqlens",
+                    });
+                }
+                _ => {}
+            }
+        }
+        Some(pg) => {
+            if rows > MAX_SEQLEN {
+                return Err(overflow(k_cache.arg, "page size", Some(rows as u128), MAX_SEQLEN as u128));
+            }
+            if rows != pg.page_size {
+                let (expected, got) = (pg.page_size, rows);
+                return Err(Error::ShapeMismatch {
+                    arg: k_cache.arg,
+                    dim: "seqlen",
+                    expected,
+                    got,
+                    against: "page_size",
+                });
+            }
+            if let Some(m) = pg.max_page.filter(|&m| m >= entries) {
+                return Err(bad("block_table", 0, m, "a page id beyond the cache's page count"));
+            }
+        }
+    }
+    if q.layout.shape[0] != cache.batch {
+        let got = q.layout.shape[0];
+        return Err(Error::ShapeMismatch {
+            arg: "q",
+            dim: "batch",
+            expected: cache.batch,
+            got,
+            against: "cache_seqlens",
+        });
+    }
+    // The rest as a rectangular problem whose K/V have Q's batch and the
+    // longest cache length; the caches' own extents and spans were checked above.
+    let view = |t: &TensorDesc| {
+        let mut layout = t.layout;
+        layout.shape = [cache.batch, cache.max_seqlen.0, heads_kv, head_dim];
+        TensorDesc { arg: t.arg, layout, len: usize::MAX }
+    };
+    let p = validate(dtype, q, &view(k_cache), &view(v_cache), o, lse, opts)?;
+    Ok(Problem { kv_cache: Some(*cache), ..p })
 }
 
 /// The facts of a packed batch's sequence tables that the launch needs,
@@ -331,6 +533,7 @@ pub fn validate(
         scale,
         softcap: opts.softcap,
         varlen: None,
+        kv_cache: None,
     })
 }
 

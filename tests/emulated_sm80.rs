@@ -339,6 +339,22 @@ const MUTANTS: &[Mutant] = &[
         file: "common/sequence.cuh",
         edits: &[("p.seqlen_q = p.cu_seqlens_q[b + 1] - q0;", "p.seqlen_q = p.cu_seqlens_q[b + 1] - q0 + 1;")],
     },
+    // ---- KV caches: common/sequence.cuh ----
+    Mutant {
+        name: "cache: cache_batch_idx ignored",
+        file: "common/sequence.cuh",
+        edits: &[("const int64_t shift = p.cache_batch_idx[b] - b;", "const int64_t shift = 0;")],
+    },
+    Mutant {
+        name: "paged: V pages stepped with K's page stride",
+        file: "common/sequence.cuh",
+        edits: &[("id * (is_v ? p.v_batch_stride : p.k_batch_stride)", "id * p.k_batch_stride")],
+    },
+    Mutant {
+        name: "paged: slot = page index instead of j % page_size",
+        file: "common/sequence.cuh",
+        edits: &[("int(slot) * rs", "int(page) * rs")],
+    },
     // ---- the naive kernel ----
     Mutant {
         name: "naive: KV head h % Hk instead of h / (Hq/Hk)",
@@ -351,9 +367,9 @@ const MUTANTS: &[Mutant] = &[
         edits: &[("if (j < r.hi) {", "if (j <= r.hi) {")],
     },
     Mutant {
-        name: "naive: V read with K's row stride",
+        name: "naive: V read with K's rows",
         file: "fwd_naive.cu",
-        edits: &[("* p.v_row_stride + d]", "* p.k_row_stride + d]")],
+        edits: &[("fa_kv_row(p, v, true, b, j0 + jj)", "fa_kv_row(p, k, true, b, j0 + jj)")],
     },
 ];
 

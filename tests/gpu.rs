@@ -47,8 +47,8 @@ use fused_attn::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureM
 use fused_attn::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use fused_attn::reference;
 use fused_attn::{
-    Attention, AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, HostTensor, KernelFamily,
-    KernelInfo, Layout, LseLayout, LseTensorMut, Mask, MaskAlignment, SeqLens,
+    Attention, AttentionOptions, CacheTables, DType, DeviceTensor, DeviceTensorMut, Element, Error, HostTensor,
+    KernelFamily, KernelInfo, Layout, LseLayout, LseTensorMut, Mask, MaskAlignment, SeqLens,
 };
 use half::{bf16, f16};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -1031,6 +1031,9 @@ fn trials() -> Vec<(Trial, bool)> {
     for c in varlen_cases() {
         trials.push((Trial::test(c.name(), move || varlen_trial(c)), false));
     }
+    for c in cache_cases() {
+        trials.push((Trial::test(c.name(), move || cache_trial(c)), false));
+    }
     trials
 }
 
@@ -1404,6 +1407,181 @@ fn varlen_dispatch() -> Result<(), Failed> {
             Err(fused_attn::Error::NoKernel { .. }) => {}
             other => return Err(format!("forced sm90 on a packed batch: {other:?}").into()),
         }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// KV caches.
+
+/// One KV-cache trial: dense (`page` 0, with a cache_batch_idx permutation)
+/// or paged (shuffled block table, -1 past each sequence's pages), padded
+/// rows, unused cache slots holding NaN, against `reference::forward_kvcache`.
+#[derive(Debug, Clone, Copy)]
+struct CacheCase {
+    family: KernelFamily,
+    dtype: DType,
+    d: usize,
+    page: usize,
+    mask: Mask,
+    seed: u64,
+}
+
+impl CacheCase {
+    fn name(&self) -> String {
+        let kind = if self.page == 0 { "dense".to_string() } else { format!("page{}", self.page) };
+        format!("kvcache/{:?}/{}/d{}/{kind}/{}", self.family, self.dtype, self.d, self.mask).to_lowercase()
+    }
+}
+
+fn cache_cases() -> Vec<CacheCase> {
+    let mut out = Vec::new();
+    let mut seed = 9500;
+    for dtype in [DType::BF16, DType::F16] {
+        for d in [64, 128] {
+            for mask in [Mask::Causal, Mask::window(50, 3)] {
+                for (family, page) in [
+                    (KernelFamily::Sm80, 0),
+                    (KernelFamily::Naive, 0),
+                    (KernelFamily::Naive, 1),
+                    (KernelFamily::Naive, 16),
+                    (KernelFamily::Naive, 64),
+                ] {
+                    seed += 1;
+                    out.push(CacheCase { family, dtype, d, page, mask, seed });
+                }
+            }
+        }
+    }
+    out
+}
+
+fn cache_trial(c: CacheCase) -> Result<(), Failed> {
+    match c.dtype {
+        DType::BF16 => cache_run::<bf16>(c),
+        DType::F16 => cache_run::<f16>(c),
+    }
+}
+
+fn cache_run<T: Element>(c: CacheCase) -> Result<(), Failed> {
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let (b, lq, hq, hk, d) = (4, 9, 8, 2, c.d);
+    let lens = [300i32, 0, 1, 129];
+    let l_max: usize = 320;
+    let (krow, vrow) = (hk * d + 8, hk * d + 24);
+    // Entries: dense B + 1 rows of l_max (one spare), paged pages of `page` rows.
+    let (rows, entries, table, per_seq) = if c.page == 0 {
+        (l_max, b + 1, Vec::new(), 0)
+    } else {
+        let per_seq = l_max.div_ceil(c.page);
+        let n = b * per_seq + 5;
+        let mut ids: Vec<i32> = (0..n as i32).collect();
+        for i in (1..n).rev() {
+            ids.swap(i, rng.random_range(0..=i));
+        }
+        let mut table = vec![-1i32; b * per_seq];
+        for bb in 0..b {
+            for j in 0..(lens[bb] as usize).div_ceil(c.page) {
+                table[bb * per_seq + j] = ids[bb * per_seq + j];
+            }
+        }
+        (c.page, n, table, per_seq)
+    };
+    let idx: Vec<i32> = (0..b as i32).map(|i| (i + 2) % (b as i32 + 1)).collect();
+    // Caches: NaN everywhere, random data in the slots the sequences use.
+    let nan = T::from_f32(f32::NAN);
+    let mut kc = vec![nan; entries * rows * krow];
+    let mut vc = vec![nan; entries * rows * vrow];
+    for bb in 0..b {
+        for j in 0..lens[bb] as usize {
+            let e = match j.checked_div(c.page) {
+                None => idx[bb] as usize * rows + j,
+                Some(pg) => table[bb * per_seq + pg] as usize * rows + j % c.page,
+            };
+            for x in 0..hk * d {
+                kc[e * krow + x] = T::from_f32(rng.random_range(-2.0f32..2.0));
+                vc[e * vrow + x] = T::from_f32(rng.random_range(-2.0f32..2.0));
+            }
+        }
+    }
+    let cl = |row: usize| Layout::strided_bshd([entries, rows, hk, d], [rows * row, row, d, 1]);
+    let (kl, vl) = (cl(krow), cl(vrow));
+    let ql = Layout::bshd(b, lq, hq, d);
+    let q: Vec<T> = randn(&mut rng, b * lq * hq * d);
+    let opts = AttentionOptions::new(c.mask).with_kernel(c.family);
+    let tables = if c.page == 0 {
+        CacheTables::dense(&stream, &lens, Some(&idx))
+    } else {
+        CacheTables::paged(&stream, &lens, &table, per_seq, c.page)
+    }
+    .map_err(text)?;
+    let (qd, kd, vd) = (upload(&stream, &q)?, upload(&stream, &kc)?, upload(&stream, &vc)?);
+    let mut od = upload(&stream, &poison::<T>(b * lq * hq * d))?;
+    let mut lsed = stream.clone_htod(&vec![f32::from_bits(u32::MAX); b * hq * lq]).map_err(text)?;
+    let info = {
+        let mut ot = DeviceTensorMut::new(&mut od, ql);
+        let mut lt = LseTensorMut::new(&mut lsed, LseLayout::contiguous(b, hq, lq));
+        let (qt, kt, vt) = (DeviceTensor::new(&qd, ql), DeviceTensor::new(&kd, kl), DeviceTensor::new(&vd, vl));
+        g.attn.forward_kvcache_into(&stream, &qt, &kt, &vt, &mut ot, Some(&mut lt), &tables, &opts).map_err(text)?
+    };
+    if info.family != c.family {
+        return Err(format!("asked for {:?}, ran {}", c.family, info.name).into());
+    }
+    let o = download(&stream, &od)?;
+    let lse: Vec<f32> = stream.clone_dtoh(&lsed).map_err(text)?;
+    let block = (c.page != 0).then_some((&table[..], per_seq));
+    let r = reference::forward_kvcache(
+        HostTensor::new(&q, ql),
+        HostTensor::new(&kc, kl),
+        HostTensor::new(&vc, vl),
+        &lens,
+        (c.page == 0).then_some(&idx[..]),
+        block,
+        &opts,
+    )
+    .map_err(text)?;
+    let (mut err2, mut ref2, mut worst_row) = (0f64, 0f64, 0f64);
+    for row in 0..b * lq * hq {
+        let (mut e2, mut r2) = (0f64, 0f64);
+        for x in 0..d {
+            let got: f64 = o[row * d + x].into();
+            let want = r.o[row * d + x];
+            if !got.is_finite() {
+                return Err(format!("{}: O row {row} not finite ({got})", info.name).into());
+            }
+            e2 += (got - want).powi(2);
+            r2 += want * want;
+        }
+        err2 += e2;
+        ref2 += r2;
+        if r2 > 0.0 {
+            worst_row = worst_row.max((e2 / r2).sqrt());
+        } else if e2 > 0.0 {
+            return Err(format!("{}: row {row} sees no key but O is not 0", info.name).into());
+        }
+    }
+    let mut lse_worst = 0f64;
+    for (i, (&got, &want)) in lse.iter().zip(&r.lse).enumerate() {
+        if want == f64::NEG_INFINITY {
+            if got != f32::NEG_INFINITY {
+                return Err(format!("{}: LSE {i} of an empty row is {got}", info.name).into());
+            }
+        } else {
+            lse_worst = lse_worst.max((got as f64 - want).abs() / want.abs().max(1.0));
+        }
+    }
+    let rel = (err2 / ref2.max(f64::MIN_POSITIVE)).sqrt();
+    let tol = if c.dtype == DType::BF16 { 1e-2 } else { 3e-3 };
+    println!(
+        "{}: {} O rel {rel:.2e} worst row {worst_row:.2e} LSE rel {lse_worst:.2e} (passed over: {:?})",
+        c.name(),
+        info.name,
+        info.passed_over().collect::<Vec<_>>()
+    );
+    if !(rel <= tol && worst_row <= 3.0 * tol && lse_worst <= 1e-4) {
+        return Err(format!("{}: O rel {rel:.2e}, worst row {worst_row:.2e}, LSE {lse_worst:.2e}", info.name).into());
     }
     Ok(())
 }

@@ -16,6 +16,15 @@ use crate::sys::{FaFwdSm90Params, FaTensorMap};
 use crate::tensor::{DType, DeviceTensor, DeviceTensorMut, Element, LseTensorMut};
 use crate::validate::{Problem, TensorDesc};
 
+/// The tables a packed batch or a KV cache adds to a launch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Tables<'a> {
+    /// A packed batch's `cu_seqlens` (and `seqused_k`).
+    Varlen(&'a crate::ops::varlen::SeqLens),
+    /// A KV cache's lengths, batch indices or block table.
+    Cache(&'a crate::ops::kvcache::CacheTables),
+}
+
 /// Encoded TMA maps keyed by everything that goes into them. A framework
 /// calls attention with the same buffers step after step, so four lookups
 /// replace four driver encodings per call. Fixed size, no allocation;
@@ -79,7 +88,7 @@ impl Attention {
         v: &DeviceTensor<'_, T>,
         o: &mut DeviceTensorMut<'_, T>,
         lse: Option<&mut LseTensorMut<'_>>,
-        seq: Option<&crate::ops::varlen::SeqLens>,
+        seq: Option<Tables<'_>>,
         opts: &AttentionOptions,
     ) -> Result<KernelInfo> {
         // Choose before touching the buffers' stream ordering, base addresses
@@ -118,22 +127,47 @@ impl Attention {
         let layouts = [q.layout, k.layout, v.layout, o.layout];
         let mut params = fwd_params(p, &layouts, lse_layout.as_ref(), a);
         // The tables are read by the kernel: the same stream ordering as the tensors.
-        let _seq_sync = match seq {
-            Some(s) => {
-                let (cu_q, sq) = s.cu_q.device_ptr(stream);
-                let (cu_k, sk) = s.cu_k.device_ptr(stream);
-                let (used, su) = match &s.seqused_k {
-                    Some(u) => {
-                        let (ptr, sync) = u.device_ptr(stream);
-                        (ptr, Some(sync))
-                    }
-                    None => (0, None),
-                };
-                params = with_sequences(params, SeqAddrs { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, seqused_k: used });
-                Some((sq, sk, su))
+        // The tables are read by the kernel: the same stream ordering as the tensors.
+        fn table<'a>(t: Option<&'a CudaSlice<i32>>, stream: &'a CudaStream) -> (u64, Option<impl Drop + 'a>) {
+            match t {
+                Some(t) => {
+                    let (ptr, sync) = t.device_ptr(stream);
+                    (ptr, Some(sync))
+                }
+                None => (0, None),
             }
-            None => None,
+        }
+        let (addrs, _table_sync) = match seq {
+            None => (None, None),
+            Some(Tables::Varlen(s)) => {
+                let ((cu_q, a), (cu_k, b), (used, c)) =
+                    (table(Some(&s.cu_q), stream), table(Some(&s.cu_k), stream), table(s.seqused_k.as_ref(), stream));
+                (
+                    Some(SeqAddrs { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, seqused_k: used, ..SeqAddrs::default() }),
+                    Some([a, b, c]),
+                )
+            }
+            Some(Tables::Cache(t)) => {
+                let ((lens, a), (idx, b), (pages, c)) = (
+                    table(Some(&t.seqlens), stream),
+                    table(t.batch_idx.as_ref(), stream),
+                    table(t.block_table.as_ref(), stream),
+                );
+                let (stride, page_size) = t.info.paged.map_or((0, 0), |pg| (pg.pages_per_seq, pg.page_size));
+                let s = SeqAddrs {
+                    seqused_k: lens,
+                    cache_batch_idx: idx,
+                    block_table: pages,
+                    block_table_stride: stride,
+                    page_size,
+                    ..SeqAddrs::default()
+                };
+                (Some(s), Some([a, b, c]))
+            }
         };
+        if let Some(a) = addrs {
+            params = with_sequences(params, a);
+        }
         let cfg = (info.grid, (info.threads, 1, 1), info.smem_bytes);
         if info.family == KernelFamily::Sm90 {
             // The Hopper kernels take the same parameters plus one TMA map per tensor.

@@ -18,7 +18,7 @@ use crate::options::KernelFamily;
 use crate::sys::{self, KernelImage, KernelRow};
 use crate::validate::Problem;
 
-pub(crate) use launch::{alloc_output, TmaCache};
+pub(crate) use launch::{alloc_output, Tables, TmaCache};
 
 /// Opens (retains) the primary context of GPU `ordinal`.
 ///

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DeviceSlice};
 
-use crate::device::Attention;
+use crate::device::{Attention, Tables};
 use crate::dispatch::KernelInfo;
 use crate::error::{Error, Result};
 use crate::options::AttentionOptions;
@@ -158,6 +158,6 @@ impl Attention {
             &seqlens.info,
             opts,
         )?;
-        self.launch_forward_seq(stream, &p, &descs, q, k, v, o, lse, Some(seqlens), opts)
+        self.launch_forward_seq(stream, &p, &descs, q, k, v, o, lse, Some(Tables::Varlen(seqlens)), opts)
     }
 }

@@ -40,10 +40,14 @@ pub struct FaFwdParams {
     pub cu_seqlens_k: *const i32,
     pub seqused_k: *const i32,
     pub top_left: i32,
+    pub cache_batch_idx: *const i32,
+    pub block_table: *const i32,
+    pub block_table_stride: i64,
+    pub page_size: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of FaFwdParams"][::core::mem::size_of::<FaFwdParams>() - 232usize];
+    ["Size of FaFwdParams"][::core::mem::size_of::<FaFwdParams>() - 264usize];
     ["Alignment of FaFwdParams"][::core::mem::align_of::<FaFwdParams>() - 8usize];
     [
         "Offset of field: FaFwdParams::q",
@@ -150,6 +154,18 @@ const _: () = {
     [
         "Offset of field: FaFwdParams::top_left",
     ][::core::mem::offset_of!(FaFwdParams, top_left) - 224usize];
+    [
+        "Offset of field: FaFwdParams::cache_batch_idx",
+    ][::core::mem::offset_of!(FaFwdParams, cache_batch_idx) - 232usize];
+    [
+        "Offset of field: FaFwdParams::block_table",
+    ][::core::mem::offset_of!(FaFwdParams, block_table) - 240usize];
+    [
+        "Offset of field: FaFwdParams::block_table_stride",
+    ][::core::mem::offset_of!(FaFwdParams, block_table_stride) - 248usize];
+    [
+        "Offset of field: FaFwdParams::page_size",
+    ][::core::mem::offset_of!(FaFwdParams, page_size) - 256usize];
 };
 impl Default for FaFwdParams {
     fn default() -> Self {
@@ -188,7 +204,7 @@ impl Default for FaTensorMap {
 #[derive(Debug, Copy, Clone)]
 pub struct FaFwdSm90Params {
     pub p: FaFwdParams,
-    pub __bindgen_padding_0: [u64; 3usize],
+    pub __bindgen_padding_0: [u64; 7usize],
     pub tma_q: FaTensorMap,
     pub tma_k: FaTensorMap,
     pub tma_v: FaTensorMap,
@@ -196,7 +212,7 @@ pub struct FaFwdSm90Params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of FaFwdSm90Params"][::core::mem::size_of::<FaFwdSm90Params>() - 768usize];
+    ["Size of FaFwdSm90Params"][::core::mem::size_of::<FaFwdSm90Params>() - 832usize];
     [
         "Alignment of FaFwdSm90Params",
     ][::core::mem::align_of::<FaFwdSm90Params>() - 64usize];
@@ -205,16 +221,16 @@ const _: () = {
     ][::core::mem::offset_of!(FaFwdSm90Params, p) - 0usize];
     [
         "Offset of field: FaFwdSm90Params::tma_q",
-    ][::core::mem::offset_of!(FaFwdSm90Params, tma_q) - 256usize];
+    ][::core::mem::offset_of!(FaFwdSm90Params, tma_q) - 320usize];
     [
         "Offset of field: FaFwdSm90Params::tma_k",
-    ][::core::mem::offset_of!(FaFwdSm90Params, tma_k) - 384usize];
+    ][::core::mem::offset_of!(FaFwdSm90Params, tma_k) - 448usize];
     [
         "Offset of field: FaFwdSm90Params::tma_v",
-    ][::core::mem::offset_of!(FaFwdSm90Params, tma_v) - 512usize];
+    ][::core::mem::offset_of!(FaFwdSm90Params, tma_v) - 576usize];
     [
         "Offset of field: FaFwdSm90Params::tma_o",
-    ][::core::mem::offset_of!(FaFwdSm90Params, tma_o) - 640usize];
+    ][::core::mem::offset_of!(FaFwdSm90Params, tma_o) - 704usize];
 };
 impl Default for FaFwdSm90Params {
     fn default() -> Self {

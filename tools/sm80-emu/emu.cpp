@@ -774,6 +774,150 @@ static bool run_varlen_on(const Kern *kn, const VarCase &vc, bool bf16, unsigned
     return why.empty();
 }
 
+// A KV cache: Q [B, Lq, Hq, D]; K/V dense [B_c, L_max, Hk, D] read through
+// cache_batch_idx (a permutation with a spare row), or pages [n, page, Hk, D]
+// through a shuffled block table whose unused entries are -1. Cache slots no
+// sequence uses hold NaN, so reading one shows in O.
+struct CacheCase {
+    std::vector<int> lens;  // cache_seqlens
+    int Lq, Hq, Hk, D, wl, wr;
+    int page;               // 0: dense
+    bool top_left;
+};
+
+static bool run_cache_on(const Kern *kn, const CacheCase &cc, bool bf16, unsigned seed) {
+    const int B = (int)cc.lens.size();
+    int l_max = 1;
+    for (int l : cc.lens) l_max = std::max(l_max, l);
+    std::mt19937 g(seed);
+    std::uniform_real_distribution<float> U(-1.f, 1.f);
+    // Q and O with their own padded layouts (as the rectangular cases).
+    Case cs{B, cc.Hq, cc.Hk, cc.Lq, l_max, cc.D, cc.wl, cc.wr, 0.f, false, 8, 1.f, true, 0.f, cc.top_left};
+    const Layout lq = layout_of(cs, cc.Hq, cc.Lq, 0), lo = layout_of(cs, cc.Hq, cc.Lq, 3);
+    std::vector<uint16_t> qbuf(lq.n + 128, 0xffff);
+    uint16_t *q = qbuf.data() + 64;
+    for (int b = 0; b < B; ++b)
+        for (int i = 0; i < cc.Lq; ++i)
+            for (int h = 0; h < cc.Hq; ++h)
+                for (int d = 0; d < cc.D; ++d) q[b * lq.bs + i * lq.rs + h * lq.hs + d] = f2h(U(g), bf16);
+    // The caches: entries of `rows` rows, row stride Hk*D + 8 (K) / + 16 (V).
+    const bool paged = cc.page > 0;
+    const int rows = paged ? cc.page : l_max;
+    int per_seq = 0, entries;
+    std::vector<int> table, idx;
+    if (paged) {
+        per_seq = (l_max + cc.page - 1) / cc.page;
+        entries = B * per_seq + 2;
+        std::vector<int> ids(entries);
+        for (int i = 0; i < entries; ++i) ids[i] = i;
+        std::shuffle(ids.begin(), ids.end(), g);
+        table.assign(B * per_seq, -1);
+        for (int b = 0; b < B; ++b)
+            for (int j = 0; j < (cc.lens[b] + cc.page - 1) / cc.page; ++j) table[b * per_seq + j] = ids[b * per_seq + j];
+    } else {
+        entries = B + 1;
+        idx.resize(B);
+        for (int b = 0; b < B; ++b) idx[b] = (b + 1) % entries;  // every sequence in another row; row 0 unused if B < entries
+    }
+    const int64_t krs = cc.Hk * cc.D + 8, vrs = cc.Hk * cc.D + 16;
+    std::vector<uint16_t> kc((size_t)entries * rows * krs + 64, 0xffff), vc((size_t)entries * rows * vrs + 64, 0xffff);
+    // Sequence-major dense copies for the reference, and the cache filled through the tables.
+    std::vector<std::vector<uint16_t>> kd(B), vd(B);
+    for (int b = 0; b < B; ++b) {
+        kd[b].resize((size_t)cc.lens[b] * cc.Hk * cc.D);
+        vd[b].resize(kd[b].size());
+        for (int j = 0; j < cc.lens[b]; ++j) {
+            const int64_t ke = paged ? (int64_t)table[b * per_seq + j / cc.page] * rows + j % cc.page : (int64_t)idx[b] * rows + j;
+            for (int h = 0; h < cc.Hk; ++h)
+                for (int d = 0; d < cc.D; ++d) {
+                    const uint16_t kx = f2h(U(g), bf16), vx = f2h(U(g), bf16);
+                    kc[ke * krs + h * cc.D + d] = kx;
+                    vc[ke * vrs + h * cc.D + d] = vx;
+                    kd[b][((size_t)j * cc.Hk + h) * cc.D + d] = kx;
+                    vd[b][((size_t)j * cc.Hk + h) * cc.D + d] = vx;
+                }
+        }
+    }
+    const int guard = 256;
+    std::vector<uint16_t> o(lo.n + 2 * guard, 0xffff);
+    uint16_t *O = o.data() + guard;
+    const int64_t lse_row = cc.Lq + 8, lseb = cc.Hq * lse_row + 16;
+    std::vector<float> lse((size_t)B * lseb + 2 * guard, NAN);
+    float *LSE = lse.data() + guard;
+    readable.clear();
+    for (auto *buf : {&qbuf, &kc, &vc})
+        readable.push_back({(const unsigned char *)buf->data(), (const unsigned char *)(buf->data() + buf->size())});
+    writable = {(const unsigned char *)o.data(), (const unsigned char *)(o.data() + o.size())};
+
+    FaFwdParams p{};
+    p.q = q; p.k = kc.data(); p.v = vc.data(); p.o = O; p.lse = LSE;
+    p.q_batch_stride = lq.bs; p.q_row_stride = lq.rs; p.q_head_stride = lq.hs;
+    p.k_batch_stride = rows * krs; p.k_row_stride = krs; p.k_head_stride = cc.D;
+    p.v_batch_stride = rows * vrs; p.v_row_stride = vrs; p.v_head_stride = cc.D;
+    p.o_batch_stride = lo.bs; p.o_row_stride = lo.rs; p.o_head_stride = lo.hs;
+    p.lse_batch_stride = lseb; p.lse_head_stride = lse_row;
+    p.batch = B; p.heads_q = cc.Hq; p.heads_kv = cc.Hk; p.q_per_kv = cc.Hq / cc.Hk;
+    p.seqlen_q = cc.Lq; p.seqlen_k = l_max; p.head_dim = cc.D;
+    p.diag_offset = cc.top_left ? 0 : l_max - cc.Lq;  // the host's: each sequence must use its own
+    p.window_left = cc.wl; p.window_right = cc.wr;
+    p.scale = 1.f / sqrtf((float)cc.D);
+    p.seqused_k = cc.lens.data();
+    p.top_left = cc.top_left;
+    if (paged) { p.block_table = table.data(); p.block_table_stride = per_seq; p.page_size = cc.page; }
+    else p.cache_batch_idx = idx.data();
+
+    smem_bytes = kn->kind == NAIVE ? 4096 : kn->smem;
+    const int guard_bytes = 1024;
+    std::vector<unsigned char> smem_buf(smem_bytes + guard_bytes + 128);
+    emu_smem = smem_buf.data() + (128 - (uintptr_t)smem_buf.data() % 128) % 128;
+    kernel_fn = kn->fn;
+    kernel_params = p;
+    for (int b = B - 1; b >= 0; --b)
+        for (int h = 0; h < cc.Hq; ++h)
+            for (int mb = 0; mb < (cc.Lq + kn->bm - 1) / kn->bm; ++mb) {
+                memset(emu_smem, 0xff, smem_bytes);
+                memset(emu_smem + smem_bytes, 0xab, guard_bytes);
+                blockIdx = make_uint3(mb, h, b);
+                run_cta(kn->threads);
+                for (int i = 0; i < guard_bytes; ++i)
+                    if (emu_smem[smem_bytes + i] != 0xab) { FAIL("shared memory written past smem bytes"); break; }
+            }
+    bool ok = true;
+    double err2 = 0, ref2 = 0, row_rel = 0, lse_rel = 0;
+    for (int b = 0; b < B; ++b) {
+        const int64_t kr = cc.Hk * cc.D;
+        EmuProblem ep{1, cc.Hq, cc.Hk, cc.Lq, cc.lens[b], cc.D, cc.wl, cc.wr, (double)p.scale, 0.0, bf16, true,
+                      q + b * lq.bs, kd[b].data(), vd[b].data(), O + b * lo.bs, LSE + b * lseb,
+                      0, lq.rs, lq.hs, 0, kr, cc.D, 0, kr, cc.D, 0, lo.rs, lo.hs};
+        ep.top_left = cc.top_left;
+        ep.lseb = lseb; ep.lseh = lse_row;
+        const EmuCheck c = emu_check_against_reference(ep, true);
+        ok = ok && c.ok;
+        err2 += c.err2; ref2 += c.ref2;
+        row_rel = std::max(row_rel, c.row_rel); lse_rel = std::max(lse_rel, c.lse_rel);
+    }
+    EmuProblem whole{B, cc.Hq, cc.Hk, cc.Lq, 0, cc.D, -1, -1, 1.0, 0.0, bf16, true, q, nullptr, nullptr, O, LSE,
+                     lq.bs, lq.rs, lq.hs, 0, 0, 0, 0, 0, 0, lo.bs, lo.rs, lo.hs};
+    whole.lseb = lseb; whole.lseh = lse_row;
+    const long stray = emu_count_stray(whole, o.data(), o.size(), lse, guard);
+    const double rel = ref2 > 0 ? sqrt(err2 / ref2) : sqrt(err2);
+    std::string why;
+    auto fail = [&](const char *w) { why += why.empty() ? w : std::string(",") + w; };
+    if (!ok) fail("non-finite-or-empty-row");
+    if (!(rel <= emu_o_tol(bf16))) fail("O-rel-L2");
+    if (!(row_rel <= emu_row_tol(bf16))) fail("O-row");
+    if (!(lse_rel <= kEmuLseTol)) fail("LSE");
+    if (stray) fail("stray-writes");
+    if (errors) fail("emu-error");
+    std::string lens;
+    for (int l : cc.lens) lens += std::to_string(l) + " ";
+    printf("%s %-28s cache %s [%s] Lq%d Hq%d Hk%d D%d w(%d,%d)%s: rel %.2e row %.2e lse %.2e stray %ld\n",
+           why.empty() ? "ok  " : ("FAIL[" + why + "]").c_str(), kn->name,
+           paged ? ("paged" + std::to_string(cc.page)).c_str() : "dense", lens.c_str(), cc.Lq, cc.Hq, cc.Hk, cc.D,
+           cc.wl, cc.wr, cc.top_left ? " top-left" : "", rel, row_rel, lse_rel, stray);
+    return why.empty();
+}
+
 static int bucket_of(int D) {
     const int b[] = {32, 64, 96, 128, 160, 192, 224, 256};
     for (int x : b) if (D <= x) return x;
@@ -807,6 +951,30 @@ static void run_varlen(const VarCase &vc, bool bf16, unsigned seed) {
     for (const Kern *k : kerns)
         if ((k->kind == NAIVE || k->hd == hd) && k->bf16 == bf16) ok = run_varlen_on(k, vc, bf16, seed) && ok;
     fails += !ok;
+}
+
+static void run_cache(const CacheCase &cc, bool bf16, unsigned seed) {
+    const int hd = bucket_of(cc.D);
+    bool ok = true;
+    for (const Kern *k : kerns)
+        if ((k->kind == NAIVE || k->hd == hd) && k->bf16 == bf16) ok = run_cache_on(k, cc, bf16, seed) && ok;
+    fails += !ok;
+}
+
+// KV caches: the naive kernel dense and paged (pages of 1, 3, 16, 64), the
+// sm80 kernels dense only (the dispatcher keeps pages from them). Lengths 0,
+// 1, one short of a tile and past it; queries fewer and more than the keys.
+static void cache_cases(int D, bool bf, unsigned &seed, bool naive) {
+    const Kern *k = first_kernel(bucket_of(D), bf);
+    if (!k) return;
+    const int BN = naive ? 64 : k->bn;
+    for (int page : naive ? std::vector<int>{0, 1, 3, 16, 64} : std::vector<int>{0}) {
+        const CacheCase cases[] = {
+            {{2 * BN - 1, 0, 5, BN + 1}, 4, 8, 2, D, -1, 0, page, false},
+            {{70, 1, 33}, 40, 6, 3, D, 9, 2, page, true},
+        };
+        for (const CacheCase &cc : cases) run_cache(cc, bf, seed++);
+    }
 }
 
 // Packed batches: empty sequences, one-token ones, lengths one short of a
@@ -938,6 +1106,7 @@ int main(int argc, char **argv) {
             for (int D : {64, 128, 40, 256, 96}) {
                 if ((naive || cases == "quick") && D != 64) continue;
                 varlen_cases(D, bf, seed, naive);
+                cache_cases(D, bf, seed, naive);
             }
     }
     if (cases == "neg") {
@@ -956,7 +1125,10 @@ int main(int argc, char **argv) {
                 };
                 for (auto &c : cs) run_case(c, bf, seed++, verbose);
             }
-        for (int bf = 0; bf < 2; ++bf) varlen_cases(64, bf, seed, naive);
+        for (int bf = 0; bf < 2; ++bf) {
+            varlen_cases(64, bf, seed, naive);
+            cache_cases(64, bf, seed, naive);
+        }
     } else if (cases != "none" && cases != "all" && cases != "quick" && cases != "varlen") {
         fprintf(stderr, "unknown case set %s\n", cases.c_str());
         return 2;

@@ -1,0 +1,204 @@
+//! Attention over a KV cache (DESIGN.md section 1b): dense `[B_c, L_max, Hk, D]`
+//! caches addressed per sequence, or pages `[num_pages, page_size, Hk, D]`
+//! addressed through a block table.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DeviceSlice};
+
+use crate::device::{Attention, Tables};
+use crate::dispatch::KernelInfo;
+use crate::error::{Error, Result};
+use crate::options::AttentionOptions;
+use crate::tensor::{DeviceTensor, DeviceTensorMut, Element, Layout, LseTensorMut};
+use crate::validate::{check_cache_tables, validate_kvcache, CacheInfo, LseDesc, TensorDesc};
+
+/// A KV cache's tables, checked on the host and uploaded once, then reused
+/// by every call until the lengths change ([`set_seqlens`](Self::set_seqlens)
+/// copies new ones into the same device buffer, allocating nothing).
+///
+/// Sequence `b` attends to the first `cache_seqlens[b]` keys of its cache
+/// row: batch entry `cache_batch_idx[b]` (default `b`) of a dense cache, or,
+/// paged, key `j` in page `block_table[b · pages_per_seq + j / page_size]`,
+/// slot `j % page_size`. Any page size ≥ 1.
+///
+/// ```no_run
+/// # fn main() -> fused_attn::Result<()> {
+/// use fused_attn::{cuda_context, CacheTables};
+/// let ctx = cuda_context(0)?;
+/// let stream = ctx.default_stream();
+/// // Two sequences of 20 and 5 cached keys in pages of 16: 2 pages per row.
+/// let t = CacheTables::paged(&stream, &[20, 5], &[3, 0, 1, -1], 2, 16)?;
+/// assert_eq!(t.batch(), 2);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct CacheTables {
+    pub(crate) info: CacheInfo,
+    pub(crate) seqlens: CudaSlice<i32>,
+    pub(crate) batch_idx: Option<CudaSlice<i32>>,
+    pub(crate) block_table: Option<CudaSlice<i32>>,
+    block_table_host: Option<Vec<i32>>,
+}
+
+fn up(stream: &Arc<CudaStream>, x: &[i32]) -> Result<CudaSlice<i32>> {
+    stream.clone_htod(x).map_err(|driver| Error::Cuda { during: "uploading cache tables", driver })
+}
+
+impl CacheTables {
+    /// Tables of a dense cache: `cache_seqlens` (`B` entries ≥ 0) and
+    /// optionally `cache_batch_idx` (`B` entries ≥ 0: which cache row each
+    /// sequence uses). The cache tensors' extents are checked at each call.
+    ///
+    /// # Errors
+    /// [`Error::SeqLens`] naming the table and entry at fault; [`Error::Cuda`]
+    /// if the upload fails.
+    pub fn dense(stream: &Arc<CudaStream>, cache_seqlens: &[i32], cache_batch_idx: Option<&[i32]>) -> Result<Self> {
+        let info = check_cache_tables(cache_seqlens, cache_batch_idx, None)?;
+        Ok(CacheTables {
+            info,
+            seqlens: up(stream, cache_seqlens)?,
+            batch_idx: cache_batch_idx.map(|x| up(stream, x)).transpose()?,
+            block_table: None,
+            block_table_host: None,
+        })
+    }
+
+    /// Tables of a paged cache: `cache_seqlens` (`B` entries), `block_table`
+    /// (`B` rows of `pages_per_seq` page ids, row-major; only the first
+    /// `ceil(cache_seqlens[b] / page_size)` of row `b` are read and must be
+    /// ≥ 0) and the page size (any ≥ 1).
+    ///
+    /// # Errors
+    /// [`Error::SeqLens`] naming the table and entry at fault (including a
+    /// sequence longer than its row's pages), [`Error::InvalidOption`] for
+    /// `page_size` 0; [`Error::Cuda`] if the upload fails.
+    pub fn paged(
+        stream: &Arc<CudaStream>,
+        cache_seqlens: &[i32],
+        block_table: &[i32],
+        pages_per_seq: usize,
+        page_size: usize,
+    ) -> Result<Self> {
+        let info = check_cache_tables(cache_seqlens, None, Some((block_table, pages_per_seq, page_size)))?;
+        Ok(CacheTables {
+            info,
+            seqlens: up(stream, cache_seqlens)?,
+            batch_idx: None,
+            block_table: Some(up(stream, block_table)?),
+            block_table_host: Some(block_table.to_vec()),
+        })
+    }
+
+    /// Replaces the cache lengths (e.g. after a decode step appended keys),
+    /// checked as at construction against the same batch-index or block
+    /// tables; copied on `stream` into the existing device buffer.
+    ///
+    /// # Errors
+    /// As the constructors; the tables are unchanged on error.
+    pub fn set_seqlens(&mut self, stream: &Arc<CudaStream>, cache_seqlens: &[i32]) -> Result<()> {
+        let paged =
+            self.info.paged.map(|pg| (self.block_table_host.as_deref().unwrap_or(&[]), pg.pages_per_seq, pg.page_size));
+        if cache_seqlens.len() != self.info.batch {
+            let n = cache_seqlens.len();
+            return Err(Error::SeqLens {
+                arg: "cache_seqlens",
+                index: n,
+                value: n as i64,
+                reason: "needs the tables' B entries",
+            });
+        }
+        let info = check_cache_tables(cache_seqlens, None, paged)?;
+        stream
+            .memcpy_htod(cache_seqlens, &mut self.seqlens)
+            .map_err(|driver| Error::Cuda { during: "uploading cache lengths", driver })?;
+        self.info = CacheInfo { max_batch_idx: self.info.max_batch_idx, ..info };
+        Ok(())
+    }
+
+    /// Number of sequences `B`.
+    pub fn batch(&self) -> usize {
+        self.info.batch
+    }
+
+    /// The longest cache length.
+    pub fn max_seqlen(&self) -> usize {
+        self.info.max_seqlen.0
+    }
+
+    /// The page size, for a paged cache.
+    pub fn page_size(&self) -> Option<usize> {
+        self.info.paged.map(|p| p.page_size)
+    }
+}
+
+fn desc<T, V: DeviceSlice<T>>(arg: &'static str, view: &V, layout: Layout) -> TensorDesc {
+    TensorDesc { arg, layout, len: view.len() }
+}
+
+impl Attention {
+    /// Attention of `q` `[B, Lq, Hq, D]` over a KV cache into caller-owned
+    /// `o` `[B, Lq, Hq, D]` and optionally `lse` `[B, Hq, Lq]`.
+    ///
+    /// `k_cache` and `v_cache` are `[B_c, L_max, Hk, D]` (dense) or
+    /// `[num_pages, page_size, Hk, D]` (paged), any strides with the last
+    /// one 1; `tables` says which keys each sequence uses. The queries are
+    /// the newest positions: with the default bottom-right alignment query
+    /// `i` of sequence `b` sits at key position `cache_seqlens[b] − Lq + i`.
+    /// Asynchronous on `stream`; no host allocation, no device read-back.
+    ///
+    /// Dense caches run on the sm80 kernels (and naive), paged ones on the
+    /// naive kernel for now; `KernelInfo::passed_over` says which family was
+    /// skipped and why. Appending new keys is the caller's copy into the
+    /// cache before the call (then [`CacheTables::set_seqlens`]).
+    ///
+    /// # Errors
+    /// As [`forward_into`](Self::forward_into) for `q`, `o`, `lse` and the
+    /// caches' layouts; [`Error::SeqLens`] for a cache length, batch index or
+    /// page id beyond the cache; [`Error::ShapeMismatch`] for caches that
+    /// disagree with each other, with `q`, or with the tables' page size.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_kvcache_into<T: Element>(
+        &self,
+        stream: &CudaStream,
+        q: &DeviceTensor<'_, T>,
+        k_cache: &DeviceTensor<'_, T>,
+        v_cache: &DeviceTensor<'_, T>,
+        o: &mut DeviceTensorMut<'_, T>,
+        lse: Option<&mut LseTensorMut<'_>>,
+        tables: &CacheTables,
+        opts: &AttentionOptions,
+    ) -> Result<KernelInfo> {
+        self.check_context("stream", stream.context())?;
+        for (arg, ctx) in [
+            ("q", q.view.stream().context()),
+            ("k_cache", k_cache.view.stream().context()),
+            ("v_cache", v_cache.view.stream().context()),
+            ("o", o.view.stream().context()),
+            ("tables", tables.seqlens.stream().context()),
+        ] {
+            self.check_context(arg, ctx)?;
+        }
+        if let Some(l) = lse.as_deref() {
+            self.check_context("lse", l.view.stream().context())?;
+        }
+        let descs = [
+            desc("q", &q.view, q.layout),
+            desc("k_cache", &k_cache.view, k_cache.layout),
+            desc("v_cache", &v_cache.view, v_cache.layout),
+            desc("o", &o.view, o.layout),
+        ];
+        let lse_desc = lse.as_ref().map(|l| LseDesc { layout: l.layout, len: l.view.len() });
+        let p = validate_kvcache(
+            T::DTYPE,
+            &descs[0],
+            &descs[1],
+            &descs[2],
+            Some(&descs[3]),
+            lse_desc.as_ref(),
+            &tables.info,
+            opts,
+        )?;
+        self.launch_forward_seq(stream, &p, &descs, q, k_cache, v_cache, o, lse, Some(Tables::Cache(tables)), opts)
+    }
+}

@@ -1,0 +1,195 @@
+//! CPU tier for KV caches: a paged cache with a shuffled block table equals
+//! the dense cache it pages (any page size), `cache_batch_idx` selects rows,
+//! and every table and extent error (DESIGN.md sections 1b and 6).
+
+use fused_attn::internals::{check_cache_tables, validate_kvcache, TensorDesc};
+use fused_attn::reference;
+use fused_attn::{AttentionOptions, DType, Error, HostTensor, Layout, Mask, MaskAlignment};
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+fn random(rng: &mut StdRng, n: usize) -> Vec<bf16> {
+    (0..n).map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0))).collect()
+}
+
+fn masks() -> Vec<AttentionOptions> {
+    vec![
+        AttentionOptions::new(Mask::Full),
+        AttentionOptions::new(Mask::Causal),
+        AttentionOptions::new(Mask::Causal).with_alignment(MaskAlignment::TopLeft),
+        AttentionOptions::new(Mask::window(6, 1)).with_scale(0.4).with_softcap(5.0),
+    ]
+}
+
+/// Pages a dense cache `[B, L_max, Hk, D]` into `[num_pages, page_size, Hk,
+/// D]` with the pages in a shuffled order plus unused ones; returns the
+/// pages and the block table.
+fn page(
+    rng: &mut StdRng,
+    dense: &[bf16],
+    b: usize,
+    l_max: usize,
+    hk: usize,
+    d: usize,
+    ps: usize,
+) -> (Vec<bf16>, Vec<i32>, usize) {
+    let per_seq = l_max.div_ceil(ps);
+    let n_pages = b * per_seq + 3; // a few never used
+    let mut ids: Vec<i32> = (0..n_pages as i32).collect();
+    ids.shuffle(rng);
+    let mut pages = random(rng, n_pages * ps * hk * d); // unused slots hold noise, not zeros
+    let table: Vec<i32> = ids[..b * per_seq].to_vec();
+    for bb in 0..b {
+        for j in 0..l_max {
+            let id = table[bb * per_seq + j / ps] as usize;
+            let dst = ((id * ps + j % ps) * hk) * d;
+            let src = ((bb * l_max + j) * hk) * d;
+            pages[dst..dst + hk * d].copy_from_slice(&dense[src..src + hk * d]);
+        }
+    }
+    (pages, table, per_seq)
+}
+
+#[test]
+fn a_paged_cache_equals_the_dense_cache_for_any_page_size() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let (b, lq, hq, hk, d, l_max) = (3, 4, 8, 2, 16, 37);
+    let q = random(&mut rng, b * lq * hq * d);
+    let (kd, vd) = (random(&mut rng, b * l_max * hk * d), random(&mut rng, b * l_max * hk * d));
+    let lens = [37i32, 0, 11];
+    for ps in [1, 3, 16, 64] {
+        let (kp, table, per_seq) = page(&mut StdRng::seed_from_u64(ps as u64), &kd, b, l_max, hk, d, ps);
+        let (vp, _, _) = page(&mut StdRng::seed_from_u64(ps as u64), &vd, b, l_max, hk, d, ps);
+        let n_pages = kp.len() / (ps * hk * d);
+        for opts in masks() {
+            let dense = reference::forward_kvcache(
+                HostTensor::new(&q, Layout::bshd(b, lq, hq, d)),
+                HostTensor::new(&kd, Layout::bshd(b, l_max, hk, d)),
+                HostTensor::new(&vd, Layout::bshd(b, l_max, hk, d)),
+                &lens,
+                None,
+                None,
+                &opts,
+            )
+            .unwrap();
+            let paged = reference::forward_kvcache(
+                HostTensor::new(&q, Layout::bshd(b, lq, hq, d)),
+                HostTensor::new(&kp, Layout::bshd(n_pages, ps, hk, d)),
+                HostTensor::new(&vp, Layout::bshd(n_pages, ps, hk, d)),
+                &lens,
+                None,
+                Some((&table, per_seq)),
+                &opts,
+            )
+            .unwrap();
+            assert_eq!(dense.o, paged.o, "page size {ps}, {opts:?}");
+            assert_eq!(dense.lse, paged.lse, "page size {ps}, {opts:?}");
+        }
+    }
+}
+
+/// The queries are the newest positions: against the rectangular reference
+/// with K/V cut to the cache length; and `cache_batch_idx` picks cache rows.
+#[test]
+fn queries_are_the_newest_positions_and_batch_idx_picks_rows() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let (b, lq, hq, hk, d, l_max) = (2, 5, 4, 4, 8, 20);
+    let q = random(&mut rng, b * lq * hq * d);
+    let (k, v) = (random(&mut rng, 3 * l_max * hk * d), random(&mut rng, 3 * l_max * hk * d));
+    let lens = [9i32, 20];
+    let idx = [2i32, 0];
+    for opts in masks() {
+        let r = reference::forward_kvcache(
+            HostTensor::new(&q, Layout::bshd(b, lq, hq, d)),
+            HostTensor::new(&k, Layout::bshd(3, l_max, hk, d)),
+            HostTensor::new(&v, Layout::bshd(3, l_max, hk, d)),
+            &lens,
+            Some(&idx),
+            None,
+            &opts,
+        )
+        .unwrap();
+        for bb in 0..b {
+            let (row, len) = (idx[bb] as usize, lens[bb] as usize);
+            // Cache row `row` cut to `len` keys, as a rectangular problem (strides of the cache).
+            let kl = Layout::strided_bshd([1, len, hk, d], [l_max * hk * d, hk * d, d, 1]);
+            let at = row * l_max * hk * d;
+            let alone = reference::forward(
+                HostTensor::new(&q[bb * lq * hq * d..(bb + 1) * lq * hq * d], Layout::bshd(1, lq, hq, d)),
+                HostTensor::new(&k[at..], kl),
+                HostTensor::new(&v[at..], kl),
+                &opts,
+            )
+            .unwrap();
+            assert_eq!(&r.o[bb * lq * hq * d..(bb + 1) * lq * hq * d], &alone.o[..], "{opts:?}");
+        }
+    }
+}
+
+fn seq_err<T: std::fmt::Debug>(r: Result<T, Error>) -> (&'static str, usize) {
+    match r {
+        Err(Error::SeqLens { arg, index, .. }) => (arg, index),
+        other => panic!("expected a SeqLens error, got {other:?}"),
+    }
+}
+
+#[test]
+fn cache_table_errors_name_the_table_and_entry() {
+    assert_eq!(seq_err(check_cache_tables(&[], None, None)), ("cache_seqlens", 0));
+    assert_eq!(seq_err(check_cache_tables(&[3, -1], None, None)), ("cache_seqlens", 1));
+    assert_eq!(seq_err(check_cache_tables(&[3, 4], Some(&[0]), None)), ("cache_batch_idx", 1));
+    assert_eq!(seq_err(check_cache_tables(&[3, 4], Some(&[0, -2]), None)), ("cache_batch_idx", 1));
+    // Paged: a row too short for the length, a negative page id in use, a wrong table size.
+    assert_eq!(seq_err(check_cache_tables(&[3, 40], None, Some((&[0, 1, 2, 3], 2, 16)))), ("cache_seqlens", 1));
+    assert_eq!(seq_err(check_cache_tables(&[3, 20], None, Some((&[0, 1, 2, -1], 2, 16)))), ("block_table", 3));
+    assert_eq!(seq_err(check_cache_tables(&[3, 20], None, Some((&[0, 1, 2], 2, 16)))), ("block_table", 3));
+    // Entries past a sequence's pages are never read: -1 there is fine.
+    let ok = check_cache_tables(&[3, 16], None, Some((&[5, -1, 2, -1], 2, 16))).unwrap();
+    assert_eq!(ok.paged.unwrap().max_page, Some(5));
+    assert!(matches!(
+        check_cache_tables(&[3], None, Some((&[0], 1, 0))),
+        Err(Error::InvalidOption { arg: "page_size", .. })
+    ));
+    assert_eq!(seq_err(check_cache_tables(&[3], Some(&[0]), Some((&[0], 1, 16)))), ("cache_batch_idx", 0));
+}
+
+#[test]
+fn cache_extents_are_checked_against_the_tables() {
+    let opts = AttentionOptions::new(Mask::Causal);
+    let d = |arg, b, l, h| TensorDesc { arg, layout: Layout::bshd(b, l, h, 8), len: b * l * h * 8 };
+    let q = d("q", 2, 3, 4);
+    let run = |info, k: TensorDesc, v: TensorDesc| validate_kvcache(DType::BF16, &q, &k, &v, None, None, &info, &opts);
+    // Dense: lengths within L_max, indices within B_c, B_c >= B without indices.
+    let info = check_cache_tables(&[10, 4], None, None).unwrap();
+    let p = run(info, d("k_cache", 2, 10, 2), d("v_cache", 2, 10, 2)).unwrap();
+    assert_eq!((p.batch, p.seqlen_q, p.seqlen_k), (2, 3, 10));
+    assert_eq!(seq_err(run(info, d("k_cache", 2, 9, 2), d("v_cache", 2, 9, 2))), ("cache_seqlens", 0));
+    assert!(matches!(
+        run(info, d("k_cache", 1, 10, 2), d("v_cache", 1, 10, 2)),
+        Err(Error::ShapeMismatch { arg: "k_cache", .. })
+    ));
+    assert!(matches!(
+        run(info, d("k_cache", 2, 10, 2), d("v_cache", 2, 11, 2)),
+        Err(Error::ShapeMismatch { arg: "v_cache", .. })
+    ));
+    let with_idx = check_cache_tables(&[10, 4], Some(&[0, 5]), None).unwrap();
+    assert_eq!(seq_err(run(with_idx, d("k_cache", 5, 10, 2), d("v_cache", 5, 10, 2))), ("cache_batch_idx", 0));
+    assert!(run(with_idx, d("k_cache", 6, 10, 2), d("v_cache", 6, 10, 2)).is_ok());
+    // Paged: the page size is the caches' second extent, page ids within the page count.
+    let paged = check_cache_tables(&[20, 5], None, Some((&[3, 0, 1, -1], 2, 16))).unwrap();
+    assert!(run(paged, d("k_cache", 4, 16, 2), d("v_cache", 4, 16, 2)).is_ok());
+    assert_eq!(seq_err(run(paged, d("k_cache", 3, 16, 2), d("v_cache", 3, 16, 2))), ("block_table", 0));
+    assert!(matches!(
+        run(paged, d("k_cache", 4, 8, 2), d("v_cache", 4, 8, 2)),
+        Err(Error::ShapeMismatch { arg: "k_cache", dim: "seqlen", expected: 16, got: 8, .. })
+    ));
+    // Q's batch is the tables' B; GQA still checked.
+    let three = check_cache_tables(&[1, 1, 1], None, None).unwrap();
+    assert!(matches!(
+        run(three, d("k_cache", 3, 4, 2), d("v_cache", 3, 4, 2)),
+        Err(Error::ShapeMismatch { arg: "q", dim: "batch", .. })
+    ));
+    assert!(matches!(run(info, d("k_cache", 2, 10, 3), d("v_cache", 2, 10, 3)), Err(Error::HeadsNotDivisible { .. })));
+}
