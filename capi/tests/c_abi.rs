@@ -23,20 +23,25 @@ fn static_lib() -> PathBuf {
         .unwrap_or_else(|| panic!("libfused_attn_capi.a not found beside {}", exe.display()))
 }
 
+/// The C (or C++) compiler the `cc` crate finds for this target.
+fn compiler(cpp: bool) -> cc::Tool {
+    let target = env!("FUSED_ATTN_CAPI_TARGET");
+    cc::Build::new()
+        .cargo_metadata(false)
+        .cpp(cpp)
+        .target(target)
+        .host(target)
+        .opt_level(0)
+        .try_get_compiler()
+        .expect("the cc crate found no compiler")
+}
+
 #[test]
 #[cfg(target_os = "linux")]
 fn c_program_passes() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fused_attn_c_test");
-    let target = env!("FUSED_ATTN_CAPI_TARGET");
-    let compiler = cc::Build::new()
-        .cargo_metadata(false)
-        .target(target)
-        .host(target)
-        .opt_level(0)
-        .try_get_compiler()
-        .expect("the cc crate found no C compiler");
-    let mut cmd = compiler.to_command();
+    let mut cmd = compiler(false).to_command();
     cmd.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic"])
         .arg("-I")
         .arg(dir.join("include"))
@@ -44,7 +49,8 @@ fn c_program_passes() {
         .arg("-o")
         .arg(&out)
         .arg(static_lib())
-        // What `rustc --print native-static-libs` lists for a Linux staticlib.
+        // System libraries a Rust static library needs on Linux (glibc
+        // >= 2.34 needs only -lpthread -ldl -lm; the rest is for older ones).
         .args(["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"]);
     let built = cmd.output().expect("running the C compiler");
     assert!(
@@ -62,4 +68,27 @@ fn c_program_passes() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(stdout.contains("\n0 failure(s)"), "the C test did not finish:\n{stdout}");
+}
+
+/// The header is also valid C++ (cbindgen's `cpp_compat`: `extern "C"`, enums
+/// with an `int32_t` underlying type).
+#[test]
+#[cfg(target_os = "linux")]
+fn header_compiles_as_cpp() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fused_attn_header.cpp");
+    std::fs::write(
+        &src,
+        "#include \"fused_attn.h\"\n\
+         int main() { FusedAttnOptions o = {}; o.mask = FUSED_ATTN_MASK_CAUSAL; (void)o;\n\
+         return fused_attn_status_name(FUSED_ATTN_STATUS_OK) == nullptr; }\n",
+    )
+    .expect("writing the C++ file");
+    let mut cmd = compiler(true).to_command();
+    cmd.args(["-std=c++11", "-fsyntax-only", "-Wall", "-Wextra", "-Werror"])
+        .arg("-I")
+        .arg(dir.join("include"))
+        .arg(&src);
+    let built = cmd.output().expect("running the C++ compiler");
+    assert!(built.status.success(), "{cmd:?}\n{}", String::from_utf8_lossy(&built.stderr));
 }
