@@ -694,3 +694,58 @@ pub extern "C" fn fused_attn_status_name(status: i32) -> *const c_char {
     let name: &CStr = all.iter().find(|(s, _)| *s as i32 == status).map_or(c"FUSED_ATTN_STATUS_UNKNOWN", |(_, n)| n);
     name.as_ptr()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message() -> String {
+        // SAFETY: a valid NUL-terminated string until this thread's next call.
+        unsafe { CStr::from_ptr(fused_attn_last_error_message()) }.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn a_panic_becomes_a_status_not_an_unwind() {
+        let st = run(|| panic!("boom"));
+        assert_eq!(st, FusedAttnStatus::Panic);
+        assert!(message().contains("boom"), "{}", message());
+        assert_eq!(run(|| Ok(())), FusedAttnStatus::Ok);
+        assert_eq!(message(), "", "a success clears the message");
+    }
+
+    #[test]
+    fn every_status_has_its_name() {
+        for code in (0..=20).chain(100..=103) {
+            // SAFETY: a static NUL-terminated string.
+            let name = unsafe { CStr::from_ptr(fused_attn_status_name(code)) }.to_str().unwrap();
+            let unknown = code == FusedAttnStatus::Unknown as i32;
+            assert!(name.starts_with("FUSED_ATTN_STATUS_"), "{code}: {name}");
+            assert_eq!(name == "FUSED_ATTN_STATUS_UNKNOWN", unknown, "{code}: {name}");
+        }
+    }
+
+    #[test]
+    fn every_error_kind_has_its_own_code() {
+        let errors = [
+            Error::Rank { arg: "q", got: 3 },
+            Error::HeadsNotDivisible { heads_q: 3, heads_kv: 2 },
+            Error::HeadDim { arg: "q", head_dim: 12 },
+            Error::Empty { arg: "q", dim: "batch" },
+            Error::LastDimStride { arg: "q", stride: 2 },
+            Error::OutOfBounds { arg: "q", needed: 2, len: 1 },
+            Error::Negative { arg: "q", what: "shape[0]", value: -1 },
+            Error::ForeignContext { arg: "stream" },
+            Error::NoDriver,
+            Error::NoDevice { ordinal: 0, count: 0 },
+            Error::UnsupportedDevice { major: 7, minor: 5 },
+            Error::KernelsNotBuilt,
+            Error::NoKernel { reason: String::new() },
+        ];
+        let codes: Vec<i32> = errors.iter().map(|e| status_of(e) as i32).collect();
+        let mut unique = codes.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), codes.len(), "{codes:?}");
+        assert!(!codes.contains(&(FusedAttnStatus::Unknown as i32)));
+    }
+}
