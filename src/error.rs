@@ -132,6 +132,18 @@ pub enum Error {
         limit: u128,
     },
 
+    /// A size or stride given as a signed integer (the C ABI's `int64_t`)
+    /// is negative.
+    #[error("`{arg}` has {what} = {value}; sizes and strides must be non-negative")]
+    Negative {
+        /// The argument at fault.
+        arg: &'static str,
+        /// Which number (e.g. `"shape[1]"`, `"strides[0]"`).
+        what: &'static str,
+        /// Its value.
+        value: i64,
+    },
+
     /// The element types of the tensors differ (only reachable through the
     /// dynamically typed entry points; the generic API rules it out at compile time).
     #[error("`{arg}` has element type {got}, expected {expected}")]

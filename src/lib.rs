@@ -73,6 +73,9 @@
 //! [`Attention::forward_into`] writes caller-owned O and LSE views (any
 //! strides) on a `&CudaStream`, allocates nothing on the host once its kernel
 //! is loaded, and may be captured in a CUDA graph.
+//! [`Attention::forward_raw`] (unsafe) does the same on raw device addresses
+//! and a raw `CUstream`, for memory cudarc did not allocate; the C ABI
+//! (the `fused-attn-capi` crate in `capi/`) is built on it.
 //!
 //! ## CUDA graphs
 //! `forward_into` can be captured with cudarc's `CudaStream::begin_capture` /
@@ -141,7 +144,9 @@ pub use dispatch::{KernelInfo, PassReason, PassedOver};
 pub use error::{Error, Result};
 pub use ops::{problem_of, CacheTables, DynTensor, DynTensorMut, ForwardOutput, SeqLens};
 pub use options::{AttentionOptions, KernelFamily, Mask, MaskAlignment};
-pub use tensor::{DType, DeviceTensor, DeviceTensorMut, Element, HostTensor, Layout, LseLayout, LseTensorMut};
+pub use tensor::{
+    DType, DeviceTensor, DeviceTensorMut, Element, HostTensor, Layout, LseLayout, LseTensorMut, RawLseTensor, RawTensor,
+};
 pub use validate::{CacheInfo, PagedInfo, Problem, SeqInfo};
 
 /// The README's code blocks compile as doctests, so its API example cannot rot.

@@ -340,3 +340,23 @@ impl<'a> LseTensorMut<'a> {
         LseTensorMut { view, layout }
     }
 }
+
+/// A device tensor given by its raw address, for
+/// [`Attention::forward_raw`](crate::Attention::forward_raw): memory that
+/// cudarc did not allocate (a C caller's, another library's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawTensor {
+    /// Device address of element `[0, 0, 0, 0]`.
+    pub addr: u64,
+    /// How the memory at `addr` is indexed.
+    pub layout: Layout,
+}
+
+/// A device LSE tensor (f32) given by its raw address (see [`RawTensor`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawLseTensor {
+    /// Device address of element `[0, 0, 0]`.
+    pub addr: u64,
+    /// How the memory at `addr` is indexed.
+    pub layout: LseLayout,
+}

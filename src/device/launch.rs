@@ -5,16 +5,17 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::sys::CUstream;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::Attention;
 use crate::dispatch::{DispatchTensors, KernelInfo};
-use crate::error::{CudaContextExt, Result};
+use crate::error::{CudaContextExt, Error, Result};
 use crate::options::{AttentionOptions, KernelFamily};
 use crate::params::{fwd_params, tma_spec, with_sequences, Addrs, SeqAddrs, TmaSpec};
 use crate::sys::{FaFwdSm90Params, FaTensorMap};
-use crate::tensor::{DType, DeviceTensor, DeviceTensorMut, Element, LseTensorMut};
-use crate::validate::{Problem, TensorDesc};
+use crate::tensor::{DType, DeviceTensor, DeviceTensorMut, Element, LseLayout, LseTensorMut, RawLseTensor, RawTensor};
+use crate::validate::{validate, LseDesc, Problem, TensorDesc};
 
 /// The tables a packed batch or a KV cache adds to a launch.
 #[derive(Debug, Clone, Copy)]
@@ -93,8 +94,7 @@ impl Attention {
     ) -> Result<KernelInfo> {
         // Choose before touching the buffers' stream ordering, base addresses
         // assumed aligned: a call that cannot run fails here with no guard taken.
-        let (mut idx, mut info) =
-            self.choose(p, DispatchTensors { descs, addrs: None }, opts.kernel, opts.kernel_name)?;
+        let (idx, info) = self.choose(p, DispatchTensors { descs, addrs: None }, opts.kernel, opts.kernel_name)?;
         // The guards make `stream` wait for earlier writes to these buffers
         // and, when dropped after the launch, record this launch's reads and
         // writes (cudarc's multi-stream tracking).
@@ -110,7 +110,73 @@ impl Attention {
             }
             None => (0, None),
         };
-        let addrs = [q_ptr, k_ptr, v_ptr, o_ptr];
+        let a = Addrs { q: q_ptr, k: k_ptr, v: v_ptr, o: o_ptr, lse: lse_ptr };
+        // The tables are read by the kernel: the same stream ordering as the tensors.
+        fn table<'a>(t: Option<&'a CudaSlice<i32>>, stream: &'a CudaStream) -> (u64, Option<impl Drop + 'a>) {
+            match t {
+                Some(t) => {
+                    let (ptr, sync) = t.device_ptr(stream);
+                    (ptr, Some(sync))
+                }
+                None => (0, None),
+            }
+        }
+        let (tables, _table_sync) = match seq {
+            None => (None, None),
+            Some(Tables::Varlen(s)) => {
+                let ((cu_q, a), (cu_k, b), (used, c)) =
+                    (table(Some(&s.cu_q), stream), table(Some(&s.cu_k), stream), table(s.seqused_k.as_ref(), stream));
+                let t = SeqAddrs { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, seqused_k: used, ..SeqAddrs::default() };
+                (Some(t), Some([a, b, c]))
+            }
+            Some(Tables::Cache(t)) => {
+                let ((lens, a), (idx, b), (pages, c)) = (
+                    table(Some(&t.seqlens), stream),
+                    table(t.batch_idx.as_ref(), stream),
+                    table(t.block_table.as_ref(), stream),
+                );
+                let (stride, page_size) = t.info.paged.map_or((0, 0), |pg| (pg.pages_per_seq, pg.page_size));
+                let t = SeqAddrs {
+                    seqused_k: lens,
+                    cache_batch_idx: idx,
+                    block_table: pages,
+                    block_table_stride: stride,
+                    page_size,
+                    ..SeqAddrs::default()
+                };
+                (Some(t), Some([a, b, c]))
+            }
+        };
+        // SAFETY: `check_contexts` put the stream and every view in this
+        // handle's context, `validate` and `choose` checked the views for
+        // this problem, and the guards above live until this call returns.
+        unsafe { self.launch_at(stream.cu_stream(), p, descs, (idx, info), a, lse_layout.as_ref(), tables, opts) }
+    }
+
+    /// The launch proper, on raw addresses: re-chooses the kernel if an
+    /// address misses the chosen family's alignment, then encodes the
+    /// parameters (and TMA maps) and launches on `cu_stream`.
+    ///
+    /// # Safety
+    /// `cu_stream` is a stream of this handle's context (or a special
+    /// handle: null, `CU_STREAM_LEGACY`, `CU_STREAM_PER_THREAD`); every
+    /// address in `a` is device memory of this context that holds its
+    /// tensor as `descs` (and `lse_layout`) describe, `p` is their validated
+    /// problem and `(idx, info)` a choice of [`Attention::choose`] for it;
+    /// the memory stays allocated until the launched work completes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch_at(
+        &self,
+        cu_stream: CUstream,
+        p: &Problem,
+        descs: &[TensorDesc; 4],
+        (mut idx, mut info): (usize, KernelInfo),
+        a: Addrs,
+        lse_layout: Option<&LseLayout>,
+        tables: Option<SeqAddrs>,
+        opts: &AttentionOptions,
+    ) -> Result<KernelInfo> {
+        let addrs = [a.q, a.k, a.v, a.o];
         // Only a view that starts off the family's alignment (an odd element
         // offset into its buffer) changes the choice: then choose again, now
         // knowing the addresses.
@@ -123,50 +189,10 @@ impl Attention {
             return Ok(info); // nothing to write; a zero-sized grid is a launch error
         }
         let func = self.reg.function(&self.ctx, idx)?;
-        let a = Addrs { q: q_ptr, k: k_ptr, v: v_ptr, o: o_ptr, lse: lse_ptr };
-        let layouts = [q.layout, k.layout, v.layout, o.layout];
-        let mut params = fwd_params(p, &layouts, lse_layout.as_ref(), a);
-        // The tables are read by the kernel: the same stream ordering as the tensors.
-        // The tables are read by the kernel: the same stream ordering as the tensors.
-        fn table<'a>(t: Option<&'a CudaSlice<i32>>, stream: &'a CudaStream) -> (u64, Option<impl Drop + 'a>) {
-            match t {
-                Some(t) => {
-                    let (ptr, sync) = t.device_ptr(stream);
-                    (ptr, Some(sync))
-                }
-                None => (0, None),
-            }
-        }
-        let (addrs, _table_sync) = match seq {
-            None => (None, None),
-            Some(Tables::Varlen(s)) => {
-                let ((cu_q, a), (cu_k, b), (used, c)) =
-                    (table(Some(&s.cu_q), stream), table(Some(&s.cu_k), stream), table(s.seqused_k.as_ref(), stream));
-                (
-                    Some(SeqAddrs { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, seqused_k: used, ..SeqAddrs::default() }),
-                    Some([a, b, c]),
-                )
-            }
-            Some(Tables::Cache(t)) => {
-                let ((lens, a), (idx, b), (pages, c)) = (
-                    table(Some(&t.seqlens), stream),
-                    table(t.batch_idx.as_ref(), stream),
-                    table(t.block_table.as_ref(), stream),
-                );
-                let (stride, page_size) = t.info.paged.map_or((0, 0), |pg| (pg.pages_per_seq, pg.page_size));
-                let s = SeqAddrs {
-                    seqused_k: lens,
-                    cache_batch_idx: idx,
-                    block_table: pages,
-                    block_table_stride: stride,
-                    page_size,
-                    ..SeqAddrs::default()
-                };
-                (Some(s), Some([a, b, c]))
-            }
-        };
-        if let Some(a) = addrs {
-            params = with_sequences(params, a);
+        let layouts = [descs[0].layout, descs[1].layout, descs[2].layout, descs[3].layout];
+        let mut params = fwd_params(p, &layouts, lse_layout, a);
+        if let Some(t) = tables {
+            params = with_sequences(params, t);
         }
         let cfg = (info.grid, (info.threads, 1, 1), info.smem_bytes);
         if info.family == KernelFamily::Sm90 {
@@ -177,17 +203,96 @@ impl Attention {
             // (plus bindgen's padding), for all of which all-zero is valid.
             let mut p90: FaFwdSm90Params = unsafe { std::mem::zeroed() };
             p90.p = params;
-            p90.tma_q = map(q_ptr, &q.layout, row.block_m)?;
-            p90.tma_k = map(k_ptr, &k.layout, row.block_n)?;
-            p90.tma_v = map(v_ptr, &v.layout, row.block_n)?;
-            p90.tma_o = map(o_ptr, &o.layout, row.block_m)?;
-            // SAFETY: see `launch`; the kernel's one argument is FaFwdSm90Params.
-            unsafe { launch(stream, func.cu_function(), cfg, &p90) }?;
+            p90.tma_q = map(a.q, &layouts[0], row.block_m)?;
+            p90.tma_k = map(a.k, &layouts[1], row.block_n)?;
+            p90.tma_v = map(a.v, &layouts[2], row.block_n)?;
+            p90.tma_o = map(a.o, &layouts[3], row.block_m)?;
+            // SAFETY: see `launch` and this function's contract; the
+            // kernel's one argument is FaFwdSm90Params.
+            unsafe { launch(&self.ctx, cu_stream, func.cu_function(), cfg, &p90) }?;
         } else {
-            // SAFETY: see `launch`; the kernel's one argument is FaFwdParams.
-            unsafe { launch(stream, func.cu_function(), cfg, &params) }?;
+            // SAFETY: see `launch` and this function's contract; the
+            // kernel's one argument is FaFwdParams.
+            unsafe { launch(&self.ctx, cu_stream, func.cu_function(), cfg, &params) }?;
         }
         Ok(info)
+    }
+
+    /// [`forward_into`](Self::forward_into) on raw device addresses, for
+    /// foreign callers (the C ABI of the `fused-attn-capi` crate, other
+    /// bindings) that hold memory cudarc did not allocate: the same
+    /// validation, kernel choice, parameters and launch, on `cu_stream`.
+    ///
+    /// Bounds are checked against each layout's own extent (a raw address
+    /// carries no length), so [`Error::OutOfBounds`](crate::Error::OutOfBounds)
+    /// cannot occur; the caller vouches for the memory instead. No cudarc
+    /// event tracking is involved: ordering against other streams is the
+    /// caller's, as with any CUDA library.
+    ///
+    /// `cu_stream` may be null (the context's legacy default stream),
+    /// `CU_STREAM_LEGACY` (`0x1`) or `CU_STREAM_PER_THREAD` (`0x2`); any
+    /// other stream is checked to belong to this handle's context.
+    ///
+    /// # Safety
+    /// - `cu_stream` is null, one of the two special handles, or a live
+    ///   stream (of any context: a foreign one is reported, not used).
+    /// - Each of `q`, `k`, `v`, `o` (and `lse` when given) addresses device
+    ///   memory usable in this handle's context (e.g. `cudaMalloc` memory
+    ///   on its device: the runtime API uses the same primary context) that
+    ///   holds at least the elements its layout reaches, of element type
+    ///   `dtype` (`f32` for LSE).
+    /// - That memory stays allocated, and nothing else writes Q, K, V or
+    ///   reads or writes O and LSE, until the launched work completes on
+    ///   `cu_stream`. O and LSE must not overlap any input.
+    ///
+    /// # Errors
+    /// As [`forward_into`](Self::forward_into): every validation error
+    /// naming the argument, [`Error::ForeignContext`](crate::Error::ForeignContext)
+    /// for a stream of another context, [`Error::NoKernel`](crate::Error::NoKernel),
+    /// [`Error::Cuda`](crate::Error::Cuda) for a failed launch.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn forward_raw(
+        &self,
+        cu_stream: CUstream,
+        dtype: DType,
+        q: RawTensor,
+        k: RawTensor,
+        v: RawTensor,
+        o: RawTensor,
+        lse: Option<RawLseTensor>,
+        opts: &AttentionOptions,
+    ) -> Result<KernelInfo> {
+        // A raw address has no length: each view is as long as it reaches,
+        // and an unrepresentable extent is reported by validation.
+        let desc = |arg, t: &RawTensor| TensorDesc { arg, layout: t.layout, len: t.layout.span().unwrap_or(0) };
+        let descs = [desc("q", &q), desc("k", &k), desc("v", &v), desc("o", &o)];
+        let lse_desc = lse.as_ref().map(|l| LseDesc { layout: l.layout, len: l.layout.span().unwrap_or(0) });
+        let p = validate(dtype, &descs[0], &descs[1], &descs[2], Some(&descs[3]), lse_desc.as_ref(), opts)?;
+        self.check_stream_context(cu_stream)?;
+        let choice = self.choose(&p, DispatchTensors { descs: &descs, addrs: None }, opts.kernel, opts.kernel_name)?;
+        let a = Addrs { q: q.addr, k: k.addr, v: v.addr, o: o.addr, lse: lse.map_or(0, |l| l.addr) };
+        // SAFETY: by this function's contract (memory, stream liveness) and
+        // the checks above (context of the stream, validation, choice).
+        unsafe { self.launch_at(cu_stream, &p, &descs, choice, a, lse.as_ref().map(|l| &l.layout), None, opts) }
+    }
+
+    /// A stream that is not one of the special handles must belong to this
+    /// handle's context.
+    fn check_stream_context(&self, cu_stream: CUstream) -> Result<()> {
+        if (cu_stream as usize) <= 2 {
+            return Ok(()); // null, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD: the current context's
+        }
+        let mut ctx: cudarc::driver::sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: the caller of `forward_raw` vouches that `cu_stream` is a
+        // live stream; the call only writes `ctx`.
+        unsafe { cudarc::driver::sys::cuStreamGetCtx(cu_stream, &mut ctx) }
+            .result()
+            .during("reading the stream's context")?;
+        if ctx == self.ctx.cu_ctx() {
+            Ok(())
+        } else {
+            Err(Error::ForeignContext { arg: "stream" })
+        }
     }
 }
 
@@ -195,22 +300,24 @@ impl Attention {
 ///
 /// # Safety
 /// `arg` must be the exact type of the kernel's one parameter (a bindgen
-/// mirror of `params.h`). Every pointer in it must come from a live view
-/// in `stream`'s context whose shape, strides and alignment were validated
+/// mirror of `params.h`); `cu_stream` a stream of `ctx` (or a special
+/// handle). Every pointer in it must come from a live view or raw tensor
+/// in `ctx` whose shape, strides and alignment were validated
 /// for this kernel (the caller's validation and dispatch prove that the
 /// kernel stays inside each view), and the views' cudarc guards must outlive
 /// this call.
 unsafe fn launch<P: DeviceRepr>(
-    stream: &CudaStream,
+    ctx: &CudaContext,
+    cu_stream: CUstream,
     func: cudarc::driver::sys::CUfunction,
     (grid, block, smem): ((u32, u32, u32), (u32, u32, u32), u32),
     arg: &P,
 ) -> Result<()> {
-    stream.context().bind_to_thread().during("binding the context")?;
+    ctx.bind_to_thread().during("binding the context")?;
     // cuLaunchKernel copies the argument before returning.
     let mut args = [(arg as *const P).cast_mut().cast::<std::ffi::c_void>()];
     // SAFETY: by this function's contract; `args` lives until the call returns.
-    unsafe { cudarc::driver::result::launch_kernel(func, grid, block, smem, stream.cu_stream(), &mut args) }
+    unsafe { cudarc::driver::result::launch_kernel(func, grid, block, smem, cu_stream, &mut args) }
         .during("launching the attention kernel")
 }
 

@@ -1,0 +1,310 @@
+//! The C ABI on a GPU: `fused_attn_forward` on raw device pointers (cudarc
+//! allocations whose addresses are passed as C would pass `cudaMalloc`
+//! memory) against `fused_attn_reference_forward` through the same ABI, per
+//! kernel family, dtype and mask, with every tensor in its own layout and
+//! O's padding poisoned; the raw path bitwise against `forward_into` on the
+//! same buffers; the stream checks (null stream, a created stream, another
+//! context's stream → `FUSED_ATTN_STATUS_FOREIGN_CONTEXT`).
+//!
+//! Without a GPU every trial is reported *ignored* with the reason printed
+//! (never a silent pass); the sm90 trials are ignored on other GPUs.
+
+use std::ffi::CStr;
+use std::sync::Arc;
+
+use fused_attn::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use fused_attn::{Attention, AttentionOptions, DeviceTensor, DeviceTensorMut, Layout, LseLayout, LseTensorMut, Mask};
+use fused_attn_capi::*;
+use half::{bf16, f16};
+use libtest_mimic::{Arguments, Failed, Trial};
+
+fn last_error() -> String {
+    // SAFETY: the ABI returns a valid NUL-terminated string, alive until the
+    // next call on this thread.
+    unsafe { CStr::from_ptr(fused_attn_last_error_message()) }.to_string_lossy().into_owned()
+}
+
+fn check(st: FusedAttnStatus, what: &str) -> Result<(), Failed> {
+    if st == FusedAttnStatus::Ok {
+        Ok(())
+    } else {
+        Err(format!("{what}: {st:?}: {}", last_error()).into())
+    }
+}
+
+/// An owned `FusedAttnHandle`.
+struct Handle(*mut FusedAttnHandle);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: created by fused_attn_create, destroyed once.
+        unsafe { fused_attn_destroy(self.0) };
+    }
+}
+
+fn open() -> Result<Handle, String> {
+    let mut h = std::ptr::null_mut();
+    // SAFETY: `h` is valid for the write.
+    let st = unsafe { fused_attn_create(0, &mut h) };
+    if st == FusedAttnStatus::Ok {
+        Ok(Handle(h))
+    } else {
+        Err(format!("fused_attn_create(0): {st:?}: {}", last_error()))
+    }
+}
+
+/// One problem: storage orders differ per tensor; O sits in padded storage.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    dtype: FusedAttnDtype,
+    kernel: FusedAttnKernel,
+    b: usize,
+    lq: usize,
+    lk: usize,
+    hq: usize,
+    hk: usize,
+    d: usize,
+    opts: FusedAttnOptions,
+}
+
+fn c_tensor(ptr: u64, l: &Layout) -> FusedAttnTensor {
+    let i = |x: [usize; 4]| x.map(|v| v as i64);
+    FusedAttnTensor { data: ptr as usize as *mut _, shape: i(l.shape), strides: i(l.strides) }
+}
+
+fn addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (p, _guard) = s.device_ptr(stream);
+    p
+}
+
+/// Runs `c` through the ABI on the GPU and through the ABI's reference, and
+/// compares; for automatic choice, also bitwise against `forward_into`.
+fn run_case<T: fused_attn::Element>(h: &Handle, ctx: &Arc<CudaContext>, c: Case) -> Result<(), Failed> {
+    let stream = ctx.new_stream()?;
+    let (b, lq, lk, hq, hk, d) = (c.b, c.lq, c.lk, c.hq, c.hk, c.d);
+    let ql = Layout::bhsd(b, hq, lq, d);
+    let kl = Layout::bshd(b, lk, hk, d);
+    let vl = Layout::bhsd(b, hk, lk, d);
+    let pad = 24; // O's row stride exceeds D: padding between rows stays poisoned
+    let ol = Layout::strided_bshd([b, lq, hq, d], [lq * hq * (d + pad), hq * (d + pad), d + pad, 1]);
+    let ll = LseLayout::strided([b, hq, lq], [hq * lq + 7, lq, 1]);
+    let gen = |n: usize, seed: usize| -> Vec<T> {
+        (0..n).map(|i| T::from_f32((((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0) * 1.5)).collect()
+    };
+    let (qh, kh, vh) = (gen(ql.span().unwrap(), 1), gen(kl.span().unwrap(), 2), gen(vl.span().unwrap(), 3));
+    let (o_len, l_len) = (ol.span().unwrap(), ll.span().unwrap());
+    let poison = T::from_f32(f32::NAN);
+    let (q, k, v) = (stream.clone_htod(&qh)?, stream.clone_htod(&kh)?, stream.clone_htod(&vh)?);
+    let o = stream.clone_htod(&vec![poison; o_len])?;
+    let lse = stream.clone_htod(&vec![f32::NAN; l_len])?;
+    stream.synchronize()?;
+    let (tq, tk, tv, to) = (
+        c_tensor(addr(&q, &stream), &ql),
+        c_tensor(addr(&k, &stream), &kl),
+        c_tensor(addr(&v, &stream), &vl),
+        c_tensor(addr(&o, &stream), &ol),
+    );
+    let tl = FusedAttnLseTensor {
+        data: addr(&lse, &stream) as usize as *mut f32,
+        shape: ll.shape.map(|x| x as i64),
+        strides: ll.strides.map(|x| x as i64),
+    };
+    let mut opts = c.opts;
+    opts.kernel = c.kernel as i32;
+    // SAFETY: every pointer is a live allocation covering its layout; the
+    // stream is this context's; we synchronise before touching the buffers.
+    let st =
+        unsafe { fused_attn_forward(h.0, stream.cu_stream().cast(), c.dtype as i32, &tq, &tk, &tv, &to, &tl, &opts) };
+    check(st, "fused_attn_forward")?;
+    stream.synchronize()?;
+    let (o_gpu, l_gpu) = (stream.clone_dtoh(&o)?, stream.clone_dtoh(&lse)?);
+
+    // The reference through the ABI, on the same host inputs, O as f32.
+    let mut o_ref = vec![f32::NAN; o_len];
+    let mut l_ref = vec![f32::NAN; l_len];
+    let host = |p: *const T, l: &Layout| c_tensor(p as u64, l);
+    let ro = FusedAttnTensor { data: o_ref.as_mut_ptr().cast(), ..to };
+    let rl = FusedAttnLseTensor { data: l_ref.as_mut_ptr(), ..tl };
+    // SAFETY: host buffers covering their layouts.
+    let st = unsafe {
+        fused_attn_reference_forward(
+            c.dtype as i32,
+            &host(qh.as_ptr(), &ql),
+            &host(kh.as_ptr(), &kl),
+            &host(vh.as_ptr(), &vl),
+            &ro,
+            &rl,
+            &opts,
+        )
+    };
+    check(st, "fused_attn_reference_forward")?;
+
+    let (mut num, mut den, mut lse_err) = (0.0f64, 0.0f64, 0.0f64);
+    for bi in 0..b {
+        for i in 0..lq {
+            for hi in 0..hq {
+                for ci in 0..d {
+                    let at = ol.offset(bi, i, hi, ci);
+                    let (g, r) = (o_gpu[at].into(), o_ref[at] as f64);
+                    num += (g - r) * (g - r);
+                    den += r * r;
+                }
+                let at = ll.offset(bi, hi, i);
+                let (g, r) = (l_gpu[at] as f64, l_ref[at] as f64);
+                let e = if g == r { 0.0 } else { (g - r).abs() };
+                lse_err = lse_err.max(if e.is_nan() { f64::INFINITY } else { e });
+            }
+        }
+    }
+    let rel = (num / den.max(1e-30)).sqrt();
+    let tol = if c.dtype == FusedAttnDtype::Bf16 { 1e-2 } else { 3e-3 };
+    // Padding: every element outside the view keeps its poison.
+    let mut inside = vec![false; o_len];
+    for bi in 0..b {
+        for i in 0..lq {
+            for hi in 0..hq {
+                (0..d).for_each(|ci| inside[ol.offset(bi, i, hi, ci)] = true);
+            }
+        }
+    }
+    let stray = (0..o_len).filter(|&n| !inside[n] && !o_gpu[n].into().is_nan()).count();
+    if !(rel <= tol && lse_err <= 1e-3 && stray == 0) {
+        return Err(format!(
+            "{c:?}: O rel L2 {rel:.3e} (tol {tol:.0e}), LSE max err {lse_err:.3e}, {stray} stray writes"
+        )
+        .into());
+    }
+
+    if c.kernel == FusedAttnKernel::Auto {
+        // The raw path and the typed path on the same buffers: bitwise equal.
+        let attn = Attention::new(ctx)?;
+        let mut o2 = stream.clone_htod(&vec![poison; o_len])?;
+        let mut l2 = stream.clone_htod(&vec![f32::NAN; l_len])?;
+        let mut ot = DeviceTensorMut::new(&mut o2, ol);
+        let mut lt = LseTensorMut::new(&mut l2, ll);
+        let mut ro = AttentionOptions::new(match c.opts.mask {
+            0 => Mask::Full,
+            1 => Mask::Causal,
+            _ => Mask::window(c.opts.window_left as usize, c.opts.window_right as usize),
+        });
+        if c.opts.softcap != 0.0 {
+            ro = ro.with_softcap(c.opts.softcap);
+        }
+        let (qt, kt, vt) = (DeviceTensor::new(&q, ql), DeviceTensor::new(&k, kl), DeviceTensor::new(&v, vl));
+        attn.forward_into(&stream, &qt, &kt, &vt, &mut ot, Some(&mut lt), &ro)?;
+        stream.synchronize()?;
+        let (o2h, l2h) = (stream.clone_dtoh(&o2)?, stream.clone_dtoh(&l2)?);
+        let same_o = o2h.iter().zip(&o_gpu).all(|(a, b)| a.to_bits() == b.to_bits());
+        let same_l = l2h.iter().zip(&l_gpu).all(|(a, b)| a.to_bits() == b.to_bits());
+        if !(same_o && same_l) {
+            return Err(format!(
+                "{c:?}: fused_attn_forward and forward_into differ (O same: {same_o}, LSE same: {same_l})"
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+fn streams(h: &Handle, ctx: &Arc<CudaContext>) -> Result<(), Failed> {
+    // A minimal valid problem, run on the null stream, then on another
+    // context's stream (refused).
+    let stream = ctx.default_stream();
+    let l = Layout::bshd(1, 16, 2, 64);
+    let q = stream.alloc_zeros::<f16>(l.span().unwrap())?;
+    let o = stream.alloc_zeros::<f16>(l.span().unwrap())?;
+    let (tq, to) = (c_tensor(addr(&q, &stream), &l), c_tensor(addr(&o, &stream), &l));
+    let f16t = FusedAttnDtype::F16 as i32;
+    // SAFETY: live allocations covering their layouts; null stream.
+    let st = unsafe {
+        fused_attn_forward(h.0, std::ptr::null_mut(), f16t, &tq, &tq, &tq, &to, std::ptr::null(), std::ptr::null())
+    };
+    check(st, "null stream")?;
+    stream.synchronize()?;
+    let other = CudaContext::new_non_primary(0, 0)?;
+    let foreign = other.new_stream()?;
+    // SAFETY: as above; the foreign stream is live (and refused before any launch).
+    let st = unsafe {
+        fused_attn_forward(
+            h.0,
+            foreign.cu_stream().cast(),
+            f16t,
+            &tq,
+            &tq,
+            &tq,
+            &to,
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if st != FusedAttnStatus::ForeignContext {
+        return Err(format!("another context's stream: {st:?}: {}", last_error()).into());
+    }
+    println!("another context's stream -> {st:?}: {}", last_error());
+    Ok(())
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let gpu = open().and_then(|h| fused_attn::cuda_context(0).map(|ctx| (h, ctx)).map_err(|e| e.to_string()));
+    let sm = gpu.as_ref().ok().and_then(|(_, ctx)| Attention::new(ctx).ok()).map(|a| a.sm());
+    let gpu = gpu.map(|(h, ctx)| Arc::new((SendHandle(h), ctx)));
+    let mut trials = Vec::new();
+    let base = FusedAttnOptions::default();
+    let causal = FusedAttnOptions { mask: FusedAttnMask::Causal as i32, ..base };
+    let window = FusedAttnOptions {
+        mask: FusedAttnMask::Window as i32,
+        window_left: 40,
+        window_right: 3,
+        softcap: 20.0,
+        ..base
+    };
+    for (kernel, needs90) in [
+        (FusedAttnKernel::Auto, false),
+        (FusedAttnKernel::Naive, false),
+        (FusedAttnKernel::Sm80, false),
+        (FusedAttnKernel::Sm90, true),
+    ] {
+        for dtype in [FusedAttnDtype::F16, FusedAttnDtype::Bf16] {
+            for (mname, opts) in [("full", base), ("causal", causal), ("window", window)] {
+                for d in [64usize, 128] {
+                    let c = Case { dtype, kernel, b: 2, lq: 77, lk: 131, hq: 8, hk: 2, d, opts };
+                    let name = format!("capi/{kernel:?}/{dtype:?}/{mname}/d{d}");
+                    let g = gpu.clone();
+                    let t = Trial::test(name, move || {
+                        let g = g.map_err(|e| -> Failed { e.into() })?;
+                        match dtype {
+                            FusedAttnDtype::F16 => run_case::<f16>(&g.0 .0, &g.1, c),
+                            FusedAttnDtype::Bf16 => run_case::<bf16>(&g.0 .0, &g.1, c),
+                        }
+                    });
+                    let ignore = gpu.is_err() || (needs90 && sm != Some(90));
+                    trials.push(t.with_ignored_flag(ignore));
+                }
+            }
+        }
+    }
+    let g = gpu.clone();
+    trials.push(
+        Trial::test("capi/streams", move || {
+            let g = g.map_err(|e| -> Failed { e.into() })?;
+            streams(&g.0 .0, &g.1)
+        })
+        .with_ignored_flag(gpu.is_err()),
+    );
+    match &gpu {
+        Err(reason) => println!("GPU tests ignored: {reason}"),
+        Ok(_) if sm != Some(90) => println!("sm90 trials ignored: the GPU is sm_{sm:?}, the sm_90a kernels need sm_90"),
+        Ok(_) => {}
+    }
+    libtest_mimic::run(&args, trials).exit();
+}
+
+/// The handle, shared by trials on several threads: the ABI allows calls on
+/// one handle from many threads.
+struct SendHandle(Handle);
+// SAFETY: FusedAttnHandle wraps `Attention`, which is Send + Sync; the raw
+// pointer is only used for calls the ABI allows from any thread, and
+// destroyed once, when the last trial is done.
+unsafe impl Send for SendHandle {}
+unsafe impl Sync for SendHandle {}
