@@ -9,6 +9,7 @@
 //!   and everything written as JSON for `scripts/peers.py` and `scripts/report.py`.
 //!   `FUSED_ATTN_BENCH_FILTER=substr` keeps only matching cases;
 //!   `FUSED_ATTN_BENCH_FAMILY=sm80` times that family instead of the dispatcher's choice;
+//!   `FUSED_ATTN_BENCH_KERNEL=name` times that kernel (e.g. a variant) instead;
 //!   `FUSED_ATTN_BENCH_VARIANTS=1` also times every variant kernel
 //!   (`name__tag`: other tiles or schedules) that could replace the one the
 //!   dispatcher chose, into the case's `variants` field: the ablation data.
@@ -93,7 +94,7 @@ fn time_case<T: Element>(
     if let Some(f) = forced_family() {
         opts = opts.with_kernel(f);
     }
-    if let Some(name) = kernel_name {
+    if let Some(name) = kernel_name.or_else(forced_kernel_name) {
         opts = opts.with_kernel_name(name);
     }
     let mut info = None;
@@ -125,6 +126,16 @@ fn forced_family() -> Option<KernelFamily> {
         "sm90" => Some(KernelFamily::Sm90),
         other => panic!("FUSED_ATTN_BENCH_FAMILY={other}: expected naive, sm80 or sm90"),
     }
+}
+
+/// `FUSED_ATTN_BENCH_KERNEL=name` times that table kernel (e.g. a variant)
+/// in place of the dispatcher's choice, for an A/B in separate runs: within
+/// one run a variant is always timed right after its base, which is not the
+/// same clock and power state (see docs/perf-notes.md, the `__ov` entry).
+fn forced_kernel_name() -> Option<&'static str> {
+    let name = std::env::var("FUSED_ATTN_BENCH_KERNEL").ok()?;
+    let row = fused_attn::internals::KERNEL_TABLE.iter().find(|r| r.name == name);
+    Some(row.unwrap_or_else(|| panic!("FUSED_ATTN_BENCH_KERNEL={name}: not a kernel of this build")).name)
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {

@@ -74,6 +74,7 @@ struct Sm90ShapeOf {
     static constexpr int kBlockM = BM, kBlockN = BN, kStages = STAGES;
     static constexpr bool kPingPong = true;
     static constexpr int kGrid = FA_GRID_TILES;
+    static constexpr bool kLoopHeadWait = false;
 };
 template <int HD> struct Sm90Shape;
 //                                            block_m block_n stages
@@ -86,6 +87,7 @@ template <> struct Sm90Shape<256> : Sm90ShapeOf<128,     80,    2> {};
 template <class Base> struct Sm90NoPingPong : Base { static constexpr bool kPingPong = false; };
 template <class Base, int STAGES> struct Sm90Stages : Base { static constexpr int kStages = STAGES; };
 template <class Base> struct Sm90Persistent : Base { static constexpr int kGrid = FA_GRID_PERSISTENT; };
+template <class Base> struct Sm90LoopHeadWait : Base { static constexpr bool kLoopHeadWait = true; };
 
 template <int HD, class S = Sm90Shape<HD>>
 struct Sm90Config : S {
@@ -451,9 +453,72 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
         if (n_tiles > 0) {
             mbarrier_wait_warp(q_full, q_phase);
 
-            // Tile 0: S_0 and its softmax; nothing to overlap with yet.
-            {
-                float s[BN / 2];
+            if constexpr (!Cfg::kLoopHeadWait) {
+                // Tile 0: S_0 and its softmax; nothing to overlap with yet.
+                {
+                    float s[BN / 2];
+                    mbarrier_wait_warp(k_full(stage), phase);
+                    take_turn();
+                    wgmma_fence();
+                    gemm_qk(s, stage);
+                    pass_turn();
+                    wgmma_wait<0>();
+                    wgmma_pin(s);
+                    release(k_empty(stage));
+                    float alpha[2];  // 0: O is still 0
+                    scores_to_probs(s, 0, alpha);
+                    wgmma_acc_to_a<T>(s, pa);
+                }
+
+                // Tile j: S_j = Q K_j^T, then O += P_{j-1} V_{j-1} with the softmax of
+                // S_j running while the second GEMM is still in flight.
+                for (int j = 1; j < n_tiles; ++j) {
+                    const int prev_stage = stage;
+                    const uint32_t prev_phase = phase;
+                    if (++stage == STAGES) {
+                        stage = 0;
+                        phase ^= 1;
+                    }
+                    float s[BN / 2];
+                    // Both operands first, so the two GEMMs issue back to back (a wait
+                    // loop between them makes ptxas insert another wgmma fence).
+                    mbarrier_wait_warp(k_full(stage), phase);
+                    mbarrier_wait_warp(v_full(prev_stage), prev_phase);
+                    take_turn();
+                    wgmma_pin(o);
+                    wgmma_pin(pa);
+                    wgmma_fence();  // O rescaled and P_{j-1} written: order before the wgmmas
+                    gemm_qk(s, stage);
+                    gemm_pv(prev_stage);
+                    pass_turn();
+
+                    wgmma_wait<1>();  // S_j is done; P_{j-1} V_{j-1} may still run
+                    wgmma_pin(s);
+                    release(k_empty(stage));
+                    float alpha[2];
+                    scores_to_probs(s, j, alpha);
+
+                    wgmma_wait<0>();  // O, and the registers of P_{j-1}, are ours again
+                    wgmma_pin(o);
+                    wgmma_pin(pa);
+                    release(v_empty(prev_stage));
+                    scale_rows(o, alpha);
+                    wgmma_acc_to_a<T>(s, pa);
+                }
+            } else {
+                // Variants __ov: the same GEMM order and waits, with the loop
+                // rotated so that iteration j ends with the softmax of S_j and
+                // the next iteration *begins* with the wait for O += P_{j-1}
+                // V_{j-1} (then the V release, the rescale of O and P_j -> A
+                // fragments). In the default loop that wait sits in the same
+                // basic block as the softmax, after the mask/softcap branches,
+                // and ptxas hoists it to the top of the block, above every
+                // exponential (docs/sass-report.md); here the loop's back edge
+                // lies between them. P_j waits across it in f32 (s) while the
+                // fragments of P_{j-1} are still being read by the tensor
+                // cores; alpha carries the rescale of O to the next iteration.
+                float s[BN / 2], alpha[2];
+                int pv_stage = -1;  // slot of the V whose P V is in flight (-1: none)
                 mbarrier_wait_warp(k_full(stage), phase);
                 take_turn();
                 wgmma_fence();
@@ -462,43 +527,45 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
                 wgmma_wait<0>();
                 wgmma_pin(s);
                 release(k_empty(stage));
-                float alpha[2];  // 0: O is still 0
-                scores_to_probs(s, 0, alpha);
-                wgmma_acc_to_a<T>(s, pa);
-            }
+                scores_to_probs(s, 0, alpha);  // alpha 0: O is still 0
 
-            // Tile j: S_j = Q K_j^T, then O += P_{j-1} V_{j-1} with the softmax of
-            // S_j running while the second GEMM is still in flight.
-            for (int j = 1; j < n_tiles; ++j) {
-                const int prev_stage = stage;
-                const uint32_t prev_phase = phase;
-                if (++stage == STAGES) {
-                    stage = 0;
-                    phase ^= 1;
+                for (int j = 1; j < n_tiles; ++j) {
+                    // Loop head: retire O += P_{j-2} V_{j-2}, issued by the previous
+                    // iteration, whose softmax ran under it.
+                    wgmma_wait<0>();  // O, and the registers of P_{j-2}, are ours again
+                    wgmma_pin(o);
+                    wgmma_pin(pa);
+                    if (pv_stage >= 0) release(v_empty(pv_stage));
+                    scale_rows(o, alpha);
+                    wgmma_acc_to_a<T>(s, pa);
+
+                    const int prev_stage = stage;
+                    const uint32_t prev_phase = phase;
+                    if (++stage == STAGES) {
+                        stage = 0;
+                        phase ^= 1;
+                    }
+                    mbarrier_wait_warp(k_full(stage), phase);
+                    mbarrier_wait_warp(v_full(prev_stage), prev_phase);
+                    take_turn();
+                    wgmma_pin(o);
+                    wgmma_pin(pa);
+                    wgmma_fence();  // O rescaled and P_{j-1} written: order before the wgmmas
+                    gemm_qk(s, stage);
+                    gemm_pv(prev_stage);
+                    pass_turn();
+                    pv_stage = prev_stage;
+
+                    wgmma_wait<1>();  // S_j is done; P_{j-1} V_{j-1} may still run
+                    wgmma_pin(s);
+                    release(k_empty(stage));
+                    scores_to_probs(s, j, alpha);
                 }
-                float s[BN / 2];
-                // Both operands first, so the two GEMMs issue back to back (a wait
-                // loop between them makes ptxas insert another wgmma fence).
-                mbarrier_wait_warp(k_full(stage), phase);
-                mbarrier_wait_warp(v_full(prev_stage), prev_phase);
-                take_turn();
+                // The last P V issued in the loop, then P_{n-1} as A fragments.
+                wgmma_wait<0>();  // O, and the registers of P_{n-2}, are ours again
                 wgmma_pin(o);
                 wgmma_pin(pa);
-                wgmma_fence();  // O rescaled and P_{j-1} written: order before the wgmmas
-                gemm_qk(s, stage);
-                gemm_pv(prev_stage);
-                pass_turn();
-
-                wgmma_wait<1>();  // S_j is done; P_{j-1} V_{j-1} may still run
-                wgmma_pin(s);
-                release(k_empty(stage));
-                float alpha[2];
-                scores_to_probs(s, j, alpha);
-
-                wgmma_wait<0>();  // O, and the registers of P_{j-1}, are ours again
-                wgmma_pin(o);
-                wgmma_pin(pa);
-                release(v_empty(prev_stage));
+                if (pv_stage >= 0) release(v_empty(pv_stage));
                 scale_rows(o, alpha);
                 wgmma_acc_to_a<T>(s, pa);
             }
@@ -658,4 +725,14 @@ FA_KERNEL(fa_fwd_sm90_f16_hd256__persistent, f16, 256, 128, 80, 384, 230480, 90,
 FA_KERNEL(fa_fwd_sm90_bf16_hd64__persistent, bf16, 64, 128, 128, 384, 148624, 90, FA_GRID_PERSISTENT)
 FA_KERNEL(fa_fwd_sm90_bf16_hd128__persistent, bf16, 128, 128, 128, 384, 164944, 90, FA_GRID_PERSISTENT)
 FA_KERNEL(fa_fwd_sm90_bf16_hd256__persistent, bf16, 256, 128, 80, 384, 230480, 90, FA_GRID_PERSISTENT)
+// __ov: the key-tile loop rotated so that the wait for O += P V opens the next
+// iteration, below the softmax (see kLoopHeadWait in the consumer).
+#undef FA_SHAPE
+#define FA_SHAPE(head_dim) Sm90LoopHeadWait<Sm90Shape<head_dim>>
+FA_KERNEL(fa_fwd_sm90_f16_hd64__ov, f16, 64, 128, 128, 384, 148616, 90, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm90_f16_hd128__ov, f16, 128, 128, 128, 384, 164936, 90, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm90_f16_hd256__ov, f16, 256, 128, 80, 384, 230472, 90, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm90_bf16_hd64__ov, bf16, 64, 128, 128, 384, 148616, 90, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm90_bf16_hd128__ov, bf16, 128, 128, 128, 384, 164936, 90, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm90_bf16_hd256__ov, bf16, 256, 128, 80, 384, 230472, 90, FA_GRID_TILES)
 #endif  // FA_NO_VARIANTS

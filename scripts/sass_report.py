@@ -190,14 +190,21 @@ def hot_loop(insns, by="tensor"):
 def wait_placement(body):
     """Where the wgmma waits sit relative to the exponentials inside the loop.
 
+    The body repeats, so "after" and "between" are read cyclically: a region
+    that reaches the loop's backward branch goes on at the loop head, up to
+    the next wait. A loop whose `0x0` wait opens the body (the `__ov`
+    variants: the wait for P V is the first thing of the next iteration) thus
+    has its overlap window across the back edge.
+
     `waits`: every `WARPGROUP.DEPBAR.LE gsb0, N` in loop order with its N, its
     position (instruction index in the body) and how many MUFU.EX2 precede it.
     `ex2_between_1_and_0`: for each 0x1 wait, the EX2s between it and the next
     0x0 wait (the window in which softmax can overlap the still-running GEMM).
-    `segments`: the body cut at the waits (before the first, between, after
-    the last), each with its instructions, EX2s, the EX2s whose operand is
-    `-|x|` (the softcap's tanh, exp(-2|x|), not the softmax's exp2) and FMNMX
-    (the row-max reduction).
+    `window_wraps`: whether that window (the first 0x1 wait's) crosses the
+    back edge. `segments`: the body cut at the waits (before the first,
+    between, after the last; not wrapped), each with its instructions, EX2s,
+    the EX2s whose operand is `-|x|` (the softcap's tanh, exp(-2|x|), not the
+    softmax's exp2) and FMNMX (the row-max reduction).
     """
     waits, ex2 = [], 0
     ex2_positions = []
@@ -211,32 +218,56 @@ def wait_placement(body):
             n = int(m.group(1), 0) if m else None
             waits.append({"pending": n, "pos": pos, "ex2_before": ex2})
             cuts.append(pos)
+
+    def region(k, want):
+        """The instructions from wait k to the next wait with pending `want`
+        (any wait if None), cyclically; (insns, wrapped) or None."""
+        order = waits[k + 1 :] + waits[: k + 1]
+        nxt = next((x for x in order if want is None or x["pending"] == want), None)
+        if nxt is None:
+            return None
+        a, b = waits[k]["pos"], nxt["pos"]
+        if b > a:
+            return body[a:b], False
+        return body[a:] + body[:b], True
+
+    def tally(seg):
+        ex2s = [i for i in seg if i["opcode"].startswith("MUFU.EX2")]
+        soft = sum(1 for i in ex2s if "-|" in i["text"])
+        return {"ex2": len(ex2s) - soft, "ex2_softcap": soft,
+                "fmnmx": sum(1 for i in seg if i["opcode"].startswith("FMNMX"))}
+
     windows = []
+    first_window = None
     for k, w in enumerate(waits):
         if w["pending"] == 1:
-            nxt = next((x for x in waits[k + 1 :] if x["pending"] == 0), None)
-            if nxt is not None:
-                windows.append(nxt["ex2_before"] - w["ex2_before"])
+            r = region(k, 0)
+            if r is not None:
+                windows.append(sum(1 for i in r[0] if i["opcode"].startswith("MUFU.EX2")))
+                if first_window is None:
+                    first_window = (tally(r[0]), r[1])
+    last0 = max((k for k, w in enumerate(waits) if w["pending"] == 0), default=None)
+    after0 = tally(region(last0, None)[0]) if last0 is not None else None
     segments = []
     bounds = [0] + cuts + [len(body)]
     for a, b in zip(bounds, bounds[1:]):
         seg = body[a:b]
-        ex2s = [i for i in seg if i["opcode"].startswith("MUFU.EX2")]
+        t = tally(seg)
         segments.append({
             "from": "start" if a == 0 and not (cuts and cuts[0] == 0) else f"wait@{a}",
             "insns": len(seg),
-            "ex2": len(ex2s),
-            "ex2_softcap": sum(1 for i in ex2s if "-|" in i["text"]),
-            "fmnmx": sum(1 for i in seg if i["opcode"].startswith("FMNMX")),
+            "ex2": t["ex2"] + t["ex2_softcap"],
+            "ex2_softcap": t["ex2_softcap"],
+            "fmnmx": t["fmnmx"],
         })
-    window = next((seg for seg, w in zip(segments[1:], waits) if w["pending"] == 1), None)
-    after0 = segments[-1] if waits and waits[-1]["pending"] == 0 else None
+    window = first_window[0] if first_window else None
     return {
         "ex2_total": ex2,
-        "softmax_ex2_in_window": window["ex2"] - window["ex2_softcap"] if window else None,
+        "softmax_ex2_in_window": window["ex2"] if window else None,
         "softcap_ex2_in_window": window["ex2_softcap"] if window else None,
         "fmnmx_in_window": window["fmnmx"] if window else None,
-        "softmax_ex2_after_last_wait0": after0["ex2"] - after0["ex2_softcap"] if after0 else None,
+        "window_wraps": first_window[1] if first_window else None,
+        "softmax_ex2_after_last_wait0": after0["ex2"] if after0 else None,
         "fmnmx_after_last_wait0": after0["fmnmx"] if after0 else None,
         "first_ex2_pos": ex2_positions[0] if ex2_positions else None,
         "last_ex2_pos": ex2_positions[-1] if ex2_positions else None,
@@ -447,15 +478,18 @@ def markdown(kernels, meta):
             "Each `WARPGROUP.DEPBAR.LE gsb0, N` in hot-loop order as `N@position(EX2s before it)`;",
             "position is the instruction index inside the loop body. The *overlap window* is the",
             "number of `MUFU.EX2` between a `0x1` wait and the next `0x0` wait: the exponentials",
-            "that can run while one wgmma group is still in flight.",
+            "that can run while one wgmma group is still in flight. The body repeats, so regions are",
+            "read cyclically: where the `0x0` wait opens the body (the `__ov` variants, whose loop",
+            "is rotated so that the wait for P V begins the next iteration) the window runs from the",
+            "`0x1` wait across the back edge (*wraps*).",
             "",
             "EX2s whose operand is `-|x|` are the softcap's tanh (exp(-2|x|), taken only when a",
             "softcap is set); the others are the softmax's exp2(S - m) and the two rescale factors.",
             "FMNMX is the row-max reduction.",
             "",
             "| kernel | loop insns | EX2 in loop | waits `N@pos(EX2 before)` | EX2 between 0x1 and 0x0 "
-            "(softcap tanh + softmax) | FMNMX in window | softmax EX2 / FMNMX after the 0x0 wait |",
-            "|---|---|---|---|---|---|---|",
+            "(softcap tanh + softmax) | window wraps | FMNMX in window | softmax EX2 / FMNMX after the 0x0 wait |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for k in sm90:
             w = k["hot_loop"]["wgmma_waits"]
@@ -463,7 +497,7 @@ def markdown(kernels, meta):
             win = (f"{w['softcap_ex2_in_window']} + {w['softmax_ex2_in_window']}"
                    if w["softmax_ex2_in_window"] is not None else "no 0x1 wait")
             lines.append(f"| `{k['kernel']}` | {k['hot_loop']['counts']['total']} | {w['ex2_total']} | {waits} | "
-                         f"{win} | {w['fmnmx_in_window']} | "
+                         f"{win} | {'yes' if w['window_wraps'] else 'no'} | {w['fmnmx_in_window']} | "
                          f"{w['softmax_ex2_after_last_wait0']} / {w['fmnmx_after_last_wait0']} |")
     if meta.get("finding"):
         lines += ["", meta["finding"]]
@@ -486,10 +520,18 @@ def finding(kernels):
     tail = ""
     if variants:
         same = all(lost(k["hot_loop"]["wgmma_waits"]) for k in variants)
+        differ = [k for k in variants if not lost(k["hot_loop"]["wgmma_waits"])]
         tail = (" The variants (`__tag`) show the same placement." if same else
-                " Variants differ: " + "; ".join(
-                    f"`{k['kernel']}`: {k['hot_loop']['wgmma_waits']['softmax_ex2_in_window']} softmax EX2 in the "
-                    "window" for k in variants if not lost(k["hot_loop"]["wgmma_waits"])) + ".")
+                " The other variants show the same placement, except: " + "; ".join(
+                    f"`{k['kernel']}`: {k['hot_loop']['wgmma_waits']['softmax_ex2_in_window']} softmax EX2 "
+                    f"and {k['hot_loop']['wgmma_waits']['fmnmx_in_window']} FMNMX in the window"
+                    + (" (across the back edge)" if k["hot_loop"]["wgmma_waits"]["window_wraps"] else "")
+                    + f", {k['hot_loop']['wgmma_waits']['softmax_ex2_after_last_wait0']} after the 0x0 wait"
+                    for k in differ) + "." + (
+                    " The `__ov` loop is rotated: the 0x0 wait (and the V release, the rescale of O and the P"
+                    " conversion after it) opens the next iteration, so the back edge lies between the softmax"
+                    " and that wait and ptxas no longer hoists the wait above the exponentials."
+                    if any(k["kernel"].endswith("__ov") for k in differ) else ""))
     if all(lost(w) for w in ws):
         return ("**Finding** (all sm_90a base kernels): the hot loop has one `WARPGROUP.DEPBAR.LE gsb0, 0x1` "
                 "right after the two GEMMs are issued and one `0x0` wait later, but *no softmax exponential "
@@ -542,6 +584,17 @@ def self_test():
     assert [(x["pending"], x["pos"], x["ex2_before"]) for x in w["waits"]] == [(1, 2, 0), (0, 4, 1)], w
     assert w["ex2_between_1_and_0"] == [1], w
     assert (w["softmax_ex2_in_window"], w["softmax_ex2_after_last_wait0"]) == (1, 1), w
+    assert w["window_wraps"] is False, w
+    # The 0x0 wait opening the body (a rotated loop, as the __ov variants):
+    # the window runs from the 0x1 wait across the back edge to it.
+    rot = parse_sass(SELF_TEST.replace("WARPGROUP.ARRIVE ;", "WARPGROUP.DEPBAR.LE gsb0, 0x0 ;", 1)
+                     .replace("/*0060*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0", "/*0060*/                   NOP"))
+    f3 = rot[("sm_90a", "toy")]
+    h3, b3 = hot_loop(f3)
+    w3 = wait_placement(f3[h3 : b3 + 1])
+    assert [(x["pending"], x["pos"]) for x in w3["waits"]] == [(0, 0), (1, 2)], w3
+    assert (w3["ex2_between_1_and_0"], w3["window_wraps"]) == ([2], True), w3
+    assert (w3["softmax_ex2_in_window"], w3["softmax_ex2_after_last_wait0"]) == (2, 0), w3
     # Two nested loops with tensor ops: the inner one is the hot loop.
     nested = SELF_TEST.replace("/*00e0*/                   BRA 0xe0;", "/*00e0*/                   BRA 0x10;")
     f2 = parse_sass(nested)[("sm_90a", "toy")]

@@ -226,12 +226,43 @@ const MUTANTS: &[Mutant] = &[
         name: "V slot released as soon as P·V is issued",
         file: "fwd_sm90.cu",
         edits: &[
-            ("release(v_empty(prev_stage));\n                scale_rows", "scale_rows"),
+            ("release(v_empty(prev_stage));\n                    scale_rows", "scale_rows"),
             (
-                "gemm_pv(prev_stage);\n                pass_turn();",
-                "gemm_pv(prev_stage);\n                pass_turn();\n                release(v_empty(prev_stage));",
+                "gemm_pv(prev_stage);\n                    pass_turn();",
+                "gemm_pv(prev_stage);\n                    pass_turn();\n                    release(v_empty(prev_stage));",
             ),
         ],
+    },
+    // ---- variants __ov: the wait for P V at the head of the next iteration ----
+    Mutant {
+        name: "__ov: V slot released before the loop-head wait<0>",
+        file: "fwd_sm90.cu",
+        edits: &[(
+            "wgmma_wait<0>();  // O, and the registers of P_{j-2}, are ours again\n                    \
+             wgmma_pin(o);\n                    wgmma_pin(pa);\n                    if (pv_stage >= 0) \
+             release(v_empty(pv_stage));",
+            "if (pv_stage >= 0) release(v_empty(pv_stage));\n                    wgmma_wait<0>();\n                    \
+             wgmma_pin(o);\n                    wgmma_pin(pa);",
+        )],
+    },
+    Mutant {
+        name: "__ov: P_{j-1} written to the A fragments before the loop-head wait<0> (P_{j-2} still in use)",
+        file: "fwd_sm90.cu",
+        edits: &[
+            (
+                "wgmma_wait<0>();  // O, and the registers of P_{j-2}, are ours again",
+                "wgmma_acc_to_a<T>(s, pa);\n                    wgmma_wait<0>();",
+            ),
+            (
+                "scale_rows(o, alpha);\n                    wgmma_acc_to_a<T>(s, pa);\n\n                    const int prev_stage",
+                "scale_rows(o, alpha);\n\n                    const int prev_stage",
+            ),
+        ],
+    },
+    Mutant {
+        name: "__ov: the last P V of the loop not waited for",
+        file: "fwd_sm90.cu",
+        edits: &[("wgmma_wait<0>();  // O, and the registers of P_{n-2}, are ours again", "")],
     },
     Mutant {
         name: "expect_tx of a K tile 1 KiB short",
