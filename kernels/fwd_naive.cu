@@ -13,9 +13,10 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kMaxHeadDim = 256;
 constexpr int kColsPerThread = kMaxHeadDim / kThreads;
-// Up to 64 registers: without a bound ptxas aimed at 16 CTAs per SM (32
-// registers) and spilled the paged-cache address arithmetic.
-constexpr int kMinBlocks = 8;
+// 12 CTAs per SM (up to 40 registers), what the kernel had before paged
+// caches: without a bound ptxas aimed at 16 (32 registers) and spilled the
+// paged-cache address arithmetic.
+constexpr int kMinBlocks = 12;
 
 template <typename T>
 __device__ void naive_forward(const FaFwdParams &launch) {
@@ -56,14 +57,28 @@ __device__ void naive_forward(const FaFwdParams &launch) {
         p_s[tid] = pj;
         __syncthreads();
         const int n = min(kThreads, r.hi - j0);
+        if (p.block_table == nullptr) {  // dense: rows a fixed stride apart
+            const T *vj0 = fa_kv_row(p, v, true, b, j0);
 #pragma unroll
-        for (int c = 0; c < kColsPerThread; ++c) {
-            const int d = tid + c * kThreads;
-            if (d >= p.head_dim) continue;
-            float a = acc[c] * alpha;
-            for (int jj = 0; jj < n; ++jj)
-                a = fmaf(p_s[jj], fa_to_float(fa_kv_row(p, v, true, b, j0 + jj)[d]), a);
-            acc[c] = a;
+            for (int c = 0; c < kColsPerThread; ++c) {
+                const int d = tid + c * kThreads;
+                if (d >= p.head_dim) continue;
+                float a = acc[c] * alpha;
+                for (int jj = 0; jj < n; ++jj)
+                    a = fmaf(p_s[jj], fa_to_float(vj0[static_cast<int64_t>(jj) * p.v_row_stride + d]), a);
+                acc[c] = a;
+            }
+        } else {  // paged: each row looked up once, for all of this thread's columns
+#pragma unroll
+            for (int c = 0; c < kColsPerThread; ++c) acc[c] *= alpha;
+            for (int jj = 0; jj < n; ++jj) {
+                const T *vj = fa_kv_row(p, v, true, b, j0 + jj);
+#pragma unroll
+                for (int c = 0; c < kColsPerThread; ++c) {
+                    const int d = tid + c * kThreads;
+                    if (d < p.head_dim) acc[c] = fmaf(p_s[jj], fa_to_float(vj[d]), acc[c]);
+                }
+            }
         }
         m = m_new;
         __syncthreads();  // p_s is rewritten by the next chunk
