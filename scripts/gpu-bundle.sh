@@ -37,6 +37,7 @@ stage() {  # stage NAME TARGET CARGO-ARGS...: build, find the executable, copy i
 stage gpu-tests gpu test --release --test gpu --no-run
 stage bench-forward forward bench --bench forward --no-run
 stage quickstart quickstart build --release --example quickstart
+stage serving serving build --release --example serving
 strip "$out"/bin/* 2>/dev/null || true
 cp scripts/peers.py scripts/report.py "$out/scripts/"
 cp scripts/gpu-run.sh "$out/run.sh"

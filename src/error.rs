@@ -182,6 +182,20 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// Appending to a KV cache would write past a sequence's capacity
+    /// (`L_max` of a dense cache, its block-table row's pages of a paged one).
+    #[error("`{arg}`: sequence {sequence} needs {needed} keys, its cache holds {capacity}")]
+    CacheFull {
+        /// The cache at fault.
+        arg: &'static str,
+        /// The sequence.
+        sequence: usize,
+        /// Its length after the append.
+        needed: usize,
+        /// What its cache row holds.
+        capacity: usize,
+    },
+
     /// A buffer or stream belongs to a different CUDA context than the handle.
     #[error("`{arg}` belongs to a different CUDA context than this Attention handle")]
     ForeignContext {

@@ -179,6 +179,31 @@ pub fn check_cache_tables(
     Ok(CacheInfo { batch, max_seqlen, max_batch_idx, paged })
 }
 
+/// Checks keys and values to append to a cache (`k_new`, `v_new`
+/// `[B, L_new, Hk, D]`) against each other and the cache `k_cache`: same
+/// heads and head dim, each a valid tensor of its own.
+///
+/// # Errors
+/// The per-tensor errors of [`validate`]; [`Error::ShapeMismatch`] naming
+/// the tensor and dimension that disagree.
+pub fn validate_appended(k_new: &TensorDesc, v_new: &TensorDesc, k_cache: &TensorDesc) -> Result<()> {
+    check_tensor(k_new)?;
+    check_tensor(v_new)?;
+    for (i, dim) in ["batch", "seqlen", "heads", "head_dim"].into_iter().enumerate() {
+        let (expected, got) = (k_new.layout.shape[i], v_new.layout.shape[i]);
+        if expected != got {
+            return Err(Error::ShapeMismatch { arg: v_new.arg, dim, expected, got, against: k_new.arg });
+        }
+    }
+    for (i, dim) in [(2, "heads"), (3, "head_dim")] {
+        let (expected, got) = (k_cache.layout.shape[i], k_new.layout.shape[i]);
+        if expected != got {
+            return Err(Error::ShapeMismatch { arg: k_new.arg, dim, expected, got, against: k_cache.arg });
+        }
+    }
+    Ok(())
+}
+
 /// Checks attention over a KV cache: Q and O `[B, Lq, Hq, D]` (any
 /// strides), LSE `[B, Hq, Lq]`; K and V caches `[B_c, L_max, Hk, D]`
 /// (dense) or `[num_pages, page_size, Hk, D]` (paged), with the tables

@@ -39,6 +39,8 @@ pub struct CacheTables {
     pub(crate) batch_idx: Option<CudaSlice<i32>>,
     pub(crate) block_table: Option<CudaSlice<i32>>,
     block_table_host: Option<Vec<i32>>,
+    batch_idx_host: Option<Vec<i32>>,
+    seqlens_host: Vec<i32>,
 }
 
 fn up(stream: &Arc<CudaStream>, x: &[i32]) -> Result<CudaSlice<i32>> {
@@ -61,6 +63,8 @@ impl CacheTables {
             batch_idx: cache_batch_idx.map(|x| up(stream, x)).transpose()?,
             block_table: None,
             block_table_host: None,
+            batch_idx_host: cache_batch_idx.map(<[i32]>::to_vec),
+            seqlens_host: cache_seqlens.to_vec(),
         })
     }
 
@@ -87,6 +91,8 @@ impl CacheTables {
             batch_idx: None,
             block_table: Some(up(stream, block_table)?),
             block_table_host: Some(block_table.to_vec()),
+            batch_idx_host: None,
+            seqlens_host: cache_seqlens.to_vec(),
         })
     }
 
@@ -113,7 +119,22 @@ impl CacheTables {
             .memcpy_htod(cache_seqlens, &mut self.seqlens)
             .map_err(|driver| Error::Cuda { during: "uploading cache lengths", driver })?;
         self.info = CacheInfo { max_batch_idx: self.info.max_batch_idx, ..info };
+        self.seqlens_host.clear();
+        self.seqlens_host.extend_from_slice(cache_seqlens);
         Ok(())
+    }
+
+    /// The cache lengths as the tables hold them.
+    pub fn seqlens(&self) -> &[i32] {
+        &self.seqlens_host
+    }
+
+    /// Where key `j` of sequence `b` lives: (cache entry, row in it).
+    fn slot(&self, b: usize, j: usize) -> (usize, usize) {
+        match (&self.block_table_host, self.info.paged) {
+            (Some(t), Some(pg)) => (t[b * pg.pages_per_seq + j / pg.page_size] as usize, j % pg.page_size),
+            _ => (self.batch_idx_host.as_ref().map_or(b, |i| i[b] as usize), j),
+        }
     }
 
     /// Number of sequences `B`.
@@ -132,11 +153,123 @@ impl CacheTables {
     }
 }
 
+/// Copies `run` elements of token `(b, t)` from head `h` on, into cache
+/// entry `entry`, row `row`. The views were validated against their layouts,
+/// so the ranges lie inside them; a miss would be a bug, reported as an error.
+fn copy_run<T: Element>(
+    stream: &Arc<CudaStream>,
+    src: &DeviceTensor<'_, T>,
+    dst: &mut DeviceTensorMut<'_, T>,
+    (b, t, h): (usize, usize, usize),
+    (entry, row): (usize, usize),
+    run: usize,
+) -> Result<()> {
+    let from = src.layout.offset(b, t, h, 0);
+    let to = dst.layout.offset(entry, row, h, 0);
+    let (src_len, dst_len) = (src.view.len(), dst.view.len());
+    let s = src.view.try_slice(from..from + run).ok_or(Error::OutOfBounds {
+        arg: "k_new",
+        needed: from + run,
+        len: src_len,
+    })?;
+    let mut o = dst.view.try_slice_mut(to..to + run).ok_or(Error::OutOfBounds {
+        arg: "k_cache",
+        needed: to + run,
+        len: dst_len,
+    })?;
+    stream.memcpy_dtod(&s, &mut o).map_err(|driver| Error::Cuda { during: "appending to the KV cache", driver })
+}
+
 fn desc<T, V: DeviceSlice<T>>(arg: &'static str, view: &V, layout: Layout) -> TensorDesc {
     TensorDesc { arg, layout, len: view.len() }
 }
 
 impl Attention {
+    /// Appends `k_new`, `v_new` `[B, L_new, Hk, D]` to a KV cache at each
+    /// sequence's current length (positions `cache_seqlens[b] ..
+    /// cache_seqlens[b] + L_new`), then advances `tables`' lengths by `L_new`
+    /// — the step before attending with the new queries.
+    ///
+    /// Device-to-device copies on `stream`, one per (sequence, token) when
+    /// each token's `Hk × D` elements are contiguous in both tensors, else
+    /// one per head: fine for decode steps (a few tokens), slow for long
+    /// appends (a fused append kernel is owed). Asynchronous; it allocates
+    /// nothing on the device.
+    ///
+    /// # Errors
+    /// [`Error::CacheFull`] (nothing is written) when a sequence would pass
+    /// its capacity or reach a page its block-table row does not give;
+    /// [`Error::ShapeMismatch`] for new keys whose batch, heads or head dim
+    /// disagree with the cache; the per-tensor layout errors of
+    /// [`forward_into`](Self::forward_into); [`Error::Cuda`] if a copy fails.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_kv<T: Element>(
+        &self,
+        stream: &Arc<CudaStream>,
+        k_new: &DeviceTensor<'_, T>,
+        v_new: &DeviceTensor<'_, T>,
+        k_cache: &mut DeviceTensorMut<'_, T>,
+        v_cache: &mut DeviceTensorMut<'_, T>,
+        tables: &mut CacheTables,
+    ) -> Result<()> {
+        self.check_context("stream", stream.context())?;
+        let descs = [
+            desc("k_new", &k_new.view, k_new.layout),
+            desc("v_new", &v_new.view, v_new.layout),
+            desc("k_cache", &k_cache.view, k_cache.layout),
+            desc("v_cache", &v_cache.view, v_cache.layout),
+        ];
+        // The caches as attention sees them (extents, tables), then the new keys against them.
+        let q_like = TensorDesc {
+            arg: "k_new",
+            layout: Layout::bshd(tables.batch(), 1, k_cache.layout.shape[2], k_cache.layout.shape[3]),
+            len: usize::MAX,
+        };
+        validate_kvcache(
+            T::DTYPE,
+            &q_like,
+            &descs[2],
+            &descs[3],
+            None,
+            None,
+            &tables.info,
+            &AttentionOptions::default(),
+        )?;
+        crate::validate::validate_appended(&descs[0], &descs[1], &descs[2])?;
+        let [_, l_new, hk, d] = k_new.layout.shape;
+        let (entries, rows) = (k_cache.layout.shape[0], k_cache.layout.shape[1]);
+        // Capacity of every sequence first: nothing is written unless all fit.
+        let mut new_lens = tables.seqlens_host.clone();
+        for (b, len) in new_lens.iter_mut().enumerate() {
+            let needed = *len as usize + l_new;
+            let capacity = match (&tables.block_table_host, tables.info.paged) {
+                (Some(t), Some(pg)) => {
+                    let row = &t[b * pg.pages_per_seq..(b + 1) * pg.pages_per_seq];
+                    // Pages usable: the leading entries that name a page of this cache.
+                    row.iter().take_while(|&&id| id >= 0 && (id as usize) < entries).count() * pg.page_size
+                }
+                _ => rows,
+            };
+            if needed > capacity || needed > i32::MAX as usize {
+                return Err(Error::CacheFull { arg: "k_cache", sequence: b, needed, capacity });
+            }
+            *len = needed as i32;
+        }
+        let contiguous = |l: &Layout| l.strides[2] == d || hk == 1;
+        let whole_rows = [&k_new.layout, &v_new.layout, &k_cache.layout, &v_cache.layout].iter().all(|l| contiguous(l));
+        let (run, runs) = if whole_rows { (hk * d, 1) } else { (d, hk) };
+        for b in 0..tables.batch() {
+            for t in 0..l_new {
+                let (entry, row) = tables.slot(b, tables.seqlens_host[b] as usize + t);
+                for h in 0..runs {
+                    copy_run(stream, k_new, k_cache, (b, t, h), (entry, row), run)?;
+                    copy_run(stream, v_new, v_cache, (b, t, h), (entry, row), run)?;
+                }
+            }
+        }
+        tables.set_seqlens(stream, &new_lens)
+    }
+
     /// Attention of `q` `[B, Lq, Hq, D]` over a KV cache into caller-owned
     /// `o` `[B, Lq, Hq, D]` and optionally `lse` `[B, Hq, Lq]`.
     ///
@@ -149,8 +282,8 @@ impl Attention {
     ///
     /// Dense caches run on the sm80 kernels (and naive), paged ones on the
     /// naive kernel for now; `KernelInfo::passed_over` says which family was
-    /// skipped and why. Appending new keys is the caller's copy into the
-    /// cache before the call (then [`CacheTables::set_seqlens`]).
+    /// skipped and why. New keys go in first with
+    /// [`append_kv`](Self::append_kv).
     ///
     /// # Errors
     /// As [`forward_into`](Self::forward_into) for `q`, `o`, `lse` and the
