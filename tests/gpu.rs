@@ -1028,6 +1028,7 @@ fn trials() -> Vec<(Trial, bool)> {
     trials.push(plain("errors/out_of_memory", out_of_memory));
     trials.push(plain("errors/misaligned", misaligned));
     trials.push(plain("varlen/dispatch", varlen_dispatch));
+    trials.push(plain("kvcache/append_kv", append_kv_trial));
     for c in varlen_cases() {
         trials.push((Trial::test(c.name(), move || varlen_trial(c)), false));
     }
@@ -1582,6 +1583,75 @@ fn cache_run<T: Element>(c: CacheCase) -> Result<(), Failed> {
     );
     if !(rel <= tol && worst_row <= 3.0 * tol && lse_worst <= 1e-4) {
         return Err(format!("{}: O rel {rel:.2e}, worst row {worst_row:.2e}, LSE {lse_worst:.2e}", info.name).into());
+    }
+    Ok(())
+}
+
+/// `append_kv` writes exactly the new tokens' slots (dense with a batch
+/// index, and paged), advances the lengths, and refuses an append past a
+/// sequence's capacity before writing anything.
+fn append_kv_trial() -> Result<(), Failed> {
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let (b, hk, d, l_new) = (3, 2, 64, 2);
+    let mut rng = StdRng::seed_from_u64(77);
+    let k_new: Vec<bf16> = randn(&mut rng, b * l_new * hk * d);
+    let v_new: Vec<bf16> = randn(&mut rng, b * l_new * hk * d);
+    let nl = Layout::bshd(b, l_new, hk, d);
+    let (kn, vn) = (upload(&stream, &k_new)?, upload(&stream, &v_new)?);
+    for paged in [false, true] {
+        // Dense: 4 entries of 8 rows, sequences in entries [2, 0, 3]; paged: pages of 4, 2 per sequence.
+        let (entries, rows) = if paged { (7, 4) } else { (4, 8) };
+        let lens = [3i32, 0, 5];
+        let idx = [2i32, 0, 3];
+        let table = [6i32, 1, 0, 5, 2, 3];
+        let mut tables = if paged {
+            CacheTables::paged(&stream, &lens, &table, 2, 4)
+        } else {
+            CacheTables::dense(&stream, &lens, Some(&idx))
+        }
+        .map_err(text)?;
+        let cl = Layout::bshd(entries, rows, hk, d);
+        let before: Vec<bf16> = randn(&mut rng, entries * rows * hk * d);
+        let (mut kc, mut vc) = (upload(&stream, &before)?, upload(&stream, &before)?);
+        {
+            let (mut kt, mut vt) = (DeviceTensorMut::new(&mut kc, cl), DeviceTensorMut::new(&mut vc, cl));
+            let (knt, vnt) = (DeviceTensor::new(&kn, nl), DeviceTensor::new(&vn, nl));
+            g.attn.append_kv(&stream, &knt, &vnt, &mut kt, &mut vt, &mut tables).map_err(text)?;
+            if tables.seqlens() != [5, 2, 7] {
+                return Err(format!("lengths after the append: {:?}", tables.seqlens()).into());
+            }
+            // A second append of 2 passes sequence 2's capacity (8): refused, nothing written.
+            match g.attn.append_kv(&stream, &knt, &vnt, &mut kt, &mut vt, &mut tables) {
+                Err(fused_attn::Error::CacheFull { sequence: 2, needed: 9, capacity: 8, .. }) => {}
+                other => return Err(format!("append past capacity: {other:?}").into()),
+            }
+        }
+        let (k_after, v_after) = (download(&stream, &kc)?, download(&stream, &vc)?);
+        let mut want = before.clone();
+        for s in 0..b {
+            for t in 0..l_new {
+                let j = lens[s] as usize + t;
+                let (entry, row) = if paged { (table[s * 2 + j / 4] as usize, j % 4) } else { (idx[s] as usize, j) };
+                let at = cl.offset(entry, row, 0, 0);
+                let from = nl.offset(s, t, 0, 0);
+                want[at..at + hk * d].copy_from_slice(&k_new[from..from + hk * d]);
+            }
+        }
+        if bits(&k_after) != bits(&want) {
+            return Err(format!("paged={paged}: K cache differs from the expected append").into());
+        }
+        let v_ok = (0..b).all(|s| {
+            (0..l_new).all(|t| {
+                let j = lens[s] as usize + t;
+                let (entry, row) = if paged { (table[s * 2 + j / 4] as usize, j % 4) } else { (idx[s] as usize, j) };
+                let (at, from) = (cl.offset(entry, row, 0, 0), nl.offset(s, t, 0, 0));
+                bits(&v_after[at..at + hk * d]) == bits(&v_new[from..from + hk * d])
+            })
+        });
+        if !v_ok {
+            return Err(format!("paged={paged}: V cache misses an appended token").into());
+        }
     }
     Ok(())
 }
