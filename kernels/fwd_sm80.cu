@@ -13,9 +13,9 @@
 // Each warp owns 16 * kMTiles query rows outright, so row statistics need only
 // quad shuffles and no CTA-wide reduction.
 //
-// Tile shapes (Sm80Shape below) are initial choices made without a GPU: they
-// follow FlashAttention-2's published ones, adjusted so that Q fits in
-// registers without spills. Re-measure them on hardware.
+// Tile shapes (Sm80Shape below) started as choices made without a GPU,
+// following FlashAttention-2's published ones; hd128's is measured (H100,
+// 2026-11-25), the others are not yet, and nothing is measured on an A100.
 #include "params.h"
 #include "common/types.cuh"
 #include "common/mask.cuh"
@@ -30,12 +30,19 @@ namespace {
 
 // Per head-dim bucket: block_m, block_n, warps, shared K/V buffers in the ring,
 // min CTAs per SM for __launch_bounds__, Q kept in registers.
-// Q fragments + O accumulators of 32 rows per warp fit in registers only up to
-// hd64, so wider buckets give each warp 16 rows and take 8 warps for block_m
-// 128 (K/V tiles shared by 128 rows keep L2 traffic down). hd256 uses block_n
-// 32 because 64 spills. Worth measuring: FlashAttention-2's own layout for
-// hd128, <128, 64, 4, 2, 1, false> (32 rows per warp, Q re-read from shared
-// each tile: less ldmatrix traffic per mma), also builds without spills.
+//
+// A warp of 32 rows (kMTiles 2) makes each ldmatrix of K or V feed 4 HMMAs;
+// one of 16 rows, only 2, and the loop becomes shared-memory bound
+// (docs/sass-report.md). 32 rows per warp fit in 255 registers with Q in
+// registers only up to hd64; with Q re-read from shared memory each tile, up to
+// hd128 (hd96, and hd160 at block_n 16, as variants); from hd160 at block_n 32
+// up they spill (hd224/hd256: the O accumulators alone need 224/256 registers).
+// hd128 uses FlashAttention-2's own layout, 4 warps x 32 rows, Q from shared,
+// since it was measured on an H100 (2026-11-25, f16 and bf16, 16k tokens,
+// full and causal) at 0.70-0.75x the time of the 8-warp x 16-row layout it
+// replaces (kept as the variant __w8); not yet measured on an A100. The other
+// wide buckets keep 8 warps x 16 rows with Q in registers (K/V tiles shared by
+// 128 rows keep L2 traffic down); hd256 uses block_n 32 because 64 spills.
 template <int BM, int BN, int WARPS, int BUFS, int MIN_BLOCKS, bool Q_IN_REGS>
 struct Sm80ShapeOf {
     static constexpr int kBlockM = BM, kBlockN = BN, kWarps = WARPS, kBufs = BUFS;
@@ -47,15 +54,19 @@ template <int HD> struct Sm80Shape;
 template <> struct Sm80Shape<32>  : Sm80ShapeOf<128,   128,    4,    2,   2,         true> {};
 template <> struct Sm80Shape<64>  : Sm80ShapeOf<128,    64,    4,    4,   2,         true> {};
 template <> struct Sm80Shape<96>  : Sm80ShapeOf<128,    64,    8,    4,   1,         true> {};
-template <> struct Sm80Shape<128> : Sm80ShapeOf<128,    64,    8,    4,   1,         true> {};
+template <> struct Sm80Shape<128> : Sm80ShapeOf<128,    64,    4,    2,   1,        false> {};
 template <> struct Sm80Shape<160> : Sm80ShapeOf<128,    64,    8,    4,   1,         true> {};
 template <> struct Sm80Shape<192> : Sm80ShapeOf<128,    64,    8,    4,   1,         true> {};
 template <> struct Sm80Shape<224> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};
 template <> struct Sm80Shape<256> : Sm80ShapeOf<128,    32,    8,    4,   1,         true> {};
 
-// FlashAttention-2's own hd128 layout, kept as the variant `__fa2` to measure
-// against the default: 4 warps of 32 rows, Q re-read from shared each tile.
-struct Sm80ShapeFa2Hd128 : Sm80ShapeOf<128, 64, 4, 2, 1, false> {};
+// Variants, to measure against the defaults (see the end of the file).
+// __w8: hd128's previous default, 8 warps x 16 rows, Q in registers.
+struct Sm80ShapeW8Hd128 : Sm80ShapeOf<128, 64, 8, 4, 1, true> {};
+// __w4 (hd96) and __w4n16 (hd160): hd128's layout, 4 warps x 32 rows, Q from shared.
+template <int HD> struct Sm80ShapeW4;
+template <> struct Sm80ShapeW4<96>  : Sm80ShapeOf<128, 64, 4, 2, 1, false> {};
+template <> struct Sm80ShapeW4<160> : Sm80ShapeOf<128, 16, 4, 4, 1, false> {};
 
 template <int HD, typename Shape = Sm80Shape<HD>>
 struct Sm80Config : Shape {
@@ -351,7 +362,7 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
 FA_KERNEL(fa_fwd_sm80_f16_hd32, f16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd64, f16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd96, f16, 96, 128, 64, 256, 73728, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_f16_hd128, f16, 128, 128, 64, 256, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd128, f16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd160, f16, 160, 128, 64, 256, 122880, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd192, f16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd224, f16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
@@ -359,7 +370,7 @@ FA_KERNEL(fa_fwd_sm80_f16_hd256, f16, 256, 128, 32, 256, 131072, 80, FA_GRID_TIL
 FA_KERNEL(fa_fwd_sm80_bf16_hd32, bf16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd64, bf16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd96, bf16, 96, 128, 64, 256, 73728, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_bf16_hd128, bf16, 128, 128, 64, 256, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd128, bf16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd160, bf16, 160, 128, 64, 256, 122880, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd192, bf16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd224, bf16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
@@ -371,7 +382,13 @@ FA_KERNEL(fa_fwd_sm80_bf16_hd256, bf16, 256, 128, 32, 256, 131072, 80, FA_GRID_T
 // always see every row).
 #ifndef FA_NO_VARIANTS
 #undef FA_SHAPE
-#define FA_SHAPE(head_dim) Sm80ShapeFa2Hd128
-FA_KERNEL(fa_fwd_sm80_f16_hd128__fa2, f16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_bf16_hd128__fa2, bf16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
+#define FA_SHAPE(head_dim) Sm80ShapeW8Hd128
+FA_KERNEL(fa_fwd_sm80_f16_hd128__w8, f16, 128, 128, 64, 256, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd128__w8, bf16, 128, 128, 64, 256, 98304, 80, FA_GRID_TILES)
+#undef FA_SHAPE
+#define FA_SHAPE(head_dim) Sm80ShapeW4<head_dim>
+FA_KERNEL(fa_fwd_sm80_f16_hd96__w4, f16, 96, 128, 64, 128, 49152, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd96__w4, bf16, 96, 128, 64, 128, 49152, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd160__w4n16, f16, 160, 128, 16, 128, 61440, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd160__w4n16, bf16, 160, 128, 16, 128, 61440, 80, FA_GRID_TILES)
 #endif  // FA_NO_VARIANTS
