@@ -60,6 +60,19 @@ template <> struct Sm80Shape<192> : Sm80ShapeOf<128,    64,    8,    4,   1,    
 template <> struct Sm80Shape<224> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};
 template <> struct Sm80Shape<256> : Sm80ShapeOf<128,    32,    8,    4,   1,         true> {};
 
+// Shapes for devices with 99 KB of shared memory per block (sm86, sm89): the
+// `_99k` rows, which the dispatcher takes only where the bucket's main row does
+// not fit. The same layouts with 2 buffers (hd224 also block_n 32); hd256 at
+// 8 warps x block_n 32 x 2 buffers spills at sm_90a, so it takes
+// FlashAttention-2's sm86 hd256 layout: block_m 64, 4 warps x 16 rows, Q from
+// shared. Not measured yet.
+template <int HD> struct Sm80Shape99k;
+//                                             block_m block_n warps bufs min_blocks q_in_regs
+template <> struct Sm80Shape99k<160> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};  //  80 KiB
+template <> struct Sm80Shape99k<192> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};  //  96 KiB
+template <> struct Sm80Shape99k<224> : Sm80ShapeOf<128,    32,    8,    2,   1,         true> {};  //  84 KiB
+template <> struct Sm80Shape99k<256> : Sm80ShapeOf< 64,    64,    4,    2,   1,        false> {};  //  96 KiB
+
 // Variants, to measure against the defaults (see the end of the file).
 // __w8: hd128's previous default, 8 warps x 16 rows, Q in registers.
 struct Sm80ShapeW8Hd128 : Sm80ShapeOf<128, 64, 8, 4, 1, true> {};
@@ -375,6 +388,25 @@ FA_KERNEL(fa_fwd_sm80_bf16_hd160, bf16, 160, 128, 64, 256, 122880, 80, FA_GRID_T
 FA_KERNEL(fa_fwd_sm80_bf16_hd192, bf16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd224, bf16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd256, bf16, 256, 128, 32, 256, 131072, 80, FA_GRID_TILES)
+
+// The 99 KB rows (sm86, sm89): after their bucket's main row, which the
+// dispatcher prefers wherever it fits (it takes a bucket's rows in this order).
+#undef FA_SHAPE
+#define FA_SHAPE(head_dim) Sm80Shape99k<head_dim>
+#define FA_SMEM_99K 101376  // cudaDevAttrMaxSharedMemoryPerBlockOptin of sm86 and sm89
+static_assert(Sm80Config<160, Sm80Shape99k<160>>::kSmemBytes <= FA_SMEM_99K &&
+                  Sm80Config<192, Sm80Shape99k<192>>::kSmemBytes <= FA_SMEM_99K &&
+                  Sm80Config<224, Sm80Shape99k<224>>::kSmemBytes <= FA_SMEM_99K &&
+                  Sm80Config<256, Sm80Shape99k<256>>::kSmemBytes <= FA_SMEM_99K,
+              "a _99k row needs more than sm86's 99 KB of shared memory per block");
+FA_KERNEL(fa_fwd_sm80_f16_hd160_99k, f16, 160, 128, 64, 256, 81920, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd192_99k, f16, 192, 128, 64, 256, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd224_99k, f16, 224, 128, 32, 256, 86016, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd256_99k, f16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd160_99k, bf16, 160, 128, 64, 256, 81920, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd192_99k, bf16, 192, 128, 64, 256, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd224_99k, bf16, 224, 128, 32, 256, 86016, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd256_99k, bf16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
 
 // Variants: never dispatched automatically; benchmarks and GPU tests force them by name.
 // Built only with FUSED_ATTN_VARIANTS=1: build.rs otherwise defines FA_NO_VARIANTS
