@@ -40,9 +40,13 @@ namespace {
 // hd128 uses FlashAttention-2's own layout, 4 warps x 32 rows, Q from shared,
 // since it was measured on an H100 (2026-11-25, f16 and bf16, 16k tokens,
 // full and causal) at 0.70-0.75x the time of the 8-warp x 16-row layout it
-// replaces (kept as the variant __w8); not yet measured on an A100. The other
-// wide buckets keep 8 warps x 16 rows with Q in registers (K/V tiles shared by
-// 128 rows keep L2 traffic down); hd256 uses block_n 32 because 64 spills.
+// replaces (kept as the variant __w8); not yet measured on an A100. hd256 uses
+// FlashAttention-2's sm86 hd256 layout, block_m 64, 4 warps x 16 rows, block_n
+// 64, Q from shared, which fits sm86/sm89's 99 KB: on the same H100 it took
+// 0.79-0.90x the time of 8 warps x 16 rows at block_n 32 (bf16, full and
+// causal; block_n 64 spills there), kept as hd256__w8. The other wide buckets
+// keep 8 warps x 16 rows with Q in registers (K/V tiles shared by 128 rows
+// keep L2 traffic down); not measured yet.
 template <int BM, int BN, int WARPS, int BUFS, int MIN_BLOCKS, bool Q_IN_REGS>
 struct Sm80ShapeOf {
     static constexpr int kBlockM = BM, kBlockN = BN, kWarps = WARPS, kBufs = BUFS;
@@ -58,24 +62,23 @@ template <> struct Sm80Shape<128> : Sm80ShapeOf<128,    64,    4,    2,   1,    
 template <> struct Sm80Shape<160> : Sm80ShapeOf<128,    64,    8,    4,   1,         true> {};
 template <> struct Sm80Shape<192> : Sm80ShapeOf<128,    64,    8,    4,   1,         true> {};
 template <> struct Sm80Shape<224> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};
-template <> struct Sm80Shape<256> : Sm80ShapeOf<128,    32,    8,    4,   1,         true> {};
+template <> struct Sm80Shape<256> : Sm80ShapeOf< 64,    64,    4,    2,   1,        false> {};
 
 // Shapes for devices with 99 KB of shared memory per block (sm86, sm89): the
 // `_99k` rows, which the dispatcher takes only where the bucket's main row does
-// not fit. The same layouts with 2 buffers (hd224 also block_n 32); hd256 at
-// 8 warps x block_n 32 x 2 buffers spills at sm_90a, so it takes
-// FlashAttention-2's sm86 hd256 layout: block_m 64, 4 warps x 16 rows, Q from
-// shared. Not measured yet.
+// not fit (hd256's main row fits): the same layouts with 2 buffers (hd224
+// also block_n 32). Not measured on sm86/sm89 yet.
 template <int HD> struct Sm80Shape99k;
 //                                             block_m block_n warps bufs min_blocks q_in_regs
 template <> struct Sm80Shape99k<160> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};  //  80 KiB
 template <> struct Sm80Shape99k<192> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};  //  96 KiB
 template <> struct Sm80Shape99k<224> : Sm80ShapeOf<128,    32,    8,    2,   1,         true> {};  //  84 KiB
-template <> struct Sm80Shape99k<256> : Sm80ShapeOf< 64,    64,    4,    2,   1,        false> {};  //  96 KiB
 
 // Variants, to measure against the defaults (see the end of the file).
-// __w8: hd128's previous default, 8 warps x 16 rows, Q in registers.
-struct Sm80ShapeW8Hd128 : Sm80ShapeOf<128, 64, 8, 4, 1, true> {};
+// __w8: hd128's and hd256's previous defaults, 8 warps x 16 rows, Q in registers.
+template <int HD> struct Sm80ShapeW8;
+template <> struct Sm80ShapeW8<128> : Sm80ShapeOf<128, 64, 8, 4, 1, true> {};
+template <> struct Sm80ShapeW8<256> : Sm80ShapeOf<128, 32, 8, 4, 1, true> {};
 // __w4 (hd96) and __w4n16 (hd160): hd128's layout, 4 warps x 32 rows, Q from shared.
 template <int HD> struct Sm80ShapeW4;
 template <> struct Sm80ShapeW4<96>  : Sm80ShapeOf<128, 64, 4, 2, 1, false> {};
@@ -379,7 +382,7 @@ FA_KERNEL(fa_fwd_sm80_f16_hd128, f16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILE
 FA_KERNEL(fa_fwd_sm80_f16_hd160, f16, 160, 128, 64, 256, 122880, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd192, f16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd224, f16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_f16_hd256, f16, 256, 128, 32, 256, 131072, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd256, f16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd32, bf16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd64, bf16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd96, bf16, 96, 128, 64, 256, 73728, 80, FA_GRID_TILES)
@@ -387,7 +390,7 @@ FA_KERNEL(fa_fwd_sm80_bf16_hd128, bf16, 128, 128, 64, 128, 65536, 80, FA_GRID_TI
 FA_KERNEL(fa_fwd_sm80_bf16_hd160, bf16, 160, 128, 64, 256, 122880, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd192, bf16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd224, bf16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_bf16_hd256, bf16, 256, 128, 32, 256, 131072, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd256, bf16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
 
 // The 99 KB rows (sm86, sm89): after their bucket's main row, which the
 // dispatcher prefers wherever it fits (it takes a bucket's rows in this order).
@@ -397,16 +400,14 @@ FA_KERNEL(fa_fwd_sm80_bf16_hd256, bf16, 256, 128, 32, 256, 131072, 80, FA_GRID_T
 static_assert(Sm80Config<160, Sm80Shape99k<160>>::kSmemBytes <= FA_SMEM_99K &&
                   Sm80Config<192, Sm80Shape99k<192>>::kSmemBytes <= FA_SMEM_99K &&
                   Sm80Config<224, Sm80Shape99k<224>>::kSmemBytes <= FA_SMEM_99K &&
-                  Sm80Config<256, Sm80Shape99k<256>>::kSmemBytes <= FA_SMEM_99K,
+                  Sm80Config<256>::kSmemBytes <= FA_SMEM_99K,
               "a _99k row needs more than sm86's 99 KB of shared memory per block");
 FA_KERNEL(fa_fwd_sm80_f16_hd160_99k, f16, 160, 128, 64, 256, 81920, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd192_99k, f16, 192, 128, 64, 256, 98304, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd224_99k, f16, 224, 128, 32, 256, 86016, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_f16_hd256_99k, f16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd160_99k, bf16, 160, 128, 64, 256, 81920, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd192_99k, bf16, 192, 128, 64, 256, 98304, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd224_99k, bf16, 224, 128, 32, 256, 86016, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_bf16_hd256_99k, bf16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
 
 // Variants: never dispatched automatically; benchmarks and GPU tests force them by name.
 // Built only with FUSED_ATTN_VARIANTS=1: build.rs otherwise defines FA_NO_VARIANTS
@@ -414,9 +415,11 @@ FA_KERNEL(fa_fwd_sm80_bf16_hd256_99k, bf16, 256, 64, 64, 128, 98304, 80, FA_GRID
 // always see every row).
 #ifndef FA_NO_VARIANTS
 #undef FA_SHAPE
-#define FA_SHAPE(head_dim) Sm80ShapeW8Hd128
+#define FA_SHAPE(head_dim) Sm80ShapeW8<head_dim>
 FA_KERNEL(fa_fwd_sm80_f16_hd128__w8, f16, 128, 128, 64, 256, 98304, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd128__w8, bf16, 128, 128, 64, 256, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd256__w8, f16, 256, 128, 32, 256, 131072, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd256__w8, bf16, 256, 128, 32, 256, 131072, 80, FA_GRID_TILES)
 #undef FA_SHAPE
 #define FA_SHAPE(head_dim) Sm80ShapeW4<head_dim>
 FA_KERNEL(fa_fwd_sm80_f16_hd96__w4, f16, 96, 128, 64, 128, 49152, 80, FA_GRID_TILES)

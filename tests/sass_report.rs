@@ -150,7 +150,7 @@ const TODAY: &[(&str, u32, u64, u64)] = &[
     ("fwd_sm80", 160, 1499, 1),
     ("fwd_sm80", 192, 1538, 1),
     ("fwd_sm80", 224, 1644, 1),
-    ("fwd_sm80", 256, 967, 1),
+    ("fwd_sm80", 256, 1762, 2), // block_m 64, 4 warps x 16 rows since 2026-11-25 (8 x 16: 967, 1 CTA)
     ("fwd_sm90", 64, 1959, 1),
     ("fwd_sm90", 128, 2016, 1),
     ("fwd_sm90", 256, 1463, 1),
@@ -162,7 +162,6 @@ const TODAY_99K: &[(&str, u32, u64, u64)] = &[
     ("fwd_sm80", 160, 1491, 1),
     ("fwd_sm80", 192, 1543, 1),
     ("fwd_sm80", 224, 931, 1),
-    ("fwd_sm80", 256, 1762, 2),
 ];
 
 /// Softmax EX2s (exp2(S - m) plus the two rescale factors) per sm90 hot
