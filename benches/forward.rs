@@ -11,8 +11,9 @@
 //!   `FUSED_ATTN_BENCH_FAMILY=sm80` times that family instead of the dispatcher's choice;
 //!   `FUSED_ATTN_BENCH_KERNEL=name` times that kernel (e.g. a variant) instead;
 //!   `FUSED_ATTN_BENCH_VARIANTS=1` also times every variant kernel
-//!   (`name__tag`: other tiles or schedules) that could replace the one the
-//!   dispatcher chose, into the case's `variants` field: the ablation data.
+//!   (`name__tag`: other tiles or schedules) and every other base row of the
+//!   bucket (`_99k`) that could replace the one the dispatcher chose, into the
+//!   case's `variants` field: the ablation data.
 //!   The report also holds a `launch_overhead` object: the host-side cost of
 //!   one `forward_into` call on a tiny problem against an empty kernel
 //!   launched through cudarc (median µs per call; `FUSED_ATTN_BENCH_LAUNCHES`
@@ -345,13 +346,17 @@ fn report_mode(path: &str) -> Result<(), Error> {
             DType::F16 => time_case(&g, &stream, fp.as_mut().expect("allocated above"), c, reps, name),
         };
         let (ms, info) = time(None)?;
-        // Ablation: every variant of the chosen kernel's family and bucket.
+        // Ablation: every other kernel of the chosen kernel's family and bucket
+        // (its variants, and base rows for smaller shared memory such as `_99k`).
         let mut variants = Vec::new();
         if variants_wanted {
             let chosen =
                 fused_attn::internals::KERNEL_TABLE.iter().find(|r| r.name == info.name).expect("a table kernel ran");
             for v in fused_attn::internals::KERNEL_TABLE.iter().filter(|v| {
-                v.is_variant() && v.image == chosen.image && v.dtype == chosen.dtype && v.head_dim == chosen.head_dim
+                v.name != chosen.name
+                    && v.image == chosen.image
+                    && v.dtype == chosen.dtype
+                    && v.head_dim == chosen.head_dim
             }) {
                 match time(Some(v.name)) {
                     Ok((vms, _)) => variants.push(format!("{:?}: {:.6}", v.name, median(vms))),

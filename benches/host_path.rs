@@ -25,7 +25,7 @@ fn host_path(c: &mut Criterion) {
             eprintln!("built without kernels: nothing to dispatch");
             return;
         }
-        let device = DeviceInfo { sm, sm_count: 132 };
+        let device = DeviceInfo { sm, sm_count: 132, smem_per_block: 227 * 1024 };
         c.bench_function(&format!("validate + dispatch + params, {label}"), |b| {
             b.iter(|| {
                 let p = validate(DType::BF16, &descs[0], &descs[1], &descs[2], Some(&descs[3]), Some(&lse), &opts)

@@ -13,9 +13,9 @@
 // Each warp owns 16 * kMTiles query rows outright, so row statistics need only
 // quad shuffles and no CTA-wide reduction.
 //
-// Tile shapes (Sm80Shape below) are initial choices made without a GPU: they
-// follow FlashAttention-2's published ones, adjusted so that Q fits in
-// registers without spills. Re-measure them on hardware.
+// Tile shapes (Sm80Shape below) started as choices made without a GPU,
+// following FlashAttention-2's published ones; hd128's is measured (H100,
+// 2026-11-25), the others are not yet, and nothing is measured on an A100.
 #include "params.h"
 #include "common/types.cuh"
 #include "common/mask.cuh"
@@ -30,12 +30,25 @@ namespace {
 
 // Per head-dim bucket: block_m, block_n, warps, shared K/V buffers in the ring,
 // min CTAs per SM for __launch_bounds__, Q kept in registers.
-// Q fragments + O accumulators of 32 rows per warp fit in registers only up to
-// hd64, so wider buckets give each warp 16 rows and take 8 warps for block_m
-// 128 (K/V tiles shared by 128 rows keep L2 traffic down). hd256 uses block_n
-// 32 because 64 spills. Worth measuring: FlashAttention-2's own layout for
-// hd128, <128, 64, 4, 2, 1, false> (32 rows per warp, Q re-read from shared
-// each tile: less ldmatrix traffic per mma), also builds without spills.
+//
+// A warp of 32 rows (kMTiles 2) makes each ldmatrix of K or V feed 4 HMMAs;
+// one of 16 rows, only 2, and the loop becomes shared-memory bound
+// (docs/sass-report.md). 32 rows per warp fit in 255 registers with Q in
+// registers only up to hd64; with Q re-read from shared memory each tile, up to
+// hd128, and hd160 at block_n 16; from hd160 at block_n 32 up they spill
+// (hd224/hd256: the O accumulators alone need 224/256 registers).
+// hd96 and hd128 use FlashAttention-2's own hd128 layout, 4 warps x 32 rows, Q
+// from shared, a ring of 2, since it was measured on an H100 (2026-11-25, 16k
+// tokens, full and causal) at 0.70-0.75x the time of the 8-warp x 16-row layout
+// it replaces (hd128 f16 and bf16, hd96 bf16; kept as the variants __w8); not
+// yet measured on an A100. hd160 at block_n 16 (ring of 4, 61440 B) took
+// 1.09-1.19x the time of hd160's default there (bf16) and is not kept. hd256 uses
+// FlashAttention-2's sm86 hd256 layout, block_m 64, 4 warps x 16 rows, block_n
+// 64, Q from shared, which fits sm86/sm89's 99 KB: on the same H100 it took
+// 0.79-0.90x the time of 8 warps x 16 rows at block_n 32 (bf16, full and
+// causal; block_n 64 spills there), kept as hd256__w8. The other wide buckets
+// keep 8 warps x 16 rows with Q in registers (K/V tiles shared by 128 rows
+// keep L2 traffic down); of those, only their _99k rows are measured (below).
 template <int BM, int BN, int WARPS, int BUFS, int MIN_BLOCKS, bool Q_IN_REGS>
 struct Sm80ShapeOf {
     static constexpr int kBlockM = BM, kBlockN = BN, kWarps = WARPS, kBufs = BUFS;
@@ -46,16 +59,30 @@ template <int HD> struct Sm80Shape;
 //                                          block_m block_n warps bufs min_blocks q_in_regs
 template <> struct Sm80Shape<32>  : Sm80ShapeOf<128,   128,    4,    2,   2,         true> {};
 template <> struct Sm80Shape<64>  : Sm80ShapeOf<128,    64,    4,    4,   2,         true> {};
-template <> struct Sm80Shape<96>  : Sm80ShapeOf<128,    64,    8,    4,   1,         true> {};
-template <> struct Sm80Shape<128> : Sm80ShapeOf<128,    64,    8,    4,   1,         true> {};
+template <> struct Sm80Shape<96>  : Sm80ShapeOf<128,    64,    4,    2,   1,        false> {};
+template <> struct Sm80Shape<128> : Sm80ShapeOf<128,    64,    4,    2,   1,        false> {};
 template <> struct Sm80Shape<160> : Sm80ShapeOf<128,    64,    8,    4,   1,         true> {};
 template <> struct Sm80Shape<192> : Sm80ShapeOf<128,    64,    8,    4,   1,         true> {};
 template <> struct Sm80Shape<224> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};
-template <> struct Sm80Shape<256> : Sm80ShapeOf<128,    32,    8,    4,   1,         true> {};
+template <> struct Sm80Shape<256> : Sm80ShapeOf< 64,    64,    4,    2,   1,        false> {};
 
-// FlashAttention-2's own hd128 layout, kept as the variant `__fa2` to measure
-// against the default: 4 warps of 32 rows, Q re-read from shared each tile.
-struct Sm80ShapeFa2Hd128 : Sm80ShapeOf<128, 64, 4, 2, 1, false> {};
+// Shapes for devices with 99 KB of shared memory per block (sm86, sm89): the
+// `_99k` rows, which the dispatcher takes only where the bucket's main row does
+// not fit (hd256's main row fits): the same layouts with 2 buffers (hd224
+// also block_n 32). Not measured on sm86/sm89 yet; on the H100 (bf16) hd160's
+// and hd192's took 0.98-1.01x their main row's time, hd224's 1.09-1.11x.
+template <int HD> struct Sm80Shape99k;
+//                                             block_m block_n warps bufs min_blocks q_in_regs
+template <> struct Sm80Shape99k<160> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};  //  80 KiB
+template <> struct Sm80Shape99k<192> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};  //  96 KiB
+template <> struct Sm80Shape99k<224> : Sm80ShapeOf<128,    32,    8,    2,   1,         true> {};  //  84 KiB
+
+// Variants, to measure against the defaults (see the end of the file).
+// __w8: the previous defaults of hd96, hd128 and hd256, 8 warps x 16 rows, Q in registers.
+template <int HD> struct Sm80ShapeW8;
+template <> struct Sm80ShapeW8<96>  : Sm80ShapeOf<128, 64, 8, 4, 1, true> {};
+template <> struct Sm80ShapeW8<128> : Sm80ShapeOf<128, 64, 8, 4, 1, true> {};
+template <> struct Sm80ShapeW8<256> : Sm80ShapeOf<128, 32, 8, 4, 1, true> {};
 
 template <int HD, typename Shape = Sm80Shape<HD>>
 struct Sm80Config : Shape {
@@ -350,20 +377,37 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
 
 FA_KERNEL(fa_fwd_sm80_f16_hd32, f16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd64, f16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_f16_hd96, f16, 96, 128, 64, 256, 73728, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_f16_hd128, f16, 128, 128, 64, 256, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd96, f16, 96, 128, 64, 128, 49152, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd128, f16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd160, f16, 160, 128, 64, 256, 122880, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd192, f16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd224, f16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_f16_hd256, f16, 256, 128, 32, 256, 131072, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd256, f16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd32, bf16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd64, bf16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_bf16_hd96, bf16, 96, 128, 64, 256, 73728, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_bf16_hd128, bf16, 128, 128, 64, 256, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd96, bf16, 96, 128, 64, 128, 49152, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd128, bf16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd160, bf16, 160, 128, 64, 256, 122880, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd192, bf16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd224, bf16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_bf16_hd256, bf16, 256, 128, 32, 256, 131072, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd256, bf16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
+
+// The 99 KB rows (sm86, sm89): after their bucket's main row, which the
+// dispatcher prefers wherever it fits (it takes a bucket's rows in this order).
+#undef FA_SHAPE
+#define FA_SHAPE(head_dim) Sm80Shape99k<head_dim>
+#define FA_SMEM_99K 101376  // cudaDevAttrMaxSharedMemoryPerBlockOptin of sm86 and sm89
+static_assert(Sm80Config<160, Sm80Shape99k<160>>::kSmemBytes <= FA_SMEM_99K &&
+                  Sm80Config<192, Sm80Shape99k<192>>::kSmemBytes <= FA_SMEM_99K &&
+                  Sm80Config<224, Sm80Shape99k<224>>::kSmemBytes <= FA_SMEM_99K &&
+                  Sm80Config<256>::kSmemBytes <= FA_SMEM_99K,
+              "a _99k row needs more than sm86's 99 KB of shared memory per block");
+FA_KERNEL(fa_fwd_sm80_f16_hd160_99k, f16, 160, 128, 64, 256, 81920, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd192_99k, f16, 192, 128, 64, 256, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd224_99k, f16, 224, 128, 32, 256, 86016, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd160_99k, bf16, 160, 128, 64, 256, 81920, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd192_99k, bf16, 192, 128, 64, 256, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd224_99k, bf16, 224, 128, 32, 256, 86016, 80, FA_GRID_TILES)
 
 // Variants: never dispatched automatically; benchmarks and GPU tests force them by name.
 // Built only with FUSED_ATTN_VARIANTS=1: build.rs otherwise defines FA_NO_VARIANTS
@@ -371,7 +415,11 @@ FA_KERNEL(fa_fwd_sm80_bf16_hd256, bf16, 256, 128, 32, 256, 131072, 80, FA_GRID_T
 // always see every row).
 #ifndef FA_NO_VARIANTS
 #undef FA_SHAPE
-#define FA_SHAPE(head_dim) Sm80ShapeFa2Hd128
-FA_KERNEL(fa_fwd_sm80_f16_hd128__fa2, f16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_bf16_hd128__fa2, bf16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
+#define FA_SHAPE(head_dim) Sm80ShapeW8<head_dim>
+FA_KERNEL(fa_fwd_sm80_f16_hd96__w8, f16, 96, 128, 64, 256, 73728, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd96__w8, bf16, 96, 128, 64, 256, 73728, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd128__w8, f16, 128, 128, 64, 256, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd128__w8, bf16, 128, 128, 64, 256, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd256__w8, f16, 256, 128, 32, 256, 131072, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd256__w8, bf16, 256, 128, 32, 256, 131072, 80, FA_GRID_TILES)
 #endif  // FA_NO_VARIANTS

@@ -15,6 +15,10 @@ pub struct DeviceInfo {
     pub sm: u32,
     /// Streaming multiprocessors (the grid of persistent kernels).
     pub sm_count: u32,
+    /// Shared memory one block may opt in to, bytes
+    /// (`CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`: 163 KiB on
+    /// sm80, 99 KiB on sm86/sm89, 227 KiB on sm90).
+    pub smem_per_block: u32,
 }
 
 /// Why the dispatcher passed over a kernel family.
@@ -108,9 +112,11 @@ pub struct DispatchTensors<'a> {
 /// Auto order: sm90, then sm80, then naive. A family is passed over when it
 /// has no kernel for the dtype and head dim, or when a tensor misses its
 /// alignment (or TMA's limits); within a family the smallest head-dim bucket
-/// that holds `D` wins; variants (`name__tag`) are never picked. A forced
-/// family or kernel name that cannot run is an error. Returns the index into
-/// `rows` and the launch.
+/// that holds `D` wins, and of that bucket's rows the first (in table order)
+/// whose shared memory the device allows: a bucket lists its fastest row first
+/// and smaller-memory fallbacks after it (the sm80 `_99k` rows for sm86/sm89).
+/// Variants (`name__tag`) are never picked. A forced family or kernel name
+/// that cannot run is an error. Returns the index into `rows` and the launch.
 ///
 /// # Errors
 /// [`Error::NoKernel`] when nothing serves the problem; with a forced family
@@ -125,6 +131,7 @@ pub fn dispatch(
     forced_name: Option<&'static str>,
 ) -> Result<(usize, KernelInfo)> {
     let serves = |r: &KernelRow| r.dtype == p.dtype && r.head_dim as usize >= p.head_dim;
+    let smem_fits = |r: &KernelRow| r.smem_bytes <= device.smem_per_block;
     if let Some(name) = forced_name {
         let idx = rows
             .iter()
@@ -140,6 +147,14 @@ pub fn dispatch(
         if let Some(what) = lacks(fam, p) {
             return Err(unsupported(fam, what));
         }
+        if !smem_fits(row) {
+            return Err(Error::NoKernel {
+                reason: format!(
+                    "{name} needs {} B of shared memory per block, sm_{} allows {}",
+                    row.smem_bytes, device.sm, device.smem_per_block
+                ),
+            });
+        }
         fits(row, fam, device, p, tensors)?;
         return Ok((idx, kernel_info(row, fam, device, p, [None; 2])));
     }
@@ -152,9 +167,14 @@ pub fn dispatch(
     };
     let mut last_err = None;
     for &fam in families {
-        // The family's smallest bucket that holds the head dim.
+        // The family's smallest bucket that holds the head dim; of its rows
+        // that fit the device's shared memory, the first (`min_by_key` keeps
+        // the first of equal keys).
         let best = (0..rows.len())
-            .filter(|&i| family_of(&rows[i]) == Some(fam) && !rows[i].is_variant() && serves(&rows[i]))
+            .filter(|&i| {
+                let r = &rows[i];
+                family_of(r) == Some(fam) && !r.is_variant() && serves(r) && smem_fits(r)
+            })
             .min_by_key(|&i| rows[i].head_dim);
         // `Err(None)`: no kernel; `Err(Some(e))`: the kernel cannot run here.
         // No message is formatted unless the call fails.

@@ -203,9 +203,17 @@ fn dispatch_table_is_complete_and_consistent() {
         let rows = || KERNEL_TABLE.iter().filter(|r| !r.is_variant() && r.dtype == dtype);
         let naive = rows().filter(|r| r.image == "fwd_naive");
         assert_eq!(naive.map(|r| r.head_dim).collect::<Vec<_>>(), [256]);
-        let mut tiled: Vec<u32> = rows().filter(|r| r.image == "fwd_sm80").map(|r| r.head_dim).collect();
+        // One main row per bucket; the `_99k` rows (sm86/sm89) are extra.
+        let main = |r: &&fused_attn::internals::KernelRow| r.image == "fwd_sm80" && !r.name.ends_with("_99k");
+        let mut tiled: Vec<u32> = rows().filter(main).map(|r| r.head_dim).collect();
         tiled.sort();
         assert_eq!(tiled, [32, 64, 96, 128, 160, 192, 224, 256], "{dtype} sm80 buckets");
+        // Every sm80 bucket runs in sm86/sm89's 99 KB per block, through its
+        // main row or its `_99k` row.
+        for d in tiled {
+            let fits = rows().any(|r| r.image == "fwd_sm80" && r.head_dim == d && r.smem_bytes <= 99 * 1024);
+            assert!(fits, "{dtype} sm80 hd{d}: no row fits 99 KB of shared memory");
+        }
     }
     for r in KERNEL_TABLE {
         assert!(KernelFamily::from_image_stem(r.image).is_some(), "{}: unknown family", r.name);

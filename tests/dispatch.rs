@@ -1,6 +1,7 @@
 //! CPU tier: the dispatcher (`internals::dispatch`) over the real kernel table,
-//! as it would run on an A100 (sm_80) and an H100 (sm_90). No GPU needed: the
-//! choice is a pure function of the table, the device and the tensors.
+//! as it would run on an A100 (sm_80), an sm_86 part with 99 KB of shared
+//! memory per block and an H100 (sm_90). No GPU needed: the choice is a pure
+//! function of the table, the device and the tensors.
 
 use fused_attn::internals::{
     dispatch, image_runs_on, validate, DeviceInfo, DispatchTensors, GridKind, KernelImage, KernelRow, TensorDesc,
@@ -8,8 +9,10 @@ use fused_attn::internals::{
 };
 use fused_attn::{AttentionOptions, DType, Error, KernelFamily, Layout, Mask, PassReason};
 
-const A100: DeviceInfo = DeviceInfo { sm: 80, sm_count: 108 };
-const H100: DeviceInfo = DeviceInfo { sm: 90, sm_count: 132 };
+const A100: DeviceInfo = DeviceInfo { sm: 80, sm_count: 108, smem_per_block: 163 * 1024 };
+const H100: DeviceInfo = DeviceInfo { sm: 90, sm_count: 132, smem_per_block: 227 * 1024 };
+/// sm_86 and sm_89 (RTX 30xx/40xx, A10, L4, L40): 99 KB per block.
+const SM86: DeviceInfo = DeviceInfo { sm: 86, sm_count: 84, smem_per_block: 99 * 1024 };
 
 /// The rows a device of `sm` loads (what `Attention::new` keeps).
 fn rows(sm: u32) -> Vec<KernelRow> {
@@ -65,6 +68,65 @@ fn picks_the_smallest_bucket_of_the_best_family() {
             assert_eq!(choose(H100, &pr, None, None).unwrap(), format!("fa_fwd_sm90_{t}_hd{sm90_bucket}"));
         }
     }
+}
+
+#[test]
+fn each_bucket_takes_its_first_row_that_fits_the_shared_memory() {
+    let sm80_buckets = [32, 64, 96, 128, 160, 192, 224, 256];
+    for dtype in [DType::BF16, DType::F16] {
+        let t = dtype.name();
+        for d in sm80_buckets {
+            let pr = problem(dtype, d, None, 0x1000);
+            let main = format!("fa_fwd_sm80_{t}_hd{d}");
+            let main_smem =
+                KERNEL_TABLE.iter().find(|r| r.name == main).expect("every bucket has a main row").smem_bytes;
+            // An A100 (163 KB) runs every bucket's main row.
+            assert_eq!(choose(A100, &pr, None, None).unwrap(), main);
+            // 99 KB: the main row where it fits, else the bucket's `_99k` row;
+            // never the naive kernel.
+            let on_sm86 = choose(SM86, &pr, None, None).unwrap();
+            let want = if main_smem <= SM86.smem_per_block { main.clone() } else { format!("{main}_99k") };
+            assert_eq!(on_sm86, want, "D = {d}");
+            let row = KERNEL_TABLE.iter().find(|r| r.name == on_sm86).unwrap();
+            assert!(row.smem_bytes <= SM86.smem_per_block, "{on_sm86}: {} B", row.smem_bytes);
+            // The sm90 family still wins on an H100, and is never tried on sm_86.
+            assert!(choose(H100, &pr, None, None).unwrap().starts_with("fa_fwd_sm90_"));
+            if let Some(small) = KERNEL_TABLE.iter().find(|r| r.name == format!("{main}_99k")) {
+                // Forced by name: runs where it fits, even where the main row would too.
+                assert_eq!(choose(A100, &pr, None, Some(small.name)).unwrap(), small.name);
+                // The main row forced on 99 KB is an error, not a silent fallback.
+                let main: &'static str = KERNEL_TABLE.iter().find(|r| r.name == main).unwrap().name;
+                assert!(matches!(choose(SM86, &pr, None, Some(main)), Err(Error::NoKernel { .. })));
+            }
+        }
+        // Today the 99 KB rows are hd160..hd224 (hd256's main row fits).
+        let small: Vec<u32> =
+            KERNEL_TABLE.iter().filter(|r| r.dtype == dtype && r.name.ends_with("_99k")).map(|r| r.head_dim).collect();
+        assert_eq!(small, [160, 192, 224]);
+    }
+    // Table order is the preference: within a family and bucket, every later
+    // base row needs less shared memory than the first (else it could never be
+    // picked where the first fits, and would be chosen over it nowhere).
+    for (i, r) in KERNEL_TABLE.iter().enumerate().filter(|(_, r)| !r.is_variant()) {
+        let first = KERNEL_TABLE
+            .iter()
+            .find(|f| !f.is_variant() && f.image == r.image && f.dtype == r.dtype && f.head_dim == r.head_dim)
+            .unwrap();
+        if first.name != r.name {
+            assert!(r.smem_bytes < first.smem_bytes, "{} (row {i}) needs no less memory than {}", r.name, first.name);
+        }
+    }
+}
+
+#[test]
+fn shared_memory_below_every_row_falls_back_to_naive() {
+    let pr = problem(DType::BF16, 256, None, 0x1000);
+    let tiny = DeviceInfo { sm: 86, sm_count: 84, smem_per_block: 48 * 1024 };
+    let rows = rows(86);
+    let (_, info) = dispatch(&rows, tiny, &pr.p, pr.tensors(), None, None).unwrap();
+    assert_eq!(info.name, "fa_fwd_naive_bf16");
+    let passed: Vec<_> = info.passed_over().map(|p| (p.family, p.reason)).collect();
+    assert_eq!(passed, [(KernelFamily::Sm90, PassReason::NoKernel), (KernelFamily::Sm80, PassReason::NoKernel)]);
 }
 
 #[test]

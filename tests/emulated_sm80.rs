@@ -166,7 +166,7 @@ const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
-        name: "__fa2: n_tiles == 0 path without its cp.async wait and barrier",
+        name: "Q from shared (hd128): n_tiles == 0 path without its cp.async wait and barrier",
         file: "fwd_sm80.cu",
         edits: &[("    if (n_tiles == 0) {\n        cp_async_wait<0>();\n        __syncthreads();\n    }\n", "")],
     },
@@ -384,9 +384,9 @@ fn sm80_emulator_catches_injected_bugs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let base = std::env::temp_dir().join(format!("fused-attn-emu80-neg-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
-    // hd64: Q in registers, 4 warps, a ring of 4; hd128__fa2: Q re-read from
+    // hd64: Q in registers, 4 warps, a ring of 4; hd128: Q re-read from
     // shared memory, a ring of 2 (the n_tiles == 0 path matters there).
-    let only = "^fa_fwd_(sm80_f16_hd64|sm80_f16_hd128__fa2|naive_f16)$";
+    let only = "^fa_fwd_(sm80_f16_hd64|sm80_f16_hd128|naive_f16)$";
     let modes = vec![
         args(&["--cases=neg", "--land=lazy", "--seed=1"]),
         args(&["--cases=neg", "--land=eager", "--order=fixed"]),

@@ -955,8 +955,9 @@ fn cases() -> Vec<(String, Case, Option<&'static str>)> {
         .collect();
     add("sanitize", sanitize);
     // Every variant kernel (alternative tiles or schedules kept for
-    // measurement), forced by name over dims of its own bucket.
-    for row in fused_attn::internals::KERNEL_TABLE.iter().filter(|r| r.is_variant()) {
+    // measurement), and every `_99k` row (which the dispatcher picks only on
+    // sm86/sm89), forced by name over dims of its own bucket.
+    for row in fused_attn::internals::KERNEL_TABLE.iter().filter(|r| r.is_variant() || r.name.ends_with("_99k")) {
         let family = KernelFamily::from_image_stem(row.image).expect("known family");
         let hd = row.head_dim as usize;
         let dims: Vec<usize> =

@@ -59,7 +59,7 @@ fn allocations(f: impl FnOnce()) -> u64 {
 /// One call's host work, as `forward_into` does it, for a device of `sm`.
 fn host_launch_path(sm: u32, q: Layout, k: Layout, v: Layout, o: Layout, opts: &AttentionOptions) -> u64 {
     let rows: Vec<_> = KERNEL_TABLE.iter().filter(|r| r.min_sm <= sm).copied().collect();
-    let device = DeviceInfo { sm, sm_count: 132 };
+    let device = DeviceInfo { sm, sm_count: 132, smem_per_block: 227 * 1024 };
     let descs = [
         TensorDesc { arg: "q", layout: q, len: q.span().unwrap() },
         TensorDesc { arg: "k", layout: k, len: k.span().unwrap() },

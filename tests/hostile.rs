@@ -12,7 +12,7 @@ use fused_attn::reference;
 use fused_attn::{AttentionOptions, DType, Error, HostTensor, KernelFamily, Layout, Mask};
 use half::bf16;
 
-const H100: DeviceInfo = DeviceInfo { sm: 90, sm_count: 132 };
+const H100: DeviceInfo = DeviceInfo { sm: 90, sm_count: 132, smem_per_block: 227 * 1024 };
 
 fn desc(arg: &'static str, layout: Layout, len: usize) -> TensorDesc {
     TensorDesc { arg, layout, len }

@@ -211,7 +211,7 @@ impl Registry {
         let sm_count = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, "reading the SM count")?;
         let (rows, row_image, skipped) = usable_rows(sm, optin);
         Ok(Registry {
-            device: DeviceInfo { sm, sm_count },
+            device: DeviceInfo { sm, sm_count, smem_per_block: optin },
             funcs: rows.iter().map(|_| OnceLock::new()).collect(),
             rows,
             row_image,
