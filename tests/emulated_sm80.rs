@@ -369,7 +369,10 @@ const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "naive: V read with K's rows",
         file: "fwd_naive.cu",
-        edits: &[("fa_kv_row(p, v, true, b, j0 + jj)", "fa_kv_row(p, k, true, b, j0 + jj)")],
+        edits: &[
+            ("fa_kv_row(p, v, true, b, j0 + jj)", "fa_kv_row(p, k, true, b, j0 + jj)"),
+            ("const T *vj0 = fa_kv_row(p, v, true, b, j0);", "const T *vj0 = fa_kv_row(p, k, true, b, j0);"),
+        ],
     },
 ];
 
