@@ -26,6 +26,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod grid;
+mod serving;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -410,9 +411,18 @@ fn report_mode(path: &str) -> Result<(), Error> {
             variants.join(", ")
         ));
     }
+    // Serving cases (packed prefill, KV caches) unless filtered out.
+    let serving = if filter.is_empty() || "serving".contains(&filter) {
+        serving::serving_rows(&g, &stream, reps).unwrap_or_else(|e| {
+            eprintln!("serving cases not measured: {e}");
+            Vec::new()
+        })
+    } else {
+        Vec::new()
+    };
     let env = |k: &str| std::env::var(k).unwrap_or_default();
     let json = format!(
-        "{{\"commit\": {:?}, \"dirty\": {}, \"gpu\": {:?}, \"sm\": {}, \"driver\": {:?}, \"cuda\": {:?}, \"nvcc\": {:?}, \"launch_overhead\": {}, \"cases\": [\n  {}\n]}}\n",
+        "{{\"commit\": {:?}, \"dirty\": {}, \"gpu\": {:?}, \"sm\": {}, \"driver\": {:?}, \"cuda\": {:?}, \"nvcc\": {:?}, \"launch_overhead\": {}, \"serving\": [{}], \"cases\": [\n  {}\n]}}\n",
         env("FUSED_ATTN_COMMIT"),
         env("FUSED_ATTN_DIRTY") == "1",
         g.name,
@@ -421,6 +431,7 @@ fn report_mode(path: &str) -> Result<(), Error> {
         env("FUSED_ATTN_CUDA"),
         fused_attn::internals::NVCC_VERSION,
         overhead,
+        serving.join(", "),
         rows.join(",\n  ")
     );
     std::fs::write(path, json).map_err(|e| Error::NoKernel { reason: format!("writing {path}: {e}") })?;

@@ -117,6 +117,7 @@ def build_report(ours, peers, date):
         "peers_gpu": peers.get("gpu"),
         "peers_method": peers.get("method"),
         "cases": [merge_case(c, peer_cases.get(c["name"])) for c in ours.get("cases", [])],
+        "serving": ours.get("serving", []),
     }
     warnings = []
     if peers.get("gpu") and ours.get("gpu") and peers["gpu"] != ours["gpu"]:
@@ -196,6 +197,15 @@ def markdown(report):
                                                     ", ".join(names)))
         if no_peers:
             lines.append("- no peer results (%d): %s" % (len(no_peers), ", ".join(no_peers)))
+    serving = report.get("serving", [])
+    if serving:
+        lines += ["", "## Serving cases (ours only)", "",
+                  "| case | kernel | ms | TFLOP/s | one call per sequence, ms |", "|---|---|---:|---:|---:|"]
+        for c in serving:
+            other = c.get("one_call_per_sequence_ms")
+            lines.append("| %s | `%s` | %.3f | %.1f | %s |" % (
+                c["name"], c["kernel"], c["ours_ms"], c["ours_tflops"],
+                "%.3f" % other if other is not None else "—"))
     return "\n".join(lines) + "\n"
 
 
