@@ -155,7 +155,7 @@ pub fn flash_attn_windowed(
 ///
 /// # Errors
 /// As [`flash_attn`]; a softcap that is not finite and positive is an
-/// [`Error::BadOption`](crate::Error::BadOption).
+/// [`Error::InvalidOption`](crate::Error::InvalidOption).
 pub fn flash_attn_windowed_softcap(
     q: &Tensor,
     k: &Tensor,
