@@ -22,6 +22,8 @@
 //! - **Safety**: every bad input is a typed [`Error`] naming the argument; a
 //!   machine without a driver or GPU gets an error value, not a panic.
 //! - **CPU reference** ([`reference`](mod@reference)): f64, multi-threaded, same validation.
+//! - **candle** (cargo feature `candle`): `candle_ops`, a `CustomOp3` and
+//!   candle-flash-attn's `flash_attn*` functions on candle tensors (CPU for now).
 //!
 //! ## What is computed (the contract)
 //! Shapes are logical; any strides work (last dimension contiguous):
@@ -153,6 +155,10 @@ pub use validate::{CacheInfo, PagedInfo, Problem, SeqInfo};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+#[cfg(feature = "candle")]
+#[path = "candle.rs"]
+pub mod candle_ops;
 
 /// Re-exported so callers use the same cudarc and half versions as the crate.
 pub use cudarc;

@@ -1,0 +1,267 @@
+//! [candle](https://crates.io/crates/candle-core) integration (cargo feature
+//! `candle`): attention on candle tensors, with the names and argument order
+//! of `candle-flash-attn`.
+//!
+//! Tensors are `[B, L, H, D]` like candle-flash-attn's (Q `[B, Lq, Hq, D]`,
+//! K and V `[B, Lk, Hk, D]`, `Hq % Hk == 0`), f16 or bf16; the result is
+//! `[B, Lq, Hq, D]` in the inputs' dtype. Any strides and layout offsets are
+//! read in place (a candle `[B, H, S, D]` tensor's `.transpose(1, 2)?` view
+//! needs no copy); only a view whose last dimension is not contiguous is
+//! copied first.
+//!
+//! **Devices.** On the CPU the op runs the crate's reference
+//! ([`reference::forward`]: f64, multi-threaded, rounded once to the
+//! inputs' dtype). candle CUDA tensors are not supported yet: the op returns
+//! candle's "no cuda implementation" error. (TODO: a `candle-cuda` feature
+//! running [`Attention::forward_into`](crate::Attention::forward_into) on
+//! candle's stream. It cannot be a plain additive feature today: candle-core's
+//! `cuda` feature enables cudarc's `dynamic-linking`, this crate enables
+//! `dynamic-loading`, and cudarc's build script rejects both at once.)
+//!
+//! **Migrating from candle-flash-attn** is a change of path:
+//! `candle_flash_attn::flash_attn(&q, &k, &v, scale, causal)` becomes
+//! `fused_attn::candle_ops::flash_attn(&q, &k, &v, scale, causal)`.
+//! Masks follow candle-flash-attn (FlashAttention 2): causal and windows are
+//! aligned to the bottom-right corner of the `Lq × Lk` score matrix, and a
+//! window size larger than `Lk` means unbounded. ALiBi
+//! (`flash_attn_alibi*`) and the packed-batch `flash_attn_varlen*` are not
+//! offered here yet.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use fused_attn::candle_ops;
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! // [B, H, S, D] as candle models keep them; transposed views are fine.
+//! let q = Tensor::randn(0f32, 1., (1, 4, 16, 64), &Device::Cpu)?.to_dtype(DType::BF16)?;
+//! let o = candle_ops::flash_attn(&q.transpose(1, 2)?, &q.transpose(1, 2)?, &q.transpose(1, 2)?, 0.125, true)?;
+//! assert_eq!(o.dims(), &[1, 16, 4, 64]);
+//! # Ok(()) }
+//! ```
+
+use std::borrow::Cow;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Shape, Tensor};
+use half::{bf16, f16};
+
+use crate::options::{AttentionOptions, Mask};
+use crate::reference;
+use crate::tensor::{Element, HostTensor, Layout};
+
+/// Attention as a candle [`CustomOp3`] with this crate's full
+/// [`AttentionOptions`] (mask and its alignment, scale, softcap).
+///
+/// Apply it with `q.apply_op3(&k, &v, FusedAttn::new(options))`; the
+/// `flash_attn*` functions build it for you.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use fused_attn::candle_ops::FusedAttn;
+/// use fused_attn::{AttentionOptions, Mask, MaskAlignment};
+///
+/// # fn main() -> candle_core::Result<()> {
+/// let q = Tensor::randn(0f32, 1., (2, 3, 4, 32), &Device::Cpu)?.to_dtype(DType::F16)?;
+/// let kv = Tensor::randn(0f32, 1., (2, 5, 2, 32), &Device::Cpu)?.to_dtype(DType::F16)?;
+/// // PyTorch SDPA's top-left causal mask, with GQA 4:2.
+/// let sdpa = AttentionOptions::new(Mask::Causal).with_alignment(MaskAlignment::TopLeft);
+/// let o = q.apply_op3(&kv, &kv, FusedAttn::new(sdpa))?;
+/// assert_eq!(o.dims(), &[2, 3, 4, 32]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FusedAttn {
+    /// What the attention computes; `kernel` and `kernel_name` only matter on the GPU.
+    pub options: AttentionOptions,
+}
+
+impl FusedAttn {
+    /// The op with the given options.
+    pub fn new(options: AttentionOptions) -> Self {
+        FusedAttn { options }
+    }
+}
+
+/// candle-flash-attn's mask for window sizes `window_size_left`,
+/// `window_size_right` over `seqlen_k` keys, as its CUDA op computes it: a
+/// size above `seqlen_k` counts as `None` (unbounded); both `None` is full
+/// attention, `(None, Some(0))` is causal, and one `None` beside a bound
+/// becomes `seqlen_k`. Always bottom-right aligned (FlashAttention ≥ 2.1).
+pub fn flash_window_mask(window_size_left: Option<usize>, window_size_right: Option<usize>, seqlen_k: usize) -> Mask {
+    let left = window_size_left.filter(|&w| w <= seqlen_k);
+    let right = window_size_right.filter(|&w| w <= seqlen_k);
+    match (left, right) {
+        (None, None) => Mask::Full,
+        (None, Some(0)) => Mask::Causal,
+        (left, right) => Mask::window(left.unwrap_or(seqlen_k), right.unwrap_or(seqlen_k)),
+    }
+}
+
+/// Options for candle-flash-attn-style arguments on `k`'s sequence length.
+fn flash_options(
+    k: &Tensor,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+    softcap: Option<f32>,
+) -> candle_core::Result<AttentionOptions> {
+    let (_, seqlen_k, _, _) = k.dims4()?;
+    let mask = flash_window_mask(window_size_left, window_size_right, seqlen_k);
+    let opts = AttentionOptions::new(mask).with_scale(softmax_scale);
+    Ok(match softcap {
+        Some(c) => opts.with_softcap(c),
+        None => opts,
+    })
+}
+
+/// `softmax(softmax_scale · Q Kᵀ) V`, causal (bottom-right aligned) or
+/// full: candle-flash-attn's `flash_attn`, same arguments.
+///
+/// `q` is `[B, Lq, Hq, D]`, `k` and `v` `[B, Lk, Hk, D]` with
+/// `Hq % Hk == 0` (GQA/MQA); the result is `[B, Lq, Hq, D]`.
+///
+/// # Errors
+/// A candle error for tensors that are not rank 4, not f16/bf16, of mixed
+/// dtypes or on a CUDA device; this crate's validation errors
+/// ([`Error`](crate::Error), message kept) for shapes outside the contract.
+pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32, causal: bool) -> candle_core::Result<Tensor> {
+    let right = if causal { Some(0) } else { None };
+    let opts = flash_options(k, softmax_scale, None, right, None)?;
+    q.apply_op3_no_bwd(k, v, &FusedAttn::new(opts))
+}
+
+/// Local (sliding-window) attention: candle-flash-attn's
+/// `flash_attn_windowed`, same arguments and semantics (see
+/// [`flash_window_mask`]; `(None, Some(0))` is causal).
+///
+/// # Errors
+/// As [`flash_attn`].
+pub fn flash_attn_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let opts = flash_options(k, softmax_scale, window_size_left, window_size_right, None)?;
+    q.apply_op3_no_bwd(k, v, &FusedAttn::new(opts))
+}
+
+/// Windowed attention with a Gemma-2-style logit softcap
+/// (`s ← softcap · tanh(s / softcap)`): candle-flash-attn's
+/// `flash_attn_alibi_windowed_softcap` without its `alibi_slopes` argument
+/// (ALiBi is not supported yet).
+///
+/// # Errors
+/// As [`flash_attn`]; a softcap that is not finite and positive is an
+/// [`Error::InvalidOption`](crate::Error::InvalidOption).
+pub fn flash_attn_windowed_softcap(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+    softcap: f32,
+) -> candle_core::Result<Tensor> {
+    let opts = flash_options(k, softmax_scale, window_size_left, window_size_right, Some(softcap))?;
+    q.apply_op3_no_bwd(k, v, &FusedAttn::new(opts))
+}
+
+/// A candle CPU tensor's data as a [`HostTensor`]: in place when its last
+/// dimension is contiguous, else copied to a contiguous `[B, L, H, D]`.
+fn host_view<'a, T: Copy>(
+    arg: &str,
+    data: &'a [T],
+    l: &candle_core::Layout,
+) -> candle_core::Result<(Cow<'a, [T]>, Layout)> {
+    let (dims, strides) = (l.dims(), l.stride());
+    if dims.len() != 4 {
+        candle_core::bail!("fused-attn: {arg} must be rank 4 [batch, seq, heads, head_dim], got shape {:?}", l.shape());
+    }
+    let shape = [dims[0], dims[1], dims[2], dims[3]];
+    if strides[3] == 1 {
+        let start = l.start_offset().min(data.len());
+        let strides = [strides[0], strides[1], strides[2], 1];
+        return Ok((Cow::Borrowed(&data[start..]), Layout::strided_bshd(shape, strides)));
+    }
+    // candle's layouts stay inside their storage; a `get` miss would be a candle bug.
+    let mut copy = Vec::with_capacity(shape.iter().product());
+    for b in 0..shape[0] {
+        for s in 0..shape[1] {
+            for h in 0..shape[2] {
+                for d in 0..shape[3] {
+                    let at = l.start_offset() + b * strides[0] + s * strides[1] + h * strides[2] + d * strides[3];
+                    match data.get(at) {
+                        Some(&x) => copy.push(x),
+                        None => candle_core::bail!("fused-attn: {arg}'s layout {l:?} reaches past its storage"),
+                    }
+                }
+            }
+        }
+    }
+    Ok((Cow::Owned(copy), Layout::bshd(shape[0], shape[1], shape[2], shape[3])))
+}
+
+impl FusedAttn {
+    /// The reference on one dtype's slices.
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_fwd_t<T: Element>(
+        &self,
+        q: &[T],
+        q_l: &candle_core::Layout,
+        k: &[T],
+        k_l: &candle_core::Layout,
+        v: &[T],
+        v_l: &candle_core::Layout,
+        from_f64: fn(f64) -> T,
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        let (q, ql) = host_view("q", q, q_l)?;
+        let (k, kl) = host_view("k", k, k_l)?;
+        let (v, vl) = host_view("v", v, v_l)?;
+        let r = reference::forward(
+            HostTensor::new(&q, ql),
+            HostTensor::new(&k, kl),
+            HostTensor::new(&v, vl),
+            &self.options,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let p = &r.problem;
+        let shape = Shape::from((p.batch, p.seqlen_q, p.heads_q, p.head_dim));
+        Ok((r.o.into_iter().map(from_f64).collect(), shape))
+    }
+}
+
+impl CustomOp3 for FusedAttn {
+    fn name(&self) -> &'static str {
+        "fused-attn"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &candle_core::Layout,
+        k: &CpuStorage,
+        k_l: &candle_core::Layout,
+        v: &CpuStorage,
+        v_l: &candle_core::Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match (q, k, v) {
+            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                let (o, shape) = self.cpu_fwd_t(q, q_l, k, k_l, v, v_l, f16::from_f64)?;
+                Ok((CpuStorage::F16(o), shape))
+            }
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                let (o, shape) = self.cpu_fwd_t(q, q_l, k, k_l, v, v_l, bf16::from_f64)?;
+                Ok((CpuStorage::BF16(o), shape))
+            }
+            _ => candle_core::bail!(
+                "fused-attn: q, k and v must all be f16 or all bf16, got {:?}, {:?}, {:?}",
+                q.dtype(),
+                k.dtype(),
+                v.dtype()
+            ),
+        }
+    }
+}
