@@ -26,6 +26,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod grid;
+#[path = "support/serving.rs"]
 mod serving;
 
 use std::sync::Arc;
