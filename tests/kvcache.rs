@@ -193,3 +193,25 @@ fn cache_extents_are_checked_against_the_tables() {
     ));
     assert!(matches!(run(info, d("k_cache", 2, 10, 3), d("v_cache", 2, 10, 3)), Err(Error::HeadsNotDivisible { .. })));
 }
+
+/// Hostile tables and extents: sizes that would overflow, page sizes beyond
+/// the kernels' index type, page ids at i32::MAX — typed errors, no panic.
+#[test]
+fn hostile_cache_inputs_are_errors() {
+    assert!(matches!(
+        check_cache_tables(&[1, 1], None, Some((&[0, 0], usize::MAX, 16))),
+        Err(Error::SeqLens { arg: "block_table", .. })
+    ));
+    let huge_page = check_cache_tables(&[i32::MAX], None, Some((&[0], 1, usize::MAX))).unwrap();
+    let opts = AttentionOptions::new(Mask::Causal);
+    let q = TensorDesc { arg: "q", layout: Layout::bshd(1, 1, 2, 8), len: 16 };
+    let cache = |rows: usize| TensorDesc { arg: "k_cache", layout: Layout::bshd(1, rows, 2, 8), len: usize::MAX };
+    let e = validate_kvcache(DType::BF16, &q, &cache(1 << 29), &cache(1 << 29), None, None, &huge_page, &opts);
+    assert!(matches!(e, Err(Error::ShapeMismatch { .. }) | Err(Error::SizeOverflow { .. })), "{e:?}");
+    let far_page = check_cache_tables(&[5], None, Some((&[i32::MAX], 1, 16))).unwrap();
+    let e = validate_kvcache(DType::BF16, &q, &cache(16), &cache(16), None, None, &far_page, &opts);
+    assert!(matches!(e, Err(Error::SeqLens { arg: "block_table", .. })), "{e:?}");
+    let long = check_cache_tables(&[i32::MAX], Some(&[i32::MAX]), None).unwrap();
+    let e = validate_kvcache(DType::BF16, &q, &cache(16), &cache(16), None, None, &long, &opts);
+    assert!(matches!(e, Err(Error::SeqLens { arg: "cache_seqlens", .. })), "{e:?}");
+}

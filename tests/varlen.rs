@@ -203,3 +203,16 @@ fn totals_and_batch_extent_are_checked_against_the_tensors() {
     );
     assert!(matches!(r, Err(Error::SeqLens { arg: "cu_seqlens_k", .. })), "{r:?}");
 }
+
+/// Hostile tables: the largest i32 lengths, and more tokens claimed than the
+/// tensors hold, are typed errors (never a panic or a wrapped size).
+#[test]
+fn hostile_tables_are_errors() {
+    let info = check_seqlens(&[0, i32::MAX], &[0, i32::MAX], Some(&[i32::MAX])).unwrap();
+    assert_eq!(info.max_q, i32::MAX as usize);
+    let d = |arg, t| TensorDesc { arg, layout: Layout::bshd(1, t, 2, 8), len: t * 16 };
+    let opts = AttentionOptions::new(Mask::Causal);
+    let e = validate_varlen(DType::BF16, &d("q", 10), &d("k", 10), &d("v", 10), None, None, &info, &opts);
+    assert!(matches!(e, Err(Error::SeqLens { arg: "cu_seqlens_q", .. })), "{e:?}");
+    assert!(matches!(check_seqlens(&[0, 1, i32::MIN], &[0, 1, 2], None), Err(Error::SeqLens { index: 2, .. })));
+}
