@@ -21,7 +21,15 @@
 //!   returned as a [`KernelInfo`], and [`Attention::plan`] tells it without launching.
 //! - **Safety**: every bad input is a typed [`Error`] naming the argument; a
 //!   machine without a driver or GPU gets an error value, not a panic.
-//! - **CPU reference** ([`reference`](mod@reference)): f64, multi-threaded, same validation.
+//! - **Serving**: packed variable-length batches ([`SeqLens`],
+//!   [`Attention::forward_varlen_into`]) and KV caches, dense or paged with
+//!   any page size ([`CacheTables`], [`Attention::forward_kvcache_into`],
+//!   [`Attention::append_kv`]); each sequence its own mask diagonal, the
+//!   tables checked once on the host, no allocation or read-back per call.
+//! - **CPU reference** ([`reference`](mod@reference)): f64, multi-threaded,
+//!   same validation, for rectangular, packed and cached problems.
+//! - **Raw pointers** ([`Attention::forward_raw`], unsafe): memory cudarc did
+//!   not allocate; the C ABI (`capi/`, crate `fused-attn-capi`) is built on it.
 //! - **candle** (cargo feature `candle`): `candle_ops`, a `CustomOp3` and
 //!   candle-flash-attn's `flash_attn*` functions on candle tensors (CPU for now).
 //!
