@@ -179,6 +179,22 @@ pub fn check_cache_tables(
     Ok(CacheInfo { batch, max_seqlen, max_batch_idx, paged })
 }
 
+/// `t`'s extents in `dims` equal `against`'s, else [`Error::ShapeMismatch`]
+/// naming `t` and the first dimension that differs.
+fn same_dims(t: &TensorDesc, against: &TensorDesc, dims: &[usize]) -> Result<()> {
+    const NAMES: [&str; 4] = ["batch", "seqlen", "heads", "head_dim"];
+    match dims.iter().find(|&&i| t.layout.shape[i] != against.layout.shape[i]) {
+        Some(&i) => Err(Error::ShapeMismatch {
+            arg: t.arg,
+            dim: NAMES[i],
+            expected: against.layout.shape[i],
+            got: t.layout.shape[i],
+            against: against.arg,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Checks keys and values to append to a cache (`k_new`, `v_new`
 /// `[B, L_new, Hk, D]`) against each other and the cache `k_cache`: same
 /// heads and head dim, each a valid tensor of its own.
@@ -189,19 +205,8 @@ pub fn check_cache_tables(
 pub fn validate_appended(k_new: &TensorDesc, v_new: &TensorDesc, k_cache: &TensorDesc) -> Result<()> {
     check_tensor(k_new)?;
     check_tensor(v_new)?;
-    for (i, dim) in ["batch", "seqlen", "heads", "head_dim"].into_iter().enumerate() {
-        let (expected, got) = (k_new.layout.shape[i], v_new.layout.shape[i]);
-        if expected != got {
-            return Err(Error::ShapeMismatch { arg: v_new.arg, dim, expected, got, against: k_new.arg });
-        }
-    }
-    for (i, dim) in [(2, "heads"), (3, "head_dim")] {
-        let (expected, got) = (k_cache.layout.shape[i], k_new.layout.shape[i]);
-        if expected != got {
-            return Err(Error::ShapeMismatch { arg: k_new.arg, dim, expected, got, against: k_cache.arg });
-        }
-    }
-    Ok(())
+    same_dims(v_new, k_new, &[0, 1, 2, 3])?;
+    same_dims(k_new, k_cache, &[2, 3])
 }
 
 /// Checks attention over a KV cache: Q and O `[B, Lq, Hq, D]` (any
@@ -230,12 +235,7 @@ pub fn validate_kvcache(
 ) -> Result<Problem> {
     check_tensor(k_cache)?;
     check_tensor(v_cache)?;
-    for (i, dim) in ["batch", "seqlen", "heads", "head_dim"].into_iter().enumerate() {
-        let (expected, got) = (k_cache.layout.shape[i], v_cache.layout.shape[i]);
-        if expected != got {
-            return Err(Error::ShapeMismatch { arg: v_cache.arg, dim, expected, got, against: k_cache.arg });
-        }
-    }
+    same_dims(v_cache, k_cache, &[0, 1, 2, 3])?;
     let [entries, rows, heads_kv, head_dim] = k_cache.layout.shape;
     let bad = |arg, index: usize, value: usize, reason| Error::SeqLens { arg, index, value: value as i64, reason };
     match cache.paged {
@@ -313,8 +313,6 @@ pub struct SeqInfo {
     pub max_q: usize,
     /// Longest key sequence (after `seqused_k`).
     pub max_k: usize,
-    /// Whether `seqused_k` caps the keys.
-    pub seqused_k: bool,
 }
 
 /// Checks a packed batch's host sequence tables (DESIGN.md section 1b):
@@ -365,7 +363,7 @@ pub fn check_seqlens(cu_q: &[i32], cu_k: &[i32], seqused_k: Option<&[i32]>) -> R
             max_k = max_k.max(used as usize);
         }
     }
-    Ok(SeqInfo { batch, total_q, total_k, max_q, max_k, seqused_k: seqused_k.is_some() })
+    Ok(SeqInfo { batch, total_q, total_k, max_q, max_k })
 }
 
 /// Checks a packed (varlen) problem: Q and O `[1, Tq, Hq, D]`, K and V

@@ -1317,22 +1317,41 @@ fn varlen_run<T: Element>(c: VarlenCase) -> Result<(), Failed> {
         &opts,
     )
     .map_err(text)?;
-    // O: every in-view element against the reference, padding keeps its poison.
+    // O rows of `or` elements (the last `or - hq·d` padding), LSE rows of
+    // `lse_row` per head (the last `lse_row - tq` a gap): both keep their poison.
+    let errs = row_errors(info.name, (&o, or), &r.o, (&lse, lse_row), &r.lse)?;
+    verdict(&c.name(), &info, c.dtype, errs)
+}
+
+/// O and LSE against the reference of a packed or cached problem: `o` holds
+/// rows of `o_stride` elements whose first `want_o.len() / rows` are the
+/// view (the rest padding that must keep the poison); `lse` likewise rows of
+/// `lse_stride` (the rest a gap that must keep the f32 poison). Rows with no
+/// visible key must be exactly 0 with LSE −∞. Returns the O rel L2, the worst
+/// O row and the worst LSE error (relative to max(1, |LSE|)).
+fn row_errors<T: Element>(
+    kernel: &str,
+    (o, o_stride): (&[T], usize),
+    want_o: &[f64],
+    (lse, lse_stride): (&[f32], usize),
+    want_lse: &[f64],
+) -> Result<(f64, f64, f64), Failed> {
+    let rows = o.len() / o_stride;
+    let width = want_o.len() / rows;
     let poison_bits = poison_value::<T>().to_bits();
     let (mut err2, mut ref2, mut worst_row) = (0f64, 0f64, 0f64);
-    for i in 0..tq {
+    for i in 0..rows {
         let (mut e2, mut r2) = (0f64, 0f64);
-        for x in 0..or {
-            if x >= hq * d {
-                if o[i * or + x].to_bits() != poison_bits {
-                    return Err(format!("{}: O padding of row {i} written", info.name).into());
+        for (x, &got) in o[i * o_stride..(i + 1) * o_stride].iter().enumerate() {
+            if x >= width {
+                if got.to_bits() != poison_bits {
+                    return Err(format!("{kernel}: O padding of row {i} written").into());
                 }
                 continue;
             }
-            let want = r.o[i * hq * d + x];
-            let got: f64 = o[i * or + x].into();
+            let (got, want): (f64, f64) = (got.into(), want_o[i * width + x]);
             if !got.is_finite() {
-                return Err(format!("{}: O row {i} element {x} not finite ({got})", info.name).into());
+                return Err(format!("{kernel}: O row {i} element {x} not finite ({got})").into());
             }
             e2 += (got - want).powi(2);
             r2 += want * want;
@@ -1342,35 +1361,43 @@ fn varlen_run<T: Element>(c: VarlenCase) -> Result<(), Failed> {
         if r2 > 0.0 {
             worst_row = worst_row.max((e2 / r2).sqrt());
         } else if e2 > 0.0 {
-            return Err(format!("{}: row {i} sees no key but O is not 0", info.name).into());
+            return Err(format!("{kernel}: row {i} sees no key but O is not 0").into());
         }
     }
-    let rel = (err2 / ref2.max(f64::MIN_POSITIVE)).sqrt();
-    // LSE: -inf exactly for rows with no key; the gaps after each head keep the poison.
+    let lse_rows = lse.len() / lse_stride;
+    let lse_width = want_lse.len() / lse_rows;
     let mut lse_worst = 0f64;
-    for h in 0..hq {
-        for i in 0..lse_row {
-            let got = lse[h * lse_row + i];
-            if i >= tq {
-                if got.to_bits() != u32::MAX {
-                    return Err(format!("{}: LSE gap of head {h} written", info.name).into());
-                }
-                continue;
+    for (i, &got) in lse.iter().enumerate() {
+        let (h, x) = (i / lse_stride, i % lse_stride);
+        if x >= lse_width {
+            if got.to_bits() != u32::MAX {
+                return Err(format!("{kernel}: LSE gap of row {h} written").into());
             }
-            let want = r.lse[h * tq + i];
-            if want == f64::NEG_INFINITY {
-                if got != f32::NEG_INFINITY {
-                    return Err(format!("{}: LSE of empty row {i} head {h} is {got}", info.name).into());
-                }
-            } else {
-                lse_worst = lse_worst.max((got as f64 - want).abs() / want.abs().max(1.0));
+            continue;
+        }
+        let want = want_lse[h * lse_width + x];
+        if want == f64::NEG_INFINITY {
+            if got != f32::NEG_INFINITY {
+                return Err(format!("{kernel}: LSE {x} of row {h}, an empty row, is {got}").into());
             }
+        } else {
+            lse_worst = lse_worst.max((got as f64 - want).abs() / want.abs().max(1.0));
         }
     }
-    let tol = if c.dtype == DType::BF16 { 1e-2 } else { 3e-3 };
+    Ok(((err2 / ref2.max(f64::MIN_POSITIVE)).sqrt(), worst_row, lse_worst))
+}
+
+/// Prints a trial's errors and fails it above the dtype's tolerances
+/// (O rel L2, 3× that per row, LSE 1e-4).
+fn verdict(
+    name: &str,
+    info: &KernelInfo,
+    dtype: DType,
+    (rel, worst_row, lse_worst): (f64, f64, f64),
+) -> Result<(), Failed> {
+    let tol = if dtype == DType::BF16 { 1e-2 } else { 3e-3 };
     println!(
-        "{}: {} O rel {rel:.2e} worst row {worst_row:.2e} LSE rel {lse_worst:.2e} (passed over: {:?})",
-        c.name(),
+        "{name}: {} O rel {rel:.2e} worst row {worst_row:.2e} LSE rel {lse_worst:.2e} (passed over: {:?})",
         info.name,
         info.passed_over().collect::<Vec<_>>()
     );
@@ -1544,48 +1571,8 @@ fn cache_run<T: Element>(c: CacheCase) -> Result<(), Failed> {
         &opts,
     )
     .map_err(text)?;
-    let (mut err2, mut ref2, mut worst_row) = (0f64, 0f64, 0f64);
-    for row in 0..b * lq * hq {
-        let (mut e2, mut r2) = (0f64, 0f64);
-        for x in 0..d {
-            let got: f64 = o[row * d + x].into();
-            let want = r.o[row * d + x];
-            if !got.is_finite() {
-                return Err(format!("{}: O row {row} not finite ({got})", info.name).into());
-            }
-            e2 += (got - want).powi(2);
-            r2 += want * want;
-        }
-        err2 += e2;
-        ref2 += r2;
-        if r2 > 0.0 {
-            worst_row = worst_row.max((e2 / r2).sqrt());
-        } else if e2 > 0.0 {
-            return Err(format!("{}: row {row} sees no key but O is not 0", info.name).into());
-        }
-    }
-    let mut lse_worst = 0f64;
-    for (i, (&got, &want)) in lse.iter().zip(&r.lse).enumerate() {
-        if want == f64::NEG_INFINITY {
-            if got != f32::NEG_INFINITY {
-                return Err(format!("{}: LSE {i} of an empty row is {got}", info.name).into());
-            }
-        } else {
-            lse_worst = lse_worst.max((got as f64 - want).abs() / want.abs().max(1.0));
-        }
-    }
-    let rel = (err2 / ref2.max(f64::MIN_POSITIVE)).sqrt();
-    let tol = if c.dtype == DType::BF16 { 1e-2 } else { 3e-3 };
-    println!(
-        "{}: {} O rel {rel:.2e} worst row {worst_row:.2e} LSE rel {lse_worst:.2e} (passed over: {:?})",
-        c.name(),
-        info.name,
-        info.passed_over().collect::<Vec<_>>()
-    );
-    if !(rel <= tol && worst_row <= 3.0 * tol && lse_worst <= 1e-4) {
-        return Err(format!("{}: O rel {rel:.2e}, worst row {worst_row:.2e}, LSE {lse_worst:.2e}", info.name).into());
-    }
-    Ok(())
+    let errs = row_errors(info.name, (&o, d), &r.o, (&lse, b * hq * lq), &r.lse)?;
+    verdict(&c.name(), &info, c.dtype, errs)
 }
 
 /// `append_kv` writes exactly the new tokens' slots (dense with a batch

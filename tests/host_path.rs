@@ -9,7 +9,8 @@ use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::cell::Cell;
 
 use fused_attn::internals::{
-    dispatch, fwd_params, tma_spec, validate, Addrs, DeviceInfo, DispatchTensors, LseDesc, TensorDesc, KERNEL_TABLE,
+    check_cache_tables, check_seqlens, dispatch, fwd_params, tma_spec, validate, validate_kvcache, validate_varlen,
+    with_sequences, Addrs, DeviceInfo, DispatchTensors, LseDesc, SeqAddrs, TensorDesc, KERNEL_TABLE,
 };
 use fused_attn::{AttentionOptions, DType, KernelFamily, Layout, LseLayout, Mask, MaskAlignment};
 
@@ -113,6 +114,75 @@ fn validation_dispatch_and_parameters_allocate_nothing() {
         let padded = Layout::strided_bshd([2, 300, 16, d], [300 * (16 * d + 4), 16 * d + 4, d, 1]);
         assert_eq!(host_launch_path(90, padded, kv, kv, o, &opts[0]), 0, "fallback d{d}");
     }
+}
+
+/// The same for packed batches and KV caches: with the tables checked once
+/// (outside the measured region, as `SeqLens`/`CacheTables` do), each call's
+/// validation, dispatch (Hopper passed over with its reason) and parameters
+/// allocate nothing.
+#[test]
+fn packed_and_cached_calls_allocate_nothing() {
+    if KERNEL_TABLE.is_empty() {
+        eprintln!("SKIPPED: built without kernels (empty table)");
+        return;
+    }
+    let rows = KERNEL_TABLE.to_vec();
+    let device = DeviceInfo { sm: 90, sm_count: 132, smem_per_block: 227 * 1024 };
+    let d = |arg, layout: Layout| TensorDesc { arg, layout, len: layout.span().unwrap() };
+    let opts = AttentionOptions::new(Mask::Causal);
+    let addrs = [0x7f00_0000_0000, 0x7f10_0000_0000, 0x7f20_0000_0000, 0x7f30_0000_0000];
+    let a = Addrs { q: addrs[0], k: addrs[1], v: addrs[2], o: addrs[3], lse: 0 };
+    let tables = SeqAddrs { cu_seqlens_q: 0x7f50_0000_0000, cu_seqlens_k: 0x7f60_0000_0000, ..SeqAddrs::default() };
+    // Packed: 3 sequences, 300 tokens.
+    let seq = check_seqlens(&[0, 100, 120, 300], &[0, 50, 170, 300], None).unwrap();
+    let (ql, kl) = (Layout::bshd(1, 300, 16, 128), Layout::bshd(1, 300, 4, 128));
+    let packed = [d("q", ql), d("k", kl), d("v", kl), d("o", ql)];
+    // Paged cache: 2 sequences, pages of 16.
+    let cache = check_cache_tables(&[40, 7], None, Some((&[3, 0, 1, 2, -1, -1], 3, 16))).unwrap();
+    let (cq, cl) = (Layout::bshd(2, 4, 16, 128), Layout::bshd(4, 16, 4, 128));
+    let cached = [d("q", cq), d("k_cache", cl), d("v_cache", cl), d("o", cq)];
+    let mut sum = 0u64;
+    let n = allocations(|| {
+        for _ in 0..1000 {
+            for (descs, p) in [
+                (
+                    &packed,
+                    validate_varlen(
+                        DType::BF16,
+                        &packed[0],
+                        &packed[1],
+                        &packed[2],
+                        Some(&packed[3]),
+                        None,
+                        &seq,
+                        &opts,
+                    ),
+                ),
+                (
+                    &cached,
+                    validate_kvcache(
+                        DType::BF16,
+                        &cached[0],
+                        &cached[1],
+                        &cached[2],
+                        Some(&cached[3]),
+                        None,
+                        &cache,
+                        &opts,
+                    ),
+                ),
+            ] {
+                let p = p.unwrap();
+                let tensors = DispatchTensors { descs, addrs: Some(addrs) };
+                let (_, info) = dispatch(&rows, device, &p, tensors, None, None).unwrap();
+                let layouts = descs.map(|t| t.layout);
+                let params = with_sequences(fwd_params(&p, &layouts, None, a), tables);
+                sum = sum.wrapping_add(params.seqlen_k as u64 + info.passed_over().count() as u64);
+            }
+        }
+    });
+    std::hint::black_box(sum);
+    assert_eq!(n, 0);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! tables (DESIGN.md sections 1b and 6).
 
 use fused_attn::internals::{check_seqlens, validate_varlen, TensorDesc};
-use fused_attn::reference::{self, rel_l2_error};
+use fused_attn::reference;
 use fused_attn::{AttentionOptions, DType, Error, HostTensor, Layout, Mask, MaskAlignment};
 use half::bf16;
 use rand::rngs::StdRng;
@@ -137,7 +137,6 @@ fn sequences_are_isolated_and_use_their_own_diagonal() {
             )
             .unwrap();
             assert_eq!(&base.o[q0 * hq * d..(q0 + lq4) * hq * d], &alone.o[..], "{opts:?}");
-            assert_eq!(rel_l2_error(&base.o[q0 * hq * d..(q0 + lq4) * hq * d], &alone.o).unwrap(), 0.0);
             // Empty query sequences write nothing; a sequence with no keys gives O = 0, LSE = -inf.
             let r3 = cu_q[3] as usize; // sequence 3: one query, no keys
             assert!(base.o[r3 * hq * d..(r3 + 1) * hq * d].iter().all(|&x| x == 0.0));

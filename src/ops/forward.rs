@@ -6,6 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DeviceSlice};
 use half::{bf16, f16};
 
+use super::desc;
 use crate::device::{alloc_output, Attention};
 use crate::dispatch::{DispatchTensors, KernelInfo};
 use crate::error::{Error, Result};
@@ -29,10 +30,6 @@ pub struct ForwardOutput<T> {
     pub lse_layout: LseLayout,
     /// The kernel that ran.
     pub kernel: KernelInfo,
-}
-
-fn desc<T, V: DeviceSlice<T>>(arg: &'static str, view: &V, layout: Layout) -> TensorDesc {
-    TensorDesc { arg, layout, len: view.len() }
 }
 
 /// O as `forward` will allocate it, described before it exists.

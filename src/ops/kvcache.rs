@@ -4,14 +4,15 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceSlice};
+use cudarc::driver::{CudaSlice, CudaStream};
 
+use super::desc;
 use crate::device::{Attention, Tables};
 use crate::dispatch::KernelInfo;
 use crate::error::{Error, Result};
 use crate::options::AttentionOptions;
 use crate::tensor::{DeviceTensor, DeviceTensorMut, Element, Layout, LseTensorMut};
-use crate::validate::{check_cache_tables, validate_kvcache, CacheInfo, LseDesc, TensorDesc};
+use crate::validate::{check_cache_tables, validate_kvcache, CacheInfo, TensorDesc};
 
 /// A KV cache's tables, checked on the host and uploaded once, then reused
 /// by every call until the lengths change ([`set_seqlens`](Self::set_seqlens)
@@ -180,10 +181,6 @@ fn copy_run<T: Element>(
     stream.memcpy_dtod(&s, &mut o).map_err(|driver| Error::Cuda { during: "appending to the KV cache", driver })
 }
 
-fn desc<T, V: DeviceSlice<T>>(arg: &'static str, view: &V, layout: Layout) -> TensorDesc {
-    TensorDesc { arg, layout, len: view.len() }
-}
-
 impl Attention {
     /// Appends `k_new`, `v_new` `[B, L_new, Hk, D]` to a KV cache at each
     /// sequence's current length (positions `cache_seqlens[b] ..
@@ -302,26 +299,10 @@ impl Attention {
         tables: &CacheTables,
         opts: &AttentionOptions,
     ) -> Result<KernelInfo> {
-        self.check_context("stream", stream.context())?;
-        for (arg, ctx) in [
-            ("q", q.view.stream().context()),
-            ("k_cache", k_cache.view.stream().context()),
-            ("v_cache", v_cache.view.stream().context()),
-            ("o", o.view.stream().context()),
-            ("tables", tables.seqlens.stream().context()),
-        ] {
-            self.check_context(arg, ctx)?;
-        }
-        if let Some(l) = lse.as_deref() {
-            self.check_context("lse", l.view.stream().context())?;
-        }
-        let descs = [
-            desc("q", &q.view, q.layout),
-            desc("k_cache", &k_cache.view, k_cache.layout),
-            desc("v_cache", &v_cache.view, v_cache.layout),
-            desc("o", &o.view, o.layout),
-        ];
-        let lse_desc = lse.as_ref().map(|l| LseDesc { layout: l.layout, len: l.view.len() });
+        let names = ["q", "k_cache", "v_cache", "o"];
+        let tables_ctx = ("tables", tables.seqlens.stream().context());
+        let (descs, lse_desc) =
+            self.describe_call(stream, names, q, k_cache, v_cache, o, lse.as_deref(), tables_ctx)?;
         let p = validate_kvcache(
             T::DTYPE,
             &descs[0],

@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceSlice};
+use cudarc::driver::{CudaSlice, CudaStream};
 
 use crate::device::{Attention, Tables};
 use crate::dispatch::KernelInfo;
 use crate::error::{Error, Result};
 use crate::options::AttentionOptions;
 use crate::tensor::{DeviceTensor, DeviceTensorMut, Element, LseTensorMut};
-use crate::validate::{check_seqlens, validate_varlen, LseDesc, SeqInfo, TensorDesc};
+use crate::validate::{check_seqlens, validate_varlen, SeqInfo};
 
 /// The sequence tables of a packed batch, checked on the host once and
 /// uploaded once, then reused by every call over that batch (so a call
@@ -92,10 +92,6 @@ impl SeqLens {
     }
 }
 
-fn desc<T, V: DeviceSlice<T>>(arg: &'static str, view: &V, layout: crate::tensor::Layout) -> TensorDesc {
-    TensorDesc { arg, layout, len: view.len() }
-}
-
 impl Attention {
     /// Attention over a packed batch into caller-owned buffers.
     ///
@@ -128,26 +124,8 @@ impl Attention {
         seqlens: &SeqLens,
         opts: &AttentionOptions,
     ) -> Result<KernelInfo> {
-        self.check_context("stream", stream.context())?;
-        for (arg, ctx) in [
-            ("q", q.view.stream().context()),
-            ("k", k.view.stream().context()),
-            ("v", v.view.stream().context()),
-            ("o", o.view.stream().context()),
-            ("seqlens", seqlens.cu_q.stream().context()),
-        ] {
-            self.check_context(arg, ctx)?;
-        }
-        if let Some(l) = lse.as_deref() {
-            self.check_context("lse", l.view.stream().context())?;
-        }
-        let descs = [
-            desc("q", &q.view, q.layout),
-            desc("k", &k.view, k.layout),
-            desc("v", &v.view, v.layout),
-            desc("o", &o.view, o.layout),
-        ];
-        let lse_desc = lse.as_ref().map(|l| LseDesc { layout: l.layout, len: l.view.len() });
+        let tables = ("seqlens", seqlens.cu_q.stream().context());
+        let (descs, lse_desc) = self.describe_call(stream, ["q", "k", "v", "o"], q, k, v, o, lse.as_deref(), tables)?;
         let p = validate_varlen(
             T::DTYPE,
             &descs[0],

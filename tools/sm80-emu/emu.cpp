@@ -558,6 +558,53 @@ static Layout layout_of(const Case &cs, int H, int L, int which) {
     return l;
 }
 
+// Runs every CTA of the launch: batch entries (last first when
+// `last_first`, so a CTA that writes past its sequence's end is overwritten
+// by nothing and shows), heads, row blocks. Shared memory starts as garbage
+// (NaN-ish bit patterns) for every CTA and has a guard that must survive.
+static void run_grid(const Kern *kn, const FaFwdParams &p, int B, int H, int Lq, bool last_first) {
+    // The naive kernel's static arrays: q_s, p_s and scratch, with room to spare.
+    smem_bytes = kn->kind == NAIVE ? 4096 : kn->smem;
+    const int guard_bytes = 1024;
+    std::vector<unsigned char> smem_buf(smem_bytes + guard_bytes + 128);
+    emu_smem = smem_buf.data() + (128 - (uintptr_t)smem_buf.data() % 128) % 128;
+    kernel_fn = kn->fn;
+    kernel_params = p;
+    for (int i = 0; i < B; ++i)
+        for (int h = 0; h < H; ++h)
+            for (int mb = 0; mb < (Lq + kn->bm - 1) / kn->bm; ++mb) {
+                memset(emu_smem, 0xff, smem_bytes);
+                memset(emu_smem + smem_bytes, 0xab, guard_bytes);
+                blockIdx = make_uint3(mb, h, last_first ? B - 1 - i : i);
+                run_cta(kn->threads);
+                for (int g = 0; g < guard_bytes; ++g)
+                    if (emu_smem[smem_bytes + g] != 0xab) { FAIL("shared memory written past smem bytes"); break; }
+            }
+    emu_smem = nullptr;
+}
+
+// Which checks failed, named so that the negative control can say what caught a bug.
+static std::string failed_checks(const EmuCheck &c, bool bf16, bool lse, long stray) {
+    std::string why;
+    auto fail = [&](const char *w) { why += why.empty() ? w : std::string(",") + w; };
+    if (!c.ok) fail("non-finite-or-empty-row");
+    if (!(c.rel() <= emu_o_tol(bf16))) fail("O-rel-L2");
+    if (!(c.row_rel <= emu_row_tol(bf16))) fail("O-row");
+    if (lse && !(c.lse_rel <= kEmuLseTol)) fail("LSE");
+    if (stray) fail("stray-writes");
+    if (errors) fail("emu-error");
+    return why;
+}
+
+// One sequence's check folded into its batch's: norms add, the worst rows stay.
+static void fold(EmuCheck &all, const EmuCheck &c) {
+    all.ok = all.ok && c.ok;
+    all.err2 += c.err2;
+    all.ref2 += c.ref2;
+    all.row_rel = std::max(all.row_rel, c.row_rel);
+    all.lse_rel = std::max(all.lse_rel, c.lse_rel);
+}
+
 static bool run_case_on(const Kern *kn, const Case &cs, bool bf16, unsigned seed, bool verbose) {
     std::mt19937 g(seed);
     std::uniform_real_distribution<float> U(-1.f, 1.f);
@@ -606,42 +653,17 @@ static bool run_case_on(const Kern *kn, const Case &cs, bool bf16, unsigned seed
     p.window_left = cs.wl; p.window_right = cs.wr;
     p.scale = cs.scale != 0 ? cs.scale : 1.f / sqrtf((float)cs.D); p.softcap = cs.softcap;
 
-    // The naive kernel's static arrays: q_s, p_s and scratch, with room to spare.
-    smem_bytes = kn->kind == NAIVE ? 4096 : kn->smem;
-    const int guard_bytes = 1024;
-    std::vector<unsigned char> smem_buf(smem_bytes + guard_bytes + 128);
-    emu_smem = smem_buf.data() + (128 - (uintptr_t)smem_buf.data() % 128) % 128;
-    kernel_fn = kn->fn;
-    kernel_params = p;
-    for (int b = 0; b < cs.B; ++b)
-        for (int h = 0; h < cs.Hq; ++h)
-            for (int mb = 0; mb < (cs.Lq + kn->bm - 1) / kn->bm; ++mb) {
-                // smem starts as garbage (NaN-ish bit patterns) for every CTA
-                memset(emu_smem, 0xff, smem_bytes);
-                memset(emu_smem + smem_bytes, 0xab, guard_bytes);
-                blockIdx = make_uint3(mb, h, b);
-                run_cta(kn->threads);
-                for (int i = 0; i < guard_bytes; ++i)
-                    if (emu_smem[smem_bytes + i] != 0xab) { FAIL("shared memory written past smem bytes"); break; }
-            }
+    run_grid(kn, p, cs.B, cs.Hq, cs.Lq, false);
 
     EmuProblem ep{cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale, (double)cs.softcap, bf16, cs.lse,
                   q, k, v, O, LSE, lq.bs, lq.rs, lq.hs, lk.bs, lk.rs, lk.hs, lv.bs, lv.rs, lv.hs, lo.bs, lo.rs, lo.hs};
     ep.top_left = cs.top_left;
     ep.lseb = lseb; ep.lseh = lseh;
     const EmuCheck chk = emu_check_against_reference(ep, verbose);
-    // Which checks failed, named so that the negative control can say what caught a bug.
-    std::string why;
-    auto fail = [&](const char *w) { why += why.empty() ? w : std::string(",") + w; };
-    if (!chk.ok) fail("non-finite-or-empty-row");
     const double rel = chk.rel();
-    if (!(rel <= emu_o_tol(bf16))) fail("O-rel-L2");
-    if (!(chk.row_rel <= emu_row_tol(bf16))) fail("O-row");
-    if (cs.lse && !(chk.lse_rel <= kEmuLseTol)) fail("LSE");
     // Outside the view and LSE's guards everything keeps its poison.
     const long stray = emu_count_stray(ep, o.data(), o.size(), lse, guard);
-    if (stray) fail("stray-writes");
-    if (errors) fail("emu-error");
+    const std::string why = failed_checks(chk, bf16, cs.lse, stray);
     const bool ok = why.empty();
     printf("%s %-28s B%d Hq%2d Hk%d Lq%4d Lk%4d D%3d w(%d,%d)%s scale %.3g cap %.3g %s pad%d amp%.0f lse%d: "
            "rel %.2e row %.2e lse %.2e stray %ld\n",
@@ -718,26 +740,10 @@ static bool run_varlen_on(const Kern *kn, const VarCase &vc, bool bf16, unsigned
     p.seqused_k = vc.used.empty() ? nullptr : vc.used.data();
     p.top_left = vc.top_left;
 
-    smem_bytes = kn->kind == NAIVE ? 4096 : kn->smem;
-    const int guard_bytes = 1024;
-    std::vector<unsigned char> smem_buf(smem_bytes + guard_bytes + 128);
-    emu_smem = smem_buf.data() + (128 - (uintptr_t)smem_buf.data() % 128) % 128;
-    kernel_fn = kn->fn;
-    kernel_params = p;
-    for (int b = n - 1; b >= 0; --b)
-        for (int h = 0; h < vc.Hq; ++h)
-            for (int mb = 0; mb < (max_q + kn->bm - 1) / kn->bm; ++mb) {
-                memset(emu_smem, 0xff, smem_bytes);
-                memset(emu_smem + smem_bytes, 0xab, guard_bytes);
-                blockIdx = make_uint3(mb, h, b);
-                run_cta(kn->threads);
-                for (int i = 0; i < guard_bytes; ++i)
-                    if (emu_smem[smem_bytes + i] != 0xab) { FAIL("shared memory written past smem bytes"); break; }
-            }
+    run_grid(kn, p, n, vc.Hq, max_q, true);
 
     // Each sequence against the reference as a rectangular problem of its own.
-    bool ok = true;
-    double err2 = 0, ref2 = 0, row_rel = 0, lse_rel = 0;
+    EmuCheck all;
     for (int b = 0; b < n; ++b) {
         const int q0 = cu_q[b], k0 = cu_k[b];
         const int lkb = vc.used.empty() ? vc.lk[b] : vc.used[b];
@@ -746,24 +752,14 @@ static bool run_varlen_on(const Kern *kn, const VarCase &vc, bool bf16, unsigned
                       0, lq.rs, lq.hs, 0, lk.rs, lk.hs, 0, lv.rs, lv.hs, 0, lo.rs, lo.hs};
         ep.top_left = vc.top_left;
         ep.lseb = 1; ep.lseh = lse_row;  // batch 1: the batch stride is never stepped
-        const EmuCheck c = emu_check_against_reference(ep, true);
-        ok = ok && c.ok;
-        err2 += c.err2; ref2 += c.ref2;
-        row_rel = std::max(row_rel, c.row_rel); lse_rel = std::max(lse_rel, c.lse_rel);
+        fold(all, emu_check_against_reference(ep, true));
     }
     EmuProblem whole{1, vc.Hq, vc.Hk, tq, tk, vc.D, -1, -1, 1.0, 0.0, bf16, true, q, k, v, O, LSE,
                      0, lq.rs, lq.hs, 0, lk.rs, lk.hs, 0, lv.rs, lv.hs, 0, lo.rs, lo.hs};
     whole.lseb = 1; whole.lseh = lse_row;
     const long stray = emu_count_stray(whole, o.data(), o.size(), lse, guard);
-    const double rel = ref2 > 0 ? sqrt(err2 / ref2) : sqrt(err2);
-    std::string why;
-    auto fail = [&](const char *w) { why += why.empty() ? w : std::string(",") + w; };
-    if (!ok) fail("non-finite-or-empty-row");
-    if (!(rel <= emu_o_tol(bf16))) fail("O-rel-L2");
-    if (!(row_rel <= emu_row_tol(bf16))) fail("O-row");
-    if (!(lse_rel <= kEmuLseTol)) fail("LSE");
-    if (stray) fail("stray-writes");
-    if (errors) fail("emu-error");
+    const double rel = all.rel(), row_rel = all.row_rel, lse_rel = all.lse_rel;
+    const std::string why = failed_checks(all, bf16, true, stray);
     std::string lens;
     for (int b = 0; b < n; ++b)
         lens += std::to_string(vc.lq[b]) + ":" + std::to_string(vc.lk[b]) +
@@ -866,24 +862,8 @@ static bool run_cache_on(const Kern *kn, const CacheCase &cc, bool bf16, unsigne
     if (paged) { p.block_table = table.data(); p.block_table_stride = per_seq; p.page_size = cc.page; }
     else p.cache_batch_idx = idx.data();
 
-    smem_bytes = kn->kind == NAIVE ? 4096 : kn->smem;
-    const int guard_bytes = 1024;
-    std::vector<unsigned char> smem_buf(smem_bytes + guard_bytes + 128);
-    emu_smem = smem_buf.data() + (128 - (uintptr_t)smem_buf.data() % 128) % 128;
-    kernel_fn = kn->fn;
-    kernel_params = p;
-    for (int b = B - 1; b >= 0; --b)
-        for (int h = 0; h < cc.Hq; ++h)
-            for (int mb = 0; mb < (cc.Lq + kn->bm - 1) / kn->bm; ++mb) {
-                memset(emu_smem, 0xff, smem_bytes);
-                memset(emu_smem + smem_bytes, 0xab, guard_bytes);
-                blockIdx = make_uint3(mb, h, b);
-                run_cta(kn->threads);
-                for (int i = 0; i < guard_bytes; ++i)
-                    if (emu_smem[smem_bytes + i] != 0xab) { FAIL("shared memory written past smem bytes"); break; }
-            }
-    bool ok = true;
-    double err2 = 0, ref2 = 0, row_rel = 0, lse_rel = 0;
+    run_grid(kn, p, B, cc.Hq, cc.Lq, true);
+    EmuCheck all;
     for (int b = 0; b < B; ++b) {
         const int64_t kr = cc.Hk * cc.D;
         EmuProblem ep{1, cc.Hq, cc.Hk, cc.Lq, cc.lens[b], cc.D, cc.wl, cc.wr, (double)p.scale, 0.0, bf16, true,
@@ -891,24 +871,14 @@ static bool run_cache_on(const Kern *kn, const CacheCase &cc, bool bf16, unsigne
                       0, lq.rs, lq.hs, 0, kr, cc.D, 0, kr, cc.D, 0, lo.rs, lo.hs};
         ep.top_left = cc.top_left;
         ep.lseb = lseb; ep.lseh = lse_row;
-        const EmuCheck c = emu_check_against_reference(ep, true);
-        ok = ok && c.ok;
-        err2 += c.err2; ref2 += c.ref2;
-        row_rel = std::max(row_rel, c.row_rel); lse_rel = std::max(lse_rel, c.lse_rel);
+        fold(all, emu_check_against_reference(ep, true));
     }
     EmuProblem whole{B, cc.Hq, cc.Hk, cc.Lq, 0, cc.D, -1, -1, 1.0, 0.0, bf16, true, q, nullptr, nullptr, O, LSE,
                      lq.bs, lq.rs, lq.hs, 0, 0, 0, 0, 0, 0, lo.bs, lo.rs, lo.hs};
     whole.lseb = lseb; whole.lseh = lse_row;
     const long stray = emu_count_stray(whole, o.data(), o.size(), lse, guard);
-    const double rel = ref2 > 0 ? sqrt(err2 / ref2) : sqrt(err2);
-    std::string why;
-    auto fail = [&](const char *w) { why += why.empty() ? w : std::string(",") + w; };
-    if (!ok) fail("non-finite-or-empty-row");
-    if (!(rel <= emu_o_tol(bf16))) fail("O-rel-L2");
-    if (!(row_rel <= emu_row_tol(bf16))) fail("O-row");
-    if (!(lse_rel <= kEmuLseTol)) fail("LSE");
-    if (stray) fail("stray-writes");
-    if (errors) fail("emu-error");
+    const double rel = all.rel(), row_rel = all.row_rel, lse_rel = all.lse_rel;
+    const std::string why = failed_checks(all, bf16, true, stray);
     std::string lens;
     for (int l : cc.lens) lens += std::to_string(l) + " ";
     printf("%s %-28s cache %s [%s] Lq%d Hq%d Hk%d D%d w(%d,%d)%s: rel %.2e row %.2e lse %.2e stray %ld\n",
