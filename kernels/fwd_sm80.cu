@@ -99,7 +99,9 @@ struct Sm80Config : Shape {
     static_assert(kSmemBytes <= 163 * 1024, "sm80 shared memory per CTA");
 };
 
-template <typename T, int HD, typename Shape = Sm80Shape<HD>>
+// PAGED: the `_paged` rows, which also read paged KV caches (below); the
+// others read dense K/V only, and their key loop holds no page code.
+template <typename T, int HD, typename Shape = Sm80Shape<HD>, bool PAGED = false>
 __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     using Cfg = Sm80Config<HD, Shape>;
     constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, MT = Cfg::kMTiles;
@@ -123,10 +125,11 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     const int hk = h / p.q_per_kv;
 
     const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-    // Dense K/V only (the dispatcher gives paged caches to the naive kernel:
-    // the gather costs these kernels spills at 255 registers).
-    const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-    const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+    // K and V: row 0 of this head (dense), or the head's offset in a page.
+    const T *k = PAGED ? fa_kv_base<T>(p, false, b, hk)
+                       : static_cast<const T *>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+    const T *v = PAGED ? fa_kv_base<T>(p, true, b, hk)
+                       : static_cast<const T *>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
 
     // ---- Which key tiles to visit -------------------------------------------
     // Tiles outside the keys that some row of the CTA sees are skipped (a
@@ -145,15 +148,29 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     // Load number L is K of tile L/2 (L even) or V (L odd), into buffer L % BUFS.
     // Every call commits one group, empty past the end, so that "load L has
     // landed" is always cp_async_wait<BUFS-2>() at the same point of the loop.
+    //
+    // PAGED rows: a cache whose page size is a multiple of block_n holds every
+    // tile whole in one page, so one page-table lookup per tile, then the
+    // dense copy; smaller pages (or sizes that do not divide) take the
+    // gather, a lookup per row. The gather costs ~1000 static instructions
+    // in the key loop (unrolled: with `unroll 1` hd192 spilled), which is
+    // why the dense rows leave it out.
     const Sm80TileLoader<T, BN, CHUNKS, THREADS> kv_loader(tid, p.head_dim);
+    const bool whole_pages = !PAGED || p.block_table == nullptr || p.page_size % BN == 0;
     auto issue_kv = [&](int L) {
         if (L < 2 * n_tiles) {
             const bool is_v = L & 1;
             const int n0 = (n_begin + L / 2) * BN;
             const T *base = is_v ? v : k;
             const int64_t stride = is_v ? p.v_row_stride : p.k_row_stride;
-            kv_loader.load(ring + (L % BUFS) * Cfg::kKvBytes, base + n0 * stride, stride,
-                           p.seqlen_k - n0, base);
+            const uint32_t dst = ring + (L % BUFS) * Cfg::kKvBytes;
+            if (!PAGED)
+                kv_loader.load(dst, base + n0 * stride, stride, p.seqlen_k - n0, base);
+            else if (whole_pages)
+                kv_loader.load(dst, fa_kv_row<T>(p, base, is_v, b, n0), stride, p.seqlen_k - n0, base);
+            else
+                kv_loader.gather(dst, [&](int r) { return fa_kv_row<T>(p, base, is_v, b, n0 + r); },
+                                 p.seqlen_k - n0, base);
         }
         cp_async_commit();
     };
@@ -364,6 +381,7 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
 // makes the compiler check each row against its Sm80Config. FA_SHAPE picks the
 // tile shape of the rows that follow: the bucket's default, or a variant's.
 #define FA_SHAPE(head_dim) Sm80Shape<head_dim>
+#define FA_PAGED false
 #define FA_CFG(head_dim) Sm80Config<head_dim, FA_SHAPE(head_dim)>
 #define FA_KERNEL(name, dtype, head_dim, block_m, block_n, threads, smem, min_sm, grid)             \
     static_assert(block_m == FA_CFG(head_dim)::kBlockM && block_n == FA_CFG(head_dim)::kBlockN &&   \
@@ -372,7 +390,7 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
                   "table row disagrees with the Sm80Config of " #name);                            \
     extern "C" __global__ void __launch_bounds__(threads, FA_CFG(head_dim)::kMinBlocks)            \
         name(const __grid_constant__ FaFwdParams p) {                                              \
-        sm80_forward<FA_DTYPE(dtype), head_dim, FA_SHAPE(head_dim)>(p);                            \
+        sm80_forward<FA_DTYPE(dtype), head_dim, FA_SHAPE(head_dim), FA_PAGED>(p);                  \
     }
 
 FA_KERNEL(fa_fwd_sm80_f16_hd32, f16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
@@ -408,6 +426,31 @@ FA_KERNEL(fa_fwd_sm80_f16_hd224_99k, f16, 224, 128, 32, 256, 86016, 80, FA_GRID_
 FA_KERNEL(fa_fwd_sm80_bf16_hd160_99k, bf16, 160, 128, 64, 256, 81920, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd192_99k, bf16, 192, 128, 64, 256, 98304, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd224_99k, bf16, 224, 128, 32, 256, 86016, 80, FA_GRID_TILES)
+
+// The `_paged` rows: each bucket's main shape, also reading paged KV caches
+// (PAGED above). The dispatcher gives them paged caches, and only those.
+#undef FA_SHAPE
+#define FA_SHAPE(head_dim) Sm80Shape<head_dim>
+#undef FA_PAGED
+#define FA_PAGED true
+FA_KERNEL(fa_fwd_sm80_f16_hd32_paged, f16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd64_paged, f16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd96_paged, f16, 96, 128, 64, 128, 49152, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd128_paged, f16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd160_paged, f16, 160, 128, 64, 256, 122880, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd192_paged, f16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd224_paged, f16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd256_paged, f16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd32_paged, bf16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd64_paged, bf16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd96_paged, bf16, 96, 128, 64, 128, 49152, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd128_paged, bf16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd160_paged, bf16, 160, 128, 64, 256, 122880, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd192_paged, bf16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd224_paged, bf16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd256_paged, bf16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
+#undef FA_PAGED
+#define FA_PAGED false
 
 // Variants: never dispatched automatically; benchmarks and GPU tests force them by name.
 // Built only with FUSED_ATTN_VARIANTS=1: build.rs otherwise defines FA_NO_VARIANTS

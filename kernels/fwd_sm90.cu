@@ -50,6 +50,7 @@
 #include "common/sm90_warpgroup.cuh"
 #include "common/sm90_wgmma.cuh"
 #include "common/sm90_softmax.cuh"
+#include "common/sequence.cuh"
 
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "fwd_sm90.cu uses sm_90a instructions (wgmma, setmaxnreg): compile it for sm_90a only"
@@ -137,6 +138,8 @@ struct Sm90Config : S {
 // kBarTurn + c; the epilogue of consumer c syncs its warpgroup on kBarEpilogue + c.
 constexpr int kBarTurn = 1;
 constexpr int kBarEpilogue = 3;
+// Both consumers have zeroed their share of a tail tile's V rows (see zero_v_tail).
+constexpr int kBarTail = 5;
 constexpr int kBothConsumers = 2 * kWarpgroupThreads;
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -206,7 +209,17 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
     using Cfg = Sm90Config<HD, Shape>;
     constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, STAGES = Cfg::kStages;
     using Schedule = Sm90Schedule<Cfg::kGrid, BM>;
-    const FaFwdParams &p = P.p;
+    // The launch's parameters. A packed batch or a cache has per-sequence
+    // lengths: each tile works with its own copy, bound to its sequence
+    // (common/sequence.cuh); for a rectangular batch the copy is the launch's.
+    // The persistent variants serve rectangular batches only (the
+    // dispatcher's rule): with per-sequence lengths in registers across the
+    // key loop, their hd256 consumer spilled.
+    const FaFwdParams &launch = P.p;
+    constexpr bool kSequences = !Cfg::kPersistent;
+    auto bind = [&](FaFwdParams &p, int batch) {
+        if constexpr (kSequences) fa_bind_sequence<T>(p, batch);
+    };
 
     extern __shared__ unsigned char smem_raw[];
     const uint32_t raw = smem_u32(smem_raw);
@@ -218,7 +231,7 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
     // of the hd256 bucket for head_dim <= 192) lie wholly outside the tensor,
     // and whether the TMA zero-fills such a box and credits its bytes is not
     // documented, so they are never loaded nor counted in expect_tx.
-    const int live_boxes = min(Cfg::kBoxes, (p.head_dim + 63) / 64);
+    const int live_boxes = min(Cfg::kBoxes, (launch.head_dim + 63) / 64);
 
     const uint32_t q_full = base + Cfg::kBarOff;
     auto k_full = [&](int s) { return q_full + 8 * (1 + s); };
@@ -281,8 +294,14 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
             int q_loads = 0;  // Q loads so far (tiles with at least one key tile)
             Schedule sched;
             int m_block, head, batch;
-            while (sched.next(p, m_block, head, batch)) {
+            while (sched.next(launch, m_block, head, batch)) {
+                FaFwdParams p = launch;
+                FaTmaCoords at{0, batch, 0, batch};
+                if constexpr (kSequences) at = fa_bind_sequence_tma<T>(p, batch);
                 const int m0 = m_block * BM, head_kv = head / p.q_per_kv;
+                // Past the end of a shorter sequence of a packed batch: no
+                // rows, nothing to do for any role.
+                if (m0 >= p.seqlen_q) continue;
                 const Sm90KeyTiles kt = sm90_key_tiles<BM, BN>(p, m0);
                 // No key tile, no load: the consumers write O = 0 without
                 // touching shared memory (and nothing may still be in flight
@@ -298,8 +317,8 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
 #pragma unroll
                     for (int c = 0; c < Cfg::kBoxes; ++c)
                         if (c < live_boxes)
-                            tma_load_4d(base + Cfg::kQOff + c * Cfg::kQBoxBytes, &P.tma_q, 64 * c, m0, head,
-                                        batch, q_full);
+                            tma_load_4d(base + Cfg::kQOff + c * Cfg::kQBoxBytes, &P.tma_q, 64 * c, at.q_row + m0,
+                                        head, at.q_batch, q_full);
                 };
                 // The CTA's first Q goes first. A later tile's Q waits for the
                 // previous epilogue, so its first K and V go ahead of it: they
@@ -307,20 +326,24 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
                 if (q_loads == 0) load_q();
                 for (int j = 0; j < kt.n_tiles; ++j) {
                     const int n0 = (kt.n_begin + j) * BN;
+                    // The tile's TMA row and batch entry: of the packed tensor
+                    // or the cache entry, or its page of a paged cache.
+                    int kv_row = at.k_row + n0, kv_entry = at.kv_batch;
+                    if (kSequences && p.block_table != nullptr) fa_page_coords(p, batch, n0, kv_row, kv_entry);
                     mbarrier_wait(k_empty(stage), phase ^ 1);
                     mbarrier_arrive_expect_tx(k_full(stage), live_boxes * Cfg::kKvBoxBytes);
 #pragma unroll
                     for (int c = 0; c < Cfg::kBoxes; ++c)
                         if (c < live_boxes)
                             tma_load_4d(base + Cfg::kKOff + stage * Cfg::kKvBytes + c * Cfg::kKvBoxBytes,
-                                        &P.tma_k, 64 * c, n0, head_kv, batch, k_full(stage));
+                                        &P.tma_k, 64 * c, kv_row, head_kv, kv_entry, k_full(stage));
                     mbarrier_wait(v_empty(stage), phase ^ 1);
                     mbarrier_arrive_expect_tx(v_full(stage), live_boxes * Cfg::kKvBoxBytes);
 #pragma unroll
                     for (int c = 0; c < Cfg::kBoxes; ++c)
                         if (c < live_boxes)
                             tma_load_4d(base + Cfg::kVOff + stage * Cfg::kKvBytes + c * Cfg::kKvBoxBytes,
-                                        &P.tma_v, 64 * c, n0, head_kv, batch, v_full(stage));
+                                        &P.tma_v, 64 * c, kv_row, head_kv, kv_entry, v_full(stage));
                     if (j == 0 && q_loads > 0) load_q();
                     if (++stage == STAGES) {
                         stage = 0;
@@ -349,8 +372,14 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
 
     // Scores enter the softmax in the log2 domain: s * log2(e), or with the cap
     // c * tanh(s / c) * log2(e).
-    const bool capped = p.softcap > 0.f;
-    const float score_in = p.scale * kLog2e;
+    const bool capped = launch.softcap > 0.f;
+    const float score_in = launch.scale * kLog2e;
+    // Keys past seqlen_k inside a tile are TMA zero fill only where seqlen_k is
+    // the tensor's end. In a packed batch they are the next sequence's keys
+    // (or keys past seqused_k), in a cache rows nothing has written: the mask
+    // makes their P exactly 0, but 0 * NaN is NaN, so the last tile's V rows
+    // past seqlen_k are zeroed before P V reads them (zero_v_tail).
+    const bool bounded = kSequences && (launch.cu_seqlens_k != nullptr || launch.seqused_k != nullptr);
 
     // A slot is released once per consumer warp, after that warp's wait_group
     // has retired the wgmmas that read it.
@@ -410,11 +439,22 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
     uint32_t phase = 0, q_phase = 0;
     Schedule sched;
     int m_block, head, batch;
-    while (sched.next(p, m_block, head, batch)) {
+    while (sched.next(launch, m_block, head, batch)) {
         const int m0 = m_block * BM;
-        const Sm90KeyTiles kt = sm90_key_tiles<BM, BN>(p, m0);
-        const int n_begin = kt.n_begin, n_tiles = kt.n_tiles, all_lo = kt.all_lo, all_hi = kt.all_hi;
-        const FaKeyRange my_keys[2] = {fa_key_range(p, m0 + row0), fa_key_range(p, m0 + row0 + 8)};
+        // What the key loop needs of the sequence; its lengths are not kept
+        // across the loop (hd256 has no registers for them): the epilogue
+        // binds the sequence again.
+        int n_begin, n_tiles, all_lo, all_hi;
+        FaKeyRange my_keys[2];
+        {
+            FaFwdParams p = launch;
+            bind(p, batch);
+            if (m0 >= p.seqlen_q) continue;  // past a shorter sequence's end (as the producer)
+            const Sm90KeyTiles kt = sm90_key_tiles<BM, BN>(p, m0);
+            n_begin = kt.n_begin, n_tiles = kt.n_tiles, all_lo = kt.all_lo, all_hi = kt.all_hi;
+            my_keys[0] = fa_key_range(p, m0 + row0);
+            my_keys[1] = fa_key_range(p, m0 + row0 + 8);
+        }
 
         RowSoftmax softmax;
         softmax.init();
@@ -426,7 +466,7 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
         auto scores_to_probs = [&](float (&s)[BN / 2], int j, float (&alpha)[2]) {
             if (capped) {
 #pragma unroll
-                for (int i = 0; i < BN / 2; ++i) s[i] = fa_softcap_log2(s[i] * score_in, p.softcap);
+                for (int i = 0; i < BN / 2; ++i) s[i] = fa_softcap_log2(s[i] * score_in, launch.softcap);
             } else {
 #pragma unroll
                 for (int i = 0; i < BN / 2; ++i) s[i] *= score_in;
@@ -570,8 +610,31 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
                 wgmma_acc_to_a<T>(s, pa);
             }
 
-            // The last tile's O += P V.
+            // The last tile's O += P V; first, in a packed batch or a cache,
+            // zero its V rows past seqlen_k. Both consumers share the work and
+            // meet on kBarTail before either GEMM reads the tile (the proxy
+            // fence orders the zeros before the wgmmas, and before the TMA's
+            // next write of the slot). The last tile is the only one that can
+            // reach past seqlen_k.
             mbarrier_wait_warp(v_full(stage), phase);
+            // The last tile's first V row past seqlen_k (BN: none). The
+            // lengths are read again here rather than kept in a register
+            // through the loop (the persistent hd256 consumer spilled it).
+            int v_tail = BN;
+            if (bounded) {
+                FaFwdParams p = launch;
+                bind(p, batch);
+                v_tail = min(BN, p.seqlen_k - (n_begin + n_tiles - 1) * BN);
+            }
+            if (v_tail < BN) {
+                const uint32_t v_tile = Cfg::kVOff + stage * Cfg::kKvBytes;
+                const int chunks = (BN - v_tail) * 8;  // 16-byte chunks per box: whole 128-byte rows
+                for (int i = cw * kWarpgroupThreads + tid; i < live_boxes * chunks; i += kBothConsumers)
+                    reinterpret_cast<uint4 *>(smem + v_tile + (i / chunks) * Cfg::kKvBoxBytes +
+                                              v_tail * 128)[i % chunks] = make_uint4(0, 0, 0, 0);
+                fence_proxy_async_shared();
+                named_barrier_sync(kBarTail, kBothConsumers);
+            }
             take_turn();
             wgmma_pin(o);
             wgmma_pin(pa);
@@ -592,6 +655,8 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
         // ---- Epilogue: O / l staged over this warpgroup's dead Q rows, then stored ----
         float inv_sum[2], lse[2];
         softmax.finish(inv_sum, lse);
+        FaFwdParams p = launch;
+        bind(p, batch);
         T *const o_head = static_cast<T *>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
         constexpr int kChunks = HD / 8;
         unsigned char *const stage_o = smem + Cfg::kQOff;

@@ -34,6 +34,22 @@ Output:
      "peers": {case_name: {peer: {"ms": float|null, "skipped": str|null,
                                   "rel_l2_err": float|null, "note": str (optional)}}}}
 
+Serving rows (ours.json "serving", written by benches/support/serving.rs):
+the packed prefill (sequence lengths in "seq_lens", causal, GQA) is timed as
+torch can run it without a varlen API of its own:
+  torch_{flash,cudnn,efficient}_padded
+      SDPA with the backend forced over the batch right-padded to the
+      longest sequence (causal, so every real row sees only its own keys);
+  torch_nested
+      SDPA on jagged nested tensors (torch picks the backend; KV heads
+      expanded to Hq before timing, as nested SDPA takes no enable_gqa);
+  torch_flash_per_sequence
+      one FLASH SDPA call per sequence.
+The dense KV-cache row (Lq < Lk, bottom-right causal) is timed with flex;
+SDPA's is_causal is top-left and cannot express it. Paged rows have no torch
+peer (FlashInfer is not on the GPU host). Results go to "serving" in the
+output, {row_name: {peer: {"ms", "skipped", "note"}}}.
+
 Mask semantics (DESIGN.md section 1): masks are bottom-right aligned. With
 off = Lk - Lq, query i sees key j iff i + off - L <= j <= i + off + R, an
 unbounded side (null) being infinite. PyTorch's is_causal is top-left aligned,
@@ -448,6 +464,131 @@ class PeerRunner:
         return result
 
 
+SERVING_PEERS = ("torch_flash_padded", "torch_cudnn_padded", "torch_efficient_padded",
+                 "torch_nested", "torch_flash_per_sequence", "flex")
+
+
+def serving_peers(runner, row, args):
+    """{peer: result} for one serving row of ours.json; never raises."""
+    F = runner.F
+    out = {}
+    lens = row.get("seq_lens")
+    hq, hk, d = int(row.get("heads_q", 0)), int(row.get("heads_kv", 0)), int(row.get("head_dim", 0))
+    dtype = torch.bfloat16
+    gen = torch.Generator(device=DEVICE)
+    gen.manual_seed(args.seed)
+
+    def attempt(peer, make):
+        r = {"ms": None, "skipped": None, "rel_l2_err": None}
+        try:
+            fn, backend, note = make()
+            with backend:
+                with torch.no_grad():
+                    call_recording_warnings(fn)
+                    torch.cuda.synchronize()
+                    r["ms"] = time_calls(lambda _i: fn(), 1, args.reps, args.warmup)
+            if note:
+                r["note"] = note
+        except Exception as exc:
+            reason = first_line(exc)
+            hints = [m.splitlines()[0] for m in getattr(exc, "peer_warnings", [])]
+            if hints:
+                reason += " (" + "; ".join(hints)[:400] + ")"
+            r["skipped"] = reason
+        finally:
+            free_memory()
+        out[peer] = r
+
+    def skip_all(reason, peers=SERVING_PEERS):
+        for peer in peers:
+            out[peer] = {"ms": None, "skipped": reason, "rel_l2_err": None}
+
+    if lens and row.get("mask") == "causal":
+        lmax, nseq = max(lens), len(lens)
+        group = hq // hk
+        # Packed, as ours gets it: [T, H, D].
+        t = sum(lens)
+        q = torch.randn(t, hq, d, dtype=dtype, device=DEVICE, generator=gen)
+        k = torch.randn(t, hk, d, dtype=dtype, device=DEVICE, generator=gen)
+        v = torch.randn(t, hk, d, dtype=dtype, device=DEVICE, generator=gen)
+        offs = [0]
+        for n in lens:
+            offs.append(offs[-1] + n)
+
+        def padded(x, heads):
+            p = torch.zeros(nseq, lmax, heads, d, dtype=dtype, device=DEVICE)
+            for i, n in enumerate(lens):
+                p[i, :n] = x[offs[i]:offs[i + 1]]
+            return p.transpose(1, 2)  # BHSD view
+        for peer, backend_name in (("torch_flash_padded", "FLASH_ATTENTION"),
+                                   ("torch_cudnn_padded", "CUDNN_ATTENTION"),
+                                   ("torch_efficient_padded", "EFFICIENT_ATTENTION")):
+            def make(backend_name=backend_name):
+                qp, kp, vp = padded(q, hq), padded(k, hk), padded(v, hk)
+                backend = runner.sdpa_kernel(getattr(runner.SDPBackend, backend_name))
+                note = "right-padded to %d (%.2fx the tokens)" % (lmax, nseq * lmax / t)
+                try:
+                    with backend:
+                        F.scaled_dot_product_attention(qp[:1, :, :16], kp[:1, :, :16], vp[:1, :, :16],
+                                                       is_causal=True, enable_gqa=True)
+                    fn = lambda: F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
+                except Exception:
+                    ke = kp.repeat_interleave(group, dim=1)
+                    ve = vp.repeat_interleave(group, dim=1)
+                    fn = lambda: F.scaled_dot_product_attention(qp, ke, ve, is_causal=True)
+                    note += "; no native GQA: KV heads expanded before timing"
+                return fn, backend, note
+            attempt(peer, make)
+
+        def make_nested():
+            ke = k.repeat_interleave(group, dim=1)
+            ve = v.repeat_interleave(group, dim=1)
+            offsets = torch.tensor(offs, device=DEVICE, dtype=torch.int64)
+            nq, nk, nv = (torch.nested.nested_tensor_from_jagged(x, offsets) for x in (q, ke, ve))
+            nq, nk, nv = (x.transpose(1, 2) for x in (nq, nk, nv))  # [B, H, j, D]
+            fn = lambda: F.scaled_dot_product_attention(nq, nk, nv, is_causal=True)
+            return fn, contextlib.nullcontext(), "KV heads expanded to Hq before timing; backend chosen by torch"
+        attempt("torch_nested", make_nested)
+
+        def make_per_seq():
+            views = []
+            for i, n in enumerate(lens):
+                sl = slice(offs[i], offs[i + 1])
+                views.append((q[sl].transpose(0, 1).unsqueeze(0), k[sl].transpose(0, 1).unsqueeze(0),
+                              v[sl].transpose(0, 1).unsqueeze(0)))
+            backend = runner.sdpa_kernel(runner.SDPBackend.FLASH_ATTENTION)
+
+            def fn():
+                for a, b, c in views:
+                    F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True)
+            return fn, backend, "%d calls" % nseq
+        attempt("torch_flash_per_sequence", make_per_seq)
+        skip_all("flex not run for packed batches", ("flex",))
+        del q, k, v
+        free_memory()
+        return out
+    if row.get("page") == 0 and row.get("cache_len"):
+        b, lq, lk = int(row["batch"]), int(row["seqlen_q"]), int(row["cache_len"])
+        skip_all("SDPA's is_causal is top-left; the cache needs bottom-right", SERVING_PEERS[:5])
+        if runner.flex_error:
+            skip_all(runner.flex_error, ("flex",))
+            return out
+
+        def make_flex():
+            torch._dynamo.reset()
+            qx = torch.randn(b, hq, lq, d, dtype=dtype, device=DEVICE, generator=gen)
+            kx = torch.randn(b, hk, lk, d, dtype=dtype, device=DEVICE, generator=gen)
+            vx = torch.randn(b, hk, lk, d, dtype=dtype, device=DEVICE, generator=gen)
+            visible = make_visible(lq, lk, None, 0)
+            bm = runner.create_block_mask(visible, B=None, H=None, Q_LEN=lq, KV_LEN=lk, device=DEVICE)
+            return (lambda: runner.flex(qx, kx, vx, block_mask=bm, enable_gqa=hq != hk),
+                    contextlib.nullcontext(), "dense cache, bottom-right causal block mask")
+        attempt("flex", make_flex)
+        return out
+    skip_all("no torch peer for this row (paged caches: FlashInfer is not on the GPU host)")
+    return out
+
+
 def run_case(runner, case, peers, args):
     out = {}
     try:
@@ -551,6 +692,15 @@ def main(argv=None):
         log("[%d/%d] %s: %s (%.1f s)" % (
             n, len(cases), case.name,
             ", ".join(fmt_result(p, res[p]) for p in peers), time.time() - t0))
+    if not args.only and not args.only_dtype:
+        result["serving"] = {}
+        for row in ours.get("serving", []):
+            t0 = time.time()
+            res = serving_peers(runner, row, args)
+            result["serving"][row["name"]] = res
+            write_json(args.out, result)
+            log("[serving] %s: %s (%.1f s)" % (
+                row["name"], ", ".join(fmt_result(p, r) for p, r in res.items()), time.time() - t0))
     write_json(args.out, result)
     log("peers.py: wrote %s (%d cases)" % (args.out, len(cases)))
     return 0

@@ -102,6 +102,19 @@ def merge_case(case, peer_results):
     return merged
 
 
+def merge_serving(row, peer_results):
+    """A serving row with its peers' results and the fastest peer that ran."""
+    merged = {k: v for k, v in row.items() if k != "seq_lens"}
+    merged["peers"] = peer_results
+    ran = [(r["ms"], p) for p, r in peer_results.items() if r.get("ms") is not None]
+    if ran:
+        ms, peer = min(ran)
+        merged["best_peer"] = peer
+        merged["best_peer_ms"] = ms
+        merged["ours_vs_best_peer"] = ms / row["ours_ms"] if row.get("ours_ms") else None
+    return merged
+
+
 def build_report(ours, peers, date):
     peer_cases = peers.get("peers", {})
     report = {
@@ -117,7 +130,8 @@ def build_report(ours, peers, date):
         "peers_gpu": peers.get("gpu"),
         "peers_method": peers.get("method"),
         "cases": [merge_case(c, peer_cases.get(c["name"])) for c in ours.get("cases", [])],
-        "serving": ours.get("serving", []),
+        "serving": [merge_serving(c, peers.get("serving", {}).get(c["name"], {}))
+                    for c in ours.get("serving", [])],
     }
     warnings = []
     if peers.get("gpu") and ours.get("gpu") and peers["gpu"] != ours["gpu"]:
@@ -199,13 +213,24 @@ def markdown(report):
             lines.append("- no peer results (%d): %s" % (len(no_peers), ", ".join(no_peers)))
     serving = report.get("serving", [])
     if serving:
-        lines += ["", "## Serving cases (ours only)", "",
-                  "| case | kernel | ms | TFLOP/s | one call per sequence, ms |", "|---|---|---:|---:|---:|"]
+        lines += ["", "## Serving cases", "",
+                  "Peers: scripts/peers.py (torch on the same problem: padded SDPA per backend, "
+                  "nested tensors, one call per sequence; flex for the dense cache). "
+                  "× best peer = best peer's ms / ours (> 1: we are faster).", "",
+                  "| case | kernel | ms | TFLOP/s | one call per sequence, ms | best peer | peer ms | × best peer |",
+                  "|---|---|---:|---:|---:|---|---:|---:|"]
         for c in serving:
             other = c.get("one_call_per_sequence_ms")
-            lines.append("| %s | `%s` | %.3f | %.1f | %s |" % (
+            best = c.get("best_peer")
+            lines.append("| %s | `%s` | %.3f | %.1f | %s | %s | %s | %s |" % (
                 c["name"], c["kernel"], c["ours_ms"], c["ours_tflops"],
-                "%.3f" % other if other is not None else "—"))
+                "%.3f" % other if other is not None else "—",
+                best or "—", "%.3f" % c["best_peer_ms"] if best else "—",
+                "%.2f" % c["ours_vs_best_peer"] if best and c.get("ours_vs_best_peer") else "—"))
+        skipped = [(c["name"], p, r["skipped"]) for c in serving for p, r in c.get("peers", {}).items()
+                   if r.get("skipped")]
+        for name, p, why in skipped:
+            lines.append("- %s, %s skipped: %s" % (name, p, why))
     return "\n".join(lines) + "\n"
 
 

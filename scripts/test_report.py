@@ -45,6 +45,13 @@ OURS = {
          "window_left": None, "window_right": None, "flops": 3 * 10**12, "ours_ms": 10.0,
          "ours_tflops": 300.0, "rel_l2_err": 0.001, "err_case": "same shape"},
     ],
+    "serving": [
+        {"name": "varlen prefill 3 seqs", "kernel": "fa_fwd_sm90_bf16_hd128", "tokens": 700,
+         "flops": 10**9, "ours_ms": 2.0, "ours_tflops": 0.5, "one_call_per_sequence_ms": 3.0,
+         "heads_q": 32, "heads_kv": 8, "head_dim": 128, "mask": "causal", "seq_lens": [100, 200, 400]},
+        {"name": "kv cache paged 16 b8 cache4096 q512", "kernel": "fa_fwd_sm80_bf16_hd128",
+         "flops": 10**9, "ours_ms": 1.0, "ours_tflops": 1.0, "page": 16},
+    ],
 }
 
 SDPA_WINDOW = "SDPA has no sliding-window without a dense mask"
@@ -65,6 +72,16 @@ PEERS = {
             "flex": {"ms": 4.0, "skipped": None, "rel_l2_err": None},
         },
         # the third case has no peer results at all
+    },
+    "serving": {
+        "varlen prefill 3 seqs": {
+            "torch_flash_padded": {"ms": 5.0, "skipped": None, "rel_l2_err": None},
+            "torch_nested": {"ms": 3.0, "skipped": None, "rel_l2_err": None, "note": "KV expanded"},
+            "torch_cudnn_padded": {"ms": None, "skipped": "RuntimeError: no kernel", "rel_l2_err": None},
+        },
+        "kv cache paged 16 b8 cache4096 q512": {
+            "flex": {"ms": None, "skipped": "no torch peer for this row", "rel_l2_err": None},
+        },
     },
 }
 
@@ -130,6 +147,18 @@ class ReportEndToEnd(unittest.TestCase):
         self.assertEqual(r["cudnn"], 91002)
         self.assertEqual(len(r["cases"]), 3)
 
+    def test_serving_rows_and_peers(self):
+        rows = self.load()["serving"]
+        self.assertEqual(len(rows), 2)
+        self.assertNotIn("seq_lens", rows[0])  # the lengths stay in ours.json
+        self.assertEqual(rows[0]["best_peer"], "torch_nested")
+        self.assertAlmostEqual(rows[0]["ours_vs_best_peer"], 1.5)
+        self.assertNotIn("best_peer", rows[1])
+        md = self.md()
+        self.assertIn("| varlen prefill 3 seqs | `fa_fwd_sm90_bf16_hd128` | 2.000 | 0.5 | 3.000 | torch_nested | 3.000 | 1.50 |", md)
+        self.assertIn("| kv cache paged 16 b8 cache4096 q512 | `fa_fwd_sm80_bf16_hd128` | 1.000 | 1.0 | — | — | — | — |", md)
+        self.assertIn("varlen prefill 3 seqs, torch_cudnn_padded skipped: RuntimeError: no kernel", md)
+
     def test_json_case_merge_and_ratios(self):
         c0, c1, c2 = self.load()["cases"]
         # our fields survive
@@ -163,7 +192,8 @@ class ReportEndToEnd(unittest.TestCase):
         self.assertIn("(dirty)", md)
         self.assertIn("2.11.0+cu130", md)
         self.assertIn("91002", md)
-        rows = [l for l in md.splitlines() if l.startswith("| ")]
+        grid = md.split("## Serving cases")[0]  # the serving table is checked on its own
+        rows = [l for l in grid.splitlines() if l.startswith("| ")]
         header = [h.strip() for h in rows[0].strip("|").split("|")]
         self.assertEqual(header[:8], ["shape (B, Hq/Hkv, Lq/Lk, D)", "mask", "dtype", "dir",
                                       "kernel", "GFLOP", "ours ms", "ours TFLOP/s"])

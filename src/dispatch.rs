@@ -115,7 +115,8 @@ pub struct DispatchTensors<'a> {
 /// that holds `D` wins, and of that bucket's rows the first (in table order)
 /// whose shared memory the device allows: a bucket lists its fastest row first
 /// and smaller-memory fallbacks after it (the sm80 `_99k` rows for sm86/sm89).
-/// Variants (`name__tag`) are never picked. A forced family or kernel name
+/// Variants (`name__tag`) are never picked. Paged KV caches go to the sm80
+/// bucket's `_paged` row, and only they do. A forced family or kernel name
 /// that cannot run is an error. Returns the index into `rows` and the launch.
 ///
 /// # Errors
@@ -131,6 +132,7 @@ pub fn dispatch(
     forced_name: Option<&'static str>,
 ) -> Result<(usize, KernelInfo)> {
     let serves = |r: &KernelRow| r.dtype == p.dtype && r.head_dim as usize >= p.head_dim;
+    let paged = p.kv_cache.is_some_and(|c| c.paged.is_some());
     let smem_fits = |r: &KernelRow| r.smem_bytes <= device.smem_per_block;
     if let Some(name) = forced_name {
         let idx = rows
@@ -144,7 +146,7 @@ pub fn dispatch(
                 reason: format!("{name} does not serve {} head_dim {}", p.dtype, p.head_dim),
             });
         }
-        if let Some(what) = lacks(fam, p) {
+        if let Some(what) = lacks(row, fam, p) {
             return Err(unsupported(fam, what));
         }
         if !smem_fits(row) {
@@ -173,13 +175,17 @@ pub fn dispatch(
         let best = (0..rows.len())
             .filter(|&i| {
                 let r = &rows[i];
-                family_of(r) == Some(fam) && !r.is_variant() && serves(r) && smem_fits(r)
+                family_of(r) == Some(fam)
+                    && !r.is_variant()
+                    && r.is_paged() == (paged && fam == KernelFamily::Sm80)
+                    && serves(r)
+                    && smem_fits(r)
             })
             .min_by_key(|&i| rows[i].head_dim);
         // `Err(None)`: no kernel; `Err(Some(e))`: the kernel cannot run here.
         // No message is formatted unless the call fails.
         // Features a family's kernels ignore: never give them such a problem.
-        if let Some(what) = best.and(lacks(fam, p)) {
+        if let Some(what) = best.and_then(|i| lacks(&rows[i], fam, p)) {
             if forced.is_some() {
                 return Err(unsupported(fam, what));
             }
@@ -219,15 +225,23 @@ pub fn dispatch(
     Err(Error::NoKernel { reason: reason.join("; ") })
 }
 
-/// The feature of `p` that family `fam` does not implement, if any. The
-/// Hopper kernels take neither packed batches nor caches yet; the sm80
-/// kernels take dense caches but not pages (the gather costs them spills).
-fn lacks(fam: KernelFamily, p: &Problem) -> Option<&'static str> {
-    let paged = p.kv_cache.is_some_and(|c| c.paged.is_some());
-    match fam {
-        KernelFamily::Sm90 if p.varlen.is_some() => Some("packed (varlen) batches"),
-        KernelFamily::Sm90 if p.kv_cache.is_some() => Some("KV caches"),
-        KernelFamily::Sm80 if paged => Some("paged KV caches"),
+/// The feature of `p` that kernel `row` of family `fam` does not implement,
+/// if any. The Hopper kernels load a paged cache's tiles whole with TMA, so
+/// they take pages whose size is a multiple of their block_n (smaller pages
+/// go to the sm80 kernels' gather); their persistent variants take
+/// rectangular batches only. Of the sm80 rows only the `_paged` ones read
+/// pages.
+fn lacks(row: &KernelRow, fam: KernelFamily, p: &Problem) -> Option<&'static str> {
+    let sequences = p.varlen.is_some() || p.kv_cache.is_some();
+    let page = p.kv_cache.and_then(|c| c.paged).map(|pg| pg.page_size);
+    match (fam, row.grid, page) {
+        (KernelFamily::Sm80, _, Some(_)) if !row.is_paged() => Some("paged KV caches (its `_paged` row does)"),
+        (KernelFamily::Sm90, GridKind::Persistent, _) if sequences => {
+            Some("packed batches or KV caches (persistent variants)")
+        }
+        (KernelFamily::Sm90, _, Some(size)) if size % row.block_n as usize != 0 => {
+            Some("pages whose size is not a multiple of block_n")
+        }
         _ => None,
     }
 }

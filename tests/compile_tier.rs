@@ -203,11 +203,17 @@ fn dispatch_table_is_complete_and_consistent() {
         let rows = || KERNEL_TABLE.iter().filter(|r| !r.is_variant() && r.dtype == dtype);
         let naive = rows().filter(|r| r.image == "fwd_naive");
         assert_eq!(naive.map(|r| r.head_dim).collect::<Vec<_>>(), [256]);
-        // One main row per bucket; the `_99k` rows (sm86/sm89) are extra.
-        let main = |r: &&fused_attn::internals::KernelRow| r.image == "fwd_sm80" && !r.name.ends_with("_99k");
+        // One main row per bucket; the `_99k` rows (sm86/sm89) are extra, and
+        // so is one `_paged` row per bucket (paged KV caches).
+        let main =
+            |r: &&fused_attn::internals::KernelRow| r.image == "fwd_sm80" && !r.name.ends_with("_99k") && !r.is_paged();
         let mut tiled: Vec<u32> = rows().filter(main).map(|r| r.head_dim).collect();
         tiled.sort();
         assert_eq!(tiled, [32, 64, 96, 128, 160, 192, 224, 256], "{dtype} sm80 buckets");
+        let mut paged: Vec<u32> = rows().filter(|r| r.is_paged()).map(|r| r.head_dim).collect();
+        paged.sort();
+        assert_eq!(paged, tiled, "{dtype} sm80 `_paged` rows, one per bucket");
+        assert!(rows().filter(|r| r.is_paged()).all(|r| r.image == "fwd_sm80"));
         // Every sm80 bucket runs in sm86/sm89's 99 KB per block, through its
         // main row or its `_99k` row.
         for d in tiled {

@@ -4,8 +4,8 @@
 //! function of the table, the device and the tensors.
 
 use fused_attn::internals::{
-    dispatch, image_runs_on, validate, DeviceInfo, DispatchTensors, GridKind, KernelImage, KernelRow, TensorDesc,
-    IMAGES, KERNEL_TABLE,
+    check_cache_tables, check_seqlens, dispatch, image_runs_on, validate, DeviceInfo, DispatchTensors, GridKind,
+    KernelImage, KernelRow, TensorDesc, IMAGES, KERNEL_TABLE,
 };
 use fused_attn::{AttentionOptions, DType, Error, KernelFamily, Layout, Mask, PassReason};
 
@@ -106,11 +106,18 @@ fn each_bucket_takes_its_first_row_that_fits_the_shared_memory() {
     }
     // Table order is the preference: within a family and bucket, every later
     // base row needs less shared memory than the first (else it could never be
-    // picked where the first fits, and would be chosen over it nowhere).
+    // picked where the first fits, and would be chosen over it nowhere). The
+    // `_paged` rows form their own sequence (only paged caches reach them).
     for (i, r) in KERNEL_TABLE.iter().enumerate().filter(|(_, r)| !r.is_variant()) {
         let first = KERNEL_TABLE
             .iter()
-            .find(|f| !f.is_variant() && f.image == r.image && f.dtype == r.dtype && f.head_dim == r.head_dim)
+            .find(|f| {
+                !f.is_variant()
+                    && f.is_paged() == r.is_paged()
+                    && f.image == r.image
+                    && f.dtype == r.dtype
+                    && f.head_dim == r.head_dim
+            })
             .unwrap();
         if first.name != r.name {
             assert!(r.smem_bytes < first.smem_bytes, "{} (row {i}) needs no less memory than {}", r.name, first.name);
@@ -267,5 +274,66 @@ fn launch_grids() {
         let (_, info) = dispatch(&rows, H100, &pr.p, pr.tensors(), None, Some(r.name)).unwrap();
         let tiles = 300usize.div_ceil(r.block_m as usize) * 8 * 2;
         assert_eq!(info.grid, (tiles.min(132) as u32, 1, 1), "{}", r.name);
+    }
+}
+
+/// Packed batches and caches: the Hopper kernels take them, except paged
+/// caches whose page size is not a multiple of their block_n (128 for hd128,
+/// 80 for hd256), which the sm80 kernels' gather takes; the persistent
+/// variants take only rectangular batches.
+#[test]
+fn packed_batches_and_caches_go_where_they_are_implemented() {
+    let t = DType::BF16.name();
+    let varlen = check_seqlens(&[0, 100, 300], &[0, 200, 500], None).unwrap();
+    let dense = check_cache_tables(&[200, 500], None, None).unwrap();
+    let paged = |page: usize| {
+        let per_seq = 500usize.div_ceil(page);
+        let table: Vec<i32> = (0..2 * per_seq as i32).collect();
+        check_cache_tables(&[200, 500], None, Some((&table, per_seq, page))).unwrap()
+    };
+    for d in [128, 256] {
+        let sm90 = format!("fa_fwd_sm90_{t}_hd{d}");
+        let sm80 = format!("fa_fwd_sm80_{t}_hd{d}");
+        let sm80_paged = format!("fa_fwd_sm80_{t}_hd{d}_paged");
+        let with = |v: Option<_>, c: Option<_>| {
+            let mut pr = problem(DType::BF16, d, None, 0x1000);
+            pr.p.varlen = v;
+            pr.p.kv_cache = c;
+            pr
+        };
+        assert_eq!(choose(H100, &with(Some(varlen), None), None, None).unwrap(), sm90);
+        assert_eq!(choose(H100, &with(None, Some(dense)), None, None).unwrap(), sm90);
+        // 400 is a multiple of 80 but not of 128; 640 of both.
+        for (page, hopper) in [(1, false), (16, false), (128, d == 128), (400, d == 256), (640, true)] {
+            let pr = with(None, Some(paged(page)));
+            let rows = rows(90);
+            let (i, info) = dispatch(&rows, H100, &pr.p, pr.tensors(), None, None).unwrap();
+            assert_eq!(rows[i].name, if hopper { &sm90 } else { &sm80_paged }, "hd{d} page {page}");
+            if !hopper {
+                let passed: Vec<_> = info.passed_over().collect();
+                assert!(
+                    matches!(passed[..], [p] if p.family == KernelFamily::Sm90
+                        && matches!(p.reason, PassReason::Unsupported { .. })),
+                    "{passed:?}"
+                );
+                let forced = choose(H100, &pr, Some(KernelFamily::Sm90), None).unwrap_err().to_string();
+                assert!(forced.contains("block_n"), "{forced}");
+            }
+            // The sm80 `_paged` rows take every page size; the dense rows none.
+            assert_eq!(choose(A100, &pr, None, None).unwrap(), sm80_paged);
+            let name: &'static str = Box::leak(sm80.clone().into_boxed_str());
+            let err = choose(A100, &pr, None, Some(name)).unwrap_err().to_string();
+            assert!(err.contains("_paged"), "{err}");
+        }
+        // Dense caches and packed batches never get a `_paged` row.
+        assert_eq!(choose(A100, &with(None, Some(dense)), None, None).unwrap(), sm80);
+        assert_eq!(choose(A100, &with(Some(varlen), None), None, None).unwrap(), sm80);
+        // Variants are in the table only in builds with FUSED_ATTN_VARIANTS=1.
+        let name: &'static str = Box::leak(format!("{sm90}__persistent").into_boxed_str());
+        if rows(90).iter().any(|r| r.name == name) {
+            let err = choose(H100, &with(Some(varlen), None), None, Some(name)).unwrap_err().to_string();
+            assert!(err.contains("persistent"), "{err}");
+            assert!(choose(H100, &with(None, None), None, Some(name)).is_ok());
+        }
     }
 }

@@ -355,6 +355,27 @@ const MUTANTS: &[Mutant] = &[
         file: "common/sequence.cuh",
         edits: &[("int(slot) * rs", "int(page) * rs")],
     },
+    Mutant {
+        name: "paged (sm80): one lookup per tile for every page size",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "const bool whole_pages = !PAGED || p.block_table == nullptr || p.page_size % BN == 0;",
+            "const bool whole_pages = true;",
+        )],
+    },
+    Mutant {
+        name: "paged (sm80): the gather reuses even rows' pages for odd rows",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "return fa_kv_row<T>(p, base, is_v, b, n0 + r);",
+            "return fa_kv_row<T>(p, base, is_v, b, n0 + r / 2 * 2);",
+        )],
+    },
+    Mutant {
+        name: "paged (sm80): the gather looks up rows past the sequence",
+        file: "common/sm80_tile_io.cuh",
+        edits: &[("ok ? row_at(r) + chunk * 8 : safe", "col_ok ? row_at(r) + chunk * 8 : safe")],
+    },
     // ---- the naive kernel ----
     Mutant {
         name: "naive: KV head h % Hk instead of h / (Hq/Hk)",
@@ -389,7 +410,8 @@ fn sm80_emulator_catches_injected_bugs() {
     let _ = std::fs::remove_dir_all(&base);
     // hd64: Q in registers, 4 warps, a ring of 4; hd128: Q re-read from
     // shared memory, a ring of 2 (the n_tiles == 0 path matters there).
-    let only = "^fa_fwd_(sm80_f16_hd64|sm80_f16_hd128|naive_f16)$";
+    // hd64_paged: the paged caches' rows (page lookup per tile, gather).
+    let only = "^fa_fwd_(sm80_f16_hd64|sm80_f16_hd64_paged|sm80_f16_hd128|naive_f16)$";
     let modes = vec![
         args(&["--cases=neg", "--land=lazy", "--seed=1"]),
         args(&["--cases=neg", "--land=eager", "--order=fixed"]),

@@ -513,6 +513,66 @@ const MUTANTS: &[Mutant] = &[
         file: "common/sm90_softmax.cuh",
         edits: &[("const float l = quad_sum(row_sum[h]);", "const float l = row_sum[h];")],
     },
+    // ---- packed batches and caches (common/sequence.cuh, the tail zeroing) ----
+    Mutant {
+        name: "sequences: the last tile's V rows past seqlen_k not zeroed",
+        file: "fwd_sm90.cu",
+        edits: &[("v_tail = min(BN, p.seqlen_k - (n_begin + n_tiles - 1) * BN);", "v_tail = BN;")],
+    },
+    Mutant {
+        name: "sequences: zeroing from one row too late",
+        file: "fwd_sm90.cu",
+        edits: &[("v_tail * 128)[i % chunks]", "(v_tail + 1) * 128)[i % chunks]")],
+    },
+    Mutant {
+        name: "sequences: no proxy fence between the zeros and the wgmma",
+        file: "fwd_sm90.cu",
+        edits: &[(
+            "                fence_proxy_async_shared();\n                named_barrier_sync(kBarTail, kBothConsumers);",
+            "                named_barrier_sync(kBarTail, kBothConsumers);",
+        )],
+    },
+    Mutant {
+        name: "sequences: no barrier between the consumers' zeroing halves",
+        file: "fwd_sm90.cu",
+        edits: &[("                named_barrier_sync(kBarTail, kBothConsumers);\n", "")],
+    },
+    Mutant {
+        name: "packed: Q's TMA batch coordinate b instead of 0",
+        file: "common/sequence.cuh",
+        edits: &[(
+            "c = FaTmaCoords{p.cu_seqlens_q[b], 0, c.k_row, c.kv_batch};",
+            "c = FaTmaCoords{p.cu_seqlens_q[b], b, c.k_row, c.kv_batch};",
+        )],
+    },
+    Mutant {
+        name: "packed: K/V TMA row without the sequence's first key",
+        file: "fwd_sm90.cu",
+        edits: &[("int kv_row = at.k_row + n0, kv_entry = at.kv_batch;", "int kv_row = n0, kv_entry = at.kv_batch;")],
+    },
+    Mutant {
+        name: "cache: TMA batch entry ignores cache_batch_idx",
+        file: "common/sequence.cuh",
+        edits: &[("    if (p.cache_batch_idx != nullptr) c.kv_batch = p.cache_batch_idx[b];\n", "")],
+    },
+    Mutant {
+        name: "paged: TMA row = 0 instead of n0's slot in its page",
+        file: "common/sequence.cuh",
+        edits: &[("    row = n0 - int(pg * unsigned(p.page_size));", "    row = 0;")],
+    },
+    Mutant {
+        name: "packed: consumers keep row blocks past a shorter sequence",
+        file: "fwd_sm90.cu",
+        edits: &[("            if (m0 >= p.seqlen_q) continue;  // past a shorter sequence's end (as the producer)", "")],
+    },
+    Mutant {
+        name: "packed: epilogue stores through the launch's O, not the sequence's",
+        file: "fwd_sm90.cu",
+        edits: &[(
+            "        FaFwdParams p = launch;\n        bind(p, batch);\n        T *const o_head",
+            "        const FaFwdParams &p = launch;\n        T *const o_head",
+        )],
+    },
 ];
 
 /// Runs the emulator with each argument list in turn until one fails;

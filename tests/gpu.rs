@@ -1031,10 +1031,10 @@ fn trials() -> Vec<(Trial, bool)> {
     trials.push(plain("varlen/dispatch", varlen_dispatch));
     trials.push(plain("kvcache/append_kv", append_kv_trial));
     for c in varlen_cases() {
-        trials.push((Trial::test(c.name(), move || varlen_trial(c)), false));
+        trials.push((Trial::test(c.name(), move || varlen_trial(c)), is90(c.family)));
     }
     for c in cache_cases() {
-        trials.push((Trial::test(c.name(), move || cache_trial(c)), false));
+        trials.push((Trial::test(c.name(), move || cache_trial(c)), is90(c.family)));
     }
     trials
 }
@@ -1224,7 +1224,7 @@ impl VarlenCase {
 fn varlen_cases() -> Vec<VarlenCase> {
     let mut out = Vec::new();
     let mut seed = 9000;
-    for family in [KernelFamily::Naive, KernelFamily::Sm80] {
+    for family in [KernelFamily::Naive, KernelFamily::Sm80, KernelFamily::Sm90] {
         for dtype in [DType::BF16, DType::F16] {
             for d in [64, 128, 96, 256] {
                 if family == KernelFamily::Naive && d != 64 && d != 256 {
@@ -1407,8 +1407,10 @@ fn verdict(
     Ok(())
 }
 
-/// With no family forced, a packed batch runs on sm80 and says why not sm90
-/// (on a Hopper GPU), and a forced sm90 is a typed error.
+/// With no family forced, a packed batch runs on the best family (sm90 on a
+/// Hopper GPU), and a paged cache whose pages are smaller than the Hopper
+/// kernels' tiles runs on sm80, saying why not sm90; forcing sm90 there is a
+/// typed error.
 fn varlen_dispatch() -> Result<(), Failed> {
     let g = gpu()?;
     let stream = g.ctx.new_stream().map_err(text)?;
@@ -1424,17 +1426,36 @@ fn varlen_dispatch() -> Result<(), Failed> {
     };
     let info = run(&mut o, &AttentionOptions::new(Mask::Causal)).map_err(text)?;
     println!("varlen/dispatch: ran {}, passed over {:?}", info.name, info.passed_over().collect::<Vec<_>>());
-    if info.family == KernelFamily::Sm90 {
-        return Err("a packed batch ran on the Hopper kernel, which ignores the sequence tables".into());
+    let best = if g.attn.sm() >= 90 { KernelFamily::Sm90 } else { KernelFamily::Sm80 };
+    if info.family != best {
+        return Err(format!("a packed batch ran on {}, not the {best:?} kernel", info.name).into());
+    }
+    // A paged cache of 16-key pages: below the Hopper kernels' block_n.
+    let (b, lq, page, per_seq) = (2, 3, 16, 4);
+    let lens = [40i32, 17];
+    let table: Vec<i32> = (0..(b * per_seq) as i32).rev().collect();
+    let tables = CacheTables::paged(&stream, &lens, &table, per_seq, page).map_err(text)?;
+    let cache = upload(&stream, &randn::<bf16>(&mut StdRng::seed_from_u64(4), b * per_seq * page * h * d))?;
+    let q = upload(&stream, &randn::<bf16>(&mut StdRng::seed_from_u64(5), b * lq * h * d))?;
+    let mut o = upload(&stream, &poison::<bf16>(b * lq * h * d))?;
+    let (cl, ql) = (Layout::bshd(b * per_seq, page, h, d), Layout::bshd(b, lq, h, d));
+    let run = |o: &mut CudaSlice<bf16>, opts: &AttentionOptions| {
+        let mut ot = DeviceTensorMut::new(o, ql);
+        let (qt, kt, vt) = (DeviceTensor::new(&q, ql), DeviceTensor::new(&cache, cl), DeviceTensor::new(&cache, cl));
+        g.attn.forward_kvcache_into(&stream, &qt, &kt, &vt, &mut ot, None, &tables, opts)
+    };
+    let info = run(&mut o, &AttentionOptions::new(Mask::Causal)).map_err(text)?;
+    println!("kvcache/dispatch page 16: ran {}, passed over {:?}", info.name, info.passed_over().collect::<Vec<_>>());
+    if info.family != KernelFamily::Sm80 {
+        return Err(format!("a cache of 16-key pages ran on {}, not the sm80 gather", info.name).into());
     }
     if g.attn.sm() >= 90 {
-        let why = info.passed_over().any(|p| p.family == KernelFamily::Sm90);
-        if !why {
-            return Err("sm90 not reported as passed over".into());
+        if !info.passed_over().any(|p| p.family == KernelFamily::Sm90) {
+            return Err("sm90 not reported as passed over for 16-key pages".into());
         }
         match run(&mut o, &AttentionOptions::new(Mask::Causal).with_kernel(KernelFamily::Sm90)) {
             Err(fused_attn::Error::NoKernel { .. }) => {}
-            other => return Err(format!("forced sm90 on a packed batch: {other:?}").into()),
+            other => return Err(format!("forced sm90 on 16-key pages: {other:?}").into()),
         }
     }
     Ok(())
@@ -1469,12 +1490,19 @@ fn cache_cases() -> Vec<CacheCase> {
     for dtype in [DType::BF16, DType::F16] {
         for d in [64, 128] {
             for mask in [Mask::Causal, Mask::window(50, 3)] {
+                // sm80: pages of 1 and 16 take the per-row gather, 64 (a
+                // multiple of block_n) one lookup per tile; sm90: TMA
+                // loads of whole tiles, pages of 128 and 256.
                 for (family, page) in [
                     (KernelFamily::Sm80, 0),
+                    (KernelFamily::Sm80, 1),
+                    (KernelFamily::Sm80, 16),
+                    (KernelFamily::Sm80, 64),
+                    (KernelFamily::Sm90, 0),
+                    (KernelFamily::Sm90, 128),
+                    (KernelFamily::Sm90, 256),
                     (KernelFamily::Naive, 0),
-                    (KernelFamily::Naive, 1),
                     (KernelFamily::Naive, 16),
-                    (KernelFamily::Naive, 64),
                 ] {
                     seed += 1;
                     out.push(CacheCase { family, dtype, d, page, mask, seed });

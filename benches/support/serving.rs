@@ -101,8 +101,10 @@ pub fn serving_rows(g: &Gpu, stream: &Arc<CudaStream>, reps: usize) -> Result<Ve
         tf(packed),
         one_by_one / packed
     );
+    // The shape goes along for scripts/peers.py, which times torch on the same problem.
+    let seq_lens = lens.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", ");
     rows.push(format!(
-        "{{\"name\": \"varlen prefill 64 seqs log-uniform 128-8192\", \"kernel\": {name:?}, \"tokens\": {t}, \"flops\": {fl}, \"ours_ms\": {packed:.6}, \"ours_tflops\": {:.3}, \"one_call_per_sequence_ms\": {one_by_one:.6}}}",
+        "{{\"name\": \"varlen prefill 64 seqs log-uniform 128-8192\", \"kernel\": {name:?}, \"tokens\": {t}, \"flops\": {fl}, \"ours_ms\": {packed:.6}, \"ours_tflops\": {:.3}, \"one_call_per_sequence_ms\": {one_by_one:.6}, \"heads_q\": {hq}, \"heads_kv\": {hk}, \"head_dim\": {d}, \"mask\": \"causal\", \"seq_lens\": [{seq_lens}]}}",
         tf(packed)
     ));
 
@@ -139,7 +141,7 @@ pub fn serving_rows(g: &Gpu, stream: &Arc<CudaStream>, reps: usize) -> Result<Ve
             fl as f64 / (ms * 1e-3) / 1e12
         );
         rows.push(format!(
-            "{{\"name\": \"kv cache {kind} b{b} cache{len} q{lq}\", \"kernel\": {name:?}, \"flops\": {fl}, \"ours_ms\": {ms:.6}, \"ours_tflops\": {:.3}}}",
+            "{{\"name\": \"kv cache {kind} b{b} cache{len} q{lq}\", \"kernel\": {name:?}, \"flops\": {fl}, \"ours_ms\": {ms:.6}, \"ours_tflops\": {:.3}, \"batch\": {b}, \"seqlen_q\": {lq}, \"cache_len\": {len}, \"page\": {page}, \"heads_q\": {hq}, \"heads_kv\": {hk}, \"head_dim\": {d}, \"mask\": \"causal\"}}",
             fl as f64 / (ms * 1e-3) / 1e12
         ));
     }

@@ -8,6 +8,13 @@
 #pragma once
 #include "../params.h"
 
+// A block-table entry. The emulators (tools/sm80-emu, tools/sm90-emu)
+// define this to a checked read: an entry outside the sequence's own pages
+// (-1 in their tables) is an error there, as it is out of contract here.
+#ifndef FA_TABLE_READ
+#define FA_TABLE_READ(table, i) ((table)[i])
+#endif
+
 template <typename T>
 __device__ __forceinline__ void fa_bind_sequence(FaFwdParams &p, int b) {
     const bool packed_q = p.cu_seqlens_q != nullptr, packed_k = p.cu_seqlens_k != nullptr;
@@ -37,11 +44,10 @@ __device__ __forceinline__ void fa_bind_sequence(FaFwdParams &p, int b) {
     p.diag_offset = p.top_left ? 0 : p.seqlen_k - p.seqlen_q;
 }
 
-// Paged KV caches (the naive kernel; the dispatcher keeps them from the sm80
-// kernels, which have no registers to spare at 255 for the gather). Dense:
-// row j of sequence b is at base + j * row_stride, base being row 0 of its
-// batch entry. Paged: base is the head's offset inside a page and row j is
-// row j % page_size of page block_table[b][j / page_size].
+// Where keys and values live. Dense: row j of sequence b is at
+// base + j * row_stride, base being row 0 of its batch entry. Paged: base is
+// the head's offset inside a page and row j is row j % page_size of page
+// block_table[b][j / page_size].
 template <typename T>
 __device__ __forceinline__ const T *fa_kv_base(const FaFwdParams &p, bool is_v, int b, int hk) {
     const T *t = static_cast<const T *>(is_v ? p.v : p.k) + hk * (is_v ? p.v_head_stride : p.k_head_stride);
@@ -56,6 +62,37 @@ __device__ __forceinline__ const T *fa_kv_row(const FaFwdParams &p, const T *bas
     if (p.block_table == nullptr) return base + j * rs;
     const unsigned page = unsigned(j) / unsigned(p.page_size);
     const unsigned slot = unsigned(j) - page * unsigned(p.page_size);
-    const int32_t id = p.block_table[b * p.block_table_stride + page];
+    const int32_t id = FA_TABLE_READ(p.block_table, b * p.block_table_stride + page);
     return base + id * (is_v ? p.v_batch_stride : p.k_batch_stride) + int(slot) * rs;
+}
+
+// The Hopper kernels reach Q, K and V through TMA maps, by coordinates, not
+// through pointers: where fa_bind_sequence moves a pointer, this also returns
+// the sequence's coordinates in the maps (O and LSE, stored by ordinary
+// writes, are moved as above). Packed tensors are one batch entry of all
+// tokens, so a packed sequence starts at a row of batch entry 0; a dense
+// cache's sequence is the whole entry cache_batch_idx[b]. A paged cache's
+// entry and row depend on the key tile (fa_page_coords).
+struct FaTmaCoords {
+    int q_row, q_batch;   // Q (and O) row 0 of the sequence
+    int k_row, kv_batch;  // K and V key 0 (dense or packed)
+};
+template <typename T>
+__device__ __forceinline__ FaTmaCoords fa_bind_sequence_tma(FaFwdParams &p, int b) {
+    FaTmaCoords c{0, b, 0, b};
+    if (p.cu_seqlens_q != nullptr) c = FaTmaCoords{p.cu_seqlens_q[b], 0, c.k_row, c.kv_batch};
+    if (p.cu_seqlens_k != nullptr) c = FaTmaCoords{c.q_row, c.q_batch, p.cu_seqlens_k[b], 0};
+    if (p.cache_batch_idx != nullptr) c.kv_batch = p.cache_batch_idx[b];
+    fa_bind_sequence<T>(p, b);
+    return c;
+}
+
+// A paged cache's TMA coordinates {row, page} of the key tile starting at
+// key n0 of sequence b: the page that holds key n0 and n0's slot in it (the
+// tile lies in that one page: the dispatcher gives the Hopper kernels only
+// page sizes that are multiples of block_n).
+__device__ __forceinline__ void fa_page_coords(const FaFwdParams &p, int b, int n0, int &row, int &page) {
+    const unsigned pg = unsigned(n0) / unsigned(p.page_size);
+    row = n0 - int(pg * unsigned(p.page_size));
+    page = FA_TABLE_READ(p.block_table, b * p.block_table_stride + pg);
 }

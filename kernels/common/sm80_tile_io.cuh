@@ -52,6 +52,25 @@ struct Sm80TileLoader {
             g += step;
         }
     }
+
+    // load() for rows that are not equally spaced (a paged cache whose pages
+    // are shorter than the tile): row r of the tile is at row_at(r), which is
+    // asked only for rows < rows_valid (past them the page table may end).
+    // Unrolled: with `unroll 1` the loop's own state made hd192 (255
+    // registers) spill, unrolled ptxas schedules the page-table loads freely.
+    template <typename RowAt>
+    __device__ __forceinline__ void gather(uint32_t dst, RowAt row_at, int rows_valid, const T *safe) const {
+#pragma unroll
+        for (int i = 0; i < kPasses; ++i) {
+            const int r = row0 + i * kRowsPerPass;
+            const bool in_tile = (ROWS % kRowsPerPass == 0 || r < ROWS) &&
+                                 (kLanes == CHUNKS || chunk < CHUNKS);
+            if (in_tile) {
+                const bool ok = col_ok && r < rows_valid;
+                cp_async_16(dst + Swz::offset(r, chunk), ok ? row_at(r) + chunk * 8 : safe, ok ? 16u : 0u);
+            }
+        }
+    }
 };
 
 // One warp copies ROWS staged rows (swizzled, as written by the epilogue) to

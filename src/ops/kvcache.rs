@@ -277,9 +277,12 @@ impl Attention {
     /// `i` of sequence `b` sits at key position `cache_seqlens[b] − Lq + i`.
     /// Asynchronous on `stream`; no host allocation, no device read-back.
     ///
-    /// Dense caches run on the sm80 kernels (and naive), paged ones on the
-    /// naive kernel for now; `KernelInfo::passed_over` says which family was
-    /// skipped and why. New keys go in first with
+    /// Dense caches run on every kernel family. Paged ones run on the Hopper
+    /// kernels when the page size is a multiple of their block_n (128; 80 at
+    /// head dims above 128), else on the sm80 kernels (any page size: one
+    /// page lookup per key tile where their block_n divides the page size,
+    /// one per row otherwise); `KernelInfo::passed_over` says which family
+    /// was skipped and why. New keys go in first with
     /// [`append_kv`](Self::append_kv).
     ///
     /// # Errors

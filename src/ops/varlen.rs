@@ -104,9 +104,8 @@ impl Attention {
     /// read-back, so it can be captured in a CUDA graph like
     /// [`forward_into`](Self::forward_into).
     ///
-    /// Served by the sm80 and naive kernels (on Hopper too: the Hopper
-    /// kernels do not take packed batches yet, and `KernelInfo::passed_over`
-    /// says so).
+    /// Served by every kernel family (the Hopper kernels' persistent
+    /// variants excepted): on an H100 the Hopper kernels run it.
     ///
     /// # Errors
     /// As [`forward_into`](Self::forward_into), plus [`Error::SeqLens`] when

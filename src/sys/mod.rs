@@ -68,6 +68,13 @@ impl KernelRow {
     pub fn is_variant(&self) -> bool {
         self.name.contains("__")
     }
+
+    /// The sm80 `_paged` rows: the bucket's shape, also reading paged KV
+    /// caches. The dispatcher gives them paged caches and the other rows
+    /// none (their key loop leaves the page code out).
+    pub fn is_paged(&self) -> bool {
+        self.name.ends_with("_paged")
+    }
 }
 
 /// A kernel's launch shape (`FA_GRID_*` in params.h).

@@ -82,3 +82,8 @@ inline EmuRef<T> emu_deref(P *ptr) { return EmuRef<T>{reinterpret_cast<T *>(ptr)
 void *emu_shared_alloc(size_t bytes);
 template <typename T>
 inline T *emu_shared_array(size_t n) { return static_cast<T *>(emu_shared_alloc(n * sizeof(T))); }
+
+// Block-table reads of common/sequence.cuh: the entry must be a page the
+// sequence owns (the case runners fill every other entry with -1).
+int32_t emu_table_read(const int32_t *table, int64_t i);
+#define FA_TABLE_READ(table, i) emu_table_read(table, i)

@@ -982,6 +982,15 @@ static FaTensorMap encode_like_rust(const void *ptr, int64_t B, int64_t S, int64
     return m;
 }
 
+// The block table of the running case (see emu_table_read in shim.h).
+static const int32_t *table_lo = nullptr, *table_hi = nullptr;
+int32_t emu_table_read(const int32_t *table, int64_t i) {
+    const int32_t *e = table + i;
+    if (e < table_lo || e >= table_hi) { FAIL("block_table read outside the table (entry %lld)", (long long)i); return 0; }
+    if (*e < 0) FAIL("block_table entry %lld read: not a page of the sequence (-1)", (long long)i);
+    return *e;
+}
+
 struct Range { const unsigned char *lo, *hi; };
 static std::vector<Range> readable, writable;
 
@@ -1386,6 +1395,46 @@ static void alarm_handler(int) {
     _exit(3);
 }
 
+// Runs every CTA of `grid` (shuffled shared base, NaN-filled dynamic shared
+// memory, the launch's register budget). False if a CTA was abandoned.
+static bool launch_grid(const Kern &kn, const FaFwdSm90Params &P, uint3 grid) {
+    // The shared window: [0, dyn_off) stands for whatever precedes the
+    // dynamic array, then the table's dynamic bytes, then a guard.
+    static unsigned char *window = nullptr;
+    const uint32_t win_bytes = 1024 + 256 * 1024 + kGuard;
+    if (!window) window = (unsigned char *)aligned_alloc(4096, win_bytes);
+    win = window;
+    dyn_size = kn.smem;
+    tma_pending.assign(win_bytes, 0);
+    async_view.assign(win_bytes, 0);
+    wg_readers.assign(win_bytes, 0);
+    kernel_fn = kn.fn;
+    kernel_params = P;
+    gridDim = grid;
+    const int regs_at_launch = (65536 / kn.threads) / 8 * 8;  // __launch_bounds__(threads, 1)
+    blockDim = make_uint3(kn.threads, 1, 1);
+    bool ran_ok = true;
+    alarm(120);
+    for (unsigned z = 0; z < gridDim.z && ran_ok; ++z)
+        for (unsigned y = 0; y < gridDim.y && ran_ok; ++y)
+            for (unsigned x = 0; x < gridDim.x && ran_ok; ++x) {
+                dyn_off = opt.shuffle ? 16 * rnd(64) : 0;
+                memset(win, 0xab, win_bytes);
+                memset(win + dyn_off, 0xff, dyn_size);  // garbage (f16/bf16 NaN) in every CTA
+                memcpy(async_view.data(), win, win_bytes);  // both proxies agree at launch
+                blockIdx = make_uint3(x, y, z);
+                snprintf(cta_desc, sizeof cta_desc, "%s CTA (%u,%u,%u)", kn.name, x, y, z);
+                ran_ok = run_cta(kn.threads, regs_at_launch);
+                for (uint32_t i = 0; i < win_bytes; ++i)
+                    if ((i < dyn_off || i >= dyn_off + dyn_size) && win[i] != 0xab) {
+                        FAIL("ordinary store to shared memory outside the dynamic allocation (offset %d)", (int)i - (int)dyn_off);
+                        break;
+                    }
+            }
+    alarm(0);
+    return ran_ok;
+}
+
 static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     case_errors = 0;
     std::mt19937 g(seed);
@@ -1465,26 +1514,14 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     P.tma_v = encode_like_rust(v, cs.B, cs.Lk, cs.Hk, cs.D, vb, vr, vh, kn.bn);
     P.tma_o = encode_like_rust(O, cs.B, cs.Lq, cs.Hq, cs.D, ob, orr, oh, kn.bm);
 
-    // The shared window: [0, dyn_off) stands for whatever precedes the
-    // dynamic array, then the table's dynamic bytes, then a guard.
-    static unsigned char *window = nullptr;
-    const uint32_t win_bytes = 1024 + 256 * 1024 + kGuard;
-    if (!window) window = (unsigned char *)aligned_alloc(4096, win_bytes);
-    win = window;
-    dyn_size = kn.smem;
-    tma_pending.assign(win_bytes, 0);
-    async_view.assign(win_bytes, 0);
-    wg_readers.assign(win_bytes, 0);
-    kernel_fn = kn.fn;
-    kernel_params = P;
-    const int regs_at_launch = (65536 / kn.threads) / 8 * 8;  // __launch_bounds__(threads, 1)
+    uint3 grid;
     const int m_tiles = (cs.Lq + kn.bm - 1) / kn.bm;
     if (kn.grid == FA_GRID_PERSISTENT) {
         const int tiles = m_tiles * cs.Hq * cs.B;
-        gridDim = make_uint3(std::min(opt.sms, tiles), 1, 1);
+        grid = make_uint3(std::min(opt.sms, tiles), 1, 1);
         // Coverage: CTAs that loop, and whether some row blocks see no key
         // at all (from the case's band, not from the kernel's schedule).
-        if (tiles > (int)gridDim.x) {
+        if (tiles > (int)grid.x) {
             stats.persistent_multi++;
             int keyless = 0;
             for (int mb = 0; mb < m_tiles; ++mb) {
@@ -1500,28 +1537,9 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
             stats.persistent_mixed += keyless > 0 && keyless < m_tiles;
         }
     } else {
-        gridDim = make_uint3(m_tiles, cs.Hq, cs.B);
+        grid = make_uint3(m_tiles, cs.Hq, cs.B);
     }
-    blockDim = make_uint3(kn.threads, 1, 1);
-    bool ran_ok = true;
-    alarm(120);
-    for (unsigned z = 0; z < gridDim.z && ran_ok; ++z)
-        for (unsigned y = 0; y < gridDim.y && ran_ok; ++y)
-            for (unsigned x = 0; x < gridDim.x && ran_ok; ++x) {
-                dyn_off = opt.shuffle ? 16 * rnd(64) : 0;
-                memset(win, 0xab, win_bytes);
-                memset(win + dyn_off, 0xff, dyn_size);  // garbage (f16/bf16 NaN) in every CTA
-                memcpy(async_view.data(), win, win_bytes);  // both proxies agree at launch
-                blockIdx = make_uint3(x, y, z);
-                snprintf(cta_desc, sizeof cta_desc, "%s CTA (%u,%u,%u)", kn.name, x, y, z);
-                ran_ok = run_cta(kn.threads, regs_at_launch);
-                for (uint32_t i = 0; i < win_bytes; ++i)
-                    if ((i < dyn_off || i >= dyn_off + dyn_size) && win[i] != 0xab) {
-                        FAIL("ordinary store to shared memory outside the dynamic allocation (offset %d)", (int)i - (int)dyn_off);
-                        break;
-                    }
-            }
-    alarm(0);
+    const bool ran_ok = launch_grid(kn, P, grid);
 
     // f64 reference
     EmuProblem ep{cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale, (double)cs.softcap, bf16, cs.lse,
@@ -1562,6 +1580,227 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     return ok;
 }
 
+// Packed (varlen) batches and KV caches (DESIGN.md section 1b), through the
+// same maps the Rust launcher encodes: a packed tensor is one batch entry of
+// all tokens, a dense cache [entries, L_max, Hk, D] is read through
+// cache_batch_idx (every sequence in another entry), a paged one
+// [pages, page, Hk, D] through a shuffled block table (unused entries -1).
+// Keys no sequence may see hold NaN: a packed sequence's rows past its
+// seqused_k, a cache's unwritten slots. The last key tile of a sequence
+// reads them (or the next sequence's keys), so a kernel that lets one into
+// P V shows it in O. CTAs run in grid order; each sequence is checked as a
+// rectangular problem of its own, and nothing outside the views is written.
+struct SeqCase {
+    const char *what;
+    int mode;                       // 0 packed, 1 dense cache, 2 paged cache
+    std::vector<int> lq, lk, used;  // packed: per sequence (used: seqused_k or empty);
+                                    // caches: lk = cache_seqlens, lq = {Lq}
+    int page;                       // paged: keys per page
+    int Hq, Hk, D, wl, wr;
+    float softcap, scale;
+    bool top_left;
+};
+
+static bool run_seq_on(const Kern &kn, const SeqCase &sc, unsigned seed) {
+    case_errors = 0;
+    std::mt19937 g(seed);
+    std::uniform_real_distribution<float> U(-1.f, 1.f);
+    const bool bf16 = kn.bf16, packed = sc.mode == 0, paged = sc.mode == 2;
+    const int B = (int)sc.lk.size(), D = sc.D;
+    std::vector<int> lq(B), keys(B), cu_q(B + 1, 0), cu_k(B + 1, 0);
+    int max_q = 0, max_k = 0, l_max = 1;
+    for (int b = 0; b < B; ++b) {
+        lq[b] = packed ? sc.lq[b] : sc.lq[0];
+        keys[b] = packed && !sc.used.empty() ? sc.used[b] : sc.lk[b];
+        cu_q[b + 1] = cu_q[b] + lq[b];
+        cu_k[b + 1] = cu_k[b] + sc.lk[b];
+        max_q = std::max(max_q, lq[b]);
+        max_k = std::max(max_k, keys[b]);
+        l_max = std::max(l_max, sc.lk[b] + 5);  // dense caches: slack past the longest
+    }
+    // Every tensor its own padded strides (multiples of 16 bytes, as TMA needs).
+    const int64_t qhs = D + 8, qrs = sc.Hq * qhs + 8, ohs = D + 16, ors = sc.Hq * ohs + 24;
+    const int64_t khs = D + 24, krs = sc.Hk * khs + 8, vhs = D + 8, vrs = sc.Hk * vhs + 40;
+    // Q and O: packed [Tq, Hq, D] or [B, Lq, Hq, D].
+    const int qB = packed ? 1 : B, qL = packed ? cu_q[B] : sc.lq[0];
+    const int64_t qbs = packed ? 0 : qL * qrs + 64, obs = packed ? 0 : qL * ors + 128;
+    // K and V: `entries` batch entries of `rows` rows.
+    int entries, rows, per_seq = 0;
+    std::vector<int> table, idx;
+    if (packed) { entries = 1; rows = std::max(cu_k[B], 1); }
+    else if (paged) {
+        rows = sc.page;
+        per_seq = (l_max + sc.page - 1) / sc.page + 1;  // a spare -1 entry ends every row
+        entries = B * per_seq + 2;
+        std::vector<int> ids(entries);
+        for (int i = 0; i < entries; ++i) ids[i] = i;
+        std::shuffle(ids.begin(), ids.end(), g);
+        table.assign(B * per_seq, -1);
+        for (int b = 0; b < B; ++b)
+            for (int j = 0; j < (sc.lk[b] + sc.page - 1) / sc.page; ++j) table[b * per_seq + j] = ids[b * per_seq + j];
+    } else {
+        entries = B + 1;
+        rows = l_max;
+        idx.resize(B);
+        for (int b = 0; b < B; ++b) idx[b] = (b + 1) % entries;
+    }
+    const int64_t kbs = rows * krs + 64, vbs = rows * vrs + 32;
+    auto alloc16 = [](size_t n) { return std::vector<uint16_t>(n + 16, 0xffff); };
+    auto base16 = [](std::vector<uint16_t> &v) { return v.data() + ((16 - (uintptr_t)v.data() % 16) % 16) / 2; };
+    const size_t qn = (size_t)(qB - 1) * qbs + (size_t)qL * qrs, kn_ = (size_t)entries * kbs, vn = (size_t)entries * vbs;
+    std::vector<uint16_t> qv = alloc16(qn), kv = alloc16(kn_), vv = alloc16(vn);
+    uint16_t *q = base16(qv), *k = base16(kv), *v = base16(vv);
+    for (int b = 0; b < qB; ++b)
+        for (int i = 0; i < qL; ++i)
+            for (int h = 0; h < sc.Hq; ++h)
+                for (int d = 0; d < D; ++d) q[b * qbs + i * qrs + h * qhs + d] = f2h(U(g), bf16);
+    // Keys and values through the tables; dense per-sequence copies for the reference.
+    std::vector<std::vector<uint16_t>> kd(B), vd(B);
+    for (int b = 0; b < B; ++b) {
+        kd[b].assign((size_t)std::max(keys[b], 1) * sc.Hk * D, 0);
+        vd[b].assign(kd[b].size(), 0);
+        for (int j = 0; j < keys[b]; ++j) {
+            int64_t e, r;
+            if (packed) e = 0, r = cu_k[b] + j;
+            else if (paged) e = table[b * per_seq + j / sc.page], r = j % sc.page;
+            else e = idx[b], r = j;
+            for (int h = 0; h < sc.Hk; ++h)
+                for (int d = 0; d < D; ++d) {
+                    const uint16_t kx = f2h(U(g), bf16), vx = f2h(U(g), bf16);
+                    k[e * kbs + r * krs + h * khs + d] = kx;
+                    v[e * vbs + r * vrs + h * vhs + d] = vx;
+                    kd[b][((size_t)j * sc.Hk + h) * D + d] = kx;
+                    vd[b][((size_t)j * sc.Hk + h) * D + d] = vx;
+                }
+        }
+    }
+    const size_t on = (size_t)(qB - 1) * obs + (size_t)qL * ors;
+    const int64_t o_guard = 64 + (int64_t)kn.bm * ors;
+    std::vector<uint16_t> ov(on + 2 * o_guard + 8, 0xffff);
+    uint16_t *O = ov.data() + o_guard + ((16 - (uintptr_t)(ov.data() + o_guard) % 16) % 16) / 2;
+    // LSE: packed [Hq, Tq] (rows padded), else [B, Hq, Lq] (padded too).
+    const int guard = 64 + kn.bm;
+    const int64_t lse_hs = qL + 8, lse_bs = packed ? 0 : sc.Hq * lse_hs + 16;
+    std::vector<float> lse((size_t)(qB - 1) * lse_bs + (size_t)sc.Hq * lse_hs + 2 * guard, NAN);
+    float *LSE = lse.data() + guard;
+    readable = {{(const unsigned char *)qv.data(), (const unsigned char *)(qv.data() + qv.size())},
+                {(const unsigned char *)kv.data(), (const unsigned char *)(kv.data() + kv.size())},
+                {(const unsigned char *)vv.data(), (const unsigned char *)(vv.data() + vv.size())}};
+    writable = {{(const unsigned char *)O, (const unsigned char *)(O + on)}};
+
+    FaFwdSm90Params P;
+    memset(&P, 0, sizeof P);
+    FaFwdParams &p = P.p;
+    p.q = q; p.k = k; p.v = v; p.o = O; p.lse = LSE;
+    p.q_batch_stride = qbs; p.q_row_stride = qrs; p.q_head_stride = qhs;
+    p.k_batch_stride = packed ? 0 : kbs; p.k_row_stride = krs; p.k_head_stride = khs;
+    p.v_batch_stride = packed ? 0 : vbs; p.v_row_stride = vrs; p.v_head_stride = vhs;
+    p.o_batch_stride = obs; p.o_row_stride = ors; p.o_head_stride = ohs;
+    p.lse_batch_stride = lse_bs; p.lse_head_stride = lse_hs;
+    p.batch = B; p.heads_q = sc.Hq; p.heads_kv = sc.Hk; p.q_per_kv = sc.Hq / sc.Hk;
+    p.seqlen_q = max_q; p.seqlen_k = max_k; p.head_dim = D;
+    p.diag_offset = sc.top_left ? 0 : max_k - max_q;  // the host's: each sequence must use its own
+    p.window_left = sc.wl < 0 ? -1 : std::min(sc.wl, max_q + max_k);
+    p.window_right = sc.wr < 0 ? -1 : std::min(sc.wr, max_q + max_k);
+    p.scale = sc.scale != 0.f ? sc.scale : 1.f / sqrtf((float)D); p.softcap = sc.softcap;
+    p.top_left = sc.top_left;
+    if (packed) {
+        p.cu_seqlens_q = cu_q.data(); p.cu_seqlens_k = cu_k.data();
+        p.seqused_k = sc.used.empty() ? nullptr : sc.used.data();
+    } else {
+        p.seqused_k = sc.lk.data();
+        if (paged) { p.block_table = table.data(); p.block_table_stride = per_seq; p.page_size = sc.page; }
+        else p.cache_batch_idx = idx.data();
+    }
+    table_lo = table.data();
+    table_hi = table.data() + table.size();
+    P.tma_q = encode_like_rust(q, qB, qL, sc.Hq, D, qbs, qrs, qhs, kn.bm);
+    P.tma_k = encode_like_rust(k, entries, rows, sc.Hk, D, kbs, krs, khs, kn.bn);
+    P.tma_v = encode_like_rust(v, entries, rows, sc.Hk, D, vbs, vrs, vhs, kn.bn);
+    P.tma_o = encode_like_rust(O, qB, qL, sc.Hq, D, obs, ors, ohs, kn.bm);
+    const bool ran_ok = launch_grid(kn, P, make_uint3((max_q + kn.bm - 1) / kn.bm, sc.Hq, B));
+
+    EmuCheck all;
+    for (int b = 0; b < B; ++b) {
+        const int64_t q0 = packed ? cu_q[b] * qrs : b * qbs, o0 = packed ? cu_q[b] * ors : b * obs;
+        const int64_t l0 = packed ? cu_q[b] : b * lse_bs, kr = sc.Hk * D;
+        EmuProblem ep{1, sc.Hq, sc.Hk, lq[b], keys[b], D, sc.wl, sc.wr, (double)p.scale, (double)sc.softcap, bf16, true,
+                      q + q0, kd[b].data(), vd[b].data(), O + o0, LSE + l0,
+                      0, qrs, qhs, 0, kr, D, 0, kr, D, 0, ors, ohs};
+        ep.top_left = sc.top_left;
+        ep.lseb = 1; ep.lseh = lse_hs;  // batch 1: the batch stride is never stepped
+        const EmuCheck c = emu_check_against_reference(ep, true);
+        all.ok &= c.ok;
+        all.err2 += c.err2;
+        all.ref2 += c.ref2;
+        all.row_rel = std::max(all.row_rel, c.row_rel);
+        all.lse_rel = std::max(all.lse_rel, c.lse_rel);
+    }
+    EmuProblem whole{qB, sc.Hq, sc.Hk, qL, 0, D, -1, -1, 1.0, 0.0, bf16, true, q, nullptr, nullptr, O, LSE,
+                     qbs, qrs, qhs, 0, 0, 0, 0, 0, 0, obs, ors, ohs};
+    whole.lseb = packed ? 1 : lse_bs; whole.lseh = lse_hs;
+    const long stray = emu_count_stray(whole, ov.data(), ov.size(), lse, guard);
+    std::string checks;
+    auto failed = [&](const char *what) { checks += checks.empty() ? "" : ", "; checks += what; };
+    if (!ran_ok) failed("run abandoned");
+    if (case_errors) failed("emulator errors");
+    if (!all.ok) failed("non-finite O / empty-row O or LSE");
+    if (stray) failed("stray writes");
+    if (!(all.rel() <= emu_o_tol(bf16))) failed("O rel L2");
+    if (!(all.row_rel <= emu_row_tol(bf16))) failed("O worst row");
+    if (!(all.lse_rel <= kEmuLseTol)) failed("LSE");
+    std::string lens;
+    for (int b = 0; b < B; ++b)
+        lens += std::to_string(lq[b]) + ":" + std::to_string(sc.lk[b]) +
+                (packed && !sc.used.empty() ? "/" + std::to_string(sc.used[b]) : "") + " ";
+    const char *mode = packed ? "packed" : paged ? "paged" : "dense cache";
+    printf("%-4s %-24s %-24s %s%s [%s] Hq%d Hk%d D%3d w(%d,%d)%s scale %.3g cap %.3g: rel %.2e row %.2e lse %.2e stray %ld%s%s\n",
+           checks.empty() ? "ok" : "FAIL", kn.name, sc.what, mode, paged ? (" " + std::to_string(sc.page)).c_str() : "",
+           lens.c_str(), sc.Hq, sc.Hk, D, sc.wl, sc.wr, sc.top_left ? " top-left" : "", (double)p.scale,
+           (double)sc.softcap, all.rel(), all.row_rel, all.lse_rel, stray, checks.empty() ? "" : " [failed: ",
+           checks.empty() ? "" : (checks + "]").c_str());
+    if (!checks.empty() && opt.stop_on_fail) {
+        printf("first failing case: %s, %s: %s\n", kn.name, sc.what, checks.c_str());
+        printf("--stop-on-fail: 1 failing case, %ld emulator errors\n", errors_total);
+        fflush(stdout);
+        _exit(1);
+    }
+    fflush(stdout);
+    return checks.empty();
+}
+
+// Per bucket: packed batches (empty and one-token sequences, lengths one
+// short of a tile and past it, Lq > Lk and Lq < Lk in one batch, seqused_k
+// below the stored keys, GQA 4:1 with 2 KV heads, custom and negative
+// scales, softcap, windows, top-left), dense caches, and paged caches with
+// pages of block_n and 2 block_n keys. Non-persistent kernels only (the
+// dispatcher gives sequences to no persistent variant).
+static int seq_cases(int hd, bool bf16, unsigned &seed, bool neg) {
+    int bm = 0, bn = 0;
+    for (const Kern &k : kerns)
+        if (k.hd == hd && !strstr(k.name, "__")) bm = k.bm, bn = k.bn;
+    const std::vector<SeqCase> cases = {
+        {"packed, GQA 8:2, causal", 0, {bm - 1, 0, 1, bm + 3}, {2 * bn - 1, 5, 0, bn + 1}, {}, 0, 8, 2, hd, -1, 0, 0.f, 0.3f, false},
+        {"packed, seqused_k, NaN past it", 0, {7, bm + 1, 0, 3}, {bn + 2, 10, 4, 2 * bn}, {bn, 9, 0, 17}, 0, 4, 1, hd, -1, -1, 0.f, 0.f, false},
+        {"packed, window, cap, top-left", 0, {20, 1, 33}, {9, 40, 70}, {}, 0, 2, 2, hd, 6, 3, 7.f, -0.7f, true},
+        {"dense cache, GQA 8:2", 1, {4}, {2 * bn - 1, 0, 5, bn + 1}, {}, 0, 8, 2, hd, -1, 0, 0.f, 0.f, false},
+        {"dense cache, window, top-left", 1, {40}, {70, 1, 33}, {}, 0, 6, 3, hd, 9, 2, 0.f, 0.f, true},
+        {"paged cache, page block_n", 2, {4}, {2 * bn - 1, 0, 5, bn + 1}, {}, bn, 8, 2, hd, -1, 0, 0.f, 0.f, false},
+        // A window reaching back across a page's second tile (slot block_n).
+        {"paged cache, page 2 block_n", 2, {40}, {3 * bn - 1, 1, 33}, {}, 2 * bn, 6, 3, hd, 200, 0, 0.f, 1.3f, false},
+    };
+    int fails = 0;
+    for (size_t i = 0; i < cases.size(); ++i) {
+        if (neg && (i == 2 || i == 4)) continue;
+        for (const Kern &k : kerns)
+            if (k.hd == hd && k.bf16 == bf16 && k.grid != FA_GRID_PERSISTENT &&
+                (opt.only.empty() || strstr(k.name, opt.only.c_str())) && (!neg || !strstr(k.name, "__")))
+                fails += !run_seq_on(k, cases[i], seed);
+        ++seed;
+    }
+    return fails;
+}
+
 // Every kernel of the case's bucket and dtype: the default and its variants.
 static int run_case(const Case &cs, bool bf16, unsigned seed, bool variants = true) {
     int hd = 1 << 30;
@@ -1590,7 +1829,8 @@ static int run_case(const Case &cs, bool bf16, unsigned seed, bool variants = tr
 //                             may be: ex2.approx and __fdividef 2 ulp off (their
 //                             documented maximum), each wgmma k16 step
 //                             truncated and then 1 ulp off
-//   --cases=all|base|quick|neg|sem|none  the fixed case list (neg: the
+//   --cases=all|base|quick|neg|sem|seq|none  the fixed case list (seq: only packed
+//                             batches and caches; neg: the
 //                             negative control's; sem: only the semantics
 //                             cases; base: all but those)
 //   --random=N --seed=S       N extra random problems
@@ -1627,7 +1867,7 @@ int main(int argc, char **argv) {
     }
     if (mode.empty()) mode = "defaults";
     if (opt.cases != "all" && opt.cases != "base" && opt.cases != "quick" && opt.cases != "neg" && opt.cases != "sem" &&
-        opt.cases != "none") {
+        opt.cases != "seq" && opt.cases != "none") {
         fprintf(stderr, "unknown --cases=%s\n", opt.cases.c_str());
         return 2;
     }
@@ -1646,6 +1886,16 @@ int main(int argc, char **argv) {
     unsigned seed = 7 + opt.seed;
     const bool quick = opt.cases == "quick", neg = opt.cases == "neg";
     if (opt.cases == "none") buckets.clear();  // only the random sweep
+    // Packed batches and caches: in `all`, `quick` (one dtype per bucket),
+    // `neg` (f16) and `seq` (only these).
+    const bool seq_only = opt.cases == "seq";
+    if (seq_only || opt.cases == "all" || quick || neg)
+        for (size_t bi = 0; bi < buckets.size(); ++bi)
+            for (int bf = 0; bf < 2; ++bf) {
+                if ((quick && bf != (int)bi % 2) || (neg && bf)) continue;
+                fails += seq_cases(buckets[bi], bf, seed, neg);
+            }
+    if (seq_only) buckets.clear();
     const bool sem = opt.cases == "sem";       // only the semantics cases below
     const bool base = opt.cases == "base";     // all but the semantics cases
     // Every bucket, both dtypes: GQA, odd lengths, causal with Lq != Lk, LSE.
@@ -1705,7 +1955,7 @@ int main(int argc, char **argv) {
     // from V's own), scores in the hundreds to thousands, window edges, and
     // softcaps from tiny to f32's largest (c * tanh(s / c) must stay
     // relatively accurate for every finite c, DESIGN.md section 1).
-    for (int hd : base ? std::vector<int>() : buckets) {
+    for (int hd : base || seq_only ? std::vector<int>() : buckets) {
         int bn = 0, bm = 0;
         for (const Kern &k : kerns)
             if (k.hd == hd && !strstr(k.name, "__")) bn = k.bn, bm = k.bm;

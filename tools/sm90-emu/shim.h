@@ -125,3 +125,8 @@ float emu_ex2_approx(const char *mn, float x);
 float emu_tanh_approx(const char *mn, float x);
 bool emu_elect_sync(const char *mn, uint32_t mask, uint32_t *laneid);
 static inline void emu_compiler_pin() {}
+
+// Block-table reads of common/sequence.cuh: the entry must be a page the
+// sequence owns (the case runners fill every other entry with -1).
+int32_t emu_table_read(const int32_t *table, int64_t i);
+#define FA_TABLE_READ(table, i) emu_table_read(table, i)
