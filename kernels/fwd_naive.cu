@@ -7,6 +7,7 @@
 #include "common/mask.cuh"
 #include "common/reduce.cuh"
 #include "common/sequence.cuh"
+#include "common/merge.cuh"
 
 namespace {
 
@@ -112,3 +113,15 @@ __device__ void naive_forward(const FaFwdParams &launch) {
 
 FA_KERNEL(fa_fwd_naive_f16, f16, 256, 1, 128, 128, 0, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_naive_bf16, bf16, 256, 1, 128, 128, 0, 80, FA_GRID_TILES)
+
+// Not attention kernels, so not FA_KERNEL rows: the merge of attention states
+// (common/merge.cuh), loaded by name (src/ops/merge.rs). It lives in this
+// image because the naive kernel's image loads on every supported GPU. One
+// warp per row; grid (ceil(seqlen / 4), heads, batch), 128 threads.
+#define FA_MERGE_KERNEL(name, dtype)                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) name(const __grid_constant__ FaMergeParams p) { \
+        const int i = blockIdx.x * 4 + threadIdx.x / 32;                                             \
+        if (i < p.seqlen) fa_merge_row<FA_DTYPE(dtype)>(p, blockIdx.z, i, blockIdx.y, threadIdx.x % 32); \
+    }
+FA_MERGE_KERNEL(fa_merge_states_f16, f16)
+FA_MERGE_KERNEL(fa_merge_states_bf16, bf16)

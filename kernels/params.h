@@ -88,6 +88,38 @@ typedef struct FaFwdParams {
     int32_t page_size;
 } FaFwdParams;
 
+/* Merge of attention states (DESIGN.md 1b, the combine step of split-KV and
+ * cascade attention): `parts` partial results over disjoint key sets of the
+ * same rows, each O [B, L, H, D] of the output's element type and LSE
+ * [B, H, L] f32 (unit row stride), merged into O and, when lse is not NULL,
+ * LSE. Strides in elements, the head-dim one 1. */
+#define FA_MERGE_MAX_PARTS 8
+typedef struct FaMergePart {
+    const void *o;
+    const float *lse;
+    int64_t o_batch_stride;
+    int64_t o_row_stride;
+    int64_t o_head_stride;
+    int64_t lse_batch_stride;
+    int64_t lse_head_stride;
+} FaMergePart;
+
+typedef struct FaMergeParams {
+    FaMergePart part[FA_MERGE_MAX_PARTS];
+    void *o;
+    float *lse;
+    int64_t o_batch_stride;
+    int64_t o_row_stride;
+    int64_t o_head_stride;
+    int64_t lse_batch_stride;
+    int64_t lse_head_stride;
+    int32_t parts;
+    int32_t batch;
+    int32_t seqlen;
+    int32_t heads;
+    int32_t head_dim;
+} FaMergeParams;
+
 /* An opaque CUDA tensor map (CUtensorMap: 128 bytes, 64-byte aligned),
  * encoded on the host with cuTensorMapEncodeTiled. */
 typedef struct FaTensorMap {

@@ -26,6 +26,9 @@
 //!   any page size ([`CacheTables`], [`Attention::forward_kvcache_into`],
 //!   [`Attention::append_kv`]); each sequence its own mask diagonal, the
 //!   tables checked once on the host, no allocation or read-back per call.
+//! - **Merging attention states** ([`Attention::merge_states_into`],
+//!   [`PartialState`]): partial results over disjoint key sets combined
+//!   exactly by their LSE (cascade attention, context parallelism, split-KV).
 //! - **CPU reference** ([`reference`](mod@reference)): f64, multi-threaded,
 //!   same validation, for rectangular, packed and cached problems.
 //! - **Raw pointers** ([`Attention::forward_raw`], unsafe): memory cudarc did
@@ -152,12 +155,13 @@ mod validate;
 pub use device::{cuda_context, driver_present, Attention};
 pub use dispatch::{KernelInfo, PassReason, PassedOver};
 pub use error::{Error, Result};
-pub use ops::{problem_of, CacheTables, DynTensor, DynTensorMut, ForwardOutput, SeqLens};
+pub use ops::{problem_of, CacheTables, DynTensor, DynTensorMut, ForwardOutput, PartialState, SeqLens};
 pub use options::{AttentionOptions, KernelFamily, Mask, MaskAlignment};
 pub use tensor::{
-    DType, DeviceTensor, DeviceTensorMut, Element, HostTensor, Layout, LseLayout, LseTensorMut, RawLseTensor, RawTensor,
+    DType, DeviceTensor, DeviceTensorMut, Element, HostTensor, Layout, LseLayout, LseTensor, LseTensorMut,
+    RawLseTensor, RawTensor,
 };
-pub use validate::{CacheInfo, PagedInfo, Problem, SeqInfo};
+pub use validate::{CacheInfo, MergeProblem, PagedInfo, Problem, SeqInfo, MAX_MERGE_PARTS};
 
 /// The README's code blocks compile as doctests, so its API example cannot rot.
 #[cfg(doctest)]
@@ -182,7 +186,7 @@ pub mod internals {
     pub use crate::params::{fwd_params, tma_spec, with_sequences, Addrs, SeqAddrs, TmaSpec};
     pub use crate::sys::*;
     pub use crate::validate::{
-        check_cache_tables, check_dtypes, check_seqlens, validate, validate_kvcache, validate_varlen, LseDesc,
-        TensorDesc, MAX_GRID_YZ, MAX_HEAD_DIM, MAX_SCALE, MAX_SEQLEN,
+        check_cache_tables, check_dtypes, check_seqlens, validate, validate_kvcache, validate_merge, validate_varlen,
+        LseDesc, TensorDesc, MAX_GRID_YZ, MAX_HEAD_DIM, MAX_SCALE, MAX_SEQLEN,
     };
 }

@@ -26,9 +26,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
 use crate::options::AttentionOptions;
-use crate::tensor::{Element, HostTensor, Layout};
+use crate::tensor::{Element, HostTensor, Layout, LseLayout};
 use crate::validate::{
-    check_cache_tables, check_seqlens, validate, validate_kvcache, validate_varlen, Problem, TensorDesc,
+    check_cache_tables, check_seqlens, validate, validate_kvcache, validate_merge, validate_varlen, LseDesc,
+    MergeProblem, Problem, TensorDesc,
 };
 
 /// Largest output (`B·Lq·Hq·D` elements of f64, 2 GiB) the reference computes.
@@ -46,6 +47,87 @@ pub struct Reference {
     pub o: Vec<f64>,
     /// Log-sum-exp, contiguous `[B, Hq, Lq]` (natural log; `-inf` for empty rows).
     pub lse: Vec<f64>,
+}
+
+/// The merge of partial states ([`merge_states`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergedReference {
+    /// The validated merge.
+    pub problem: MergeProblem,
+    /// Output, contiguous `[B, L, H, D]`.
+    pub o: Vec<f64>,
+    /// Log-sum-exp, contiguous `[B, H, L]` (`-inf` where no part saw a key).
+    pub lse: Vec<f64>,
+}
+
+/// One partial attention state on the host: O `[B, L, H, D]` and its LSE
+/// `[B, H, L]` (a slice and its layout), as [`merge_states`] takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct HostState<'a, T> {
+    /// The partial output.
+    pub o: HostTensor<'a, T>,
+    /// Its log-sum-exp.
+    pub lse: &'a [f32],
+    /// How `lse` is indexed.
+    pub lse_layout: LseLayout,
+}
+
+/// Merges partial attention states over disjoint key sets of the same rows
+/// (DESIGN.md section 1b) in `f64`: `LSE = log Σ e^{LSE_s}`,
+/// `O = Σ e^{LSE_s − LSE} O_s`, from the largest `LSE_s`; a part with
+/// `LSE_s = −∞` weighs 0 (its O is not read), and a row no part saw gets
+/// `O = 0`, `LSE = −∞`. The same validation as
+/// [`Attention::merge_states_into`](crate::Attention::merge_states_into).
+///
+/// # Errors
+/// The errors of [`validate_merge`](crate::internals::validate_merge), and
+/// [`Error::SizeOverflow`] beyond [`MAX_OUTPUT_ELEMENTS`].
+pub fn merge_states<T: Element>(parts: &[HostState<'_, T>]) -> Result<MergedReference> {
+    let descs: Vec<(TensorDesc, LseDesc)> = parts
+        .iter()
+        .map(|p| {
+            (
+                TensorDesc { arg: "parts.o", layout: p.o.layout, len: p.o.data.len() },
+                LseDesc { layout: p.lse_layout, len: p.lse.len() },
+            )
+        })
+        .collect();
+    let shape = parts.first().map_or([0; 4], |p| p.o.layout.shape);
+    let out = Layout::bshd(shape[0], shape[1], shape[2], shape[3]);
+    let out_desc = TensorDesc { arg: "o", layout: out, len: out.span().unwrap_or(usize::MAX) };
+    let m = validate_merge(T::DTYPE, &descs, &out_desc, None)?;
+    let (b_n, l, h_n, d) = (m.batch, m.seqlen, m.heads, m.head_dim);
+    let n_out = b_n * l * h_n * d;
+    if n_out > MAX_OUTPUT_ELEMENTS {
+        let (value, limit) = (n_out as u128, MAX_OUTPUT_ELEMENTS as u128);
+        return Err(Error::SizeOverflow { arg: "o", what: "reference output elements", value, limit });
+    }
+    let mut o = vec![0.0; n_out];
+    let mut lse = vec![f64::NEG_INFINITY; b_n * h_n * l];
+    let mut w = vec![0.0f64; parts.len()];
+    for b in 0..b_n {
+        for i in 0..l {
+            for h in 0..h_n {
+                let part_lse = |p: &HostState<'_, T>| p.lse[p.lse_layout.offset(b, h, i)] as f64;
+                let m = parts.iter().map(part_lse).fold(f64::NEG_INFINITY, f64::max);
+                if m == f64::NEG_INFINITY {
+                    continue; // no part saw a key: O = 0, LSE = -inf
+                }
+                for (ws, p) in w.iter_mut().zip(parts) {
+                    *ws = (part_lse(p) - m).exp();
+                }
+                let sum: f64 = w.iter().sum();
+                lse[(b * h_n + h) * l + i] = m + sum.ln();
+                let row = &mut o[((b * l + i) * h_n + h) * d..][..d];
+                for (&ws, p) in w.iter().zip(parts).filter(|(&ws, _)| ws > 0.0) {
+                    for (dd, x) in row.iter_mut().enumerate() {
+                        *x += ws / sum * Into::<f64>::into(p.o.data[p.o.layout.offset(b, i, h, dd)]);
+                    }
+                }
+            }
+        }
+    }
+    Ok(MergedReference { problem: m, o, lse })
 }
 
 /// One finished unit of work: its index, its outputs `[rows, D]` and LSEs.

@@ -341,6 +341,27 @@ impl<'a> LseTensorMut<'a> {
     }
 }
 
+/// A read-only device LSE tensor: an f32 view plus its [`LseLayout`] (the
+/// LSE of a partial state for [`Attention::merge_states_into`](crate::Attention::merge_states_into)).
+#[derive(Debug)]
+pub struct LseTensor<'a> {
+    /// The device memory.
+    pub view: CudaView<'a, f32>,
+    /// How `view` is indexed.
+    pub layout: LseLayout,
+}
+
+impl<'a> LseTensor<'a> {
+    /// A view of a whole buffer.
+    pub fn new(buffer: &'a CudaSlice<f32>, layout: LseLayout) -> Self {
+        LseTensor { view: buffer.as_view(), layout }
+    }
+    /// A view of part of a buffer.
+    pub fn from_view(view: CudaView<'a, f32>, layout: LseLayout) -> Self {
+        LseTensor { view, layout }
+    }
+}
+
 /// A device tensor given by its raw address, for
 /// [`Attention::forward_raw`](crate::Attention::forward_raw): memory that
 /// cudarc did not allocate (a C caller's, another library's).

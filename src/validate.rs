@@ -402,6 +402,71 @@ pub fn validate_varlen(
     Ok(Problem { batch: seq.batch, seqlen_q: seq.max_q, seqlen_k: seq.max_k, varlen: Some(*seq), ..packed })
 }
 
+/// A validated merge of attention states (DESIGN.md section 1b).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeProblem {
+    /// The element type of every O.
+    pub dtype: DType,
+    /// Partial states merged.
+    pub parts: usize,
+    /// `B`.
+    pub batch: usize,
+    /// Rows per sequence `L`.
+    pub seqlen: usize,
+    /// Heads `H`.
+    pub heads: usize,
+    /// `D`.
+    pub head_dim: usize,
+}
+
+/// The most partial states one merge takes (`FA_MERGE_MAX_PARTS`).
+pub const MAX_MERGE_PARTS: usize = 8;
+
+/// Checks a merge of attention states: 1 to [`MAX_MERGE_PARTS`] parts, each
+/// an O `[B, L, H, D]` and its LSE `[B, H, L]` (row stride 1), every part of
+/// one shape, and the output O (and LSE) of that shape too; each tensor
+/// inside its buffer, the outputs without self-overlap, `D` as the
+/// attention kernels take it.
+///
+/// # Errors
+/// [`Error::InvalidOption`] (`parts`) for no part or too many; the errors of
+/// [`validate`] for each tensor (a part is named `parts.o` / `parts.lse`);
+/// [`Error::ShapeMismatch`] for a part whose shape differs from the output's.
+pub fn validate_merge(
+    dtype: DType,
+    parts: &[(TensorDesc, LseDesc)],
+    o: &TensorDesc,
+    lse: Option<&LseDesc>,
+) -> Result<MergeProblem> {
+    if parts.is_empty() || parts.len() > MAX_MERGE_PARTS {
+        return Err(Error::InvalidOption {
+            arg: "parts",
+            value: parts.len().to_string(),
+            reason: "a merge takes 1 to 8 partial states",
+        });
+    }
+    let opts = AttentionOptions::default();
+    // The output as a self-attention problem: O's shape, bounds, head dim, LSE.
+    let out = validate(dtype, o, o, o, Some(o), lse, &opts)?;
+    for (po, pl) in parts {
+        validate(dtype, po, po, po, None, Some(pl), &opts)?;
+        for (i, dim) in ["batch", "seqlen", "heads", "head_dim"].into_iter().enumerate() {
+            if po.layout.shape[i] != o.layout.shape[i] {
+                let (expected, got) = (o.layout.shape[i], po.layout.shape[i]);
+                return Err(Error::ShapeMismatch { arg: po.arg, dim, expected, got, against: o.arg });
+            }
+        }
+    }
+    Ok(MergeProblem {
+        dtype,
+        parts: parts.len(),
+        batch: out.batch,
+        seqlen: out.seqlen_q,
+        heads: out.heads_q,
+        head_dim: out.head_dim,
+    })
+}
+
 impl Problem {
     /// Query heads per KV head.
     pub fn q_per_kv(&self) -> usize {

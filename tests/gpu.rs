@@ -48,7 +48,7 @@ use fused_attn::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use fused_attn::reference;
 use fused_attn::{
     Attention, AttentionOptions, CacheTables, DType, DeviceTensor, DeviceTensorMut, Element, Error, HostTensor,
-    KernelFamily, KernelInfo, Layout, LseLayout, LseTensorMut, Mask, MaskAlignment, SeqLens,
+    KernelFamily, KernelInfo, Layout, LseLayout, LseTensor, LseTensorMut, Mask, MaskAlignment, PartialState, SeqLens,
 };
 use half::{bf16, f16};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -1030,6 +1030,8 @@ fn trials() -> Vec<(Trial, bool)> {
     trials.push(plain("errors/misaligned", misaligned));
     trials.push(plain("varlen/dispatch", varlen_dispatch));
     trials.push(plain("kvcache/append_kv", append_kv_trial));
+    trials.push(plain("merge/bf16/split_keys", merge_trial::<bf16>));
+    trials.push(plain("merge/f16/split_keys", merge_trial::<f16>));
     for c in varlen_cases() {
         trials.push((Trial::test(c.name(), move || varlen_trial(c)), is90(c.family)));
     }
@@ -1458,6 +1460,85 @@ fn varlen_dispatch() -> Result<(), Failed> {
             other => return Err(format!("forced sm90 on 16-key pages: {other:?}").into()),
         }
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Merge of attention states.
+
+/// Attention over three disjoint key ranges (one of them empty), each by
+/// `forward_into` with an LSE output, merged on the GPU into a poisoned O
+/// with padded rows and a poisoned LSE with gaps: equals attention over all
+/// keys (the f64 reference). Then the empty part alone: O = 0, LSE = -inf.
+fn merge_trial<T: Element>() -> Result<(), Failed> {
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let mut rng = StdRng::seed_from_u64(77);
+    let (b, lq, hq, hk, d, lk) = (2, 37, 8, 2, 128, 300);
+    let opts = AttentionOptions::new(Mask::Full).with_scale(0.11);
+    let (q, k, v): (Vec<T>, Vec<T>, Vec<T>) =
+        (randn(&mut rng, b * lq * hq * d), randn(&mut rng, b * lk * hk * d), randn(&mut rng, b * lk * hk * d));
+    let (qd, kd, vd) = (upload(&stream, &q)?, upload(&stream, &k)?, upload(&stream, &v)?);
+    let ql = Layout::bshd(b, lq, hq, d);
+    let ll = LseLayout::contiguous(b, hq, lq);
+    let mut parts = Vec::new();
+    for (k0, k1) in [(0usize, 100usize), (100, 100), (100, lk)] {
+        let kl = Layout::strided_bshd([b, k1 - k0, hk, d], [lk * hk * d, hk * d, d, 1]);
+        let mut o = upload(&stream, &poison::<T>(b * lq * hq * d))?;
+        let mut l = stream.clone_htod(&vec![f32::from_bits(u32::MAX); b * hq * lq]).map_err(text)?;
+        {
+            let (kt, vt) = (
+                DeviceTensor::from_view(kd.slice(k0 * hk * d..), kl),
+                DeviceTensor::from_view(vd.slice(k0 * hk * d..), kl),
+            );
+            let mut ot = DeviceTensorMut::new(&mut o, ql);
+            let mut lt = LseTensorMut::new(&mut l, ll);
+            g.attn
+                .forward_into(&stream, &DeviceTensor::new(&qd, ql), &kt, &vt, &mut ot, Some(&mut lt), &opts)
+                .map_err(text)?;
+        }
+        parts.push((o, l));
+    }
+    let merge = |parts: &[(CudaSlice<T>, CudaSlice<f32>)]| -> Result<(Vec<T>, Vec<f32>), Failed> {
+        let o_row = hq * d + 8;
+        let lse_row = lq + 5;
+        let mut o = upload(&stream, &poison::<T>(b * lq * o_row))?;
+        let mut l = stream.clone_htod(&vec![f32::from_bits(u32::MAX); b * hq * lse_row]).map_err(text)?;
+        {
+            let states: Vec<PartialState<'_, T>> = parts
+                .iter()
+                .map(|(o, l)| PartialState { o: DeviceTensor::new(o, ql), lse: LseTensor::new(l, ll) })
+                .collect();
+            let mut ot = DeviceTensorMut::new(&mut o, Layout::strided_bshd([b, lq, hq, d], [lq * o_row, o_row, d, 1]));
+            let mut lt = LseTensorMut::new(&mut l, LseLayout::strided([b, hq, lq], [hq * lse_row, lse_row, 1]));
+            g.attn.merge_states_into(&stream, &states, &mut ot, Some(&mut lt)).map_err(text)?;
+        }
+        Ok((download(&stream, &o)?, stream.clone_dtoh(&l).map_err(text)?))
+    };
+    let tol = if T::DTYPE == DType::BF16 { 1e-2 } else { 3e-3 };
+    let full = reference::forward(
+        HostTensor::new(&q, ql),
+        HostTensor::new(&k, Layout::bshd(b, lk, hk, d)),
+        HostTensor::new(&v, Layout::bshd(b, lk, hk, d)),
+        &opts,
+    )
+    .map_err(text)?;
+    let (o, l) = merge(&parts)?;
+    let (rel, worst, lse) = row_errors("merge", (&o, hq * d + 8), &full.o, (&l, lq + 5), &full.lse)?;
+    println!("merge/{}: 3 parts (one empty): O rel {rel:.2e} worst row {worst:.2e} LSE {lse:.2e}", T::DTYPE);
+    if !(rel <= tol && worst <= 3.0 * tol && lse <= 1e-4) {
+        return Err(format!("merged O rel {rel:.2e}, worst row {worst:.2e}, LSE {lse:.2e}").into());
+    }
+    // The empty part alone: every row saw no key.
+    let none = reference::forward(
+        HostTensor::new(&q, ql),
+        HostTensor::new(&k, Layout::bshd(b, 0, hk, d)),
+        HostTensor::new(&v, Layout::bshd(b, 0, hk, d)),
+        &opts,
+    )
+    .map_err(text)?;
+    let (o, l) = merge(&parts[1..2])?;
+    row_errors("merge (no keys)", (&o, hq * d + 8), &none.o, (&l, lq + 5), &none.lse)?;
     Ok(())
 }
 

@@ -24,6 +24,8 @@ fn generate() -> Result<String, String> {
             .header(header.to_string_lossy())
             .allowlist_type("FaFwdParams")
             .allowlist_type("FaFwdSm90Params")
+            .allowlist_type("FaMergeParams")
+            .allowlist_var("FA_MERGE_MAX_PARTS")
             .use_core()
             .layout_tests(true)
             .derive_default(true)

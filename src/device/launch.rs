@@ -306,7 +306,7 @@ impl Attention {
 /// for this kernel (the caller's validation and dispatch prove that the
 /// kernel stays inside each view), and the views' cudarc guards must outlive
 /// this call.
-unsafe fn launch<P: DeviceRepr>(
+pub(crate) unsafe fn launch<P: DeviceRepr>(
     ctx: &CudaContext,
     cu_stream: CUstream,
     func: cudarc::driver::sys::CUfunction,

@@ -16,9 +16,10 @@ use crate::dispatch::{dispatch, DeviceInfo, DispatchTensors, KernelInfo};
 use crate::error::{CudaContextExt, Error, Result};
 use crate::options::KernelFamily;
 use crate::sys::{self, KernelImage, KernelRow};
+use crate::tensor::DType;
 use crate::validate::Problem;
 
-pub(crate) use launch::{alloc_output, Tables, TmaCache};
+pub(crate) use launch::{alloc_output, launch as launch_kernel, Tables, TmaCache};
 
 /// Opens (retains) the primary context of GPU `ordinal`.
 ///
@@ -79,6 +80,9 @@ struct Registry {
     skipped: Vec<String>,
     /// Encoded TMA maps, reused while a tensor's address and layout repeat.
     tma: TmaCache,
+    /// The merge-of-states kernels (f16, bf16; not table rows, see
+    /// `kernels/fwd_naive.cu`), loaded on first use.
+    merge_funcs: [OnceLock<CudaFunction>; 2],
 }
 
 /// The per-context registries: `Weak`, so the modules go when the last
@@ -180,6 +184,11 @@ impl Attention {
         (0..self.reg.rows.len()).try_for_each(|i| self.reg.function(&self.ctx, i).map(|_| ()))
     }
 
+    /// The merge-of-states kernel for `dtype`.
+    pub(crate) fn merge_function(&self, dtype: DType) -> Result<&CudaFunction> {
+        self.reg.merge_function(&self.ctx, dtype)
+    }
+
     /// Picks the kernel for a validated problem (see [`dispatch`]).
     pub(crate) fn choose(
         &self,
@@ -219,7 +228,46 @@ impl Registry {
             load_lock: Mutex::new(()),
             skipped,
             tma: TmaCache::default(),
+            merge_funcs: [OnceLock::new(), OnceLock::new()],
         })
+    }
+
+    /// The module of image `ii` (an index into `sys::IMAGES`), loading it on
+    /// first use. The caller holds `load_lock`.
+    fn module(&self, ctx: &Arc<CudaContext>, ii: usize) -> Result<Arc<CudaModule>> {
+        match self.modules[ii].get() {
+            Some(m) => Ok(m.clone()),
+            None => {
+                let m = ctx
+                    .load_module(Ptx::from_binary(sys::IMAGES[ii].fatbin.to_vec()))
+                    .during("loading a kernel image")?;
+                let _ = self.modules[ii].set(m.clone());
+                Ok(m)
+            }
+        }
+    }
+
+    /// The merge-of-states kernel for `dtype` (in the naive kernel's image,
+    /// which every supported GPU loads), loading it on first use.
+    fn merge_function(&self, ctx: &Arc<CudaContext>, dtype: DType) -> Result<&CudaFunction> {
+        let (slot, name) = match dtype {
+            DType::F16 => (0, "fa_merge_states_f16"),
+            DType::BF16 => (1, "fa_merge_states_bf16"),
+        };
+        if let Some(f) = self.merge_funcs[slot].get() {
+            return Ok(f);
+        }
+        let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = self.merge_funcs[slot].get() {
+            return Ok(f);
+        }
+        let ii = sys::IMAGES
+            .iter()
+            .position(|im| im.stem == "fwd_naive" && image_runs_on(im, self.device.sm))
+            .ok_or_else(|| Error::NoKernel { reason: format!("{name}: the fwd_naive image is not loadable here") })?;
+        let func = self.module(ctx, ii)?.load_function(name).during("looking up a kernel")?;
+        let _ = self.merge_funcs[slot].set(func);
+        self.merge_funcs[slot].get().ok_or_else(|| Error::NoKernel { reason: format!("{name} failed to load") })
     }
 
     /// The function of usable row `idx`, loading its image on first use.
@@ -231,15 +279,7 @@ impl Registry {
         if let Some(f) = self.funcs[idx].get() {
             return Ok(f);
         }
-        let image = &sys::IMAGES[self.row_image[idx]];
-        let module = match self.modules[self.row_image[idx]].get() {
-            Some(m) => m.clone(),
-            None => {
-                let m = ctx.load_module(Ptx::from_binary(image.fatbin.to_vec())).during("loading a kernel image")?;
-                let _ = self.modules[self.row_image[idx]].set(m.clone());
-                m
-            }
-        };
+        let module = self.module(ctx, self.row_image[idx])?;
         let row = &self.rows[idx];
         let func = module.load_function(row.name).during("looking up a kernel")?;
         if row.smem_bytes > 48 * 1024 {

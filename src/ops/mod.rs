@@ -3,10 +3,12 @@
 
 mod forward;
 pub(crate) mod kvcache;
+mod merge;
 pub(crate) mod varlen;
 
 pub use forward::{problem_of, DynTensor, DynTensorMut, ForwardOutput};
 pub use kvcache::CacheTables;
+pub use merge::PartialState;
 pub use varlen::SeqLens;
 
 use std::sync::Arc;

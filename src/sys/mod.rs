@@ -15,6 +15,8 @@ mod params {
 
 /// The launch parameters of the forward kernels (sm90: plus TMA maps); see `kernels/params.h`.
 pub use params::{FaFwdParams, FaFwdSm90Params, FaTensorMap};
+/// The launch parameters of the merge-of-states kernel (`kernels/common/merge.cuh`).
+pub use params::{FaMergeParams, FaMergePart, FA_MERGE_MAX_PARTS};
 
 // SAFETY: `FaFwdParams` is a `#[repr(C)]` plain-old-data struct whose layout
 // bindgen asserted against `params.h`; kernels take it by value, so passing a
@@ -23,6 +25,8 @@ unsafe impl DeviceRepr for FaFwdParams {}
 // SAFETY: as above; `#[repr(C, align(64))]` keeps the tensor maps at the
 // 64-byte alignment the driver needs when it copies the argument.
 unsafe impl DeviceRepr for FaFwdSm90Params {}
+// SAFETY: as for `FaFwdParams`: plain pointers and integers, layout asserted by bindgen.
+unsafe impl DeviceRepr for FaMergeParams {}
 
 /// One embedded fatbin, made from `kernels/<stem>.cu`.
 #[derive(Debug, Clone, Copy)]
