@@ -1,5 +1,5 @@
 //! Serving in miniature: prefill of a packed batch of prompts with different
-//! lengths, then decode steps over a paged KV cache (pages of 16 keys in a
+//! lengths, then split-KV decode steps over a paged KV cache (pages of 16 keys in a
 //! shuffled order), appending one token per sequence per step. Every step is
 //! checked against the CPU reference on a host mirror of the cache.
 //!
@@ -149,9 +149,15 @@ fn run_gpu() -> Result<(), Error> {
     let mut tables = CacheTables::paged(&stream, &lens, &block_table, per_seq, PAGE)?;
     let pl = Layout::bshd(n_pages, PAGE, HK, D);
 
-    // ---- Decode: one new token per sequence per step ----
+    // ---- Decode: one new token per sequence per step, split-KV ----
+    // The keys of each sequence split over several CTAs, partial results
+    // merged by their LSE (a decode step has too few rows to fill the GPU).
+    // At least 2 here, to run the split path even on these short caches.
     let (q1l, kv1l) = (Layout::bshd(b, 1, HQ, D), Layout::bshd(b, 1, HK, D));
     let mut o1 = stream.alloc_zeros::<bf16>(b * HQ * D)?;
+    let splits = attn.kvcache_splits(b, 1, HQ, per_seq * PAGE).max(2);
+    let ws_len = Attention::split_workspace_len(splits, b, 1, HQ, D).expect("a small workspace");
+    let mut workspace = stream.alloc_zeros::<f32>(ws_len)?;
     for step in 0..STEPS {
         let seed = 100 + 3 * step as u64;
         let (q1h, k1h, v1h) = (inputs(b * HQ * D, seed), inputs(b * HK * D, seed + 1), inputs(b * HK * D, seed + 2));
@@ -170,7 +176,18 @@ fn run_gpu() -> Result<(), Error> {
         let info = {
             let mut ot = DeviceTensorMut::new(&mut o1, q1l);
             let (qt, kt, vt) = (DeviceTensor::new(&q1, q1l), DeviceTensor::new(&kc, pl), DeviceTensor::new(&vc, pl));
-            attn.forward_kvcache_into(&stream, &qt, &kt, &vt, &mut ot, None, &tables, &opts)?
+            attn.forward_kvcache_split_into(
+                &stream,
+                &qt,
+                &kt,
+                &vt,
+                &mut ot,
+                None,
+                &tables,
+                &mut workspace,
+                splits,
+                &opts,
+            )?
         };
         let got = stream.clone_dtoh(&o1)?;
         let want = reference::forward_kvcache(
@@ -183,7 +200,11 @@ fn run_gpu() -> Result<(), Error> {
             &opts,
         )?;
         let err = rel_l2_error(&to_f64(&got), &want.o)?;
-        println!("decode step {step}: cache lengths {:?} on {}: rel L2 {err:.2e}", tables.seqlens(), info.name);
+        println!(
+            "decode step {step}: cache lengths {:?} on {} ({splits} key splits): rel L2 {err:.2e}",
+            tables.seqlens(),
+            info.name
+        );
         worst = worst.max(err);
     }
     if worst > 1e-2 {

@@ -115,13 +115,17 @@ FA_KERNEL(fa_fwd_naive_f16, f16, 256, 1, 128, 128, 0, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_naive_bf16, bf16, 256, 1, 128, 128, 0, 80, FA_GRID_TILES)
 
 // Not attention kernels, so not FA_KERNEL rows: the merge of attention states
-// (common/merge.cuh), loaded by name (src/ops/merge.rs). It lives in this
-// image because the naive kernel's image loads on every supported GPU. One
-// warp per row; grid (ceil(seqlen / 4), heads, batch), 128 threads.
-#define FA_MERGE_KERNEL(name, dtype)                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) name(const __grid_constant__ FaMergeParams p) { \
-        const int i = blockIdx.x * 4 + threadIdx.x / 32;                                             \
-        if (i < p.seqlen) fa_merge_row<FA_DTYPE(dtype)>(p, blockIdx.z, i, blockIdx.y, threadIdx.x % 32); \
+// (common/merge.cuh), loaded by name (src/ops/merge.rs): parts of the
+// output's type (merge_states_into), or f32 parts (the split-KV combine). It
+// lives in this image because the naive kernel's image loads on every
+// supported GPU. One warp per row; grid (ceil(seqlen / 4), heads, batch), 128
+// threads.
+#define FA_MERGE_KERNEL(name, dtype, part)                                                                \
+    extern "C" __global__ void __launch_bounds__(128) name(const __grid_constant__ FaMergeParams p) {     \
+        const int i = blockIdx.x * 4 + threadIdx.x / 32;                                                 \
+        if (i < p.seqlen) fa_merge_row<FA_DTYPE(dtype), part>(p, blockIdx.z, i, blockIdx.y, threadIdx.x % 32); \
     }
-FA_MERGE_KERNEL(fa_merge_states_f16, f16)
-FA_MERGE_KERNEL(fa_merge_states_bf16, bf16)
+FA_MERGE_KERNEL(fa_merge_states_f16, f16, fa_f16)
+FA_MERGE_KERNEL(fa_merge_states_bf16, bf16, fa_bf16)
+FA_MERGE_KERNEL(fa_combine_splits_f16, f16, float)
+FA_MERGE_KERNEL(fa_combine_splits_bf16, bf16, float)

@@ -117,7 +117,11 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, tig = lane % 4;  // mma fragment row / column pair
-    const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+    // Split-KV (params.h): x is row block * num_splits + split. (In x, not
+    // z: the batch index stays blockIdx.z, which ptxas re-reads for free,
+    // where a quotient held through the key loop made hd192 spill.)
+    const int splits = launch.num_splits > 1 ? launch.num_splits : 1;
+    const int m0 = (blockIdx.x / splits) * BM, h = blockIdx.y, b = blockIdx.z;
     FaFwdParams p = launch;
     fa_bind_sequence<T>(p, b);
     if (m0 >= p.seqlen_q) return;  // past a packed batch's shorter sequence: the whole CTA leaves
@@ -141,8 +145,17 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     const FaKeyRange keys = fa_key_range_rows(p, m0, row_end);
     const int all_lo = fa_key_range(p, row_end - 1).lo;
     const int all_hi = fa_key_range(p, m0).hi;
-    const int n_begin = keys.lo / BN;
-    const int n_tiles = keys.lo < keys.hi ? (keys.hi + BN - 1) / BN - n_begin : 0;
+    int n_begin = keys.lo / BN;
+    int n_tiles = keys.lo < keys.hi ? (keys.hi + BN - 1) / BN - n_begin : 0;
+    if (splits > 1) {
+        // This split's share: consecutive tiles, ceil(n / splits) each (the
+        // last shares may be shorter or empty: an empty one writes O = 0,
+        // LSE = -inf, which the combine weighs 0).
+        const int per = (n_tiles + splits - 1) / splits;
+        const int t0 = min(n_tiles, int(blockIdx.x % splits) * per);
+        n_begin += t0;
+        n_tiles = min(n_tiles - t0, per);
+    }
 
     // ---- Prologue: Q, then the first BUFS-1 K/V loads ------------------------
     // Load number L is K of tile L/2 (L even) or V (L odd), into buffer L % BUFS.
@@ -335,6 +348,30 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     // ---- Epilogue: normalise, stage in this warp's own Q rows, store ------------
     float inv_sum[MT][2], lse[MT][2];
     softmax.finish(inv_sum, lse);
+
+    if (splits > 1) {
+        // Split-KV: this share's normalised O in f32 and its LSE, straight
+        // from the accumulators to the workspace (params.h); the combine
+        // writes O and LSE. The Q copy may still be in flight if no tile was
+        // visited: wait for it before the CTA ends.
+        if (n_tiles == 0) cp_async_wait<0>();
+        const int64_t part = int64_t(blockIdx.x % splits) * p.batch + b;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int row = m0 + warp_row + mt * 16 + hf * 8 + g;
+                if (row >= p.seqlen_q) continue;
+                float *const acc = p.o_accum + ((part * p.seqlen_q + row) * p.heads_q + h) * p.head_dim;
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt)
+                    if (dt * 8 < p.head_dim)
+                        *reinterpret_cast<float2 *>(acc + dt * 8 + tig * 2) =
+                            make_float2(acc_o[mt][dt][2 * hf] * inv_sum[mt][hf], acc_o[mt][dt][2 * hf + 1] * inv_sum[mt][hf]);
+                if (tig == 0) p.lse_accum[(part * p.heads_q + h) * p.seqlen_q + row] = lse[mt][hf];
+            }
+        return;
+    }
 
     // With no tile visited nothing has waited for the Q copy yet, and other
     // threads' copies may still target these rows.

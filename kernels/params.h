@@ -86,6 +86,20 @@ typedef struct FaFwdParams {
     const int32_t *block_table;
     int64_t block_table_stride;
     int32_t page_size;
+
+    /* Split-KV (the sm80 kernels; DESIGN.md 1b, merge of states):
+     * with num_splits > 1 the grid's x is row blocks * num_splits, CTA x
+     * taking row block x / num_splits and the (x % num_splits)-th share of
+     * the key tiles its rows see. It writes no O and no LSE but its partial state,
+     * normalised by its own sum, to the f32 workspace: O part s of row
+     * (b, i, h) at o_accum + (((s * batch + b) * seqlen_q + i) * heads_q + h)
+     * * head_dim, its LSE at lse_accum + ((s * batch + b) * heads_q + h) *
+     * seqlen_q + i (-inf where the share saw no key). A combine (the merge
+     * kernel) then writes O and LSE. Rectangular batches and caches only
+     * (not packed ones). num_splits <= 1: no split, the accum pointers unused. */
+    int32_t num_splits;
+    float *o_accum;
+    float *lse_accum;
 } FaFwdParams;
 
 /* Merge of attention states (DESIGN.md 1b, the combine step of split-KV and
@@ -105,7 +119,13 @@ typedef struct FaMergePart {
 } FaMergePart;
 
 typedef struct FaMergeParams {
+    /* Parts one by one, or (strided != 0) `parts` parts laid out at equal
+     * distances from part[0]: part s at part[0].o + s * o_part_stride and
+     * part[0].lse + s * lse_part_stride (the split-KV workspace). */
     FaMergePart part[FA_MERGE_MAX_PARTS];
+    int32_t strided;
+    int64_t o_part_stride;
+    int64_t lse_part_stride;
     void *o;
     float *lse;
     int64_t o_batch_stride;

@@ -466,6 +466,7 @@ class PeerRunner:
 
 SERVING_PEERS = ("torch_flash_padded", "torch_cudnn_padded", "torch_efficient_padded",
                  "torch_nested", "torch_flash_per_sequence", "flex")
+DECODE_PEERS = ("torch_flash", "torch_cudnn", "torch_efficient", "read_kv_once")
 
 
 def serving_peers(runner, row, args):
@@ -503,6 +504,36 @@ def serving_peers(runner, row, args):
         for peer in peers:
             out[peer] = {"ms": None, "skipped": reason, "rel_l2_err": None}
 
+    if row.get("decode"):
+        # One query per sequence: bottom-right causal sees every key, so SDPA
+        # without a mask computes it. Dense rows of the plain call only (the
+        # split and paged rows are the same problem for torch).
+        if row.get("page") or row.get("splits", 1) > 1:
+            skip_all("peers timed on the dense, unsplit row of this shape", DECODE_PEERS)
+            return out
+        b, lk = int(row["batch"]), int(row["cache_len"])
+        q = torch.randn(b, hq, 1, d, dtype=dtype, device=DEVICE, generator=gen)
+        k = torch.randn(b, hk, lk, d, dtype=dtype, device=DEVICE, generator=gen)
+        v = torch.randn(b, hk, lk, d, dtype=dtype, device=DEVICE, generator=gen)
+        for peer, backend_name in (("torch_flash", "FLASH_ATTENTION"), ("torch_cudnn", "CUDNN_ATTENTION"),
+                                   ("torch_efficient", "EFFICIENT_ATTENTION")):
+            def make(backend_name=backend_name):
+                backend = runner.sdpa_kernel(getattr(runner.SDPBackend, backend_name))
+                return (lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hk), backend,
+                        "enable_gqa" if hq != hk else None)
+            attempt(peer, make)
+
+        def make_floor():
+            return (lambda: (k.sum(), v.sum()), contextlib.nullcontext(),
+                    "torch.sum over K and V: the bandwidth floor of reading them once")
+        attempt("read_kv_once", make_floor)
+        kv_bytes = 2 * b * lk * hk * d * 2
+        for r in out.values():
+            if r.get("ms"):
+                r["gbps"] = kv_bytes / (r["ms"] * 1e-3) / 1e9
+        del q, k, v
+        free_memory()
+        return out
     if lens and row.get("mask") == "causal":
         lmax, nseq = max(lens), len(lens)
         group = hq // hk

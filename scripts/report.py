@@ -219,6 +219,8 @@ def markdown(report):
                   "× best peer = best peer's ms / ours (> 1: we are faster).", "",
                   "| case | kernel | ms | TFLOP/s | one call per sequence, ms | best peer | peer ms | × best peer |",
                   "|---|---|---:|---:|---:|---|---:|---:|"]
+        decode = [c for c in serving if c.get("decode")]
+        serving = [c for c in serving if not c.get("decode")]
         for c in serving:
             other = c.get("one_call_per_sequence_ms")
             best = c.get("best_peer")
@@ -231,6 +233,21 @@ def markdown(report):
                    if r.get("skipped")]
         for name, p, why in skipped:
             lines.append("- %s, %s skipped: %s" % (name, p, why))
+        if decode:
+            lines += ["", "### Decode steps (GB/s of K and V read)", "",
+                      "Copy bandwidth: the same GPU's device-to-device copy in the same run (read + write). "
+                      "Peers on the dense, unsplit row of each shape.", "",
+                      "| case | kernel | ms | GB/s | % of copy | flash GB/s | cudnn GB/s | read K,V once GB/s |",
+                      "|---|---|---:|---:|---:|---:|---:|---:|"]
+            for c in decode:
+                peers = c.get("peers", {})
+
+                def g(p):
+                    r = peers.get(p, {})
+                    return "%.0f" % r["gbps"] if r.get("gbps") else "—"
+                lines.append("| %s | `%s` | %.4f | %.0f | %.0f%% | %s | %s | %s |" % (
+                    c["name"], c["kernel"], c["ours_ms"], c["gbps"], 100.0 * c["gbps"] / c["copy_gbps"],
+                    g("torch_flash"), g("torch_cudnn"), g("read_kv_once")))
     return "\n".join(lines) + "\n"
 
 

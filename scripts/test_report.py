@@ -51,6 +51,9 @@ OURS = {
          "heads_q": 32, "heads_kv": 8, "head_dim": 128, "mask": "causal", "seq_lens": [100, 200, 400]},
         {"name": "kv cache paged 16 b8 cache4096 q512", "kernel": "fa_fwd_sm80_bf16_hd128",
          "flops": 10**9, "ours_ms": 1.0, "ours_tflops": 1.0, "page": 16},
+        {"name": "decode dense b1 cache32768 hq32 hkv8 splits9", "kernel": "fa_fwd_sm80_bf16_hd128",
+         "ours_ms": 0.05, "ours_tflops": 0.1, "gbps": 2700.0, "copy_gbps": 3000.0, "splits": 9,
+         "batch": 1, "cache_len": 32768, "page": 0, "decode": True},
     ],
 }
 
@@ -78,6 +81,9 @@ PEERS = {
             "torch_flash_padded": {"ms": 5.0, "skipped": None, "rel_l2_err": None},
             "torch_nested": {"ms": 3.0, "skipped": None, "rel_l2_err": None, "note": "KV expanded"},
             "torch_cudnn_padded": {"ms": None, "skipped": "RuntimeError: no kernel", "rel_l2_err": None},
+        },
+        "decode dense b1 cache32768 hq32 hkv8 splits9": {
+            "torch_flash": {"ms": 0.1, "skipped": None, "rel_l2_err": None, "gbps": 1350.0},
         },
         "kv cache paged 16 b8 cache4096 q512": {
             "flex": {"ms": None, "skipped": "no torch peer for this row", "rel_l2_err": None},
@@ -149,7 +155,9 @@ class ReportEndToEnd(unittest.TestCase):
 
     def test_serving_rows_and_peers(self):
         rows = self.load()["serving"]
-        self.assertEqual(len(rows), 2)
+        self.assertEqual(len(rows), 3)
+        self.assertIn("| decode dense b1 cache32768 hq32 hkv8 splits9 | `fa_fwd_sm80_bf16_hd128` | 0.0500 | 2700 | 90% | 1350 | — | — |",
+                      self.md())
         self.assertNotIn("seq_lens", rows[0])  # the lengths stay in ours.json
         self.assertEqual(rows[0]["best_peer"], "torch_nested")
         self.assertAlmostEqual(rows[0]["ours_vs_best_peer"], 1.5)

@@ -25,7 +25,8 @@
 //!   [`Attention::forward_varlen_into`]) and KV caches, dense or paged with
 //!   any page size ([`CacheTables`], [`Attention::forward_kvcache_into`],
 //!   [`Attention::append_kv`]); each sequence its own mask diagonal, the
-//!   tables checked once on the host, no allocation or read-back per call.
+//!   tables checked once on the host, no allocation or read-back per call;
+//!   split-KV decoding ([`Attention::forward_kvcache_split_into`]).
 //! - **Merging attention states** ([`Attention::merge_states_into`],
 //!   [`PartialState`]): partial results over disjoint key sets combined
 //!   exactly by their LSE (cascade attention, context parallelism, split-KV).

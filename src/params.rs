@@ -89,6 +89,9 @@ pub fn fwd_params(p: &Problem, layouts: &[Layout; 4], lse: Option<&LseLayout>, a
         block_table: std::ptr::null(),
         block_table_stride: 0,
         page_size: 0,
+        num_splits: 0,
+        o_accum: std::ptr::null_mut(),
+        lse_accum: std::ptr::null_mut(),
     }
 }
 

@@ -376,6 +376,28 @@ const MUTANTS: &[Mutant] = &[
         file: "common/sm80_tile_io.cuh",
         edits: &[("ok ? row_at(r) + chunk * 8 : safe", "col_ok ? row_at(r) + chunk * 8 : safe")],
     },
+    // ---- split-KV (fwd_sm80.cu; the combine is tests/merge_numerics.rs's) ----
+    Mutant {
+        name: "split-KV: each share starts one tile early (shares overlap)",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "const int t0 = min(n_tiles, int(blockIdx.x % splits) * per);",
+            "const int t0 = min(n_tiles, max(0, int(blockIdx.x % splits) * per - 1));",
+        )],
+    },
+    Mutant {
+        name: "split-KV: partial O written unnormalised",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "make_float2(acc_o[mt][dt][2 * hf] * inv_sum[mt][hf], acc_o[mt][dt][2 * hf + 1] * inv_sum[mt][hf])",
+            "make_float2(acc_o[mt][dt][2 * hf], acc_o[mt][dt][2 * hf + 1])",
+        )],
+    },
+    Mutant {
+        name: "split-KV: row block = blockIdx.x, not divided by the split count",
+        file: "fwd_sm80.cu",
+        edits: &[("const int m0 = (blockIdx.x / splits) * BM,", "const int m0 = blockIdx.x * BM,")],
+    },
     // ---- the naive kernel ----
     Mutant {
         name: "naive: KV head h % Hk instead of h / (Hq/Hk)",

@@ -1031,6 +1031,7 @@ fn trials() -> Vec<(Trial, bool)> {
     trials.push(plain("varlen/dispatch", varlen_dispatch));
     trials.push(plain("kvcache/append_kv", append_kv_trial));
     trials.push(plain("merge/bf16/split_keys", merge_trial::<bf16>));
+    trials.push(plain("kvcache/split_errors", split_errors));
     trials.push(plain("merge/f16/split_keys", merge_trial::<f16>));
     for c in varlen_cases() {
         trials.push((Trial::test(c.name(), move || varlen_trial(c)), is90(c.family)));
@@ -1542,6 +1543,40 @@ fn merge_trial<T: Element>() -> Result<(), Failed> {
     Ok(())
 }
 
+/// The split-KV call's own errors: a workspace too small, too many splits,
+/// another family forced; each typed and before any launch.
+fn split_errors() -> Result<(), Failed> {
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let (b, lq, h, d, l_max) = (2, 1, 4, 64, 256);
+    let tables = CacheTables::dense(&stream, &[100, 200], None).map_err(text)?;
+    let q = upload(&stream, &randn::<bf16>(&mut StdRng::seed_from_u64(1), b * lq * h * d))?;
+    let cache = upload(&stream, &randn::<bf16>(&mut StdRng::seed_from_u64(2), b * l_max * h * d))?;
+    let mut o = upload(&stream, &poison::<bf16>(b * lq * h * d))?;
+    let (ql, cl) = (Layout::bshd(b, lq, h, d), Layout::bshd(b, l_max, h, d));
+    let need = Attention::split_workspace_len(4, b, lq, h, d).ok_or("size")?;
+    let mut small = stream.alloc_zeros::<f32>(need - 1).map_err(text)?;
+    let mut run = |ws: &mut CudaSlice<f32>, splits: usize, opts: AttentionOptions| {
+        let mut ot = DeviceTensorMut::new(&mut o, ql);
+        let (qt, kt) = (DeviceTensor::new(&q, ql), DeviceTensor::new(&cache, cl));
+        g.attn.forward_kvcache_split_into(&stream, &qt, &kt, &kt, &mut ot, None, &tables, ws, splits, &opts)
+    };
+    let causal = AttentionOptions::new(Mask::Causal);
+    match run(&mut small, 4, causal) {
+        Err(Error::OutOfBounds { arg: "workspace", .. }) => {}
+        other => return Err(format!("workspace one short: {other:?}").into()),
+    }
+    match run(&mut small, 129, causal) {
+        Err(Error::InvalidOption { arg: "splits", .. }) => {}
+        other => return Err(format!("129 splits: {other:?}").into()),
+    }
+    match run(&mut small, 4, causal.with_kernel(KernelFamily::Sm90)) {
+        Err(Error::InvalidOption { arg: "splits", .. }) => {}
+        other => return Err(format!("split-KV with sm90 forced: {other:?}").into()),
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // KV caches.
 
@@ -1556,12 +1591,15 @@ struct CacheCase {
     page: usize,
     mask: Mask,
     seed: u64,
+    /// > 1: split-KV over this many key splits (forward_kvcache_split_into).
+    splits: usize,
 }
 
 impl CacheCase {
     fn name(&self) -> String {
         let kind = if self.page == 0 { "dense".to_string() } else { format!("page{}", self.page) };
-        format!("kvcache/{:?}/{}/d{}/{kind}/{}", self.family, self.dtype, self.d, self.mask).to_lowercase()
+        let split = if self.splits > 1 { format!("/split{}", self.splits) } else { String::new() };
+        format!("kvcache/{:?}/{}/d{}/{kind}/{}{split}", self.family, self.dtype, self.d, self.mask).to_lowercase()
     }
 }
 
@@ -1586,7 +1624,12 @@ fn cache_cases() -> Vec<CacheCase> {
                     (KernelFamily::Naive, 16),
                 ] {
                     seed += 1;
-                    out.push(CacheCase { family, dtype, d, page, mask, seed });
+                    out.push(CacheCase { family, dtype, d, page, mask, seed, splits: 0 });
+                }
+                // Split-KV (sm80): 3 and 11 splits, dense and paged.
+                for (page, splits) in [(0, 3), (16, 11), (64, 3)] {
+                    seed += 1;
+                    out.push(CacheCase { family: KernelFamily::Sm80, dtype, d, page, mask, seed, splits });
                 }
             }
         }
@@ -1662,7 +1705,26 @@ fn cache_run<T: Element>(c: CacheCase) -> Result<(), Failed> {
         let mut ot = DeviceTensorMut::new(&mut od, ql);
         let mut lt = LseTensorMut::new(&mut lsed, LseLayout::contiguous(b, hq, lq));
         let (qt, kt, vt) = (DeviceTensor::new(&qd, ql), DeviceTensor::new(&kd, kl), DeviceTensor::new(&vd, vl));
-        g.attn.forward_kvcache_into(&stream, &qt, &kt, &vt, &mut ot, Some(&mut lt), &tables, &opts).map_err(text)?
+        if c.splits > 1 {
+            let n = Attention::split_workspace_len(c.splits, b, lq, hq, d).ok_or("workspace size")?;
+            let mut ws = stream.clone_htod(&vec![f32::NAN; n]).map_err(text)?;
+            g.attn
+                .forward_kvcache_split_into(
+                    &stream,
+                    &qt,
+                    &kt,
+                    &vt,
+                    &mut ot,
+                    Some(&mut lt),
+                    &tables,
+                    &mut ws,
+                    c.splits,
+                    &opts,
+                )
+                .map_err(text)?
+        } else {
+            g.attn.forward_kvcache_into(&stream, &qt, &kt, &vt, &mut ot, Some(&mut lt), &tables, &opts).map_err(text)?
+        }
     };
     if info.family != c.family {
         return Err(format!("asked for {:?}, ran {}", c.family, info.name).into());

@@ -215,3 +215,26 @@ fn hostile_cache_inputs_are_errors() {
     let e = validate_kvcache(DType::BF16, &q, &cache(16), &cache(16), None, None, &long, &opts);
     assert!(matches!(e, Err(Error::SeqLens { arg: "cache_seqlens", .. })), "{e:?}");
 }
+
+/// The split-KV heuristic as documented on `Attention::kvcache_splits`, and
+/// the workspace size.
+#[test]
+fn split_heuristic_and_workspace() {
+    use fused_attn::Attention;
+    let h100 = 132;
+    // A decode step of 8 sequences x 32 heads over 32k keys: 256 CTAs < 264.
+    assert_eq!(Attention::kvcache_splits_on(h100, 8, 1, 32, 32768), 2);
+    // One sequence: 32 CTAs, 9 splits reach two per SM.
+    assert_eq!(Attention::kvcache_splits_on(h100, 1, 1, 32, 32768), 9);
+    // Enough row blocks already: no split.
+    assert_eq!(Attention::kvcache_splits_on(h100, 64, 1, 32, 32768), 1);
+    assert_eq!(Attention::kvcache_splits_on(h100, 1, 4096, 32, 32768), 1);
+    // Short caches: at least two 64-key tiles per split.
+    assert_eq!(Attention::kvcache_splits_on(h100, 1, 1, 8, 100), 1);
+    assert_eq!(Attention::kvcache_splits_on(h100, 1, 1, 8, 640), 5);
+    // At most 64.
+    assert_eq!(Attention::kvcache_splits_on(h100, 1, 1, 1, 1 << 20), 64);
+    // O parts and LSE parts, f32.
+    assert_eq!(Attention::split_workspace_len(3, 2, 1, 8, 128), Some(3 * 2 * 8 * 129));
+    assert_eq!(Attention::split_workspace_len(usize::MAX, 2, 1, 8, 128), None);
+}

@@ -173,3 +173,42 @@ fn merge_validation_names_the_argument() {
         Err(Error::Overlapping { arg: "o", .. })
     ));
 }
+
+/// Ring attention's running merge on one host: the keys in 4 chunks (as 4
+/// ranks would hold them), each chunk's partial state merged into the
+/// running one as it comes round, equals attention over all keys.
+#[test]
+fn a_running_merge_over_key_chunks_equals_attention_over_all_keys() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let dims @ (b, lq, hq, hk, d, lk) = (1, 6, 4, 4, 16, 80);
+    let (q, k, v) =
+        (random(&mut rng, b * lq * hq * d), random(&mut rng, b * lk * hk * d), random(&mut rng, b * lk * hk * d));
+    let opts = AttentionOptions::new(Mask::Full);
+    let full = reference::forward(
+        HostTensor::new(&q, Layout::bshd(b, lq, hq, d)),
+        HostTensor::new(&k, Layout::bshd(b, lk, hk, d)),
+        HostTensor::new(&v, Layout::bshd(b, lk, hk, d)),
+        &opts,
+    )
+    .unwrap();
+    let mut acc = part(&q, &k, &v, dims, (0, 20), &opts, 0);
+    for c in 1..4 {
+        let next = part(&q, &k, &v, dims, (20 * c, 20 * (c + 1)), &opts, 8);
+        let m = reference::merge_states(&states(&[acc, next])).unwrap();
+        // The running state, rounded to f16 as a device buffer would hold it.
+        let o_layout = Layout::bshd(b, lq, hq, d);
+        let lse_layout = LseLayout::contiguous(b, hq, lq);
+        acc = Part {
+            o: m.o.iter().map(|&x| f16::from_f64(x)).collect(),
+            o_layout,
+            lse: m.lse.iter().map(|&x| x as f32).collect(),
+            lse_layout,
+        };
+    }
+    let o: Vec<f64> = acc.o.iter().map(|x| x.to_f64()).collect();
+    let rel = max_rel(&o, &full.o);
+    assert!(rel < 3e-3, "running merge over 4 chunks: O rel {rel:.2e}");
+    for (x, y) in acc.lse.iter().zip(&full.lse) {
+        assert!((*x as f64 - y).abs() < 1e-5 * y.abs().max(1.0));
+    }
+}

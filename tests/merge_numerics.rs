@@ -1,6 +1,7 @@
 //! The merge of attention states (DESIGN.md section 1b) in the device code
 //! itself: `tools/merge-harness` compiles `kernels/common/merge.cuh` for the
-//! host and runs it over 1..8 parts, head dims 8..256, LSEs equal, far apart
+//! host and runs it over 1..8 parts (1..40 strided f32 parts, the split-KV
+//! workspace), head dims 8..256, LSEs equal, far apart
 //! (e^LSE beyond f32 and f64) and -inf (parts whose O is poison), rows no
 //! part sees, every part on its own strides, against f64. Then a negative
 //! control: each injected bug in a copy of merge.cuh must make it fail.
@@ -89,7 +90,9 @@ fn merge_sweep() -> Result<Completion, Failed> {
 /// (name, text in merge.cuh, replacement)
 const MUTANTS: &[(&str, &str, &str)] = &[
     ("weights not taken relative to the largest LSE", "- m);", ");"),
-    ("parts with no visible key read anyway", "if (w[s] == 0.f) continue;", ""),
+    ("parts with no visible key read anyway", "if (w == 0.f) continue;", ""),
+    ("strided parts: O read from part 0 for every part", "(p.strided ? s * p.o_part_stride : 0)", "0"),
+    ("strided parts: LSE read from part 0 for every part", "(p.strided ? s * p.lse_part_stride : 0)", "0"),
     ("LSE without the log of the weight sum", "m + logf(sum)", "m"),
     (
         "rows no part sees: O left unwritten",

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use fused_attn::cudarc::driver::sys::CUevent_flags;
 use fused_attn::cudarc::driver::CudaStream;
-use fused_attn::{AttentionOptions, CacheTables, DeviceTensor, DeviceTensorMut, Error, Layout, Mask, Problem, SeqLens};
+use fused_attn::{
+    Attention, AttentionOptions, CacheTables, DeviceTensor, DeviceTensorMut, Error, Layout, Mask, Problem, SeqLens,
+};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -144,6 +146,82 @@ pub fn serving_rows(g: &Gpu, stream: &Arc<CudaStream>, reps: usize) -> Result<Ve
             "{{\"name\": \"kv cache {kind} b{b} cache{len} q{lq}\", \"kernel\": {name:?}, \"flops\": {fl}, \"ours_ms\": {ms:.6}, \"ours_tflops\": {:.3}, \"batch\": {b}, \"seqlen_q\": {lq}, \"cache_len\": {len}, \"page\": {page}, \"heads_q\": {hq}, \"heads_kv\": {hk}, \"head_dim\": {d}, \"mask\": \"causal\"}}",
             fl as f64 / (ms * 1e-3) / 1e12
         ));
+    }
+    rows.extend(decode_rows(g, stream, reps)?);
+    Ok(rows)
+}
+
+/// Decode steps (issue 11): one query per sequence over a cache of `len`
+/// keys, dense and pages of 16, plain and split-KV
+/// ([`Attention::kvcache_splits`]), reported as GB/s of K and V read next to
+/// the same GPU's device-to-device copy bandwidth measured in this run.
+/// Cases whose cache would pass 8 GiB (K and V) are left out.
+fn decode_rows(g: &Gpu, stream: &Arc<CudaStream>, reps: usize) -> Result<Vec<String>, Error> {
+    let mut rows = Vec::new();
+    let mut rng = StdRng::seed_from_u64(11);
+    let d = 128;
+    // Copy bandwidth: 1 GiB device to device, read + write counted.
+    let bytes = 1usize << 30;
+    let src = stream.alloc_zeros::<u8>(bytes).map_err(cuda("allocating"))?;
+    let mut dst = stream.alloc_zeros::<u8>(bytes).map_err(cuda("allocating"))?;
+    let copy_ms = time(g, stream, reps.min(10), || stream.memcpy_dtod(&src, &mut dst).map_err(cuda("copying")))?;
+    let copy_gbps = 2.0 * bytes as f64 / (copy_ms * 1e-3) / 1e9;
+    drop((src, dst));
+    eprintln!("serving: device-to-device copy {copy_gbps:.0} GB/s (read + write)");
+    let max_bytes = 8usize << 30;
+    for (hq, hk) in [(32, 8), (64, 8), (32, 32)] {
+        for b in [1usize, 8, 64, 256] {
+            for len in [1024usize, 8192, 32768, 131072] {
+                let kv_bytes = 2 * b * len * hk * d * 2;
+                if kv_bytes > max_bytes {
+                    continue;
+                }
+                let q = upload(stream, &randn::<bf16>(&mut rng, b * hq * d))?;
+                let mut o = stream.alloc_zeros::<bf16>(b * hq * d).map_err(cuda("allocating"))?;
+                let cache = upload(stream, &randn::<bf16>(&mut rng, b * len * hk * d))?;
+                let lens = vec![len as i32; b];
+                let ql = Layout::bshd(b, 1, hq, d);
+                let opts = AttentionOptions::new(Mask::Causal);
+                let splits = g.attn.kvcache_splits(b, 1, hq, len);
+                let ws_len = Attention::split_workspace_len(splits, b, 1, hq, d).unwrap_or(0);
+                let mut ws = stream.alloc_zeros::<f32>(ws_len.max(1)).map_err(cuda("allocating"))?;
+                for page in [0usize, 16] {
+                    let (tables, cl) = match len.checked_div(page) {
+                        None => (CacheTables::dense(stream, &lens, None)?, Layout::bshd(b, len, hk, d)),
+                        Some(per_seq) => {
+                            let ids: Vec<i32> = (0..(b * per_seq) as i32).collect();
+                            (
+                                CacheTables::paged(stream, &lens, &ids, per_seq, page)?,
+                                Layout::bshd(b * per_seq, page, hk, d),
+                            )
+                        }
+                    };
+                    // The plain call and, where the heuristic splits, the split one.
+                    for split in if splits > 1 { vec![1, splits] } else { vec![1] } {
+                        let mut name = String::new();
+                        let ms = time(g, stream, reps.min(10), || {
+                            let (qt, ct) = (DeviceTensor::new(&q, ql), DeviceTensor::new(&cache, cl));
+                            let mut ot = DeviceTensorMut::new(&mut o, ql);
+                            let info = g.attn.forward_kvcache_split_into(
+                                stream, &qt, &ct, &ct, &mut ot, None, &tables, &mut ws, split, &opts,
+                            )?;
+                            name = info.name.to_string();
+                            Ok(())
+                        })?;
+                        let gbps = kv_bytes as f64 / (ms * 1e-3) / 1e9;
+                        let kind = if page == 0 { "dense".to_string() } else { format!("paged {page}") };
+                        eprintln!(
+                            "serving: decode {kind} b{b} cache{len} hq{hq} hkv{hk} d{d} splits {split}: {name} {ms:.4} ms {gbps:.0} GB/s ({:.0}% of copy)",
+                            100.0 * gbps / copy_gbps
+                        );
+                        rows.push(format!(
+                            "{{\"name\": \"decode {kind} b{b} cache{len} hq{hq} hkv{hk} splits{split}\", \"kernel\": {name:?}, \"ours_ms\": {ms:.6}, \"ours_tflops\": {:.3}, \"gbps\": {gbps:.1}, \"copy_gbps\": {copy_gbps:.1}, \"splits\": {split}, \"batch\": {b}, \"seqlen_q\": 1, \"cache_len\": {len}, \"page\": {page}, \"heads_q\": {hq}, \"heads_kv\": {hk}, \"head_dim\": {d}, \"mask\": \"causal\", \"decode\": true}}",
+                            (b * 4 * hq * d * len) as f64 / (ms * 1e-3) / 1e12
+                        ));
+                    }
+                }
+            }
+        }
     }
     Ok(rows)
 }

@@ -13,7 +13,7 @@ use crate::dispatch::{DispatchTensors, KernelInfo};
 use crate::error::{CudaContextExt, Error, Result};
 use crate::options::{AttentionOptions, KernelFamily};
 use crate::params::{fwd_params, tma_spec, with_sequences, Addrs, SeqAddrs, TmaSpec};
-use crate::sys::{FaFwdSm90Params, FaTensorMap};
+use crate::sys::{FaFwdSm90Params, FaMergeParams, FaMergePart, FaTensorMap};
 use crate::tensor::{DType, DeviceTensor, DeviceTensorMut, Element, LseLayout, LseTensorMut, RawLseTensor, RawTensor};
 use crate::validate::{validate, LseDesc, Problem, TensorDesc};
 
@@ -73,7 +73,7 @@ impl Attention {
         lse: Option<&mut LseTensorMut<'_>>,
         opts: &AttentionOptions,
     ) -> Result<KernelInfo> {
-        self.launch_forward_seq(stream, p, descs, q, k, v, o, lse, None, opts)
+        self.launch_forward_seq(stream, p, descs, q, k, v, o, lse, None, None, opts)
     }
 
     /// [`launch_forward`](Self::launch_forward) with a packed batch's
@@ -90,6 +90,7 @@ impl Attention {
         o: &mut DeviceTensorMut<'_, T>,
         lse: Option<&mut LseTensorMut<'_>>,
         seq: Option<Tables<'_>>,
+        split: Option<(usize, &mut CudaSlice<f32>)>,
         opts: &AttentionOptions,
     ) -> Result<KernelInfo> {
         // Choose before touching the buffers' stream ordering, base addresses
@@ -147,10 +148,21 @@ impl Attention {
                 (Some(t), Some([a, b, c]))
             }
         };
+        // Split-KV: the workspace is written by the attention kernel and
+        // read by the combine, both on `stream`.
+        let (split, _ws_sync) = match split {
+            Some((n, ws)) => {
+                let (ptr, sync) = ws.device_ptr_mut(stream);
+                (Some((n, ptr)), Some(sync))
+            }
+            None => (None, None),
+        };
         // SAFETY: `check_contexts` put the stream and every view in this
         // handle's context, `validate` and `choose` checked the views for
         // this problem, and the guards above live until this call returns.
-        unsafe { self.launch_at(stream.cu_stream(), p, descs, (idx, info), a, lse_layout.as_ref(), tables, opts) }
+        unsafe {
+            self.launch_at(stream.cu_stream(), p, descs, (idx, info), a, lse_layout.as_ref(), tables, split, opts)
+        }
     }
 
     /// The launch proper, on raw addresses: re-chooses the kernel if an
@@ -163,7 +175,10 @@ impl Attention {
     /// address in `a` is device memory of this context that holds its
     /// tensor as `descs` (and `lse_layout`) describe, `p` is their validated
     /// problem and `(idx, info)` a choice of [`Attention::choose`] for it;
-    /// the memory stays allocated until the launched work completes.
+    /// the memory stays allocated until the launched work completes. With
+    /// `split` (`(num_splits, workspace address)`, only for an sm80 choice),
+    /// the workspace holds [`split_workspace_len`](Attention::split_workspace_len)
+    /// f32 for this problem.
     #[allow(clippy::too_many_arguments)]
     unsafe fn launch_at(
         &self,
@@ -174,6 +189,7 @@ impl Attention {
         a: Addrs,
         lse_layout: Option<&LseLayout>,
         tables: Option<SeqAddrs>,
+        split: Option<(usize, u64)>,
         opts: &AttentionOptions,
     ) -> Result<KernelInfo> {
         let addrs = [a.q, a.k, a.v, a.o];
@@ -194,7 +210,21 @@ impl Attention {
         if let Some(t) = tables {
             params = with_sequences(params, t);
         }
-        let cfg = (info.grid, (info.threads, 1, 1), info.smem_bytes);
+        let mut cfg = (info.grid, (info.threads, 1, 1), info.smem_bytes);
+        let split = split.filter(|&(n, _)| n > 1);
+        if let Some((n, ws)) = split {
+            if info.family != KernelFamily::Sm80 {
+                return Err(Error::NoKernel {
+                    reason: format!("split-KV runs on the sm80 kernels, not {}", info.name),
+                });
+            }
+            // Workspace: O parts [n, B, Lq, Hq, D], then LSE parts [n, B, Hq, Lq] (params.h).
+            let o_elems = (n * p.batch * p.seqlen_q * p.heads_q * p.head_dim) as u64;
+            params.num_splits = n as i32;
+            params.o_accum = ws as usize as *mut f32;
+            params.lse_accum = (ws + 4 * o_elems) as usize as *mut f32;
+            cfg.0 .0 *= n as u32; // row block * splits + split in x
+        }
         if info.family == KernelFamily::Sm90 {
             // The Hopper kernels take the same parameters plus one TMA map per tensor.
             let row = &self.reg.rows[idx];
@@ -214,6 +244,37 @@ impl Attention {
             // SAFETY: see `launch` and this function's contract; the
             // kernel's one argument is FaFwdParams.
             unsafe { launch(&self.ctx, cu_stream, func.cu_function(), cfg, &params) }?;
+        }
+        if let Some((n, _)) = split {
+            // The combine: the merge kernel over the n strided f32 parts.
+            let o_part = (p.seqlen_q * p.heads_q * p.head_dim) as i64;
+            let lse_part = (p.heads_q * p.seqlen_q) as i64;
+            // SAFETY: plain integers and pointers; all-zero is valid for each.
+            let mut m: FaMergeParams = unsafe { std::mem::zeroed() };
+            m.part[0] = FaMergePart {
+                o: params.o_accum as *const std::ffi::c_void,
+                lse: params.lse_accum,
+                o_batch_stride: o_part,
+                o_row_stride: (p.heads_q * p.head_dim) as i64,
+                o_head_stride: p.head_dim as i64,
+                lse_batch_stride: lse_part,
+                lse_head_stride: p.seqlen_q as i64,
+            };
+            m.strided = 1;
+            m.o_part_stride = o_part * p.batch as i64;
+            m.lse_part_stride = lse_part * p.batch as i64;
+            m.o = params.o;
+            m.lse = params.lse;
+            (m.o_batch_stride, m.o_row_stride, m.o_head_stride) =
+                (params.o_batch_stride, params.o_row_stride, params.o_head_stride);
+            (m.lse_batch_stride, m.lse_head_stride) = (params.lse_batch_stride, params.lse_head_stride);
+            (m.parts, m.batch, m.seqlen, m.heads, m.head_dim) =
+                (n as i32, params.batch, params.seqlen_q, params.heads_q, params.head_dim);
+            let combine = self.merge_function(p.dtype, true)?;
+            let grid = (p.seqlen_q.div_ceil(4) as u32, p.heads_q as u32, p.batch as u32);
+            // SAFETY: as for the attention launch; the workspace was just
+            // written on the same stream, O and LSE are the call's outputs.
+            unsafe { launch(&self.ctx, cu_stream, combine.cu_function(), (grid, (128, 1, 1), 0), &m) }?;
         }
         Ok(info)
     }
@@ -273,7 +334,7 @@ impl Attention {
         let a = Addrs { q: q.addr, k: k.addr, v: v.addr, o: o.addr, lse: lse.map_or(0, |l| l.addr) };
         // SAFETY: by this function's contract (memory, stream liveness) and
         // the checks above (context of the stream, validation, choice).
-        unsafe { self.launch_at(cu_stream, &p, &descs, choice, a, lse.as_ref().map(|l| &l.layout), None, opts) }
+        unsafe { self.launch_at(cu_stream, &p, &descs, choice, a, lse.as_ref().map(|l| &l.layout), None, None, opts) }
     }
 
     /// A stream that is not one of the special handles must belong to this

@@ -80,9 +80,10 @@ struct Registry {
     skipped: Vec<String>,
     /// Encoded TMA maps, reused while a tensor's address and layout repeat.
     tma: TmaCache,
-    /// The merge-of-states kernels (f16, bf16; not table rows, see
+    /// The merge-of-states kernels (f16, bf16 over parts of the same type;
+    /// then over f32 parts, the split-KV combine; not table rows, see
     /// `kernels/fwd_naive.cu`), loaded on first use.
-    merge_funcs: [OnceLock<CudaFunction>; 2],
+    merge_funcs: [OnceLock<CudaFunction>; 4],
 }
 
 /// The per-context registries: `Weak`, so the modules go when the last
@@ -184,9 +185,14 @@ impl Attention {
         (0..self.reg.rows.len()).try_for_each(|i| self.reg.function(&self.ctx, i).map(|_| ()))
     }
 
-    /// The merge-of-states kernel for `dtype`.
-    pub(crate) fn merge_function(&self, dtype: DType) -> Result<&CudaFunction> {
-        self.reg.merge_function(&self.ctx, dtype)
+    /// The merge-of-states kernel for `dtype` (over f32 parts: the split-KV combine).
+    pub(crate) fn merge_function(&self, dtype: DType, f32_parts: bool) -> Result<&CudaFunction> {
+        self.reg.merge_function(&self.ctx, dtype, f32_parts)
+    }
+
+    /// The device's SM count (the split-KV heuristic's unit).
+    pub(crate) fn sm_count(&self) -> u32 {
+        self.reg.device.sm_count
     }
 
     /// Picks the kernel for a validated problem (see [`dispatch`]).
@@ -228,7 +234,7 @@ impl Registry {
             load_lock: Mutex::new(()),
             skipped,
             tma: TmaCache::default(),
-            merge_funcs: [OnceLock::new(), OnceLock::new()],
+            merge_funcs: [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()],
         })
     }
 
@@ -248,11 +254,14 @@ impl Registry {
     }
 
     /// The merge-of-states kernel for `dtype` (in the naive kernel's image,
-    /// which every supported GPU loads), loading it on first use.
-    fn merge_function(&self, ctx: &Arc<CudaContext>, dtype: DType) -> Result<&CudaFunction> {
-        let (slot, name) = match dtype {
-            DType::F16 => (0, "fa_merge_states_f16"),
-            DType::BF16 => (1, "fa_merge_states_bf16"),
+    /// which every supported GPU loads), over parts of `dtype` or, for the
+    /// split-KV combine, f32 parts; loaded on first use.
+    fn merge_function(&self, ctx: &Arc<CudaContext>, dtype: DType, f32_parts: bool) -> Result<&CudaFunction> {
+        let (slot, name) = match (dtype, f32_parts) {
+            (DType::F16, false) => (0, "fa_merge_states_f16"),
+            (DType::BF16, false) => (1, "fa_merge_states_bf16"),
+            (DType::F16, true) => (2, "fa_combine_splits_f16"),
+            (DType::BF16, true) => (3, "fa_combine_splits_bf16"),
         };
         if let Some(f) = self.merge_funcs[slot].get() {
             return Ok(f);

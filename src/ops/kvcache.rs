@@ -10,7 +10,7 @@ use super::desc;
 use crate::device::{Attention, Tables};
 use crate::dispatch::KernelInfo;
 use crate::error::{Error, Result};
-use crate::options::AttentionOptions;
+use crate::options::{AttentionOptions, KernelFamily};
 use crate::tensor::{DeviceTensor, DeviceTensorMut, Element, Layout, LseTensorMut};
 use crate::validate::{check_cache_tables, validate_kvcache, CacheInfo, TensorDesc};
 
@@ -316,6 +316,147 @@ impl Attention {
             &tables.info,
             opts,
         )?;
-        self.launch_forward_seq(stream, &p, &descs, q, k_cache, v_cache, o, lse, Some(Tables::Cache(tables)), opts)
+        self.launch_forward_seq(
+            stream,
+            &p,
+            &descs,
+            q,
+            k_cache,
+            v_cache,
+            o,
+            lse,
+            Some(Tables::Cache(tables)),
+            None,
+            opts,
+        )
+    }
+
+    /// The number of key splits the split-KV path should use for a KV-cache
+    /// call of `batch` sequences, `seqlen_q` queries and `heads_q` query
+    /// heads over caches of up to `max_cache_len` keys on this GPU.
+    ///
+    /// The heuristic: the unsplit grid has `ceil(Lq / 128) · Hq · B` CTAs;
+    /// if that fills two CTAs per SM, 1 (no split). Otherwise enough splits
+    /// to reach two per SM, but never so many that a split has fewer than two
+    /// 64-key tiles, and at most 64 (the combine reads every split's partial
+    /// row). A decode step (Lq = 1) of 8 sequences × 32 heads over 32k keys
+    /// on a 132-SM H100 gets 2; one sequence gets 9.
+    pub fn kvcache_splits(&self, batch: usize, seqlen_q: usize, heads_q: usize, max_cache_len: usize) -> usize {
+        Self::kvcache_splits_on(self.sm_count(), batch, seqlen_q, heads_q, max_cache_len)
+    }
+
+    /// [`kvcache_splits`](Self::kvcache_splits) for a GPU of `sm_count` SMs
+    /// (no handle needed: planning, tests).
+    pub fn kvcache_splits_on(
+        sm_count: u32,
+        batch: usize,
+        seqlen_q: usize,
+        heads_q: usize,
+        max_cache_len: usize,
+    ) -> usize {
+        let base = seqlen_q.div_ceil(128).max(1).saturating_mul(heads_q).saturating_mul(batch).max(1);
+        let target = 2 * sm_count as usize;
+        if base >= target {
+            return 1;
+        }
+        let by_tiles = (max_cache_len.div_ceil(64) / 2).max(1);
+        target.div_ceil(base).min(by_tiles).min(64)
+    }
+
+    /// f32 elements of workspace that [`forward_kvcache_split_into`](Self::forward_kvcache_split_into)
+    /// needs for `splits` splits of an output `[B, Lq, Hq, D]`: every split's
+    /// partial O and LSE, `splits · B · Lq · Hq · (D + 1)`. `None` on overflow.
+    pub fn split_workspace_len(
+        splits: usize,
+        batch: usize,
+        seqlen_q: usize,
+        heads_q: usize,
+        head_dim: usize,
+    ) -> Option<usize> {
+        splits.checked_mul(batch)?.checked_mul(seqlen_q)?.checked_mul(heads_q)?.checked_mul(head_dim.checked_add(1)?)
+    }
+
+    /// [`forward_kvcache_into`](Self::forward_kvcache_into) with the keys of
+    /// each sequence split over `splits` CTAs per row block (split-KV, as
+    /// FlashDecoding): each writes the partial O and LSE of its share of
+    /// the key tiles into `workspace` (f32, at least
+    /// [`split_workspace_len`](Self::split_workspace_len) elements), then a
+    /// combine kernel merges them into `o` and `lse` (DESIGN.md section 1b).
+    /// For decode steps, where `B · Hq` row blocks leave most SMs idle; pick
+    /// `splits` with [`kvcache_splits`](Self::kvcache_splits). `splits <= 1`
+    /// is the plain call. The same results as the plain call up to rounding;
+    /// asynchronous on `stream`, no allocation, no read-back (graph-capturable
+    /// with a workspace allocated beforehand).
+    ///
+    /// Runs on the sm80 kernels (also on an H100, where the plain call would
+    /// take the Hopper kernels): `opts` may force no other family.
+    ///
+    /// # Errors
+    /// As [`forward_kvcache_into`](Self::forward_kvcache_into);
+    /// [`Error::InvalidOption`] (`splits`) above 128 or with another family
+    /// forced; [`Error::OutOfBounds`] (`workspace`) for a workspace too small.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_kvcache_split_into<T: Element>(
+        &self,
+        stream: &CudaStream,
+        q: &DeviceTensor<'_, T>,
+        k_cache: &DeviceTensor<'_, T>,
+        v_cache: &DeviceTensor<'_, T>,
+        o: &mut DeviceTensorMut<'_, T>,
+        lse: Option<&mut LseTensorMut<'_>>,
+        tables: &CacheTables,
+        workspace: &mut CudaSlice<f32>,
+        splits: usize,
+        opts: &AttentionOptions,
+    ) -> Result<KernelInfo> {
+        if splits <= 1 {
+            return self.forward_kvcache_into(stream, q, k_cache, v_cache, o, lse, tables, opts);
+        }
+        if splits > MAX_SPLITS {
+            let reason = "split-KV takes at most 128 splits";
+            return Err(Error::InvalidOption { arg: "splits", value: splits.to_string(), reason });
+        }
+        if opts.kernel.is_some_and(|f| f != KernelFamily::Sm80) {
+            let reason = "split-KV runs on the sm80 kernels";
+            return Err(Error::InvalidOption { arg: "splits", value: splits.to_string(), reason });
+        }
+        self.check_context("workspace", workspace.context())?;
+        let names = ["q", "k_cache", "v_cache", "o"];
+        let tables_ctx = ("tables", tables.seqlens.stream().context());
+        let (descs, lse_desc) =
+            self.describe_call(stream, names, q, k_cache, v_cache, o, lse.as_deref(), tables_ctx)?;
+        let opts = opts.with_kernel(KernelFamily::Sm80);
+        let p = validate_kvcache(
+            T::DTYPE,
+            &descs[0],
+            &descs[1],
+            &descs[2],
+            Some(&descs[3]),
+            lse_desc.as_ref(),
+            &tables.info,
+            &opts,
+        )?;
+        let needed =
+            Self::split_workspace_len(splits, p.batch, p.seqlen_q, p.heads_q, p.head_dim).unwrap_or(usize::MAX);
+        if workspace.len() < needed {
+            return Err(Error::OutOfBounds { arg: "workspace", needed, len: workspace.len() });
+        }
+        let split = Some((splits, workspace));
+        self.launch_forward_seq(
+            stream,
+            &p,
+            &descs,
+            q,
+            k_cache,
+            v_cache,
+            o,
+            lse,
+            Some(Tables::Cache(tables)),
+            split,
+            &opts,
+        )
     }
 }
+
+/// The most key splits of one split-KV call.
+pub const MAX_SPLITS: usize = 128;

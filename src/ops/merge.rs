@@ -94,7 +94,7 @@ impl Attention {
         if m.batch == 0 || m.seqlen == 0 || m.heads == 0 {
             return Ok(()); // nothing to write; a zero-sized grid is a launch error
         }
-        let func = self.merge_function(T::DTYPE)?;
+        let func = self.merge_function(T::DTYPE, false)?;
         // The guards make `stream` wait for earlier writes to these buffers and
         // record this launch's reads and writes when dropped after it.
         let o_ptrs: [Option<_>; MAX_MERGE_PARTS] =

@@ -135,6 +135,6 @@ impl Attention {
             &seqlens.info,
             opts,
         )?;
-        self.launch_forward_seq(stream, &p, &descs, q, k, v, o, lse, Some(Tables::Varlen(seqlens)), opts)
+        self.launch_forward_seq(stream, &p, &descs, q, k, v, o, lse, Some(Tables::Varlen(seqlens)), None, opts)
     }
 }

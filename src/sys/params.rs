@@ -45,10 +45,13 @@ pub struct FaFwdParams {
     pub block_table: *const i32,
     pub block_table_stride: i64,
     pub page_size: i32,
+    pub num_splits: i32,
+    pub o_accum: *mut f32,
+    pub lse_accum: *mut f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of FaFwdParams"][::core::mem::size_of::<FaFwdParams>() - 264usize];
+    ["Size of FaFwdParams"][::core::mem::size_of::<FaFwdParams>() - 280usize];
     ["Alignment of FaFwdParams"][::core::mem::align_of::<FaFwdParams>() - 8usize];
     [
         "Offset of field: FaFwdParams::q",
@@ -167,6 +170,15 @@ const _: () = {
     [
         "Offset of field: FaFwdParams::page_size",
     ][::core::mem::offset_of!(FaFwdParams, page_size) - 256usize];
+    [
+        "Offset of field: FaFwdParams::num_splits",
+    ][::core::mem::offset_of!(FaFwdParams, num_splits) - 260usize];
+    [
+        "Offset of field: FaFwdParams::o_accum",
+    ][::core::mem::offset_of!(FaFwdParams, o_accum) - 264usize];
+    [
+        "Offset of field: FaFwdParams::lse_accum",
+    ][::core::mem::offset_of!(FaFwdParams, lse_accum) - 272usize];
 };
 impl Default for FaFwdParams {
     fn default() -> Self {
@@ -227,6 +239,9 @@ impl Default for FaMergePart {
 #[derive(Debug, Copy, Clone)]
 pub struct FaMergeParams {
     pub part: [FaMergePart; 8usize],
+    pub strided: i32,
+    pub o_part_stride: i64,
+    pub lse_part_stride: i64,
     pub o: *mut ::core::ffi::c_void,
     pub lse: *mut f32,
     pub o_batch_stride: i64,
@@ -242,47 +257,56 @@ pub struct FaMergeParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of FaMergeParams"][::core::mem::size_of::<FaMergeParams>() - 528usize];
+    ["Size of FaMergeParams"][::core::mem::size_of::<FaMergeParams>() - 552usize];
     ["Alignment of FaMergeParams"][::core::mem::align_of::<FaMergeParams>() - 8usize];
     [
         "Offset of field: FaMergeParams::part",
     ][::core::mem::offset_of!(FaMergeParams, part) - 0usize];
     [
+        "Offset of field: FaMergeParams::strided",
+    ][::core::mem::offset_of!(FaMergeParams, strided) - 448usize];
+    [
+        "Offset of field: FaMergeParams::o_part_stride",
+    ][::core::mem::offset_of!(FaMergeParams, o_part_stride) - 456usize];
+    [
+        "Offset of field: FaMergeParams::lse_part_stride",
+    ][::core::mem::offset_of!(FaMergeParams, lse_part_stride) - 464usize];
+    [
         "Offset of field: FaMergeParams::o",
-    ][::core::mem::offset_of!(FaMergeParams, o) - 448usize];
+    ][::core::mem::offset_of!(FaMergeParams, o) - 472usize];
     [
         "Offset of field: FaMergeParams::lse",
-    ][::core::mem::offset_of!(FaMergeParams, lse) - 456usize];
+    ][::core::mem::offset_of!(FaMergeParams, lse) - 480usize];
     [
         "Offset of field: FaMergeParams::o_batch_stride",
-    ][::core::mem::offset_of!(FaMergeParams, o_batch_stride) - 464usize];
+    ][::core::mem::offset_of!(FaMergeParams, o_batch_stride) - 488usize];
     [
         "Offset of field: FaMergeParams::o_row_stride",
-    ][::core::mem::offset_of!(FaMergeParams, o_row_stride) - 472usize];
+    ][::core::mem::offset_of!(FaMergeParams, o_row_stride) - 496usize];
     [
         "Offset of field: FaMergeParams::o_head_stride",
-    ][::core::mem::offset_of!(FaMergeParams, o_head_stride) - 480usize];
+    ][::core::mem::offset_of!(FaMergeParams, o_head_stride) - 504usize];
     [
         "Offset of field: FaMergeParams::lse_batch_stride",
-    ][::core::mem::offset_of!(FaMergeParams, lse_batch_stride) - 488usize];
+    ][::core::mem::offset_of!(FaMergeParams, lse_batch_stride) - 512usize];
     [
         "Offset of field: FaMergeParams::lse_head_stride",
-    ][::core::mem::offset_of!(FaMergeParams, lse_head_stride) - 496usize];
+    ][::core::mem::offset_of!(FaMergeParams, lse_head_stride) - 520usize];
     [
         "Offset of field: FaMergeParams::parts",
-    ][::core::mem::offset_of!(FaMergeParams, parts) - 504usize];
+    ][::core::mem::offset_of!(FaMergeParams, parts) - 528usize];
     [
         "Offset of field: FaMergeParams::batch",
-    ][::core::mem::offset_of!(FaMergeParams, batch) - 508usize];
+    ][::core::mem::offset_of!(FaMergeParams, batch) - 532usize];
     [
         "Offset of field: FaMergeParams::seqlen",
-    ][::core::mem::offset_of!(FaMergeParams, seqlen) - 512usize];
+    ][::core::mem::offset_of!(FaMergeParams, seqlen) - 536usize];
     [
         "Offset of field: FaMergeParams::heads",
-    ][::core::mem::offset_of!(FaMergeParams, heads) - 516usize];
+    ][::core::mem::offset_of!(FaMergeParams, heads) - 540usize];
     [
         "Offset of field: FaMergeParams::head_dim",
-    ][::core::mem::offset_of!(FaMergeParams, head_dim) - 520usize];
+    ][::core::mem::offset_of!(FaMergeParams, head_dim) - 544usize];
 };
 impl Default for FaMergeParams {
     fn default() -> Self {
@@ -321,7 +345,7 @@ impl Default for FaTensorMap {
 #[derive(Debug, Copy, Clone)]
 pub struct FaFwdSm90Params {
     pub p: FaFwdParams,
-    pub __bindgen_padding_0: [u64; 7usize],
+    pub __bindgen_padding_0: [u64; 5usize],
     pub tma_q: FaTensorMap,
     pub tma_k: FaTensorMap,
     pub tma_v: FaTensorMap,

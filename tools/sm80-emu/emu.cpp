@@ -581,7 +581,8 @@ static void run_grid(const Kern *kn, const FaFwdParams &p, int B, int H, int Lq,
     kernel_params = p;
     for (int i = 0; i < B; ++i)
         for (int h = 0; h < H; ++h)
-            for (int mb = 0; mb < (Lq + kn->bm - 1) / kn->bm; ++mb) {
+            // Split-KV: row block * num_splits + split in x (params.h).
+            for (int mb = 0; mb < (Lq + kn->bm - 1) / kn->bm * (p.num_splits > 1 ? p.num_splits : 1); ++mb) {
                 memset(emu_smem, 0xff, smem_bytes);
                 memset(emu_smem + smem_bytes, 0xab, guard_bytes);
                 blockIdx = make_uint3(mb, h, last_first ? B - 1 - i : i);
@@ -788,6 +789,7 @@ struct CacheCase {
     int Lq, Hq, Hk, D, wl, wr;
     int page;               // 0: dense
     bool top_left;
+    int splits = 0;         // > 1: split-KV into an f32 workspace, then the combine (merge.cuh)
 };
 
 static bool run_cache_on(const Kern *kn, const CacheCase &cc, bool bf16, unsigned seed) {
@@ -873,7 +875,44 @@ static bool run_cache_on(const Kern *kn, const CacheCase &cc, bool bf16, unsigne
     table_lo = table.data();
     table_hi = table.data() + table.size();
 
+    // Split-KV: the kernel writes only the workspace (poisoned; O must keep
+    // its poison until the combine), then the combine kernel's row function
+    // writes O and LSE from it.
+    const int64_t part_o = (int64_t)B * cc.Lq * cc.Hq * cc.D, part_l = (int64_t)B * cc.Hq * cc.Lq;
+    std::vector<float> o_acc, l_acc;
+    if (cc.splits > 1) {
+        o_acc.assign((size_t)cc.splits * part_o, NAN);
+        l_acc.assign((size_t)cc.splits * part_l, NAN);
+        p.num_splits = cc.splits;
+        p.o_accum = o_acc.data();
+        p.lse_accum = l_acc.data();
+        writable = {(const unsigned char *)o_acc.data(), (const unsigned char *)(o_acc.data() + o_acc.size())};
+    }
     run_grid(kn, p, B, cc.Hq, cc.Lq, true);
+    if (cc.splits > 1) {
+        for (size_t x = 0; x < l_acc.size(); ++x)
+            if (std::isnan(l_acc[x])) {
+                FAIL("split-KV: workspace LSE %zu not written", x);
+                break;
+            }
+        FaMergeParams m{};
+        m.part[0] = FaMergePart{o_acc.data(), l_acc.data(), (int64_t)cc.Lq * cc.Hq * cc.D, (int64_t)cc.Hq * cc.D, cc.D,
+                                (int64_t)cc.Hq * cc.Lq, cc.Lq};
+        m.strided = 1;
+        m.o_part_stride = part_o;
+        m.lse_part_stride = part_l;
+        m.o = O; m.lse = LSE;
+        m.o_batch_stride = lo.bs; m.o_row_stride = lo.rs; m.o_head_stride = lo.hs;
+        m.lse_batch_stride = lseb; m.lse_head_stride = lse_row;
+        m.parts = cc.splits; m.batch = B; m.seqlen = cc.Lq; m.heads = cc.Hq; m.head_dim = cc.D;
+        for (int b = 0; b < B; ++b)
+            for (int i = 0; i < cc.Lq; ++i)
+                for (int h = 0; h < cc.Hq; ++h)
+                    for (int lane = 0; lane < 32; ++lane) {
+                        if (bf16) fa_merge_row<fa_bf16, float>(m, b, i, h, lane);
+                        else fa_merge_row<fa_f16, float>(m, b, i, h, lane);
+                    }
+    }
     EmuCheck all;
     for (int b = 0; b < B; ++b) {
         const int64_t kr = cc.Hk * cc.D;
@@ -892,9 +931,10 @@ static bool run_cache_on(const Kern *kn, const CacheCase &cc, bool bf16, unsigne
     const std::string why = failed_checks(all, bf16, true, stray);
     std::string lens;
     for (int l : cc.lens) lens += std::to_string(l) + " ";
-    printf("%s %-28s cache %s [%s] Lq%d Hq%d Hk%d D%d w(%d,%d)%s: rel %.2e row %.2e lse %.2e stray %ld\n",
+    printf("%s %-28s cache %s%s [%s] Lq%d Hq%d Hk%d D%d w(%d,%d)%s: rel %.2e row %.2e lse %.2e stray %ld\n",
            why.empty() ? "ok  " : ("FAIL[" + why + "]").c_str(), kn->name,
-           paged ? ("paged" + std::to_string(cc.page)).c_str() : "dense", lens.c_str(), cc.Lq, cc.Hq, cc.Hk, cc.D,
+           paged ? ("paged" + std::to_string(cc.page)).c_str() : "dense",
+           cc.splits > 1 ? (" split" + std::to_string(cc.splits)).c_str() : "", lens.c_str(), cc.Lq, cc.Hq, cc.Hk, cc.D,
            cc.wl, cc.wr, cc.top_left ? " top-left" : "", rel, row_rel, lse_rel, stray);
     return why.empty();
 }
@@ -946,7 +986,8 @@ static void run_cache(const CacheCase &cc, bool bf16, unsigned seed) {
     const int hd = bucket_of(cc.D);
     bool ok = true;
     for (const Kern *k : kerns)
-        if ((k->kind == NAIVE || k->hd == hd) && k->bf16 == bf16 && (k->kind == NAIVE || paged_row(k) == (cc.page > 0)))
+        if ((k->kind == NAIVE || k->hd == hd) && k->bf16 == bf16 && (k->kind == NAIVE || paged_row(k) == (cc.page > 0)) &&
+            !(cc.splits > 1 && k->kind == NAIVE))  // split-KV: the sm80 kernels only
             ok = run_cache_on(k, cc, bf16, seed) && ok;
     fails += !ok;
 }
@@ -966,6 +1007,18 @@ static void cache_cases(int D, bool bf, unsigned &seed, bool naive) {
         };
         for (const CacheCase &cc : cases) run_cache(cc, bf, seed++);
     }
+    // Split-KV decode steps: 1 and 3 queries over several key tiles, 2, 3
+    // and 7 splits (more splits than some sequences have tiles: empty
+    // shares), lengths 0, 1 and one short of a tile, dense and paged.
+    if (!naive)
+        for (int page : std::vector<int>{0, 16, BN}) {
+            const CacheCase cases[] = {
+                {{4 * BN - 1, 0, 1, 2 * BN + 3}, 1, 8, 2, D, -1, 0, page, false, 3},
+                {{5 * BN + 7, 40, BN - 1}, 3, 12, 3, D, -1, 0, page, false, 7},
+                {{3 * BN, 2 * BN + 9}, 2, 4, 1, D, BN + 5, 0, page, true, 2},
+            };
+            for (const CacheCase &cc : cases) run_cache(cc, bf, seed++);
+        }
 }
 
 // Packed batches: empty sequences, one-token ones, lengths one short of a
