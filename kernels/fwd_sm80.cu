@@ -101,7 +101,12 @@ struct Sm80Config : Shape {
 
 // PAGED: the `_paged` rows, which also read paged KV caches (below); the
 // others read dense K/V only, and their key loop holds no page code.
-template <typename T, int HD, typename Shape = Sm80Shape<HD>, bool PAGED = false>
+// PACK: the `_decode` rows (also PAGED), GQA packing: one CTA per KV head
+// (grid y), its tile's rows the (query, query head) pairs of the heads that
+// share it, row R being query R / G of head hk * G + R % G (G = q_per_kv).
+// A decode step's G heads x few queries then fill one tile that reads K and
+// V once, where unpacked each head's CTA reads them with 1 useful row of 128.
+template <typename T, int HD, typename Shape = Sm80Shape<HD>, bool PAGED = false, bool PACK = false>
 __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     using Cfg = Sm80Config<HD, Shape>;
     constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, MT = Cfg::kMTiles;
@@ -124,11 +129,18 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     const int m0 = (blockIdx.x / splits) * BM, h = blockIdx.y, b = blockIdx.z;
     FaFwdParams p = launch;
     fa_bind_sequence<T>(p, b);
-    if (m0 >= p.seqlen_q) return;  // past a packed batch's shorter sequence: the whole CTA leaves
+    // Rows of this (head, sequence): its queries, or with PACK its queries
+    // times the G query heads of KV head blockIdx.y.
+    const int G = PACK ? p.q_per_kv : 1;
+    const int rows = PACK ? p.seqlen_q * G : p.seqlen_q;
+    if (m0 >= rows) return;  // past a packed batch's shorter sequence: the whole CTA leaves
     const int warp_row = warp * 16 * MT;     // first CTA-local row this warp owns
-    const int hk = h / p.q_per_kv;
+    const int hk = PACK ? h : h / p.q_per_kv;
+    // Row R's query (its position in the band) and query head.
+    auto query_of = [&](int r) { return PACK ? r / G : r; };
+    auto head_of = [&](int r) { return PACK ? hk * G + r % G : h; };
 
-    const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+    const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride + (PACK ? 0 : h * p.q_head_stride);
     // K and V: row 0 of this head (dense), or the head's offset in a page.
     const T *k = PAGED ? fa_kv_base<T>(p, false, b, hk)
                        : static_cast<const T *>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -141,10 +153,10 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     // that every row sees are [lo(last row), hi(first row)); tiles inside that
     // need no element mask. Rows >= seqlen_q are never stored, so they do not
     // count (their Q is zero-filled, so they compute harmless finite values).
-    const int row_end = min(m0 + BM, p.seqlen_q);
-    const FaKeyRange keys = fa_key_range_rows(p, m0, row_end);
-    const int all_lo = fa_key_range(p, row_end - 1).lo;
-    const int all_hi = fa_key_range(p, m0).hi;
+    const int row_end = min(m0 + BM, rows);
+    const FaKeyRange keys = fa_key_range_rows(p, query_of(m0), query_of(row_end - 1) + 1);
+    const int all_lo = fa_key_range(p, query_of(row_end - 1)).lo;
+    const int all_hi = fa_key_range(p, query_of(m0)).hi;
     int n_begin = keys.lo / BN;
     int n_tiles = keys.lo < keys.hi ? (keys.hi + BN - 1) / BN - n_begin : 0;
     if (splits > 1) {
@@ -189,7 +201,11 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     };
     {
         const Sm80TileLoader<T, BM, CHUNKS, THREADS> q_loader(tid, p.head_dim);
-        q_loader.load(q_tile, q + m0 * p.q_row_stride, p.q_row_stride, p.seqlen_q - m0, q);
+        if constexpr (PACK)
+            q_loader.gather(q_tile, [&](int r) { return q + query_of(m0 + r) * p.q_row_stride + head_of(m0 + r) * p.q_head_stride; },
+                            rows - m0, q);
+        else
+            q_loader.load(q_tile, q + m0 * p.q_row_stride, p.q_row_stride, p.seqlen_q - m0, q);
         cp_async_commit();
     }
 #pragma unroll
@@ -298,7 +314,7 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int hf = 0; hf < 2; ++hf) {
-                    const FaKeyRange r = fa_key_range(p, m0 + warp_row + mt * 16 + hf * 8 + g);
+                    const FaKeyRange r = fa_key_range(p, query_of(m0 + warp_row + mt * 16 + hf * 8 + g));
                     const int lo = r.lo - n0, hi = r.hi - n0;  // tile-local
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt)
@@ -361,14 +377,15 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
                 const int row = m0 + warp_row + mt * 16 + hf * 8 + g;
-                if (row >= p.seqlen_q) continue;
-                float *const acc = p.o_accum + ((part * p.seqlen_q + row) * p.heads_q + h) * p.head_dim;
+                if (row >= rows) continue;
+                const int i = query_of(row), hh = head_of(row);
+                float *const acc = p.o_accum + ((part * p.seqlen_q + i) * p.heads_q + hh) * p.head_dim;
 #pragma unroll
                 for (int dt = 0; dt < DT; ++dt)
                     if (dt * 8 < p.head_dim)
                         *reinterpret_cast<float2 *>(acc + dt * 8 + tig * 2) =
                             make_float2(acc_o[mt][dt][2 * hf] * inv_sum[mt][hf], acc_o[mt][dt][2 * hf + 1] * inv_sum[mt][hf]);
-                if (tig == 0) p.lse_accum[(part * p.heads_q + h) * p.seqlen_q + row] = lse[mt][hf];
+                if (tig == 0) p.lse_accum[(part * p.heads_q + hh) * p.seqlen_q + i] = lse[mt][hf];
             }
         return;
     }
@@ -394,19 +411,27 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
                              acc_o[mt][dt][2 * hf + 1] * inv_sum[mt][hf]);
         }
     __syncwarp();
-    T *o = static_cast<T *>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
-    sm80_store_rows<T, 16 * MT, CHUNKS>(smem + warp_row * Swz::kRowBytes,
-                                        o + (m0 + warp_row) * p.o_row_stride, p.o_row_stride,
-                                        p.seqlen_q - m0 - warp_row, p.head_dim, lane);
+    if constexpr (PACK) {
+        T *o = static_cast<T *>(p.o) + b * p.o_batch_stride;
+        sm80_store_rows_at<T, 16 * MT, CHUNKS>(
+            smem + warp_row * Swz::kRowBytes,
+            [&](int r) { return o + query_of(m0 + warp_row + r) * p.o_row_stride + head_of(m0 + warp_row + r) * p.o_head_stride; },
+            rows - m0 - warp_row, p.head_dim, lane);
+    } else {
+        T *o = static_cast<T *>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+        sm80_store_rows<T, 16 * MT, CHUNKS>(smem + warp_row * Swz::kRowBytes,
+                                            o + (m0 + warp_row) * p.o_row_stride, p.o_row_stride,
+                                            p.seqlen_q - m0 - warp_row, p.head_dim, lane);
+    }
 
     if (p.lse != nullptr && tig == 0) {
-        float *lse_row = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride;
+        float *lse_b = p.lse + b * p.lse_batch_stride;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
                 const int row = m0 + warp_row + mt * 16 + hf * 8 + g;
-                if (row < p.seqlen_q) lse_row[row] = lse[mt][hf];
+                if (row < rows) lse_b[head_of(row) * p.lse_head_stride + query_of(row)] = lse[mt][hf];
             }
     }
 }
@@ -419,6 +444,7 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
 // tile shape of the rows that follow: the bucket's default, or a variant's.
 #define FA_SHAPE(head_dim) Sm80Shape<head_dim>
 #define FA_PAGED false
+#define FA_PACK false
 #define FA_CFG(head_dim) Sm80Config<head_dim, FA_SHAPE(head_dim)>
 #define FA_KERNEL(name, dtype, head_dim, block_m, block_n, threads, smem, min_sm, grid)             \
     static_assert(block_m == FA_CFG(head_dim)::kBlockM && block_n == FA_CFG(head_dim)::kBlockN &&   \
@@ -427,7 +453,7 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
                   "table row disagrees with the Sm80Config of " #name);                            \
     extern "C" __global__ void __launch_bounds__(threads, FA_CFG(head_dim)::kMinBlocks)            \
         name(const __grid_constant__ FaFwdParams p) {                                              \
-        sm80_forward<FA_DTYPE(dtype), head_dim, FA_SHAPE(head_dim), FA_PAGED>(p);                  \
+        sm80_forward<FA_DTYPE(dtype), head_dim, FA_SHAPE(head_dim), FA_PAGED, FA_PACK>(p);         \
     }
 
 FA_KERNEL(fa_fwd_sm80_f16_hd32, f16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
@@ -486,6 +512,17 @@ FA_KERNEL(fa_fwd_sm80_bf16_hd160_paged, bf16, 160, 128, 64, 256, 122880, 80, FA_
 FA_KERNEL(fa_fwd_sm80_bf16_hd192_paged, bf16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd224_paged, bf16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd256_paged, bf16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
+// The `_decode` rows: GQA packing (PACK above) with paged-cache support, for
+// KV-cache calls of few queries per sequence with several query heads per KV
+// head (the dispatcher's rule, src/dispatch.rs). hd64 and hd128.
+#undef FA_PACK
+#define FA_PACK true
+FA_KERNEL(fa_fwd_sm80_f16_hd64_decode, f16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd128_decode, f16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd64_decode, bf16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd128_decode, bf16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
+#undef FA_PACK
+#define FA_PACK false
 #undef FA_PAGED
 #define FA_PAGED false
 

@@ -116,7 +116,11 @@ pub struct DispatchTensors<'a> {
 /// whose shared memory the device allows: a bucket lists its fastest row first
 /// and smaller-memory fallbacks after it (the sm80 `_99k` rows for sm86/sm89).
 /// Variants (`name__tag`) are never picked. Paged KV caches go to the sm80
-/// bucket's `_paged` row, and only they do. A forced family or kernel name
+/// bucket's `_paged` row, and only they do. A decode step (a KV-cache call
+/// with at most [`MAX_DECODE_QUERIES`] queries per sequence and several
+/// query heads per KV head) goes to the sm80 bucket's `_decode` row (GQA
+/// packing, dense or paged) where the bucket has one, sm80 then preferred
+/// over sm90 (whose tiles would hold one query row of 128). A forced family or kernel name
 /// that cannot run is an error. Returns the index into `rows` and the launch.
 ///
 /// # Errors
@@ -134,6 +138,12 @@ pub fn dispatch(
     let serves = |r: &KernelRow| r.dtype == p.dtype && r.head_dim as usize >= p.head_dim;
     let paged = p.kv_cache.is_some_and(|c| c.paged.is_some());
     let smem_fits = |r: &KernelRow| r.smem_bytes <= device.smem_per_block;
+    // A decode step: a KV-cache call with few queries per sequence and several
+    // query heads per KV head. The sm80 `_decode` rows pack the heads of a KV
+    // head into one tile; where the bucket has one, sm80 goes first.
+    let decode = p.kv_cache.is_some() && p.q_per_kv() > 1 && p.seqlen_q <= MAX_DECODE_QUERIES;
+    let decode_row = decode
+        && rows.iter().any(|r| r.is_decode() && family_of(r) == Some(KernelFamily::Sm80) && serves(r) && smem_fits(r));
     if let Some(name) = forced_name {
         let idx = rows
             .iter()
@@ -163,8 +173,10 @@ pub fn dispatch(
     let mut passed = [None; 2];
     let mut n_passed = 0;
     let forced_list = forced.map(|f| [f]);
+    const DECODE_ORDER: [KernelFamily; 3] = [KernelFamily::Sm80, KernelFamily::Sm90, KernelFamily::Naive];
     let families: &[KernelFamily] = match &forced_list {
         Some(one) => one,
+        None if decode_row => &DECODE_ORDER,
         None => &KernelFamily::PREFERENCE,
     };
     let mut last_err = None;
@@ -175,9 +187,14 @@ pub fn dispatch(
         let best = (0..rows.len())
             .filter(|&i| {
                 let r = &rows[i];
+                // sm80: the `_decode` rows for a decode step (where the
+                // bucket has one), else the `_paged` rows for pages, else
+                // the dense rows.
+                let sm80 = fam == KernelFamily::Sm80;
                 family_of(r) == Some(fam)
                     && !r.is_variant()
-                    && r.is_paged() == (paged && fam == KernelFamily::Sm80)
+                    && r.is_decode() == (sm80 && decode_row)
+                    && (r.is_decode() || r.is_paged() == (paged && sm80))
                     && serves(r)
                     && smem_fits(r)
             })
@@ -225,6 +242,10 @@ pub fn dispatch(
     Err(Error::NoKernel { reason: reason.join("; ") })
 }
 
+/// Queries per sequence up to which a KV-cache call with grouped heads is a
+/// decode step for the dispatcher (speculative decoding verifies a few).
+pub const MAX_DECODE_QUERIES: usize = 16;
+
 /// The feature of `p` that kernel `row` of family `fam` does not implement,
 /// if any. The Hopper kernels load a paged cache's tiles whole with TMA, so
 /// they take pages whose size is a multiple of their block_n (smaller pages
@@ -235,7 +256,9 @@ fn lacks(row: &KernelRow, fam: KernelFamily, p: &Problem) -> Option<&'static str
     let sequences = p.varlen.is_some() || p.kv_cache.is_some();
     let page = p.kv_cache.and_then(|c| c.paged).map(|pg| pg.page_size);
     match (fam, row.grid, page) {
-        (KernelFamily::Sm80, _, Some(_)) if !row.is_paged() => Some("paged KV caches (its `_paged` row does)"),
+        (KernelFamily::Sm80, _, Some(_)) if !row.is_paged() && !row.is_decode() => {
+            Some("paged KV caches (its `_paged` row does)")
+        }
         (KernelFamily::Sm90, GridKind::Persistent, _) if sequences => {
             Some("packed batches or KV caches (persistent variants)")
         }
@@ -295,10 +318,13 @@ fn kernel_info(
     p: &Problem,
     passed: [Option<PassedOver>; 2],
 ) -> KernelInfo {
-    // Validation bounds Lq by 2^28 and B, Hq by 65535, so these fit u32.
-    let m_tiles = p.seqlen_q.div_ceil(row.block_m as usize) as u32;
+    // Validation bounds Lq by 2^28 and B, Hq by 65535, so these fit u32. A
+    // `_decode` row has a CTA per KV head, rows the queries of its Hq/Hk heads
+    // (a decode step's few queries: no overflow).
+    let (rows, heads) = if row.is_decode() { (p.seqlen_q * p.q_per_kv(), p.heads_kv) } else { (p.seqlen_q, p.heads_q) };
+    let m_tiles = rows.div_ceil(row.block_m as usize) as u32;
     let grid = match row.grid {
-        GridKind::Tiles => (m_tiles, p.heads_q as u32, p.batch as u32),
+        GridKind::Tiles => (m_tiles, heads as u32, p.batch as u32),
         GridKind::Persistent => (persistent_tiles(row, p).min(device.sm_count as u128) as u32, 1, 1),
     };
     KernelInfo {

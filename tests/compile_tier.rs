@@ -205,8 +205,9 @@ fn dispatch_table_is_complete_and_consistent() {
         assert_eq!(naive.map(|r| r.head_dim).collect::<Vec<_>>(), [256]);
         // One main row per bucket; the `_99k` rows (sm86/sm89) are extra, and
         // so is one `_paged` row per bucket (paged KV caches).
-        let main =
-            |r: &&fused_attn::internals::KernelRow| r.image == "fwd_sm80" && !r.name.ends_with("_99k") && !r.is_paged();
+        let main = |r: &&fused_attn::internals::KernelRow| {
+            r.image == "fwd_sm80" && !r.name.ends_with("_99k") && !r.is_paged() && !r.is_decode()
+        };
         let mut tiled: Vec<u32> = rows().filter(main).map(|r| r.head_dim).collect();
         tiled.sort();
         assert_eq!(tiled, [32, 64, 96, 128, 160, 192, 224, 256], "{dtype} sm80 buckets");
@@ -214,6 +215,11 @@ fn dispatch_table_is_complete_and_consistent() {
         paged.sort();
         assert_eq!(paged, tiled, "{dtype} sm80 `_paged` rows, one per bucket");
         assert!(rows().filter(|r| r.is_paged()).all(|r| r.image == "fwd_sm80"));
+        // `_decode` rows (GQA packing): hd64 and hd128, sm80.
+        let mut decode: Vec<u32> = rows().filter(|r| r.is_decode()).map(|r| r.head_dim).collect();
+        decode.sort();
+        assert_eq!(decode, [64, 128], "{dtype} sm80 `_decode` rows");
+        assert!(rows().filter(|r| r.is_decode()).all(|r| r.image == "fwd_sm80"));
         // Every sm80 bucket runs in sm86/sm89's 99 KB per block, through its
         // main row or its `_99k` row.
         for d in tiled {

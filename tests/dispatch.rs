@@ -107,13 +107,15 @@ fn each_bucket_takes_its_first_row_that_fits_the_shared_memory() {
     // Table order is the preference: within a family and bucket, every later
     // base row needs less shared memory than the first (else it could never be
     // picked where the first fits, and would be chosen over it nowhere). The
-    // `_paged` rows form their own sequence (only paged caches reach them).
+    // `_paged` and `_decode` rows form their own sequences (only paged caches
+    // and decode steps reach them).
     for (i, r) in KERNEL_TABLE.iter().enumerate().filter(|(_, r)| !r.is_variant()) {
         let first = KERNEL_TABLE
             .iter()
             .find(|f| {
                 !f.is_variant()
                     && f.is_paged() == r.is_paged()
+                    && f.is_decode() == r.is_decode()
                     && f.image == r.image
                     && f.dtype == r.dtype
                     && f.head_dim == r.head_dim
@@ -334,6 +336,54 @@ fn packed_batches_and_caches_go_where_they_are_implemented() {
             let err = choose(H100, &with(Some(varlen), None), None, Some(name)).unwrap_err().to_string();
             assert!(err.contains("persistent"), "{err}");
             assert!(choose(H100, &with(None, None), None, Some(name)).is_ok());
+        }
+    }
+}
+
+/// Decode steps (a KV-cache call, at most 16 queries per sequence, several
+/// query heads per KV head) go to the sm80 `_decode` rows (GQA packing),
+/// ahead of sm90, with one CTA per KV head; other shapes do not.
+#[test]
+fn decode_steps_go_to_the_gqa_packed_rows() {
+    let t = DType::BF16.name();
+    let make = |lq: usize, hq: usize, hk: usize, d: usize, page: Option<usize>| {
+        let desc = |arg, layout: Layout| TensorDesc { arg, layout, len: layout.span().unwrap() };
+        let (ql, kl) = (Layout::bshd(2, lq, hq, d), Layout::bshd(2, 512, hk, d));
+        let descs = [desc("q", ql), desc("k", kl), desc("v", kl), desc("o", ql)];
+        let mut p = validate(
+            DType::BF16,
+            &descs[0],
+            &descs[1],
+            &descs[2],
+            Some(&descs[3]),
+            None,
+            &AttentionOptions::new(Mask::Causal),
+        )
+        .unwrap();
+        p.kv_cache = Some(match page {
+            None => check_cache_tables(&[300, 500], None, None).unwrap(),
+            Some(ps) => {
+                let per_seq = 512usize.div_ceil(ps);
+                let table: Vec<i32> = (0..2 * per_seq as i32).collect();
+                check_cache_tables(&[300, 500], None, Some((&table, per_seq, ps))).unwrap()
+            }
+        });
+        Problem { p, descs, addrs: [0x1000, 0x10000, 0x20000, 0x30000] }
+    };
+    for dev in [A100, H100] {
+        let rows = rows(dev.sm);
+        for (lq, hq, hk, d, page) in [(1, 32, 8, 128, None), (4, 64, 8, 64, Some(16)), (16, 8, 2, 128, Some(256))] {
+            let pr = make(lq, hq, hk, d, page);
+            let (i, info) = dispatch(&rows, dev, &pr.p, pr.tensors(), None, None).unwrap();
+            assert_eq!(rows[i].name, format!("fa_fwd_sm80_{t}_hd{d}_decode"), "lq {lq} {hq}:{hk} d{d} {page:?}");
+            assert_eq!(info.grid, ((lq * hq / hk).div_ceil(128) as u32, hk as u32, 2), "one CTA per KV head");
+        }
+        // Not decode steps: 17 queries, MHA, a head dim with no `_decode` row.
+        let best = if dev.sm >= 90 { "sm90" } else { "sm80" };
+        for (lq, hq, hk, d) in [(17, 32, 8, 128), (1, 8, 8, 128), (1, 32, 8, 256)] {
+            let pr = make(lq, hq, hk, d, None);
+            let name = choose(dev, &pr, None, None).unwrap();
+            assert_eq!(name, format!("fa_fwd_{best}_{t}_hd{d}"), "lq {lq} {hq}:{hk} d{d}");
         }
     }
 }

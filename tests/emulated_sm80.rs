@@ -398,6 +398,39 @@ const MUTANTS: &[Mutant] = &[
         file: "fwd_sm80.cu",
         edits: &[("const int m0 = (blockIdx.x / splits) * BM,", "const int m0 = blockIdx.x * BM,")],
     },
+    // ---- GQA packing (the `_decode` rows) ----
+    Mutant {
+        name: "decode: a packed row's head from its query index",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "auto head_of = [&](int r) { return PACK ? hk * G + r % G : h; };",
+            "auto head_of = [&](int r) { return PACK ? hk * G + r / G % G : h; };",
+        )],
+    },
+    Mutant {
+        name: "decode: the element mask by packed row, not by its query",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "const FaKeyRange r = fa_key_range(p, query_of(m0 + warp_row + mt * 16 + hf * 8 + g));",
+            "const FaKeyRange r = fa_key_range(p, min(m0 + warp_row + mt * 16 + hf * 8 + g, p.seqlen_q - 1));",
+        )],
+    },
+    Mutant {
+        name: "decode: the CTA's key range from its first row's query only",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "const FaKeyRange keys = fa_key_range_rows(p, query_of(m0), query_of(row_end - 1) + 1);",
+            "const FaKeyRange keys = fa_key_range_rows(p, query_of(m0), query_of(m0) + 1);",
+        )],
+    },
+    Mutant {
+        name: "decode: LSE written at the packed row",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "lse_b[head_of(row) * p.lse_head_stride + query_of(row)] = lse[mt][hf];",
+            "lse_b[head_of(row) * p.lse_head_stride + min(row, p.seqlen_q - 1)] = lse[mt][hf];",
+        )],
+    },
     // ---- the naive kernel ----
     Mutant {
         name: "naive: KV head h % Hk instead of h / (Hq/Hk)",
@@ -432,8 +465,9 @@ fn sm80_emulator_catches_injected_bugs() {
     let _ = std::fs::remove_dir_all(&base);
     // hd64: Q in registers, 4 warps, a ring of 4; hd128: Q re-read from
     // shared memory, a ring of 2 (the n_tiles == 0 path matters there).
-    // hd64_paged: the paged caches' rows (page lookup per tile, gather).
-    let only = "^fa_fwd_(sm80_f16_hd64|sm80_f16_hd64_paged|sm80_f16_hd128|naive_f16)$";
+    // hd64_paged: the paged caches' rows (page lookup per tile, gather);
+    // hd64_decode: GQA packing.
+    let only = "^fa_fwd_(sm80_f16_hd64|sm80_f16_hd64_paged|sm80_f16_hd64_decode|sm80_f16_hd128|naive_f16)$";
     let modes = vec![
         args(&["--cases=neg", "--land=lazy", "--seed=1"]),
         args(&["--cases=neg", "--land=eager", "--order=fixed"]),

@@ -1032,6 +1032,7 @@ fn trials() -> Vec<(Trial, bool)> {
     trials.push(plain("kvcache/append_kv", append_kv_trial));
     trials.push(plain("merge/bf16/split_keys", merge_trial::<bf16>));
     trials.push(plain("kvcache/split_errors", split_errors));
+    trials.push(plain("merge/bf16/ring_running_merge", ring_trial));
     trials.push(plain("merge/f16/split_keys", merge_trial::<f16>));
     for c in varlen_cases() {
         trials.push((Trial::test(c.name(), move || varlen_trial(c)), is90(c.family)));
@@ -1540,6 +1541,67 @@ fn merge_trial<T: Element>() -> Result<(), Failed> {
     .map_err(text)?;
     let (o, l) = merge(&parts[1..2])?;
     row_errors("merge (no keys)", (&o, hq * d + 8), &none.o, (&l, lq + 5), &none.lse)?;
+    Ok(())
+}
+
+/// Ring attention's algorithm on one device (issue 11 item 4): the keys in
+/// 4 chunks as 4 ranks would hold them; each chunk's partial state (a
+/// forward call with LSE) is merged into the running state as it comes
+/// round (ping-pong buffers). Equals attention over all keys.
+fn ring_trial() -> Result<(), Failed> {
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let mut rng = StdRng::seed_from_u64(78);
+    let (b, lq, hq, hk, d, lk, chunk) = (2, 50, 8, 2, 128, 400, 100);
+    let opts = AttentionOptions::new(Mask::Full);
+    let (q, k, v): (Vec<bf16>, Vec<bf16>, Vec<bf16>) =
+        (randn(&mut rng, b * lq * hq * d), randn(&mut rng, b * lk * hk * d), randn(&mut rng, b * lk * hk * d));
+    let (qd, kd, vd) = (upload(&stream, &q)?, upload(&stream, &k)?, upload(&stream, &v)?);
+    let (ql, ll) = (Layout::bshd(b, lq, hq, d), LseLayout::contiguous(b, hq, lq));
+    let kl = Layout::strided_bshd([b, chunk, hk, d], [lk * hk * d, hk * d, d, 1]);
+    let forward = |c: usize| -> Result<(CudaSlice<bf16>, CudaSlice<f32>), Failed> {
+        let mut o = upload(&stream, &poison::<bf16>(b * lq * hq * d))?;
+        let mut l = stream.clone_htod(&vec![f32::from_bits(u32::MAX); b * hq * lq]).map_err(text)?;
+        {
+            let (kt, vt) = (
+                DeviceTensor::from_view(kd.slice(c * chunk * hk * d..), kl),
+                DeviceTensor::from_view(vd.slice(c * chunk * hk * d..), kl),
+            );
+            let (mut ot, mut lt) = (DeviceTensorMut::new(&mut o, ql), LseTensorMut::new(&mut l, ll));
+            g.attn
+                .forward_into(&stream, &DeviceTensor::new(&qd, ql), &kt, &vt, &mut ot, Some(&mut lt), &opts)
+                .map_err(text)?;
+        }
+        Ok((o, l))
+    };
+    let mut acc = forward(0)?;
+    for c in 1..lk / chunk {
+        let next = forward(c)?;
+        let mut o = upload(&stream, &poison::<bf16>(b * lq * hq * d))?;
+        let mut l = stream.clone_htod(&vec![f32::from_bits(u32::MAX); b * hq * lq]).map_err(text)?;
+        {
+            let parts = [
+                PartialState { o: DeviceTensor::new(&acc.0, ql), lse: LseTensor::new(&acc.1, ll) },
+                PartialState { o: DeviceTensor::new(&next.0, ql), lse: LseTensor::new(&next.1, ll) },
+            ];
+            let (mut ot, mut lt) = (DeviceTensorMut::new(&mut o, ql), LseTensorMut::new(&mut l, ll));
+            g.attn.merge_states_into(&stream, &parts, &mut ot, Some(&mut lt)).map_err(text)?;
+        }
+        acc = (o, l);
+    }
+    let full = reference::forward(
+        HostTensor::new(&q, ql),
+        HostTensor::new(&k, Layout::bshd(b, lk, hk, d)),
+        HostTensor::new(&v, Layout::bshd(b, lk, hk, d)),
+        &opts,
+    )
+    .map_err(text)?;
+    let (o, l) = (download(&stream, &acc.0)?, stream.clone_dtoh(&acc.1).map_err(text)?);
+    let (rel, worst, lse) = row_errors("ring", (&o, hq * d), &full.o, (&l, lq), &full.lse)?;
+    println!("merge/ring: 4 chunks merged as they come: O rel {rel:.2e} worst row {worst:.2e} LSE {lse:.2e}");
+    if !(rel <= 1e-2 && worst <= 3e-2 && lse <= 1e-4) {
+        return Err(format!("running merge: O rel {rel:.2e}, worst row {worst:.2e}, LSE {lse:.2e}").into());
+    }
     Ok(())
 }
 

@@ -208,6 +208,13 @@ const TODAY_PAGED: &[(&str, u32, u64, u64)] = &[
     ("fwd_sm80", 256, 3711, 2),
 ];
 
+/// The same for the sm80 `_decode` rows (GQA packing over the `_paged` code).
+const TODAY_DECODE: &[(&str, u32, u64, u64)] = &[
+    // (image, head_dim, hot-loop instructions, CTAs/SM on H100)
+    ("fwd_sm80", 64, 2816, 2),
+    ("fwd_sm80", 128, 3637, 2),
+];
+
 /// Softmax EX2s (exp2(S - m) plus the two rescale factors) per sm90 hot
 /// loop: BN / 2 scores per thread + 2. All of them sit after the `0x0` wait.
 fn sm90_softmax_ex2(block_n: u32) -> u64 {
@@ -242,6 +249,8 @@ fn todays_properties_hold(tool: &Path) {
         // no recorded sizes or occupancy.
         let table = if r.name.ends_with("_99k") {
             TODAY_99K
+        } else if r.is_decode() {
+            TODAY_DECODE
         } else if r.is_paged() {
             TODAY_PAGED
         } else {

@@ -96,3 +96,26 @@ __device__ __forceinline__ void sm80_store_rows(const unsigned char *stage, T *d
         }
     }
 }
+
+// sm80_store_rows for rows that are not equally spaced (GQA-packed rows of
+// different query heads): row r of the warp's stage goes to row_at(r), asked
+// only for rows < rows_valid.
+template <typename T, int ROWS, int CHUNKS, typename RowAt>
+__device__ __forceinline__ void sm80_store_rows_at(const unsigned char *stage, RowAt row_at, int rows_valid,
+                                                   int head_dim, int lane) {
+    using Swz = RowSwizzle<CHUNKS>;
+    constexpr int kLanes = LanesPerRow<CHUNKS>::value;
+    constexpr int kRowsPerPass = 32 / kLanes;
+    static_assert(ROWS % kRowsPerPass == 0, "");
+    const int chunk = lane % kLanes;
+    const int row0 = lane / kLanes;
+    if (chunk >= CHUNKS || chunk * 8 >= head_dim) return;
+#pragma unroll
+    for (int i = 0; i < ROWS / kRowsPerPass; ++i) {
+        const int r = row0 + i * kRowsPerPass;
+        if (r < rows_valid) {
+            const uint4 v = *reinterpret_cast<const uint4 *>(stage + Swz::offset(r, chunk));
+            *reinterpret_cast<uint4 *>(row_at(r) + chunk * 8) = v;
+        }
+    }
+}

@@ -79,6 +79,14 @@ impl KernelRow {
     pub fn is_paged(&self) -> bool {
         self.name.ends_with("_paged")
     }
+
+    /// The sm80 `_decode` rows: GQA packing (one CTA per KV head, the rows
+    /// of its query heads in one tile), dense or paged caches. The
+    /// dispatcher gives them KV-cache calls of few queries per sequence
+    /// with several query heads per KV head, and nothing else.
+    pub fn is_decode(&self) -> bool {
+        self.name.ends_with("_decode")
+    }
 }
 
 /// A kernel's launch shape (`FA_GRID_*` in params.h).

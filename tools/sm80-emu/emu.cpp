@@ -571,7 +571,13 @@ static Layout layout_of(const Case &cs, int H, int L, int which) {
 // `last_first`, so a CTA that writes past its sequence's end is overwritten
 // by nothing and shows), heads, row blocks. Shared memory starts as garbage
 // (NaN-ish bit patterns) for every CTA and has a guard that must survive.
+static bool decode_row(const Kern *k);
 static void run_grid(const Kern *kn, const FaFwdParams &p, int B, int H, int Lq, bool last_first) {
+    // `_decode` rows (GQA packing): a CTA per KV head, rows = queries x heads per KV head.
+    if (decode_row(kn)) {
+        H = p.heads_kv;
+        Lq *= p.q_per_kv;
+    }
     // The naive kernel's static arrays: q_s, p_s and scratch, with room to spare.
     smem_bytes = kn->kind == NAIVE ? 4096 : kn->smem;
     const int guard_bytes = 1024;
@@ -946,6 +952,12 @@ static bool paged_row(const Kern *k) {
     const size_t n = strlen(k->name);
     return n > 6 && strcmp(k->name + n - 6, "_paged") == 0;
 }
+// The `_decode` rows: GQA packing, dense and paged caches; they get the cache
+// cases (and nothing else, as from the dispatcher).
+static bool decode_row(const Kern *k) {
+    const size_t n = strlen(k->name);
+    return n > 7 && strcmp(k->name + n - 7, "_decode") == 0;
+}
 
 static int bucket_of(int D) {
     const int b[] = {32, 64, 96, 128, 160, 192, 224, 256};
@@ -961,7 +973,7 @@ static void run_case(const Case &cs, bool bf16, unsigned seed, bool verbose) {
     bool ok = true;
     int ran = 0;
     for (const Kern *k : kerns)
-        if ((k->kind == NAIVE || k->hd == hd) && k->bf16 == bf16 && !paged_row(k)) {
+        if ((k->kind == NAIVE || k->hd == hd) && k->bf16 == bf16 && !paged_row(k) && !decode_row(k)) {
             ok = run_case_on(k, cs, bf16, seed, verbose) && ok;
             ++ran;
         }
@@ -978,7 +990,8 @@ static void run_varlen(const VarCase &vc, bool bf16, unsigned seed) {
     const int hd = bucket_of(vc.D);
     bool ok = true;
     for (const Kern *k : kerns)
-        if ((k->kind == NAIVE || k->hd == hd) && k->bf16 == bf16 && !paged_row(k)) ok = run_varlen_on(k, vc, bf16, seed) && ok;
+        if ((k->kind == NAIVE || k->hd == hd) && k->bf16 == bf16 && !paged_row(k) && !decode_row(k))
+            ok = run_varlen_on(k, vc, bf16, seed) && ok;
     fails += !ok;
 }
 
@@ -986,7 +999,8 @@ static void run_cache(const CacheCase &cc, bool bf16, unsigned seed) {
     const int hd = bucket_of(cc.D);
     bool ok = true;
     for (const Kern *k : kerns)
-        if ((k->kind == NAIVE || k->hd == hd) && k->bf16 == bf16 && (k->kind == NAIVE || paged_row(k) == (cc.page > 0)) &&
+        if ((k->kind == NAIVE || k->hd == hd) && k->bf16 == bf16 &&
+            (k->kind == NAIVE || decode_row(k) || paged_row(k) == (cc.page > 0)) &&
             !(cc.splits > 1 && k->kind == NAIVE))  // split-KV: the sm80 kernels only
             ok = run_cache_on(k, cc, bf16, seed) && ok;
     fails += !ok;
@@ -1016,6 +1030,16 @@ static void cache_cases(int D, bool bf, unsigned &seed, bool naive) {
                 {{4 * BN - 1, 0, 1, 2 * BN + 3}, 1, 8, 2, D, -1, 0, page, false, 3},
                 {{5 * BN + 7, 40, BN - 1}, 3, 12, 3, D, -1, 0, page, false, 7},
                 {{3 * BN, 2 * BN + 9}, 2, 4, 1, D, BN + 5, 0, page, true, 2},
+            };
+            for (const CacheCase &cc : cases) run_cache(cc, bf, seed++);
+        }
+    // GQA-packed tiles (the `_decode` rows): 43 queries x 3 heads = 129 rows,
+    // so one query's heads straddle two row blocks; 33 x 4 with a window.
+    if (!naive)
+        for (int page : std::vector<int>{0, 16}) {
+            const CacheCase cases[] = {
+                {{300, 17, 1}, 43, 9, 3, D, -1, 0, page, false},
+                {{200, 130}, 33, 16, 4, D, 20, 3, page, false, 3},
             };
             for (const CacheCase &cc : cases) run_cache(cc, bf, seed++);
         }
