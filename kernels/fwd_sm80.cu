@@ -514,13 +514,23 @@ FA_KERNEL(fa_fwd_sm80_bf16_hd224_paged, bf16, 224, 128, 64, 256, 114688, 80, FA_
 FA_KERNEL(fa_fwd_sm80_bf16_hd256_paged, bf16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
 // The `_decode` rows: GQA packing (PACK above) with paged-cache support, for
 // KV-cache calls of few queries per sequence with several query heads per KV
-// head (the dispatcher's rule, src/dispatch.rs). hd64 and hd128.
+// head (the dispatcher's rule, src/dispatch.rs). Head dims 64-256.
 #undef FA_PACK
 #define FA_PACK true
 FA_KERNEL(fa_fwd_sm80_f16_hd64_decode, f16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd96_decode, f16, 96, 128, 64, 128, 49152, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd128_decode, f16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd160_decode, f16, 160, 128, 64, 256, 122880, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd192_decode, f16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd224_decode, f16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd256_decode, f16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd64_decode, bf16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd96_decode, bf16, 96, 128, 64, 128, 49152, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd128_decode, bf16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd160_decode, bf16, 160, 128, 64, 256, 122880, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd192_decode, bf16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd224_decode, bf16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd256_decode, bf16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
 #undef FA_PACK
 #define FA_PACK false
 #undef FA_PAGED

@@ -372,18 +372,24 @@ fn decode_steps_go_to_the_gqa_packed_rows() {
     };
     for dev in [A100, H100] {
         let rows = rows(dev.sm);
-        for (lq, hq, hk, d, page) in [(1, 32, 8, 128, None), (4, 64, 8, 64, Some(16)), (16, 8, 2, 128, Some(256))] {
+        for (lq, hq, hk, d, page) in
+            [(1, 32, 8, 128, None), (4, 64, 8, 64, Some(16)), (16, 8, 2, 128, Some(256)), (2, 16, 2, 256, None)]
+        {
             let pr = make(lq, hq, hk, d, page);
             let (i, info) = dispatch(&rows, dev, &pr.p, pr.tensors(), None, None).unwrap();
             assert_eq!(rows[i].name, format!("fa_fwd_sm80_{t}_hd{d}_decode"), "lq {lq} {hq}:{hk} d{d} {page:?}");
             assert_eq!(info.grid, ((lq * hq / hk).div_ceil(128) as u32, hk as u32, 2), "one CTA per KV head");
         }
-        // Not decode steps: 17 queries, MHA, a head dim with no `_decode` row.
+        // Not decode steps: 17 queries, MHA.
         let best = if dev.sm >= 90 { "sm90" } else { "sm80" };
-        for (lq, hq, hk, d) in [(17, 32, 8, 128), (1, 8, 8, 128), (1, 32, 8, 256)] {
+        for (lq, hq, hk, d) in [(17, 32, 8, 128), (1, 8, 8, 128)] {
             let pr = make(lq, hq, hk, d, None);
             let name = choose(dev, &pr, None, None).unwrap();
             assert_eq!(name, format!("fa_fwd_{best}_{t}_hd{d}"), "lq {lq} {hq}:{hk} d{d}");
         }
+        // hd32 has no `_decode` row (the hd64 one would serve it, but
+        // dispatch takes the smallest bucket of the family's rows).
+        let pr = make(1, 32, 8, 32, None);
+        assert_eq!(choose(dev, &pr, None, None).unwrap(), format!("fa_fwd_sm80_{t}_hd64_decode"));
     }
 }

@@ -142,7 +142,7 @@ const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "GQA: KV head h % Hk instead of h / (Hq/Hk)",
         file: "fwd_sm80.cu",
-        edits: &[("const int hk = h / p.q_per_kv;", "const int hk = h % p.heads_kv;")],
+        edits: &[("const int hk = PACK ? h : h / p.q_per_kv;", "const int hk = PACK ? h : h % p.heads_kv;")],
     },
     Mutant {
         name: "edge tile off by one: no element mask when the tile ends one past the last key",
@@ -218,8 +218,8 @@ const MUTANTS: &[Mutant] = &[
         name: "LSE indexed as contiguous [B, Hq, Lq] (its strides ignored)",
         file: "fwd_sm80.cu",
         edits: &[(
-            "float *lse_row = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride;",
-            "float *lse_row = p.lse + (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q;",
+            "lse_b[head_of(row) * p.lse_head_stride + query_of(row)] = lse[mt][hf];",
+            "p.lse[(static_cast<int64_t>(b) * p.heads_q + head_of(row)) * p.seqlen_q + query_of(row)] = lse[mt][hf];",
         )],
     },
     Mutant {
@@ -246,7 +246,7 @@ const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "LSE of rows past seqlen_q written",
         file: "fwd_sm80.cu",
-        edits: &[("if (row < p.seqlen_q) lse_row[row]", "lse_row[row]")],
+        edits: &[("if (row < rows) lse_b[", "lse_b[")],
     },
     Mutant {
         name: "last partial key tile skipped",
@@ -301,7 +301,7 @@ const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "epilogue: __syncwarp between staging O and storing it dropped",
         file: "fwd_sm80.cu",
-        edits: &[("    __syncwarp();\n    T *o =", "    T *o =")],
+        edits: &[("    __syncwarp();\n    if constexpr (PACK) {", "    if constexpr (PACK) {")],
     },
     // ---- packed (varlen) batches: common/sequence.cuh, in both kernels ----
     Mutant {

@@ -369,8 +369,8 @@ const MUTANTS: &[Mutant] = &[
         name: "persistent: consumers restart the K/V ring at each tile (the producer's runs on)",
         file: "fwd_sm90.cu",
         edits: &[(
-            "        const int n_begin = kt.n_begin, n_tiles = kt.n_tiles",
-            "        stage = 0;\n        phase = 0;\n        const int n_begin = kt.n_begin, n_tiles = kt.n_tiles",
+            "            n_begin = kt.n_begin, n_tiles = kt.n_tiles",
+            "            stage = 0;\n            phase = 0;\n            n_begin = kt.n_begin, n_tiles = kt.n_tiles",
         )],
     },
     Mutant {
@@ -400,25 +400,25 @@ const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "V loaded through K's tensor map",
         file: "fwd_sm90.cu",
-        edits: &[("&P.tma_v, 64 * c, n0, head_kv", "&P.tma_k, 64 * c, n0, head_kv")],
+        edits: &[("&P.tma_v, 64 * c, kv_row, head_kv", "&P.tma_k, 64 * c, kv_row, head_kv")],
     },
     Mutant {
         name: "p.scale ignored (the default 1/sqrt(head_dim) instead)",
         file: "fwd_sm90.cu",
         edits: &[(
-            "const float score_in = p.scale * kLog2e;",
-            "const float score_in = (1.f / sqrtf((float)p.head_dim)) * kLog2e;",
+            "const float score_in = launch.scale * kLog2e;",
+            "const float score_in = (1.f / sqrtf((float)launch.head_dim)) * kLog2e;",
         )],
     },
     Mutant {
         name: "log2(e) dropped from the scores (softmax in base 2)",
         file: "fwd_sm90.cu",
-        edits: &[("const float score_in = p.scale * kLog2e;", "const float score_in = p.scale;")],
+        edits: &[("const float score_in = launch.scale * kLog2e;", "const float score_in = launch.scale;")],
     },
     Mutant {
         name: "softcap dropped",
         file: "fwd_sm90.cu",
-        edits: &[("const bool capped = p.softcap > 0.f;", "const bool capped = false;")],
+        edits: &[("const bool capped = launch.softcap > 0.f;", "const bool capped = false;")],
     },
     Mutant {
         name: "softcap, |s/c| > 0.55: log2(e) dropped after the tanh",

@@ -212,7 +212,12 @@ const TODAY_PAGED: &[(&str, u32, u64, u64)] = &[
 const TODAY_DECODE: &[(&str, u32, u64, u64)] = &[
     // (image, head_dim, hot-loop instructions, CTAs/SM on H100)
     ("fwd_sm80", 64, 2816, 2),
+    ("fwd_sm80", 96, 3535, 2),
     ("fwd_sm80", 128, 3637, 2),
+    ("fwd_sm80", 160, 2564, 1),
+    ("fwd_sm80", 192, 2678, 1),
+    ("fwd_sm80", 224, 2789, 1),
+    ("fwd_sm80", 256, 3798, 2),
 ];
 
 /// Softmax EX2s (exp2(S - m) plus the two rescale factors) per sm90 hot
