@@ -69,6 +69,23 @@ fn part(
     Part { o, o_layout, lse, lse_layout }
 }
 
+/// Attention of `q` over all keys (the reference every merge must equal).
+fn full_attention(
+    q: &[f16],
+    k: &[f16],
+    v: &[f16],
+    (b, lq, hq, hk, d, lk): (usize, usize, usize, usize, usize, usize),
+    opts: &AttentionOptions,
+) -> reference::Reference {
+    reference::forward(
+        HostTensor::new(q, Layout::bshd(b, lq, hq, d)),
+        HostTensor::new(k, Layout::bshd(b, lk, hk, d)),
+        HostTensor::new(v, Layout::bshd(b, lk, hk, d)),
+        opts,
+    )
+    .unwrap()
+}
+
 fn states(parts: &[Part]) -> Vec<HostState<'_, f16>> {
     parts
         .iter()
@@ -91,13 +108,7 @@ fn merging_disjoint_key_sets_equals_attention_over_their_union() {
     for opts in [AttentionOptions::new(Mask::Full), AttentionOptions::new(Mask::Full).with_scale(0.9).with_softcap(4.0)]
     {
         let whole = part(&q, &k, &v, dims, (0, lk), &opts, 0);
-        let full = reference::forward(
-            HostTensor::new(&q, Layout::bshd(b, lq, hq, d)),
-            HostTensor::new(&k, Layout::bshd(b, lk, hk, d)),
-            HostTensor::new(&v, Layout::bshd(b, lk, hk, d)),
-            &opts,
-        )
-        .unwrap();
+        let full = full_attention(&q, &k, &v, dims, &opts);
         for cuts in
             [vec![0, 30, lk], vec![0, 7, 7, 40, lk], (0..=MAX_MERGE_PARTS).map(|i| i * lk / MAX_MERGE_PARTS).collect()]
         {
@@ -184,13 +195,7 @@ fn a_running_merge_over_key_chunks_equals_attention_over_all_keys() {
     let (q, k, v) =
         (random(&mut rng, b * lq * hq * d), random(&mut rng, b * lk * hk * d), random(&mut rng, b * lk * hk * d));
     let opts = AttentionOptions::new(Mask::Full);
-    let full = reference::forward(
-        HostTensor::new(&q, Layout::bshd(b, lq, hq, d)),
-        HostTensor::new(&k, Layout::bshd(b, lk, hk, d)),
-        HostTensor::new(&v, Layout::bshd(b, lk, hk, d)),
-        &opts,
-    )
-    .unwrap();
+    let full = full_attention(&q, &k, &v, dims, &opts);
     let mut acc = part(&q, &k, &v, dims, (0, 20), &opts, 0);
     for c in 1..4 {
         let next = part(&q, &k, &v, dims, (20 * c, 20 * (c + 1)), &opts, 8);

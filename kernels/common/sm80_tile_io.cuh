@@ -74,32 +74,8 @@ struct Sm80TileLoader {
 };
 
 // One warp copies ROWS staged rows (swizzled, as written by the epilogue) to
-// global memory with 16-byte stores; rows >= rows_valid and columns >=
-// head_dim are not written.
-template <typename T, int ROWS, int CHUNKS>
-__device__ __forceinline__ void sm80_store_rows(const unsigned char *stage, T *dst,
-                                                int64_t row_stride, int rows_valid, int head_dim,
-                                                int lane) {
-    using Swz = RowSwizzle<CHUNKS>;
-    constexpr int kLanes = LanesPerRow<CHUNKS>::value;
-    constexpr int kRowsPerPass = 32 / kLanes;
-    static_assert(ROWS % kRowsPerPass == 0, "");
-    const int chunk = lane % kLanes;
-    const int row0 = lane / kLanes;
-    if (chunk >= CHUNKS || chunk * 8 >= head_dim) return;
-#pragma unroll
-    for (int i = 0; i < ROWS / kRowsPerPass; ++i) {
-        const int r = row0 + i * kRowsPerPass;
-        if (r < rows_valid) {
-            const uint4 v = *reinterpret_cast<const uint4 *>(stage + Swz::offset(r, chunk));
-            *reinterpret_cast<uint4 *>(dst + r * row_stride + chunk * 8) = v;
-        }
-    }
-}
-
-// sm80_store_rows for rows that are not equally spaced (GQA-packed rows of
-// different query heads): row r of the warp's stage goes to row_at(r), asked
-// only for rows < rows_valid.
+// global memory with 16-byte stores: row r to row_at(r) (asked only for rows
+// < rows_valid; rows past it and columns >= head_dim are not written).
 template <typename T, int ROWS, int CHUNKS, typename RowAt>
 __device__ __forceinline__ void sm80_store_rows_at(const unsigned char *stage, RowAt row_at, int rows_valid,
                                                    int head_dim, int lane) {
@@ -118,4 +94,13 @@ __device__ __forceinline__ void sm80_store_rows_at(const unsigned char *stage, R
             *reinterpret_cast<uint4 *>(row_at(r) + chunk * 8) = v;
         }
     }
+}
+
+// The same for rows `row_stride` apart from `dst`.
+template <typename T, int ROWS, int CHUNKS>
+__device__ __forceinline__ void sm80_store_rows(const unsigned char *stage, T *dst,
+                                                int64_t row_stride, int rows_valid, int head_dim,
+                                                int lane) {
+    sm80_store_rows_at<T, ROWS, CHUNKS>(stage, [&](int r) { return dst + r * row_stride; }, rows_valid, head_dim,
+                                        lane);
 }

@@ -302,33 +302,7 @@ impl Attention {
         tables: &CacheTables,
         opts: &AttentionOptions,
     ) -> Result<KernelInfo> {
-        let names = ["q", "k_cache", "v_cache", "o"];
-        let tables_ctx = ("tables", tables.seqlens.stream().context());
-        let (descs, lse_desc) =
-            self.describe_call(stream, names, q, k_cache, v_cache, o, lse.as_deref(), tables_ctx)?;
-        let p = validate_kvcache(
-            T::DTYPE,
-            &descs[0],
-            &descs[1],
-            &descs[2],
-            Some(&descs[3]),
-            lse_desc.as_ref(),
-            &tables.info,
-            opts,
-        )?;
-        self.launch_forward_seq(
-            stream,
-            &p,
-            &descs,
-            q,
-            k_cache,
-            v_cache,
-            o,
-            lse,
-            Some(Tables::Cache(tables)),
-            None,
-            opts,
-        )
+        self.kvcache_call(stream, q, k_cache, v_cache, o, lse, tables, None, opts)
     }
 
     /// The number of key splits the split-KV path should use for a KV-cache
@@ -421,40 +395,40 @@ impl Attention {
             return Err(Error::InvalidOption { arg: "splits", value: splits.to_string(), reason });
         }
         self.check_context("workspace", workspace.context())?;
+        let opts = opts.with_kernel(KernelFamily::Sm80);
+        self.kvcache_call(stream, q, k_cache, v_cache, o, lse, tables, Some((splits, workspace)), &opts)
+    }
+
+    /// The shared body of the KV-cache calls: contexts, validation, the
+    /// split workspace's size (with `split`), kernel choice and launch.
+    #[allow(clippy::too_many_arguments)]
+    fn kvcache_call<T: Element>(
+        &self,
+        stream: &CudaStream,
+        q: &DeviceTensor<'_, T>,
+        k_cache: &DeviceTensor<'_, T>,
+        v_cache: &DeviceTensor<'_, T>,
+        o: &mut DeviceTensorMut<'_, T>,
+        lse: Option<&mut LseTensorMut<'_>>,
+        tables: &CacheTables,
+        split: Option<(usize, &mut CudaSlice<f32>)>,
+        opts: &AttentionOptions,
+    ) -> Result<KernelInfo> {
         let names = ["q", "k_cache", "v_cache", "o"];
         let tables_ctx = ("tables", tables.seqlens.stream().context());
         let (descs, lse_desc) =
             self.describe_call(stream, names, q, k_cache, v_cache, o, lse.as_deref(), tables_ctx)?;
-        let opts = opts.with_kernel(KernelFamily::Sm80);
-        let p = validate_kvcache(
-            T::DTYPE,
-            &descs[0],
-            &descs[1],
-            &descs[2],
-            Some(&descs[3]),
-            lse_desc.as_ref(),
-            &tables.info,
-            &opts,
-        )?;
-        let needed =
-            Self::split_workspace_len(splits, p.batch, p.seqlen_q, p.heads_q, p.head_dim).unwrap_or(usize::MAX);
-        if workspace.len() < needed {
-            return Err(Error::OutOfBounds { arg: "workspace", needed, len: workspace.len() });
+        let (q_d, k_d, v_d) = (&descs[0], &descs[1], &descs[2]);
+        let p = validate_kvcache(T::DTYPE, q_d, k_d, v_d, Some(&descs[3]), lse_desc.as_ref(), &tables.info, opts)?;
+        if let Some((splits, workspace)) = &split {
+            let needed =
+                Self::split_workspace_len(*splits, p.batch, p.seqlen_q, p.heads_q, p.head_dim).unwrap_or(usize::MAX);
+            if workspace.len() < needed {
+                return Err(Error::OutOfBounds { arg: "workspace", needed, len: workspace.len() });
+            }
         }
-        let split = Some((splits, workspace));
-        self.launch_forward_seq(
-            stream,
-            &p,
-            &descs,
-            q,
-            k_cache,
-            v_cache,
-            o,
-            lse,
-            Some(Tables::Cache(tables)),
-            split,
-            &opts,
-        )
+        let seq = Some(Tables::Cache(tables));
+        self.launch_forward_seq(stream, &p, &descs, q, k_cache, v_cache, o, lse, seq, split, opts)
     }
 }
 
