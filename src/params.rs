@@ -5,7 +5,7 @@
 //! and nowhere else.
 
 use crate::options::MaskAlignment;
-use crate::sys::FaFwdParams;
+use crate::sys::{FaFwdParams, FaMergeParams, FaMergePart};
 use crate::tensor::{DType, Layout, LseLayout};
 use crate::validate::Problem;
 
@@ -168,4 +168,34 @@ pub fn tma_spec(addr: u64, layout: &Layout, dtype: DType, rows: u32) -> TmaSpec 
     let head = stride(2, row.saturating_mul(s.max(1)));
     let batch = stride(0, head.saturating_mul(h));
     TmaSpec { addr, dtype, dims: [d, s.max(1), h, b], strides: [row, head, batch], boxes: [64, rows, 1, 1] }
+}
+
+/// One part of a merge (`FaMergePart`): O at `o` with its batch, row and
+/// head strides, LSE at `lse` with its batch and head strides (elements).
+pub fn merge_part(o: u64, o_strides: [usize; 3], lse: u64, lse_strides: [usize; 2]) -> FaMergePart {
+    FaMergePart {
+        o: o as usize as *const std::ffi::c_void,
+        lse: lse as usize as *const f32,
+        o_batch_stride: o_strides[0] as i64,
+        o_row_stride: o_strides[1] as i64,
+        o_head_stride: o_strides[2] as i64,
+        lse_batch_stride: lse_strides[0] as i64,
+        lse_head_stride: lse_strides[1] as i64,
+    }
+}
+
+/// The merge kernel's parameters (see `FaMergeParams`) for an output O at
+/// `out.o` and LSE at `out.lse` (0: none), with their strides as in
+/// [`merge_part`], of `[B, L, H, D]` = `dims`; the parts are the caller's
+/// to fill. Validation bounds every size to fit i32.
+pub fn merge_params(out: FaMergePart, parts: usize, dims: [usize; 4]) -> FaMergeParams {
+    // SAFETY: plain integers and pointers; all-zero is valid for each.
+    let mut m: FaMergeParams = unsafe { std::mem::zeroed() };
+    m.o = out.o as *mut std::ffi::c_void;
+    m.lse = out.lse as *mut f32;
+    (m.o_batch_stride, m.o_row_stride, m.o_head_stride) = (out.o_batch_stride, out.o_row_stride, out.o_head_stride);
+    (m.lse_batch_stride, m.lse_head_stride) = (out.lse_batch_stride, out.lse_head_stride);
+    let [b, l, h, d] = dims;
+    (m.parts, m.batch, m.seqlen, m.heads, m.head_dim) = (parts as i32, b as i32, l as i32, h as i32, d as i32);
+    m
 }

@@ -12,8 +12,8 @@ use super::Attention;
 use crate::dispatch::{DispatchTensors, KernelInfo};
 use crate::error::{CudaContextExt, Error, Result};
 use crate::options::{AttentionOptions, KernelFamily};
-use crate::params::{fwd_params, tma_spec, with_sequences, Addrs, SeqAddrs, TmaSpec};
-use crate::sys::{FaFwdSm90Params, FaMergeParams, FaMergePart, FaTensorMap};
+use crate::params::{fwd_params, merge_params, merge_part, tma_spec, with_sequences, Addrs, SeqAddrs, TmaSpec};
+use crate::sys::{FaFwdSm90Params, FaMergeParams, FaTensorMap};
 use crate::tensor::{DType, DeviceTensor, DeviceTensorMut, Element, LseLayout, LseTensorMut, RawLseTensor, RawTensor};
 use crate::validate::{validate, LseDesc, Problem, TensorDesc};
 
@@ -246,35 +246,24 @@ impl Attention {
             unsafe { launch(&self.ctx, cu_stream, func.cu_function(), cfg, &params) }?;
         }
         if let Some((n, _)) = split {
-            // The combine: the merge kernel over the n strided f32 parts.
-            let o_part = (p.seqlen_q * p.heads_q * p.head_dim) as i64;
-            let lse_part = (p.heads_q * p.seqlen_q) as i64;
-            // SAFETY: plain integers and pointers; all-zero is valid for each.
-            let mut m: FaMergeParams = unsafe { std::mem::zeroed() };
-            m.part[0] = FaMergePart {
-                o: params.o_accum as *const std::ffi::c_void,
-                lse: params.lse_accum,
-                o_batch_stride: o_part,
-                o_row_stride: (p.heads_q * p.head_dim) as i64,
-                o_head_stride: p.head_dim as i64,
-                lse_batch_stride: lse_part,
-                lse_head_stride: p.seqlen_q as i64,
-            };
+            // The combine: the merge kernel over the n strided f32 parts,
+            // the workspace laid out as params.h says.
+            let (hd, rows) = (p.heads_q * p.head_dim, p.heads_q * p.seqlen_q);
+            let out = merge_part(
+                a.o,
+                [params.o_batch_stride, params.o_row_stride, params.o_head_stride].map(|x| x as usize),
+                a.lse,
+                [params.lse_batch_stride, params.lse_head_stride].map(|x| x as usize),
+            );
+            let mut m = merge_params(out, n, [p.batch, p.seqlen_q, p.heads_q, p.head_dim]);
+            let (o_acc, lse_acc) = (params.o_accum as usize as u64, params.lse_accum as usize as u64);
+            m.part[0] = merge_part(o_acc, [p.seqlen_q * hd, hd, p.head_dim], lse_acc, [rows, p.seqlen_q]);
             m.strided = 1;
-            m.o_part_stride = o_part * p.batch as i64;
-            m.lse_part_stride = lse_part * p.batch as i64;
-            m.o = params.o;
-            m.lse = params.lse;
-            (m.o_batch_stride, m.o_row_stride, m.o_head_stride) =
-                (params.o_batch_stride, params.o_row_stride, params.o_head_stride);
-            (m.lse_batch_stride, m.lse_head_stride) = (params.lse_batch_stride, params.lse_head_stride);
-            (m.parts, m.batch, m.seqlen, m.heads, m.head_dim) =
-                (n as i32, params.batch, params.seqlen_q, params.heads_q, params.head_dim);
+            (m.o_part_stride, m.lse_part_stride) = ((p.batch * p.seqlen_q * hd) as i64, (p.batch * rows) as i64);
             let combine = self.merge_function(p.dtype, true)?;
-            let grid = (p.seqlen_q.div_ceil(4) as u32, p.heads_q as u32, p.batch as u32);
             // SAFETY: as for the attention launch; the workspace was just
             // written on the same stream, O and LSE are the call's outputs.
-            unsafe { launch(&self.ctx, cu_stream, combine.cu_function(), (grid, (128, 1, 1), 0), &m) }?;
+            unsafe { launch_merge(&self.ctx, cu_stream, combine.cu_function(), &m) }?;
         }
         Ok(info)
     }
@@ -357,6 +346,22 @@ impl Attention {
     }
 }
 
+/// Launches the merge kernel `func` (`kernels/fwd_naive.cu`) over the rows
+/// of `m`: one warp per row, 4 per CTA, grid (ceil(L / 4), H, B).
+///
+/// # Safety
+/// As [`launch`], with `m` the kernel's argument.
+pub(crate) unsafe fn launch_merge(
+    ctx: &CudaContext,
+    cu_stream: CUstream,
+    func: cudarc::driver::sys::CUfunction,
+    m: &FaMergeParams,
+) -> Result<()> {
+    let grid = ((m.seqlen as u32).div_ceil(4), m.heads as u32, m.batch as u32);
+    // SAFETY: by this function's contract.
+    unsafe { launch(ctx, cu_stream, func, (grid, (128, 1, 1), 0), m) }
+}
+
 /// Launches `func` with its single by-value argument `arg`.
 ///
 /// # Safety
@@ -367,7 +372,7 @@ impl Attention {
 /// for this kernel (the caller's validation and dispatch prove that the
 /// kernel stays inside each view), and the views' cudarc guards must outlive
 /// this call.
-pub(crate) unsafe fn launch<P: DeviceRepr>(
+unsafe fn launch<P: DeviceRepr>(
     ctx: &CudaContext,
     cu_stream: CUstream,
     func: cudarc::driver::sys::CUfunction,

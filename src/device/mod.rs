@@ -19,7 +19,7 @@ use crate::sys::{self, KernelImage, KernelRow};
 use crate::tensor::DType;
 use crate::validate::Problem;
 
-pub(crate) use launch::{alloc_output, launch as launch_kernel, Tables, TmaCache};
+pub(crate) use launch::{alloc_output, launch_merge, Tables, TmaCache};
 
 /// Opens (retains) the primary context of GPU `ordinal`.
 ///

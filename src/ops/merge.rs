@@ -8,9 +8,9 @@ use std::sync::Arc;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use super::desc;
-use crate::device::{launch_kernel, Attention};
+use crate::device::{launch_merge, Attention};
 use crate::error::Result;
-use crate::sys::{FaMergeParams, FaMergePart};
+use crate::params::{merge_params, merge_part};
 use crate::tensor::{DeviceTensor, DeviceTensorMut, Element, LseTensor, LseTensorMut};
 use crate::validate::{validate_merge, LseDesc, TensorDesc, MAX_MERGE_PARTS};
 
@@ -110,38 +110,18 @@ impl Attention {
             }
             None => (no_lse, (0, None)),
         };
-        // SAFETY: plain integers and pointers; all-zero is valid for each.
-        let mut params: FaMergeParams = unsafe { std::mem::zeroed() };
+        let (s, ls) = (out_layout.strides, lse_layout.strides);
+        let out = merge_part(out_ptr, [s[0], s[1], s[2]], lse_ptr, [ls[0], ls[1]]);
+        let mut params = merge_params(out, m.parts, [m.batch, m.seqlen, m.heads, m.head_dim]);
         for (i, p) in parts.iter().enumerate() {
             let (o_addr, l_addr) = (o_ptrs[i].as_ref().map_or(0, |x| x.0), l_ptrs[i].as_ref().map_or(0, |x| x.0));
-            let s = p.o.layout.strides;
-            let ls = p.lse.layout.strides;
-            params.part[i] = FaMergePart {
-                o: o_addr as usize as *const std::ffi::c_void,
-                lse: l_addr as usize as *const f32,
-                o_batch_stride: s[0] as i64,
-                o_row_stride: s[1] as i64,
-                o_head_stride: s[2] as i64,
-                lse_batch_stride: ls[0] as i64,
-                lse_head_stride: ls[1] as i64,
-            };
+            let (s, ls) = (p.o.layout.strides, p.lse.layout.strides);
+            params.part[i] = merge_part(o_addr, [s[0], s[1], s[2]], l_addr, [ls[0], ls[1]]);
         }
-        let s = out_layout.strides;
-        params.o = out_ptr as usize as *mut std::ffi::c_void;
-        params.lse = lse_ptr as usize as *mut f32;
-        (params.o_batch_stride, params.o_row_stride, params.o_head_stride) = (s[0] as i64, s[1] as i64, s[2] as i64);
-        (params.lse_batch_stride, params.lse_head_stride) =
-            (lse_layout.strides[0] as i64, lse_layout.strides[1] as i64);
-        // Validation bounds B and H by 65535 and L by 2^28, so these fit.
-        (params.parts, params.batch, params.seqlen, params.heads, params.head_dim) =
-            (m.parts as i32, m.batch as i32, m.seqlen as i32, m.heads as i32, m.head_dim as i32);
-        let grid = (m.seqlen.div_ceil(4) as u32, m.heads as u32, m.batch as u32);
         // SAFETY: the kernel's one argument is FaMergeParams; every address
         // comes from a view of this context whose layout validate_merge
         // checked for these sizes, and the guards above outlive the launch.
-        unsafe {
-            launch_kernel(self.context(), stream.cu_stream(), func.cu_function(), (grid, (128, 1, 1), 0), &params)
-        }
+        unsafe { launch_merge(self.context(), stream.cu_stream(), func.cu_function(), &params) }
     }
 }
 
