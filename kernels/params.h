@@ -100,6 +100,20 @@ typedef struct FaFwdParams {
     int32_t num_splits;
     float *o_accum;
     float *lse_accum;
+
+    /* Score modifiers (DESIGN.md 1b), both NULL when unused.
+     * ALiBi: query head h of batch entry b has slope
+     * m = alibi_slopes[b * alibi_batch_stride + h] (stride 0: one slope per
+     * head, [Hq]; Hq: [B, Hq]); after the softcap, s_ij -= m * |i + off - j|
+     * with i, j and off those of the row's own sequence (packed batches and
+     * caches included).
+     * Sinks: query head h has a logit sinks[h] that joins every row's softmax
+     * denominator and has no value: a virtual key seen first, with V = 0. A
+     * row with no visible key gets O = 0 and LSE = sinks[h]. Under split-KV
+     * only the first share (split 0) counts it. */
+    const float *alibi_slopes;
+    int64_t alibi_batch_stride;
+    const float *sinks;
 } FaFwdParams;
 
 /* Merge of attention states (DESIGN.md 1b, the combine step of split-KV and

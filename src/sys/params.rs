@@ -48,10 +48,13 @@ pub struct FaFwdParams {
     pub num_splits: i32,
     pub o_accum: *mut f32,
     pub lse_accum: *mut f32,
+    pub alibi_slopes: *const f32,
+    pub alibi_batch_stride: i64,
+    pub sinks: *const f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of FaFwdParams"][::core::mem::size_of::<FaFwdParams>() - 280usize];
+    ["Size of FaFwdParams"][::core::mem::size_of::<FaFwdParams>() - 304usize];
     ["Alignment of FaFwdParams"][::core::mem::align_of::<FaFwdParams>() - 8usize];
     [
         "Offset of field: FaFwdParams::q",
@@ -179,6 +182,15 @@ const _: () = {
     [
         "Offset of field: FaFwdParams::lse_accum",
     ][::core::mem::offset_of!(FaFwdParams, lse_accum) - 272usize];
+    [
+        "Offset of field: FaFwdParams::alibi_slopes",
+    ][::core::mem::offset_of!(FaFwdParams, alibi_slopes) - 280usize];
+    [
+        "Offset of field: FaFwdParams::alibi_batch_stride",
+    ][::core::mem::offset_of!(FaFwdParams, alibi_batch_stride) - 288usize];
+    [
+        "Offset of field: FaFwdParams::sinks",
+    ][::core::mem::offset_of!(FaFwdParams, sinks) - 296usize];
 };
 impl Default for FaFwdParams {
     fn default() -> Self {
@@ -345,7 +357,7 @@ impl Default for FaTensorMap {
 #[derive(Debug, Copy, Clone)]
 pub struct FaFwdSm90Params {
     pub p: FaFwdParams,
-    pub __bindgen_padding_0: [u64; 5usize],
+    pub __bindgen_padding_0: [u64; 2usize],
     pub tma_q: FaTensorMap,
     pub tma_k: FaTensorMap,
     pub tma_v: FaTensorMap,

@@ -32,6 +32,11 @@ struct EmuProblem {
     int64_t qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orr, oh;
     bool top_left = false;             // mask aligned to the top-left corner (off = 0)
     int64_t lseb = 0, lseh = 0;        // LSE batch and head strides; 0: contiguous [B, Hq, Lq]
+    // Score modifiers (DESIGN.md 1b): ALiBi slopes of (b, h) at
+    // alibi[b * alibi_bs + h], a sink logit per query head; NULL: none.
+    const float *alibi = nullptr;
+    int64_t alibi_bs = 0;
+    const float *sinks = nullptr;
     int64_t lse_b() const { return lseb ? lseb : (int64_t)Hq * Lq; }
     int64_t lse_h() const { return lseh ? lseh : Lq; }
 };
@@ -79,13 +84,19 @@ static EmuCheck emu_check_against_reference(const EmuProblem &c, bool verbose) {
                     for (int d = 0; d < c.D; ++d) dot += qf[d] * kj[d];
                     double sc = dot * c.scale;
                     if (c.softcap > 0) sc = c.softcap * tanh(sc / c.softcap);
+                    if (c.alibi) sc -= (double)c.alibi[b * c.alibi_bs + h] * fabs((double)(i + off - j));
                     s[j] = sc;
                     mx = std::max(mx, sc);
                 }
                 double smax = 1;
                 for (double x : s)
                     if (x > -INFINITY) smax = std::max(smax, fabs(x));
-                double l = 0;
+                // A sink is a virtual key with V = 0: it joins the max and the sum.
+                const double sink = c.sinks ? (double)c.sinks[h] : -INFINITY;
+                const bool any_key = mx > -INFINITY;
+                mx = std::max(mx, sink);
+                if (sink > -INFINITY) smax = std::max(smax, fabs(sink));
+                double l = mx > -INFINITY && sink > -INFINITY ? exp(sink - mx) : 0;
                 std::vector<double> out(c.D, 0.0);
                 if (mx > -INFINITY) {
                     for (int j = 0; j < c.Lk; ++j) {
@@ -109,7 +120,7 @@ static EmuCheck emu_check_against_reference(const EmuProblem &c, bool verbose) {
                     }
                     r.err2 += (got - out[d]) * (got - out[d]);
                     r.ref2 += out[d] * out[d];
-                    if (mx == -INFINITY && got != 0.f) {
+                    if (!any_key && got != 0.f) {
                         if (r.ok && verbose) printf("  row %d sees no key but O is not 0\n", i);
                         r.ok = false;
                     }
