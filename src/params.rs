@@ -92,6 +92,9 @@ pub fn fwd_params(p: &Problem, layouts: &[Layout; 4], lse: Option<&LseLayout>, a
         num_splits: 0,
         o_accum: std::ptr::null_mut(),
         lse_accum: std::ptr::null_mut(),
+        alibi_slopes: std::ptr::null(),
+        alibi_batch_stride: 0,
+        sinks: std::ptr::null(),
     }
 }
 
