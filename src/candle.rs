@@ -72,12 +72,12 @@ use crate::tensor::{Element, HostTensor, Layout};
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FusedAttn {
     /// What the attention computes; `kernel` and `kernel_name` only matter on the GPU.
-    pub options: AttentionOptions,
+    pub options: AttentionOptions<'static>,
 }
 
 impl FusedAttn {
     /// The op with the given options.
-    pub fn new(options: AttentionOptions) -> Self {
+    pub fn new(options: AttentionOptions<'static>) -> Self {
         FusedAttn { options }
     }
 }
@@ -104,7 +104,7 @@ fn flash_options(
     window_size_left: Option<usize>,
     window_size_right: Option<usize>,
     softcap: Option<f32>,
-) -> candle_core::Result<AttentionOptions> {
+) -> candle_core::Result<AttentionOptions<'static>> {
     let (_, seqlen_k, _, _) = k.dims4()?;
     let mask = flash_window_mask(window_size_left, window_size_right, seqlen_k);
     let opts = AttentionOptions::new(mask).with_scale(softmax_scale);

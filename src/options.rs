@@ -1,6 +1,9 @@
 //! What a caller says about one attention call besides its tensors: the
-//! mask and its alignment, scale, softcap, and (for tests and benchmarks) a
-//! forced kernel. Plain data; [`validate`](crate::validate) checks it.
+//! mask and its alignment, scale, softcap, the score modifiers (ALiBi,
+//! attention sinks), and (for tests and benchmarks) a forced kernel. Plain
+//! data; [`validate`](crate::validate) checks it.
+
+use cudarc::driver::CudaSlice;
 
 /// Which keys each query may see: a band around a diagonal of the score
 /// matrix. The diagonal is chosen by [`MaskAlignment`] (bottom-right by
@@ -111,6 +114,95 @@ impl KernelFamily {
     }
 }
 
+/// Per-head `f32` values of a score modifier (ALiBi slopes, sink logits):
+/// in host memory for the CPU reference, in device memory for the kernels.
+/// A device buffer must belong to the call's context and is read on the
+/// call's stream (cudarc's event tracking orders it after its writes).
+#[derive(Debug, Clone, Copy)]
+pub enum HeadValues<'a> {
+    /// Host memory: what [`reference`](crate::reference) reads.
+    Host(&'a [f32]),
+    /// Device memory: what the kernels read. Its values are not inspected
+    /// on the host; they must be finite (non-finite ones give unspecified
+    /// output, never a fault).
+    Device(&'a CudaSlice<f32>),
+}
+
+impl HeadValues<'_> {
+    /// Elements available.
+    pub fn len(&self) -> usize {
+        match self {
+            HeadValues::Host(s) => s.len(),
+            HeadValues::Device(s) => cudarc::driver::DeviceSlice::len(*s),
+        }
+    }
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl PartialEq for HeadValues<'_> {
+    /// Host values compare by content, device buffers by identity.
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (HeadValues::Host(a), HeadValues::Host(b)) => a == b,
+            (HeadValues::Device(a), HeadValues::Device(b)) => std::ptr::eq(*a, *b),
+            _ => false,
+        }
+    }
+}
+
+/// ALiBi (Press et al., "Train short, test long"): after the softcap, the
+/// score of query `i` and key `j` in query head `h` becomes
+/// `s_ij − m_h·|i + off − j|`, with `off` the mask's diagonal offset
+/// (`Lk − Lq` bottom-right, `0` top-left) and `i`, `j` positions within the
+/// row's own sequence (packed batches and caches included). FlashAttention-2's
+/// order and sign convention.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Alibi<'a> {
+    /// The slopes `m`: `[Hq]`, or `[B, Hq]` (batch-major) when `per_batch`.
+    pub slopes: HeadValues<'a>,
+    /// Whether each batch entry (sequence) has its own slopes.
+    pub per_batch: bool,
+}
+
+impl<'a> Alibi<'a> {
+    /// One slope per query head, `[Hq]`.
+    pub fn per_head(slopes: HeadValues<'a>) -> Self {
+        Alibi { slopes, per_batch: false }
+    }
+    /// One slope per (batch entry, query head), `[B, Hq]` batch-major.
+    pub fn per_batch(slopes: HeadValues<'a>) -> Self {
+        Alibi { slopes, per_batch: true }
+    }
+}
+
+/// The slopes of the ALiBi paper for `heads` heads: a geometric sequence
+/// starting at `2^(−8/n)` with ratio `2^(−8/n)` for the closest power of two
+/// `n ≤ heads`, then the odd terms of the sequence for `2n` for the remaining
+/// heads (the paper's and FlashAttention's recipe for head counts that are
+/// not a power of two).
+///
+/// ```
+/// let s = fused_attn::alibi_slopes(8);
+/// assert_eq!(s[0], 0.5);
+/// assert_eq!(s[7], 1.0 / 256.0);
+/// ```
+pub fn alibi_slopes(heads: usize) -> Vec<f32> {
+    fn pow2_series(n: usize) -> Vec<f64> {
+        let start = 2f64.powf(-8.0 / n as f64);
+        (1..=n).map(|i| start.powi(i as i32)).collect()
+    }
+    if heads == 0 {
+        return Vec::new();
+    }
+    let n = 1usize << (usize::BITS - 1 - heads.leading_zeros());
+    let mut s = pow2_series(n);
+    s.extend(pow2_series(2 * n).into_iter().step_by(2).take(heads - n));
+    s.into_iter().map(|x| x as f32).collect()
+}
+
 /// Options of one attention call. Build with [`AttentionOptions::new`] and
 /// the `with_*` methods; new options arrive as new methods, not a breaking
 /// change.
@@ -123,7 +215,7 @@ impl KernelFamily {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 #[non_exhaustive]
-pub struct AttentionOptions {
+pub struct AttentionOptions<'a> {
     /// Which keys each query sees.
     pub mask: Mask,
     /// Which corner the mask's diagonal starts from.
@@ -133,6 +225,14 @@ pub struct AttentionOptions {
     pub scale: Option<f32>,
     /// `Some(c)` caps scores as `c·tanh(s/c)` (Gemma-2 style); finite `c > 0`.
     pub softcap: Option<f32>,
+    /// ALiBi slopes ([`Alibi`]): a linear distance penalty after the softcap.
+    pub alibi: Option<Alibi<'a>>,
+    /// Attention sinks: one logit `σ_h` per query head (`[Hq]`, finite) that
+    /// joins every row's softmax denominator and contributes no value
+    /// (gpt-oss): `O_i = Σ_j e^{s_ij} v_j / (e^{σ_h} + Σ_j e^{s_ij})`,
+    /// `LSE_i = log(e^{σ_h} + Σ_j e^{s_ij})`; a row with no visible key gets
+    /// `O = 0`, `LSE = σ_h`.
+    pub sinks: Option<HeadValues<'a>>,
     /// `None` lets the dispatcher choose; `Some(f)` forces a family (tests, benchmarks).
     pub kernel: Option<KernelFamily>,
     /// Forces one kernel by its table name, variants (`name__tag`) included:
@@ -140,7 +240,7 @@ pub struct AttentionOptions {
     pub kernel_name: Option<&'static str>,
 }
 
-impl AttentionOptions {
+impl<'a> AttentionOptions<'a> {
     /// Options with the given mask and defaults otherwise.
     pub fn new(mask: Mask) -> Self {
         AttentionOptions { mask, ..Default::default() }
@@ -163,6 +263,16 @@ impl AttentionOptions {
     /// Sets the softcap.
     pub fn with_softcap(mut self, cap: f32) -> Self {
         self.softcap = Some(cap);
+        self
+    }
+    /// Sets ALiBi slopes.
+    pub fn with_alibi(mut self, alibi: Alibi<'a>) -> Self {
+        self.alibi = Some(alibi);
+        self
+    }
+    /// Sets attention-sink logits, one per query head.
+    pub fn with_sinks(mut self, sinks: HeadValues<'a>) -> Self {
+        self.sinks = Some(sinks);
         self
     }
     /// Forces a kernel family.

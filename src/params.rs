@@ -7,7 +7,7 @@
 use crate::options::MaskAlignment;
 use crate::sys::{FaFwdParams, FaMergeParams, FaMergePart};
 use crate::tensor::{DType, Layout, LseLayout};
-use crate::validate::Problem;
+use crate::validate::{AlibiLayout, Problem};
 
 /// Device addresses of one call's tensors (`lse` 0 when not written).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +96,28 @@ pub fn fwd_params(p: &Problem, layouts: &[Layout; 4], lse: Option<&LseLayout>, a
         alibi_batch_stride: 0,
         sinks: std::ptr::null(),
     }
+}
+
+/// Device addresses of a call's score modifiers (0: absent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ModAddrs {
+    /// ALiBi slopes (`[Hq]` or `[B, Hq]` f32, as `Problem::alibi` says).
+    pub alibi_slopes: u64,
+    /// Sink logits (`[Hq]` f32).
+    pub sinks: u64,
+}
+
+/// `params` with the score modifiers of `p` at the addresses `m`.
+pub fn with_modifiers(mut params: FaFwdParams, p: &Problem, m: ModAddrs) -> FaFwdParams {
+    if p.alibi.is_some() {
+        params.alibi_slopes = m.alibi_slopes as usize as *const f32;
+        // Hq <= 65535 (validated).
+        params.alibi_batch_stride = if p.alibi == Some(AlibiLayout::PerBatch) { p.heads_q as i64 } else { 0 };
+    }
+    if p.sinks {
+        params.sinks = m.sinks as usize as *const f32;
+    }
+    params
 }
 
 /// Device addresses of a packed batch's or a KV cache's tables (0: absent).

@@ -25,7 +25,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
-use crate::options::AttentionOptions;
+use crate::options::{Alibi, AttentionOptions, HeadValues};
 use crate::tensor::{Element, HostTensor, Layout, LseLayout};
 use crate::validate::{
     check_cache_tables, check_seqlens, validate, validate_kvcache, validate_merge, validate_varlen, LseDesc,
@@ -161,6 +161,7 @@ pub fn forward<T: Element>(
     if work > MAX_WORK {
         return Err(too_big("reference work (multiply-adds)", work, MAX_WORK));
     }
+    let mods = HostModifiers::of(opts)?;
     let mut o = filled(n_out, 0.0)?;
     let mut lse = filled(b_n * hq * lq, f64::NEG_INFINITY)?;
 
@@ -182,7 +183,9 @@ pub fn forward<T: Element>(
                         }
                         let (bh, blk) = (u / blocks, u % blocks);
                         let rows = blk * ROWS_PER_UNIT..((blk + 1) * ROWS_PER_UNIT).min(lq);
-                        let (unit_o, unit_lse) = rows_for_head(&p, &q, &k, &v, bh / hq, bh % hq, rows);
+                        let (b, h) = (bh / hq, bh % hq);
+                        let m = mods.for_head(b, h, hq);
+                        let (unit_o, unit_lse) = rows_for_head(&p, &q, &k, &v, b, h, m, rows);
                         done.push((u, unit_o, unit_lse));
                     }
                 })
@@ -253,7 +256,7 @@ pub fn forward_varlen<T: Element>(
         let (q0, q1) = (cu_seqlens_q[b] as usize, cu_seqlens_q[b + 1] as usize);
         let k0 = cu_seqlens_k[b] as usize;
         let lk = seqused_k.map_or(cu_seqlens_k[b + 1] as usize - k0, |u| u[b] as usize);
-        let r = forward(rows(&q, q0, q1 - q0), rows(&k, k0, lk), rows(&v, k0, lk), opts)?;
+        let r = forward(rows(&q, q0, q1 - q0), rows(&k, k0, lk), rows(&v, k0, lk), &for_sequence(opts, b, hq))?;
         work += r.problem.flops() / 4;
         if work > MAX_WORK {
             return Err(Error::SizeOverflow {
@@ -339,7 +342,7 @@ pub fn forward_kvcache<T: Element>(
         let mut ql = q.layout;
         ql.shape[0] = 1;
         let qb = HostTensor::new(&q.data[q.layout.offset(b, 0, 0, 0).min(q.data.len())..], ql);
-        let r = forward(qb, HostTensor::new(&kb, kl), HostTensor::new(&vb, kl), opts)?;
+        let r = forward(qb, HostTensor::new(&kb, kl), HostTensor::new(&vb, kl), &for_sequence(opts, b, hq))?;
         work += r.problem.flops() / 4;
         if work > MAX_WORK {
             return Err(Error::SizeOverflow {
@@ -369,7 +372,62 @@ fn filled(n: usize, x: f64) -> Result<Vec<f64>> {
     Ok(v)
 }
 
+/// The score modifiers of a call as host values (validated: long enough, finite).
+struct HostModifiers<'a> {
+    alibi: Option<(&'a [f32], bool)>,
+    sinks: Option<&'a [f32]>,
+}
+
+/// One query head's modifiers: its ALiBi slope and sink logit.
+#[derive(Clone, Copy)]
+struct HeadModifiers {
+    slope: Option<f64>,
+    sink: Option<f64>,
+}
+
+impl<'a> HostModifiers<'a> {
+    fn of(opts: &AttentionOptions<'a>) -> Result<Self> {
+        let host = |arg, v: HeadValues<'a>| match v {
+            HeadValues::Host(s) => Ok(s),
+            HeadValues::Device(_) => Err(Error::InvalidOption {
+                arg,
+                value: "device memory".into(),
+                reason: "the CPU reference reads host values (HeadValues::Host)",
+            }),
+        };
+        Ok(HostModifiers {
+            alibi: opts.alibi.map(|a| host("alibi_slopes", a.slopes).map(|s| (s, a.per_batch))).transpose()?,
+            sinks: opts.sinks.map(|s| host("sinks", s)).transpose()?,
+        })
+    }
+
+    fn for_head(&self, b: usize, h: usize, heads_q: usize) -> HeadModifiers {
+        HeadModifiers {
+            slope: self.alibi.map(|(s, per_batch)| s[if per_batch { b * heads_q + h } else { h }] as f64),
+            sink: self.sinks.map(|s| s[h] as f64),
+        }
+    }
+}
+
+/// `opts` for sequence `b` of a batch computed one sequence at a time:
+/// per-batch ALiBi slopes become that sequence's per-head ones.
+fn for_sequence<'a>(opts: &AttentionOptions<'a>, b: usize, heads_q: usize) -> AttentionOptions<'a> {
+    let mut o = *opts;
+    if let Some(Alibi { slopes: HeadValues::Host(s), per_batch: true }) = opts.alibi {
+        // Validated: s holds at least B·Hq slopes.
+        o.alibi = Some(Alibi::per_head(HeadValues::Host(&s[b * heads_q..(b + 1) * heads_q])));
+    }
+    o
+}
+
+/// The ALiBi bias `−slope·|i + off − j|` of query `i` and key `j` (DESIGN.md
+/// section 1b), `off` the problem's diagonal offset.
+pub fn alibi_bias(p: &Problem, slope: f64, i: usize, j: usize) -> f64 {
+    -slope * (i as f64 + p.diag_offset() as f64 - j as f64).abs()
+}
+
 /// Rows `rows` of query head `h` in batch `b`: outputs `[rows, D]` and LSEs.
+#[allow(clippy::too_many_arguments)]
 fn rows_for_head<T: Element>(
     p: &Problem,
     q: &HostTensor<'_, T>,
@@ -377,6 +435,7 @@ fn rows_for_head<T: Element>(
     v: &HostTensor<'_, T>,
     b: usize,
     h: usize,
+    mods: HeadModifiers,
     rows: std::ops::Range<usize>,
 ) -> (Vec<f64>, Vec<f64>) {
     let d = p.head_dim;
@@ -394,14 +453,17 @@ fn rows_for_head<T: Element>(
         for j in lo..hi {
             let base = k.layout.offset(b, j, hk, 0);
             let dot: f64 = qi.iter().zip(&k.data[base..base + d]).map(|(a, &kv)| a * kv.into()).sum();
-            scores.push(capped_score(p, dot));
+            let bias = mods.slope.map_or(0.0, |m| alibi_bias(p, m, i, j));
+            scores.push(capped_score(p, dot) + bias);
         }
         let mut acc = vec![0.0f64; d];
         if scores.is_empty() {
-            lses.push(f64::NEG_INFINITY);
+            // No visible key: O = 0, and LSE the sink's logit if there is one.
+            lses.push(mods.sink.unwrap_or(f64::NEG_INFINITY));
         } else {
-            let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let mut l = 0.0;
+            // A sink is one more term of the denominator, with no value.
+            let m = scores.iter().copied().fold(mods.sink.unwrap_or(f64::NEG_INFINITY), f64::max);
+            let mut l = mods.sink.map_or(0.0, |x| (x - m).exp());
             for (j, s) in (lo..hi).zip(&scores) {
                 let w = (s - m).exp();
                 l += w;

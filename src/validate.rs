@@ -5,7 +5,7 @@
 //! checked, in release builds too.
 
 use crate::error::{Error, Result};
-use crate::options::{AttentionOptions, Mask, MaskAlignment};
+use crate::options::{AttentionOptions, HeadValues, Mask, MaskAlignment};
 use crate::tensor::{non_overlapping, DType, Layout, LseLayout};
 
 /// Largest sequence length: the kernels do band arithmetic in `i32`, where
@@ -72,6 +72,54 @@ pub struct Problem {
     pub varlen: Option<SeqInfo>,
     /// For a KV cache, its tables' facts; `seqlen_k` is then the longest cache length.
     pub kv_cache: Option<CacheInfo>,
+    /// ALiBi slopes, if any, and how they are laid out.
+    pub alibi: Option<AlibiLayout>,
+    /// Whether attention-sink logits join the softmax.
+    pub sinks: bool,
+}
+
+/// How ALiBi slopes are indexed ([`Alibi`](crate::Alibi)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AlibiLayout {
+    /// `[Hq]`: one slope per query head.
+    PerHead,
+    /// `[B, Hq]`: one per (batch entry, query head), batch-major.
+    PerBatch,
+}
+
+/// Checks the score modifiers of `opts` for `batch` batch entries
+/// (sequences) and `heads_q` query heads: enough values, and, where they are
+/// host values, finite ones (device values cannot be read here).
+///
+/// # Errors
+/// [`Error::OutOfBounds`] naming `alibi_slopes` or `sinks` for too few
+/// values, [`Error::InvalidOption`] for a non-finite one.
+pub fn check_modifiers(opts: &AttentionOptions, batch: usize, heads_q: usize) -> Result<(Option<AlibiLayout>, bool)> {
+    fn check(arg: &'static str, values: HeadValues<'_>, needed: usize) -> Result<()> {
+        let len = values.len();
+        if len < needed {
+            return Err(Error::OutOfBounds { arg, needed, len });
+        }
+        if let HeadValues::Host(v) = values {
+            if let Some(x) = v[..needed].iter().find(|x| !x.is_finite()) {
+                return Err(Error::InvalidOption { arg, value: x.to_string(), reason: "must be finite" });
+            }
+        }
+        Ok(())
+    }
+    let alibi = match opts.alibi {
+        None => None,
+        Some(a) => {
+            // batch and heads are each at most 2^16 here (grid limits): no overflow.
+            let needed = if a.per_batch { batch.saturating_mul(heads_q) } else { heads_q };
+            check("alibi_slopes", a.slopes, needed)?;
+            Some(if a.per_batch { AlibiLayout::PerBatch } else { AlibiLayout::PerHead })
+        }
+    };
+    if let Some(s) = opts.sinks {
+        check("sinks", s, heads_q)?;
+    }
+    Ok((alibi, opts.sinks.is_some()))
 }
 
 /// The facts of a KV cache's tables that validation and the launch need,
@@ -399,6 +447,8 @@ pub fn validate_varlen(
     };
     last("cu_seqlens_q", seq.batch, seq.total_q, packed.seqlen_q)?;
     last("cu_seqlens_k", seq.batch, seq.total_k, packed.seqlen_k)?;
+    // Per-batch ALiBi slopes are per sequence: B of the tables, not Q's 1.
+    check_modifiers(opts, seq.batch, packed.heads_q)?;
     Ok(Problem { batch: seq.batch, seqlen_q: seq.max_q, seqlen_k: seq.max_k, varlen: Some(*seq), ..packed })
 }
 
@@ -608,6 +658,7 @@ pub fn validate(
             });
         }
     }
+    let (alibi, sinks) = check_modifiers(opts, batch, heads_q)?;
     Ok(Problem {
         dtype,
         batch,
@@ -622,6 +673,8 @@ pub fn validate(
         softcap: opts.softcap,
         varlen: None,
         kv_cache: None,
+        alibi,
+        sinks,
     })
 }
 

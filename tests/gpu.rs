@@ -190,7 +190,7 @@ impl Case {
         name.to_lowercase()
     }
 
-    fn options(&self) -> AttentionOptions {
+    fn options(&self) -> AttentionOptions<'static> {
         let mut opts = AttentionOptions::new(self.mask).with_kernel(self.family).with_alignment(self.align);
         if let Some(scale) = self.scale {
             opts = opts.with_scale(scale);

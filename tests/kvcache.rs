@@ -14,7 +14,7 @@ fn random(rng: &mut StdRng, n: usize) -> Vec<bf16> {
     (0..n).map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0))).collect()
 }
 
-fn masks() -> Vec<AttentionOptions> {
+fn masks() -> Vec<AttentionOptions<'static>> {
     vec![
         AttentionOptions::new(Mask::Full),
         AttentionOptions::new(Mask::Causal),

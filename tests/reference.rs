@@ -2,7 +2,7 @@
 //! builds the dense mask matrix, plus the properties of DESIGN.md section 4.
 
 use fused_attn::reference::{self, rel_l2_error, Reference};
-use fused_attn::{AttentionOptions, Error, HostTensor, Layout, Mask, MaskAlignment};
+use fused_attn::{Alibi, AttentionOptions, Error, HeadValues, HostTensor, Layout, Mask, MaskAlignment};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -58,17 +58,26 @@ fn dense<T: fused_attn::Element>(
                         if let Some(cap) = opts.softcap {
                             val = cap as f64 * (val / cap as f64).tanh();
                         }
+                        if let Some(Alibi { slopes: HeadValues::Host(m), per_batch }) = opts.alibi {
+                            let m = m[if per_batch { b * c.hq + h } else { h }] as f64;
+                            val -= m * (i as i64 + off - j as i64).abs() as f64;
+                        }
                         *sj = val;
                     }
                 }
-                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                // A sink: one more term in the denominator, with no value.
+                let sink = match opts.sinks {
+                    Some(HeadValues::Host(x)) => x[h] as f64,
+                    _ => f64::NEG_INFINITY,
+                };
+                let m = s.iter().copied().fold(sink, f64::max);
                 let li = (b * c.hq + h) * c.lq + i;
                 if m == f64::NEG_INFINITY {
                     lse[li] = f64::NEG_INFINITY;
                     continue;
                 }
                 let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-                let l: f64 = w.iter().sum();
+                let l: f64 = w.iter().sum::<f64>() + (sink - m).exp();
                 lse[li] = m + l.ln();
                 for x in 0..c.d {
                     let acc: f64 = (0..c.lk).map(|j| w[j] * f(v.data[v.layout.offset(b, j, hk, x)])).sum();
@@ -127,6 +136,22 @@ fn reference_matches_dense_mask_implementation() {
                 }
                 run_case::<bf16>(seed, Case { b, lq, lk, hq, hk, d }, opts, seed % 2 == 0);
                 run_case::<f16>(seed + 1000, Case { b, lq, lk, hq, hk, d }, opts.with_scale(0.3), seed % 3 == 0);
+                // The score modifiers on the same cases: ALiBi per head and
+                // per batch entry, sinks, both.
+                let slopes: Vec<f32> = (0..b * hq).map(|x| 0.05 + 0.37 * x as f32).collect();
+                let sinks: Vec<f32> = (0..hq).map(|x| [2.5f32, -1.0, 0.0, 9.0][x % 4]).collect();
+                let (per_head, per_batch) =
+                    (Alibi::per_head(HeadValues::Host(&slopes[..hq])), Alibi::per_batch(HeadValues::Host(&slopes)));
+                let c = || Case { b, lq, lk, hq, hk, d };
+                run_case::<bf16>(seed + 2000, c(), opts.with_alibi(per_head), seed % 2 == 1);
+                run_case::<bf16>(seed + 3000, c(), opts.with_alibi(per_batch), false);
+                run_case::<f16>(seed + 4000, c(), opts.with_sinks(HeadValues::Host(&sinks)), seed % 2 == 0);
+                run_case::<f16>(
+                    seed + 5000,
+                    c(),
+                    opts.with_alibi(per_batch).with_sinks(HeadValues::Host(&sinks)),
+                    true,
+                );
             }
         }
     }

@@ -370,7 +370,7 @@ fn window_side(arg: &'static str, value: i64) -> CResult<usize> {
 ///
 /// # Safety
 /// A non-null `o` points at a valid `FusedAttnOptions`.
-unsafe fn attention_options(o: *const FusedAttnOptions) -> CResult<AttentionOptions> {
+unsafe fn attention_options(o: *const FusedAttnOptions) -> CResult<AttentionOptions<'static>> {
     // SAFETY: by this function's contract.
     let o = unsafe { o.as_ref() }.copied().unwrap_or_default();
     let bad = |arg, value, of| CError::Enum { arg, value, of };

@@ -11,8 +11,10 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut
 use super::Attention;
 use crate::dispatch::{DispatchTensors, KernelInfo};
 use crate::error::{CudaContextExt, Error, Result};
-use crate::options::{AttentionOptions, KernelFamily};
-use crate::params::{fwd_params, merge_params, merge_part, tma_spec, with_sequences, Addrs, SeqAddrs, TmaSpec};
+use crate::options::{AttentionOptions, HeadValues, KernelFamily};
+use crate::params::{
+    fwd_params, merge_params, merge_part, tma_spec, with_modifiers, with_sequences, Addrs, ModAddrs, SeqAddrs, TmaSpec,
+};
 use crate::sys::{FaFwdSm90Params, FaMergeParams, FaTensorMap};
 use crate::tensor::{DType, DeviceTensor, DeviceTensorMut, Element, LseLayout, LseTensorMut, RawLseTensor, RawTensor};
 use crate::validate::{validate, LseDesc, Problem, TensorDesc};
@@ -148,6 +150,30 @@ impl Attention {
                 (Some(t), Some([a, b, c]))
             }
         };
+        // The score modifiers: device values of this context, read on `stream`.
+        fn device<'a>(
+            att: &Attention,
+            arg: &'static str,
+            v: Option<HeadValues<'a>>,
+            stream: &'a CudaStream,
+        ) -> Result<(u64, Option<impl Drop + 'a>)> {
+            match v {
+                None => Ok((0, None)),
+                Some(HeadValues::Host(_)) => Err(Error::InvalidOption {
+                    arg,
+                    value: "host memory".into(),
+                    reason: "the kernels read device values (HeadValues::Device)",
+                }),
+                Some(HeadValues::Device(s)) => {
+                    att.check_context(arg, s.stream().context())?;
+                    let (ptr, sync) = s.device_ptr(stream);
+                    Ok((ptr, Some(sync)))
+                }
+            }
+        }
+        let (alibi_slopes, _alibi_sync) = device(self, "alibi_slopes", opts.alibi.map(|a| a.slopes), stream)?;
+        let (sinks, _sinks_sync) = device(self, "sinks", opts.sinks, stream)?;
+        let mods = ModAddrs { alibi_slopes, sinks };
         // Split-KV: the workspace is written by the attention kernel and
         // read by the combine, both on `stream`.
         let (split, _ws_sync) = match split {
@@ -161,7 +187,7 @@ impl Attention {
         // handle's context, `validate` and `choose` checked the views for
         // this problem, and the guards above live until this call returns.
         unsafe {
-            self.launch_at(stream.cu_stream(), p, descs, (idx, info), a, lse_layout.as_ref(), tables, split, opts)
+            self.launch_at(stream.cu_stream(), p, descs, (idx, info), a, mods, lse_layout.as_ref(), tables, split, opts)
         }
     }
 
@@ -187,6 +213,7 @@ impl Attention {
         descs: &[TensorDesc; 4],
         (mut idx, mut info): (usize, KernelInfo),
         a: Addrs,
+        mods: ModAddrs,
         lse_layout: Option<&LseLayout>,
         tables: Option<SeqAddrs>,
         split: Option<(usize, u64)>,
@@ -206,7 +233,7 @@ impl Attention {
         }
         let func = self.reg.function(&self.ctx, idx)?;
         let layouts = [descs[0].layout, descs[1].layout, descs[2].layout, descs[3].layout];
-        let mut params = fwd_params(p, &layouts, lse_layout, a);
+        let mut params = with_modifiers(fwd_params(p, &layouts, lse_layout, a), p, mods);
         if let Some(t) = tables {
             params = with_sequences(params, t);
         }
@@ -318,12 +345,31 @@ impl Attention {
         let descs = [desc("q", &q), desc("k", &k), desc("v", &v), desc("o", &o)];
         let lse_desc = lse.as_ref().map(|l| LseDesc { layout: l.layout, len: l.layout.span().unwrap_or(0) });
         let p = validate(dtype, &descs[0], &descs[1], &descs[2], Some(&descs[3]), lse_desc.as_ref(), opts)?;
+        if p.alibi.is_some() || p.sinks {
+            // A device buffer's address needs a stream for cudarc's ordering; raw callers have none.
+            let arg = if p.alibi.is_some() { "alibi_slopes" } else { "sinks" };
+            let reason = "not taken by forward_raw yet (use forward_into)";
+            return Err(Error::InvalidOption { arg, value: "set".into(), reason });
+        }
         self.check_stream_context(cu_stream)?;
         let choice = self.choose(&p, DispatchTensors { descs: &descs, addrs: None }, opts.kernel, opts.kernel_name)?;
         let a = Addrs { q: q.addr, k: k.addr, v: v.addr, o: o.addr, lse: lse.map_or(0, |l| l.addr) };
         // SAFETY: by this function's contract (memory, stream liveness) and
         // the checks above (context of the stream, validation, choice).
-        unsafe { self.launch_at(cu_stream, &p, &descs, choice, a, lse.as_ref().map(|l| &l.layout), None, None, opts) }
+        unsafe {
+            self.launch_at(
+                cu_stream,
+                &p,
+                &descs,
+                choice,
+                a,
+                ModAddrs::default(),
+                lse.as_ref().map(|l| &l.layout),
+                None,
+                None,
+                opts,
+            )
+        }
     }
 
     /// A stream that is not one of the special handles must belong to this
