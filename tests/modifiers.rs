@@ -42,8 +42,8 @@ fn a_sink_rescales_the_output_and_joins_the_lse() {
         let (plain, sunk) = (run(&opts), run(&opts.with_sinks(host(&sinks))));
         let mut empty_rows = 0;
         for bb in 0..b {
-            for h in 0..hq {
-                let sigma = sinks[h] as f64;
+            for (h, &sigma) in sinks.iter().enumerate() {
+                let sigma = sigma as f64;
                 for i in 0..lq {
                     let at = (bb * hq + h) * lq + i;
                     let (l, l2) = (plain.lse[at], sunk.lse[at]);
