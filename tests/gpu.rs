@@ -1034,6 +1034,9 @@ fn trials() -> Vec<(Trial, bool)> {
     trials.push(plain("kvcache/split_errors", split_errors));
     trials.push(plain("merge/bf16/ring_running_merge", ring_trial));
     trials.push(plain("merge/f16/split_keys", merge_trial::<f16>));
+    for (name, c, m) in modifier_cases() {
+        trials.push((Trial::test(name, move || modifier_trial(c, m)), is90(c.family)));
+    }
     for c in varlen_cases() {
         trials.push((Trial::test(c.name(), move || varlen_trial(c)), is90(c.family)));
     }
@@ -1041,6 +1044,81 @@ fn trials() -> Vec<(Trial, bool)> {
         trials.push((Trial::test(c.name(), move || cache_trial(c)), is90(c.family)));
     }
     trials
+}
+
+/// ALiBi and sinks (DESIGN.md section 1b) on every family: slopes per head
+/// and per batch entry (the paper's 2^(-8h/H) and larger ones), sinks that
+/// matter and one that dominates its rows, with GQA, custom scales, softcap,
+/// every mask, lengths one short of a tile, Lq ≠ Lk both ways (rows that see
+/// no key: LSE = σ), each tensor in its own layout.
+fn modifier_cases() -> Vec<(String, Case, HostModifiers)> {
+    let mut rng = StdRng::seed_from_u64(77);
+    let mut out = Vec::new();
+    let mut seed = 7_700_000;
+    for family in [KernelFamily::Naive, KernelFamily::Sm80, KernelFamily::Sm90] {
+        for &d in &[64usize, 128, 256] {
+            for (kind, mask) in masks(&mut rng).into_iter().enumerate() {
+                for dtype in [DType::BF16, DType::F16] {
+                    seed += 1;
+                    let lq = [1, 63, 127, 300][rng.random_range(0..4)];
+                    let lk = [lq, 127, 255, 513][rng.random_range(0..4)];
+                    let (hq, hk) = [(8, 2), (12, 3), (4, 4)][rng.random_range(0..3)];
+                    let b = rng.random_range(1..3);
+                    let mut c = Case::plain(family, dtype, Shape { b, lq, lk, hq, hk, d }, mask, Storage::Bshd, seed);
+                    c.layouts = Layouts::random(&mut rng);
+                    if rng.random_bool(0.3) {
+                        c.scale = Some(SCALES[rng.random_range(0..SCALES.len())]);
+                    }
+                    if rng.random_bool(0.2) {
+                        c.softcap = Some(rng.random_range(5.0..30.0));
+                    }
+                    if rng.random_bool(0.25) {
+                        c.align = MaskAlignment::TopLeft;
+                    }
+                    // Cycle through: ALiBi per head, per batch, sinks, both.
+                    let which = (kind + usize::from(dtype == DType::F16)) % 4;
+                    let mut m = HostModifiers::default();
+                    if which != 2 {
+                        let paper = fused_attn::alibi_slopes(hq);
+                        let per_batch = which == 1 || (which == 3 && b > 1);
+                        let slopes: Vec<f32> = (0..if per_batch { b * hq } else { hq })
+                            .map(|x| if rng.random_bool(0.7) { paper[x % hq] } else { rng.random_range(0.0..2.0) })
+                            .collect();
+                        m.alibi = Some((slopes, per_batch));
+                    }
+                    if which >= 2 {
+                        let mut sinks: Vec<f32> = (0..hq).map(|_| rng.random_range(-3.0..3.0)).collect();
+                        sinks[hq - 1] = 25.0; // dominates its rows
+                        m.sinks = Some(sinks);
+                    }
+                    let tag = ["alibi", "alibi_per_batch", "sinks", "alibi_sinks"][which];
+                    out.push((format!("{}/{tag}", c.name("modifiers")), c, m));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn modifier_trial(c: Case, m: HostModifiers) -> Result<(), Failed> {
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let opts = c.options();
+    let (o, lse) = (c.layouts.o, c.layouts.lse);
+    let checked = match c.dtype {
+        DType::F16 => {
+            let inp = make_inputs_in::<f16>(c.seed, c.shape, &c.layouts, c.qk_mult);
+            run_and_check_mods(g, &stream, &inp, c.shape, o, lse, &opts, &m)
+        }
+        DType::BF16 => {
+            let inp = make_inputs_in::<bf16>(c.seed, c.shape, &c.layouts, c.qk_mult);
+            run_and_check_mods(g, &stream, &inp, c.shape, o, lse, &opts, &m)
+        }
+    }?;
+    if checked.kernel.family != c.family {
+        return Err(format!("asked for {:?}, ran {}", c.family, checked.kernel.name).into());
+    }
+    checked.verdict(c.dtype).map_err(Failed::from)
 }
 
 /// The checker's negative control, run on the host before any trial (no

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use fused_attn::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use fused_attn::reference::{self, capped_score, rel_l2_error};
 use fused_attn::{
-    cuda_context, Attention, AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, HostTensor,
-    KernelInfo, Layout, LseLayout, LseTensorMut, Problem,
+    cuda_context, Alibi, Attention, AttentionOptions, DType, DeviceTensor, DeviceTensorMut, Element, Error, HeadValues,
+    HostTensor, KernelInfo, Layout, LseLayout, LseTensorMut, Problem,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -358,6 +358,44 @@ pub fn run_and_check<T: Element>(
     lse: LseStorage,
     opts: &AttentionOptions,
 ) -> Result<Checked, String> {
+    run_and_check_mods(gpu, stream, inp, s, o, lse, opts, &HostModifiers::default())
+}
+
+/// Score modifiers of a GPU case as host values: uploaded for the kernel,
+/// read from the host by the reference.
+#[derive(Debug, Clone, Default)]
+pub struct HostModifiers {
+    /// ALiBi slopes and whether they are per batch entry (`[B, Hq]`).
+    pub alibi: Option<(Vec<f32>, bool)>,
+    /// Sink logits `[Hq]`.
+    pub sinks: Option<Vec<f32>>,
+}
+
+/// [`run_and_check`] with ALiBi slopes and sinks (`mods`) set on `opts`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_and_check_mods<T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    inp: &Inputs<T>,
+    s: Shape,
+    o: Storage,
+    lse: LseStorage,
+    opts: &AttentionOptions,
+    mods: &HostModifiers,
+) -> Result<Checked, String> {
+    let up = |v: &Vec<f32>| stream.clone_htod(v).map_err(|e| e.to_string());
+    let alibi_dev = mods.alibi.as_ref().map(|(v, _)| up(v)).transpose()?;
+    let sinks_dev = mods.sinks.as_ref().map(up).transpose()?;
+    let (mut dev_opts, mut host_opts) = (*opts, *opts);
+    if let (Some((host, per_batch)), Some(dev)) = (&mods.alibi, &alibi_dev) {
+        dev_opts.alibi = Some(Alibi { slopes: HeadValues::Device(dev), per_batch: *per_batch });
+        host_opts.alibi = Some(Alibi { slopes: HeadValues::Host(host), per_batch: *per_batch });
+    }
+    if let (Some(host), Some(dev)) = (&mods.sinks, &sinks_dev) {
+        dev_opts.sinks = Some(HeadValues::Device(dev));
+        host_opts.sinks = Some(HeadValues::Host(host));
+    }
+    let (opts, ref_opts) = (&dev_opts, &host_opts);
     let e = |e: Error| e.to_string();
     let (q, k, v) =
         (upload(stream, &inp.q).map_err(e)?, upload(stream, &inp.k).map_err(e)?, upload(stream, &inp.v).map_err(e)?);
@@ -380,7 +418,7 @@ pub fn run_and_check<T: Element>(
 
     let (qh, kh, vh) =
         (HostTensor::new(&inp.q, inp.ql), HostTensor::new(&inp.k, inp.kl), HostTensor::new(&inp.v, inp.vl));
-    let r = reference::forward(qh, kh, vh, opts).map_err(e)?;
+    let r = reference::forward(qh, kh, vh, ref_opts).map_err(e)?;
     let smax = row_max_abs_scores(&r.problem, qh, kh);
     Ok(Checked { kernel, cmp: compare(&r, &smax, s, (&o_host, ol), (&lse_host, ll))? })
 }
