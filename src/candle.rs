@@ -23,9 +23,10 @@
 //! `fused_attn::candle_ops::flash_attn(&q, &k, &v, scale, causal)`.
 //! Masks follow candle-flash-attn (FlashAttention 2): causal and windows are
 //! aligned to the bottom-right corner of the `Lq × Lk` score matrix, and a
-//! window size larger than `Lk` means unbounded. ALiBi
-//! (`flash_attn_alibi*`) and the packed-batch `flash_attn_varlen*` are not
-//! offered here yet.
+//! window size larger than `Lk` means unbounded. ALiBi (`flash_attn_alibi*`,
+//! slopes `[Hq]` f32 as there, or `[B, Hq]`) is offered; the packed-batch
+//! `flash_attn_varlen*` is not yet. Attention sinks, which
+//! candle-flash-attn lacks, are on [`FusedAttn::with_sinks`].
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -45,7 +46,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Shape, Tensor};
 use half::{bf16, f16};
 
-use crate::options::{AttentionOptions, Mask};
+use crate::options::{Alibi, AttentionOptions, HeadValues, Mask};
 use crate::reference;
 use crate::tensor::{Element, HostTensor, Layout};
 
@@ -69,16 +70,33 @@ use crate::tensor::{Element, HostTensor, Layout};
 /// assert_eq!(o.dims(), &[2, 3, 4, 32]);
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct FusedAttn {
-    /// What the attention computes; `kernel` and `kernel_name` only matter on the GPU.
+    /// What the attention computes; `kernel` and `kernel_name` only matter
+    /// on the GPU. Its `alibi` and `sinks` are unused: the op takes them as
+    /// candle tensors (below).
     pub options: AttentionOptions<'static>,
+    /// ALiBi slopes, f32 `[Hq]` or `[B, Hq]` (see [`Alibi`](crate::Alibi)).
+    pub alibi_slopes: Option<Tensor>,
+    /// Attention-sink logits, f32 `[Hq]` (see
+    /// [`AttentionOptions::sinks`](crate::AttentionOptions::sinks)).
+    pub sinks: Option<Tensor>,
 }
 
 impl FusedAttn {
-    /// The op with the given options.
+    /// The op with the given options, no ALiBi, no sinks.
     pub fn new(options: AttentionOptions<'static>) -> Self {
-        FusedAttn { options }
+        FusedAttn { options, alibi_slopes: None, sinks: None }
+    }
+    /// With ALiBi slopes: an f32 tensor `[Hq]`, or `[B, Hq]` for slopes per batch entry.
+    pub fn with_alibi_slopes(mut self, slopes: Tensor) -> Self {
+        self.alibi_slopes = Some(slopes);
+        self
+    }
+    /// With attention-sink logits: an f32 tensor `[Hq]`.
+    pub fn with_sinks(mut self, sinks: Tensor) -> Self {
+        self.sinks = Some(sinks);
+        self
     }
 }
 
@@ -149,9 +167,8 @@ pub fn flash_attn_windowed(
 }
 
 /// Windowed attention with a Gemma-2-style logit softcap
-/// (`s ← softcap · tanh(s / softcap)`): candle-flash-attn's
-/// `flash_attn_alibi_windowed_softcap` without its `alibi_slopes` argument
-/// (ALiBi is not supported yet).
+/// (`s ← softcap · tanh(s / softcap)`): [`flash_attn_alibi_windowed_softcap`]
+/// without ALiBi.
 ///
 /// # Errors
 /// As [`flash_attn`]; a softcap that is not finite and positive is an
@@ -167,6 +184,79 @@ pub fn flash_attn_windowed_softcap(
 ) -> candle_core::Result<Tensor> {
     let opts = flash_options(k, softmax_scale, window_size_left, window_size_right, Some(softcap))?;
     q.apply_op3_no_bwd(k, v, &FusedAttn::new(opts))
+}
+
+/// [`flash_attn`] with ALiBi: candle-flash-attn's `flash_attn_alibi`, same
+/// arguments. `alibi_slopes` is an f32 tensor `[Hq]` (as candle-flash-attn
+/// takes it) or `[B, Hq]`; the bias `−slope·|i + Lk − Lq − j|` is added to
+/// the scaled scores (FlashAttention 2's convention).
+///
+/// # Errors
+/// As [`flash_attn`]; slopes that are not f32, not rank 1 or 2, too few, or
+/// not finite are errors.
+pub fn flash_attn_alibi(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: &Tensor,
+    softmax_scale: f32,
+    causal: bool,
+) -> candle_core::Result<Tensor> {
+    let right = if causal { Some(0) } else { None };
+    flash_attn_alibi_windowed(q, k, v, alibi_slopes, softmax_scale, None, right)
+}
+
+/// [`flash_attn_windowed`] with ALiBi: candle-flash-attn's
+/// `flash_attn_alibi_windowed`, same arguments.
+///
+/// # Errors
+/// As [`flash_attn_alibi`].
+pub fn flash_attn_alibi_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: &Tensor,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let opts = flash_options(k, softmax_scale, window_size_left, window_size_right, None)?;
+    q.apply_op3_no_bwd(k, v, &FusedAttn::new(opts).with_alibi_slopes(alibi_slopes.clone()))
+}
+
+/// Windowed attention with optional ALiBi and a softcap: candle-flash-attn's
+/// `flash_attn_alibi_windowed_softcap`, same arguments (the softcap comes
+/// before ALiBi, as in FlashAttention 2).
+///
+/// # Errors
+/// As [`flash_attn_alibi`] and [`flash_attn_windowed_softcap`].
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_alibi_windowed_softcap(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: Option<&Tensor>,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+    softcap: f32,
+) -> candle_core::Result<Tensor> {
+    let opts = flash_options(k, softmax_scale, window_size_left, window_size_right, Some(softcap))?;
+    let mut op = FusedAttn::new(opts);
+    op.alibi_slopes = alibi_slopes.cloned();
+    q.apply_op3_no_bwd(k, v, &op)
+}
+
+/// An f32 CPU tensor of rank 1 or 2 as host values, with its rank.
+fn f32_values(arg: &str, t: &Tensor) -> candle_core::Result<(Vec<f32>, usize)> {
+    if t.dtype() != candle_core::DType::F32 {
+        candle_core::bail!("fused-attn: {arg} must be f32, got {:?}", t.dtype());
+    }
+    let rank = t.rank();
+    if !(1..=2).contains(&rank) {
+        candle_core::bail!("fused-attn: {arg} must be [heads] or [batch, heads], got shape {:?}", t.shape());
+    }
+    Ok((t.flatten_all()?.to_vec1::<f32>()?, rank))
 }
 
 /// A candle CPU tensor's data as a [`HostTensor`]: in place when its last
@@ -220,13 +310,16 @@ impl FusedAttn {
         let (q, ql) = host_view("q", q, q_l)?;
         let (k, kl) = host_view("k", k, k_l)?;
         let (v, vl) = host_view("v", v, v_l)?;
-        let r = reference::forward(
-            HostTensor::new(&q, ql),
-            HostTensor::new(&k, kl),
-            HostTensor::new(&v, vl),
-            &self.options,
-        )
-        .map_err(candle_core::Error::wrap)?;
+        let slopes = self.alibi_slopes.as_ref().map(|t| f32_values("alibi_slopes", t)).transpose()?;
+        let sinks = self.sinks.as_ref().map(|t| f32_values("sinks", t)).transpose()?;
+        if let Some((_, 2)) = sinks {
+            candle_core::bail!("fused-attn: sinks must be [heads] (one logit per query head)");
+        }
+        let mut opts: AttentionOptions<'_> = self.options;
+        opts.alibi = slopes.as_ref().map(|(s, rank)| Alibi { slopes: HeadValues::Host(s), per_batch: *rank == 2 });
+        opts.sinks = sinks.as_ref().map(|(s, _)| HeadValues::Host(s));
+        let r = reference::forward(HostTensor::new(&q, ql), HostTensor::new(&k, kl), HostTensor::new(&v, vl), &opts)
+            .map_err(candle_core::Error::wrap)?;
         let p = &r.problem;
         let shape = Shape::from((p.batch, p.seqlen_q, p.heads_q, p.head_dim));
         Ok((r.o.into_iter().map(from_f64).collect(), shape))

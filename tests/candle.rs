@@ -173,6 +173,73 @@ fn non_contiguous_views_match_contiguous() {
     }
 }
 
+/// ALiBi (per head as candle-flash-attn takes it, and per batch entry) and
+/// sinks through the candle functions, bit for bit against the reference.
+#[test]
+fn alibi_and_sinks_match_reference() {
+    use fused_attn::{Alibi, HeadValues};
+    let mut rng = StdRng::seed_from_u64(11);
+    let cpu = &Device::Cpu;
+    for c in CASES {
+        let (qs, ks) = ([c.b, c.lq, c.hq, c.d], [c.b, c.lk, c.hk, c.d]);
+        let (q, k, v) = (
+            random::<bf16>(&mut rng, qs.iter().product()),
+            random(&mut rng, ks.iter().product()),
+            random(&mut rng, ks.iter().product()),
+        );
+        let (qt, kt, vt) = (
+            Tensor::from_slice(&q, &qs, cpu).unwrap(),
+            Tensor::from_slice(&k, &ks, cpu).unwrap(),
+            Tensor::from_slice(&v, &ks, cpu).unwrap(),
+        );
+        let per_head = fused_attn::alibi_slopes(c.hq);
+        let per_batch: Vec<f32> = (0..c.b * c.hq).map(|x| 0.1 + 0.2 * x as f32).collect();
+        let sinks: Vec<f32> = (0..c.hq).map(|x| x as f32 - 1.5).collect();
+        let head_t = Tensor::from_slice(&per_head, c.hq, cpu).unwrap();
+        let batch_t = Tensor::from_slice(&per_batch, (c.b, c.hq), cpu).unwrap();
+        let sinks_t = Tensor::from_slice(&sinks, c.hq, cpu).unwrap();
+        let check = |o: Tensor, opts: AttentionOptions| {
+            let want = expected((&q, qs), (&k, ks), (&v, ks), &opts, bf16::from_f64);
+            let got: Vec<bf16> = to_vec(&o);
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{opts:?}");
+        };
+        for causal in [false, true] {
+            let mask = if causal { Mask::Causal } else { Mask::Full };
+            let base = AttentionOptions::new(mask).with_scale(0.4);
+            let o = candle_ops::flash_attn_alibi(&qt, &kt, &vt, &head_t, 0.4, causal).unwrap();
+            check(o, base.with_alibi(Alibi::per_head(HeadValues::Host(&per_head))));
+            let o = candle_ops::flash_attn_alibi(&qt, &kt, &vt, &batch_t, 0.4, causal).unwrap();
+            check(o, base.with_alibi(Alibi::per_batch(HeadValues::Host(&per_batch))));
+        }
+        let o = candle_ops::flash_attn_alibi_windowed_softcap(&qt, &kt, &vt, Some(&head_t), 0.4, Some(2), Some(1), 4.0)
+            .unwrap();
+        let opts = AttentionOptions::new(candle_ops::flash_window_mask(Some(2), Some(1), c.lk))
+            .with_scale(0.4)
+            .with_softcap(4.0)
+            .with_alibi(Alibi::per_head(HeadValues::Host(&per_head)));
+        check(o, opts);
+        let op = FusedAttn::new(AttentionOptions::new(Mask::Causal)).with_alibi_slopes(head_t.clone());
+        let o = qt.apply_op3(&kt, &vt, op.with_sinks(sinks_t.clone())).unwrap();
+        let opts = AttentionOptions::new(Mask::Causal)
+            .with_alibi(Alibi::per_head(HeadValues::Host(&per_head)))
+            .with_sinks(HeadValues::Host(&sinks));
+        check(o, opts);
+        // Slopes of the wrong dtype, rank or count, and sinks per batch, are errors.
+        let f64_slopes = head_t.to_dtype(DType::F64).unwrap();
+        assert!(candle_ops::flash_attn_alibi(&qt, &kt, &vt, &f64_slopes, 0.4, true)
+            .unwrap_err()
+            .to_string()
+            .contains("f32"));
+        let r3 = head_t.reshape((1, 1, c.hq)).unwrap();
+        assert!(candle_ops::flash_attn_alibi(&qt, &kt, &vt, &r3, 0.4, true).is_err());
+        let short = head_t.narrow(0, 0, c.hq - 1).unwrap();
+        let e = candle_ops::flash_attn_alibi(&qt, &kt, &vt, &short, 0.4, true).unwrap_err().to_string();
+        assert!(e.contains("alibi_slopes"), "{e}");
+        let op = FusedAttn::new(AttentionOptions::default()).with_sinks(batch_t.clone());
+        assert!(qt.apply_op3(&kt, &vt, op).is_err());
+    }
+}
+
 #[test]
 fn errors_are_candle_errors_with_our_message() {
     let cpu = &Device::Cpu;
