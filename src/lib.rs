@@ -14,7 +14,10 @@
 //! - **Heads**: multi-head, grouped-query (GQA) and multi-query (MQA).
 //! - **Shapes**: any `Lq`, `Lk` (also `Lq != Lk`), head dims that are
 //!   multiples of 8 up to 256, any batch/sequence/head strides ([`Layout`]).
-//! - **Options** ([`AttentionOptions`]): custom scale, logit softcap.
+//! - **Options** ([`AttentionOptions`]): custom scale, logit softcap, and
+//!   the score modifiers ALiBi ([`Alibi`], slopes per head or per batch
+//!   entry; [`alibi_slopes`] gives the paper's) and attention sinks (one
+//!   learnable logit per head, as in gpt-oss), given as [`HeadValues`].
 //! - **Kernels** ([`KernelFamily`]): a naive baseline (sm_80+), a tiled
 //!   FlashAttention-2-style kernel (sm_80+, `mma.sync`), and a Hopper kernel
 //!   (sm_90a: TMA, `wgmma`, warp specialisation); the dispatcher's choice is
@@ -62,6 +65,31 @@
 //!   larger scores (bf16 inputs near 1e19) are outside the contract.
 //! - Every element of O (and LSE, when given) is written; nothing else is.
 //! - Everything is asynchronous on the caller's stream.
+//!
+//! ## The attention literature, mapped to this crate
+//! Most named mechanisms are one kernel with different inputs:
+//!
+//! | the literature says | here |
+//! |---|---|
+//! | soft attention (Bahdanau et al. 2015; every mechanism below) | every kernel: a softmax over keys, O and LSE |
+//! | dot-product / scaled dot-product (Luong `dot`, Vaswani et al.) | [`Attention::forward`]; `scale` defaults to `1/√D`, [`AttentionOptions::with_scale`] for others (`1.0` is Luong's unscaled `dot`) |
+//! | Luong `general`, `q·W·kᵀ` | project first, `Q' = Q·W` (one GEMM, or `K' = K·Wᵀ`), then the dot-product kernel with `scale` 1 |
+//! | Luong `concat` / Bahdanau additive, `wᵀ tanh(W_q q + U_k k + b)` | the fused additive-attention kernel, on `Q·W_q` and `K·U_k` the caller projects once |
+//! | self- vs cross-attention | the same call; cross-attention passes the encoder's K/V (`Lq ≠ Lk`; masks align bottom-right unless [`MaskAlignment::TopLeft`]) |
+//! | global vs local attention (Luong), sliding windows (Longformer, Mistral) | [`Mask::Full`] vs [`Mask::Window`]; a window of width `w` costs `O(Lq·w)` |
+//! | causal (decoder) attention | [`Mask::Causal`] |
+//! | multi-head, multi-query, grouped-query attention | `Hq` query heads over `Hk` KV heads, `Hq % Hk == 0` |
+//! | the alignment weights / attention maps (Bahdanau's figures, `output_attentions`) | the attention-maps pass: `P = exp(s − LSE)` into a buffer the caller sizes, per head or the head mean |
+//! | ALiBi (Press et al. 2022) | [`AttentionOptions::with_alibi`] |
+//! | attention sinks (Xiao et al. 2024; learnable in gpt-oss) | [`AttentionOptions::with_sinks`] |
+//! | logit soft-capping (Gemma 2) | [`AttentionOptions::with_softcap`] |
+//! | ring attention / context parallelism, FlashDecoding | [`Attention::merge_states_into`], [`Attention::forward_kvcache_split_into`] |
+//!
+//! Out of scope: **hard attention** (Xu et al. 2015), which samples one
+//! location per query and is trained with REINFORCE: it is a sampling step,
+//! not a fused softmax-weighted sum (sample from the attention maps if you
+//! need it); Luong's **local-p** attention, whose Gaussian window around a
+//! predicted position needs a per-query centre the masks here do not take.
 //!
 //! ## Example
 //! ```no_run
