@@ -24,9 +24,12 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+mod backward;
+pub use backward::{backward, backward_f64, Gradients};
+
 use crate::error::{Error, Result};
 use crate::options::{Alibi, AttentionOptions, HeadValues};
-use crate::tensor::{Element, HostTensor, Layout, LseLayout};
+use crate::tensor::{DType, Element, HostTensor, Layout, LseLayout};
 use crate::validate::{
     check_cache_tables, check_seqlens, validate, validate_kvcache, validate_merge, validate_varlen, LseDesc,
     MergeProblem, Problem, TensorDesc,
@@ -148,8 +151,38 @@ pub fn forward<T: Element>(
     v: HostTensor<'_, T>,
     opts: &AttentionOptions,
 ) -> Result<Reference> {
+    forward_of(T::DTYPE, q, k, v, opts)
+}
+
+/// [`forward`] on `f64` inputs: the same function with nothing rounded, for
+/// derivative checks (central differences need inputs finer than 16 bits).
+/// Validated as a bf16 problem would be; `problem.dtype` says bf16.
+///
+/// # Errors
+/// As [`forward`].
+pub fn forward_f64(
+    q: HostTensor<'_, f64>,
+    k: HostTensor<'_, f64>,
+    v: HostTensor<'_, f64>,
+    opts: &AttentionOptions,
+) -> Result<Reference> {
+    forward_of(DType::BF16, q, k, v, opts)
+}
+
+/// Host scalars the reference reads: the 16-bit element types, and f64.
+pub(crate) trait Scalar: Copy + Into<f64> + Sync {}
+impl<T: Element> Scalar for T {}
+impl Scalar for f64 {}
+
+fn forward_of<T: Scalar>(
+    dtype: DType,
+    q: HostTensor<'_, T>,
+    k: HostTensor<'_, T>,
+    v: HostTensor<'_, T>,
+    opts: &AttentionOptions,
+) -> Result<Reference> {
     let desc = |arg, t: &HostTensor<'_, T>| TensorDesc { arg, layout: t.layout, len: t.data.len() };
-    let p = validate(T::DTYPE, &desc("q", &q), &desc("k", &k), &desc("v", &v), None, None, opts)?;
+    let p = validate(dtype, &desc("q", &q), &desc("k", &k), &desc("v", &v), None, None, opts)?;
     let (b_n, lq, hq, d) = (p.batch, p.seqlen_q, p.heads_q, p.head_dim);
     let too_big = |what, value: u128, limit: u128| Error::SizeOverflow { arg: "q", what, value, limit };
     // Validation bounded every tensor's element count by i64::MAX: no overflow here.
@@ -428,7 +461,7 @@ pub fn alibi_bias(p: &Problem, slope: f64, i: usize, j: usize) -> f64 {
 
 /// Rows `rows` of query head `h` in batch `b`: outputs `[rows, D]` and LSEs.
 #[allow(clippy::too_many_arguments)]
-fn rows_for_head<T: Element>(
+fn rows_for_head<T: Scalar>(
     p: &Problem,
     q: &HostTensor<'_, T>,
     k: &HostTensor<'_, T>,
