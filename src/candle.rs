@@ -24,9 +24,9 @@
 //! Masks follow candle-flash-attn (FlashAttention 2): causal and windows are
 //! aligned to the bottom-right corner of the `Lq × Lk` score matrix, and a
 //! window size larger than `Lk` means unbounded. ALiBi (`flash_attn_alibi*`,
-//! slopes `[Hq]` f32 as there, or `[B, Hq]`) is offered; the packed-batch
-//! `flash_attn_varlen*` is not yet. Attention sinks, which
-//! candle-flash-attn lacks, are on [`FusedAttn::with_sinks`].
+//! slopes `[Hq]` f32 as there, or `[B, Hq]`) and the packed-batch
+//! `flash_attn_varlen*` ([`FusedAttnVarLen`]) are offered. Attention sinks,
+//! which candle-flash-attn lacks, are on [`FusedAttn::with_sinks`].
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -244,6 +244,254 @@ pub fn flash_attn_alibi_windowed_softcap(
     let opts = flash_options(k, softmax_scale, window_size_left, window_size_right, Some(softcap))?;
     let mut op = FusedAttn::new(opts);
     op.alibi_slopes = alibi_slopes.cloned();
+    q.apply_op3_no_bwd(k, v, &op)
+}
+
+/// Attention over a packed (variable-length) batch as a candle
+/// [`CustomOp3`]: Q `[Tq, Hq, D]`, K and V `[Tk, Hk, D]`, sequence `b`
+/// being rows `seqlens_q[b] .. seqlens_q[b + 1]` of Q (and likewise of K,
+/// V), each with its own bottom-right diagonal; the result is `[Tq, Hq, D]`.
+/// Built by the `flash_attn_varlen*` functions.
+#[derive(Debug, Clone)]
+pub struct FusedAttnVarLen {
+    /// Mask, scale, softcap (`alibi` and `sinks` unused: see the fields below).
+    pub options: AttentionOptions<'static>,
+    /// Cumulative query lengths `[B + 1]` (u32, as candle-flash-attn takes them, or i64).
+    pub seqlens_q: Tensor,
+    /// Cumulative key lengths `[B + 1]`.
+    pub seqlens_k: Tensor,
+    /// Upper bound of the query lengths (checked).
+    pub max_seqlen_q: usize,
+    /// Upper bound of the key lengths (checked); window sizes above it mean unbounded.
+    pub max_seqlen_k: usize,
+    /// ALiBi slopes, f32 `[Hq]` or `[B, Hq]`.
+    pub alibi_slopes: Option<Tensor>,
+}
+
+/// A sequence table (u32 or i64 CPU tensor of rank 1) as i32 offsets.
+fn seqlens(arg: &str, t: &Tensor) -> candle_core::Result<Vec<i32>> {
+    if t.rank() != 1 {
+        candle_core::bail!("fused-attn: {arg} must be rank 1 [batch + 1], got shape {:?}", t.shape());
+    }
+    let v = match t.dtype() {
+        candle_core::DType::U32 | candle_core::DType::I64 => t.to_dtype(candle_core::DType::I64)?.to_vec1::<i64>()?,
+        other => candle_core::bail!("fused-attn: {arg} must be u32 or i64, got {other:?}"),
+    };
+    v.into_iter()
+        .map(|x| {
+            i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("fused-attn: {arg} entry {x} exceeds i32")))
+        })
+        .collect()
+}
+
+impl FusedAttnVarLen {
+    fn cpu_fwd_t<T: Element>(
+        &self,
+        (q, q_l): (&[T], &candle_core::Layout),
+        (k, k_l): (&[T], &candle_core::Layout),
+        (v, v_l): (&[T], &candle_core::Layout),
+        from_f64: fn(f64) -> T,
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        let (cu_q, cu_k) = (seqlens("seqlens_q", &self.seqlens_q)?, seqlens("seqlens_k", &self.seqlens_k)?);
+        let longest = |cu: &[i32]| cu.windows(2).map(|w| (w[1] - w[0]).max(0) as usize).max().unwrap_or(0);
+        if longest(&cu_q) > self.max_seqlen_q || longest(&cu_k) > self.max_seqlen_k {
+            candle_core::bail!(
+                "fused-attn: a sequence is longer than max_seqlen_q {} / max_seqlen_k {}",
+                self.max_seqlen_q,
+                self.max_seqlen_k
+            );
+        }
+        let (q, ql) = host_view3("q", q, q_l)?;
+        let (k, kl) = host_view3("k", k, k_l)?;
+        let (v, vl) = host_view3("v", v, v_l)?;
+        let slopes = self.alibi_slopes.as_ref().map(|t| f32_values("alibi_slopes", t)).transpose()?;
+        let mut opts: AttentionOptions<'_> = self.options;
+        opts.alibi = slopes.as_ref().map(|(s, rank)| Alibi { slopes: HeadValues::Host(s), per_batch: *rank == 2 });
+        let r = reference::forward_varlen(
+            HostTensor::new(&q, ql),
+            HostTensor::new(&k, kl),
+            HostTensor::new(&v, vl),
+            &cu_q,
+            &cu_k,
+            None,
+            &opts,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let shape = Shape::from((ql.shape[1], ql.shape[2], ql.shape[3]));
+        Ok((r.o.into_iter().map(from_f64).collect(), shape))
+    }
+}
+
+/// A rank-3 `[T, H, D]` candle CPU tensor as a `[1, T, H, D]` [`HostTensor`]
+/// view (copied only when its last dimension is not contiguous).
+fn host_view3<'a, T: Copy>(
+    arg: &str,
+    data: &'a [T],
+    l: &candle_core::Layout,
+) -> candle_core::Result<(Cow<'a, [T]>, Layout)> {
+    if l.dims().len() != 3 {
+        candle_core::bail!("fused-attn: {arg} must be rank 3 [tokens, heads, head_dim], got shape {:?}", l.shape());
+    }
+    let (d, st) = (l.dims(), l.stride());
+    let l4 = candle_core::Layout::new(
+        Shape::from((1, d[0], d[1], d[2])),
+        vec![d[0] * st[0].max(1), st[0], st[1], st[2]],
+        l.start_offset(),
+    );
+    host_view(arg, data, &l4)
+}
+
+impl CustomOp3 for FusedAttnVarLen {
+    fn name(&self) -> &'static str {
+        "fused-attn-varlen"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &candle_core::Layout,
+        k: &CpuStorage,
+        k_l: &candle_core::Layout,
+        v: &CpuStorage,
+        v_l: &candle_core::Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match (q, k, v) {
+            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                let (o, shape) = self.cpu_fwd_t((q, q_l), (k, k_l), (v, v_l), f16::from_f64)?;
+                Ok((CpuStorage::F16(o), shape))
+            }
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                let (o, shape) = self.cpu_fwd_t((q, q_l), (k, k_l), (v, v_l), bf16::from_f64)?;
+                Ok((CpuStorage::BF16(o), shape))
+            }
+            _ => candle_core::bail!(
+                "fused-attn: q, k and v must all be f16 or all bf16, got {:?}, {:?}, {:?}",
+                q.dtype(),
+                k.dtype(),
+                v.dtype()
+            ),
+        }
+    }
+}
+
+/// Packed-batch attention: candle-flash-attn's `flash_attn_varlen`, same
+/// arguments. `q` is `[Tq, Hq, D]`, `k` and `v` `[Tk, Hk, D]`;
+/// `seqlens_q`/`seqlens_k` are the cumulative lengths `[B + 1]` (u32);
+/// each sequence's causal mask is bottom-right aligned on its own lengths.
+///
+/// # Errors
+/// As [`flash_attn`]; malformed sequence tables are this crate's
+/// [`Error::SeqLens`](crate::Error::SeqLens), a sequence longer than
+/// `max_seqlen_*` is an error.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    causal: bool,
+) -> candle_core::Result<Tensor> {
+    let right = if causal { Some(0) } else { None };
+    varlen_op(q, k, v, (seqlens_q, seqlens_k), (max_seqlen_q, max_seqlen_k), softmax_scale, (None, right), None, None)
+}
+
+/// [`flash_attn_varlen`] with a window: candle-flash-attn's
+/// `flash_attn_varlen_windowed` (window sizes above `max_seqlen_k` mean
+/// unbounded, as there).
+///
+/// # Errors
+/// As [`flash_attn_varlen`].
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let window = (window_size_left, window_size_right);
+    varlen_op(q, k, v, (seqlens_q, seqlens_k), (max_seqlen_q, max_seqlen_k), softmax_scale, window, None, None)
+}
+
+/// [`flash_attn_varlen`] with ALiBi: candle-flash-attn's
+/// `flash_attn_varlen_alibi` (slopes f32 `[Hq]`, or `[B, Hq]`).
+///
+/// # Errors
+/// As [`flash_attn_varlen`] and [`flash_attn_alibi`].
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_alibi(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    causal: bool,
+) -> candle_core::Result<Tensor> {
+    let right = if causal { Some(0) } else { None };
+    let lens = (seqlens_q, seqlens_k);
+    varlen_op(q, k, v, lens, (max_seqlen_q, max_seqlen_k), softmax_scale, (None, right), Some(alibi_slopes), None)
+}
+
+/// [`flash_attn_varlen_windowed`] with ALiBi and an optional softcap:
+/// candle-flash-attn's `flash_attn_varlen_alibi_windowed` plus a softcap.
+///
+/// # Errors
+/// As [`flash_attn_varlen_alibi`].
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_alibi_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: Option<&Tensor>,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+    softcap: Option<f32>,
+) -> candle_core::Result<Tensor> {
+    let (lens, max, window) =
+        ((seqlens_q, seqlens_k), (max_seqlen_q, max_seqlen_k), (window_size_left, window_size_right));
+    varlen_op(q, k, v, lens, max, softmax_scale, window, alibi_slopes, softcap)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn varlen_op(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (seqlens_q, seqlens_k): (&Tensor, &Tensor),
+    (max_seqlen_q, max_seqlen_k): (usize, usize),
+    softmax_scale: f32,
+    (left, right): (Option<usize>, Option<usize>),
+    alibi_slopes: Option<&Tensor>,
+    softcap: Option<f32>,
+) -> candle_core::Result<Tensor> {
+    let mut options = AttentionOptions::new(flash_window_mask(left, right, max_seqlen_k)).with_scale(softmax_scale);
+    options.softcap = softcap;
+    let op = FusedAttnVarLen {
+        options,
+        seqlens_q: seqlens_q.clone(),
+        seqlens_k: seqlens_k.clone(),
+        max_seqlen_q,
+        max_seqlen_k,
+        alibi_slopes: alibi_slopes.cloned(),
+    };
     q.apply_op3_no_bwd(k, v, &op)
 }
 

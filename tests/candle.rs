@@ -240,6 +240,95 @@ fn alibi_and_sinks_match_reference() {
     }
 }
 
+/// candle-flash-attn's `flash_attn_varlen*` on packed `[T, H, D]` tensors,
+/// bit for bit against the packed reference (u32 tables as there).
+#[test]
+fn varlen_functions_match_reference() {
+    use fused_attn::{Alibi, HeadValues};
+    let mut rng = StdRng::seed_from_u64(12);
+    let cpu = &Device::Cpu;
+    let (lq, lk) = ([3usize, 0, 7, 1], [5usize, 2, 4, 9]);
+    let cu = |l: &[usize]| {
+        std::iter::once(0)
+            .chain(l.iter().scan(0, |a, &x| {
+                *a += x;
+                Some(*a)
+            }))
+            .collect::<Vec<usize>>()
+    };
+    let (cu_q, cu_k) = (cu(&lq), cu(&lk));
+    let (tq, tk, hq, hk, d) = (cu_q[4], cu_k[4], 4, 2, 16);
+    let (q, k, v) = (
+        random::<f16>(&mut rng, tq * hq * d),
+        random::<f16>(&mut rng, tk * hk * d),
+        random::<f16>(&mut rng, tk * hk * d),
+    );
+    let (qt, kt, vt) = (
+        Tensor::from_slice(&q, (tq, hq, d), cpu).unwrap(),
+        Tensor::from_slice(&k, (tk, hk, d), cpu).unwrap(),
+        Tensor::from_slice(&v, (tk, hk, d), cpu).unwrap(),
+    );
+    let u32s = |c: &[usize]| Tensor::from_vec(c.iter().map(|&x| x as u32).collect::<Vec<u32>>(), c.len(), cpu).unwrap();
+    let (sq, sk) = (u32s(&cu_q), u32s(&cu_k));
+    let (cq, ck): (Vec<i32>, Vec<i32>) =
+        (cu_q.iter().map(|&x| x as i32).collect(), cu_k.iter().map(|&x| x as i32).collect());
+    let slopes = fused_attn::alibi_slopes(hq);
+    let slopes_t = Tensor::from_slice(&slopes, hq, cpu).unwrap();
+    let check = |o: Tensor, opts: AttentionOptions| {
+        assert_eq!(o.dims(), &[tq, hq, d]);
+        let r = reference::forward_varlen(
+            HostTensor::new(&q, Layout::bshd(1, tq, hq, d)),
+            HostTensor::new(&k, Layout::bshd(1, tk, hk, d)),
+            HostTensor::new(&v, Layout::bshd(1, tk, hk, d)),
+            &cq,
+            &ck,
+            None,
+            &opts,
+        )
+        .unwrap();
+        let got: Vec<f16> = to_vec(&o);
+        assert!(got.iter().zip(&r.o).all(|(a, &b)| a.to_bits() == f16::from_f64(b).to_bits()), "{opts:?}");
+    };
+    for causal in [false, true] {
+        let mask = if causal { Mask::Causal } else { Mask::Full };
+        let o = candle_ops::flash_attn_varlen(&qt, &kt, &vt, &sq, &sk, 7, 9, 0.3, causal).unwrap();
+        check(o, AttentionOptions::new(mask).with_scale(0.3));
+        let o = candle_ops::flash_attn_varlen_alibi(&qt, &kt, &vt, &slopes_t, &sq, &sk, 7, 9, 0.3, causal).unwrap();
+        check(o, AttentionOptions::new(mask).with_scale(0.3).with_alibi(Alibi::per_head(HeadValues::Host(&slopes))));
+    }
+    let o = candle_ops::flash_attn_varlen_windowed(&qt, &kt, &vt, &sq, &sk, 7, 9, 0.3, Some(2), Some(0)).unwrap();
+    check(o, AttentionOptions::new(Mask::window(2, 0)).with_scale(0.3));
+    let o = candle_ops::flash_attn_varlen_alibi_windowed(
+        &qt,
+        &kt,
+        &vt,
+        None,
+        &sq,
+        &sk,
+        7,
+        9,
+        0.3,
+        Some(1),
+        None,
+        Some(3.0),
+    )
+    .unwrap();
+    check(o, AttentionOptions::new(Mask::window(1, 9)).with_scale(0.3).with_softcap(3.0));
+    // A transposed [H, T, D] view reads in place and gives the same result.
+    let qh = qt.transpose(0, 1).unwrap().contiguous().unwrap().transpose(0, 1).unwrap();
+    let o = candle_ops::flash_attn_varlen(&qh, &kt, &vt, &sq, &sk, 7, 9, 0.3, true).unwrap();
+    check(o, AttentionOptions::new(Mask::Causal).with_scale(0.3));
+    // Errors: max_seqlen below a sequence, a bad table, a rank-4 q.
+    assert!(candle_ops::flash_attn_varlen(&qt, &kt, &vt, &sq, &sk, 6, 9, 0.3, true).is_err());
+    let f = Tensor::from_vec(vec![0f32, 1.0], 2, cpu).unwrap();
+    assert!(candle_ops::flash_attn_varlen(&qt, &kt, &vt, &f, &sk, 7, 9, 0.3, true).is_err());
+    let bad = u32s(&[0, 3, 2, 9, 11]);
+    let e = candle_ops::flash_attn_varlen(&qt, &kt, &vt, &bad, &sk, 7, 9, 0.3, true).unwrap_err().to_string();
+    assert!(e.contains("cu_seqlens_q"), "{e}");
+    let q4 = qt.unsqueeze(0).unwrap();
+    assert!(candle_ops::flash_attn_varlen(&q4, &kt, &vt, &sq, &sk, 7, 9, 0.3, true).is_err());
+}
+
 #[test]
 fn errors_are_candle_errors_with_our_message() {
     let cpu = &Device::Cpu;
