@@ -126,14 +126,20 @@ pub enum HeadValues<'a> {
     /// on the host; they must be finite (non-finite ones give unspecified
     /// output, never a fault).
     Device(&'a CudaSlice<f32>),
+    /// A raw device address, taken only by the unsafe
+    /// [`Attention::forward_raw`](crate::Attention::forward_raw) (whose
+    /// caller vouches for the memory and the count); every safe entry point
+    /// and the reference refuse it with [`Error::InvalidOption`](crate::Error::InvalidOption).
+    Raw(u64),
 }
 
 impl HeadValues<'_> {
-    /// Elements available.
+    /// Elements available (`usize::MAX` for a raw address: unknown, vouched for).
     pub fn len(&self) -> usize {
         match self {
             HeadValues::Host(s) => s.len(),
             HeadValues::Device(s) => cudarc::driver::DeviceSlice::len(*s),
+            HeadValues::Raw(_) => usize::MAX,
         }
     }
     /// Whether there are no elements.
@@ -143,11 +149,12 @@ impl HeadValues<'_> {
 }
 
 impl PartialEq for HeadValues<'_> {
-    /// Host values compare by content, device buffers by identity.
+    /// Host values compare by content, device buffers and addresses by identity.
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (HeadValues::Host(a), HeadValues::Host(b)) => a == b,
             (HeadValues::Device(a), HeadValues::Device(b)) => std::ptr::eq(*a, *b),
+            (HeadValues::Raw(a), HeadValues::Raw(b)) => a == b,
             _ => false,
         }
     }

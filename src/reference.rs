@@ -422,7 +422,7 @@ impl<'a> HostModifiers<'a> {
     fn of(opts: &AttentionOptions<'a>) -> Result<Self> {
         let host = |arg, v: HeadValues<'a>| match v {
             HeadValues::Host(s) => Ok(s),
-            HeadValues::Device(_) => Err(Error::InvalidOption {
+            HeadValues::Device(_) | HeadValues::Raw(_) => Err(Error::InvalidOption {
                 arg,
                 value: "device memory".into(),
                 reason: "the CPU reference reads host values (HeadValues::Host)",

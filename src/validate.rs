@@ -96,6 +96,9 @@ pub enum AlibiLayout {
 /// values, [`Error::InvalidOption`] for a non-finite one.
 pub fn check_modifiers(opts: &AttentionOptions, batch: usize, heads_q: usize) -> Result<(Option<AlibiLayout>, bool)> {
     fn check(arg: &'static str, values: HeadValues<'_>, needed: usize) -> Result<()> {
+        if let HeadValues::Raw(_) = values {
+            return Ok(()); // forward_raw's caller vouches for the count
+        }
         let len = values.len();
         if len < needed {
             return Err(Error::OutOfBounds { arg, needed, len });

@@ -215,6 +215,17 @@ typedef struct FusedAttnOptions {
   float softcap;
   // A `FusedAttnKernel`.
   int32_t kernel;
+  // ALiBi slopes, `float`, or null for none: `[Hq]`, or `[B, Hq]`
+  // (batch-major) when `alibi_per_batch` is non-zero. After the softcap,
+  // `s_ij -= slope * |i + off - j|`. Device memory for
+  // `fused_attn_forward`, host memory for `fused_attn_reference_forward`.
+  const float *alibi_slopes;
+  // Non-zero: `alibi_slopes` holds one slope per (batch entry, query head).
+  int32_t alibi_per_batch;
+  // Attention-sink logits, `float` `[Hq]`, or null for none: each joins
+  // its head's softmax denominator with no value (a row that sees no key
+  // gets O = 0, LSE = the sink). Device or host memory as above.
+  const float *sinks;
 } FusedAttnOptions;
 
 #ifdef __cplusplus

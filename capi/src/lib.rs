@@ -37,8 +37,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use fused_attn::internals::{validate, LseDesc, TensorDesc};
 use fused_attn::{
-    reference, Attention, AttentionOptions, DType, Element, Error, HostTensor, KernelFamily, Layout, LseLayout, Mask,
-    MaskAlignment, RawLseTensor, RawTensor,
+    reference, Alibi, Attention, AttentionOptions, DType, Element, Error, HeadValues, HostTensor, KernelFamily, Layout,
+    LseLayout, Mask, MaskAlignment, RawLseTensor, RawTensor,
 };
 use half::{bf16, f16};
 
@@ -186,7 +186,7 @@ pub struct FusedAttnLseTensor {
 /// `off = Lk − Lq` (bottom-right) or `0` (top-left); full is (∞, ∞), causal
 /// is (∞, 0), a window is (`window_left`, `window_right`).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct FusedAttnOptions {
     /// A `FusedAttnMask`.
     pub mask: i32,
@@ -206,6 +206,36 @@ pub struct FusedAttnOptions {
     pub softcap: f32,
     /// A `FusedAttnKernel`.
     pub kernel: i32,
+    /// ALiBi slopes, `float`, or null for none: `[Hq]`, or `[B, Hq]`
+    /// (batch-major) when `alibi_per_batch` is non-zero. After the softcap,
+    /// `s_ij -= slope * |i + off - j|`. Device memory for
+    /// `fused_attn_forward`, host memory for `fused_attn_reference_forward`.
+    pub alibi_slopes: *const f32,
+    /// Non-zero: `alibi_slopes` holds one slope per (batch entry, query head).
+    pub alibi_per_batch: i32,
+    /// Attention-sink logits, `float` `[Hq]`, or null for none: each joins
+    /// its head's softmax denominator with no value (a row that sees no key
+    /// gets O = 0, LSE = the sink). Device or host memory as above.
+    pub sinks: *const f32,
+}
+
+impl Default for FusedAttnOptions {
+    /// All zeros (null pointers): the defaults.
+    fn default() -> Self {
+        FusedAttnOptions {
+            mask: 0,
+            alignment: 0,
+            window_left: 0,
+            window_right: 0,
+            has_scale: 0,
+            scale: 0.0,
+            softcap: 0.0,
+            kernel: 0,
+            alibi_slopes: std::ptr::null(),
+            alibi_per_batch: 0,
+            sinks: std::ptr::null(),
+        }
+    }
 }
 
 /// An open device: the `fused_attn::Attention` object, so kernels load once.
@@ -400,6 +430,36 @@ unsafe fn attention_options(o: *const FusedAttnOptions) -> CResult<AttentionOpti
         3 => opts = opts.with_kernel(KernelFamily::Sm90),
         v => return Err(bad("options->kernel", v, "FusedAttnKernel")),
     }
+    // Raw addresses: forward_raw launches on them; the reference path turns
+    // them into host slices (`host_modifiers`).
+    if !o.alibi_slopes.is_null() {
+        let slopes = HeadValues::Raw(o.alibi_slopes as usize as u64);
+        opts = opts.with_alibi(Alibi { slopes, per_batch: o.alibi_per_batch != 0 });
+    }
+    if !o.sinks.is_null() {
+        opts = opts.with_sinks(HeadValues::Raw(o.sinks as usize as u64));
+    }
+    Ok(opts)
+}
+
+/// `opts` with its raw modifier addresses read as host memory: `B·Hq` or
+/// `Hq` slopes, `Hq` sinks (the problem's `B`, `Hq` from Q's shape).
+///
+/// # Safety
+/// The addresses are host memory holding those counts of `float`.
+unsafe fn host_modifiers<'a>(mut opts: AttentionOptions<'a>, q: &RawTensor) -> CResult<AttentionOptions<'a>> {
+    let [batch, _, heads, _] = q.layout.shape;
+    if let Some(a) = opts.alibi.as_mut() {
+        if let HeadValues::Raw(addr) = a.slopes {
+            let n = if a.per_batch { batch.saturating_mul(heads) } else { heads };
+            // SAFETY: by this function's contract.
+            a.slopes = HeadValues::Host(unsafe { host_slice("options->alibi_slopes", addr, n) }?);
+        }
+    }
+    if let Some(HeadValues::Raw(addr)) = opts.sinks {
+        // SAFETY: by this function's contract.
+        opts.sinks = Some(HeadValues::Host(unsafe { host_slice("options->sinks", addr, heads) }?));
+    }
     Ok(opts)
 }
 
@@ -535,6 +595,8 @@ pub unsafe extern "C" fn fused_attn_reference_forward(
         let lse = unsafe { lse_tensor(lse) }?;
         let opts = unsafe { attention_options(options) }?;
         let dtype = dtype_of(dtype)?;
+        // SAFETY: the slopes and sinks are host memory (this function's contract).
+        let opts = unsafe { host_modifiers(opts, &q) }?;
         // SAFETY: the memory requirements are this function's contract.
         match dtype {
             DType::F16 => unsafe { reference_host::<f16>(q, k, v, o, lse, &opts) },

@@ -64,8 +64,15 @@ struct Case {
     hq: usize,
     hk: usize,
     d: usize,
+    /// Its pointers are null: `run_case` sets the modifiers' itself.
     opts: FusedAttnOptions,
+    /// ALiBi slopes per batch entry and sinks.
+    mods: bool,
 }
+
+// SAFETY: the only non-Send fields are the options' raw pointers, which are
+// null in every Case (run_case points them at its own buffers).
+unsafe impl Send for Case {}
 
 fn c_tensor(ptr: u64, l: &Layout) -> FusedAttnTensor {
     let i = |x: [usize; 4]| x.map(|v| v as i64);
@@ -111,6 +118,17 @@ fn run_case<T: fused_attn::Element>(h: &Handle, ctx: &Arc<CudaContext>, c: Case)
     };
     let mut opts = c.opts;
     opts.kernel = c.kernel as i32;
+    // ALiBi per batch entry and sinks: device copies for the kernel, the
+    // host values for the reference below.
+    let slopes: Vec<f32> = (0..b * hq).map(|x| 0.02 + 0.1 * (x % 5) as f32).collect();
+    let sinks: Vec<f32> = (0..hq).map(|x| x as f32 * 0.7 - 1.0).collect();
+    let (slopes_dev, sinks_dev) = (stream.clone_htod(&slopes)?, stream.clone_htod(&sinks)?);
+    stream.synchronize()?;
+    if c.mods {
+        opts.alibi_slopes = addr(&slopes_dev, &stream) as usize as *const f32;
+        opts.alibi_per_batch = 1;
+        opts.sinks = addr(&sinks_dev, &stream) as usize as *const f32;
+    }
     // SAFETY: every pointer is a live allocation covering its layout; the
     // stream is this context's; we synchronise before touching the buffers.
     let st =
@@ -119,6 +137,9 @@ fn run_case<T: fused_attn::Element>(h: &Handle, ctx: &Arc<CudaContext>, c: Case)
     stream.synchronize()?;
     let (o_gpu, l_gpu) = (stream.clone_dtoh(&o)?, stream.clone_dtoh(&lse)?);
 
+    if c.mods {
+        (opts.alibi_slopes, opts.sinks) = (slopes.as_ptr(), sinks.as_ptr());
+    }
     // The reference through the ABI, on the same host inputs, O as f32.
     let mut o_ref = vec![f32::NAN; o_len];
     let mut l_ref = vec![f32::NAN; l_len];
@@ -266,9 +287,15 @@ fn main() {
         (FusedAttnKernel::Sm90, true),
     ] {
         for dtype in [FusedAttnDtype::F16, FusedAttnDtype::Bf16] {
-            for (mname, opts) in [("full", base), ("causal", causal), ("window", window)] {
+            let cases = [
+                ("full", base, false),
+                ("causal", causal, false),
+                ("window", window, false),
+                ("alibi_sinks", causal, true),
+            ];
+            for (mname, opts, mods) in cases {
                 for d in [64usize, 128] {
-                    let c = Case { dtype, kernel, b: 2, lq: 77, lk: 131, hq: 8, hk: 2, d, opts };
+                    let c = Case { dtype, kernel, b: 2, lq: 77, lk: 131, hq: 8, hk: 2, d, opts, mods };
                     let name = format!("capi/{kernel:?}/{dtype:?}/{mname}/d{d}");
                     let g = gpu.clone();
                     let t = Trial::test(name, move || {

@@ -164,6 +164,11 @@ impl Attention {
                     value: "host memory".into(),
                     reason: "the kernels read device values (HeadValues::Device)",
                 }),
+                Some(HeadValues::Raw(_)) => Err(Error::InvalidOption {
+                    arg,
+                    value: "a raw address".into(),
+                    reason: "raw addresses are taken only by the unsafe forward_raw",
+                }),
                 Some(HeadValues::Device(s)) => {
                     att.check_context(arg, s.stream().context())?;
                     let (ptr, sync) = s.device_ptr(stream);
@@ -318,9 +323,13 @@ impl Attention {
     ///   on its device: the runtime API uses the same primary context) that
     ///   holds at least the elements its layout reaches, of element type
     ///   `dtype` (`f32` for LSE).
-    /// - That memory stays allocated, and nothing else writes Q, K, V or
-    ///   reads or writes O and LSE, until the launched work completes on
-    ///   `cu_stream`. O and LSE must not overlap any input.
+    /// - ALiBi slopes and sinks in `opts`, if any, are
+    ///   [`HeadValues::Raw`](crate::HeadValues::Raw) addresses of such device
+    ///   memory holding `Hq` f32 (`B·Hq` for per-batch slopes).
+    /// - That memory stays allocated, and nothing else writes Q, K, V (or
+    ///   the slopes and sinks) or reads or writes O and LSE, until the
+    ///   launched work completes on `cu_stream`. O and LSE must not overlap
+    ///   any input.
     ///
     /// # Errors
     /// As [`forward_into`](Self::forward_into): every validation error
@@ -345,30 +354,31 @@ impl Attention {
         let descs = [desc("q", &q), desc("k", &k), desc("v", &v), desc("o", &o)];
         let lse_desc = lse.as_ref().map(|l| LseDesc { layout: l.layout, len: l.layout.span().unwrap_or(0) });
         let p = validate(dtype, &descs[0], &descs[1], &descs[2], Some(&descs[3]), lse_desc.as_ref(), opts)?;
-        if p.alibi.is_some() || p.sinks {
-            // A device buffer's address needs a stream for cudarc's ordering; raw callers have none.
-            let arg = if p.alibi.is_some() { "alibi_slopes" } else { "sinks" };
-            let reason = "not taken by forward_raw yet (use forward_into)";
-            return Err(Error::InvalidOption { arg, value: "set".into(), reason });
-        }
+        // The modifiers as raw addresses too: a cudarc buffer's address
+        // needs a stream for cudarc's ordering, which raw callers do not have.
+        let raw = |arg, v: Option<HeadValues<'_>>| match v {
+            None => Ok(0),
+            Some(HeadValues::Raw(addr)) if addr != 0 && addr % 4 == 0 => Ok(addr),
+            Some(HeadValues::Raw(addr)) => {
+                let reason = "must be a non-null, 4-byte aligned device address";
+                Err(Error::InvalidOption { arg, value: format!("{addr:#x}"), reason })
+            }
+            Some(_) => {
+                let reason = "forward_raw takes HeadValues::Raw addresses";
+                Err(Error::InvalidOption { arg, value: "host or cudarc memory".into(), reason })
+            }
+        };
+        let mods = ModAddrs {
+            alibi_slopes: raw("alibi_slopes", opts.alibi.map(|a| a.slopes))?,
+            sinks: raw("sinks", opts.sinks)?,
+        };
         self.check_stream_context(cu_stream)?;
         let choice = self.choose(&p, DispatchTensors { descs: &descs, addrs: None }, opts.kernel, opts.kernel_name)?;
         let a = Addrs { q: q.addr, k: k.addr, v: v.addr, o: o.addr, lse: lse.map_or(0, |l| l.addr) };
         // SAFETY: by this function's contract (memory, stream liveness) and
         // the checks above (context of the stream, validation, choice).
         unsafe {
-            self.launch_at(
-                cu_stream,
-                &p,
-                &descs,
-                choice,
-                a,
-                ModAddrs::default(),
-                lse.as_ref().map(|l| &l.layout),
-                None,
-                None,
-                opts,
-            )
+            self.launch_at(cu_stream, &p, &descs, choice, a, mods, lse.as_ref().map(|l| &l.layout), None, None, opts)
         }
     }
 

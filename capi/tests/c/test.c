@@ -46,6 +46,11 @@ static float val(int t, int b, int l, int h, int d) {
     return (float)k / 8.0f;
 }
 
+/* ALiBi slopes ([B][HQ], or [HQ] with alibi_per_batch 0) and sink logits
+ * of the case being checked; NULL: none. */
+static const float *g_slopes, *g_sinks;
+static int g_per_batch;
+
 /* Expected O[b][i][h][:] and LSE[b][h][i] in double. */
 static void expected(double scale, double softcap, int64_t left, int64_t right, int top_left, int b, int i, int h,
                      double *o, double *lse) {
@@ -60,13 +65,18 @@ static void expected(double scale, double softcap, int64_t left, int64_t right, 
         for (int c = 0; c < D; c++) dot += (double)val(0, b, i, h, c) * (double)val(1, b, j, hk, c);
         s[j] = scale * dot;
         if (softcap > 0.0) s[j] = softcap * tanh(s[j] / softcap);
+        if (g_slopes) s[j] -= (double)g_slopes[g_per_batch ? b * HQ + h : h] * fabs((double)(i + off - j));
         if (s[j] > m) m = s[j];
     }
+    /* A sink: one more denominator term with no value. */
+    double sink = g_sinks ? (double)g_sinks[h] : -INFINITY;
+    if (sink > m) m = sink;
     for (int c = 0; c < D; c++) o[c] = 0.0;
-    if (hi <= lo) {
+    if (hi <= lo && !g_sinks) {
         *lse = -INFINITY;
         return;
     }
+    if (g_sinks) l = exp(sink - m);
     for (int j = lo; j < hi; j++) {
         double w = exp(s[j] - m);
         l += w;
@@ -103,6 +113,9 @@ static int run_case(const char *name, int32_t dtype, FusedAttnOptions opts, doub
     FusedAttnTensor tv = {v, {B, LK, HK, D}, {LK * HK * D, HK * D, D, 1}};
     FusedAttnTensor to = {o, {B, LQ, HQ, D}, {HQ * OSTRIDE_H, D, OSTRIDE_H, 1}};
     FusedAttnLseTensor tl = {lse, {B, HQ, LQ}, {LSE_BSTRIDE, LQ, 1}};
+    g_slopes = opts.alibi_slopes;
+    g_per_batch = opts.alibi_per_batch;
+    g_sinks = opts.sinks;
     FusedAttnStatus st = fused_attn_reference_forward(dtype, &tq, &tk, &tv, &to, &tl, &opts);
     if (st != FUSED_ATTN_STATUS_OK) {
         CHECK(0, "%s: reference returned %s: %s", name, fused_attn_status_name(st), fused_attn_last_error_message());
@@ -179,6 +192,21 @@ int main(void) {
     w2.alignment = FUSED_ATTN_ALIGNMENT_BOTTOM_RIGHT;
     run_case("f16 window(-1, -1) = full", FUSED_ATTN_DTYPE_F16, w2, 1.0 / sqrt((double)D), 0.0, -1, -1);
 
+    /* ALiBi (per head, then per batch entry) and sinks. */
+    static const float slopes[B * HQ] = {0.5f, 0.25f, 0.125f, 1.0f, 0.75f, 0.0f, 2.0f, 0.0625f};
+    static const float sinks[HQ] = {0.5f, -2.0f, 3.0f, 0.0f};
+    FusedAttnOptions ab = causal;
+    ab.alibi_slopes = slopes;
+    run_case("bf16 causal, ALiBi per head", FUSED_ATTN_DTYPE_BF16, ab, 1.0 / sqrt((double)D), 0.0, -1, 0);
+    ab.alibi_per_batch = 1;
+    ab.sinks = sinks;
+    ab.softcap = 2.0f;
+    run_case("f16 causal, softcap 2, ALiBi per batch, sinks", FUSED_ATTN_DTYPE_F16, ab, 1.0 / sqrt((double)D), 2.0,
+             -1, 0);
+    FusedAttnOptions sk = w2;
+    sk.sinks = sinks;
+    run_case("bf16 full, sinks", FUSED_ATTN_DTYPE_BF16, sk, 1.0 / sqrt((double)D), 0.0, -1, -1);
+
     /* Errors: a small valid problem to break one argument at a time. */
     static uint16_t buf[64 * 8];
     static float obuf[64 * 8], lbuf[64];
@@ -231,6 +259,14 @@ int main(void) {
     st = fused_attn_reference_forward(FUSED_ATTN_DTYPE_F16, &q, &kv, &kv, &oo, NULL, NULL);
     expect_status("O with a zero stride", st, FUSED_ATTN_STATUS_OVERLAPPING, "`o`");
 
+    /* A non-finite sink is an invalid option naming `sinks`. */
+    {
+        static const float nan_sinks[2] = {0.0f, NAN};
+        FusedAttnOptions ns = defaults;
+        ns.sinks = nan_sinks;
+        st = fused_attn_reference_forward(FUSED_ATTN_DTYPE_BF16, &q, &kv, &kv, &o, NULL, &ns);
+        expect_status("NaN sink", st, FUSED_ATTN_STATUS_INVALID_OPTION, "sinks");
+    }
     FusedAttnOptions bad = defaults;
     bad.mask = 9;
     st = fused_attn_reference_forward(FUSED_ATTN_DTYPE_F16, &q, &kv, &kv, &o, NULL, &bad);
