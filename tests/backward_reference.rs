@@ -43,8 +43,8 @@ fn loss(x: &Inputs, q: &[f64], k: &[f64], v: &[f64], opts: &AttentionOptions) ->
 }
 
 /// Largest difference between the analytic gradients and central
-/// differences over every input element (and sink logit), relative to the
-/// largest gradient.
+/// differences over a third of the input elements (and every sink logit),
+/// relative to the largest gradient.
 fn check(s: Shape, opts: &AttentionOptions, sinks: Option<&[f32]>, what: &str) {
     let x = inputs(s, 17 + s.lq as u64 * 31 + s.lk as u64);
     let g = backward_f64(
@@ -60,8 +60,9 @@ fn check(s: Shape, opts: &AttentionOptions, sinks: Option<&[f32]>, what: &str) {
     let mut scale = 1e-300f64;
     // Which tensor an index perturbs: 0 q, 1 k, 2 v.
     for (which, grad) in [(0, &g.dq), (1, &g.dk), (2, &g.dv)] {
-        let n = grad.len();
-        for at in 0..n {
+        // Every third element (offset per tensor): each (row, column) class
+        // is still covered, at a third of the debug-build time.
+        for at in (which..grad.len()).step_by(3) {
             let x0 = [&x.q, &x.k, &x.v][which][at];
             let (qp, kp, vp) = with_element(&x, which, at, x0 + h);
             let plus = loss(&x, &qp, &kp, &vp, opts);
