@@ -129,3 +129,22 @@ FA_MERGE_KERNEL(fa_merge_states_f16, f16, fa_f16)
 FA_MERGE_KERNEL(fa_merge_states_bf16, bf16, fa_bf16)
 FA_MERGE_KERNEL(fa_combine_splits_f16, f16, float)
 FA_MERGE_KERNEL(fa_combine_splits_bf16, bf16, float)
+
+// The baseline backward (common/bwd_naive.cuh), also loaded by name: dQ over
+// (row x column chunk, query head, batch), dK/dV over (key row x column
+// chunk, KV head, batch), the sinks' gradient one thread per query head.
+#include "common/bwd_naive.cuh"
+#define FA_BWD_KERNELS(dtype)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) fa_bwd_dq_naive_##dtype(const __grid_constant__ FaBwdParams p) { \
+        fa_bwd_dq_thread<FA_DTYPE(dtype)>(p, int64_t(blockIdx.x) * 128 + threadIdx.x, blockIdx.y, blockIdx.z);    \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128)                                                           \
+        fa_bwd_dkdv_naive_##dtype(const __grid_constant__ FaBwdParams p) {                                      \
+        fa_bwd_dkdv_thread<FA_DTYPE(dtype)>(p, int64_t(blockIdx.x) * 128 + threadIdx.x, blockIdx.y, blockIdx.z);  \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128)                                                           \
+        fa_bwd_dsink_naive_##dtype(const __grid_constant__ FaBwdParams p) {                                     \
+        fa_bwd_dsink_thread<FA_DTYPE(dtype)>(p, blockIdx.x * 128 + threadIdx.x);                                 \
+    }
+FA_BWD_KERNELS(f16)
+FA_BWD_KERNELS(bf16)

@@ -116,6 +116,33 @@ typedef struct FaFwdParams {
     const float *sinks;
 } FaFwdParams;
 
+/* The backward pass (DESIGN.md 1b) of a rectangular problem: `fwd` as the
+ * forward took it, with o and lse now inputs (the forward's O and LSE; lse
+ * required), and the gradients' tensors beside it. dO, dQ have O's and Q's
+ * logical shape, dK, dV K's (summed over each KV head's query heads), each
+ * with its own strides (elements; head dim contiguous). dsinks: NULL, or
+ * [Hq] f32 for the sink logits' gradient (fwd.sinks set). */
+typedef struct FaBwdParams {
+    FaFwdParams fwd;
+    const void *d_o;
+    int64_t do_batch_stride;
+    int64_t do_row_stride;
+    int64_t do_head_stride;
+    void *dq;
+    int64_t dq_batch_stride;
+    int64_t dq_row_stride;
+    int64_t dq_head_stride;
+    void *dk;
+    int64_t dk_batch_stride;
+    int64_t dk_row_stride;
+    int64_t dk_head_stride;
+    void *dv;
+    int64_t dv_batch_stride;
+    int64_t dv_row_stride;
+    int64_t dv_head_stride;
+    float *dsinks;
+} FaBwdParams;
+
 /* Merge of attention states (DESIGN.md 1b, the combine step of split-KV and
  * cascade attention): `parts` partial results over disjoint key sets of the
  * same rows, each O [B, L, H, D] of the output's element type and LSE

@@ -5,7 +5,7 @@
 //! and nowhere else.
 
 use crate::options::MaskAlignment;
-use crate::sys::{FaFwdParams, FaMergeParams, FaMergePart};
+use crate::sys::{FaBwdParams, FaFwdParams, FaMergeParams, FaMergePart};
 use crate::tensor::{DType, Layout, LseLayout};
 use crate::validate::{AlibiLayout, Problem};
 
@@ -223,4 +223,31 @@ pub fn merge_params(out: FaMergePart, parts: usize, dims: [usize; 4]) -> FaMerge
     let [b, l, h, d] = dims;
     (m.parts, m.batch, m.seqlen, m.heads, m.head_dim) = (parts as i32, b as i32, l as i32, h as i32, d as i32);
     m
+}
+
+/// The backward kernels' parameters: `fwd` (the forward's, with O and LSE
+/// as inputs) and, in the order dO, dQ, dK, dV, each tensor's address and
+/// layout; `dsinks` the sink gradient's address (0: none).
+pub fn bwd_params(fwd: FaFwdParams, grads: [(u64, &Layout); 4], dsinks: u64) -> FaBwdParams {
+    let [d_o, dq, dk, dv] = grads.map(|(a, l)| (a as usize, strides(&l.shape, &l.strides)));
+    FaBwdParams {
+        fwd,
+        d_o: d_o.0 as *const _,
+        do_batch_stride: d_o.1[0],
+        do_row_stride: d_o.1[1],
+        do_head_stride: d_o.1[2],
+        dq: dq.0 as *mut _,
+        dq_batch_stride: dq.1[0],
+        dq_row_stride: dq.1[1],
+        dq_head_stride: dq.1[2],
+        dk: dk.0 as *mut _,
+        dk_batch_stride: dk.1[0],
+        dk_row_stride: dk.1[1],
+        dk_head_stride: dk.1[2],
+        dv: dv.0 as *mut _,
+        dv_batch_stride: dv.1[0],
+        dv_row_stride: dv.1[1],
+        dv_head_stride: dv.1[2],
+        dsinks: dsinks as usize as *mut f32,
+    }
 }

@@ -735,3 +735,43 @@ pub fn check_dtypes(q: DType, others: &[(&'static str, DType)]) -> Result<()> {
         None => Ok(()),
     }
 }
+
+/// Checks a backward call (DESIGN.md section 1b): the forward's Q, K, V, O
+/// and LSE (required) as [`validate`] checks them, `d_o` with O's shape,
+/// `dq` with Q's and `dk`, `dv` with K's, each inside its buffer and, being
+/// outputs, without overlapping strides; `dsinks` (its length) only with
+/// sinks, at least `Hq` long.
+///
+/// # Errors
+/// Every error of [`validate`], then in the order d_o, dq, dk, dv, dsinks:
+/// the per-tensor errors, [`Error::ShapeMismatch`], [`Error::Overlapping`],
+/// [`Error::OutOfBounds`] for a short `dsinks`, and
+/// [`Error::InvalidOption`] for `dsinks` without sinks.
+#[allow(clippy::too_many_arguments)]
+pub fn validate_backward(
+    dtype: DType,
+    [q, k, v, o]: [&TensorDesc; 4],
+    lse: &LseDesc,
+    [d_o, dq, dk, dv]: [&TensorDesc; 4],
+    dsinks: Option<usize>,
+    opts: &AttentionOptions,
+) -> Result<Problem> {
+    let p = validate(dtype, q, k, v, Some(o), Some(lse), opts)?;
+    for (t, like) in [(d_o, o), (dq, q), (dk, k), (dv, k)] {
+        check_tensor(t)?;
+        same_dims(t, like, &[0, 1, 2, 3])?;
+        if t.arg != d_o.arg && !t.layout.is_non_overlapping() {
+            return Err(Error::Overlapping { arg: t.arg, shape: t.layout.shape, strides: t.layout.strides });
+        }
+    }
+    match dsinks {
+        None => {}
+        Some(_) if !p.sinks => {
+            let reason = "a sink gradient needs sinks (AttentionOptions::with_sinks)";
+            return Err(Error::InvalidOption { arg: "dsinks", value: "given".into(), reason });
+        }
+        Some(len) if len < p.heads_q => return Err(Error::OutOfBounds { arg: "dsinks", needed: p.heads_q, len }),
+        Some(_) => {}
+    }
+    Ok(p)
+}

@@ -25,6 +25,7 @@ fn generate() -> Result<String, String> {
             .allowlist_type("FaFwdParams")
             .allowlist_type("FaFwdSm90Params")
             .allowlist_type("FaMergeParams")
+            .allowlist_type("FaBwdParams")
             .allowlist_var("FA_MERGE_MAX_PARTS")
             .use_core()
             .layout_tests(true)

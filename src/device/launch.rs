@@ -15,7 +15,7 @@ use crate::options::{AttentionOptions, HeadValues, KernelFamily};
 use crate::params::{
     fwd_params, merge_params, merge_part, tma_spec, with_modifiers, with_sequences, Addrs, ModAddrs, SeqAddrs, TmaSpec,
 };
-use crate::sys::{FaFwdSm90Params, FaMergeParams, FaTensorMap};
+use crate::sys::{FaBwdParams, FaFwdSm90Params, FaMergeParams, FaTensorMap};
 use crate::tensor::{DType, DeviceTensor, DeviceTensorMut, Element, LseLayout, LseTensorMut, RawLseTensor, RawTensor};
 use crate::validate::{validate, LseDesc, Problem, TensorDesc};
 
@@ -151,33 +151,8 @@ impl Attention {
             }
         };
         // The score modifiers: device values of this context, read on `stream`.
-        fn device<'a>(
-            att: &Attention,
-            arg: &'static str,
-            v: Option<HeadValues<'a>>,
-            stream: &'a CudaStream,
-        ) -> Result<(u64, Option<impl Drop + 'a>)> {
-            match v {
-                None => Ok((0, None)),
-                Some(HeadValues::Host(_)) => Err(Error::InvalidOption {
-                    arg,
-                    value: "host memory".into(),
-                    reason: "the kernels read device values (HeadValues::Device)",
-                }),
-                Some(HeadValues::Raw(_)) => Err(Error::InvalidOption {
-                    arg,
-                    value: "a raw address".into(),
-                    reason: "raw addresses are taken only by the unsafe forward_raw",
-                }),
-                Some(HeadValues::Device(s)) => {
-                    att.check_context(arg, s.stream().context())?;
-                    let (ptr, sync) = s.device_ptr(stream);
-                    Ok((ptr, Some(sync)))
-                }
-            }
-        }
-        let (alibi_slopes, _alibi_sync) = device(self, "alibi_slopes", opts.alibi.map(|a| a.slopes), stream)?;
-        let (sinks, _sinks_sync) = device(self, "sinks", opts.sinks, stream)?;
+        let (alibi_slopes, _alibi_sync) = modifier_ptr(self, "alibi_slopes", opts.alibi.map(|a| a.slopes), stream)?;
+        let (sinks, _sinks_sync) = modifier_ptr(self, "sinks", opts.sinks, stream)?;
         let mods = ModAddrs { alibi_slopes, sinks };
         // Split-KV: the workspace is written by the attention kernel and
         // read by the combine, both on `stream`.
@@ -416,6 +391,66 @@ pub(crate) unsafe fn launch_merge(
     let grid = ((m.seqlen as u32).div_ceil(4), m.heads as u32, m.batch as u32);
     // SAFETY: by this function's contract.
     unsafe { launch(ctx, cu_stream, func, (grid, (128, 1, 1), 0), m) }
+}
+
+/// The device address of a score modifier's values (0 when absent), with the
+/// cudarc guard that orders the launch on `stream` after their writes: only
+/// [`HeadValues::Device`] of this handle's context is taken.
+pub(crate) fn modifier_ptr<'a>(
+    att: &Attention,
+    arg: &'static str,
+    v: Option<HeadValues<'a>>,
+    stream: &'a CudaStream,
+) -> Result<(u64, Option<impl Drop + 'a>)> {
+    match v {
+        None => Ok((0, None)),
+        Some(HeadValues::Host(_)) => Err(Error::InvalidOption {
+            arg,
+            value: "host memory".into(),
+            reason: "the kernels read device values (HeadValues::Device)",
+        }),
+        Some(HeadValues::Raw(_)) => Err(Error::InvalidOption {
+            arg,
+            value: "a raw address".into(),
+            reason: "raw addresses are taken only by the unsafe forward_raw",
+        }),
+        Some(HeadValues::Device(s)) => {
+            att.check_context(arg, s.stream().context())?;
+            let (ptr, sync) = s.device_ptr(stream);
+            Ok((ptr, Some(sync)))
+        }
+    }
+}
+
+/// Launches backward kernel `which` (0 dQ, 1 dK/dV, 2 dsinks; see
+/// `kernels/common/bwd_naive.cuh`) over its grid: 128 threads per CTA, one
+/// thread per 8 columns of a gradient row (dQ: Lq rows × Hq × B; dK/dV: Lk
+/// rows × Hk × B), or per query head (dsinks). Nothing to launch for an
+/// empty grid.
+///
+/// # Safety
+/// As [`launch`], with `b` the kernel's argument.
+pub(crate) unsafe fn launch_bwd(
+    ctx: &CudaContext,
+    cu_stream: CUstream,
+    func: cudarc::driver::sys::CUfunction,
+    which: usize,
+    b: &FaBwdParams,
+) -> Result<()> {
+    let f = &b.fwd;
+    let chunks = (f.head_dim / 8) as u64;
+    let (threads, y, z) = match which {
+        0 => (f.seqlen_q as u64 * chunks, f.heads_q as u32, f.batch as u32),
+        1 => (f.seqlen_k as u64 * chunks, f.heads_kv as u32, f.batch as u32),
+        _ => (f.heads_q as u64, 1, 1),
+    };
+    if threads == 0 {
+        return Ok(());
+    }
+    // Lq ≤ 2^28 and 32 chunks: at most 2^26 CTAs, inside grid x's 2^31 − 1.
+    let grid = (threads.div_ceil(128) as u32, y, z);
+    // SAFETY: by this function's contract.
+    unsafe { launch(ctx, cu_stream, func, (grid, (128, 1, 1), 0), b) }
 }
 
 /// Launches `func` with its single by-value argument `arg`.

@@ -19,7 +19,7 @@ use crate::sys::{self, KernelImage, KernelRow};
 use crate::tensor::DType;
 use crate::validate::Problem;
 
-pub(crate) use launch::{alloc_output, launch_merge, Tables, TmaCache};
+pub(crate) use launch::{alloc_output, launch_bwd, launch_merge, modifier_ptr, Tables, TmaCache};
 
 /// Opens (retains) the primary context of GPU `ordinal`.
 ///
@@ -84,6 +84,9 @@ struct Registry {
     /// then over f32 parts, the split-KV combine; not table rows, see
     /// `kernels/fwd_naive.cu`), loaded on first use.
     merge_funcs: [OnceLock<CudaFunction>; 4],
+    /// The baseline backward kernels (dQ, dK/dV, dsinks; f16 then bf16),
+    /// loaded on first use like the merge kernels.
+    bwd_funcs: [OnceLock<CudaFunction>; 6],
 }
 
 /// The per-context registries: `Weak`, so the modules go when the last
@@ -190,6 +193,11 @@ impl Attention {
         self.reg.merge_function(&self.ctx, dtype, f32_parts)
     }
 
+    /// Backward kernel `which` (0 dQ, 1 dK/dV, 2 dsinks) for `dtype`.
+    pub(crate) fn bwd_function(&self, dtype: DType, which: usize) -> Result<&CudaFunction> {
+        self.reg.bwd_function(&self.ctx, dtype, which)
+    }
+
     /// The device's SM count (the split-KV heuristic's unit).
     pub(crate) fn sm_count(&self) -> u32 {
         self.reg.device.sm_count
@@ -235,6 +243,7 @@ impl Registry {
             skipped,
             tma: TmaCache::default(),
             merge_funcs: [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()],
+            bwd_funcs: Default::default(),
         })
     }
 
@@ -263,11 +272,36 @@ impl Registry {
             (DType::F16, true) => (2, "fa_combine_splits_f16"),
             (DType::BF16, true) => (3, "fa_combine_splits_bf16"),
         };
-        if let Some(f) = self.merge_funcs[slot].get() {
+        self.naive_image_function(ctx, &self.merge_funcs[slot], name)
+    }
+
+    /// Backward kernel `which` (0 dQ, 1 dK/dV, 2 dsinks) for `dtype`.
+    fn bwd_function(&self, ctx: &Arc<CudaContext>, dtype: DType, which: usize) -> Result<&CudaFunction> {
+        const NAMES: [&str; 6] = [
+            "fa_bwd_dq_naive_f16",
+            "fa_bwd_dkdv_naive_f16",
+            "fa_bwd_dsink_naive_f16",
+            "fa_bwd_dq_naive_bf16",
+            "fa_bwd_dkdv_naive_bf16",
+            "fa_bwd_dsink_naive_bf16",
+        ];
+        let slot = which.min(2) + if dtype == DType::BF16 { 3 } else { 0 };
+        self.naive_image_function(ctx, &self.bwd_funcs[slot], NAMES[slot])
+    }
+
+    /// Kernel `name` of the naive image (not a table row), kept in `cell`
+    /// once loaded.
+    fn naive_image_function<'a>(
+        &self,
+        ctx: &Arc<CudaContext>,
+        cell: &'a OnceLock<CudaFunction>,
+        name: &str,
+    ) -> Result<&'a CudaFunction> {
+        if let Some(f) = cell.get() {
             return Ok(f);
         }
         let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = self.merge_funcs[slot].get() {
+        if let Some(f) = cell.get() {
             return Ok(f);
         }
         let ii = sys::IMAGES
@@ -275,8 +309,8 @@ impl Registry {
             .position(|im| im.stem == "fwd_naive" && image_runs_on(im, self.device.sm))
             .ok_or_else(|| Error::NoKernel { reason: format!("{name}: the fwd_naive image is not loadable here") })?;
         let func = self.module(ctx, ii)?.load_function(name).during("looking up a kernel")?;
-        let _ = self.merge_funcs[slot].set(func);
-        self.merge_funcs[slot].get().ok_or_else(|| Error::NoKernel { reason: format!("{name} failed to load") })
+        let _ = cell.set(func);
+        cell.get().ok_or_else(|| Error::NoKernel { reason: format!("{name} failed to load") })
     }
 
     /// The function of usable row `idx`, loading its image on first use.

@@ -13,6 +13,8 @@ mod params {
     include!("params.rs");
 }
 
+/// The launch parameters of the baseline backward kernels (`kernels/common/bwd_naive.cuh`).
+pub use params::FaBwdParams;
 /// The launch parameters of the forward kernels (sm90: plus TMA maps); see `kernels/params.h`.
 pub use params::{FaFwdParams, FaFwdSm90Params, FaTensorMap};
 /// The launch parameters of the merge-of-states kernel (`kernels/common/merge.cuh`).
@@ -27,6 +29,8 @@ unsafe impl DeviceRepr for FaFwdParams {}
 unsafe impl DeviceRepr for FaFwdSm90Params {}
 // SAFETY: as for `FaFwdParams`: plain pointers and integers, layout asserted by bindgen.
 unsafe impl DeviceRepr for FaMergeParams {}
+// SAFETY: as for `FaFwdParams`, which it embeds: pointers and integers, layout asserted by bindgen.
+unsafe impl DeviceRepr for FaBwdParams {}
 
 /// One embedded fatbin, made from `kernels/<stem>.cu`.
 #[derive(Debug, Clone, Copy)]

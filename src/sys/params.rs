@@ -203,6 +203,96 @@ impl Default for FaFwdParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct FaBwdParams {
+    pub fwd: FaFwdParams,
+    pub d_o: *const ::core::ffi::c_void,
+    pub do_batch_stride: i64,
+    pub do_row_stride: i64,
+    pub do_head_stride: i64,
+    pub dq: *mut ::core::ffi::c_void,
+    pub dq_batch_stride: i64,
+    pub dq_row_stride: i64,
+    pub dq_head_stride: i64,
+    pub dk: *mut ::core::ffi::c_void,
+    pub dk_batch_stride: i64,
+    pub dk_row_stride: i64,
+    pub dk_head_stride: i64,
+    pub dv: *mut ::core::ffi::c_void,
+    pub dv_batch_stride: i64,
+    pub dv_row_stride: i64,
+    pub dv_head_stride: i64,
+    pub dsinks: *mut f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of FaBwdParams"][::core::mem::size_of::<FaBwdParams>() - 440usize];
+    ["Alignment of FaBwdParams"][::core::mem::align_of::<FaBwdParams>() - 8usize];
+    [
+        "Offset of field: FaBwdParams::fwd",
+    ][::core::mem::offset_of!(FaBwdParams, fwd) - 0usize];
+    [
+        "Offset of field: FaBwdParams::d_o",
+    ][::core::mem::offset_of!(FaBwdParams, d_o) - 304usize];
+    [
+        "Offset of field: FaBwdParams::do_batch_stride",
+    ][::core::mem::offset_of!(FaBwdParams, do_batch_stride) - 312usize];
+    [
+        "Offset of field: FaBwdParams::do_row_stride",
+    ][::core::mem::offset_of!(FaBwdParams, do_row_stride) - 320usize];
+    [
+        "Offset of field: FaBwdParams::do_head_stride",
+    ][::core::mem::offset_of!(FaBwdParams, do_head_stride) - 328usize];
+    [
+        "Offset of field: FaBwdParams::dq",
+    ][::core::mem::offset_of!(FaBwdParams, dq) - 336usize];
+    [
+        "Offset of field: FaBwdParams::dq_batch_stride",
+    ][::core::mem::offset_of!(FaBwdParams, dq_batch_stride) - 344usize];
+    [
+        "Offset of field: FaBwdParams::dq_row_stride",
+    ][::core::mem::offset_of!(FaBwdParams, dq_row_stride) - 352usize];
+    [
+        "Offset of field: FaBwdParams::dq_head_stride",
+    ][::core::mem::offset_of!(FaBwdParams, dq_head_stride) - 360usize];
+    [
+        "Offset of field: FaBwdParams::dk",
+    ][::core::mem::offset_of!(FaBwdParams, dk) - 368usize];
+    [
+        "Offset of field: FaBwdParams::dk_batch_stride",
+    ][::core::mem::offset_of!(FaBwdParams, dk_batch_stride) - 376usize];
+    [
+        "Offset of field: FaBwdParams::dk_row_stride",
+    ][::core::mem::offset_of!(FaBwdParams, dk_row_stride) - 384usize];
+    [
+        "Offset of field: FaBwdParams::dk_head_stride",
+    ][::core::mem::offset_of!(FaBwdParams, dk_head_stride) - 392usize];
+    [
+        "Offset of field: FaBwdParams::dv",
+    ][::core::mem::offset_of!(FaBwdParams, dv) - 400usize];
+    [
+        "Offset of field: FaBwdParams::dv_batch_stride",
+    ][::core::mem::offset_of!(FaBwdParams, dv_batch_stride) - 408usize];
+    [
+        "Offset of field: FaBwdParams::dv_row_stride",
+    ][::core::mem::offset_of!(FaBwdParams, dv_row_stride) - 416usize];
+    [
+        "Offset of field: FaBwdParams::dv_head_stride",
+    ][::core::mem::offset_of!(FaBwdParams, dv_head_stride) - 424usize];
+    [
+        "Offset of field: FaBwdParams::dsinks",
+    ][::core::mem::offset_of!(FaBwdParams, dsinks) - 432usize];
+};
+impl Default for FaBwdParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct FaMergePart {
     pub o: *const ::core::ffi::c_void,
     pub lse: *const f32,
