@@ -134,6 +134,7 @@ FA_MERGE_KERNEL(fa_combine_splits_bf16, bf16, float)
 // (row x column chunk, query head, batch), dK/dV over (key row x column
 // chunk, KV head, batch), the sinks' gradient one thread per query head.
 #include "common/bwd_naive.cuh"
+#ifdef __CUDACC__  // the host emulator compiles this file too; these kernels have their own harness
 #define FA_BWD_KERNELS(dtype)                                                                                   \
     extern "C" __global__ void __launch_bounds__(128) fa_bwd_dq_naive_##dtype(const __grid_constant__ FaBwdParams p) { \
         fa_bwd_dq_thread<FA_DTYPE(dtype)>(p, int64_t(blockIdx.x) * 128 + threadIdx.x, blockIdx.y, blockIdx.z);    \
@@ -148,3 +149,4 @@ FA_MERGE_KERNEL(fa_combine_splits_bf16, bf16, float)
     }
 FA_BWD_KERNELS(f16)
 FA_BWD_KERNELS(bf16)
+#endif

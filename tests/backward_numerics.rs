@@ -1,0 +1,420 @@
+//! The baseline backward kernels' device code on the host:
+//! `tools/bwd-harness` compiles `kernels/common/bwd_naive.cuh` for the host
+//! and runs every thread of its three grids (and 127 past each end) over
+//! cases written here, against the f64 reference gradients
+//! ([`reference::backward`]): every mask in both alignments, GQA 4:1 with
+//! two KV heads, `Lq > Lk` (rows that see no key), lengths one short of a
+//! tile, head dims 8..256, custom and negative scales, softcap, ALiBi per
+//! batch entry, sinks and their gradient, every tensor on its own padded
+//! strides with the gradients' allocations poisoned around their views.
+//! Tolerances: DESIGN.md section 4's gradient ones (rel L2 bf16 2e-2, f16
+//! 5e-3; the worst row at 3x that of the tensor's largest row). Then a
+//! negative control: each injected bug in a copy of the header must fail.
+//! Needs g++ and the CUDA headers; ignored with the reason without them, a
+//! failure under `FUSED_ATTN_REQUIRE_KERNELS=1`.
+
+#[path = "common/tier.rs"]
+mod tier;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use fused_attn::reference::{self, Gradients};
+use fused_attn::{Alibi, AttentionOptions, Element, HeadValues, HostTensor, Layout, LseLayout, Mask, MaskAlignment};
+use half::{bf16, f16};
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn cuda_include() -> Option<PathBuf> {
+    let from_nvcc =
+        std::env::var_os("NVCC").map(PathBuf::from).and_then(|p| Some(p.parent()?.parent()?.join("include")));
+    let from_home = std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("include"));
+    [from_nvcc, from_home].into_iter().flatten().find(|p| p.join("cuda_fp16.h").is_file())
+}
+
+fn prerequisites() -> Result<PathBuf, Result<Completion, Failed>> {
+    if !tier::have("g++") {
+        return Err(tier::missing("no g++ to build tools/bwd-harness"));
+    }
+    cuda_include().ok_or_else(|| tier::missing("no CUDA headers (cuda_fp16.h beside $NVCC or in $CUDA_HOME)"))
+}
+
+/// Builds the harness over `header` (bwd_naive.cuh's text, maybe mutated) in `work`.
+fn build(work: &Path, include: &Path, header: &str) -> Result<PathBuf, Failed> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let common = work.join("common");
+    std::fs::create_dir_all(&common)?;
+    std::fs::write(common.join("bwd_naive.cuh"), header)?;
+    std::fs::copy(root.join("kernels/common/types.cuh"), common.join("types.cuh"))?;
+    std::fs::copy(root.join("kernels/params.h"), work.join("params.h"))?;
+    let exe = work.join("harness");
+    let out = Command::new("g++")
+        .args([
+            "-O2",
+            "-std=c++17",
+            "-Wall",
+            "-Werror",
+            "-Wno-strict-aliasing",
+            "-Wno-class-memaccess",
+            "-Wno-unknown-pragmas",
+        ])
+        .arg("-I")
+        .arg(include)
+        .arg("-I")
+        .arg(&common)
+        .arg(root.join("tools/bwd-harness/harness.cpp"))
+        .arg("-o")
+        .arg(&exe)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("compiling the harness:\n{}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(exe)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    b: usize,
+    lq: usize,
+    lk: usize,
+    hq: usize,
+    hk: usize,
+    d: usize,
+    mask: Mask,
+    top_left: bool,
+    scale: Option<f32>,
+    softcap: Option<f32>,
+    alibi: bool,
+    sinks: bool,
+    bf16: bool,
+    seed: u64,
+}
+
+fn cases() -> Vec<Case> {
+    let shapes =
+        [(2, 7, 13, 8, 2, 16), (1, 13, 5, 3, 1, 32), (1, 63, 64, 4, 1, 64), (2, 9, 9, 6, 3, 256), (1, 1, 17, 4, 4, 8)];
+    let masks = [Mask::Full, Mask::Causal, Mask::window(3, 1), Mask::window(0, 0)];
+    let mut out = Vec::new();
+    let mut seed = 0;
+    for (si, &(b, lq, lk, hq, hk, d)) in shapes.iter().enumerate() {
+        for (mi, &mask) in masks.iter().enumerate() {
+            seed += 1;
+            let n = si + mi;
+            out.push(Case {
+                b,
+                lq,
+                lk,
+                hq,
+                hk,
+                d,
+                mask,
+                top_left: n % 3 == 2,
+                scale: [None, Some(-0.7), Some(0.3)][n % 3],
+                softcap: (n % 4 == 1).then_some(2.5),
+                alibi: n % 2 == 1,
+                sinks: n % 3 == 0,
+                bf16: n % 2 == 0,
+                seed,
+            });
+        }
+    }
+    out
+}
+
+/// A padded layout of its own: extra elements after every head, row and batch.
+fn padded(rng: &mut StdRng, b: usize, l: usize, h: usize, d: usize) -> Layout {
+    let (ph, pr, pb) = (rng.random_range(0..3) * 8, rng.random_range(0..3) * 8, rng.random_range(0..3) * 8);
+    let hs = d + ph;
+    let rs = h * hs + pr;
+    Layout::strided_bshd([b, l, h, d], [l.max(1) * rs + pb, rs, hs, 1])
+}
+
+fn put_i64(buf: &mut Vec<u8>, xs: &[i64]) {
+    xs.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+}
+fn put_f32(buf: &mut Vec<u8>, xs: &[f32]) {
+    xs.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+}
+
+/// One case through the harness `exe`: Ok(summary) or Err(what failed).
+fn run_case<T: Element>(exe: &Path, c: &Case, work: &Path) -> Result<Result<String, String>, Failed> {
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let lay = |rng: &mut StdRng, l, h| padded(rng, c.b, l, h, c.d);
+    let (ql, kl, vl, ol, dol) = (
+        lay(&mut rng, c.lq, c.hq),
+        lay(&mut rng, c.lk, c.hk),
+        lay(&mut rng, c.lk, c.hk),
+        lay(&mut rng, c.lq, c.hq),
+        lay(&mut rng, c.lq, c.hq),
+    );
+    let (dql, dkl, dvl) = (lay(&mut rng, c.lq, c.hq), lay(&mut rng, c.lk, c.hk), lay(&mut rng, c.lk, c.hk));
+    let fill = |rng: &mut StdRng, l: &Layout, amp: f32| -> Vec<T> {
+        (0..l.span().unwrap()).map(|_| T::from_f32(rng.random_range(-amp..amp))).collect()
+    };
+    let (q, k, v, d_o) =
+        (fill(&mut rng, &ql, 2.0), fill(&mut rng, &kl, 2.0), fill(&mut rng, &vl, 1.0), fill(&mut rng, &dol, 1.0));
+    let slopes: Vec<f32> = (0..c.b * c.hq).map(|_| rng.random_range(0.0..0.5)).collect();
+    let sinks: Vec<f32> = (0..c.hq).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let mut opts = AttentionOptions::new(c.mask);
+    if c.top_left {
+        opts = opts.with_alignment(MaskAlignment::TopLeft);
+    }
+    if let Some(s) = c.scale {
+        opts = opts.with_scale(s);
+    }
+    if let Some(cap) = c.softcap {
+        opts = opts.with_softcap(cap);
+    }
+    if c.alibi {
+        opts = opts.with_alibi(Alibi::per_batch(HeadValues::Host(&slopes)));
+    }
+    if c.sinks {
+        opts = opts.with_sinks(HeadValues::Host(&sinks));
+    }
+    // The forward's O (rounded to T, in its own layout) and LSE (f32), as a GPU forward would leave them.
+    let fwd = reference::forward(HostTensor::new(&q, ql), HostTensor::new(&k, kl), HostTensor::new(&v, vl), &opts)
+        .map_err(|e| e.to_string())?;
+    let p = fwd.problem;
+    let mut o = vec![T::from_f32(0.0); ol.span().unwrap()];
+    for b in 0..c.b {
+        for i in 0..c.lq {
+            for h in 0..c.hq {
+                for x in 0..c.d {
+                    o[ol.offset(b, i, h, x)] = T::from_f32(fwd.o[((b * c.lq + i) * c.hq + h) * c.d + x] as f32);
+                }
+            }
+        }
+    }
+    let ll = LseLayout::strided([c.b, c.hq, c.lq], [c.hq * (c.lq + 3) + 5, c.lq + 3, 1]);
+    let mut lse = vec![f32::NAN; ll.span().unwrap()];
+    for b in 0..c.b {
+        for h in 0..c.hq {
+            for i in 0..c.lq {
+                lse[ll.offset(b, h, i)] = fwd.lse[(b * c.hq + h) * c.lq + i] as f32;
+            }
+        }
+    }
+    let g: Gradients = reference::backward(
+        HostTensor::new(&q, ql),
+        HostTensor::new(&k, kl),
+        HostTensor::new(&v, vl),
+        HostTensor::new(&d_o, dol),
+        &opts,
+    )
+    .map_err(|e| e.to_string())?;
+
+    // The case file (format in tools/bwd-harness/harness.cpp).
+    let mut buf = b"FABW".to_vec();
+    let (wl, wr) = p.mask.bounds();
+    let side = |x: Option<usize>| x.map_or(-1, |v| v.min(c.lq + c.lk) as i64);
+    put_i64(
+        &mut buf,
+        &[
+            i64::from(c.bf16),
+            c.b as i64,
+            c.lq as i64,
+            c.lk as i64,
+            c.hq as i64,
+            c.hk as i64,
+            c.d as i64,
+            side(wl),
+            side(wr),
+            p.diag_offset(),
+            i64::from(c.alibi),
+            c.hq as i64,
+            i64::from(c.sinks),
+            i64::from(c.sinks),
+        ],
+    );
+    put_f32(&mut buf, &[p.scale, p.softcap.unwrap_or(0.0)]);
+    let strides = |l: &Layout| [l.strides[0] as i64, l.strides[1] as i64, l.strides[2] as i64];
+    for (data, l) in [(&q, &ql), (&k, &kl), (&v, &vl), (&o, &ol), (&d_o, &dol)] {
+        put_i64(&mut buf, &strides(l));
+        put_i64(&mut buf, &[data.len() as i64]);
+        data.iter().for_each(|x| buf.extend_from_slice(&x.to_bits().to_le_bytes()));
+    }
+    put_i64(&mut buf, &[ll.strides[0] as i64, ll.strides[1] as i64, lse.len() as i64]);
+    put_f32(&mut buf, &lse);
+    for vals in [&slopes, &sinks] {
+        put_i64(&mut buf, &[vals.len() as i64]);
+        put_f32(&mut buf, vals);
+    }
+    const GUARD: usize = 16;
+    for l in [&dql, &dkl, &dvl] {
+        put_i64(&mut buf, &strides(l));
+        put_i64(&mut buf, &[(GUARD + l.span().unwrap() + GUARD) as i64, GUARD as i64]);
+    }
+    let (case_file, out_file) = (work.join("case.bin"), work.join("out.bin"));
+    std::fs::write(&case_file, &buf)?;
+    let run = Command::new(exe).arg(&case_file).arg(&out_file).output()?;
+    if !run.status.success() {
+        return Ok(Err(format!("harness failed: {}", String::from_utf8_lossy(&run.stderr))));
+    }
+    let bytes = std::fs::read(&out_file)?;
+    let mut at = 0;
+    let mut take16 = |n: usize| {
+        let v: Vec<u16> = bytes[at..at + 2 * n].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        at += 2 * n;
+        v
+    };
+    let outs: Vec<Vec<u16>> = [&dql, &dkl, &dvl].iter().map(|l| take16(GUARD + l.span().unwrap() + GUARD)).collect();
+    let dsinks: Vec<f32> = bytes[at..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+
+    let tol = if c.bf16 { 2e-2 } else { 5e-3 };
+    let mut report = String::new();
+    for ((name, l, want), got) in [("dq", &dql, &g.dq), ("dk", &dkl, &g.dk), ("dv", &dvl, &g.dv)].into_iter().zip(&outs)
+    {
+        let [b_n, len, h_n, d] = l.shape;
+        let mut in_view = vec![false; got.len()];
+        let (mut err2, mut ref2, mut worst_row, mut max_row) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        for b in 0..b_n {
+            for r in 0..len {
+                for h in 0..h_n {
+                    let (mut re2, mut rr2) = (0.0, 0.0);
+                    for x in 0..d {
+                        let off = GUARD + l.offset(b, r, h, x);
+                        in_view[off] = true;
+                        let bits = got[off];
+                        if bits == 0xffff {
+                            return Ok(Err(format!("{name}[{b},{r},{h},{x}] not written")));
+                        }
+                        let y: f64 = from_bits::<T>(bits).into();
+                        let w = want[((b * len + r) * h_n + h) * d + x];
+                        re2 += (y - w) * (y - w);
+                        rr2 += w * w;
+                    }
+                    err2 += re2;
+                    ref2 += rr2;
+                    worst_row = worst_row.max(re2.sqrt());
+                    max_row = max_row.max(rr2.sqrt());
+                }
+            }
+        }
+        let stray = got.iter().zip(&in_view).filter(|(&x, &v)| !v && x != 0xffff).count();
+        let rel = if ref2 > 0.0 { (err2 / ref2).sqrt() } else { err2.sqrt() };
+        report += &format!(" {name} {rel:.2e}");
+        if stray > 0 || rel > tol || worst_row > 3.0 * tol * max_row.max(1e-30) {
+            return Ok(Err(format!(
+                "{name}: rel L2 {rel:.3e} (tol {tol:.0e}), worst row {worst_row:.3e} of max row {max_row:.3e}, {stray} stray writes"
+            )));
+        }
+    }
+    if let Some(want) = &g.dsinks {
+        let scale = want.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
+        let err = want.iter().zip(&dsinks).fold(0.0f64, |m, (w, &y)| m.max((y as f64 - w).abs()));
+        report += &format!(" dsinks {:.2e}", err / scale);
+        if err.is_nan() || err > tol * scale {
+            return Ok(Err(format!("dsinks: max error {err:.3e} of {scale:.3e}: {dsinks:?} vs {want:?}")));
+        }
+    } else if dsinks.iter().any(|x| !x.is_nan()) {
+        return Ok(Err("dsinks written without sinks".into()));
+    }
+    Ok(Ok(report))
+}
+
+/// The element whose bits are `bits` (f16 and bf16 are both 16-bit).
+fn from_bits<T: Element>(bits: u16) -> T {
+    // Element has to_bits; its inverse for the two types it has.
+    if T::DTYPE == fused_attn::DType::F16 {
+        T::from_f32(f16::from_bits(bits).to_f32())
+    } else {
+        T::from_f32(bf16::from_bits(bits).to_f32())
+    }
+}
+
+/// Every case through the harness built from `header`: Ok(lines) or Err(first failure).
+fn sweep(work: &Path, include: &Path, header: &str) -> Result<Result<Vec<String>, String>, Failed> {
+    let exe = build(work, include, header)?;
+    let mut lines = Vec::new();
+    for c in cases() {
+        let r = if c.bf16 { run_case::<bf16>(&exe, &c, work)? } else { run_case::<f16>(&exe, &c, work)? };
+        match r {
+            Ok(s) => lines.push(format!("ok {c:?}:{s}")),
+            Err(e) => return Ok(Err(format!("{c:?}: {e}"))),
+        }
+    }
+    Ok(Ok(lines))
+}
+
+fn source() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/common/bwd_naive.cuh"))
+        .expect("kernels/common/bwd_naive.cuh")
+}
+
+fn backward_sweep() -> Result<Completion, Failed> {
+    let include = match prerequisites() {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let work = std::env::temp_dir().join(format!("fused-attn-bwd-{}", std::process::id()));
+    let r = sweep(&work, &include, &source())?;
+    let _ = std::fs::remove_dir_all(&work);
+    match r {
+        Ok(lines) => {
+            // One line per case: its errors (rel L2 per gradient, dsinks relative).
+            for l in &lines {
+                eprintln!("{}", l.rsplit_once("}:").map_or(l.as_str(), |(_, r)| r));
+            }
+            eprintln!("{} cases", lines.len());
+            Ok(Completion::Completed)
+        }
+        Err(e) => Err(format!("backward harness failed: {e}").into()),
+    }
+}
+
+/// (name, text in bwd_naive.cuh, replacement)
+const MUTANTS: &[(&str, &str, &str)] = &[
+    ("softcap derivative dropped", "dcap = 1.f - t * t;", "dcap = 1.f;"),
+    (
+        "D_i left out of dS in dQ",
+        "(fa_bwd_dot(d_o, v, f.head_dim) - delta)",
+        "(fa_bwd_dot(d_o, v, f.head_dim) - 0.f * delta)",
+    ),
+    ("dK without the scale", "fa_from_float<T>(f.scale * dk[c])", "fa_from_float<T>(dk[c])"),
+    ("dK/dV from the first query head of a group only", "hh < f.q_per_kv; ++hh", "hh < 1; ++hh"),
+    ("inverted band uses the wrong side", "j - off - f.window_right", "j - off - f.window_left"),
+    ("ALiBi bias with the wrong sign", "s -= p.alibi_slopes", "s += p.alibi_slopes"),
+    ("ALiBi batch stride ignored", "p.alibi_slopes[b * p.alibi_batch_stride + h]", "p.alibi_slopes[h]"),
+    ("sink gradient with the wrong sign", "acc -= expf(sink - lse)", "acc += expf(sink - lse)"),
+    ("dQ reads KV head h % Hk", "const int hk = h / f.q_per_kv;", "const int hk = h % f.heads_kv;"),
+    (
+        "the last column of a chunk dropped",
+        "for (int c = 0; c < FA_BWD_COLS; ++c) acc[c]",
+        "for (int c = 0; c < FA_BWD_COLS - 1; ++c) acc[c]",
+    ),
+];
+
+fn backward_negative_control() -> Result<Completion, Failed> {
+    let include = match prerequisites() {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let src = source();
+    let base = std::env::temp_dir().join(format!("fused-attn-bwd-neg-{}", std::process::id()));
+    let mut missed = Vec::new();
+    for (i, (name, from, to)) in MUTANTS.iter().enumerate() {
+        if !src.contains(from) {
+            return Err(format!("mutant `{name}`: `{from}` is not in bwd_naive.cuh (update the mutant)").into());
+        }
+        match sweep(&base.join(format!("m{i}")), &include, &src.replace(from, to))? {
+            Ok(_) => missed.push(*name),
+            Err(first) => eprintln!("caught  {name}\n          {first}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&base);
+    if missed.is_empty() {
+        Ok(Completion::Completed)
+    } else {
+        Err(format!("the backward harness missed: {}", missed.join("; ")).into())
+    }
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let trials = vec![
+        Trial::ignorable_test("backward_sweep", backward_sweep),
+        Trial::ignorable_test("backward_negative_control", backward_negative_control),
+    ];
+    libtest_mimic::run(&args, trials).exit();
+}
