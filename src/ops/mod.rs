@@ -1,11 +1,13 @@
 //! Public operations on an [`Attention`](crate::Attention) handle, each
 //! composing validation → kernel choice → parameters → launch.
 
+mod additive;
 mod forward;
 pub(crate) mod kvcache;
 mod merge;
 pub(crate) mod varlen;
 
+pub use additive::AdditiveOutput;
 pub use forward::{problem_of, DynTensor, DynTensorMut, ForwardOutput};
 pub use kvcache::CacheTables;
 pub use merge::PartialState;

@@ -13,6 +13,10 @@ mod params {
     include!("params.rs");
 }
 
+/// The launch parameters of the additive-attention kernel (`kernels/common/additive.cuh`).
+pub use params::{
+    FaAdditiveParams, FA_ADDITIVE_BLOCK_M, FA_ADDITIVE_BLOCK_N, FA_ADDITIVE_MAX_DIM, FA_ADDITIVE_THREADS,
+};
 /// The launch parameters of the forward kernels (sm90: plus TMA maps); see `kernels/params.h`.
 pub use params::{FaFwdParams, FaFwdSm90Params, FaTensorMap};
 /// The launch parameters of the merge-of-states kernel (`kernels/common/merge.cuh`).
@@ -27,6 +31,8 @@ unsafe impl DeviceRepr for FaFwdParams {}
 unsafe impl DeviceRepr for FaFwdSm90Params {}
 // SAFETY: as for `FaFwdParams`: plain pointers and integers, layout asserted by bindgen.
 unsafe impl DeviceRepr for FaMergeParams {}
+// SAFETY: as for `FaFwdParams`: plain pointers and integers, layout asserted by bindgen.
+unsafe impl DeviceRepr for FaAdditiveParams {}
 
 /// One embedded fatbin, made from `kernels/<stem>.cu`.
 #[derive(Debug, Clone, Copy)]
