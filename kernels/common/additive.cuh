@@ -222,3 +222,18 @@ __device__ __forceinline__ void fa_additive_cta(const FaAdditiveParams &p, float
     if (p.lse != nullptr && c == 0)
         p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i0 + r] = l > 0.f ? m + logf(l) : -INFINITY;
 }
+
+// The kernels (instantiated in fwd_naive.cu): grid (ceil(Lq / BLOCK_M), H, B),
+// FA_ADDITIVE_THREADS threads, dynamic shared memory as params.h sizes it
+// (over 48 KiB from Da + Dv > 256: the host raises the kernel's limit). Four
+// CTAs per SM: at most 128 registers.
+#define FA_ADDITIVE_KERNEL(name, dtype)                                                                      \
+    extern "C" __global__ void __launch_bounds__(FA_ADDITIVE_THREADS, 4)                                    \
+        name(const __grid_constant__ FaAdditiveParams p) {                                                   \
+        extern __shared__ float4 fa_additive_smem[];                                                         \
+        float *const smem = reinterpret_cast<float *>(fa_additive_smem);                                     \
+        if (p.tanh_approx)                                                                                   \
+            fa_additive_cta<FA_DTYPE(dtype), true>(p, smem, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x); \
+        else                                                                                                 \
+            fa_additive_cta<FA_DTYPE(dtype), false>(p, smem, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x); \
+    }
