@@ -8,6 +8,7 @@
 #include "common/reduce.cuh"
 #include "common/sequence.cuh"
 #include "common/merge.cuh"
+#include "common/additive.cuh"
 
 namespace {
 
@@ -149,4 +150,14 @@ FA_MERGE_KERNEL(fa_combine_splits_bf16, bf16, float)
     }
 FA_BWD_KERNELS(f16)
 FA_BWD_KERNELS(bf16)
+#endif
+
+// Additive (Bahdanau) attention (common/additive.cuh, which defines the
+// kernel macro), loaded by name (src/ops/additive.rs), in this image for the
+// same reason as the merge. Only under nvcc: the sm80 emulator compiles this
+// file for the host and has no fibers for it; tools/additive-harness runs
+// the additive kernel's code instead.
+#if defined(__CUDACC__)
+FA_ADDITIVE_KERNEL(fa_additive_f16, f16)
+FA_ADDITIVE_KERNEL(fa_additive_bf16, bf16)
 #endif

@@ -181,6 +181,59 @@ typedef struct FaMergeParams {
     int32_t head_dim;
 } FaMergeParams;
 
+/* Additive (Bahdanau) attention (DESIGN.md 1b): with H heads (no GQA),
+ * s_ij = sum_d w[h][d] * tanh(q[i][d] + k[j][d] + bias[h][d]) over Da = dim_a,
+ * then the band mask (window_left/right, diag_offset as in FaFwdParams: -1 an
+ * unbounded side), softmax, O = P V and LSE. Q' [B, Lq, H, Da], K'
+ * [B, Lk, H, Da], V [B, Lk, H, Dv], O [B, Lq, H, Dv] of one 16-bit element
+ * type, strides in elements (head-dim stride 1); w and bias [H, Da]
+ * contiguous in that type, bias NULL for none; LSE as in FaFwdParams, NULL
+ * for none. tanh_approx != 0 evaluates tanh with tanh.approx.f32 (the
+ * hardware's MUFU.TANH), else as 1 - 2 / (e^{2x} + 1) (common/additive.cuh
+ * says which error each has). One CTA of FA_ADDITIVE_THREADS threads per
+ * FA_ADDITIVE_BLOCK_M query rows of one (head, batch): grid
+ * (ceil(Lq / BLOCK_M), H, B); key tiles of FA_ADDITIVE_BLOCK_N keys; dynamic
+ * shared memory of 4 * ((BLOCK_M + BLOCK_N) * (Da + 4) + BLOCK_N * Dv + Da
+ * + BLOCK_M * BLOCK_N) bytes. Da and Dv multiples of 8, at most
+ * FA_ADDITIVE_MAX_DIM. */
+#define FA_ADDITIVE_BLOCK_M 16
+#define FA_ADDITIVE_BLOCK_N 32
+#define FA_ADDITIVE_THREADS 128
+#define FA_ADDITIVE_MAX_DIM 256
+typedef struct FaAdditiveParams {
+    const void *q;
+    const void *k;
+    const void *v;
+    const void *w;
+    const void *bias;
+    void *o;
+    float *lse;
+    int64_t q_batch_stride;
+    int64_t q_row_stride;
+    int64_t q_head_stride;
+    int64_t k_batch_stride;
+    int64_t k_row_stride;
+    int64_t k_head_stride;
+    int64_t v_batch_stride;
+    int64_t v_row_stride;
+    int64_t v_head_stride;
+    int64_t o_batch_stride;
+    int64_t o_row_stride;
+    int64_t o_head_stride;
+    int64_t lse_batch_stride;
+    int64_t lse_head_stride;
+    int32_t batch;
+    int32_t heads;
+    int32_t seqlen_q;
+    int32_t seqlen_k;
+    int32_t dim_a;
+    int32_t dim_v;
+    int32_t window_left;
+    int32_t window_right;
+    int32_t diag_offset;
+    int32_t tanh_approx;
+} FaAdditiveParams;
+
 /* An opaque CUDA tensor map (CUtensorMap: 128 bytes, 64-byte aligned),
  * encoded on the host with cuTensorMapEncodeTiled. */
 typedef struct FaTensorMap {

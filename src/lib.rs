@@ -184,12 +184,14 @@ mod validate;
 pub use device::{cuda_context, driver_present, Attention};
 pub use dispatch::{KernelInfo, PassReason, PassedOver};
 pub use error::{Error, Result};
+pub use ops::AdditiveOutput;
 pub use ops::{problem_of, CacheTables, DynTensor, DynTensorMut, ForwardOutput, Gradients, PartialState, SeqLens};
 pub use options::{alibi_slopes, Alibi, AttentionOptions, HeadValues, KernelFamily, Mask, MaskAlignment};
 pub use tensor::{
     DType, DeviceTensor, DeviceTensorMut, Element, HostTensor, Layout, LseLayout, LseTensor, LseTensorMut,
     RawLseTensor, RawTensor,
 };
+pub use validate::{AdditiveProblem, MAX_ADDITIVE_DIM};
 pub use validate::{AlibiLayout, CacheInfo, MergeProblem, PagedInfo, Problem, SeqInfo, MAX_MERGE_PARTS};
 
 /// The README's code blocks compile as doctests, so its API example cannot rot.
@@ -212,10 +214,12 @@ pub use half;
 pub mod internals {
     pub use crate::device::{image_runs_on, require_kernels};
     pub use crate::dispatch::{check_alignment, dispatch, DeviceInfo, DispatchTensors};
+    pub use crate::params::{additive_params, additive_smem_bytes, AdditiveAddrs};
     pub use crate::params::{
         bwd_params, fwd_params, tma_spec, with_modifiers, with_sequences, Addrs, ModAddrs, SeqAddrs, TmaSpec,
     };
     pub use crate::sys::*;
+    pub use crate::validate::validate_additive;
     pub use crate::validate::{
         check_cache_tables, check_dtypes, check_seqlens, validate, validate_backward, validate_kvcache, validate_merge,
         validate_varlen, LseDesc, TensorDesc, MAX_GRID_YZ, MAX_HEAD_DIM, MAX_SCALE, MAX_SEQLEN,

@@ -5,9 +5,9 @@
 //! and nowhere else.
 
 use crate::options::MaskAlignment;
-use crate::sys::{FaBwdParams, FaFwdParams, FaMergeParams, FaMergePart};
+use crate::sys::{FaAdditiveParams, FaBwdParams, FaFwdParams, FaMergeParams, FaMergePart};
 use crate::tensor::{DType, Layout, LseLayout};
-use crate::validate::{AlibiLayout, Problem};
+use crate::validate::{AdditiveProblem, AlibiLayout, Problem};
 
 /// Device addresses of one call's tensors (`lse` 0 when not written).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,5 +249,85 @@ pub fn bwd_params(fwd: FaFwdParams, grads: [(u64, &Layout); 4], dsinks: u64) -> 
         dv_row_stride: dv.1[1],
         dv_head_stride: dv.1[2],
         dsinks: dsinks as usize as *mut f32,
+    }
+}
+
+/// Device addresses of an additive-attention call (`bias`, `lse` 0: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AdditiveAddrs {
+    /// Q'.
+    pub q: u64,
+    /// K'.
+    pub k: u64,
+    /// V.
+    pub v: u64,
+    /// `w` `[H, Da]`.
+    pub w: u64,
+    /// The bias `[H, Da]`, or 0.
+    pub bias: u64,
+    /// O.
+    pub o: u64,
+    /// LSE, or 0.
+    pub lse: u64,
+}
+
+/// Dynamic shared memory of one additive-attention CTA, in bytes, as
+/// `kernels/params.h` sizes it: f32 q' + b `[BLOCK_M][Da + 4]`, a K' tile
+/// `[BLOCK_N][Da + 4]`, a V tile `[BLOCK_N][Dv]`, w `[Da]` and P
+/// `[BLOCK_M][BLOCK_N]` (85 760 bytes at Da = Dv = 256).
+pub fn additive_smem_bytes(dim_a: usize, dim_v: usize) -> usize {
+    use crate::sys::{FA_ADDITIVE_BLOCK_M as M, FA_ADDITIVE_BLOCK_N as N};
+    let (m, n) = (M as usize, N as usize);
+    4 * ((m + n) * (dim_a + 4) + n * dim_v + dim_a + m * n)
+}
+
+/// The additive-attention kernel's parameters (`FaAdditiveParams`) for a
+/// validated problem, the layouts of Q', K', V, O (in that order), LSE's and
+/// the addresses. bf16 takes `tanh.approx.f32`, f16 the two-MUFU form whose
+/// error is a few f32 ulps (see `kernels/common/additive.cuh` and the README
+/// for the measured errors).
+pub fn additive_params(
+    p: &AdditiveProblem,
+    layouts: &[Layout; 4],
+    lse: Option<&LseLayout>,
+    a: AdditiveAddrs,
+) -> FaAdditiveParams {
+    let [qs, ks, vs, os] = layouts.map(|l| strides(&l.shape, &l.strides));
+    let ls = lse.map_or([0; 3], |l| strides(&l.shape, &l.strides));
+    // Validation bounds Lq, Lk by 2^28, B and H by 65535, the dims by 256: all fit i32.
+    let cap = p.seqlen_q + p.seqlen_k;
+    let (left, right) = p.mask.bounds();
+    FaAdditiveParams {
+        q: a.q as usize as *const _,
+        k: a.k as usize as *const _,
+        v: a.v as usize as *const _,
+        w: a.w as usize as *const _,
+        bias: a.bias as usize as *const _,
+        o: a.o as usize as *mut _,
+        lse: a.lse as usize as *mut f32,
+        q_batch_stride: qs[0],
+        q_row_stride: qs[1],
+        q_head_stride: qs[2],
+        k_batch_stride: ks[0],
+        k_row_stride: ks[1],
+        k_head_stride: ks[2],
+        v_batch_stride: vs[0],
+        v_row_stride: vs[1],
+        v_head_stride: vs[2],
+        o_batch_stride: os[0],
+        o_row_stride: os[1],
+        o_head_stride: os[2],
+        lse_batch_stride: ls[0],
+        lse_head_stride: ls[1],
+        batch: p.batch as i32,
+        heads: p.heads as i32,
+        seqlen_q: p.seqlen_q as i32,
+        seqlen_k: p.seqlen_k as i32,
+        dim_a: p.dim_a as i32,
+        dim_v: p.dim_v as i32,
+        window_left: window_side(left, cap),
+        window_right: window_side(right, cap),
+        diag_offset: p.band().diag_offset() as i32,
+        tanh_approx: i32::from(p.dtype == DType::BF16),
     }
 }

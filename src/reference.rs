@@ -562,3 +562,144 @@ fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
         (num / den).sqrt()
     }
 }
+
+/// The reference result of additive attention ([`additive_forward`]).
+#[derive(Debug, Clone)]
+pub struct AdditiveReference {
+    /// The validated problem.
+    pub problem: crate::validate::AdditiveProblem,
+    /// Output, contiguous `[B, Lq, H, Dv]`.
+    pub o: Vec<f64>,
+    /// Log-sum-exp, contiguous `[B, H, Lq]` (`-inf` for rows with no visible key).
+    pub lse: Vec<f64>,
+}
+
+/// Additive (Bahdanau) attention on the host in `f64` (DESIGN.md section 1b):
+/// `s_ij = Σ_d w_{h,d} · tanh(q'_{i,d} + k'_{j,d} + b_{h,d})`, then the mask
+/// of `opts` (either alignment, windows), softmax, `O = P·V` and the LSE;
+/// rows with no visible key give `O = 0`, `LSE = −∞`. The same validation as
+/// [`Attention::additive_forward_into`](crate::Attention::additive_forward_into).
+///
+/// `q_proj` is Q' `[B, Lq, H, Da]`, `k_proj` K' `[B, Lk, H, Da]`, `v`
+/// `[B, Lk, H, Dv]`; `w` and `bias` are `[H, Da]` row-major.
+///
+/// # Projecting
+/// Additive attention scores `v_a · tanh(W_q q_i + U_k k_j + b)`; the two
+/// projections are ordinary GEMMs that the caller runs before this call,
+/// one each, with any BLAS, cuBLAS or framework matmul:
+/// - `Q' = Q · W_q`: Q viewed as a `[B·Lq, Dq]` matrix times `W_q`
+///   `[Dq, H·Da]` gives `[B·Lq, H·Da]`, which *is* Q' `[B, Lq, H, Da]` in BSHD
+///   layout (`Layout::bshd(B, Lq, H, Da)`), no copy.
+/// - `K' = K · U_k` likewise, `[B·Lk, Dk] × [Dk, H·Da]`. In a decoder
+///   attending to a fixed encoder output, K' (and V) depend only on that
+///   output: compute them once per sequence and reuse them at every decoder
+///   step; only Q' (one row per step) is new.
+/// - `w` is the `[H, Da]` score vector (`v_a` of the paper per head) and
+///   `bias` its optional `b`; a bias folded into either projection is the same
+///   function (`b` is added inside the tanh).
+///
+/// # Errors
+/// The errors of [`validate_additive`](crate::internals::validate_additive)
+/// (argument names `q_proj`, `k_proj`, `v`, `w`, `bias`), and
+/// [`Error::SizeOverflow`] beyond [`MAX_OUTPUT_ELEMENTS`] or [`MAX_WORK`].
+pub fn additive_forward<T: Element>(
+    q_proj: HostTensor<'_, T>,
+    k_proj: HostTensor<'_, T>,
+    v: HostTensor<'_, T>,
+    w: &[T],
+    bias: Option<&[T]>,
+    opts: &AttentionOptions,
+) -> Result<AdditiveReference> {
+    let desc = |arg, t: &HostTensor<'_, T>| TensorDesc { arg, layout: t.layout, len: t.data.len() };
+    let p = crate::validate::validate_additive(
+        T::DTYPE,
+        &desc("q_proj", &q_proj),
+        &desc("k_proj", &k_proj),
+        &desc("v", &v),
+        w.len(),
+        bias.map(<[T]>::len),
+        None,
+        None,
+        opts,
+    )?;
+    let (b_n, lq, h_n, da, dv) = (p.batch, p.seqlen_q, p.heads, p.dim_a, p.dim_v);
+    let too_big = |what, value: u128, limit: u128| Error::SizeOverflow { arg: "q_proj", what, value, limit };
+    // Validation bounded every tensor's element count by i64::MAX: no overflow here.
+    let n_out = b_n * lq * h_n * dv;
+    if n_out > MAX_OUTPUT_ELEMENTS {
+        return Err(too_big("reference output elements", n_out as u128, MAX_OUTPUT_ELEMENTS as u128));
+    }
+    let band = p.band();
+    let work = b_n as u128 * h_n as u128 * band.visible_pairs() * (da + dv) as u128;
+    if work > MAX_WORK {
+        return Err(too_big("reference work (tanh and multiply-adds)", work, MAX_WORK));
+    }
+    let mut o = filled(n_out, 0.0)?;
+    let mut lse = filled(b_n * h_n * lq, f64::NEG_INFINITY)?;
+    let f = |x: T| -> f64 { x.into() };
+
+    // One unit per (batch, head), pulled off a counter by the threads.
+    let units = b_n * h_n;
+    let next = AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(units.max(1));
+    let results: Vec<Vec<UnitResult>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    let (mut qb, mut scores) = (vec![0.0f64; da], Vec::new());
+                    loop {
+                        let u = next.fetch_add(1, Ordering::Relaxed);
+                        if u >= units {
+                            break done;
+                        }
+                        let (b, h) = (u / h_n, u % h_n);
+                        let wh: Vec<f64> = w[h * da..(h + 1) * da].iter().map(|&x| f(x)).collect();
+                        let (mut unit_o, mut unit_lse) = (vec![0.0f64; lq * dv], vec![f64::NEG_INFINITY; lq]);
+                        for i in 0..lq {
+                            for (d, x) in qb.iter_mut().enumerate() {
+                                *x = f(q_proj.data[q_proj.layout.offset(b, i, h, d)])
+                                    + bias.map_or(0.0, |bs| f(bs[h * da + d]));
+                            }
+                            let (lo, hi) = band.key_range(i);
+                            scores.clear();
+                            for j in lo..hi {
+                                let base = k_proj.layout.offset(b, j, h, 0);
+                                let kj = &k_proj.data[base..base + da];
+                                scores.push(qb.iter().zip(kj).zip(&wh).map(|((q, &k), w)| w * (q + f(k)).tanh()).sum());
+                            }
+                            let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                            if m == f64::NEG_INFINITY {
+                                continue; // no visible key: O = 0, LSE = -inf
+                            }
+                            let row = &mut unit_o[i * dv..(i + 1) * dv];
+                            let mut l = 0.0;
+                            for (j, s) in (lo..hi).zip(&scores) {
+                                let pj = (s - m).exp();
+                                l += pj;
+                                let base = v.layout.offset(b, j, h, 0);
+                                for (a, &x) in row.iter_mut().zip(&v.data[base..base + dv]) {
+                                    *a += pj * f(x);
+                                }
+                            }
+                            row.iter_mut().for_each(|a| *a /= l);
+                            unit_lse[i] = m + l.ln();
+                        }
+                        done.push((u, unit_o, unit_lse));
+                    }
+                })
+            })
+            .collect();
+        // A worker only panics on a bug of this module; pass it on as one.
+        workers.into_iter().map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    });
+    for (u, unit_o, unit_lse) in results.into_iter().flatten() {
+        let (b, h) = (u / h_n, u % h_n);
+        for (i, (orow, l)) in unit_o.chunks_exact(dv).zip(unit_lse).enumerate() {
+            let at = ((b * lq + i) * h_n + h) * dv;
+            o[at..at + dv].copy_from_slice(orow);
+            lse[(b * h_n + h) * lq + i] = l;
+        }
+    }
+    Ok(AdditiveReference { problem: p, o, lse })
+}

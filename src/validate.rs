@@ -775,3 +775,191 @@ pub fn validate_backward(
     }
     Ok(p)
 }
+
+/// Largest `Da` and `Dv` of additive attention (`FA_ADDITIVE_MAX_DIM`).
+pub const MAX_ADDITIVE_DIM: usize = 256;
+
+/// A validated additive (Bahdanau) attention problem (DESIGN.md section 1b).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AdditiveProblem {
+    /// Element type of Q', K', V, w, bias and O.
+    pub dtype: DType,
+    /// `B`.
+    pub batch: usize,
+    /// `Lq`.
+    pub seqlen_q: usize,
+    /// `Lk`.
+    pub seqlen_k: usize,
+    /// `H` (the same for queries, keys and values).
+    pub heads: usize,
+    /// `Da`, the projected (attention) dimension of Q' and K'.
+    pub dim_a: usize,
+    /// `Dv`, the value dimension.
+    pub dim_v: usize,
+    /// The mask.
+    pub mask: Mask,
+    /// Its alignment.
+    pub alignment: MaskAlignment,
+    /// Whether a bias is added inside the tanh.
+    pub bias: bool,
+}
+
+impl AdditiveProblem {
+    /// The band as a dot-product [`Problem`] of the same lengths (its
+    /// [`key_range`](Problem::key_range), [`visible_pairs`](Problem::visible_pairs)).
+    pub fn band(&self) -> Problem {
+        Problem {
+            dtype: self.dtype,
+            batch: self.batch,
+            seqlen_q: self.seqlen_q,
+            seqlen_k: self.seqlen_k,
+            heads_q: self.heads,
+            heads_kv: self.heads,
+            head_dim: self.dim_a,
+            mask: self.mask,
+            alignment: self.alignment,
+            scale: 1.0,
+            softcap: None,
+            varlen: None,
+            kv_cache: None,
+            alibi: None,
+            sinks: false,
+        }
+    }
+
+    /// Floating-point work counted as `B · H · visible pairs · (3 Da + 2 Dv)`
+    /// (per score term an add, a tanh and a multiply-add; then P·V), the
+    /// unit of the benchmark's rates.
+    pub fn flops(&self) -> u128 {
+        let per_pair = 3 * self.dim_a as u128 + 2 * self.dim_v as u128;
+        self.batch as u128 * self.heads as u128 * self.band().visible_pairs() * per_pair
+    }
+}
+
+/// Checks an additive attention call: `q` (Q' `[B, Lq, H, Da]`), `k` (K'
+/// `[B, Lk, H, Da]`), `v` (`[B, Lk, H, Dv]`), each on any strides with a
+/// contiguous last dimension; `w_len` and `bias_len` the element counts of
+/// the buffers holding `w` and the optional bias (`[H, Da]` contiguous, so at
+/// least `H · Da` each); O `[B, Lq, H, Dv]` without self-overlap and LSE
+/// `[B, H, Lq]`. `Da` and `Dv` are multiples of 8 up to
+/// [`MAX_ADDITIVE_DIM`]. The mask and alignment come from `opts`; a scale or
+/// softcap is refused (the score has none: fold a scale into `w`).
+///
+/// # Errors
+/// The per-tensor errors of [`validate`] (names as given in the descs);
+/// [`Error::HeadDim`] for `Da` (named after `q`) or `Dv` (after `v`);
+/// [`Error::ShapeMismatch`] for disagreeing extents (K' and V must have Q''s
+/// heads: no grouped heads here); [`Error::OutOfBounds`] (`w`, `bias`) for a
+/// buffer shorter than `H · Da`; [`Error::SizeOverflow`] beyond the kernels'
+/// limits; [`Error::InvalidOption`] for `scale` or `softcap`.
+#[allow(clippy::too_many_arguments)]
+pub fn validate_additive(
+    dtype: DType,
+    q: &TensorDesc,
+    k: &TensorDesc,
+    v: &TensorDesc,
+    w_len: usize,
+    bias_len: Option<usize>,
+    o: Option<&TensorDesc>,
+    lse: Option<&LseDesc>,
+    opts: &AttentionOptions,
+) -> Result<AdditiveProblem> {
+    for t in [Some(q), Some(k), Some(v), o].into_iter().flatten() {
+        check_tensor(t)?;
+    }
+    if let Some(l) = lse {
+        check_lse(l)?;
+    }
+    let [batch, seqlen_q, heads, dim_a] = q.layout.shape;
+    let (seqlen_k, dim_v) = (k.layout.shape[1], v.layout.shape[3]);
+    for (t, d) in [(q, dim_a), (v, dim_v)] {
+        if d == 0 || d % 8 != 0 || d > MAX_ADDITIVE_DIM {
+            return Err(Error::HeadDim { arg: t.arg, head_dim: d });
+        }
+    }
+    let expect = |t: &TensorDesc, dim: &'static str, idx: usize, expected: usize, against: &'static str| {
+        let got = t.layout.shape[idx];
+        if got == expected {
+            Ok(())
+        } else {
+            Err(Error::ShapeMismatch { arg: t.arg, dim, expected, got, against })
+        }
+    };
+    expect(k, "batch", 0, batch, q.arg)?;
+    expect(k, "heads", 2, heads, q.arg)?;
+    expect(k, "head_dim", 3, dim_a, q.arg)?;
+    expect(v, "batch", 0, batch, q.arg)?;
+    expect(v, "seqlen", 1, seqlen_k, k.arg)?;
+    expect(v, "heads", 2, heads, q.arg)?;
+    if let Some(o) = o {
+        expect(o, "batch", 0, batch, q.arg)?;
+        expect(o, "seqlen", 1, seqlen_q, q.arg)?;
+        expect(o, "heads", 2, heads, q.arg)?;
+        expect(o, "head_dim", 3, dim_v, v.arg)?;
+        if !o.layout.is_non_overlapping() {
+            return Err(Error::Overlapping { arg: o.arg, shape: o.layout.shape, strides: o.layout.strides });
+        }
+    }
+    if let Some(l) = lse {
+        for (i, (dim, expected)) in [("batch", batch), ("heads", heads), ("seqlen", seqlen_q)].into_iter().enumerate() {
+            let got = l.layout.shape[i];
+            if got != expected {
+                return Err(Error::ShapeMismatch { arg: "lse", dim, expected, got, against: q.arg });
+            }
+        }
+        if !non_overlapping(&l.layout.shape, &l.layout.strides) {
+            return Err(Error::Overlapping {
+                arg: "lse",
+                shape: [l.layout.shape[0], l.layout.shape[1], l.layout.shape[2], 1],
+                strides: [l.layout.strides[0], l.layout.strides[1], l.layout.strides[2], 1],
+            });
+        }
+    }
+    // heads <= the element count of Q' (checked above), dim_a <= 256: no overflow in u128.
+    let needed = heads as u128 * dim_a as u128;
+    for (arg, len) in [("w", Some(w_len)), ("bias", bias_len)] {
+        if let Some(len) = len {
+            if (len as u128) < needed {
+                return Err(Error::OutOfBounds { arg, needed: needed as usize, len });
+            }
+        }
+    }
+    let limit = |arg: &'static str, what: &'static str, value: usize, limit: usize| {
+        if value > limit {
+            Err(overflow(arg, what, Some(value as u128), limit as u128))
+        } else {
+            Ok(())
+        }
+    };
+    limit(q.arg, "seqlen", seqlen_q, MAX_SEQLEN)?;
+    limit(k.arg, "seqlen", seqlen_k, MAX_SEQLEN)?;
+    limit(q.arg, "batch", batch, MAX_GRID_YZ)?;
+    limit(q.arg, "heads", heads, MAX_GRID_YZ)?;
+    if let Some(s) = opts.scale {
+        return Err(Error::InvalidOption {
+            arg: "scale",
+            value: s.to_string(),
+            reason: "additive attention has no score scale (fold one into w)",
+        });
+    }
+    if let Some(c) = opts.softcap {
+        return Err(Error::InvalidOption {
+            arg: "softcap",
+            value: c.to_string(),
+            reason: "additive scores are not capped (|s| <= sum |w| already)",
+        });
+    }
+    Ok(AdditiveProblem {
+        dtype,
+        batch,
+        seqlen_q,
+        seqlen_k,
+        heads,
+        dim_a,
+        dim_v,
+        mask: opts.mask,
+        alignment: opts.alignment,
+        bias: bias_len.is_some(),
+    })
+}

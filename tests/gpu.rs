@@ -1037,6 +1037,9 @@ fn trials() -> Vec<(Trial, bool)> {
     for (name, c, m) in modifier_cases() {
         trials.push((Trial::test(name, move || modifier_trial(c, m)), is90(c.family)));
     }
+    trials.push(plain("additive/bf16/cases", additive_trials::<bf16>));
+    trials.push(plain("additive/f16/cases", additive_trials::<f16>));
+    trials.push(plain("additive/errors", additive_errors));
     for c in varlen_cases() {
         trials.push((Trial::test(c.name(), move || varlen_trial(c)), is90(c.family)));
     }
@@ -1951,6 +1954,129 @@ fn append_kv_trial() -> Result<(), Failed> {
         if !v_ok {
             return Err(format!("paged={paged}: V cache misses an appended token").into());
         }
+    }
+    Ok(())
+}
+
+/// Additive attention (DESIGN.md section 1b) against the f64 reference:
+/// Q' in BHSD, K' and V on padded strides of their own, O and LSE poisoned
+/// with gaps (written gaps fail), Da != Dv up to 256 (85 KB of shared
+/// memory), both alignments, windows, rows that see no key, bias on and off,
+/// the bench's 200 x 1000 shape; bf16 runs tanh.approx, f16 the accurate form.
+fn additive_trials<T: Element>() -> Result<(), Failed> {
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    // (B, H, Lq, Lk, Da, Dv, mask, top-left, bias)
+    let cases = [
+        (2, 2, 200, 1000, 128, 128, Mask::Full, false, true),
+        (2, 3, 33, 65, 64, 136, Mask::Causal, true, false),
+        (1, 2, 17, 9, 256, 256, Mask::window(3, 2), false, true),
+        (2, 1, 40, 7, 24, 48, Mask::Causal, false, false),
+        (1, 4, 1, 1000, 128, 64, Mask::Full, false, true),
+    ];
+    let (tol, row_tol) = if T::DTYPE == DType::BF16 { (1e-2, 3e-2) } else { (3e-3, 1e-2) };
+    for (n, &(b, h, lq, lk, da, dv, mask, top_left, with_bias)) in cases.iter().enumerate() {
+        let mut rng = StdRng::seed_from_u64(90 + n as u64);
+        let ql = Layout::bhsd(b, h, lq, da);
+        let kl = Layout::strided_bshd([b, lk, h, da], [lk * (h * da + 8), h * da + 8, da, 1]);
+        let vl = Layout::strided_bshd([b, lk, h, dv], [lk * h * (dv + 16) + 24, h * (dv + 16), dv + 16, 1]);
+        let (q, k, v): (Vec<T>, Vec<T>, Vec<T>) = (
+            randn(&mut rng, ql.span().unwrap()),
+            randn(&mut rng, kl.span().unwrap()),
+            randn(&mut rng, vl.span().unwrap()),
+        );
+        let (w, bias): (Vec<T>, Vec<T>) = (randn_scaled(&mut rng, h * da, 0.3), randn_scaled(&mut rng, h * da, 0.5));
+        let align = if top_left { MaskAlignment::TopLeft } else { MaskAlignment::BottomRight };
+        let opts = AttentionOptions::new(mask).with_alignment(align);
+        let want = reference::additive_forward(
+            HostTensor::new(&q, ql),
+            HostTensor::new(&k, kl),
+            HostTensor::new(&v, vl),
+            &w,
+            with_bias.then_some(&bias[..]),
+            &opts,
+        )
+        .map_err(text)?;
+        let (o_row, lse_row) = (h * dv + 8, lq + 5);
+        let ol = Layout::strided_bshd([b, lq, h, dv], [lq * o_row, o_row, dv, 1]);
+        let ll = LseLayout::strided([b, h, lq], [h * lse_row, lse_row, 1]);
+        let (qd, kd, vd) = (upload(&stream, &q)?, upload(&stream, &k)?, upload(&stream, &v)?);
+        let (wd, bd) = (upload(&stream, &w)?, upload(&stream, &bias)?);
+        let mut od = upload(&stream, &poison::<T>(b * lq * o_row))?;
+        let mut lsed = stream.clone_htod(&vec![f32::from_bits(u32::MAX); b * h * lse_row]).map_err(text)?;
+        {
+            let (mut ot, mut lt) = (DeviceTensorMut::new(&mut od, ol), LseTensorMut::new(&mut lsed, ll));
+            let (qt, kt, vt) = (DeviceTensor::new(&qd, ql), DeviceTensor::new(&kd, kl), DeviceTensor::new(&vd, vl));
+            let bias_view = bd.as_view();
+            g.attn
+                .additive_forward_into(
+                    &stream,
+                    &qt,
+                    &kt,
+                    &vt,
+                    &wd.as_view(),
+                    with_bias.then_some(&bias_view),
+                    &mut ot,
+                    Some(&mut lt),
+                    &opts,
+                )
+                .map_err(text)?;
+        }
+        let (o, l) = (download(&stream, &od)?, stream.clone_dtoh(&lsed).map_err(text)?);
+        let name = format!("additive/{} case {n}", T::DTYPE);
+        let (rel, worst, lse) = row_errors(&name, (&o, o_row), &want.o, (&l, lse_row), &want.lse)?;
+        println!(
+            "{name}: B{b} H{h} Lq {lq} Lk {lk} Da {da} Dv {dv} {mask}{}: O rel {rel:.2e} worst row {worst:.2e} LSE {lse:.2e}",
+            if with_bias { " bias" } else { "" }
+        );
+        if !(rel <= tol && worst <= row_tol && lse <= 2e-3) {
+            return Err(format!("{name}: O rel {rel:.2e}, worst row {worst:.2e}, LSE {lse:.2e}").into());
+        }
+    }
+    Ok(())
+}
+
+/// The allocating call equals the reference; a scale is refused before any launch.
+fn additive_errors() -> Result<(), Failed> {
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let (b, h, lq, lk, da, dv) = (1, 2, 5, 9, 16, 8);
+    let mut rng = StdRng::seed_from_u64(7);
+    let (ql, kl, vl) = (Layout::bshd(b, lq, h, da), Layout::bshd(b, lk, h, da), Layout::bshd(b, lk, h, dv));
+    let (q, k, v, w): (Vec<bf16>, Vec<bf16>, Vec<bf16>, Vec<bf16>) = (
+        randn(&mut rng, ql.span().unwrap()),
+        randn(&mut rng, kl.span().unwrap()),
+        randn(&mut rng, vl.span().unwrap()),
+        randn(&mut rng, h * da),
+    );
+    let (qd, kd, vd, wd) = (upload(&stream, &q)?, upload(&stream, &k)?, upload(&stream, &v)?, upload(&stream, &w)?);
+    let (qt, kt, vt) = (DeviceTensor::new(&qd, ql), DeviceTensor::new(&kd, kl), DeviceTensor::new(&vd, vl));
+    let bad = AttentionOptions::default().with_scale(0.5);
+    match g.attn.additive_forward(&stream, &qt, &kt, &vt, &wd.as_view(), None, &bad) {
+        Err(Error::InvalidOption { arg: "scale", .. }) => {}
+        other => return Err(format!("scale: {:?}", other.map(|o| o.problem)).into()),
+    }
+    match g.attn.additive_forward(&stream, &qt, &kt, &vt, &wd.slice(1..), None, &AttentionOptions::default()) {
+        Err(Error::OutOfBounds { arg: "w", .. }) => {}
+        other => return Err(format!("short w: {:?}", other.map(|o| o.problem)).into()),
+    }
+    let out = g
+        .attn
+        .additive_forward(&stream, &qt, &kt, &vt, &wd.as_view(), None, &AttentionOptions::default())
+        .map_err(text)?;
+    let want = reference::additive_forward(
+        HostTensor::new(&q, ql),
+        HostTensor::new(&k, kl),
+        HostTensor::new(&v, vl),
+        &w,
+        None,
+        &AttentionOptions::default(),
+    )
+    .map_err(text)?;
+    let (o, l) = (download(&stream, &out.o)?, stream.clone_dtoh(&out.lse).map_err(text)?);
+    let (rel, worst, lse) = row_errors("additive_forward", (&o, h * dv), &want.o, (&l, lq), &want.lse)?;
+    if !(rel <= 1e-2 && worst <= 3e-2 && lse <= 2e-3) {
+        return Err(format!("additive_forward: O rel {rel:.2e}, worst row {worst:.2e}, LSE {lse:.2e}").into());
     }
     Ok(())
 }

@@ -27,6 +27,8 @@ fn generate() -> Result<String, String> {
             .allowlist_type("FaMergeParams")
             .allowlist_type("FaBwdParams")
             .allowlist_var("FA_MERGE_MAX_PARTS")
+            .allowlist_type("FaAdditiveParams")
+            .allowlist_var("FA_ADDITIVE_.*")
             .use_core()
             .layout_tests(true)
             .derive_default(true)

@@ -15,7 +15,8 @@ use crate::options::{AttentionOptions, HeadValues, KernelFamily};
 use crate::params::{
     fwd_params, merge_params, merge_part, tma_spec, with_modifiers, with_sequences, Addrs, ModAddrs, SeqAddrs, TmaSpec,
 };
-use crate::sys::{FaBwdParams, FaFwdSm90Params, FaMergeParams, FaTensorMap};
+use crate::sys::{FaAdditiveParams, FaBwdParams, FaFwdSm90Params, FaMergeParams, FaTensorMap};
+use crate::sys::{FA_ADDITIVE_BLOCK_M, FA_ADDITIVE_THREADS};
 use crate::tensor::{DType, DeviceTensor, DeviceTensorMut, Element, LseLayout, LseTensorMut, RawLseTensor, RawTensor};
 use crate::validate::{validate, LseDesc, Problem, TensorDesc};
 
@@ -451,6 +452,26 @@ pub(crate) unsafe fn launch_bwd(
     let grid = (threads.div_ceil(128) as u32, y, z);
     // SAFETY: by this function's contract.
     unsafe { launch(ctx, cu_stream, func, (grid, (128, 1, 1), 0), b) }
+}
+
+/// Launches the additive-attention kernel `func` (`kernels/fwd_naive.cu`)
+/// over `a`: grid (ceil(Lq / BLOCK_M), H, B), `FA_ADDITIVE_THREADS`
+/// threads, `smem` bytes of dynamic shared memory.
+///
+/// # Safety
+/// As [`launch`], with `a` the kernel's argument and `smem` at least
+/// [`additive_smem_bytes`](crate::params::additive_smem_bytes) of its dims
+/// and at most the function's raised limit.
+pub(crate) unsafe fn launch_additive(
+    ctx: &CudaContext,
+    cu_stream: CUstream,
+    func: cudarc::driver::sys::CUfunction,
+    a: &FaAdditiveParams,
+    smem: u32,
+) -> Result<()> {
+    let grid = ((a.seqlen_q as u32).div_ceil(FA_ADDITIVE_BLOCK_M), a.heads as u32, a.batch as u32);
+    // SAFETY: by this function's contract.
+    unsafe { launch(ctx, cu_stream, func, (grid, (FA_ADDITIVE_THREADS, 1, 1), smem), a) }
 }
 
 /// Launches `func` with its single by-value argument `arg`.

@@ -19,7 +19,7 @@ use crate::sys::{self, KernelImage, KernelRow};
 use crate::tensor::DType;
 use crate::validate::Problem;
 
-pub(crate) use launch::{alloc_output, launch_bwd, launch_merge, modifier_ptr, Tables, TmaCache};
+pub(crate) use launch::{alloc_output, launch_additive, launch_bwd, launch_merge, modifier_ptr, Tables, TmaCache};
 
 /// Opens (retains) the primary context of GPU `ordinal`.
 ///
@@ -87,6 +87,10 @@ struct Registry {
     /// The baseline backward kernels (dQ, dK/dV, dsinks; f16 then bf16),
     /// loaded on first use like the merge kernels.
     bwd_funcs: [OnceLock<CudaFunction>; 6],
+    /// The additive-attention kernels (f16, bf16; `kernels/common/additive.cuh`,
+    /// also in the naive image), loaded on first use with their
+    /// dynamic shared-memory limit raised.
+    additive_funcs: [OnceLock<CudaFunction>; 2],
 }
 
 /// The per-context registries: `Weak`, so the modules go when the last
@@ -198,6 +202,12 @@ impl Attention {
         self.reg.bwd_function(&self.ctx, dtype, which)
     }
 
+    /// The additive-attention kernel for `dtype`, and the most dynamic shared
+    /// memory (bytes) a launch of it may use on this device.
+    pub(crate) fn additive_function(&self, dtype: DType) -> Result<(&CudaFunction, u32)> {
+        Ok((self.reg.additive_function(&self.ctx, dtype)?, self.reg.device.smem_per_block))
+    }
+
     /// The device's SM count (the split-KV heuristic's unit).
     pub(crate) fn sm_count(&self) -> u32 {
         self.reg.device.sm_count
@@ -244,6 +254,7 @@ impl Registry {
             tma: TmaCache::default(),
             merge_funcs: [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()],
             bwd_funcs: Default::default(),
+            additive_funcs: [OnceLock::new(), OnceLock::new()],
         })
     }
 
@@ -311,6 +322,36 @@ impl Registry {
         let func = self.module(ctx, ii)?.load_function(name).during("looking up a kernel")?;
         let _ = cell.set(func);
         cell.get().ok_or_else(|| Error::NoKernel { reason: format!("{name} failed to load") })
+    }
+
+    /// The additive-attention kernel for `dtype` (naive image), loaded on
+    /// first use; its dynamic shared-memory limit is raised to what the
+    /// largest `Da`, `Dv` need, or to the device's limit if that is lower
+    /// (larger launches are then refused before they reach the driver).
+    fn additive_function(&self, ctx: &Arc<CudaContext>, dtype: DType) -> Result<&CudaFunction> {
+        let (slot, name) = match dtype {
+            DType::F16 => (0, "fa_additive_f16"),
+            DType::BF16 => (1, "fa_additive_bf16"),
+        };
+        if let Some(f) = self.additive_funcs[slot].get() {
+            return Ok(f);
+        }
+        let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = self.additive_funcs[slot].get() {
+            return Ok(f);
+        }
+        let ii = sys::IMAGES
+            .iter()
+            .position(|im| im.stem == "fwd_naive" && image_runs_on(im, self.device.sm))
+            .ok_or_else(|| Error::NoKernel { reason: format!("{name}: the fwd_naive image is not loadable here") })?;
+        let func = self.module(ctx, ii)?.load_function(name).during("looking up a kernel")?;
+        let max =
+            crate::params::additive_smem_bytes(sys::FA_ADDITIVE_MAX_DIM as usize, sys::FA_ADDITIVE_MAX_DIM as usize);
+        let limit = (max as u32).min(self.device.smem_per_block);
+        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, limit as i32)
+            .during("raising a kernel's shared-memory limit")?;
+        let _ = self.additive_funcs[slot].set(func);
+        self.additive_funcs[slot].get().ok_or_else(|| Error::NoKernel { reason: format!("{name} failed to load") })
     }
 
     /// The function of usable row `idx`, loading its image on first use.

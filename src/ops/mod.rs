@@ -1,12 +1,14 @@
 //! Public operations on an [`Attention`](crate::Attention) handle, each
 //! composing validation → kernel choice → parameters → launch.
 
+mod additive;
 mod backward;
 mod forward;
 pub(crate) mod kvcache;
 mod merge;
 pub(crate) mod varlen;
 
+pub use additive::AdditiveOutput;
 pub use backward::Gradients;
 pub use forward::{problem_of, DynTensor, DynTensorMut, ForwardOutput};
 pub use kvcache::CacheTables;

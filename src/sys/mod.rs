@@ -15,6 +15,10 @@ mod params {
 
 /// The launch parameters of the baseline backward kernels (`kernels/common/bwd_naive.cuh`).
 pub use params::FaBwdParams;
+/// The launch parameters of the additive-attention kernel (`kernels/common/additive.cuh`).
+pub use params::{
+    FaAdditiveParams, FA_ADDITIVE_BLOCK_M, FA_ADDITIVE_BLOCK_N, FA_ADDITIVE_MAX_DIM, FA_ADDITIVE_THREADS,
+};
 /// The launch parameters of the forward kernels (sm90: plus TMA maps); see `kernels/params.h`.
 pub use params::{FaFwdParams, FaFwdSm90Params, FaTensorMap};
 /// The launch parameters of the merge-of-states kernel (`kernels/common/merge.cuh`).
@@ -31,6 +35,8 @@ unsafe impl DeviceRepr for FaFwdSm90Params {}
 unsafe impl DeviceRepr for FaMergeParams {}
 // SAFETY: as for `FaFwdParams`, which it embeds: pointers and integers, layout asserted by bindgen.
 unsafe impl DeviceRepr for FaBwdParams {}
+// SAFETY: as for `FaFwdParams`: plain pointers and integers, layout asserted by bindgen.
+unsafe impl DeviceRepr for FaAdditiveParams {}
 
 /// One embedded fatbin, made from `kernels/<stem>.cu`.
 #[derive(Debug, Clone, Copy)]
