@@ -47,8 +47,9 @@ use fused_attn::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureM
 use fused_attn::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use fused_attn::reference;
 use fused_attn::{
-    Attention, AttentionOptions, CacheTables, DType, DeviceTensor, DeviceTensorMut, Element, Error, HostTensor,
-    KernelFamily, KernelInfo, Layout, LseLayout, LseTensor, LseTensorMut, Mask, MaskAlignment, PartialState, SeqLens,
+    Alibi, Attention, AttentionOptions, CacheTables, DType, DeviceTensor, DeviceTensorMut, Element, Error, Gradients,
+    HeadValues, HostTensor, KernelFamily, KernelInfo, Layout, LseLayout, LseTensor, LseTensorMut, Mask, MaskAlignment,
+    PartialState, SeqLens,
 };
 use half::{bf16, f16};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -1037,6 +1038,10 @@ fn trials() -> Vec<(Trial, bool)> {
     for (name, c, m) in modifier_cases() {
         trials.push((Trial::test(name, move || modifier_trial(c, m)), is90(c.family)));
     }
+    trials.push(plain("backward/bf16/causal", || backward_trial::<bf16>(Mask::Causal, false, false)));
+    trials.push(plain("backward/f16/window_topleft", || backward_trial::<f16>(Mask::window(9, 3), true, false)));
+    trials.push(plain("backward/bf16/full_mods", || backward_trial::<bf16>(Mask::Full, false, true)));
+    trials.push(plain("backward/f16/causal_mods", || backward_trial::<f16>(Mask::Causal, false, true)));
     trials.push(plain("additive/bf16/cases", additive_trials::<bf16>));
     trials.push(plain("additive/f16/cases", additive_trials::<f16>));
     trials.push(plain("additive/errors", additive_errors));
@@ -1122,6 +1127,150 @@ fn modifier_trial(c: Case, m: HostModifiers) -> Result<(), Failed> {
         return Err(format!("asked for {:?}, ran {}", c.family, checked.kernel.name).into());
     }
     checked.verdict(c.dtype).map_err(Failed::from)
+}
+
+/// The baseline backward on the GPU (DESIGN.md section 1b): forward_into for
+/// O and LSE, then backward_into on padded, poisoned gradient buffers,
+/// against the f64 reference gradients (rel L2 bf16 2e-2, f16 5e-3; worst
+/// row 3x of the largest row), no stray writes, and bitwise equal to a
+/// second run (deterministic by construction). Masks in both alignments,
+/// GQA 4:1 with Hk 2, Lq > Lk, softcap, per-batch ALiBi, sinks with their
+/// gradient.
+fn backward_trial<T: Element>(mask: Mask, top_left: bool, mods: bool) -> Result<(), Failed> {
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let mut rng = StdRng::seed_from_u64(91);
+    let (b, lq, lk, hq, hk, d) = (2, 77, 61, 8, 2, 64);
+    let (ql, kl) = (Layout::bshd(b, lq, hq, d), Layout::bshd(b, lk, hk, d));
+    let (q, k, v, d_o): (Vec<T>, Vec<T>, Vec<T>, Vec<T>) = (
+        randn(&mut rng, b * lq * hq * d),
+        randn(&mut rng, b * lk * hk * d),
+        randn(&mut rng, b * lk * hk * d),
+        randn(&mut rng, b * lq * hq * d),
+    );
+    let slopes: Vec<f32> = (0..b * hq).map(|x| 0.01 + 0.03 * (x % 7) as f32).collect();
+    let sinks: Vec<f32> = (0..hq).map(|x| x as f32 * 0.5 - 1.5).collect();
+    let (slopes_d, sinks_d) = (stream.clone_htod(&slopes).map_err(text)?, stream.clone_htod(&sinks).map_err(text)?);
+    let mut base = AttentionOptions::new(mask).with_scale(0.2);
+    if top_left {
+        base = base.with_alignment(MaskAlignment::TopLeft);
+    }
+    let (mut dev_opts, mut host_opts) = (base, base);
+    if mods {
+        dev_opts = dev_opts
+            .with_softcap(3.0)
+            .with_alibi(Alibi::per_batch(HeadValues::Device(&slopes_d)))
+            .with_sinks(HeadValues::Device(&sinks_d));
+        host_opts = host_opts
+            .with_softcap(3.0)
+            .with_alibi(Alibi::per_batch(HeadValues::Host(&slopes)))
+            .with_sinks(HeadValues::Host(&sinks));
+    }
+    let (qd, kd, vd, dod) = (upload(&stream, &q)?, upload(&stream, &k)?, upload(&stream, &v)?, upload(&stream, &d_o)?);
+    let mut o = upload(&stream, &poison::<T>(b * lq * hq * d))?;
+    let ll = LseLayout::contiguous(b, hq, lq);
+    let mut l = stream.clone_htod(&vec![f32::from_bits(u32::MAX); b * hq * lq]).map_err(text)?;
+    let (qt, kt, vt) = (DeviceTensor::new(&qd, ql), DeviceTensor::new(&kd, kl), DeviceTensor::new(&vd, kl));
+    {
+        let (mut ot, mut lt) = (DeviceTensorMut::new(&mut o, ql), LseTensorMut::new(&mut l, ll));
+        g.attn.forward_into(&stream, &qt, &kt, &vt, &mut ot, Some(&mut lt), &dev_opts).map_err(text)?;
+    }
+    // Gradients with padded rows (the padding must keep its poison).
+    let pad = 8;
+    let (gq, gk) = (
+        Layout::strided_bshd([b, lq, hq, d], [lq * (hq * d + pad), hq * d + pad, d, 1]),
+        Layout::strided_bshd([b, lk, hk, d], [lk * (hk * d + pad), hk * d + pad, d, 1]),
+    );
+    type Grads<T> = (Vec<T>, Vec<T>, Vec<T>, Vec<f32>);
+    let run = || -> Result<Grads<T>, Failed> {
+        let mut dq = upload(&stream, &poison::<T>(gq.span().unwrap()))?;
+        let mut dk = upload(&stream, &poison::<T>(gk.span().unwrap()))?;
+        let mut dv = upload(&stream, &poison::<T>(gk.span().unwrap()))?;
+        let mut ds = stream.clone_htod(&vec![f32::NAN; hq]).map_err(text)?;
+        {
+            let (mut dqt, mut dkt, mut dvt) = (
+                DeviceTensorMut::new(&mut dq, gq),
+                DeviceTensorMut::new(&mut dk, gk),
+                DeviceTensorMut::new(&mut dv, gk),
+            );
+            let mut grads = Gradients::new(&mut dqt, &mut dkt, &mut dvt);
+            if mods {
+                grads = grads.with_dsinks(&mut ds);
+            }
+            let (ot, lt) = (DeviceTensor::new(&o, ql), LseTensor::new(&l, ll));
+            let dot = DeviceTensor::new(&dod, ql);
+            g.attn.backward_into(&stream, &qt, &kt, &vt, &ot, &lt, &dot, grads, &dev_opts).map_err(text)?;
+        }
+        Ok((
+            download(&stream, &dq)?,
+            download(&stream, &dk)?,
+            download(&stream, &dv)?,
+            stream.clone_dtoh(&ds).map_err(text)?,
+        ))
+    };
+    let first = run()?;
+    let second = run()?;
+    let bits = |x: &[T]| x.iter().map(|e| e.to_bits()).collect::<Vec<u16>>();
+    if bits(&first.0) != bits(&second.0) || bits(&first.1) != bits(&second.1) || bits(&first.2) != bits(&second.2) {
+        return Err("two backward runs differ (the baseline is deterministic by construction)".into());
+    }
+    let want = reference::backward(
+        HostTensor::new(&q, ql),
+        HostTensor::new(&k, kl),
+        HostTensor::new(&v, kl),
+        HostTensor::new(&d_o, ql),
+        &host_opts,
+    )
+    .map_err(text)?;
+    let tol = if T::DTYPE == DType::BF16 { 2e-2 } else { 5e-3 };
+    let mut line = format!(
+        "backward/{}/{mask}{}{}:",
+        T::DTYPE,
+        if top_left { "/topleft" } else { "" },
+        if mods { "/mods" } else { "" }
+    );
+    for (name, got, l, w) in
+        [("dq", &first.0, gq, &want.dq), ("dk", &first.1, gk, &want.dk), ("dv", &first.2, gk, &want.dv)]
+    {
+        let [bn, len, hn, dd] = l.shape;
+        let mut in_view = vec![false; got.len()];
+        let (mut e2, mut r2, mut worst, mut maxrow) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        for bb in 0..bn {
+            for r in 0..len {
+                for h in 0..hn {
+                    let (mut re, mut rr) = (0.0, 0.0);
+                    for x in 0..dd {
+                        let at = l.offset(bb, r, h, x);
+                        in_view[at] = true;
+                        let y: f64 = got[at].into();
+                        let t = w[((bb * len + r) * hn + h) * dd + x];
+                        re += (y - t) * (y - t);
+                        rr += t * t;
+                    }
+                    (e2, r2, worst, maxrow) = (e2 + re, r2 + rr, worst.max(re.sqrt()), maxrow.max(rr.sqrt()));
+                }
+            }
+        }
+        let stray =
+            got.iter().zip(&in_view).filter(|(x, &v)| !v && x.to_bits() != poison_value::<T>().to_bits()).count();
+        let rel = (e2 / r2.max(1e-300)).sqrt();
+        line += &format!(" {name} {rel:.2e}");
+        if rel.is_nan() || rel > tol || worst > 3.0 * tol * maxrow || stray > 0 {
+            return Err(
+                format!("{line}: {name} rel {rel:.2e}, worst row {worst:.2e} of {maxrow:.2e}, {stray} stray").into()
+            );
+        }
+    }
+    if let Some(w) = &want.dsinks {
+        let scale = w.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
+        let err = w.iter().zip(&first.3).fold(0.0f64, |m, (t, &y)| m.max((y as f64 - t).abs()));
+        line += &format!(" dsinks {:.2e}", err / scale);
+        if err.is_nan() || err > tol * scale {
+            return Err(format!("{line}: dsinks off").into());
+        }
+    }
+    println!("{line}");
+    Ok(())
 }
 
 /// The checker's negative control, run on the host before any trial (no
