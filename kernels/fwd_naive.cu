@@ -9,6 +9,7 @@
 #include "common/sequence.cuh"
 #include "common/merge.cuh"
 #include "common/additive.cuh"
+#include "common/maps.cuh"
 
 namespace {
 
@@ -161,3 +162,15 @@ FA_BWD_KERNELS(bf16)
 FA_ADDITIVE_KERNEL(fa_additive_f16, f16)
 FA_ADDITIVE_KERNEL(fa_additive_bf16, bf16)
 #endif
+// Attention maps (common/maps.cuh), loaded by name (src/ops/maps.rs) like the
+// merge kernels and for the same reason. One thread per map entry, 4 rows of
+// 32 keys per CTA; grid (row tiles * key tiles, 1, batch). Maps of f32 or of
+// the input type.
+#define FA_MAPS_KERNEL(name, dtype, out)                                                                        \
+    extern "C" __global__ void __launch_bounds__(kMapsThreads) name(const __grid_constant__ FaMapsParams m) {   \
+        fa_maps_thread<FA_DTYPE(dtype), out>(m, blockIdx.x, blockIdx.z, threadIdx.x);                          \
+    }
+FA_MAPS_KERNEL(fa_maps_f16_f32, f16, float)
+FA_MAPS_KERNEL(fa_maps_f16_f16, f16, fa_f16)
+FA_MAPS_KERNEL(fa_maps_bf16_f32, bf16, float)
+FA_MAPS_KERNEL(fa_maps_bf16_bf16, bf16, fa_bf16)

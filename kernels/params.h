@@ -233,6 +233,30 @@ typedef struct FaAdditiveParams {
     int32_t diag_offset;
     int32_t tanh_approx;
 } FaAdditiveParams;
+/* Attention maps (DESIGN.md 1b): P = exp(s - LSE) of a forward call's rows,
+ * from its Q, K and LSE and the score definition in `p` (scale, softcap,
+ * band and alignment, GQA, ALiBi; a sink only enters through the LSE). V, O
+ * and the varlen/cache/split fields of `p` are unused (rectangular batches).
+ * Per-head maps [B, heads, Lq, Lk] at `maps` (NULL: none), map head n
+ * holding query head `heads[n]` for n < num_heads, or query head n when
+ * all_heads != 0; the head mean over every query head [B, Lq, Lk] at `mean`
+ * (NULL: none). Both of the element type the kernel name says (f32 or the
+ * input type), key stride 1, other strides in elements. Masked entries and
+ * rows with no visible key are written as exactly 0. */
+#define FA_MAPS_MAX_HEADS 16
+typedef struct FaMapsParams {
+    FaFwdParams p;
+    void *maps;
+    int64_t map_batch_stride;
+    int64_t map_head_stride;
+    int64_t map_row_stride;
+    void *mean;
+    int64_t mean_batch_stride;
+    int64_t mean_row_stride;
+    int32_t all_heads;
+    int32_t num_heads;
+    int32_t heads[FA_MAPS_MAX_HEADS];
+} FaMapsParams;
 
 /* An opaque CUDA tensor map (CUtensorMap: 128 bytes, 64-byte aligned),
  * encoded on the host with cuTensorMapEncodeTiled. */

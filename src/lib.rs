@@ -79,7 +79,7 @@
 //! | global vs local attention (Luong), sliding windows (Longformer, Mistral) | [`Mask::Full`] vs [`Mask::Window`]; a window of width `w` costs `O(Lq·w)` |
 //! | causal (decoder) attention | [`Mask::Causal`] |
 //! | multi-head, multi-query, grouped-query attention | `Hq` query heads over `Hk` KV heads, `Hq % Hk == 0` |
-//! | the alignment weights / attention maps (Bahdanau's figures, `output_attentions`) | the attention-maps pass: `P = exp(s − LSE)` into a buffer the caller sizes, per head or the head mean |
+//! | the alignment weights / attention maps (Bahdanau's figures, `output_attentions`) | [`Attention::attention_maps_into`] / [`Attention::forward_with_maps_into`]: `P = exp(s − LSE)` into a buffer the caller sizes, per head or the head mean; [`reference::attention_maps`] |
 //! | ALiBi (Press et al. 2022) | [`AttentionOptions::with_alibi`] |
 //! | attention sinks (Xiao et al. 2024; learnable in gpt-oss) | [`AttentionOptions::with_sinks`] |
 //! | logit soft-capping (Gemma 2) | [`AttentionOptions::with_softcap`] |
@@ -193,6 +193,10 @@ pub use tensor::{
 };
 pub use validate::{AdditiveProblem, MAX_ADDITIVE_DIM};
 pub use validate::{AlibiLayout, CacheInfo, MergeProblem, PagedInfo, Problem, SeqInfo, MAX_MERGE_PARTS};
+// Attention maps (DESIGN.md section 1b).
+pub use ops::MapsRequest;
+pub use tensor::{MapElement, MapLayout, MapTensorMut};
+pub use validate::{MapsProblem, MAX_MAP_HEADS};
 
 /// The README's code blocks compile as doctests, so its API example cannot rot.
 #[cfg(doctest)]
@@ -218,10 +222,12 @@ pub mod internals {
     pub use crate::params::{
         bwd_params, fwd_params, tma_spec, with_modifiers, with_sequences, Addrs, ModAddrs, SeqAddrs, TmaSpec,
     };
+    pub use crate::params::{maps_params, MapOut};
     pub use crate::sys::*;
     pub use crate::validate::validate_additive;
     pub use crate::validate::{
         check_cache_tables, check_dtypes, check_seqlens, validate, validate_backward, validate_kvcache, validate_merge,
         validate_varlen, LseDesc, TensorDesc, MAX_GRID_YZ, MAX_HEAD_DIM, MAX_SCALE, MAX_SEQLEN,
     };
+    pub use crate::validate::{check_map_heads, map_tiles, validate_maps, MapDesc};
 }

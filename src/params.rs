@@ -5,9 +5,9 @@
 //! and nowhere else.
 
 use crate::options::MaskAlignment;
-use crate::sys::{FaAdditiveParams, FaBwdParams, FaFwdParams, FaMergeParams, FaMergePart};
-use crate::tensor::{DType, Layout, LseLayout};
-use crate::validate::{AdditiveProblem, AlibiLayout, Problem};
+use crate::sys::{FaAdditiveParams, FaBwdParams, FaFwdParams, FaMapsParams, FaMergeParams, FaMergePart};
+use crate::tensor::{DType, Layout, LseLayout, MapLayout};
+use crate::validate::{AdditiveProblem, AlibiLayout, MapsProblem, Problem};
 
 /// Device addresses of one call's tensors (`lse` 0 when not written).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,4 +330,54 @@ pub fn additive_params(
         diag_offset: p.band().diag_offset() as i32,
         tanh_approx: i32::from(p.dtype == DType::BF16),
     }
+}
+
+/// Device addresses and layouts of a maps call's outputs (address 0: absent).
+#[derive(Debug, Clone, Copy)]
+pub struct MapOut {
+    /// Base address.
+    pub addr: u64,
+    /// Its layout (`[B, H, Lq, Lk]`; the mean's `H` is 1).
+    pub layout: MapLayout,
+}
+
+/// The maps kernels' parameters (see `FaMapsParams`): the forward's score
+/// definition over Q (`q`) and K (`k`) with its LSE (`lse`), per-head maps
+/// and mean as `m` says. Validation bounded every size to fit i32 and every
+/// offset to fit i64.
+pub fn maps_params(
+    m: &MapsProblem,
+    layouts: (&Layout, &Layout, &LseLayout),
+    (q, k, lse): (u64, u64, u64),
+    maps: Option<MapOut>,
+    mean: Option<MapOut>,
+) -> FaMapsParams {
+    let (ql, kl, ll) = layouts;
+    // V plays no part; K's layout stands in for it, Q's for O.
+    let a = Addrs { q, k, v: k, o: 0, lse };
+    let p = fwd_params(&m.problem, &[*ql, *kl, *kl, *ql], Some(ll), a);
+    // SAFETY: plain integers and pointers (and the embedded FaFwdParams,
+    // overwritten next); all-zero is valid for each.
+    let mut out: FaMapsParams = unsafe { std::mem::zeroed() };
+    out.p = p;
+    if let Some(o) = maps.filter(|_| m.maps) {
+        let s = strides(&o.layout.shape, &o.layout.strides);
+        out.maps = o.addr as usize as *mut std::ffi::c_void;
+        (out.map_batch_stride, out.map_head_stride, out.map_row_stride) = (s[0], s[1], s[2]);
+    }
+    if let Some(o) = mean.filter(|_| m.mean) {
+        let s = strides(&o.layout.shape, &o.layout.strides);
+        out.mean = o.addr as usize as *mut std::ffi::c_void;
+        (out.mean_batch_stride, out.mean_row_stride) = (s[0], s[2]);
+    }
+    match m.heads {
+        None => out.all_heads = 1,
+        Some((list, n)) => {
+            out.num_heads = n as i32;
+            for (slot, &h) in out.heads.iter_mut().zip(&list[..n]) {
+                *slot = h as i32;
+            }
+        }
+    }
+    out
 }

@@ -29,10 +29,10 @@ pub use backward::{backward, backward_f64, Gradients};
 
 use crate::error::{Error, Result};
 use crate::options::{Alibi, AttentionOptions, HeadValues};
-use crate::tensor::{DType, Element, HostTensor, Layout, LseLayout};
+use crate::tensor::{DType, Element, HostTensor, Layout, LseLayout, MapLayout};
 use crate::validate::{
-    check_cache_tables, check_seqlens, validate, validate_kvcache, validate_merge, validate_varlen, LseDesc,
-    MergeProblem, Problem, TensorDesc,
+    check_cache_tables, check_seqlens, validate, validate_kvcache, validate_maps, validate_merge, validate_varlen,
+    LseDesc, MapDesc, MapsProblem, MergeProblem, Problem, TensorDesc,
 };
 
 /// Largest output (`B·Lq·Hq·D` elements of f64, 2 GiB) the reference computes.
@@ -702,4 +702,115 @@ pub fn additive_forward<T: Element>(
         }
     }
     Ok(AdditiveReference { problem: p, o, lse })
+}
+
+/// Attention maps on the host ([`attention_maps`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MapsReference {
+    /// The validated call.
+    pub problem: MapsProblem,
+    /// Per-head maps, contiguous `[B, H, Lq, Lk]`: map head `n` shows query
+    /// head `problem.query_head(n)` (`H = problem.map_heads()`).
+    pub maps: Vec<f64>,
+    /// The mean over every query head, contiguous `[B, Lq, Lk]`.
+    pub mean: Vec<f64>,
+    /// Log-sum-exp, contiguous `[B, Hq, Lq]` (`-inf` for empty rows).
+    pub lse: Vec<f64>,
+}
+
+/// Attention maps (DESIGN.md section 1b) in `f64`: `P_ij = exp(s_ij − LSE_i)`
+/// with the scores and LSE of [`forward`] (scale, softcap, mask and
+/// alignment, GQA, ALiBi; a sink enters through the LSE, so that rows sum
+/// to `1 − e^{σ_h − LSE_i}`), for every query head (`heads: None`) or the
+/// listed ones, and the mean over every query head. Masked entries are
+/// exactly 0, a row with no visible key all 0. Modifiers are read as host
+/// values ([`HeadValues::Host`]). The same validation as
+/// [`Attention::attention_maps_into`](crate::Attention::attention_maps_into)
+/// (without an LSE input: it finds its own).
+///
+/// # Errors
+/// The errors of [`validate_maps`](crate::internals::validate_maps) for Q,
+/// K, the head list and the options, [`Error::InvalidOption`] for
+/// modifiers in device memory, and [`Error::SizeOverflow`] beyond
+/// [`MAX_OUTPUT_ELEMENTS`] (`B·Hq·Lq·Lk`) or [`MAX_WORK`].
+pub fn attention_maps<T: Element>(
+    q: HostTensor<'_, T>,
+    k: HostTensor<'_, T>,
+    heads: Option<&[usize]>,
+    opts: &AttentionOptions,
+) -> Result<MapsReference> {
+    let desc = |arg, t: &HostTensor<'_, T>| TensorDesc { arg, layout: t.layout, len: t.data.len() };
+    let ([b_n, lq, hq, _], lk) = (q.layout.shape, k.layout.shape[1]);
+    let map = |arg, h| {
+        let layout = MapLayout::contiguous(b_n, h, lq, lk);
+        MapDesc { arg, layout, len: layout.span().unwrap_or(usize::MAX) }
+    };
+    let (maps_desc, mean_desc) = (map("maps", heads.map_or(hq, <[usize]>::len)), map("mean", 1));
+    let m = validate_maps(
+        T::DTYPE,
+        None,
+        &desc("q", &q),
+        &desc("k", &k),
+        None,
+        Some(&maps_desc),
+        heads,
+        Some(&mean_desc),
+        opts,
+    )?;
+    let p = m.problem;
+    let too_big = |what, value: u128, limit: u128| Error::SizeOverflow { arg: "q", what, value, limit };
+    let all = [p.batch, p.heads_q, p.seqlen_q, p.seqlen_k].iter().try_fold(1u128, |a, &x| a.checked_mul(x as u128));
+    let all = all.unwrap_or(u128::MAX);
+    if all > MAX_OUTPUT_ELEMENTS as u128 {
+        return Err(too_big("reference map elements", all, MAX_OUTPUT_ELEMENTS as u128));
+    }
+    let work = p.flops() / 4;
+    if work > MAX_WORK {
+        return Err(too_big("reference work (multiply-adds)", work, MAX_WORK));
+    }
+    let (hk_of, d, hsel) = (p.q_per_kv(), p.head_dim, m.map_heads());
+    // Which map head shows query head h.
+    let slot = |h: usize| (0..hsel).find(|&n| m.query_head(n) == h);
+    let mut maps = filled(p.batch * hsel * lq * lk, 0.0)?;
+    let mut mean = filled(p.batch * lq * lk, 0.0)?;
+    let mut lse = filled(p.batch * hq * lq, f64::NEG_INFINITY)?;
+    let mods = HostModifiers::of(opts)?;
+    let mut scores = Vec::new();
+    let mut qi = vec![0.0f64; d];
+    for b in 0..p.batch {
+        for h in 0..hq {
+            let hm = mods.for_head(b, h, hq);
+            for i in 0..lq {
+                for (c, x) in qi.iter_mut().enumerate() {
+                    *x = q.data[q.layout.offset(b, i, h, c)].into();
+                }
+                let (lo, hi) = p.key_range(i);
+                scores.clear();
+                for j in lo..hi {
+                    let base = k.layout.offset(b, j, h / hk_of, 0);
+                    let dot: f64 = qi.iter().zip(&k.data[base..base + d]).map(|(a, &kv)| a * kv.into()).sum();
+                    scores.push(capped_score(&p, dot) + hm.slope.map_or(0.0, |s| alibi_bias(&p, s, i, j)));
+                }
+                // The forward's LSE: a sink is one more term with no value.
+                let sink = hm.sink.unwrap_or(f64::NEG_INFINITY);
+                let mx = scores.iter().copied().fold(sink, f64::max);
+                if scores.is_empty() {
+                    lse[(b * hq + h) * lq + i] = sink;
+                    continue; // no visible key: the row all 0
+                }
+                let sum = hm.sink.map_or(0.0, |x| (x - mx).exp()) + scores.iter().map(|s| (s - mx).exp()).sum::<f64>();
+                let l = mx + sum.ln();
+                lse[(b * hq + h) * lq + i] = l;
+                let row = ((b * lq) + i) * lk;
+                for (j, s) in (lo..hi).zip(&scores) {
+                    let w = (s - l).exp();
+                    mean[row + j] += w / hq as f64;
+                    if let Some(n) = slot(h) {
+                        maps[((b * hsel + n) * lq + i) * lk + j] = w;
+                    }
+                }
+            }
+        }
+    }
+    Ok(MapsReference { problem: m, maps, mean, lse })
 }

@@ -381,3 +381,108 @@ pub struct RawLseTensor {
     /// How the memory at `addr` is indexed.
     pub layout: LseLayout,
 }
+
+/// Shape and strides (in elements) of attention maps `[B, H, Lq, Lk]`: the
+/// weights `P` of `H` query heads (all, or a chosen subset), or, with
+/// `H = 1`, their head mean `[B, Lq, Lk]`. The key dimension must be
+/// contiguous (`strides[3] == 1`); the others are free, so a map can live
+/// inside a larger buffer (e.g. a padded image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MapLayout {
+    /// `[batch, heads, seqlen_q, seqlen_k]`.
+    pub shape: [usize; 4],
+    /// Element strides of the same dimensions.
+    pub strides: [usize; 4],
+}
+
+impl MapLayout {
+    /// Contiguous `[B, H, Lq, Lk]`.
+    pub fn contiguous(batch: usize, heads: usize, seq_q: usize, seq_k: usize) -> Self {
+        MapLayout {
+            shape: [batch, heads, seq_q, seq_k],
+            strides: [sat(&[heads, seq_q, seq_k]), sat(&[seq_q, seq_k]), seq_k, 1],
+        }
+    }
+    /// Contiguous `[B, Lq, Lk]`: the head mean, as a one-head map.
+    pub fn mean(batch: usize, seq_q: usize, seq_k: usize) -> Self {
+        Self::contiguous(batch, 1, seq_q, seq_k)
+    }
+    /// Any strides, in `[batch, heads, seqlen_q, seqlen_k]` order (the last one 1).
+    pub fn strided(shape: [usize; 4], strides: [usize; 4]) -> Self {
+        MapLayout { shape, strides }
+    }
+    /// Number of logical elements, or `None` if that overflows `usize`.
+    pub fn numel(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |acc, &n| acc.checked_mul(n))
+    }
+    /// One past the highest element offset, or `None` on overflow.
+    pub fn span(&self) -> Option<usize> {
+        span(&self.shape, &self.strides)
+    }
+    /// Element offset of `[b, h, i, j]` (wrapping; for validated layouts).
+    #[inline]
+    pub fn offset(&self, b: usize, h: usize, i: usize, j: usize) -> usize {
+        b.wrapping_mul(self.strides[0])
+            .wrapping_add(h.wrapping_mul(self.strides[1]))
+            .wrapping_add(i.wrapping_mul(self.strides[2]))
+            .wrapping_add(j.wrapping_mul(self.strides[3]))
+    }
+}
+
+mod map_sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// An element type attention maps can be written in: `f32`, or the input's
+/// own type ([`half::f16`], [`half::bf16`]). Sealed.
+pub trait MapElement: map_sealed::Sealed + DeviceRepr + Copy + Default + Send + Sync + Into<f64> + 'static {
+    /// `None` for `f32`; the element type otherwise.
+    const DTYPE: Option<DType>;
+    /// Rounds an `f32` to this type.
+    fn from_f32(x: f32) -> Self;
+}
+
+impl MapElement for f32 {
+    const DTYPE: Option<DType> = None;
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl MapElement for half::f16 {
+    const DTYPE: Option<DType> = Some(DType::F16);
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+}
+
+impl MapElement for half::bf16 {
+    const DTYPE: Option<DType> = Some(DType::BF16);
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+}
+
+/// A writable device map tensor (see [`MapLayout`]): a cudarc mutable view
+/// plus its layout.
+#[derive(Debug)]
+pub struct MapTensorMut<'a, U> {
+    /// The device memory.
+    pub view: CudaViewMut<'a, U>,
+    /// How `view` is indexed.
+    pub layout: MapLayout,
+}
+
+impl<'a, U> MapTensorMut<'a, U> {
+    /// A view of a whole buffer.
+    pub fn new(buffer: &'a mut CudaSlice<U>, layout: MapLayout) -> Self {
+        MapTensorMut { view: buffer.as_view_mut(), layout }
+    }
+    /// A view of part of a buffer.
+    pub fn from_view(view: CudaViewMut<'a, U>, layout: MapLayout) -> Self {
+        MapTensorMut { view, layout }
+    }
+}

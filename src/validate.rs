@@ -963,3 +963,164 @@ pub fn validate_additive(
         bias: bias_len.is_some(),
     })
 }
+
+/// The most query heads one maps call can select by list
+/// (`FA_MAPS_MAX_HEADS`); every head is always possible.
+pub const MAX_MAP_HEADS: usize = 16;
+
+/// What [`validate_maps`] needs to know of a map output.
+#[derive(Debug, Clone, Copy)]
+pub struct MapDesc {
+    /// Its name in error messages (`"maps"`, `"mean"`).
+    pub arg: &'static str,
+    /// Shape and strides.
+    pub layout: crate::tensor::MapLayout,
+    /// Elements in the underlying buffer (view).
+    pub len: usize,
+}
+
+/// A validated attention-maps call (DESIGN.md section 1b).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MapsProblem {
+    /// The attention problem whose rows the maps show.
+    pub problem: Problem,
+    /// The query head of each map head (`heads[..num_heads]`), when a list
+    /// was given; `None`: every query head, in order.
+    pub heads: Option<([usize; MAX_MAP_HEADS], usize)>,
+    /// Whether per-head maps are written.
+    pub maps: bool,
+    /// Whether the head mean is written.
+    pub mean: bool,
+}
+
+impl MapsProblem {
+    /// Heads in the per-head maps (`H` of `[B, H, Lq, Lk]`).
+    pub fn map_heads(&self) -> usize {
+        self.heads.map_or(self.problem.heads_q, |(_, n)| n)
+    }
+    /// The query head shown by map head `n` (`n < map_heads()`).
+    pub fn query_head(&self, n: usize) -> usize {
+        self.heads.map_or(n, |(h, _)| h[n])
+    }
+}
+
+/// Checks a head subset: 1 to [`MAX_MAP_HEADS`] query heads, each below
+/// `heads_q`, none twice.
+///
+/// # Errors
+/// [`Error::InvalidOption`] (`heads`) naming the entry at fault.
+pub fn check_map_heads(heads: &[usize], heads_q: usize) -> Result<([usize; MAX_MAP_HEADS], usize)> {
+    let bad = |value: String, reason| Err(Error::InvalidOption { arg: "heads", value, reason });
+    if heads.is_empty() || heads.len() > MAX_MAP_HEADS {
+        return bad(heads.len().to_string(), "a head list takes 1 to 16 query heads (None: every head)");
+    }
+    let mut out = [0; MAX_MAP_HEADS];
+    for (n, &h) in heads.iter().enumerate() {
+        if h >= heads_q {
+            return bad(format!("heads[{n}] = {h}"), "a query head index must be below Hq");
+        }
+        if heads[..n].contains(&h) {
+            return bad(format!("heads[{n}] = {h}"), "each query head may be requested once");
+        }
+        out[n] = h;
+    }
+    Ok((out, heads.len()))
+}
+
+/// Checks one map output against its expected `[B, H, Lq, Lk]`: contiguous
+/// key dimension, every element its own address, inside its buffer.
+fn check_map(m: &MapDesc, expected: [usize; 4], against: &'static str) -> Result<()> {
+    const NAMES: [&str; 4] = ["batch", "heads", "seqlen", "keys"];
+    for i in 0..4 {
+        if m.layout.shape[i] != expected[i] {
+            let (expected, got) = (expected[i], m.layout.shape[i]);
+            return Err(Error::ShapeMismatch { arg: m.arg, dim: NAMES[i], expected, got, against });
+        }
+    }
+    if m.layout.strides[3] != 1 && m.layout.shape[3] > 1 {
+        return Err(Error::LastDimStride { arg: m.arg, stride: m.layout.strides[3] });
+    }
+    let limit = i64::MAX as u128;
+    let numel = m.layout.shape.iter().try_fold(1u128, |acc, &n| acc.checked_mul(n as u128));
+    if numel.is_none_or(|n| n > limit) {
+        return Err(overflow(m.arg, "element count", numel, limit));
+    }
+    if !non_overlapping(&m.layout.shape, &m.layout.strides) {
+        return Err(Error::Overlapping { arg: m.arg, shape: m.layout.shape, strides: m.layout.strides });
+    }
+    check_span(m.arg, m.layout.span(), m.len)
+}
+
+/// The maps kernels' CTAs per batch entry (4 rows × 32 keys each, grid x).
+pub fn map_tiles(seqlen_q: usize, seqlen_k: usize) -> u128 {
+    seqlen_q.div_ceil(4) as u128 * seqlen_k.div_ceil(32) as u128
+}
+
+/// Checks an attention-maps call (DESIGN.md section 1b): Q and K as a
+/// forward call takes them (V plays no part), the forward's `lse`
+/// `[B, Hq, Lq]` (`None` for the CPU reference, which finds its own),
+/// per-head `maps` `[B, H, Lq, Lk]` with `H` = `Hq` or the length of
+/// `heads` (query heads, in the maps' order), the head `mean` `[B, 1, Lq, Lk]`;
+/// `out` is the maps' element type (`None`: f32, else `dtype`).
+///
+/// # Errors
+/// The errors of [`validate`] for Q, K, LSE and the options;
+/// [`Error::InvalidOption`] for neither maps nor mean requested (`maps`) or a
+/// bad `heads` list (see [`check_map_heads`]; also given without `maps`);
+/// [`Error::DTypeMismatch`] (`maps`) for maps of a 16-bit type other than
+/// Q's; for each map output [`Error::ShapeMismatch`] (dims `batch`, `heads`,
+/// `seqlen`, `keys`), [`Error::LastDimStride`], [`Error::Overlapping`],
+/// [`Error::OutOfBounds`], [`Error::SizeOverflow`]; and
+/// [`Error::SizeOverflow`] when the launch grid would exceed `2^31 − 1` CTAs.
+#[allow(clippy::too_many_arguments)]
+pub fn validate_maps(
+    dtype: DType,
+    out: Option<DType>,
+    q: &TensorDesc,
+    k: &TensorDesc,
+    lse: Option<&LseDesc>,
+    maps: Option<&MapDesc>,
+    heads: Option<&[usize]>,
+    mean: Option<&MapDesc>,
+    opts: &AttentionOptions,
+) -> Result<MapsProblem> {
+    let p = validate(dtype, q, k, k, None, lse, opts)?;
+    if let Some(got) = out.filter(|&o| o != dtype) {
+        return Err(Error::DTypeMismatch { arg: "maps", expected: dtype, got });
+    }
+    if maps.is_none() && mean.is_none() {
+        return Err(Error::InvalidOption {
+            arg: "maps",
+            value: "none".into(),
+            reason: "request per-head maps, the head mean, or both",
+        });
+    }
+    let heads = match heads {
+        None => None,
+        Some(_) if maps.is_none() => {
+            return Err(Error::InvalidOption {
+                arg: "heads",
+                value: "a list".into(),
+                reason: "selects per-head maps, but none were given",
+            })
+        }
+        Some(list) => Some(check_map_heads(list, p.heads_q)?),
+    };
+    let map_heads = heads.map_or(p.heads_q, |(_, n)| n);
+    if let Some(m) = maps {
+        check_map(m, [p.batch, map_heads, p.seqlen_q, p.seqlen_k], "q, k and heads")?;
+    }
+    if let Some(m) = mean {
+        check_map(m, [p.batch, 1, p.seqlen_q, p.seqlen_k], "q and k (one head: the mean)")?;
+    }
+    let tiles = map_tiles(p.seqlen_q, p.seqlen_k);
+    if tiles > i32::MAX as u128 {
+        return Err(overflow(
+            maps.or(mean).map_or("maps", |m| m.arg),
+            "map tiles (launch grid x)",
+            Some(tiles),
+            i32::MAX as u128,
+        ));
+    }
+    Ok(MapsProblem { problem: p, heads, maps: maps.is_some(), mean: mean.is_some() })
+}

@@ -1035,6 +1035,11 @@ fn trials() -> Vec<(Trial, bool)> {
     trials.push(plain("kvcache/split_errors", split_errors));
     trials.push(plain("merge/bf16/ring_running_merge", ring_trial));
     trials.push(plain("merge/f16/split_keys", merge_trial::<f16>));
+    trials.push(plain("maps/bf16/f32", maps_trial::<bf16, f32>));
+    trials.push(plain("maps/bf16/bf16", maps_trial::<bf16, bf16>));
+    trials.push(plain("maps/f16/f32", maps_trial::<f16, f32>));
+    trials.push(plain("maps/f16/f16", maps_trial::<f16, f16>));
+    trials.push(plain("maps/errors", maps_errors));
     for (name, c, m) in modifier_cases() {
         trials.push((Trial::test(name, move || modifier_trial(c, m)), is90(c.family)));
     }
@@ -2185,6 +2190,122 @@ fn additive_trials<T: Element>() -> Result<(), Failed> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------
+// Attention maps.
+
+/// `forward_with_maps_into` over a problem with every feature the maps
+/// kernel honours (GQA 8:2, Lq ≠ Lk one short of a tile, the mask in each
+/// alignment, softcap, ALiBi per batch entry, sinks), maps of a head subset
+/// out of order and the mean, each on padded strides inside a poisoned
+/// buffer with guards: against the f64 reference entry by entry (absolute
+/// error: f32 arithmetic, plus half an ulp of a 16-bit map), masked entries
+/// exactly 0, every in-view entry written, every guard and pad still poison.
+fn maps_trial<T: Element, U: fused_attn::MapElement>() -> Result<(), Failed> {
+    use fused_attn::{Alibi, HeadValues, MapLayout, MapTensorMut, MapsRequest};
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let mut rng = StdRng::seed_from_u64(91);
+    let (b, lq, lk, hq, hk, d) = (2, 37, 95, 8, 2, 128);
+    let ql = Layout::bhsd(b, hq, lq, d);
+    let krow = hk * d + 8;
+    let kl = Layout::strided_bshd([b, lk, hk, d], [lk * krow, krow, d, 1]);
+    let (q, k, v): (Vec<T>, Vec<T>, Vec<T>) =
+        (randn(&mut rng, b * hq * lq * d), randn(&mut rng, b * lk * krow), randn(&mut rng, b * lk * krow));
+    let slopes: Vec<f32> = (0..b * hq).map(|_| rng.random_range(0.01f32..0.3)).collect();
+    let sinks: Vec<f32> = (0..hq).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+    let (qd, kd, vd) = (upload(&stream, &q)?, upload(&stream, &k)?, upload(&stream, &v)?);
+    let (slopes_d, sinks_d) = (stream.clone_htod(&slopes).map_err(text)?, stream.clone_htod(&sinks).map_err(text)?);
+    let heads = [5usize, 0, 7];
+    let cases: [(&str, AttentionOptions<'_>, bool); 3] = [
+        ("causal", AttentionOptions::new(Mask::Causal), false),
+        ("window top-left", AttentionOptions::new(Mask::window(20, 3)).with_alignment(MaskAlignment::TopLeft), false),
+        ("full softcap alibi sinks", AttentionOptions::new(Mask::Full).with_softcap(4.0).with_scale(0.2), true),
+    ];
+    let guard = 64;
+    let poison_u = || U::from_f32(f32::NAN);
+    for (name, base, mods) in cases {
+        let (mut dev_opts, mut host_opts) = (base, base);
+        if mods {
+            dev_opts = dev_opts
+                .with_alibi(Alibi::per_batch(HeadValues::Device(&slopes_d)))
+                .with_sinks(HeadValues::Device(&sinks_d));
+            host_opts =
+                host_opts.with_alibi(Alibi::per_batch(HeadValues::Host(&slopes))).with_sinks(HeadValues::Host(&sinks));
+        }
+        // Maps [b, 3, lq, lk] with padded rows, heads and batches; mean [b, 1, lq, lk] likewise.
+        let (mr, mh) = (lk + 5, lq * (lk + 5) + 3);
+        let ml = MapLayout::strided([b, heads.len(), lq, lk], [heads.len() * mh + 7, mh, mr, 1]);
+        let el = MapLayout::strided([b, 1, lq, lk], [lq * (lk + 2) + 9, 0, lk + 2, 1]);
+        let (mspan, espan) = (ml.span().unwrap(), el.span().unwrap());
+        let mut maps = stream.clone_htod(&vec![poison_u(); guard + mspan + guard]).map_err(text)?;
+        let mut mean = stream.clone_htod(&vec![poison_u(); guard + espan + guard]).map_err(text)?;
+        let mut o = upload(&stream, &poison::<T>(b * lq * hq * d))?;
+        let mut lse = stream.clone_htod(&vec![0.0f32; b * hq * lq]).map_err(text)?;
+        {
+            let (qt, kt, vt) = (DeviceTensor::new(&qd, ql), DeviceTensor::new(&kd, kl), DeviceTensor::new(&vd, kl));
+            let mut ot = DeviceTensorMut::new(&mut o, Layout::bshd(b, lq, hq, d));
+            let mut lt = LseTensorMut::new(&mut lse, LseLayout::contiguous(b, hq, lq));
+            let request = MapsRequest::heads(MapTensorMut::from_view(maps.slice_mut(guard..guard + mspan), ml), &heads)
+                .with_mean(MapTensorMut::from_view(mean.slice_mut(guard..guard + espan), el));
+            g.attn
+                .forward_with_maps_into(&stream, &qt, &kt, &vt, &mut ot, &mut lt, request, &dev_opts)
+                .map_err(text)?;
+        }
+        let (maps_h, mean_h) = (stream.clone_dtoh(&maps).map_err(text)?, stream.clone_dtoh(&mean).map_err(text)?);
+        let r = reference::attention_maps(HostTensor::new(&q, ql), HostTensor::new(&k, kl), Some(&heads), &host_opts)
+            .map_err(text)?;
+        let half = if U::DTYPE.is_none() {
+            0.0
+        } else if U::DTYPE == Some(DType::BF16) {
+            2f64.powi(-8)
+        } else {
+            2f64.powi(-11)
+        };
+        let (mut worst, mut in_maps, mut in_mean) = (0.0f64, vec![false; maps_h.len()], vec![false; mean_h.len()]);
+        let mut check = |got: U, want: f64, what: &str| -> Result<(), String> {
+            let got: f64 = got.into();
+            if want == 0.0 && got != 0.0 {
+                return Err(format!("{what}: masked entry is {got}, not exactly 0"));
+            }
+            let err = (got - want).abs() / (1e-4 + half * want);
+            if err.is_nan() || err > 1.0 {
+                return Err(format!("{what}: {got} vs {want}"));
+            }
+            worst = worst.max(err);
+            Ok(())
+        };
+        for bb in 0..b {
+            for i in 0..lq {
+                for j in 0..lk {
+                    for n in 0..heads.len() {
+                        let at = guard + ml.offset(bb, n, i, j);
+                        in_maps[at] = true;
+                        check(
+                            maps_h[at],
+                            r.maps[((bb * heads.len() + n) * lq + i) * lk + j],
+                            &format!("{name} map {n} ({bb},{i},{j})"),
+                        )?;
+                    }
+                    let at = guard + el.offset(bb, 0, i, j);
+                    in_mean[at] = true;
+                    check(mean_h[at], r.mean[(bb * lq + i) * lk + j], &format!("{name} mean ({bb},{i},{j})"))?;
+                }
+            }
+        }
+        let strays = maps_h.iter().zip(&in_maps).chain(mean_h.iter().zip(&in_mean));
+        let strays = strays.filter(|(x, &inside)| !inside && !Into::<f64>::into(**x).is_nan()).count();
+        if strays > 0 {
+            return Err(format!("{name}: {strays} writes outside the map views").into());
+        }
+        println!(
+            "maps/{}->{}: {name}: worst error/tolerance {worst:.3}",
+            T::DTYPE,
+            U::DTYPE.map_or("f32", |d| d.name())
+        );
+    }
+    Ok(())
+}
+
 /// The allocating call equals the reference; a scale is refused before any launch.
 fn additive_errors() -> Result<(), Failed> {
     let g = gpu()?;
@@ -2228,4 +2349,59 @@ fn additive_errors() -> Result<(), Failed> {
         return Err(format!("additive_forward: O rel {rel:.2e}, worst row {worst:.2e}, LSE {lse:.2e}").into());
     }
     Ok(())
+}
+
+/// Maps errors that need a device: ALiBi slopes in host memory, a map
+/// buffer too short (checked before the forward runs: O stays poisoned).
+fn maps_errors() -> Result<(), Failed> {
+    use fused_attn::{Alibi, HeadValues, MapLayout, MapTensorMut, MapsRequest};
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let (b, lq, lk, hq, d) = (1, 8, 16, 2, 64);
+    let (ql, kl) = (Layout::bshd(b, lq, hq, d), Layout::bshd(b, lk, hq, d));
+    let mut rng = StdRng::seed_from_u64(92);
+    let (q, k): (Vec<bf16>, Vec<bf16>) = (randn(&mut rng, b * lq * hq * d), randn(&mut rng, b * lk * hq * d));
+    let (qd, kd) = (upload(&stream, &q)?, upload(&stream, &k)?);
+    let mut o = upload(&stream, &poison::<bf16>(b * lq * hq * d))?;
+    let mut lse = stream.clone_htod(&vec![0.0f32; b * hq * lq]).map_err(text)?;
+    let mut maps = stream.alloc_zeros::<f32>(b * hq * lq * lk - 1).map_err(text)?;
+    {
+        let (qt, kt) = (DeviceTensor::new(&qd, ql), DeviceTensor::new(&kd, kl));
+        let mut ot = DeviceTensorMut::new(&mut o, ql);
+        let mut lt = LseTensorMut::new(&mut lse, LseLayout::contiguous(b, hq, lq));
+        let request = MapsRequest::all_heads(MapTensorMut::new(&mut maps, MapLayout::contiguous(b, hq, lq, lk)));
+        match g.attn.forward_with_maps_into(
+            &stream,
+            &qt,
+            &kt,
+            &kt,
+            &mut ot,
+            &mut lt,
+            request,
+            &AttentionOptions::default(),
+        ) {
+            Err(Error::OutOfBounds { arg: "maps", .. }) => {}
+            other => return Err(format!("short maps buffer: {other:?}").into()),
+        }
+    }
+    let o_host = download(&stream, &o)?;
+    if o_host.iter().any(|x| !f64::from(*x).is_nan()) {
+        return Err("the forward ran although the maps were invalid".into());
+    }
+    let slopes = [0.1f32, 0.2];
+    let mut maps = stream.alloc_zeros::<f32>(b * hq * lq * lk).map_err(text)?;
+    let lse_in = LseTensor::new(&lse, LseLayout::contiguous(b, hq, lq));
+    let request = MapsRequest::all_heads(MapTensorMut::new(&mut maps, MapLayout::contiguous(b, hq, lq, lk)));
+    let opts = AttentionOptions::default().with_alibi(Alibi::per_head(HeadValues::Host(&slopes)));
+    match g.attn.attention_maps_into(
+        &stream,
+        &DeviceTensor::new(&qd, ql),
+        &DeviceTensor::new(&kd, kl),
+        &lse_in,
+        request,
+        &opts,
+    ) {
+        Err(Error::InvalidOption { arg: "alibi_slopes", .. }) => Ok(()),
+        other => Err(format!("host ALiBi slopes: {other:?}").into()),
+    }
 }

@@ -29,6 +29,8 @@ fn generate() -> Result<String, String> {
             .allowlist_var("FA_MERGE_MAX_PARTS")
             .allowlist_type("FaAdditiveParams")
             .allowlist_var("FA_ADDITIVE_.*")
+            .allowlist_type("FaMapsParams")
+            .allowlist_var("FA_MAPS_MAX_HEADS")
             .use_core()
             .layout_tests(true)
             .derive_default(true)

@@ -474,6 +474,25 @@ pub(crate) unsafe fn launch_additive(
     unsafe { launch(ctx, cu_stream, func, (grid, (FA_ADDITIVE_THREADS, 1, 1), smem), a) }
 }
 
+/// Launches the attention-maps kernel `func` (`kernels/fwd_naive.cu`) over
+/// `tiles` CTAs of 128 threads (4 rows × 32 keys) per batch entry: grid
+/// (tiles, 1, B).
+///
+/// # Safety
+/// As [`launch`], with `m` the kernel's argument and `tiles` the
+/// `map_tiles` of its lengths.
+pub(crate) unsafe fn launch_maps(
+    ctx: &CudaContext,
+    cu_stream: CUstream,
+    func: cudarc::driver::sys::CUfunction,
+    m: &crate::sys::FaMapsParams,
+    tiles: u32,
+) -> Result<()> {
+    let grid = (tiles, 1, m.p.batch as u32);
+    // SAFETY: by this function's contract.
+    unsafe { launch(ctx, cu_stream, func, (grid, (128, 1, 1), 0), m) }
+}
+
 /// Launches `func` with its single by-value argument `arg`.
 ///
 /// # Safety

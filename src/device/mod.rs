@@ -19,7 +19,9 @@ use crate::sys::{self, KernelImage, KernelRow};
 use crate::tensor::DType;
 use crate::validate::Problem;
 
-pub(crate) use launch::{alloc_output, launch_additive, launch_bwd, launch_merge, modifier_ptr, Tables, TmaCache};
+pub(crate) use launch::{
+    alloc_output, launch_additive, launch_bwd, launch_maps, launch_merge, modifier_ptr, Tables, TmaCache,
+};
 
 /// Opens (retains) the primary context of GPU `ordinal`.
 ///
@@ -91,6 +93,9 @@ struct Registry {
     /// also in the naive image), loaded on first use with their
     /// dynamic shared-memory limit raised.
     additive_funcs: [OnceLock<CudaFunction>; 2],
+    /// The attention-maps kernels (f16, bf16 in; f32 or input-type maps),
+    /// loaded on first use like the merge kernels.
+    maps_funcs: [OnceLock<CudaFunction>; 4],
 }
 
 /// The per-context registries: `Weak`, so the modules go when the last
@@ -208,6 +213,11 @@ impl Attention {
         Ok((self.reg.additive_function(&self.ctx, dtype)?, self.reg.device.smem_per_block))
     }
 
+    /// The attention-maps kernel for inputs of `dtype` (f32 maps, or maps of `dtype`).
+    pub(crate) fn maps_function(&self, dtype: DType, f32_maps: bool) -> Result<&CudaFunction> {
+        self.reg.maps_function(&self.ctx, dtype, f32_maps)
+    }
+
     /// The device's SM count (the split-KV heuristic's unit).
     pub(crate) fn sm_count(&self) -> u32 {
         self.reg.device.sm_count
@@ -255,6 +265,7 @@ impl Registry {
             merge_funcs: [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()],
             bwd_funcs: Default::default(),
             additive_funcs: [OnceLock::new(), OnceLock::new()],
+            maps_funcs: [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()],
         })
     }
 
@@ -298,6 +309,18 @@ impl Registry {
         ];
         let slot = which.min(2) + if dtype == DType::BF16 { 3 } else { 0 };
         self.naive_image_function(ctx, &self.bwd_funcs[slot], NAMES[slot])
+    }
+
+    /// The attention-maps kernel for inputs of `dtype`, writing f32 maps
+    /// (`f32_maps`) or maps of `dtype`; in the naive kernel's image.
+    fn maps_function(&self, ctx: &Arc<CudaContext>, dtype: DType, f32_maps: bool) -> Result<&CudaFunction> {
+        let (slot, name) = match (dtype, f32_maps) {
+            (DType::F16, true) => (0, "fa_maps_f16_f32"),
+            (DType::F16, false) => (1, "fa_maps_f16_f16"),
+            (DType::BF16, true) => (2, "fa_maps_bf16_f32"),
+            (DType::BF16, false) => (3, "fa_maps_bf16_bf16"),
+        };
+        self.naive_image_function(ctx, &self.maps_funcs[slot], name)
     }
 
     /// Kernel `name` of the naive image (not a table row), kept in `cell`

@@ -5,6 +5,7 @@ mod additive;
 mod backward;
 mod forward;
 pub(crate) mod kvcache;
+mod maps;
 mod merge;
 pub(crate) mod varlen;
 
@@ -12,6 +13,7 @@ pub use additive::AdditiveOutput;
 pub use backward::Gradients;
 pub use forward::{problem_of, DynTensor, DynTensorMut, ForwardOutput};
 pub use kvcache::CacheTables;
+pub use maps::MapsRequest;
 pub use merge::PartialState;
 pub use varlen::SeqLens;
 

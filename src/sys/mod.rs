@@ -21,6 +21,8 @@ pub use params::{
 };
 /// The launch parameters of the forward kernels (sm90: plus TMA maps); see `kernels/params.h`.
 pub use params::{FaFwdParams, FaFwdSm90Params, FaTensorMap};
+/// The launch parameters of the attention-maps kernels (`kernels/common/maps.cuh`).
+pub use params::{FaMapsParams, FA_MAPS_MAX_HEADS};
 /// The launch parameters of the merge-of-states kernel (`kernels/common/merge.cuh`).
 pub use params::{FaMergeParams, FaMergePart, FA_MERGE_MAX_PARTS};
 
@@ -37,6 +39,9 @@ unsafe impl DeviceRepr for FaMergeParams {}
 unsafe impl DeviceRepr for FaBwdParams {}
 // SAFETY: as for `FaFwdParams`: plain pointers and integers, layout asserted by bindgen.
 unsafe impl DeviceRepr for FaAdditiveParams {}
+// SAFETY: as for `FaFwdParams` (which it embeds): pointers, integers and an
+// i32 array, layout asserted by bindgen.
+unsafe impl DeviceRepr for FaMapsParams {}
 
 /// One embedded fatbin, made from `kernels/<stem>.cu`.
 #[derive(Debug, Clone, Copy)]

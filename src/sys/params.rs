@@ -7,6 +7,7 @@ pub const FA_ADDITIVE_BLOCK_M: u32 = 16;
 pub const FA_ADDITIVE_BLOCK_N: u32 = 32;
 pub const FA_ADDITIVE_THREADS: u32 = 128;
 pub const FA_ADDITIVE_MAX_DIM: u32 = 256;
+pub const FA_MAPS_MAX_HEADS: u32 = 16;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct FaFwdParams {
@@ -559,6 +560,68 @@ const _: () = {
     ][::core::mem::offset_of!(FaAdditiveParams, tanh_approx) - 204usize];
 };
 impl Default for FaAdditiveParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct FaMapsParams {
+    pub p: FaFwdParams,
+    pub maps: *mut ::core::ffi::c_void,
+    pub map_batch_stride: i64,
+    pub map_head_stride: i64,
+    pub map_row_stride: i64,
+    pub mean: *mut ::core::ffi::c_void,
+    pub mean_batch_stride: i64,
+    pub mean_row_stride: i64,
+    pub all_heads: i32,
+    pub num_heads: i32,
+    pub heads: [i32; 16usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of FaMapsParams"][::core::mem::size_of::<FaMapsParams>() - 432usize];
+    ["Alignment of FaMapsParams"][::core::mem::align_of::<FaMapsParams>() - 8usize];
+    [
+        "Offset of field: FaMapsParams::p",
+    ][::core::mem::offset_of!(FaMapsParams, p) - 0usize];
+    [
+        "Offset of field: FaMapsParams::maps",
+    ][::core::mem::offset_of!(FaMapsParams, maps) - 304usize];
+    [
+        "Offset of field: FaMapsParams::map_batch_stride",
+    ][::core::mem::offset_of!(FaMapsParams, map_batch_stride) - 312usize];
+    [
+        "Offset of field: FaMapsParams::map_head_stride",
+    ][::core::mem::offset_of!(FaMapsParams, map_head_stride) - 320usize];
+    [
+        "Offset of field: FaMapsParams::map_row_stride",
+    ][::core::mem::offset_of!(FaMapsParams, map_row_stride) - 328usize];
+    [
+        "Offset of field: FaMapsParams::mean",
+    ][::core::mem::offset_of!(FaMapsParams, mean) - 336usize];
+    [
+        "Offset of field: FaMapsParams::mean_batch_stride",
+    ][::core::mem::offset_of!(FaMapsParams, mean_batch_stride) - 344usize];
+    [
+        "Offset of field: FaMapsParams::mean_row_stride",
+    ][::core::mem::offset_of!(FaMapsParams, mean_row_stride) - 352usize];
+    [
+        "Offset of field: FaMapsParams::all_heads",
+    ][::core::mem::offset_of!(FaMapsParams, all_heads) - 360usize];
+    [
+        "Offset of field: FaMapsParams::num_heads",
+    ][::core::mem::offset_of!(FaMapsParams, num_heads) - 364usize];
+    [
+        "Offset of field: FaMapsParams::heads",
+    ][::core::mem::offset_of!(FaMapsParams, heads) - 368usize];
+};
+impl Default for FaMapsParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {
