@@ -38,6 +38,7 @@ stage gpu-tests gpu test --release --test gpu --no-run
 stage bench-forward forward bench --bench forward --no-run
 stage quickstart quickstart build --release --example quickstart
 stage serving serving build --release --example serving
+stage alignment alignment build --release --example alignment
 strip "$out"/bin/* 2>/dev/null || true
 cp scripts/peers.py scripts/report.py "$out/scripts/"
 cp scripts/gpu-run.sh "$out/run.sh"

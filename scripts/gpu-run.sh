@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU host from the bundle staged by scripts/gpu-bundle.sh.
-#   run.sh OUTDIR [phase...]    phases: tests sanitize quickstart serving bench peers report all
+#   run.sh OUTDIR [phase...]    phases: tests sanitize quickstart serving alignment bench peers report all
 # TEST_FILTER (e.g. "sweep/sm90") narrows the tests phase; TEST_TIMEOUT caps it (s).
 # Default: tests sanitize quickstart. Every phase logs under OUTDIR; the last
 # lines of each log are echoed so a truncated console still shows the verdict.
@@ -8,8 +8,8 @@ set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 outdir="${1:?usage: run.sh OUTDIR [phase...]}"; shift
 mkdir -p "$outdir"
-phases=("$@"); [ ${#phases[@]} -eq 0 ] && phases=(tests sanitize quickstart serving)
-[ "${phases[0]}" = all ] && phases=(tests sanitize quickstart serving bench peers report)
+phases=("$@"); [ ${#phases[@]} -eq 0 ] && phases=(tests sanitize quickstart serving alignment)
+[ "${phases[0]}" = all ] && phases=(tests sanitize quickstart serving alignment bench peers report)
 set -a; . "$here/meta.env"; set +a
 export FUSED_ATTN_DRIVER="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)"
 export FUSED_ATTN_CUDA="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/\1/p' | head -1)"
@@ -38,6 +38,10 @@ for phase in "${phases[@]}"; do
     serving)
       "$here/bin/serving" > "$outdir/serving.log" 2>&1 || status=1
       cat "$outdir/serving.log" ;;
+    alignment)
+      # Attention maps on the GPU (checked against the reference) and the heatmap PNG.
+      "$here/bin/alignment" "$outdir/alignment.png" > "$outdir/alignment.log" 2>&1 || status=1
+      cat "$outdir/alignment.log" ;;
     bench)
       FUSED_ATTN_BENCH_JSON="$outdir/ours.json" "$here/bin/bench-forward" 2> "$outdir/bench.log" || status=1
       tail -n 60 "$outdir/bench.log" ;;
