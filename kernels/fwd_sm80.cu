@@ -77,6 +77,13 @@ template <> struct Sm80Shape99k<160> : Sm80ShapeOf<128,    64,    8,    2,   1, 
 template <> struct Sm80Shape99k<192> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};  //  96 KiB
 template <> struct Sm80Shape99k<224> : Sm80ShapeOf<128,    32,    8,    2,   1,         true> {};  //  84 KiB
 
+// The `_paged` rows' shapes: their bucket's main one, except that hd32 re-reads
+// Q from shared memory each tile (4 more ldmatrix per 128 keys): with Q in
+// registers, the page code and the ALiBi branch together needed more than 255
+// registers (it spilled 36 bytes).
+template <int HD> struct Sm80ShapePaged : Sm80Shape<HD> {};
+template <> struct Sm80ShapePaged<32> : Sm80ShapeOf<128, 128, 4, 2, 2, false> {};
+
 // Variants, to measure against the defaults (see the end of the file).
 // __w8: the previous defaults of hd96, hd128 and hd256, 8 warps x 16 rows, Q in registers.
 template <int HD> struct Sm80ShapeW8;
@@ -245,6 +252,29 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     OnlineSoftmax<MT> softmax;
     softmax.init();
 
+    // Score modifiers (params.h), each row by its own query head (with PACK
+    // they differ from row to row). Sinks: the softmax starts from the sink,
+    // in the first share of the keys only under split-KV, so that the merge
+    // counts it once.
+    auto row_of = [&](int mt, int hf) { return m0 + warp_row + mt * 16 + hf * 8 + g; };
+    if (p.sinks != nullptr && blockIdx.x % splits == 0) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) softmax.seed(mt, hf, p.sinks[head_of(row_of(mt, hf))] * log2e, tig == 0);
+    }
+    // ALiBi: s -= slope * |i + off - j| on every visited tile (log2 domain:
+    // slope * log2(e)). A runtime-uniform branch, like the softcap's, keeps the
+    // default loop as it was; per row and tile, a = -slope * log2(e) and
+    // x = i + off - 2 tig - n0, the distance to key n0 + nt * 8 + e of this
+    // lane's column pair being x - (nt * 8 + e): per score one FADD (integers
+    // below 2^24 are exact in f32) and one FFMA with |.|. Nothing is held
+    // across tiles (the tightest rows have no register to spare: hd32 _paged,
+    // the _decode rows spilled): without PACK a warp's rows share the slope
+    // and their x differ by constants, so it is one load and one x per tile;
+    // with PACK each row has its own head and query.
+    const bool alibi = p.alibi_slopes != nullptr;
+
     // ---- Main loop over key tiles ---------------------------------------------
     for (int j = 0; j < n_tiles; ++j) {
         const int n0 = (n_begin + j) * BN;
@@ -304,6 +334,24 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
                 for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) s[mt][nt][e] *= score_in;
+        }
+        if (alibi) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    // Without PACK: row (0, 0)'s values (the compiler keeps one
+                    // copy), row (mt, hf) being mt * 16 + hf * 8 rows further.
+                    const int row = PACK ? row_of(mt, hf) : row_of(0, 0);
+                    const int row_c = PACK ? 0 : mt * 16 + hf * 8;
+                    const float a = -log2e * p.alibi_slopes[b * p.alibi_batch_stride + head_of(row)];
+                    const float x = float(query_of(row) + p.diag_offset - 2 * tig - n0);
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            s[mt][nt][2 * hf + e] = fmaf(a, fabsf(x + float(row_c - nt * 8 - e)), s[mt][nt][2 * hf + e]);
+                }
         }
 
         // Element mask, only where the tile is not visible to every row: band
@@ -490,10 +538,10 @@ FA_KERNEL(fa_fwd_sm80_bf16_hd160_99k, bf16, 160, 128, 64, 256, 81920, 80, FA_GRI
 FA_KERNEL(fa_fwd_sm80_bf16_hd192_99k, bf16, 192, 128, 64, 256, 98304, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd224_99k, bf16, 224, 128, 32, 256, 86016, 80, FA_GRID_TILES)
 
-// The `_paged` rows: each bucket's main shape, also reading paged KV caches
+// The `_paged` rows: each bucket's main tile shape (Sm80ShapePaged), also reading paged KV caches
 // (PAGED above). The dispatcher gives them paged caches, and only those.
 #undef FA_SHAPE
-#define FA_SHAPE(head_dim) Sm80Shape<head_dim>
+#define FA_SHAPE(head_dim) Sm80ShapePaged<head_dim>
 #undef FA_PAGED
 #define FA_PAGED true
 FA_KERNEL(fa_fwd_sm80_f16_hd32_paged, f16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
