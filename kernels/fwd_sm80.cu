@@ -77,12 +77,13 @@ template <> struct Sm80Shape99k<160> : Sm80ShapeOf<128,    64,    8,    2,   1, 
 template <> struct Sm80Shape99k<192> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};  //  96 KiB
 template <> struct Sm80Shape99k<224> : Sm80ShapeOf<128,    32,    8,    2,   1,         true> {};  //  84 KiB
 
-// The `_paged` rows' shapes: their bucket's main one, except that hd32 re-reads
-// Q from shared memory each tile (4 more ldmatrix per 128 keys): with Q in
-// registers, the page code and the ALiBi branch together needed more than 255
-// registers (it spilled 36 bytes).
+// The `_paged` rows' shapes: their bucket's main one, except hd32's: block_n
+// 64 and a ring of 4 (hd64's layout, the same 24 KiB), since at block_n 128
+// the page code and the ALiBi branch together needed more than 255 registers
+// (36 bytes spilled at sm_80, 20 at sm_90a; re-reading Q from shared memory
+// instead spilled at sm_90a). Not measured on a GPU.
 template <int HD> struct Sm80ShapePaged : Sm80Shape<HD> {};
-template <> struct Sm80ShapePaged<32> : Sm80ShapeOf<128, 128, 4, 2, 2, false> {};
+template <> struct Sm80ShapePaged<32> : Sm80ShapeOf<128, 64, 4, 4, 2, true> {};
 
 // Variants, to measure against the defaults (see the end of the file).
 // __w8: the previous defaults of hd96, hd128 and hd256, 8 warps x 16 rows, Q in registers.
@@ -269,10 +270,12 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     // x = i + off - 2 tig - n0, the distance to key n0 + nt * 8 + e of this
     // lane's column pair being x - (nt * 8 + e): per score one FADD (integers
     // below 2^24 are exact in f32) and one FFMA with |.|. Nothing is held
-    // across tiles (the tightest rows have no register to spare: hd32 _paged,
-    // the _decode rows spilled): without PACK a warp's rows share the slope
-    // and their x differ by constants, so it is one load and one x per tile;
-    // with PACK each row has its own head and query.
+    // across tiles (the rows are at 255 registers; holding a and x spilled):
+    // without PACK a warp's rows share the slope and their x differ by
+    // constants, so it is one load and one x per tile. With PACK each row has
+    // its own head and query: lane L loads the slope of the warp's row L (of
+    // 16 * MT) and the quads read theirs by shuffle (a load per row spilled
+    // the _decode rows at sm_90a).
     const bool alibi = p.alibi_slopes != nullptr;
 
     // ---- Main loop over key tiles ---------------------------------------------
@@ -336,6 +339,8 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
                     for (int e = 0; e < 4; ++e) s[mt][nt][e] *= score_in;
         }
         if (alibi) {
+            const float a_lane = -log2e * p.alibi_slopes[b * p.alibi_batch_stride +
+                                                         head_of(PACK ? m0 + warp_row + lane % (16 * MT) : 0)];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -344,7 +349,7 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
                     // copy), row (mt, hf) being mt * 16 + hf * 8 rows further.
                     const int row = PACK ? row_of(mt, hf) : row_of(0, 0);
                     const int row_c = PACK ? 0 : mt * 16 + hf * 8;
-                    const float a = -log2e * p.alibi_slopes[b * p.alibi_batch_stride + head_of(row)];
+                    const float a = PACK ? __shfl_sync(0xffffffffu, a_lane, mt * 16 + hf * 8 + g) : a_lane;
                     const float x = float(query_of(row) + p.diag_offset - 2 * tig - n0);
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt)
@@ -544,7 +549,7 @@ FA_KERNEL(fa_fwd_sm80_bf16_hd224_99k, bf16, 224, 128, 32, 256, 86016, 80, FA_GRI
 #define FA_SHAPE(head_dim) Sm80ShapePaged<head_dim>
 #undef FA_PAGED
 #define FA_PAGED true
-FA_KERNEL(fa_fwd_sm80_f16_hd32_paged, f16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd32_paged, f16, 32, 128, 64, 128, 24576, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd64_paged, f16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd96_paged, f16, 96, 128, 64, 128, 49152, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd128_paged, f16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
@@ -552,7 +557,7 @@ FA_KERNEL(fa_fwd_sm80_f16_hd160_paged, f16, 160, 128, 64, 256, 122880, 80, FA_GR
 FA_KERNEL(fa_fwd_sm80_f16_hd192_paged, f16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd224_paged, f16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd256_paged, f16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_bf16_hd32_paged, bf16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd32_paged, bf16, 32, 128, 64, 128, 24576, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd64_paged, bf16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd96_paged, bf16, 96, 128, 64, 128, 49152, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd128_paged, bf16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)

@@ -59,7 +59,7 @@ static double noise() {
 
 // ------------------------------------------------------------------ scheduler
 enum { RUN, WAIT_WARP, WAIT_BAR, DONE };
-enum { OP_SHFL = 1, OP_LDSM, OP_LDSM_T, OP_MMA_F16, OP_MMA_BF16, OP_SYNCWARP };
+enum { OP_SHFL = 1, OP_SHFL_IDX, OP_LDSM, OP_LDSM_T, OP_MMA_F16, OP_MMA_BF16, OP_SYNCWARP };
 
 struct Copy { uint32_t dst; const unsigned char *src; uint32_t bytes; int seq; bool landed; };
 
@@ -146,6 +146,14 @@ float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
     if (mask != 0xffffffffu) FAIL("partial shfl mask");
     Lane &L = lanes[cur];
     L.op = OP_SHFL; L.fval = v; L.ival = lane_mask;
+    block_on(WAIT_WARP);
+    return lanes[cur].fout;
+}
+float __shfl_sync(unsigned mask, float v, int src_lane) {
+    if (mask != 0xffffffffu) FAIL("partial shfl mask");
+    if (src_lane < 0 || src_lane > 31) FAIL("shfl source lane %d", src_lane);  // the kernels never rely on wrapping
+    Lane &L = lanes[cur];
+    L.op = OP_SHFL_IDX; L.fval = v; L.ival = src_lane & 31;
     block_on(WAIT_WARP);
     return lanes[cur].fout;
 }
@@ -377,6 +385,8 @@ static void exec_warp(int w) {
         if (W[l].op != op) { FAIL("divergent warp collective in warp %d (%d vs %d)", w, op, W[l].op); break; }
     if (op == OP_SHFL) {
         for (int l = 0; l < 32; ++l) W[l].fout = W[l ^ W[l].ival].fval;
+    } else if (op == OP_SHFL_IDX) {
+        for (int l = 0; l < 32; ++l) W[l].fout = W[W[l].ival].fval;
     } else if (op == OP_LDSM || op == OP_LDSM_T) {
         for (int m = 0; m < 4; ++m) {
             uint16_t mat[8][8];
