@@ -25,6 +25,7 @@
 #include "common/softmax.cuh"
 #include "common/sm80_tile_io.cuh"
 #include "common/sequence.cuh"
+#include "common/opaque.cuh"
 
 namespace {
 
@@ -345,12 +346,15 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int hf = 0; hf < 2; ++hf) {
-                    // Without PACK: row (0, 0)'s values (the compiler keeps one
+                    // Without PACK: row (0, 0)'s x (the compiler keeps one
                     // copy), row (mt, hf) being mt * 16 + hf * 8 rows further.
-                    const int row = PACK ? row_of(mt, hf) : row_of(0, 0);
                     const int row_c = PACK ? 0 : mt * 16 + hf * 8;
                     const float a = PACK ? __shfl_sync(0xffffffffu, a_lane, mt * 16 + hf * 8 + g) : a_lane;
-                    const float x = float(query_of(row) + p.diag_offset - 2 * tig - n0);
+                    // The row and the lane's column pair from an opaque thread
+                    // index: held across the loop, they spilled hd256__w8.
+                    const int t = fa_opaque(tid);
+                    const int row = m0 + (t / 32) * 16 * MT + (PACK ? mt * 16 + hf * 8 : 0) + (t % 32) / 4;
+                    const float x = float(query_of(row) + p.diag_offset - 2 * (t % 4) - n0);
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
