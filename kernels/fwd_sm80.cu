@@ -278,6 +278,11 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     // 16 * MT) and the quads read theirs by shuffle (a load per row spilled
     // the _decode rows at sm_90a).
     const bool alibi = p.alibi_slopes != nullptr;
+    // ptxas, at 255 registers, spills one formulation or the other depending
+    // on the kernel (measured, nvcc 13.0): holding the row index across the
+    // loop spilled hd256__w8 at sm_80; recomputing it from an opaque thread
+    // index each tile spilled hd224, hd128_decode and four others.
+    constexpr bool kRematRow = HD == 256 && Cfg::kQInRegs;
 
     // ---- Main loop over key tiles ---------------------------------------------
     for (int j = 0; j < n_tiles; ++j) {
@@ -350,11 +355,13 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
                     // copy), row (mt, hf) being mt * 16 + hf * 8 rows further.
                     const int row_c = PACK ? 0 : mt * 16 + hf * 8;
                     const float a = PACK ? __shfl_sync(0xffffffffu, a_lane, mt * 16 + hf * 8 + g) : a_lane;
-                    // The row and the lane's column pair from an opaque thread
-                    // index: held across the loop, they spilled hd256__w8.
-                    const int t = fa_opaque(tid);
-                    const int row = m0 + (t / 32) * 16 * MT + (PACK ? mt * 16 + hf * 8 : 0) + (t % 32) / 4;
-                    const float x = float(query_of(row) + p.diag_offset - 2 * (t % 4) - n0);
+                    // kRematRow: the row and the lane's column pair from an
+                    // opaque thread index, redone here each tile.
+                    const int t = kRematRow ? fa_opaque(tid) : 0;
+                    const int row = kRematRow ? m0 + (t / 32) * 16 * MT + (PACK ? mt * 16 + hf * 8 : 0) + (t % 32) / 4
+                                              : PACK ? row_of(mt, hf) : row_of(0, 0);
+                    const int pair = kRematRow ? 2 * (t % 4) : 2 * tig;
+                    const float x = float(query_of(row) + p.diag_offset - pair - n0);
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll

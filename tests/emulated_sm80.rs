@@ -450,25 +450,28 @@ const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "ALiBi: distance without the diagonal offset",
         file: "fwd_sm80.cu",
-        edits: &[("float(query_of(row) + p.diag_offset - 2 * (t % 4) - n0)", "float(query_of(row) - 2 * (t % 4) - n0)")],
+        edits: &[("float(query_of(row) + p.diag_offset - pair - n0)", "float(query_of(row) - pair - n0)")],
     },
     Mutant {
         name: "ALiBi: the host's diagonal (longest sequences) instead of the sequence's own",
         file: "fwd_sm80.cu",
-        edits: &[("float(query_of(row) + p.diag_offset - 2 * (t % 4) - n0)", "float(query_of(row) + launch.diag_offset - 2 * (t % 4) - n0)")],
+        edits: &[(
+            "float(query_of(row) + p.diag_offset - pair - n0)",
+            "float(query_of(row) + launch.diag_offset - pair - n0)",
+        )],
     },
     Mutant {
         name: "ALiBi: a packed query's row in the whole batch instead of in its sequence",
         file: "fwd_sm80.cu",
         edits: &[(
-            "float(query_of(row) + p.diag_offset - 2 * (t % 4) - n0)",
-            "float(query_of(row) + (p.cu_seqlens_q ? p.cu_seqlens_q[b] : 0) + p.diag_offset - 2 * (t % 4) - n0)",
+            "float(query_of(row) + p.diag_offset - pair - n0)",
+            "float(query_of(row) + (p.cu_seqlens_q ? p.cu_seqlens_q[b] : 0) + p.diag_offset - pair - n0)",
         )],
     },
     Mutant {
         name: "ALiBi: the lane's column pair (2 tig) left out of the distance",
         file: "fwd_sm80.cu",
-        edits: &[("float(query_of(row) + p.diag_offset - 2 * (t % 4) - n0)", "float(query_of(row) + p.diag_offset - n0)")],
+        edits: &[("float(query_of(row) + p.diag_offset - pair - n0)", "float(query_of(row) + p.diag_offset - n0)")],
     },
     Mutant {
         name: "ALiBi: the fragment's second column (e) at the first's distance",
@@ -493,7 +496,7 @@ const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "ALiBi (decode): every packed row with the first row's query and head",
         file: "fwd_sm80.cu",
-        edits: &[("* 16 * MT + (PACK ? mt * 16 + hf * 8 : 0) + (t % 32) / 4", "* 16 * MT + (t % 32) / 4")],
+        edits: &[(": PACK ? row_of(mt, hf) : row_of(0, 0);", ": row_of(0, 0);")],
     },
     Mutant {
         name: "ALiBi (decode): a packed row's slope from the lane of its quad row, not of its warp row",
@@ -513,8 +516,11 @@ const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "sink: in the sum but not in the running max",
         file: "common/softmax.cuh",
-        edits: &[("        row_max[mt][hf] = logit;
-", "")],
+        edits: &[(
+            "        row_max[mt][hf] = logit;
+",
+            "",
+        )],
     },
     Mutant {
         name: "sink: in natural-log units (not log2)",
