@@ -4,8 +4,10 @@
 //   1. Q tile -> shared (cp.async) -> registers as mma A fragments, once.
 //   2. For each key tile of block_n rows that the mask does not fully hide:
 //        S = Q K^T                     (K tile from shared, ldmatrix + mma)
-//        scale / softcap, mask edges   (only tiles that straddle a mask edge)
+//        scale / softcap / ALiBi       (ALiBi: a runtime-uniform branch)
+//        mask edges                    (only tiles that straddle a mask edge)
 //        online softmax: m, l, P = exp2(S - m), O *= exp2(m_old - m)
+//                                      (with a sink, m and l start from it)
 //        O += P V                      (P stays in registers as A fragments)
 //      K and V tiles stream through a ring of shared buffers with cp.async:
 //      while one is consumed, the next bufs-1 loads are in flight.
@@ -270,9 +272,9 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     // default loop as it was; per row and tile, a = -slope * log2(e) and
     // x = i + off - 2 tig - n0, the distance to key n0 + nt * 8 + e of this
     // lane's column pair being x - (nt * 8 + e): per score one FADD (integers
-    // below 2^24 are exact in f32) and one FFMA with |.|. Nothing is held
-    // across tiles (the rows are at 255 registers; holding a and x spilled):
-    // without PACK a warp's rows share the slope and their x differ by
+    // below 2^24 are exact in f32) and one FFMA with |.|. No per-row state is
+    // kept across tiles (the rows are at 255 registers; arrays of a and x
+    // spilled): without PACK a warp's rows share the slope and their x differ by
     // constants, so it is one load and one x per tile. With PACK each row has
     // its own head and query: lane L loads the slope of the warp's row L (of
     // 16 * MT) and the quads read theirs by shuffle (a load per row spilled
@@ -554,8 +556,9 @@ FA_KERNEL(fa_fwd_sm80_bf16_hd160_99k, bf16, 160, 128, 64, 256, 81920, 80, FA_GRI
 FA_KERNEL(fa_fwd_sm80_bf16_hd192_99k, bf16, 192, 128, 64, 256, 98304, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd224_99k, bf16, 224, 128, 32, 256, 86016, 80, FA_GRID_TILES)
 
-// The `_paged` rows: each bucket's main tile shape (Sm80ShapePaged), also reading paged KV caches
-// (PAGED above). The dispatcher gives them paged caches, and only those.
+// The `_paged` rows: each bucket's main tile shape (Sm80ShapePaged), also
+// reading paged KV caches (PAGED above). The dispatcher gives them paged
+// caches, and only those.
 #undef FA_SHAPE
 #define FA_SHAPE(head_dim) Sm80ShapePaged<head_dim>
 #undef FA_PAGED
