@@ -40,7 +40,14 @@ __device__ void naive_forward(const FaFwdParams &launch) {
     __syncthreads();
 
     const FaKeyRange r = fa_key_range(p, i);
-    float m = -INFINITY, l = 0.f;
+    // ALiBi (params.h): s_ij -= slope * |i + off - j|, off the sequence's own
+    // diagonal (fa_bind_sequence set it); slope 0 without ALiBi subtracts 0.
+    const float slope = p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+    const int diag = i + p.diag_offset;
+    // A sink is a key seen before all others, with V = 0: the row starts at
+    // m = sink, l = e^0 = 1, and a row that sees no key ends with LSE = sink.
+    const bool sink = p.sinks != nullptr;
+    float m = sink ? p.sinks[h] : -INFINITY, l = sink ? 1.f : 0.f;
     float acc[kColsPerThread] = {};
 
     for (int j0 = r.lo; j0 < r.hi; j0 += kThreads) {
@@ -50,7 +57,7 @@ __device__ void naive_forward(const FaFwdParams &launch) {
             const T *kj = fa_kv_row(p, k, false, b, j);
             float dot = 0.f;
             for (int d = 0; d < p.head_dim; ++d) dot = fmaf(q_s[d], fa_to_float(kj[d]), dot);
-            s = fa_score(p, dot);
+            s = fa_score(p, dot) - slope * fabsf(float(diag - j));
         }
         // The chunk holds at least one visible key, so m_new is finite.
         const float m_new = fmaxf(m, fa_block_reduce<kThreads, true>(s, scratch));
@@ -87,7 +94,8 @@ __device__ void naive_forward(const FaFwdParams &launch) {
         __syncthreads();  // p_s is rewritten by the next chunk
     }
 
-    // A row with no visible key: O = 0, LSE = -inf (DESIGN.md section 1).
+    // A row with no visible key: O = 0, LSE = -inf (DESIGN.md section 1), or
+    // with a sink m = sink and l = 1, so LSE = sink.
     const float inv_l = l > 0.f ? 1.f / l : 0.f;
     T *o = static_cast<T *>(p.o) + b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
 #pragma unroll

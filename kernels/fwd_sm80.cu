@@ -4,8 +4,10 @@
 //   1. Q tile -> shared (cp.async) -> registers as mma A fragments, once.
 //   2. For each key tile of block_n rows that the mask does not fully hide:
 //        S = Q K^T                     (K tile from shared, ldmatrix + mma)
-//        scale / softcap, mask edges   (only tiles that straddle a mask edge)
+//        scale / softcap / ALiBi       (ALiBi: a runtime-uniform branch)
+//        mask edges                    (only tiles that straddle a mask edge)
 //        online softmax: m, l, P = exp2(S - m), O *= exp2(m_old - m)
+//                                      (with a sink, m and l start from it)
 //        O += P V                      (P stays in registers as A fragments)
 //      K and V tiles stream through a ring of shared buffers with cp.async:
 //      while one is consumed, the next bufs-1 loads are in flight.
@@ -25,6 +27,7 @@
 #include "common/softmax.cuh"
 #include "common/sm80_tile_io.cuh"
 #include "common/sequence.cuh"
+#include "common/opaque.cuh"
 
 namespace {
 
@@ -76,6 +79,14 @@ template <int HD> struct Sm80Shape99k;
 template <> struct Sm80Shape99k<160> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};  //  80 KiB
 template <> struct Sm80Shape99k<192> : Sm80ShapeOf<128,    64,    8,    2,   1,         true> {};  //  96 KiB
 template <> struct Sm80Shape99k<224> : Sm80ShapeOf<128,    32,    8,    2,   1,         true> {};  //  84 KiB
+
+// The `_paged` rows' shapes: their bucket's main one, except hd32's: block_n
+// 64 and a ring of 4 (hd64's layout, the same 24 KiB), since at block_n 128
+// the page code and the ALiBi branch together needed more than 255 registers
+// (36 bytes spilled at sm_80, 20 at sm_90a; re-reading Q from shared memory
+// instead spilled at sm_90a). Not measured on a GPU.
+template <int HD> struct Sm80ShapePaged : Sm80Shape<HD> {};
+template <> struct Sm80ShapePaged<32> : Sm80ShapeOf<128, 64, 4, 4, 2, true> {};
 
 // Variants, to measure against the defaults (see the end of the file).
 // __w8: the previous defaults of hd96, hd128 and hd256, 8 warps x 16 rows, Q in registers.
@@ -245,6 +256,36 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     OnlineSoftmax<MT> softmax;
     softmax.init();
 
+    // Score modifiers (params.h), each row by its own query head (with PACK
+    // they differ from row to row). Sinks: the softmax starts from the sink,
+    // in the first share of the keys only under split-KV, so that the merge
+    // counts it once.
+    auto row_of = [&](int mt, int hf) { return m0 + warp_row + mt * 16 + hf * 8 + g; };
+    if (p.sinks != nullptr && blockIdx.x % splits == 0) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) softmax.seed(mt, hf, p.sinks[head_of(row_of(mt, hf))] * log2e, tig == 0);
+    }
+    // ALiBi: s -= slope * |i + off - j| on every visited tile (log2 domain:
+    // slope * log2(e)). A runtime-uniform branch, like the softcap's, keeps the
+    // default loop as it was; per row and tile, a = -slope * log2(e) and
+    // x = i + off - 2 tig - n0, the distance to key n0 + nt * 8 + e of this
+    // lane's column pair being x - (nt * 8 + e): per score one FADD (integers
+    // below 2^24 are exact in f32) and one FFMA with |.|. No per-row state is
+    // kept across tiles (the rows are at 255 registers; arrays of a and x
+    // spilled): without PACK a warp's rows share the slope and their x differ by
+    // constants, so it is one load and one x per tile. With PACK each row has
+    // its own head and query: lane L loads the slope of the warp's row L (of
+    // 16 * MT) and the quads read theirs by shuffle (a load per row spilled
+    // the _decode rows at sm_90a).
+    const bool alibi = p.alibi_slopes != nullptr;
+    // ptxas, at 255 registers, spills one formulation or the other depending
+    // on the kernel (measured, nvcc 13.0): holding the row index across the
+    // loop spilled hd256__w8 at sm_80; recomputing it from an opaque thread
+    // index each tile spilled hd224, hd128_decode and four others.
+    constexpr bool kRematRow = HD == 256 && Cfg::kQInRegs;
+
     // ---- Main loop over key tiles ---------------------------------------------
     for (int j = 0; j < n_tiles; ++j) {
         const int n0 = (n_begin + j) * BN;
@@ -304,6 +345,31 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
                 for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) s[mt][nt][e] *= score_in;
+        }
+        if (alibi) {
+            const float a_lane = -log2e * p.alibi_slopes[b * p.alibi_batch_stride +
+                                                         head_of(PACK ? m0 + warp_row + lane % (16 * MT) : 0)];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    // Without PACK: row (0, 0)'s x (the compiler keeps one
+                    // copy), row (mt, hf) being mt * 16 + hf * 8 rows further.
+                    const int row_c = PACK ? 0 : mt * 16 + hf * 8;
+                    const float a = PACK ? __shfl_sync(0xffffffffu, a_lane, mt * 16 + hf * 8 + g) : a_lane;
+                    // kRematRow: the row and the lane's column pair from an
+                    // opaque thread index, redone here each tile.
+                    const int t = kRematRow ? fa_opaque(tid) : 0;
+                    const int row = kRematRow ? m0 + (t / 32) * 16 * MT + (PACK ? mt * 16 + hf * 8 : 0) + (t % 32) / 4
+                                              : PACK ? row_of(mt, hf) : row_of(0, 0);
+                    const int pair = kRematRow ? 2 * (t % 4) : 2 * tig;
+                    const float x = float(query_of(row) + p.diag_offset - pair - n0);
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            s[mt][nt][2 * hf + e] = fmaf(a, fabsf(x + float(row_c - nt * 8 - e)), s[mt][nt][2 * hf + e]);
+                }
         }
 
         // Element mask, only where the tile is not visible to every row: band
@@ -490,13 +556,14 @@ FA_KERNEL(fa_fwd_sm80_bf16_hd160_99k, bf16, 160, 128, 64, 256, 81920, 80, FA_GRI
 FA_KERNEL(fa_fwd_sm80_bf16_hd192_99k, bf16, 192, 128, 64, 256, 98304, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd224_99k, bf16, 224, 128, 32, 256, 86016, 80, FA_GRID_TILES)
 
-// The `_paged` rows: each bucket's main shape, also reading paged KV caches
-// (PAGED above). The dispatcher gives them paged caches, and only those.
+// The `_paged` rows: each bucket's main tile shape (Sm80ShapePaged), also
+// reading paged KV caches (PAGED above). The dispatcher gives them paged
+// caches, and only those.
 #undef FA_SHAPE
-#define FA_SHAPE(head_dim) Sm80Shape<head_dim>
+#define FA_SHAPE(head_dim) Sm80ShapePaged<head_dim>
 #undef FA_PAGED
 #define FA_PAGED true
-FA_KERNEL(fa_fwd_sm80_f16_hd32_paged, f16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_f16_hd32_paged, f16, 32, 128, 64, 128, 24576, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd64_paged, f16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd96_paged, f16, 96, 128, 64, 128, 49152, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd128_paged, f16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)
@@ -504,7 +571,7 @@ FA_KERNEL(fa_fwd_sm80_f16_hd160_paged, f16, 160, 128, 64, 256, 122880, 80, FA_GR
 FA_KERNEL(fa_fwd_sm80_f16_hd192_paged, f16, 192, 128, 64, 256, 147456, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd224_paged, f16, 224, 128, 64, 256, 114688, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_f16_hd256_paged, f16, 256, 64, 64, 128, 98304, 80, FA_GRID_TILES)
-FA_KERNEL(fa_fwd_sm80_bf16_hd32_paged, bf16, 32, 128, 128, 128, 24576, 80, FA_GRID_TILES)
+FA_KERNEL(fa_fwd_sm80_bf16_hd32_paged, bf16, 32, 128, 64, 128, 24576, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd64_paged, bf16, 64, 128, 64, 128, 49152, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd96_paged, bf16, 96, 128, 64, 128, 49152, 80, FA_GRID_TILES)
 FA_KERNEL(fa_fwd_sm80_bf16_hd128_paged, bf16, 128, 128, 64, 128, 65536, 80, FA_GRID_TILES)

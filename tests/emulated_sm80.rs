@@ -15,6 +15,12 @@
 //! - full, causal, windowed masks, bottom-right and top-left aligned;
 //! - custom scales (0.3, 1.7, −0.7) and the default, scores from ~1 to
 //!   thousands, softcaps from 1e-30 to f32::MAX;
+//! - ALiBi (slopes per head or per batch entry, ALiBi's 2^(-8h/H) and up to
+//!   16x steeper; after a softcap) and attention sinks (N(0, 2), and ones
+//!   that dominate their rows) on every row family: rectangular, packed,
+//!   dense and paged caches, the `_decode` rows, split-KV with 1, 3 and 11
+//!   splits; rows and row blocks that see no key (LSE = the sink); slope and
+//!   sink arrays NaN around and between their entries;
 //! - a seeded random sweep (`FUSED_ATTN_EMU_SEED` overrides the seed).
 //!
 //! Checks besides the result: reads outside Q/K/V, shared-memory overruns,
@@ -112,6 +118,10 @@ fn sm80_and_naive_kernel_sources_pass_under_the_emulator() {
         random("24", &[]),
         random("16", &["--kernel=naive"]),
         args(&["--kernel=naive", "--cases=all", "--land=lazy"]),
+        // ALiBi and attention sinks on every row family (~24 s of CPU; on
+        // two cores it runs beside the `all` mode, within its time).
+        args(&["--cases=mods", "--land=random", "--round=hw", "--seed=5"]),
+        args(&["--kernel=naive", "--cases=mods", "--land=lazy"]),
     ];
     modes.sort_by_key(|m| !m.contains(&"--cases=all".to_string())); // longest first
     let mut failures = Vec::new();
@@ -430,6 +440,122 @@ const MUTANTS: &[Mutant] = &[
             "lse_b[head_of(row) * p.lse_head_stride + query_of(row)] = lse[mt][hf];",
             "lse_b[head_of(row) * p.lse_head_stride + min(row, p.seqlen_q - 1)] = lse[mt][hf];",
         )],
+    },
+    // ---- ALiBi and attention sinks ----
+    Mutant {
+        name: "ALiBi: sign flipped (the bias added)",
+        file: "fwd_sm80.cu",
+        edits: &[("= fmaf(a, fabsf(x + float(row_c - nt * 8 - e))", "= fmaf(-a, fabsf(x + float(row_c - nt * 8 - e))")],
+    },
+    Mutant {
+        name: "ALiBi: distance without the diagonal offset",
+        file: "fwd_sm80.cu",
+        edits: &[("float(query_of(row) + p.diag_offset - pair - n0)", "float(query_of(row) - pair - n0)")],
+    },
+    Mutant {
+        name: "ALiBi: the host's diagonal (longest sequences) instead of the sequence's own",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "float(query_of(row) + p.diag_offset - pair - n0)",
+            "float(query_of(row) + launch.diag_offset - pair - n0)",
+        )],
+    },
+    Mutant {
+        name: "ALiBi: a packed query's row in the whole batch instead of in its sequence",
+        file: "fwd_sm80.cu",
+        edits: &[(
+            "float(query_of(row) + p.diag_offset - pair - n0)",
+            "float(query_of(row) + (p.cu_seqlens_q ? p.cu_seqlens_q[b] : 0) + p.diag_offset - pair - n0)",
+        )],
+    },
+    Mutant {
+        name: "ALiBi: the lane's column pair (2 tig) left out of the distance",
+        file: "fwd_sm80.cu",
+        edits: &[("float(query_of(row) + p.diag_offset - pair - n0)", "float(query_of(row) + p.diag_offset - n0)")],
+    },
+    Mutant {
+        name: "ALiBi: the fragment's second column (e) at the first's distance",
+        file: "fwd_sm80.cu",
+        edits: &[("fabsf(x + float(row_c - nt * 8 - e))", "fabsf(x + float(row_c - nt * 8))")],
+    },
+    Mutant {
+        name: "ALiBi: slope indexed by the KV head",
+        file: "fwd_sm80.cu",
+        edits: &[("head_of(PACK ? m0 + warp_row + lane % (16 * MT) : 0)]", "hk]")],
+    },
+    Mutant {
+        name: "ALiBi: slopes' batch stride ignored",
+        file: "fwd_sm80.cu",
+        edits: &[("p.alibi_slopes[b * p.alibi_batch_stride +", "p.alibi_slopes[")],
+    },
+    Mutant {
+        name: "ALiBi: applied only on tiles that straddle a mask edge",
+        file: "fwd_sm80.cu",
+        edits: &[("        if (alibi) {", "        if (alibi && (n0 < all_lo || n0 + BN > all_hi)) {")],
+    },
+    Mutant {
+        name: "ALiBi (decode): every packed row with the first row's query and head",
+        file: "fwd_sm80.cu",
+        edits: &[(": PACK ? row_of(mt, hf) : row_of(0, 0);", ": row_of(0, 0);")],
+    },
+    Mutant {
+        name: "ALiBi (decode): a packed row's slope from the lane of its quad row, not of its warp row",
+        file: "fwd_sm80.cu",
+        edits: &[("__shfl_sync(0xffffffffu, a_lane, mt * 16 + hf * 8 + g)", "__shfl_sync(0xffffffffu, a_lane, g)")],
+    },
+    Mutant {
+        name: "sink: counted in every split-KV share",
+        file: "fwd_sm80.cu",
+        edits: &[("if (p.sinks != nullptr && blockIdx.x % splits == 0) {", "if (p.sinks != nullptr) {")],
+    },
+    Mutant {
+        name: "sink: counted by every lane of the quad (4x)",
+        file: "fwd_sm80.cu",
+        edits: &[("* log2e, tig == 0);", "* log2e, true);")],
+    },
+    Mutant {
+        name: "sink: in the sum but not in the running max",
+        file: "common/softmax.cuh",
+        edits: &[(
+            "        row_max[mt][hf] = logit;
+",
+            "",
+        )],
+    },
+    Mutant {
+        name: "sink: in natural-log units (not log2)",
+        file: "fwd_sm80.cu",
+        edits: &[("p.sinks[head_of(row_of(mt, hf))] * log2e", "p.sinks[head_of(row_of(mt, hf))]")],
+    },
+    Mutant {
+        name: "sink: indexed by the KV head",
+        file: "fwd_sm80.cu",
+        edits: &[("p.sinks[head_of(row_of(mt, hf))]", "p.sinks[hk]")],
+    },
+    Mutant {
+        name: "naive: ALiBi sign flipped",
+        file: "fwd_naive.cu",
+        edits: &[("- slope * fabsf(float(diag - j))", "+ slope * fabsf(float(diag - j))")],
+    },
+    Mutant {
+        name: "naive: ALiBi distance without the diagonal offset",
+        file: "fwd_naive.cu",
+        edits: &[("const int diag = i + p.diag_offset;", "const int diag = i;")],
+    },
+    Mutant {
+        name: "naive: slopes' batch stride ignored",
+        file: "fwd_naive.cu",
+        edits: &[("p.alibi_slopes[b * p.alibi_batch_stride + h]", "p.alibi_slopes[h]")],
+    },
+    Mutant {
+        name: "naive: sink in the running max but not in the sum",
+        file: "fwd_naive.cu",
+        edits: &[("l = sink ? 1.f : 0.f;", "l = 0.f;")],
+    },
+    Mutant {
+        name: "naive: sink indexed by the KV head",
+        file: "fwd_naive.cu",
+        edits: &[("p.sinks[h]", "p.sinks[hk]")],
     },
     // ---- the naive kernel ----
     Mutant {

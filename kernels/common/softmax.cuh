@@ -26,6 +26,15 @@ struct OnlineSoftmax {
             }
     }
 
+    // Starts row (mt, hf) with an attention sink (params.h): a key of
+    // log2-domain logit `logit` seen before all others, whose V is 0. Its
+    // exp2(logit - max) = 1 enters the sum once per row: in the quad's
+    // `owner` lane only, since finish() adds the four lanes' shares.
+    __device__ __forceinline__ void seed(int mt, int hf, float logit, bool owner) {
+        row_max[mt][hf] = logit;
+        row_sum[mt][hf] = owner ? 1.f : 0.f;
+    }
+
     // Folds in a tile of NT n8 score fragments (masked entries -inf): turns
     // them into unnormalised probabilities exp2(s - max) in place and returns in
     // `alpha` the factor by which each row's output accumulator must shrink.

@@ -44,6 +44,7 @@ uint3 emu_thread_idx();
 #define threadIdx (emu_thread_idx())
 
 float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
+float __shfl_sync(unsigned mask, float v, int src_lane);
 void __syncthreads();
 void __syncwarp(unsigned mask = 0xffffffffu);
 static inline size_t __cvta_generic_to_shared(const void *p) {
