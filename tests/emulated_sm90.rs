@@ -572,6 +572,116 @@ const MUTANTS: &[Mutant] = &[
             "        FaFwdParams p = launch;\n        bind(p, batch);\n        T *const o_head",
             "        const FaFwdParams &p = launch;\n        T *const o_head",
         )],
+    },    // ---- ALiBi and attention sinks (DESIGN.md 1b) ----
+    Mutant {
+        name: "ALiBi: sign flipped (the bias added)",
+        file: "fwd_sm90.cu",
+        edits: &[("slope = -kLog2e * p.alibi_slopes", "slope = kLog2e * p.alibi_slopes")],
+    },
+    Mutant {
+        name: "ALiBi: in natural-log units in the log2 domain (log2(e) dropped)",
+        file: "fwd_sm90.cu",
+        edits: &[("slope = -kLog2e * p.alibi_slopes", "slope = -p.alibi_slopes")],
+    },
+    Mutant {
+        name: "ALiBi: distance without the diagonal offset",
+        file: "fwd_sm90.cu",
+        edits: &[("pos = m0 + row0 + p.diag_offset - col0;", "pos = m0 + row0 - col0;")],
+    },
+    Mutant {
+        name: "ALiBi: distance from the packed tensor's row, not the sequence's",
+        file: "fwd_sm90.cu",
+        edits: &[(
+            "pos = m0 + row0 + p.diag_offset - col0;",
+            "pos = m0 + row0 + p.diag_offset - col0 + (p.cu_seqlens_q != nullptr ? p.cu_seqlens_q[batch] : 0);",
+        )],
+    },
+    Mutant {
+        name: "ALiBi: distance to the packed tensor's key, not the sequence's",
+        file: "fwd_sm90.cu",
+        edits: &[(
+            "pos = m0 + row0 + p.diag_offset - col0;",
+            "pos = m0 + row0 + p.diag_offset - col0 - (p.cu_seqlens_k != nullptr ? p.cu_seqlens_k[batch] : 0);",
+        )],
+    },
+    Mutant {
+        name: "ALiBi: slope of the KV head",
+        file: "fwd_sm90.cu",
+        edits: &[(
+            "p.alibi_slopes[batch * p.alibi_batch_stride + head]",
+            "p.alibi_slopes[batch * p.alibi_batch_stride + head / p.q_per_kv]",
+        )],
+    },
+    Mutant {
+        name: "ALiBi: batch stride ignored (every entry gets the first one's slopes)",
+        file: "fwd_sm90.cu",
+        edits: &[("p.alibi_slopes[batch * p.alibi_batch_stride + head]", "p.alibi_slopes[head]")],
+    },
+    Mutant {
+        name: "ALiBi: only on tiles that need the element mask",
+        file: "fwd_sm90.cu",
+        edits: &[(
+            "if (launch.alibi_slopes != nullptr) {\n                int pos",
+            "if (launch.alibi_slopes != nullptr && !(n0 >= all_lo && n0 + BN <= all_hi)) {\n                int pos",
+        )],
+    },
+    Mutant {
+        name: "ALiBi: before the softcap",
+        file: "fwd_sm90.cu",
+        edits: &[
+            ("s[i] = fa_softcap_log2(s[i] * score_in, launch.softcap);", "s[i] *= score_in;"),
+            (
+                "            // Band edges and the tail past seqlen_k (zero-filled K and V rows, made",
+                "            if (capped)\n                for (int i = 0; i < BN / 2; ++i) s[i] = \
+                 fa_softcap_log2(s[i], launch.softcap);\n            // Band edges and the tail past seqlen_k \
+                 (zero-filled K and V rows, made",
+            ),
+        ],
+    },
+    Mutant {
+        name: "ALiBi: the second row's distance 16 off",
+        file: "fwd_sm90.cu",
+        edits: &[("d0 + static_cast<float>(8 * h - 8 * i - e)", "d0 + static_cast<float>(-8 * h - 8 * i - e)")],
+    },
+    Mutant {
+        name: "ALiBi: odd columns' distance 2 off",
+        file: "fwd_sm90.cu",
+        edits: &[("d0 + static_cast<float>(8 * h - 8 * i - e)", "d0 + static_cast<float>(8 * h - 8 * i + e)")],
+    },
+    Mutant {
+        name: "persistent: ALiBi never derived (the unset tile-start registers)",
+        file: "fwd_sm90.cu",
+        edits: &[("                if constexpr (Cfg::kPersistent) alibi_of(launch, pos, slope);\n", "")],
+    },
+    Mutant {
+        name: "sinks: counted by every lane of the quad (4 times)",
+        file: "fwd_sm90.cu",
+        edits: &[("* kLog2e : -INFINITY, lane % 4 == 0);", "* kLog2e : -INFINITY, true);")],
+    },
+    Mutant {
+        name: "sinks: in the sum but not in the running max",
+        file: "common/sm90_softmax.cuh",
+        edits: &[("row_max[0] = row_max[1] = sink;", "row_max[0] = row_max[1] = -INFINITY;")],
+    },
+    Mutant {
+        name: "sinks: natural-log logit in the log2 domain",
+        file: "fwd_sm90.cu",
+        edits: &[("launch.sinks[head] * kLog2e", "launch.sinks[head]")],
+    },
+    Mutant {
+        name: "sinks: logit of the KV head",
+        file: "fwd_sm90.cu",
+        edits: &[("launch.sinks[head] * kLog2e", "launch.sinks[head / launch.q_per_kv] * kLog2e")],
+    },
+    Mutant {
+        name: "sinks: missing from the persistent path",
+        file: "fwd_sm90.cu",
+        edits: &[("softmax.init(launch.sinks != nullptr ?", "softmax.init(!Cfg::kPersistent && launch.sinks != nullptr ?")],
+    },
+    Mutant {
+        name: "sinks: only on row blocks with keys (keyless rows: LSE -inf)",
+        file: "fwd_sm90.cu",
+        edits: &[("softmax.init(launch.sinks != nullptr ?", "softmax.init(launch.sinks != nullptr && n_tiles > 0 ?")],
     },
 ];
 
