@@ -24,11 +24,20 @@
 //!   stride; V's tensor map from V's own strides, as src/device/mod.rs does;
 //!   LSE with padded head and batch strides), scores in the hundreds to
 //!   thousands, softcap 5 and softcaps 1e-30, 1e6, 1e38 and f32::MAX (c·tanh(s/c)
-//!   relatively accurate for every finite c).
+//!   relatively accurate for every finite c);
+//! * ALiBi and attention sinks (DESIGN.md 1b), per bucket: slopes per head
+//!   (the usual 2^(-8(h+1)/Hq), and 16× that after softcap 5 with a window and
+//!   Lq > Lk) and per batch entry (`[B, Hq]` at a padded stride, NaN in the
+//!   gaps) with GQA 8:2 and Lq < Lk under a full mask (whole tiles without the
+//!   element mask); sinks N(0, 2) and dominant ones (8 + h/4) on rows and
+//!   whole row blocks that see no key (LSE = sink); and on a packed batch,
+//!   a dense and a paged cache (each sequence's own distances). Every variant
+//!   of the bucket, persistent ones included.
 //!
 //! Cases, random (two seeded sweeps of 40): batch, GQA ratios 1 to 6 with 1 to
 //! 3 KV heads, lengths, head dims, windows, softcaps, amplitudes, layouts
-//! (shared or one per tensor), custom scales (a third of them, half negative).
+//! (shared or one per tensor), custom scales (a third of them, half negative),
+//! ALiBi and sinks (a quarter of them each).
 //!
 //! Modes: TMA copies landing at issue, at random later points or as late as
 //! possible; wgmma results at issue or only at the retiring wait_group
@@ -54,8 +63,9 @@
 //! (`MUTANTS`: pipeline and barrier bugs, dead boxes, persistent CTAs, and
 //! what is computed: GQA head mapping, O/V/LSE addressing, scale, log2(e),
 //! softcap, mask edges ±1 on both sides, diag_offset, tile ranges, LSE units,
-//! online-softmax rescaling and reductions), checks that each one is caught
-//! and prints which check caught it.
+//! online-softmax rescaling and reductions, ALiBi's sign, units, distances,
+//! slope index and tiles, the sink's count, units, head and paths), checks
+//! that each one is caught and prints which check caught it.
 
 #[path = "common/emu.rs"]
 mod emu;
