@@ -1861,8 +1861,9 @@ static int seq_cases(int hd, bool bf16, unsigned &seed, bool neg) {
 }
 
 // Kernels of the case's bucket and dtype: the default and all its variants,
-// only the default, or the default and its persistent variant.
-enum { RUN_DEFAULT = 0, RUN_ALL = 1, RUN_PERSISTENT = 2 };
+// only the default, the default and its persistent variant, or those and the
+// rotated loop (__ov): the variants whose key loop differs.
+enum { RUN_DEFAULT = 0, RUN_ALL = 1, RUN_PERSISTENT = 2, RUN_LOOPS = 3 };
 static int run_case(const Case &cs, bool bf16, unsigned seed, int variants = RUN_ALL) {
     int hd = 1 << 30;
     for (const Kern &k : kerns)
@@ -1871,7 +1872,8 @@ static int run_case(const Case &cs, bool bf16, unsigned seed, int variants = RUN
     for (const Kern &k : kerns)
         if (k.hd == hd && k.bf16 == bf16 && (opt.only.empty() || strstr(k.name, opt.only.c_str())) &&
             (variants == RUN_ALL || !strstr(k.name, "__") ||
-             (variants == RUN_PERSISTENT && k.grid == FA_GRID_PERSISTENT))) {
+             (variants >= RUN_PERSISTENT && k.grid == FA_GRID_PERSISTENT) ||
+             (variants == RUN_LOOPS && strstr(k.name, "__ov")))) {
             fails += !run_case_on(k, cs, seed);
             ++ran;
         }
@@ -2078,11 +2080,14 @@ int main(int argc, char **argv) {
             for (int bf = 0; bf < 2; ++bf) {
                 if (!(cs[i].dtypes >> bf & 1)) continue;
                 if (quick && i % 3) continue;
-                fails += run_case(cs[i].c, bf, seed++);
+                // The modifier cases on the variants whose loops differ (the
+                // others share the default's scores_to_probs): test time.
+                fails += run_case(cs[i].c, bf, seed++, cs[i].c.alibi || cs[i].c.sinks ? RUN_LOOPS : RUN_ALL);
             }
     }
     // A seeded sweep of random problems (--random=N).
     std::mt19937 r(opt.seed * 7919 + 17);
+    std::mt19937 rm(opt.seed * 104729 + 3);
     for (int it = 0; it < opt.random; ++it) {
         Case c{};
         static const int ratios[] = {1, 2, 3, 4, 6};
@@ -2098,9 +2103,10 @@ int main(int argc, char **argv) {
         // A custom scale in a third of the cases, negative in half of those.
         if (r() % 3 == 0) c.scale = (r() % 2 ? -1.f : 1.f) * (0.05f + (r() % 1000) * 0.002f);
         // ALiBi (per head or per entry, usual or 8x slopes) and sinks in a
-        // quarter of the cases each.
-        if (r() % 4 == 0) c.alibi = 1 + r() % 2, c.alibi_x = r() % 3 ? 1.f : 8.f;
-        if (r() % 4 == 0) c.sinks = 1 + r() % 2;
+        // quarter of the cases each, drawn from their own stream (the
+        // problems stay those of the sweep without them).
+        if (rm() % 4 == 0) c.alibi = 1 + rm() % 2, c.alibi_x = rm() % 3 ? 1.f : 8.f;
+        if (rm() % 4 == 0) c.sinks = 1 + rm() % 2;
         c.what = "random";
         if (c.D > 128) { c.Lq = std::min(c.Lq, 200); c.Lk = std::min(c.Lk, 200); }  // the slow bucket
         fails += run_case(c, r() % 2, seed++);
