@@ -10,8 +10,10 @@
 //   consumers (WG 1, 2): take the registers (setmaxnreg.inc); each owns 64
 //     query rows and, per key tile j:
 //       S = Q K_j^T            wgmma, Q and K from shared memory (both K-major)
-//       scale / softcap, mask   element mask only on tiles that straddle an edge
-//       online softmax          m, l, P = exp2(S - m), all in registers
+//       scale / softcap, ALiBi  ALiBi (a runtime-uniform branch) on every tile
+//       mask                    element mask only on tiles that straddle an edge
+//       online softmax          m, l, P = exp2(S - m), all in registers; an
+//                               attention sink is its starting state
 //       O += P V_j              wgmma, P from registers as the A operand, V from
 //                               shared memory as an MN-major ("transposed") B
 //     then O / l is staged in shared memory (over the dead Q rows) and stored
@@ -446,6 +448,19 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
         // binds the sequence again.
         int n_begin, n_tiles, all_lo, all_hi;
         FaKeyRange my_keys[2];
+        // ALiBi: score (h, i, e) of key tile n0 is at distance
+        // i + off - j = alibi_pos - n0 + 8h - 8i - e from its row, so a tile
+        // costs one conversion and a score an add of a constant and an FFMA
+        // with |.|; the slope is -m log2(e), m this (sequence, head)'s. Kept
+        // across the key loop except in the persistent variants, whose hd256
+        // consumer spilled them: those (rectangular batches only) derive both
+        // again on each tile, from the launch's parameters.
+        int alibi_pos = 0;
+        float alibi_slope = 0.f;
+        auto alibi_of = [&](const FaFwdParams &p, int &pos, float &slope) {
+            pos = m0 + row0 + p.diag_offset - col0;
+            slope = -kLog2e * p.alibi_slopes[batch * p.alibi_batch_stride + head];
+        };
         {
             FaFwdParams p = launch;
             bind(p, batch);
@@ -454,10 +469,12 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
             n_begin = kt.n_begin, n_tiles = kt.n_tiles, all_lo = kt.all_lo, all_hi = kt.all_hi;
             my_keys[0] = fa_key_range(p, m0 + row0);
             my_keys[1] = fa_key_range(p, m0 + row0 + 8);
+            if (!Cfg::kPersistent && p.alibi_slopes != nullptr) alibi_of(p, alibi_pos, alibi_slope);
         }
 
+        // The sink, a virtual key with V = 0, is the first key of every row.
         RowSoftmax softmax;
-        softmax.init();
+        softmax.init(launch.sinks != nullptr ? launch.sinks[head] * kLog2e : -INFINITY, lane % 4 == 0);
 #pragma unroll
         for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
 
@@ -471,9 +488,25 @@ __device__ __forceinline__ void sm90_forward(const FaFwdSm90Params &P) {
 #pragma unroll
                 for (int i = 0; i < BN / 2; ++i) s[i] *= score_in;
             }
+            const int n0 = (n_begin + j) * BN;
+            // ALiBi after the cap, on every tile (masked scores become -inf
+            // below whatever they were).
+            if (launch.alibi_slopes != nullptr) {
+                int pos = alibi_pos;
+                float slope = alibi_slope;
+                if constexpr (Cfg::kPersistent) alibi_of(launch, pos, slope);
+                const float d0 = static_cast<float>(pos - n0);
+#pragma unroll
+                for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            s[4 * i + 2 * h + e] =
+                                fmaf(slope, fabsf(d0 + static_cast<float>(8 * h - 8 * i - e)), s[4 * i + 2 * h + e]);
+            }
             // Band edges and the tail past seqlen_k (zero-filled K and V rows, made
             // exactly P = 0 here); tiles that every row sees in full skip this.
-            const int n0 = (n_begin + j) * BN;
             if (!(n0 >= all_lo && n0 + BN <= all_hi)) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {

@@ -279,7 +279,7 @@ fn lacks(row: &KernelRow, fam: KernelFamily, p: &Problem) -> Option<&'static str
 /// (`alibi_slopes`, `sinks`).
 fn takes_modifiers(fam: KernelFamily) -> bool {
     match fam {
-        KernelFamily::Naive | KernelFamily::Sm80 | KernelFamily::Sm90 => false,
+        KernelFamily::Naive | KernelFamily::Sm80 | KernelFamily::Sm90 => true,
     }
 }
 

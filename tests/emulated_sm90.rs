@@ -24,11 +24,20 @@
 //!   stride; V's tensor map from V's own strides, as src/device/mod.rs does;
 //!   LSE with padded head and batch strides), scores in the hundreds to
 //!   thousands, softcap 5 and softcaps 1e-30, 1e6, 1e38 and f32::MAX (c·tanh(s/c)
-//!   relatively accurate for every finite c).
+//!   relatively accurate for every finite c);
+//! * ALiBi and attention sinks (DESIGN.md 1b), per bucket: slopes per head
+//!   (the usual 2^(-8(h+1)/Hq), and 16× that after softcap 5 with a window and
+//!   Lq > Lk) and per batch entry (`[B, Hq]` at a padded stride, NaN in the
+//!   gaps) with GQA 8:2 and Lq < Lk under a full mask (whole tiles without the
+//!   element mask); sinks N(0, 2) and dominant ones (8 + h/4) on rows and
+//!   whole row blocks that see no key (LSE = sink); and on a packed batch,
+//!   a dense and a paged cache (each sequence's own distances). Every variant
+//!   of the bucket, persistent ones included.
 //!
 //! Cases, random (two seeded sweeps of 40): batch, GQA ratios 1 to 6 with 1 to
 //! 3 KV heads, lengths, head dims, windows, softcaps, amplitudes, layouts
-//! (shared or one per tensor), custom scales (a third of them, half negative).
+//! (shared or one per tensor), custom scales (a third of them, half negative),
+//! ALiBi and sinks (a quarter of them each).
 //!
 //! Modes: TMA copies landing at issue, at random later points or as late as
 //! possible; wgmma results at issue or only at the retiring wait_group
@@ -54,8 +63,9 @@
 //! (`MUTANTS`: pipeline and barrier bugs, dead boxes, persistent CTAs, and
 //! what is computed: GQA head mapping, O/V/LSE addressing, scale, log2(e),
 //! softcap, mask edges ±1 on both sides, diag_offset, tile ranges, LSE units,
-//! online-softmax rescaling and reductions), checks that each one is caught
-//! and prints which check caught it.
+//! online-softmax rescaling and reductions, ALiBi's sign, units, distances,
+//! slope index and tiles, the sink's count, units, head and paths), checks
+//! that each one is caught and prints which check caught it.
 
 #[path = "common/emu.rs"]
 mod emu;
@@ -572,6 +582,116 @@ const MUTANTS: &[Mutant] = &[
             "        FaFwdParams p = launch;\n        bind(p, batch);\n        T *const o_head",
             "        const FaFwdParams &p = launch;\n        T *const o_head",
         )],
+    },    // ---- ALiBi and attention sinks (DESIGN.md 1b) ----
+    Mutant {
+        name: "ALiBi: sign flipped (the bias added)",
+        file: "fwd_sm90.cu",
+        edits: &[("slope = -kLog2e * p.alibi_slopes", "slope = kLog2e * p.alibi_slopes")],
+    },
+    Mutant {
+        name: "ALiBi: in natural-log units in the log2 domain (log2(e) dropped)",
+        file: "fwd_sm90.cu",
+        edits: &[("slope = -kLog2e * p.alibi_slopes", "slope = -p.alibi_slopes")],
+    },
+    Mutant {
+        name: "ALiBi: distance without the diagonal offset",
+        file: "fwd_sm90.cu",
+        edits: &[("pos = m0 + row0 + p.diag_offset - col0;", "pos = m0 + row0 - col0;")],
+    },
+    Mutant {
+        name: "ALiBi: distance from the packed tensor's row, not the sequence's",
+        file: "fwd_sm90.cu",
+        edits: &[(
+            "pos = m0 + row0 + p.diag_offset - col0;",
+            "pos = m0 + row0 + p.diag_offset - col0 + (p.cu_seqlens_q != nullptr ? p.cu_seqlens_q[batch] : 0);",
+        )],
+    },
+    Mutant {
+        name: "ALiBi: distance to the packed tensor's key, not the sequence's",
+        file: "fwd_sm90.cu",
+        edits: &[(
+            "pos = m0 + row0 + p.diag_offset - col0;",
+            "pos = m0 + row0 + p.diag_offset - col0 - (p.cu_seqlens_k != nullptr ? p.cu_seqlens_k[batch] : 0);",
+        )],
+    },
+    Mutant {
+        name: "ALiBi: slope of the KV head",
+        file: "fwd_sm90.cu",
+        edits: &[(
+            "p.alibi_slopes[batch * p.alibi_batch_stride + head]",
+            "p.alibi_slopes[batch * p.alibi_batch_stride + head / p.q_per_kv]",
+        )],
+    },
+    Mutant {
+        name: "ALiBi: batch stride ignored (every entry gets the first one's slopes)",
+        file: "fwd_sm90.cu",
+        edits: &[("p.alibi_slopes[batch * p.alibi_batch_stride + head]", "p.alibi_slopes[head]")],
+    },
+    Mutant {
+        name: "ALiBi: only on tiles that need the element mask",
+        file: "fwd_sm90.cu",
+        edits: &[(
+            "if (launch.alibi_slopes != nullptr) {\n                int pos",
+            "if (launch.alibi_slopes != nullptr && !(n0 >= all_lo && n0 + BN <= all_hi)) {\n                int pos",
+        )],
+    },
+    Mutant {
+        name: "ALiBi: before the softcap",
+        file: "fwd_sm90.cu",
+        edits: &[
+            ("s[i] = fa_softcap_log2(s[i] * score_in, launch.softcap);", "s[i] *= score_in;"),
+            (
+                "            // Band edges and the tail past seqlen_k (zero-filled K and V rows, made",
+                "            if (capped)\n                for (int i = 0; i < BN / 2; ++i) s[i] = \
+                 fa_softcap_log2(s[i], launch.softcap);\n            // Band edges and the tail past seqlen_k \
+                 (zero-filled K and V rows, made",
+            ),
+        ],
+    },
+    Mutant {
+        name: "ALiBi: the second row's distance 16 off",
+        file: "fwd_sm90.cu",
+        edits: &[("d0 + static_cast<float>(8 * h - 8 * i - e)", "d0 + static_cast<float>(-8 * h - 8 * i - e)")],
+    },
+    Mutant {
+        name: "ALiBi: odd columns' distance 2 off",
+        file: "fwd_sm90.cu",
+        edits: &[("d0 + static_cast<float>(8 * h - 8 * i - e)", "d0 + static_cast<float>(8 * h - 8 * i + e)")],
+    },
+    Mutant {
+        name: "persistent: ALiBi never derived (the unset tile-start registers)",
+        file: "fwd_sm90.cu",
+        edits: &[("                if constexpr (Cfg::kPersistent) alibi_of(launch, pos, slope);\n", "")],
+    },
+    Mutant {
+        name: "sinks: counted by every lane of the quad (4 times)",
+        file: "fwd_sm90.cu",
+        edits: &[("* kLog2e : -INFINITY, lane % 4 == 0);", "* kLog2e : -INFINITY, true);")],
+    },
+    Mutant {
+        name: "sinks: in the sum but not in the running max",
+        file: "common/sm90_softmax.cuh",
+        edits: &[("row_max[0] = row_max[1] = sink;", "row_max[0] = row_max[1] = -INFINITY;")],
+    },
+    Mutant {
+        name: "sinks: natural-log logit in the log2 domain",
+        file: "fwd_sm90.cu",
+        edits: &[("launch.sinks[head] * kLog2e", "launch.sinks[head]")],
+    },
+    Mutant {
+        name: "sinks: logit of the KV head",
+        file: "fwd_sm90.cu",
+        edits: &[("launch.sinks[head] * kLog2e", "launch.sinks[head / launch.q_per_kv] * kLog2e")],
+    },
+    Mutant {
+        name: "sinks: missing from the persistent path",
+        file: "fwd_sm90.cu",
+        edits: &[("softmax.init(launch.sinks != nullptr ?", "softmax.init(!Cfg::kPersistent && launch.sinks != nullptr ?")],
+    },
+    Mutant {
+        name: "sinks: only on row blocks with keys (keyless rows: LSE -inf)",
+        file: "fwd_sm90.cu",
+        edits: &[("softmax.init(launch.sinks != nullptr ?", "softmax.init(launch.sinks != nullptr && n_tiles > 0 ?")],
     },
 ];
 

@@ -7,7 +7,13 @@
 // Scores arrive in the log2 domain (multiplied by log2 e), so each exponential
 // is one ex2. A running max of -inf (no visible key yet) subtracts 0 instead,
 // so exp2(-inf - m) is 0 and -inf - (-inf) never happens: rows that see no key
-// end with sum 0, O = 0 and LSE = -inf, never NaN.
+// end with O = 0 and LSE = -inf (or the sink's logit), never NaN.
+//
+// An attention sink (DESIGN.md 1b) is a virtual key with V = 0 folded in
+// before the first tile: the state starts at m = sink, l = e^(sink - m) = 1
+// instead of -inf / 0. Without a sink the same start with sink = -inf is
+// exact too: the first key's alpha = exp2(-inf - m) = 0 clears that 1, and a
+// row that never sees a key keeps m = -inf, LSE = -inf + ln 1, O = 0.
 #pragma once
 #include "math.cuh"
 
@@ -17,9 +23,11 @@ struct RowSoftmax {
     float row_max[2];  // running max, log2 domain, quad-uniform
     float row_sum[2];  // this lane's share of the running sum; quad-reduced in finish()
 
-    __device__ __forceinline__ void init() {
-        row_max[0] = row_max[1] = -INFINITY;
-        row_sum[0] = row_sum[1] = 0.f;
+    // sink: the sink's logit in the log2 domain, -inf for none. Only the
+    // quad's first lane counts its 1: finish() sums the four lanes' shares.
+    __device__ __forceinline__ void init(float sink, bool quad_leader) {
+        row_max[0] = row_max[1] = sink;
+        row_sum[0] = row_sum[1] = quad_leader ? 1.f : 0.f;
     }
 
     // Folds in one score tile (masked entries -inf): turns it into unnormalised
@@ -49,8 +57,10 @@ struct RowSoftmax {
         }
     }
 
-    // Final per-row factor 1/l and natural-log LSE. A row that saw no key
-    // (l == 0) gets factor 0 (O = 0) and LSE = -inf.
+    // Final per-row factor 1/l and natural-log LSE. A row that saw no key has
+    // O = 0 (nothing was added to it) and m = the sink's logit, l = 1, so
+    // LSE = sink; without a sink m = -inf and l is 1 (no tile) or 0 (alpha
+    // cleared it on a masked tile): LSE = -inf either way.
     __device__ __forceinline__ void finish(float (&inv_sum)[2], float (&lse)[2]) const {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {

@@ -1387,7 +1387,49 @@ struct Case {
     // them share a batch, row or head stride (a kernel that addresses one
     // tensor with another's strides reads or writes the wrong elements).
     bool own = false;
+    // Score modifiers (DESIGN.md 1b): ALiBi (MOD_NONE, ALIBI_HEAD, ALIBI_BATCH)
+    // with slopes `alibi_x` times the usual 2^(-8(h+1)/Hq), and a sink per
+    // query head (MOD_NONE, SINK_NORMAL, SINK_DOMINANT); see make_modifiers.
+    int alibi = 0;
+    float alibi_x = 1.f;
+    int sinks = 0;
 };
+
+// ALiBi slopes and sink logits of a case, and the pointers the kernel and the
+// f64 check take. ALIBI_HEAD: [Hq], the usual geometric slopes
+// 2^(-8(h+1)/Hq) times `x`; ALIBI_BATCH: [B, Hq] at a padded batch stride
+// (Hq + 3, NaN in the gaps: a kernel that ignores the stride or reads past a
+// row gets NaN), each entry's slopes varied by up to +-50 %. SINK_NORMAL:
+// N(0, 2) logits; SINK_DOMINANT: 8 + h / 4, above every row's sum of
+// scores here (e^8 ~ 3000 keys' worth of e^0), so O shrinks and LSE ~ sink.
+enum { MOD_NONE = 0, ALIBI_HEAD = 1, ALIBI_BATCH = 2, SINK_NORMAL = 1, SINK_DOMINANT = 2 };
+struct Modifiers {
+    std::vector<float> slopes, sinks;
+    int64_t alibi_bs = 0;
+    const float *alibi() const { return slopes.empty() ? nullptr : slopes.data(); }
+    const float *sink() const { return sinks.empty() ? nullptr : sinks.data(); }
+};
+static Modifiers make_modifiers(int alibi, float x, int sinks, int B, int Hq, std::mt19937 &g) {
+    Modifiers m;
+    std::uniform_real_distribution<float> vary(0.5f, 1.5f);
+    if (alibi == ALIBI_HEAD) {
+        for (int h = 0; h < Hq; ++h) m.slopes.push_back(x * exp2f(-8.f * (h + 1) / Hq));
+    } else if (alibi == ALIBI_BATCH) {
+        m.alibi_bs = Hq + 3;
+        m.slopes.assign((size_t)B * m.alibi_bs, NAN);
+        for (int b = 0; b < B; ++b)
+            for (int h = 0; h < Hq; ++h) m.slopes[b * m.alibi_bs + h] = x * exp2f(-8.f * (h + 1) / Hq) * vary(g);
+    }
+    std::normal_distribution<float> normal(0.f, 2.f);
+    for (int h = 0; h < Hq && sinks; ++h) m.sinks.push_back(sinks == SINK_NORMAL ? normal(g) : 8.f + 0.25f * h);
+    return m;
+}
+static std::string modifiers_desc(const Modifiers &m) {
+    std::string d;
+    if (m.alibi()) d += m.alibi_bs ? " alibi[B,H]" : " alibi[H]";
+    if (m.sink()) d += " sinks";
+    return d;
+}
 
 static void alarm_handler(int) {
     const char msg[] = "EMU WATCHDOG: a case ran too long (a thread spinning without ever waiting?)\n";
@@ -1509,6 +1551,8 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     p.window_left = cs.wl < 0 ? -1 : std::min(cs.wl, cs.Lq + cs.Lk);
     p.window_right = cs.wr < 0 ? -1 : std::min(cs.wr, cs.Lq + cs.Lk);
     p.scale = cs.scale != 0.f ? cs.scale : 1.f / sqrtf((float)cs.D); p.softcap = cs.softcap;
+    const Modifiers mods = make_modifiers(cs.alibi, cs.alibi_x, cs.sinks, cs.B, cs.Hq, g);
+    p.alibi_slopes = mods.alibi(); p.alibi_batch_stride = mods.alibi_bs; p.sinks = mods.sink();
     P.tma_q = encode_like_rust(q, cs.B, cs.Lq, cs.Hq, cs.D, qb, qr, qh, kn.bm);
     P.tma_k = encode_like_rust(k, cs.B, cs.Lk, cs.Hk, cs.D, kb, kr, kh, kn.bn);
     P.tma_v = encode_like_rust(v, cs.B, cs.Lk, cs.Hk, cs.D, vb, vr, vh, kn.bn);
@@ -1545,6 +1589,7 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     EmuProblem ep{cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale, (double)cs.softcap, bf16, cs.lse,
                   q, k, v, O, LSE, qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orr, oh};
     ep.top_left = cs.top_left;
+    ep.alibi = mods.alibi(); ep.alibi_bs = mods.alibi_bs; ep.sinks = mods.sink();
     ep.lseb = lse_bs;  // check.h reads the strided LSE and checks its gaps and guards
     ep.lseh = lse_hs;
     const EmuCheck chk = emu_check_against_reference(ep, true);
@@ -1567,9 +1612,10 @@ static bool run_case_on(const Kern &kn, const Case &cs, unsigned seed) {
     char layout[32];
     if (cs.own) snprintf(layout, sizeof layout, "%s/%s/%s/%s", lay_name(lay[0]), lay_name(lay[1]), lay_name(lay[2]), lay_name(lay[3]));
     else snprintf(layout, sizeof layout, "%s", lay_name(lay[0]));
-    printf("%-4s %-24s %-24s B%d Hq%d Hk%d Lq%4d Lk%4d D%3d w(%d,%d) scale %.3g cap %.3g %s pad%d amp%.0f lse%d: rel %.2e row %.2e lse %.2e%s\n",
+    printf("%-4s %-24s %-24s B%d Hq%d Hk%d Lq%4d Lk%4d D%3d w(%d,%d) scale %.3g cap %.3g%s %s pad%d amp%.0f lse%d: rel %.2e row %.2e lse %.2e%s\n",
            ok ? "ok" : "FAIL", kn.name, cs.what, cs.B, cs.Hq, cs.Hk, cs.Lq, cs.Lk, cs.D, cs.wl, cs.wr, (double)p.scale,
-           (double)cs.softcap, layout, cs.pad, cs.amp, cs.lse, rel, chk.row_rel, chk.lse_rel, why.c_str());
+           (double)cs.softcap, modifiers_desc(mods).c_str(), layout, cs.pad, cs.amp, cs.lse, rel, chk.row_rel,
+           chk.lse_rel, why.c_str());
     if (!ok && opt.stop_on_fail) {
         printf("first failing case: %s, %s: %s\n", kn.name, cs.what, checks.c_str());
         printf("--stop-on-fail: 1 failing case, %ld emulator errors\n", errors_total);
@@ -1599,6 +1645,9 @@ struct SeqCase {
     int Hq, Hk, D, wl, wr;
     float softcap, scale;
     bool top_left;
+    int alibi = MOD_NONE;  // as Case's: per head or per sequence (ALIBI_BATCH: [B, Hq])
+    float alibi_x = 1.f;
+    int sinks = MOD_NONE;
 };
 
 static bool run_seq_on(const Kern &kn, const SeqCase &sc, unsigned seed) {
@@ -1704,6 +1753,8 @@ static bool run_seq_on(const Kern &kn, const SeqCase &sc, unsigned seed) {
     p.window_right = sc.wr < 0 ? -1 : std::min(sc.wr, max_q + max_k);
     p.scale = sc.scale != 0.f ? sc.scale : 1.f / sqrtf((float)D); p.softcap = sc.softcap;
     p.top_left = sc.top_left;
+    const Modifiers mods = make_modifiers(sc.alibi, sc.alibi_x, sc.sinks, B, sc.Hq, g);
+    p.alibi_slopes = mods.alibi(); p.alibi_batch_stride = mods.alibi_bs; p.sinks = mods.sink();
     if (packed) {
         p.cu_seqlens_q = cu_q.data(); p.cu_seqlens_k = cu_k.data();
         p.seqused_k = sc.used.empty() ? nullptr : sc.used.data();
@@ -1728,6 +1779,9 @@ static bool run_seq_on(const Kern &kn, const SeqCase &sc, unsigned seed) {
                       q + q0, kd[b].data(), vd[b].data(), O + o0, LSE + l0,
                       0, qrs, qhs, 0, kr, D, 0, kr, D, 0, ors, ohs};
         ep.top_left = sc.top_left;
+        // Sequence b's slopes are row b of [B, Hq] (or the one [Hq] row).
+        ep.alibi = mods.alibi() ? mods.alibi() + b * mods.alibi_bs : nullptr;
+        ep.sinks = mods.sink();
         ep.lseb = 1; ep.lseh = lse_hs;  // batch 1: the batch stride is never stepped
         const EmuCheck c = emu_check_against_reference(ep, true);
         all.ok &= c.ok;
@@ -1754,10 +1808,10 @@ static bool run_seq_on(const Kern &kn, const SeqCase &sc, unsigned seed) {
         lens += std::to_string(lq[b]) + ":" + std::to_string(sc.lk[b]) +
                 (packed && !sc.used.empty() ? "/" + std::to_string(sc.used[b]) : "") + " ";
     const char *mode = packed ? "packed" : paged ? "paged" : "dense cache";
-    printf("%-4s %-24s %-24s %s%s [%s] Hq%d Hk%d D%3d w(%d,%d)%s scale %.3g cap %.3g: rel %.2e row %.2e lse %.2e stray %ld%s%s\n",
+    printf("%-4s %-24s %-24s %s%s [%s] Hq%d Hk%d D%3d w(%d,%d)%s scale %.3g cap %.3g%s: rel %.2e row %.2e lse %.2e stray %ld%s%s\n",
            checks.empty() ? "ok" : "FAIL", kn.name, sc.what, mode, paged ? (" " + std::to_string(sc.page)).c_str() : "",
            lens.c_str(), sc.Hq, sc.Hk, D, sc.wl, sc.wr, sc.top_left ? " top-left" : "", (double)p.scale,
-           (double)sc.softcap, all.rel(), all.row_rel, all.lse_rel, stray, checks.empty() ? "" : " [failed: ",
+           (double)sc.softcap, modifiers_desc(mods).c_str(), all.rel(), all.row_rel, all.lse_rel, stray, checks.empty() ? "" : " [failed: ",
            checks.empty() ? "" : (checks + "]").c_str());
     if (!checks.empty() && opt.stop_on_fail) {
         printf("first failing case: %s, %s: %s\n", kn.name, sc.what, checks.c_str());
@@ -1780,12 +1834,17 @@ static int seq_cases(int hd, bool bf16, unsigned &seed, bool neg) {
     for (const Kern &k : kerns)
         if (k.hd == hd && !strstr(k.name, "__")) bm = k.bm, bn = k.bn;
     const std::vector<SeqCase> cases = {
-        {"packed, GQA 8:2, causal", 0, {bm - 1, 0, 1, bm + 3}, {2 * bn - 1, 5, 0, bn + 1}, {}, 0, 8, 2, hd, -1, 0, 0.f, 0.3f, false},
+        // ALiBi (distances inside each sequence, own Lk_b - Lq_b) and sinks
+        // (sequences and rows without keys: LSE = sink) ride along on three.
+        {"packed, GQA 8:2, causal, alibi, sinks", 0, {bm - 1, 0, 1, bm + 3}, {2 * bn - 1, 5, 0, bn + 1}, {}, 0, 8, 2, hd, -1, 0, 0.f, 0.3f, false,
+         ALIBI_BATCH, 1.f, SINK_NORMAL},
         {"packed, seqused_k, NaN past it", 0, {7, bm + 1, 0, 3}, {bn + 2, 10, 4, 2 * bn}, {bn, 9, 0, 17}, 0, 4, 1, hd, -1, -1, 0.f, 0.f, false},
         {"packed, window, cap, top-left", 0, {20, 1, 33}, {9, 40, 70}, {}, 0, 2, 2, hd, 6, 3, 7.f, -0.7f, true},
-        {"dense cache, GQA 8:2", 1, {4}, {2 * bn - 1, 0, 5, bn + 1}, {}, 0, 8, 2, hd, -1, 0, 0.f, 0.f, false},
+        {"dense cache, GQA 8:2, alibi x4, big sinks", 1, {4}, {2 * bn - 1, 0, 5, bn + 1}, {}, 0, 8, 2, hd, -1, 0, 0.f, 0.f, false,
+         ALIBI_HEAD, 4.f, SINK_DOMINANT},
         {"dense cache, window, top-left", 1, {40}, {70, 1, 33}, {}, 0, 6, 3, hd, 9, 2, 0.f, 0.f, true},
-        {"paged cache, page block_n", 2, {4}, {2 * bn - 1, 0, 5, bn + 1}, {}, bn, 8, 2, hd, -1, 0, 0.f, 0.f, false},
+        {"paged cache, page block_n, alibi, sinks", 2, {4}, {2 * bn - 1, 0, 5, bn + 1}, {}, bn, 8, 2, hd, -1, 0, 0.f, 0.f, false,
+         ALIBI_HEAD, 1.f, SINK_NORMAL},
         // A window reaching back across a page's second tile (slot block_n).
         {"paged cache, page 2 block_n", 2, {40}, {3 * bn - 1, 1, 33}, {}, 2 * bn, 6, 3, hd, 200, 0, 0.f, 1.3f, false},
     };
@@ -1801,15 +1860,20 @@ static int seq_cases(int hd, bool bf16, unsigned &seed, bool neg) {
     return fails;
 }
 
-// Every kernel of the case's bucket and dtype: the default and its variants.
-static int run_case(const Case &cs, bool bf16, unsigned seed, bool variants = true) {
+// Kernels of the case's bucket and dtype: the default and all its variants,
+// only the default, the default and its persistent variant, or those and the
+// rotated loop (__ov): the variants whose key loop differs.
+enum { RUN_DEFAULT = 0, RUN_ALL = 1, RUN_PERSISTENT = 2, RUN_LOOPS = 3 };
+static int run_case(const Case &cs, bool bf16, unsigned seed, int variants = RUN_ALL) {
     int hd = 1 << 30;
     for (const Kern &k : kerns)
         if (k.bf16 == bf16 && k.hd >= cs.D && !strstr(k.name, "__")) hd = std::min(hd, k.hd);
     int fails = 0, ran = 0;
     for (const Kern &k : kerns)
         if (k.hd == hd && k.bf16 == bf16 && (opt.only.empty() || strstr(k.name, opt.only.c_str())) &&
-            (variants || !strstr(k.name, "__"))) {
+            (variants == RUN_ALL || !strstr(k.name, "__") ||
+             (variants >= RUN_PERSISTENT && k.grid == FA_GRID_PERSISTENT) ||
+             (variants == RUN_LOOPS && strstr(k.name, "__ov")))) {
             fails += !run_case_on(k, cs, seed);
             ++ran;
         }
@@ -1976,6 +2040,20 @@ int main(int argc, char **argv) {
             {{1, 1, 1, one_short, 2 * bn - 1, hd, -1, 0, 1e6f, LAY_SBHD, 8, 4.f, true, "softcap 1e6", false, 0.3f, true}, 3},
             {{1, 1, 1, one_short, 2 * bn - 1, hd, -1, 0, 1e38f, LAY_BHSD, 0, 4.f, true, "softcap 1e38", false, 1.7f, true}, 3},
             {{1, 1, 1, one_short, 2 * bn - 1, hd, -1, 0, FLT_MAX, LAY_BSHD, 8, 4.f, true, "softcap FLT_MAX", false, 0.f, true}, 3},
+            // ALiBi and sinks (DESIGN.md 1b). Per-entry slopes and N(0, 2)
+            // sinks with GQA 8:2, Lq < Lk and a full mask (the first key tile
+            // needs no element mask, ALiBi still applies); slopes 16x the
+            // usual after softcap 5 with a window and Lq > Lk (rows without
+            // keys); dominant sinks where whole row blocks see no key.
+            {{2, 8, 2, one_short, 2 * bn - 1, hd, -1, -1, 0.f, LAY_BSHD, 8, 1.f, true, "alibi[B,H], sinks, GQA 8:2", false,
+              0.3f, true, ALIBI_BATCH, 1.f, SINK_NORMAL},
+             2 >> gqa_bf},
+            {{1, 4, 2, 2 * bm - 1, bn + 40, hd, 37, 11, 5.f, LAY_BHSD, 0, 3.f, true, "alibi x16, softcap 5, window", false,
+              -0.7f, true, ALIBI_HEAD, 16.f, MOD_NONE},
+             1 << gqa_bf},
+            {{1, 2, 1, 300, 40, hd, -1, 0, 0.f, LAY_SBHD, 0, 1.f, true, "big sinks, keyless rows", false, 0.f, true, MOD_NONE,
+              1.f, SINK_DOMINANT},
+             2 >> gqa_bf},
         };
         if (neg) {
             // The negative control, for its semantic mutants: all of the
@@ -1984,18 +2062,32 @@ int main(int argc, char **argv) {
             // above.
             const Case c{2, 4, 2, one_short, 2 * bn - 1, hd, 37, 11, 5.f, LAY_BHSD, 8, 3.f, true, "neg: GQA, scale, cap",
                          false, -1.7f, true};
-            fails += run_case(c, false, seed++, false);
+            fails += run_case(c, false, seed++, RUN_DEFAULT);
+            // ALiBi and sinks, also on the persistent path: per-entry slopes
+            // at a padded stride, GQA, Lq != Lk (bottom-right), whole tiles
+            // inside the band (no element mask), under a softcap; then
+            // dominant sinks on rows and whole row blocks without keys.
+            Case m{2, 8, 2, one_short, 2 * bn - 1, hd, -1, -1, 5.f, LAY_BHSD, 8, 3.f, true, "neg: alibi, sinks, cap",
+                   false, -1.7f, true};
+            m.alibi = ALIBI_BATCH, m.alibi_x = 4.f, m.sinks = SINK_NORMAL;
+            fails += run_case(m, false, seed++, RUN_PERSISTENT);
+            Case kl{1, 2, 1, 300, 40, hd, -1, 0, 0.f, LAY_BSHD, 0, 1.f, true, "neg: sinks, keyless rows"};
+            kl.sinks = SINK_DOMINANT;
+            fails += run_case(kl, false, seed++, RUN_PERSISTENT);
             continue;
         }
         for (size_t i = 0; i < cs.size(); ++i)
             for (int bf = 0; bf < 2; ++bf) {
                 if (!(cs[i].dtypes >> bf & 1)) continue;
                 if (quick && i % 3) continue;
-                fails += run_case(cs[i].c, bf, seed++);
+                // The modifier cases on the variants whose loops differ (the
+                // others share the default's scores_to_probs): test time.
+                fails += run_case(cs[i].c, bf, seed++, cs[i].c.alibi || cs[i].c.sinks ? RUN_LOOPS : RUN_ALL);
             }
     }
     // A seeded sweep of random problems (--random=N).
     std::mt19937 r(opt.seed * 7919 + 17);
+    std::mt19937 rm(opt.seed * 104729 + 3);
     for (int it = 0; it < opt.random; ++it) {
         Case c{};
         static const int ratios[] = {1, 2, 3, 4, 6};
@@ -2010,6 +2102,11 @@ int main(int argc, char **argv) {
         c.layout = r() % 3; c.own = r() % 2; c.pad = 8 * (r() % 3); c.amp = r() % 5 == 0 ? 20.f : 1.f; c.lse = r() % 5 != 0;
         // A custom scale in a third of the cases, negative in half of those.
         if (r() % 3 == 0) c.scale = (r() % 2 ? -1.f : 1.f) * (0.05f + (r() % 1000) * 0.002f);
+        // ALiBi (per head or per entry, usual or 8x slopes) and sinks in a
+        // quarter of the cases each, drawn from their own stream (the
+        // problems stay those of the sweep without them).
+        if (rm() % 4 == 0) c.alibi = 1 + rm() % 2, c.alibi_x = rm() % 3 ? 1.f : 8.f;
+        if (rm() % 4 == 0) c.sinks = 1 + rm() % 2;
         c.what = "random";
         if (c.D > 128) { c.Lq = std::min(c.Lq, 200); c.Lk = std::min(c.Lk, 200); }  // the slow bucket
         fails += run_case(c, r() % 2, seed++);
