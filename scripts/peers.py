@@ -745,7 +745,7 @@ def mechanism_peers(runner, row, args):
         finally:
             free_memory()
         out[peer] = r
-    del tensors
+    tensors.clear()  # release the inputs before the next row allocates
     free_memory()
     return out
 
