@@ -18,6 +18,11 @@
 //!   one `forward_into` call on a tiny problem against an empty kernel
 //!   launched through cudarc (median µs per call; `FUSED_ATTN_BENCH_LAUNCHES`
 //!   calls each, default 2000).
+//!   Two more arrays follow the grid: `serving` (`support/serving.rs`: packed
+//!   prefill, KV caches, decode steps) and `mechanisms`
+//!   (`support/mechanisms.rs`: additive attention at issue 14's shape and the
+//!   backward baseline); `FUSED_ATTN_BENCH_FILTER=serving` or `=mechanisms`
+//!   keeps those and no grid case.
 //!
 //! Inputs are random normal, never zeros; one case's Q, K and V together are
 //! ~200 MB (bf16, 16k tokens × 2048), several times an H100's 50 MB L2, so
@@ -26,6 +31,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod grid;
+#[path = "support/mechanisms.rs"]
+mod mechanisms;
 #[path = "support/serving.rs"]
 mod serving;
 
@@ -421,9 +428,18 @@ fn report_mode(path: &str) -> Result<(), Error> {
     } else {
         Vec::new()
     };
+    // Additive attention and the backward baseline, unless filtered out.
+    let mechanisms = if filter.is_empty() || "mechanisms".contains(&filter) {
+        mechanisms::mechanism_rows(&g, &stream, reps).unwrap_or_else(|e| {
+            eprintln!("mechanism cases not measured: {e}");
+            Vec::new()
+        })
+    } else {
+        Vec::new()
+    };
     let env = |k: &str| std::env::var(k).unwrap_or_default();
     let json = format!(
-        "{{\"commit\": {:?}, \"dirty\": {}, \"gpu\": {:?}, \"sm\": {}, \"driver\": {:?}, \"cuda\": {:?}, \"nvcc\": {:?}, \"launch_overhead\": {}, \"serving\": [{}], \"cases\": [\n  {}\n]}}\n",
+        "{{\"commit\": {:?}, \"dirty\": {}, \"gpu\": {:?}, \"sm\": {}, \"driver\": {:?}, \"cuda\": {:?}, \"nvcc\": {:?}, \"launch_overhead\": {}, \"serving\": [{}], \"mechanisms\": [{}], \"cases\": [\n  {}\n]}}\n",
         env("FUSED_ATTN_COMMIT"),
         env("FUSED_ATTN_DIRTY") == "1",
         g.name,
@@ -433,6 +449,7 @@ fn report_mode(path: &str) -> Result<(), Error> {
         fused_attn::internals::NVCC_VERSION,
         overhead,
         serving.join(", "),
+        mechanisms.join(", "),
         rows.join(",\n  ")
     );
     std::fs::write(path, json).map_err(|e| Error::NoKernel { reason: format!("writing {path}: {e}") })?;

@@ -50,6 +50,27 @@ SDPA's is_causal is top-left and cannot express it. Paged rows have no torch
 peer (FlashInfer is not on the GPU host). Results go to "serving" in the
 output, {row_name: {peer: {"ms", "skipped", "note"}}}.
 
+Mechanism rows (ours.json "mechanisms", written by benches/support/mechanisms.rs):
+  additive rows (issue 14: Bahdanau attention, Q' [B, Lq, H, Da], K' [B, Lk, H, Da],
+  w and bias [H, Da], V [B, Lk, H, Dv]):
+    torch_unfused
+        the textbook formulation in BHSD layout, in eager mode:
+        scores = (tanh(q'[:, :, :, None, :] + k'[:, :, None, :, :] + b) * w).sum(-1),
+        the mask, softmax, @ v; it materialises [B, H, Lq, Lk, Da] temporaries;
+    torch_unfused_compiled
+        the same function through torch.compile (inductor may fuse the
+        elementwise chain into the reduction and never store it);
+    each with "peak_bytes": the inputs' bytes plus what the caching allocator
+    held above them at its peak during one call (reset_peak_memory_stats /
+    max_memory_allocated minus memory_allocated before the call: temporaries
+    and the output), comparable with our "ours_peak_bytes" (inputs + O + LSE).
+  the backward row: SDPA's backward (torch.autograd.grad of the output with a
+    random dO, forward outside the timed region) per backend, forced as for the
+    forward cases (torch_flash, torch_cudnn, torch_efficient).
+Results go to "mechanisms" in the output, {row_name: {peer: {"ms", "skipped",
+"rel_l2_err", "peak_bytes", "note"}}}. --only and --only-dtype filter these
+rows by name and dtype as they do the cases.
+
 Mask semantics (DESIGN.md section 1): masks are bottom-right aligned. With
 off = Lk - Lq, query i sees key j iff i + off - L <= j <= i + off + R, an
 unbounded side (null) being infinite. PyTorch's is_causal is top-left aligned,
@@ -620,6 +641,115 @@ def serving_peers(runner, row, args):
     return out
 
 
+ADDITIVE_PEERS = ("torch_unfused", "torch_unfused_compiled")
+
+
+def additive_unfused(q, k, v, w, b, visible):
+    """Unfused additive attention, the way it is written without a kernel.
+
+    q [B, H, Lq, Da], k [B, H, Lk, Da], v [B, H, Lk, Dv], w and b [H, Da] (b may
+    be None), visible a bool [Lq, Lk] or None. One expression per branch, so
+    eager mode frees each [B, H, Lq, Lk, Da] temporary as soon as the next
+    one is made (at most two live at once)."""
+    wb = w[None, :, None, None, :]
+    if b is None:
+        scores = (torch.tanh(q[:, :, :, None, :] + k[:, :, None, :, :]) * wb).sum(-1)
+    else:
+        scores = (torch.tanh(q[:, :, :, None, :] + k[:, :, None, :, :] + b[None, :, None, None, :])
+                  * wb).sum(-1)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def peak_extra_bytes(fn):
+    """Bytes the caching allocator held above its level before fn() at the
+    peak of one call (fn's temporaries and its output)."""
+    free_memory()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    del out
+    return extra
+
+
+def mechanism_peers(runner, row, args):
+    """{peer: result} for one mechanisms row of ours.json; never raises."""
+    out = {}
+    kind = row.get("mechanism")
+    if kind == "backward":
+        try:
+            case = Case(row)
+        except Exception as exc:
+            reason = "row: " + first_line(exc)
+            return {p: {"ms": None, "skipped": reason, "rel_l2_err": None} for p in SDPA_PEERS}
+        return run_case(runner, case, SDPA_PEERS, args)
+    if kind != "additive":
+        return {"torch": {"ms": None, "skipped": "no torch peer for mechanism %r" % kind,
+                          "rel_l2_err": None}}
+
+    def skip_all(reason):
+        return {p: {"ms": None, "skipped": reason, "rel_l2_err": None} for p in ADDITIVE_PEERS}
+    tensors = None
+    try:
+        dtype = torch_dtype(row["dtype"])
+        b, h = int(row["batch"]), int(row["heads"])
+        lq, lk = int(row["seqlen_q"]), int(row["seqlen_k"])
+        da, dv = int(row["dim_a"]), int(row["dim_v"])
+        left, right = mask_bounds(row)
+        gen = torch.Generator(device=DEVICE)
+        gen.manual_seed(args.seed)
+
+        def randn(*shape, mult=1.0):
+            return torch.randn(*shape, dtype=dtype, device=DEVICE, generator=gen) * mult
+        # Scaled as ours: w by 1/sqrt(Da), everything else N(0, 1).
+        tensors = [randn(b, h, lq, da), randn(b, h, lk, da), randn(b, h, lk, dv),
+                   randn(h, da, mult=1.0 / math.sqrt(da)),
+                   randn(h, da) if row.get("bias") else None]
+        visible = None
+        if mask_kind(left, right) != "full":
+            i = torch.arange(lq, device=DEVICE).unsqueeze(1)
+            j = torch.arange(lk, device=DEVICE).unsqueeze(0)
+            visible = make_visible(lq, lk, left, right)(None, None, i, j)
+        tensors.append(visible)
+        input_bytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    except Exception as exc:
+        tensors = None
+        free_memory()
+        return skip_all("inputs: " + first_line(exc))
+
+    for peer in ADDITIVE_PEERS:
+        r = {"ms": None, "skipped": None, "rel_l2_err": None}
+        try:
+            with torch.no_grad():
+                if peer == "torch_unfused":
+                    fn = additive_unfused
+                    note = "eager; [B, H, Lq, Lk, Da] temporaries"
+                else:
+                    torch._dynamo.reset()
+                    fn = torch.compile(additive_unfused, dynamic=False)
+                    note = "torch.compile (inductor, default mode)"
+                call_recording_warnings(lambda: fn(*tensors))  # compiles, if it does
+                torch.cuda.synchronize()
+                r["ms"] = time_calls(lambda _i: fn(*tensors), 1, args.reps, args.warmup)
+                extra = peak_extra_bytes(lambda: fn(*tensors))
+                r["peak_bytes"] = input_bytes + extra
+                r["note"] = note + "; peak = inputs %d B + %d B allocated during the call" % (
+                    input_bytes, extra)
+        except Exception as exc:
+            r["ms"] = None
+            r["skipped"] = first_line(exc)
+        finally:
+            free_memory()
+        out[peer] = r
+    tensors.clear()  # release the inputs before the next row allocates
+    free_memory()
+    return out
+
+
 def run_case(runner, case, peers, args):
     out = {}
     try:
@@ -732,6 +862,22 @@ def main(argv=None):
             write_json(args.out, result)
             log("[serving] %s: %s (%.1f s)" % (
                 row["name"], ", ".join(fmt_result(p, r) for p, r in res.items()), time.time() - t0))
+    result["mechanisms"] = {}
+    for row in ours.get("mechanisms", []):
+        if args.only and args.only not in row.get("name", ""):
+            continue
+        if args.only_dtype and row.get("dtype") != args.only_dtype:
+            continue
+        t0 = time.time()
+        try:
+            res = mechanism_peers(runner, row, args)
+        except Exception as exc:  # a bad row must not cost the rows after it
+            res = {"torch": {"ms": None, "skipped": "row: " + first_line(exc), "rel_l2_err": None}}
+            free_memory()
+        result["mechanisms"][row.get("name", "?")] = res
+        write_json(args.out, result)
+        log("[mechanisms] %s: %s (%.1f s)" % (
+            row.get("name"), ", ".join(fmt_result(p, r) for p, r in res.items()), time.time() - t0))
     write_json(args.out, result)
     log("peers.py: wrote %s (%d cases)" % (args.out, len(cases)))
     return 0

@@ -14,6 +14,12 @@ same GPU) and writes, per DESIGN.md section 5,
 sanitized name; <shortsha> is the first 7 hex digits of the commit, with
 "-dirty" when the tree was dirty.
 
+The "serving" and "mechanisms" arrays of OURS.json (when present) get their
+own sections: "Serving cases" and "Mechanisms" (fused additive attention
+against unfused torch, time and peak memory; the baseline backward against
+SDPA's backward). Mechanisms rows also get memory_vs_<peer> = peer peak bytes
+/ our peak bytes where both are known.
+
 Ratios are ours_vs_<peer> = peer_ms / ours_ms: above 1 means ours is faster.
 A peer's TFLOP/s uses our exact FLOP count of the case (same work).
 
@@ -115,6 +121,27 @@ def merge_serving(row, peer_results):
     return merged
 
 
+def merge_mechanism(row, peer_results):
+    """A mechanisms row (additive attention, backward baseline) with its peers'
+    results, ours_vs_<peer> = peer ms / our ms and, where both peak memories
+    are known, memory_vs_<peer> = peer peak bytes / our peak bytes."""
+    merged = dict(row)
+    peer_results = peer_results or {}
+    merged["peers"] = peer_results
+    ours_ms, ours_bytes = row.get("ours_ms"), row.get("ours_peak_bytes")
+    ratios, memory = {}, {}
+    for peer, r in peer_results.items():
+        r = r or {}
+        ms, peak = r.get("ms"), r.get("peak_bytes")
+        ratios["ours_vs_" + peer] = ms / ours_ms if ms is not None and ours_ms else None
+        if peak is not None and ours_bytes:
+            memory["memory_vs_" + peer] = peak / ours_bytes
+    merged["ratios"] = ratios
+    if memory:
+        merged["memory_ratios"] = memory
+    return merged
+
+
 def build_report(ours, peers, date):
     peer_cases = peers.get("peers", {})
     report = {
@@ -132,6 +159,8 @@ def build_report(ours, peers, date):
         "cases": [merge_case(c, peer_cases.get(c["name"])) for c in ours.get("cases", [])],
         "serving": [merge_serving(c, peers.get("serving", {}).get(c["name"], {}))
                     for c in ours.get("serving", [])],
+        "mechanisms": [merge_mechanism(c, peers.get("mechanisms", {}).get(c["name"], {}))
+                       for c in ours.get("mechanisms", [])],
     }
     warnings = []
     if peers.get("gpu") and ours.get("gpu") and peers["gpu"] != ours["gpu"]:
@@ -248,7 +277,49 @@ def markdown(report):
                 lines.append("| %s | `%s` | %.4f | %.0f | %.0f%% | %s | %s | %s |" % (
                     c["name"], c["kernel"], c["ours_ms"], c["gbps"], 100.0 * c["gbps"] / c["copy_gbps"],
                     g("torch_flash"), g("torch_cudnn"), g("read_kv_once")))
+    lines += mechanisms_markdown(report.get("mechanisms", []))
     return "\n".join(lines) + "\n"
+
+
+def _mb(nbytes):
+    return _f(nbytes and nbytes / 1e6, "%.1f")
+
+
+def mechanisms_markdown(rows):
+    """The "Mechanisms" section: one table line per row and peer."""
+    if not rows:
+        return []
+    lines = ["", "## Mechanisms", "",
+             "Fused additive (Bahdanau) attention against the unfused torch formulation, which "
+             "materialises [B, H, Lq, Lk, Da] (eager, and through torch.compile); the baseline "
+             "backward against SDPA's backward per backend (TFLOP/s at 2.5× the forward's FLOPs). "
+             "× = peer ms / our ms (> 1: we are faster). Peak memory: ours = the bytes of the "
+             "tensors the call touches (no workspace); torch = its inputs plus what its allocator "
+             "held above them during one call. Memory × = torch's / ours.", "",
+             "| case | kernel | ours ms | ours TFLOP/s | peer | peer ms | × | ours peak MB | "
+             "peer peak MB | memory × |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    skipped = []
+    for c in rows:
+        peers = c.get("peers") or {}
+        head = [c["name"], "`%s`" % c.get("kernel", ""), _f(c.get("ours_ms"), "%.3f"),
+                _f(c.get("ours_tflops"), "%.2f")]
+        if not peers:
+            lines.append("| " + " | ".join(head + ["—", "—", "—", _mb(c.get("ours_peak_bytes")),
+                                                   "—", "—"]) + " |")
+            continue
+        for peer in sorted(peers):
+            r = peers[peer] or {}
+            if r.get("skipped"):
+                skipped.append((c["name"], peer, r["skipped"]))
+            lines.append("| " + " | ".join(head + [
+                peer, _f(r.get("ms"), "%.3f"),
+                _f(c["ratios"].get("ours_vs_" + peer), "%.2f"),
+                _mb(c.get("ours_peak_bytes")), _mb(r.get("peak_bytes")),
+                _f(c.get("memory_ratios", {}).get("memory_vs_" + peer), "%.1f")]) + " |")
+    for name, peer, why in skipped:
+        lines.append("- %s, %s skipped: %s" % (name, peer, why))
+    return lines
 
 
 # ---------------------------------------------------------------------------

@@ -57,6 +57,19 @@ OURS = {
     ],
 }
 
+ADDITIVE = "additive bf16 b8 h4 lq200 lk1000 da128 dv128 full bias"
+BACKWARD = "backward bf16 b2 s1024 h8 d64 causal"
+OURS["mechanisms"] = [
+    {"name": ADDITIVE, "mechanism": "additive", "kernel": "fa_additive_bf16", "dtype": "bf16",
+     "batch": 8, "heads": 4, "seqlen_q": 200, "seqlen_k": 1000, "dim_a": 128, "dim_v": 128,
+     "bias": True, "mask": "full", "flops": 2 * 10**9, "tanh_count": 819200000, "ours_ms": 2.0,
+     "reps": 30, "ours_tflops": 1.0, "ours_gtanh_per_s": 409600.0, "ours_peak_bytes": 20 * 10**6},
+    {"name": BACKWARD, "mechanism": "backward", "kernel": "fa_bwd_dq_naive_bf16 + fa_bwd_dkdv_naive_bf16",
+     "direction": "bwd", "dtype": "bf16", "batch": 2, "heads_q": 8, "heads_kv": 8, "seqlen_q": 1024,
+     "seqlen_k": 1024, "head_dim": 64, "mask": "causal", "fwd_flops": 4 * 10**9, "flops": 10**10,
+     "ours_ms": 4.0, "reps": 30, "ours_tflops": 2.5},
+]
+
 SDPA_WINDOW = "SDPA has no sliding-window without a dense mask"
 PEERS = {
     "torch": "2.11.0+cu130", "cudnn": 91002, "cuda": "13.0", "gpu": "NVIDIA H100 80GB HBM3",
@@ -87,6 +100,19 @@ PEERS = {
         },
         "kv cache paged 16 b8 cache4096 q512": {
             "flex": {"ms": None, "skipped": "no torch peer for this row", "rel_l2_err": None},
+        },
+    },
+    "mechanisms": {
+        ADDITIVE: {
+            "torch_unfused": {"ms": 10.0, "skipped": None, "rel_l2_err": None,
+                              "peak_bytes": 3300 * 10**6, "note": "eager"},
+            "torch_unfused_compiled": {"ms": 3.0, "skipped": None, "rel_l2_err": None,
+                                       "peak_bytes": 40 * 10**6},
+        },
+        BACKWARD: {
+            "torch_flash": {"ms": 1.0, "skipped": None, "rel_l2_err": None},
+            "torch_cudnn": {"ms": None, "skipped": "RuntimeError: no kernel", "rel_l2_err": None},
+            "torch_efficient": {"ms": 2.0, "skipped": None, "rel_l2_err": None},
         },
     },
 }
@@ -167,6 +193,30 @@ class ReportEndToEnd(unittest.TestCase):
         self.assertIn("| kv cache paged 16 b8 cache4096 q512 | `fa_fwd_sm80_bf16_hd128` | 1.000 | 1.0 | — | — | — | — |", md)
         self.assertIn("varlen prefill 3 seqs, torch_cudnn_padded skipped: RuntimeError: no kernel", md)
 
+    def test_mechanisms(self):
+        add, bwd = self.load()["mechanisms"]
+        self.assertEqual(add["name"], ADDITIVE)
+        self.assertAlmostEqual(add["ratios"]["ours_vs_torch_unfused"], 5.0)
+        self.assertAlmostEqual(add["ratios"]["ours_vs_torch_unfused_compiled"], 1.5)
+        self.assertAlmostEqual(add["memory_ratios"]["memory_vs_torch_unfused"], 165.0)
+        self.assertAlmostEqual(add["memory_ratios"]["memory_vs_torch_unfused_compiled"], 2.0)
+        self.assertAlmostEqual(bwd["ratios"]["ours_vs_torch_flash"], 0.25)
+        self.assertIsNone(bwd["ratios"]["ours_vs_torch_cudnn"])
+        self.assertNotIn("memory_ratios", bwd)  # no peak memory on either side
+        md = self.md()
+        section = md.split("## Mechanisms")[1]
+        self.assertIn("| %s | `fa_additive_bf16` | 2.000 | 1.00 | torch_unfused | 10.000 | 5.00 | 20.0 | "
+                      "3300.0 | 165.0 |" % ADDITIVE, section)
+        self.assertIn("| %s | `fa_additive_bf16` | 2.000 | 1.00 | torch_unfused_compiled | 3.000 | 1.50 | "
+                      "20.0 | 40.0 | 2.0 |" % ADDITIVE, section)
+        kernel = "`fa_bwd_dq_naive_bf16 + fa_bwd_dkdv_naive_bf16`"
+        self.assertIn("| %s | %s | 4.000 | 2.50 | torch_flash | 1.000 | 0.25 | — | — | — |"
+                      % (BACKWARD, kernel), section)
+        self.assertIn("| %s | %s | 4.000 | 2.50 | torch_cudnn | — | — | — | — | — |"
+                      % (BACKWARD, kernel), section)
+        self.assertIn("- %s, torch_cudnn skipped: RuntimeError: no kernel" % BACKWARD, section)
+        self.assertEqual(len([l for l in section.splitlines() if l.startswith("| ")]), 1 + 2 + 3)  # header, 2 additive peers, 3 SDPA backends
+
     def test_json_case_merge_and_ratios(self):
         c0, c1, c2 = self.load()["cases"]
         # our fields survive
@@ -237,6 +287,16 @@ class ReportHelpers(unittest.TestCase):
         self.assertEqual(report.report_stem("2025-01-02", "NVIDIA H200", "0123456789", True),
                          "2025-01-02-h200-0123456-dirty")
 
+    def test_mechanisms_absent_or_without_peers(self):
+        ours = {k: v for k, v in OURS.items() if k != "mechanisms"}
+        md = report.markdown(report.build_report(ours, PEERS, "2025-01-02"))
+        self.assertNotIn("## Mechanisms", md)
+        # Rows whose peers did not run (no "mechanisms" in peers.json) still get a line.
+        r = report.build_report(OURS, {k: v for k, v in PEERS.items() if k != "mechanisms"}, "2025-01-02")
+        self.assertEqual(r["mechanisms"][0]["peers"], {})
+        self.assertIn("| %s | `fa_additive_bf16` | 2.000 | 1.00 | — | — | — | 20.0 | — | — |" % ADDITIVE,
+                      report.markdown(r))
+
     def test_missing_log_is_a_warning(self):
         with tempfile.TemporaryDirectory() as tmp:
             proc, out_dir = run_report(tmp, ["--log", os.path.join(tmp, "absent.log")])
@@ -279,6 +339,12 @@ class PeerHelpers(unittest.TestCase):
         self.assertIsNone(peers.sdpa_mask_reason("causal", 7, 7))
         self.assertIn("top-left", peers.sdpa_mask_reason("causal", 3, 7))
         self.assertEqual(peers.sdpa_mask_reason("window", 7, 7), SDPA_WINDOW)
+
+    def test_mechanism_without_a_peer_is_skipped(self):
+        # An unknown mechanism (e.g. a later maps row) is recorded, never raised; no torch needed.
+        res = peers.mechanism_peers(None, {"name": "maps", "mechanism": "maps"}, None)
+        self.assertIsNone(res["torch"]["ms"])
+        self.assertIn("no torch peer", res["torch"]["skipped"])
 
     def test_num_input_sets(self):
         self.assertEqual(peers.num_input_sets(300 << 20, 256 << 20), 1)

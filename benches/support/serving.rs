@@ -22,7 +22,8 @@ fn cuda(during: &'static str) -> impl Fn(fused_attn::cudarc::driver::DriverError
 }
 
 /// Median milliseconds of `reps` runs of `f` (each between its own events), after 3 warm-ups.
-fn time(
+/// Also the timer of the mechanism rows (`mechanisms.rs`).
+pub fn time(
     g: &Gpu,
     stream: &Arc<CudaStream>,
     reps: usize,
