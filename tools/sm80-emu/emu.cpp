@@ -1219,7 +1219,8 @@ static void mod_cases(bool naive, unsigned &seed, bool neg) {
             for (int page : D == 32 ? std::vector<int>{16, BN} : std::vector<int>{0, 16, BN}) {
                 CacheCase ccs[] = {
                     {{2 * BN - 1, 0, 5, BN + 1}, 4, 8, 2, D, -1, 0, page, false, 1, batch_sink},
-                    {{70, 1, 33}, 40, 6, 3, D, 9, 2, page, true, 0, head_dominant},
+                    // 3 query heads per KV head: a _decode tile's rows 8 apart have other heads
+                    {{70, 1, 33}, 40, 9, 3, D, 9, 2, page, true, 0, head_dominant},
                 };
                 for (auto &cc : ccs) run_cache(cc, bf, seed++);
                 if (naive) continue;
