@@ -31,8 +31,9 @@
 //!   gaps) with GQA 8:2 and Lq < Lk under a full mask (whole tiles without the
 //!   element mask); sinks N(0, 2) and dominant ones (8 + h/4) on rows and
 //!   whole row blocks that see no key (LSE = sink); and on a packed batch,
-//!   a dense and a paged cache (each sequence's own distances). Every variant
-//!   of the bucket, persistent ones included.
+//!   a dense and a paged cache (each sequence's own distances). The
+//!   rectangular ones on the default, persistent and `__ov` rows (the other
+//!   variants share the default's score code).
 //!
 //! Cases, random (two seeded sweeps of 40): batch, GQA ratios 1 to 6 with 1 to
 //! 3 KV heads, lengths, head dims, windows, softcaps, amplitudes, layouts

@@ -2107,6 +2107,13 @@ int main(int argc, char **argv) {
         // problems stay those of the sweep without them).
         if (rm() % 4 == 0) c.alibi = 1 + rm() % 2, c.alibi_x = rm() % 3 ? 1.f : 8.f;
         if (rm() % 4 == 0) c.sinks = 1 + rm() % 2;
+        // No sink where a row's keys can all score far below it: with scores
+        // in the hundreds (amp 20), or ALiBi on rows above the first key's
+        // diagonal (Lq > Lk: every visible key far from the row). The sink
+        // then takes all, and the exact O (e^-50 and less) is below f16's
+        // range: any kernel stores 0 or a subnormal, which the per-row check
+        // reads as an error of up to 100 %.
+        if (c.amp > 1.f || (c.alibi && c.Lq > c.Lk)) c.sinks = MOD_NONE;
         c.what = "random";
         if (c.D > 128) { c.Lq = std::min(c.Lq, 200); c.Lk = std::min(c.Lk, 200); }  // the slow bucket
         fails += run_case(c, r() % 2, seed++);
