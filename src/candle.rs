@@ -76,7 +76,7 @@ pub struct FusedAttn {
     /// on the GPU. Its `alibi` and `sinks` are unused: the op takes them as
     /// candle tensors (below).
     pub options: AttentionOptions<'static>,
-    /// ALiBi slopes, f32 `[Hq]` or `[B, Hq]` (see [`Alibi`](crate::Alibi)).
+    /// ALiBi slopes, f32 `[Hq]` or `[B, Hq]` (see [`Alibi`]).
     pub alibi_slopes: Option<Tensor>,
     /// Attention-sink logits, f32 `[Hq]` (see
     /// [`AttentionOptions::sinks`](crate::AttentionOptions::sinks)).

@@ -117,7 +117,7 @@ pub struct DispatchTensors<'a> {
 /// and smaller-memory fallbacks after it (the sm80 `_99k` rows for sm86/sm89).
 /// Variants (`name__tag`) are never picked. Paged KV caches go to the sm80
 /// bucket's `_paged` row, and only they do. A decode step (a KV-cache call
-/// with at most [`MAX_DECODE_QUERIES`] queries per sequence and several
+/// with at most `MAX_DECODE_QUERIES` (16) queries per sequence and several
 /// query heads per KV head) goes to the sm80 bucket's `_decode` row (GQA
 /// packing, dense or paged) where the bucket has one, sm80 then preferred
 /// over sm90 (whose tiles would hold one query row of 128). A forced family or kernel name

@@ -83,7 +83,7 @@ pub struct HostState<'a, T> {
 /// [`Attention::merge_states_into`](crate::Attention::merge_states_into).
 ///
 /// # Errors
-/// The errors of [`validate_merge`](crate::internals::validate_merge), and
+/// The errors of [`validate_merge`], and
 /// [`Error::SizeOverflow`] beyond [`MAX_OUTPUT_ELEMENTS`].
 pub fn merge_states<T: Element>(parts: &[HostState<'_, T>]) -> Result<MergedReference> {
     let descs: Vec<(TensorDesc, LseDesc)> = parts
@@ -729,7 +729,7 @@ pub struct MapsReference {
 /// (without an LSE input: it finds its own).
 ///
 /// # Errors
-/// The errors of [`validate_maps`](crate::internals::validate_maps) for Q,
+/// The errors of [`validate_maps`] for Q,
 /// K, the head list and the options, [`Error::InvalidOption`] for
 /// modifiers in device memory, and [`Error::SizeOverflow`] beyond
 /// [`MAX_OUTPUT_ELEMENTS`] (`B·Hq·Lq·Lk`) or [`MAX_WORK`].
