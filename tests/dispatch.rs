@@ -393,3 +393,30 @@ fn decode_steps_go_to_the_gqa_packed_rows() {
         assert_eq!(choose(dev, &pr, None, None).unwrap(), format!("fa_fwd_sm80_{t}_hd64_decode"));
     }
 }
+
+/// ALiBi and sinks are taken by every family: a problem with them goes
+/// where the same problem without them goes (sm90 on an H100, sm80 on an
+/// A100, naive when forced), with either slope layout.
+#[test]
+fn score_modifiers_do_not_change_the_choice() {
+    use fused_attn::{Alibi, HeadValues};
+    let slopes = [0.5f32; 16];
+    let sinks = [1.0f32; 8];
+    for dtype in [DType::BF16, DType::F16] {
+        for d in [64, 128, 256] {
+            let plain = problem(dtype, d, None, 0x1000);
+            for alibi in [Alibi::per_head(HeadValues::Host(&slopes)), Alibi::per_batch(HeadValues::Host(&slopes))] {
+                let mut pr = problem(dtype, d, None, 0x1000);
+                let opts = AttentionOptions::new(Mask::Causal).with_alibi(alibi).with_sinks(HeadValues::Host(&sinks));
+                pr.p =
+                    validate(dtype, &pr.descs[0], &pr.descs[1], &pr.descs[2], Some(&pr.descs[3]), None, &opts).unwrap();
+                assert!(pr.p.alibi.is_some() && pr.p.sinks);
+                for device in [A100, H100] {
+                    assert_eq!(choose(device, &pr, None, None).unwrap(), choose(device, &plain, None, None).unwrap());
+                }
+                let naive = choose(H100, &pr, Some(KernelFamily::Naive), None).unwrap();
+                assert!(naive.starts_with("fa_fwd_naive"), "{naive}");
+            }
+        }
+    }
+}
