@@ -26,18 +26,8 @@ use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-fn cuda_include() -> Option<PathBuf> {
-    let from_nvcc =
-        std::env::var_os("NVCC").map(PathBuf::from).and_then(|p| Some(p.parent()?.parent()?.join("include")));
-    let from_home = std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("include"));
-    [from_nvcc, from_home].into_iter().flatten().find(|p| p.join("cuda_fp16.h").is_file())
-}
-
 fn prerequisites() -> Result<PathBuf, Result<Completion, Failed>> {
-    if !tier::have("g++") {
-        return Err(tier::missing("no g++ to build tools/bwd-harness"));
-    }
-    cuda_include().ok_or_else(|| tier::missing("no CUDA headers (cuda_fp16.h beside $NVCC or in $CUDA_HOME)"))
+    tier::harness_prerequisites("bwd-harness")
 }
 
 /// Builds the harness over `header` (bwd_naive.cuh's text, maybe mutated) in `work`.

@@ -17,13 +17,6 @@ use std::process::Command;
 
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
-fn cuda_include() -> Option<PathBuf> {
-    let from_nvcc =
-        std::env::var_os("NVCC").map(PathBuf::from).and_then(|p| Some(p.parent()?.parent()?.join("include")));
-    let from_home = std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("include"));
-    [from_nvcc, from_home].into_iter().flatten().find(|p| p.join("cuda_fp16.h").is_file())
-}
-
 /// Builds the harness over `merge_cuh` (the text of merge.cuh, maybe
 /// mutated) and runs it: Ok(output) if it passed, Err(output) if not.
 fn run_harness(work: &Path, include: &Path, merge_cuh: &str) -> Result<Result<String, String>, Failed> {
@@ -56,10 +49,7 @@ fn run_harness(work: &Path, include: &Path, merge_cuh: &str) -> Result<Result<St
 }
 
 fn prerequisites() -> Result<PathBuf, Result<Completion, Failed>> {
-    if !tier::have("g++") {
-        return Err(tier::missing("no g++ to build tools/merge-harness"));
-    }
-    cuda_include().ok_or_else(|| tier::missing("no CUDA headers (cuda_fp16.h beside $NVCC or in $CUDA_HOME)"))
+    tier::harness_prerequisites("merge-harness")
 }
 
 fn source() -> String {

@@ -39,3 +39,20 @@ pub fn cuda_tool(env: &str, name: &str) -> Option<PathBuf> {
 pub fn have(tool: &str) -> bool {
     std::process::Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
 }
+
+/// The CUDA headers' directory (for `cuda_fp16.h`): beside `$NVCC` or in `$CUDA_HOME`.
+pub fn cuda_include() -> Option<PathBuf> {
+    let from_nvcc =
+        std::env::var_os("NVCC").map(PathBuf::from).and_then(|p| Some(p.parent()?.parent()?.join("include")));
+    let from_home = std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("include"));
+    [from_nvcc, from_home].into_iter().flatten().find(|p| p.join("cuda_fp16.h").is_file())
+}
+
+/// What a host harness (`tools/<harness>`) needs: g++ and the CUDA headers'
+/// directory, or the trial's outcome without them.
+pub fn harness_prerequisites(harness: &str) -> Result<PathBuf, Result<Completion, Failed>> {
+    if !have("g++") {
+        return Err(missing(format!("no g++ to build tools/{harness}")));
+    }
+    cuda_include().ok_or_else(|| missing("no CUDA headers (cuda_fp16.h beside $NVCC or in $CUDA_HOME)"))
+}
