@@ -253,12 +253,6 @@ pub const MAX_DECODE_QUERIES: usize = 16;
 /// rectangular batches only. Of the sm80 rows only the `_paged` ones read
 /// pages.
 fn lacks(row: &KernelRow, fam: KernelFamily, p: &Problem) -> Option<&'static str> {
-    if p.alibi.is_some() && !takes_modifiers(fam) {
-        return Some("ALiBi");
-    }
-    if p.sinks && !takes_modifiers(fam) {
-        return Some("attention sinks");
-    }
     let sequences = p.varlen.is_some() || p.kv_cache.is_some();
     let page = p.kv_cache.and_then(|c| c.paged).map(|pg| pg.page_size);
     match (fam, row.grid, page) {
@@ -272,14 +266,6 @@ fn lacks(row: &KernelRow, fam: KernelFamily, p: &Problem) -> Option<&'static str
             Some("pages whose size is not a multiple of block_n")
         }
         _ => None,
-    }
-}
-
-/// Whether a family's kernels read the score modifiers of params.h
-/// (`alibi_slopes`, `sinks`).
-fn takes_modifiers(fam: KernelFamily) -> bool {
-    match fam {
-        KernelFamily::Naive | KernelFamily::Sm80 | KernelFamily::Sm90 => true,
     }
 }
 

@@ -331,6 +331,18 @@ impl Registry {
         cell: &'a OnceLock<CudaFunction>,
         name: &str,
     ) -> Result<&'a CudaFunction> {
+        self.naive_image_function_with(ctx, cell, name, |_| Ok(()))
+    }
+
+    /// [`naive_image_function`](Self::naive_image_function), with `configure`
+    /// run once on the function when it is first loaded.
+    fn naive_image_function_with<'a>(
+        &self,
+        ctx: &Arc<CudaContext>,
+        cell: &'a OnceLock<CudaFunction>,
+        name: &str,
+        configure: impl FnOnce(&CudaFunction) -> Result<()>,
+    ) -> Result<&'a CudaFunction> {
         if let Some(f) = cell.get() {
             return Ok(f);
         }
@@ -343,6 +355,7 @@ impl Registry {
             .position(|im| im.stem == "fwd_naive" && image_runs_on(im, self.device.sm))
             .ok_or_else(|| Error::NoKernel { reason: format!("{name}: the fwd_naive image is not loadable here") })?;
         let func = self.module(ctx, ii)?.load_function(name).during("looking up a kernel")?;
+        configure(&func)?;
         let _ = cell.set(func);
         cell.get().ok_or_else(|| Error::NoKernel { reason: format!("{name} failed to load") })
     }
@@ -356,25 +369,16 @@ impl Registry {
             DType::F16 => (0, "fa_additive_f16"),
             DType::BF16 => (1, "fa_additive_bf16"),
         };
-        if let Some(f) = self.additive_funcs[slot].get() {
-            return Ok(f);
-        }
-        let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = self.additive_funcs[slot].get() {
-            return Ok(f);
-        }
-        let ii = sys::IMAGES
-            .iter()
-            .position(|im| im.stem == "fwd_naive" && image_runs_on(im, self.device.sm))
-            .ok_or_else(|| Error::NoKernel { reason: format!("{name}: the fwd_naive image is not loadable here") })?;
-        let func = self.module(ctx, ii)?.load_function(name).during("looking up a kernel")?;
-        let max =
-            crate::params::additive_smem_bytes(sys::FA_ADDITIVE_MAX_DIM as usize, sys::FA_ADDITIVE_MAX_DIM as usize);
-        let limit = (max as u32).min(self.device.smem_per_block);
-        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, limit as i32)
-            .during("raising a kernel's shared-memory limit")?;
-        let _ = self.additive_funcs[slot].set(func);
-        self.additive_funcs[slot].get().ok_or_else(|| Error::NoKernel { reason: format!("{name} failed to load") })
+        let raise = |func: &CudaFunction| {
+            let max = crate::params::additive_smem_bytes(
+                sys::FA_ADDITIVE_MAX_DIM as usize,
+                sys::FA_ADDITIVE_MAX_DIM as usize,
+            );
+            let limit = (max as u32).min(self.device.smem_per_block);
+            func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, limit as i32)
+                .during("raising a kernel's shared-memory limit")
+        };
+        self.naive_image_function_with(ctx, &self.additive_funcs[slot], name, raise)
     }
 
     /// The function of usable row `idx`, loading its image on first use.
