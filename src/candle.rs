@@ -355,22 +355,13 @@ impl CustomOp3 for FusedAttnVarLen {
         v: &CpuStorage,
         v_l: &candle_core::Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match (q, k, v) {
-            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
-                let (o, shape) = self.cpu_fwd_t((q, q_l), (k, k_l), (v, v_l), f16::from_f64)?;
-                Ok((CpuStorage::F16(o), shape))
-            }
-            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                let (o, shape) = self.cpu_fwd_t((q, q_l), (k, k_l), (v, v_l), bf16::from_f64)?;
-                Ok((CpuStorage::BF16(o), shape))
-            }
-            _ => candle_core::bail!(
-                "fused-attn: q, k and v must all be f16 or all bf16, got {:?}, {:?}, {:?}",
-                q.dtype(),
-                k.dtype(),
-                v.dtype()
-            ),
-        }
+        cpu_by_dtype(
+            (q, q_l),
+            (k, k_l),
+            (v, v_l),
+            |q, k, v| self.cpu_fwd_t(q, k, v, f16::from_f64),
+            |q, k, v| self.cpu_fwd_t(q, k, v, bf16::from_f64),
+        )
     }
 }
 
@@ -495,6 +486,38 @@ fn varlen_op(
     q.apply_op3_no_bwd(k, v, &op)
 }
 
+/// One dtype's slices and layout, as the CPU ops take them.
+type Arg<'a, T> = (&'a [T], &'a candle_core::Layout);
+/// An op's result: O's data and shape.
+type Out<T> = candle_core::Result<(Vec<T>, Shape)>;
+
+/// The CPU ops' dtype dispatch: `f16` or `bf16` runs on all-f16 or all-bf16
+/// storages, anything else is an error naming the dtypes.
+fn cpu_by_dtype<'a>(
+    (q, q_l): (&'a CpuStorage, &'a candle_core::Layout),
+    (k, k_l): (&'a CpuStorage, &'a candle_core::Layout),
+    (v, v_l): (&'a CpuStorage, &'a candle_core::Layout),
+    f16: impl FnOnce(Arg<'a, f16>, Arg<'a, f16>, Arg<'a, f16>) -> Out<f16>,
+    bf16: impl FnOnce(Arg<'a, bf16>, Arg<'a, bf16>, Arg<'a, bf16>) -> Out<bf16>,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    match (q, k, v) {
+        (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+            let (o, shape) = f16((q, q_l), (k, k_l), (v, v_l))?;
+            Ok((CpuStorage::F16(o), shape))
+        }
+        (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+            let (o, shape) = bf16((q, q_l), (k, k_l), (v, v_l))?;
+            Ok((CpuStorage::BF16(o), shape))
+        }
+        _ => candle_core::bail!(
+            "fused-attn: q, k and v must all be f16 or all bf16, got {:?}, {:?}, {:?}",
+            q.dtype(),
+            k.dtype(),
+            v.dtype()
+        ),
+    }
+}
+
 /// An f32 CPU tensor of rank 1 or 2 as host values, with its rank.
 fn f32_values(arg: &str, t: &Tensor) -> candle_core::Result<(Vec<f32>, usize)> {
     if t.dtype() != candle_core::DType::F32 {
@@ -588,21 +611,12 @@ impl CustomOp3 for FusedAttn {
         v: &CpuStorage,
         v_l: &candle_core::Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match (q, k, v) {
-            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
-                let (o, shape) = self.cpu_fwd_t(q, q_l, k, k_l, v, v_l, f16::from_f64)?;
-                Ok((CpuStorage::F16(o), shape))
-            }
-            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                let (o, shape) = self.cpu_fwd_t(q, q_l, k, k_l, v, v_l, bf16::from_f64)?;
-                Ok((CpuStorage::BF16(o), shape))
-            }
-            _ => candle_core::bail!(
-                "fused-attn: q, k and v must all be f16 or all bf16, got {:?}, {:?}, {:?}",
-                q.dtype(),
-                k.dtype(),
-                v.dtype()
-            ),
-        }
+        cpu_by_dtype(
+            (q, q_l),
+            (k, k_l),
+            (v, v_l),
+            |(q, ql), (k, kl), (v, vl)| self.cpu_fwd_t(q, ql, k, kl, v, vl, f16::from_f64),
+            |(q, ql), (k, kl), (v, vl)| self.cpu_fwd_t(q, ql, k, kl, v, vl, bf16::from_f64),
+        )
     }
 }
