@@ -159,6 +159,12 @@ fn parse_table(path: &Path, variants: bool) -> Vec<Row> {
         .collect()
 }
 
+/// The `FA_IMAGE_MIN_SM n` marker of a kernel file without table rows.
+fn image_min_sm(path: &Path) -> Option<u32> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| l.trim_start_matches(['/', ' ']).strip_prefix("FA_IMAGE_MIN_SM ")?.trim().parse().ok())
+}
+
 fn find_nvcc() -> Option<PathBuf> {
     if let Some(p) = env::var_os("NVCC") {
         return Some(PathBuf::from(p));
@@ -200,8 +206,11 @@ fn compile_all(
         .iter()
         .filter_map(|src| {
             let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
-            // A file supports the archs at or above the lowest min_sm of its kernels.
-            let min_sm = rows.iter().filter(|r| r.stem == stem).map(|r| r.min_sm).min()?;
+            // A file supports the archs at or above the lowest min_sm of its
+            // kernels, or, with no table rows (kernels loaded by name only),
+            // of its `FA_IMAGE_MIN_SM n` line.
+            let min_sm =
+                rows.iter().filter(|r| r.stem == stem).map(|r| r.min_sm).min().or_else(|| image_min_sm(src))?;
             let sass: Vec<Arch> = archs
                 .iter()
                 .filter(|a| a.number >= min_sm)

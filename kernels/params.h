@@ -141,7 +141,20 @@ typedef struct FaBwdParams {
     int64_t dv_row_stride;
     int64_t dv_head_stride;
     float *dsinks;
+
+    /* The tiled (sm80) kernels' workspace, unused by the baseline ones: the
+     * f32 dQ accumulator [B][Hq][Lq][head_dim], D_i = <dO_i, O_i> [B][Hq][Lq],
+     * and the deterministic mode's turn counters [B][Hq][ceil(Lq / 64)]
+     * (all zeroed or written by the first kernel). deterministic != 0: the
+     * CTAs add into a query block's dQ in key-block order. */
+    float *dq_accum;
+    float *delta;
+    int32_t *dq_turns;
+    int32_t deterministic;
 } FaBwdParams;
+
+/* Block size (queries and keys) of the tiled sm80 backward. */
+#define FA_BWD_SM80_BLOCK 64
 
 /* Merge of attention states (DESIGN.md 1b, the combine step of split-KV and
  * cascade attention): `parts` partial results over disjoint key sets of the

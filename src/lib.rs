@@ -185,7 +185,10 @@ pub use device::{cuda_context, driver_present, Attention};
 pub use dispatch::{KernelInfo, PassReason, PassedOver};
 pub use error::{Error, Result};
 pub use ops::AdditiveOutput;
-pub use ops::{problem_of, CacheTables, DynTensor, DynTensorMut, ForwardOutput, Gradients, PartialState, SeqLens};
+pub use ops::{
+    backward_workspace_len, problem_of, BackwardPath, CacheTables, DynTensor, DynTensorMut, ForwardOutput, Gradients,
+    PartialState, SeqLens,
+};
 pub use options::{alibi_slopes, Alibi, AttentionOptions, HeadValues, KernelFamily, Mask, MaskAlignment};
 pub use tensor::{
     DType, DeviceTensor, DeviceTensorMut, Element, HostTensor, Layout, LseLayout, LseTensor, LseTensorMut,

@@ -249,7 +249,66 @@ pub fn bwd_params(fwd: FaFwdParams, grads: [(u64, &Layout); 4], dsinks: u64) -> 
         dv_row_stride: dv.1[1],
         dv_head_stride: dv.1[2],
         dsinks: dsinks as usize as *mut f32,
+        dq_accum: std::ptr::null_mut(),
+        delta: std::ptr::null_mut(),
+        dq_turns: std::ptr::null_mut(),
+        deterministic: 0,
     }
+}
+
+/// The tiled sm80 backward's head-dim buckets (`kernels/bwd_sm80.cu`).
+pub const BWD_SM80_BUCKETS: [usize; 3] = [64, 128, 256];
+
+/// Threads per CTA of the tiled sm80 backward's main kernel of bucket `hd`
+/// (`Sm80BwdCfg::kThreads`).
+pub fn bwd_sm80_threads(hd: usize) -> u32 {
+    if hd <= 64 {
+        128
+    } else {
+        256
+    }
+}
+
+/// Dynamic shared memory of that kernel (`Sm80BwdCfg::kSmemBytes`): K, V,
+/// Q, dO tiles of 64 rows, P^T and dS^T (64 x 64, 16-bit), LSE and D of 64
+/// rows.
+pub fn bwd_sm80_smem_bytes(hd: usize) -> u32 {
+    let b = crate::sys::FA_BWD_SM80_BLOCK as usize;
+    (4 * b * hd * 2 + 2 * b * b * 2 + 2 * b * 4) as u32
+}
+
+/// Where the tiled backward's workspace parts start, in f32 elements, and
+/// its whole length: the dQ accumulator `[B][Hq][Lq][D]`, `D_i` `[B][Hq][Lq]`,
+/// the turn counters `[B][Hq][ceil(Lq / 64)]` (i32). `None` on overflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BwdWorkspace {
+    /// Offset of D_i.
+    pub delta: usize,
+    /// Offset of the turn counters.
+    pub turns: usize,
+    /// Total length.
+    pub len: usize,
+}
+
+/// The workspace layout of a problem of these sizes.
+pub fn bwd_workspace(batch: usize, seqlen_q: usize, heads_q: usize, head_dim: usize) -> Option<BwdWorkspace> {
+    let rows = batch.checked_mul(heads_q)?.checked_mul(seqlen_q)?;
+    let delta = rows.checked_mul(head_dim)?;
+    let turns = delta.checked_add(rows)?;
+    let blocks = seqlen_q.div_ceil(crate::sys::FA_BWD_SM80_BLOCK as usize);
+    let len = turns.checked_add(batch.checked_mul(heads_q)?.checked_mul(blocks)?)?;
+    Some(BwdWorkspace { delta, turns, len })
+}
+
+/// `b` with the tiled backward's workspace at device address `ws` (laid out
+/// as [`bwd_workspace`] says) and its mode.
+pub fn with_bwd_workspace(mut b: FaBwdParams, ws: u64, layout: &BwdWorkspace, deterministic: bool) -> FaBwdParams {
+    let at = |off: usize| (ws as usize + 4 * off) as *mut f32;
+    b.dq_accum = at(0);
+    b.delta = at(layout.delta);
+    b.dq_turns = at(layout.turns).cast();
+    b.deterministic = i32::from(deterministic);
+    b
 }
 
 /// Device addresses of an additive-attention call (`bias`, `lse` 0: none).

@@ -47,9 +47,9 @@ use fused_attn::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureM
 use fused_attn::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use fused_attn::reference;
 use fused_attn::{
-    Alibi, Attention, AttentionOptions, CacheTables, DType, DeviceTensor, DeviceTensorMut, Element, Error, Gradients,
-    HeadValues, HostTensor, KernelFamily, KernelInfo, Layout, LseLayout, LseTensor, LseTensorMut, Mask, MaskAlignment,
-    PartialState, SeqLens,
+    backward_workspace_len, Alibi, Attention, AttentionOptions, BackwardPath, CacheTables, DType, DeviceTensor,
+    DeviceTensorMut, Element, Error, Gradients, HeadValues, HostTensor, KernelFamily, KernelInfo, Layout, LseLayout,
+    LseTensor, LseTensorMut, Mask, MaskAlignment, PartialState, SeqLens,
 };
 use half::{bf16, f16};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -1043,10 +1043,34 @@ fn trials() -> Vec<(Trial, bool)> {
     for (name, c, m) in modifier_cases() {
         trials.push((Trial::test(name, move || modifier_trial(c, m)), is90(c.family)));
     }
-    trials.push(plain("backward/bf16/causal", || backward_trial::<bf16>(Mask::Causal, false, false)));
-    trials.push(plain("backward/f16/window_topleft", || backward_trial::<f16>(Mask::window(9, 3), true, false)));
-    trials.push(plain("backward/bf16/full_mods", || backward_trial::<bf16>(Mask::Full, false, true)));
-    trials.push(plain("backward/f16/causal_mods", || backward_trial::<f16>(Mask::Causal, false, true)));
+    use BwdMode::{Baseline, Tiled, TiledDeterministic};
+    trials.push(plain("backward/bf16/causal", || backward_trial::<bf16>(Mask::Causal, false, false, Baseline, 64)));
+    trials.push(plain("backward/f16/window_topleft", || {
+        backward_trial::<f16>(Mask::window(9, 3), true, false, Baseline, 64)
+    }));
+    trials.push(plain("backward/bf16/full_mods", || backward_trial::<bf16>(Mask::Full, false, true, Baseline, 64)));
+    trials.push(plain("backward/f16/causal_mods", || backward_trial::<f16>(Mask::Causal, false, true, Baseline, 64)));
+    // The tiled sm80 kernels (also on sm90), each bucket, both modes.
+    for d in [64, 96, 128, 256] {
+        trials.push((
+            Trial::test(format!("backward/tiled/bf16/causal/hd{d}"), move || {
+                backward_trial::<bf16>(Mask::Causal, false, false, Tiled, d)
+            }),
+            false,
+        ));
+        trials.push((
+            Trial::test(format!("backward/tiled/f16/full_mods/hd{d}"), move || {
+                backward_trial::<f16>(Mask::Full, false, true, TiledDeterministic, d)
+            }),
+            false,
+        ));
+    }
+    trials.push(plain("backward/tiled/f16/window_topleft", || {
+        backward_trial::<f16>(Mask::window(70, 3), true, false, TiledDeterministic, 128)
+    }));
+    trials.push(plain("backward/tiled/bf16/causal_mods", || {
+        backward_trial::<bf16>(Mask::Causal, false, true, Tiled, 128)
+    }));
     trials.push(plain("additive/bf16/cases", additive_trials::<bf16>));
     trials.push(plain("additive/f16/cases", additive_trials::<f16>));
     trials.push(plain("additive/errors", additive_errors));
@@ -1134,6 +1158,17 @@ fn modifier_trial(c: Case, m: HostModifiers) -> Result<(), Failed> {
     checked.verdict(c.dtype).map_err(Failed::from)
 }
 
+/// Which backward kernels a trial asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BwdMode {
+    /// No workspace: the baseline kernels.
+    Baseline,
+    /// The tiled kernels, dQ by atomics.
+    Tiled,
+    /// The tiled kernels in deterministic mode.
+    TiledDeterministic,
+}
+
 /// The baseline backward on the GPU (DESIGN.md section 1b): forward_into for
 /// O and LSE, then backward_into on padded, poisoned gradient buffers,
 /// against the f64 reference gradients (rel L2 bf16 2e-2, f16 5e-3; worst
@@ -1141,11 +1176,17 @@ fn modifier_trial(c: Case, m: HostModifiers) -> Result<(), Failed> {
 /// second run (deterministic by construction). Masks in both alignments,
 /// GQA 4:1 with Hk 2, Lq > Lk, softcap, per-batch ALiBi, sinks with their
 /// gradient.
-fn backward_trial<T: Element>(mask: Mask, top_left: bool, mods: bool) -> Result<(), Failed> {
+fn backward_trial<T: Element>(mask: Mask, top_left: bool, mods: bool, mode: BwdMode, d: usize) -> Result<(), Failed> {
     let g = gpu()?;
     let stream = g.ctx.new_stream().map_err(text)?;
     let mut rng = StdRng::seed_from_u64(91);
-    let (b, lq, lk, hq, hk, d) = (2, 77, 61, 8, 2, 64);
+    // Tiled: lengths that cross the 64-row tiles (one past, one short).
+    let (b, lq, lk, hq, hk) = if mode == BwdMode::Baseline { (2, 77, 61, 8, 2) } else { (2, 193, 127, 8, 2) };
+    let tiled = mode != BwdMode::Baseline;
+    if tiled && g.attn.backward_path(d, true, true) == BackwardPath::Baseline {
+        return Err(format!("no tiled backward for hd{d} on sm{}", g.attn.sm()).into());
+    }
+    let mut ws = stream.alloc_zeros::<f32>(backward_workspace_len(b, lq, hq, d).map_err(text)?).map_err(text)?;
     let (ql, kl) = (Layout::bshd(b, lq, hq, d), Layout::bshd(b, lk, hk, d));
     let (q, k, v, d_o): (Vec<T>, Vec<T>, Vec<T>, Vec<T>) = (
         randn(&mut rng, b * lq * hq * d),
@@ -1187,7 +1228,7 @@ fn backward_trial<T: Element>(mask: Mask, top_left: bool, mods: bool) -> Result<
         Layout::strided_bshd([b, lk, hk, d], [lk * (hk * d + pad), hk * d + pad, d, 1]),
     );
     type Grads<T> = (Vec<T>, Vec<T>, Vec<T>, Vec<f32>);
-    let run = || -> Result<Grads<T>, Failed> {
+    let mut run = || -> Result<Grads<T>, Failed> {
         let mut dq = upload(&stream, &poison::<T>(gq.span().unwrap()))?;
         let mut dk = upload(&stream, &poison::<T>(gk.span().unwrap()))?;
         let mut dv = upload(&stream, &poison::<T>(gk.span().unwrap()))?;
@@ -1201,6 +1242,9 @@ fn backward_trial<T: Element>(mask: Mask, top_left: bool, mods: bool) -> Result<
             let mut grads = Gradients::new(&mut dqt, &mut dkt, &mut dvt);
             if mods {
                 grads = grads.with_dsinks(&mut ds);
+            }
+            if tiled {
+                grads = grads.with_workspace(&mut ws).deterministic(mode == BwdMode::TiledDeterministic);
             }
             let (ot, lt) = (DeviceTensor::new(&o, ql), LseTensor::new(&l, ll));
             let dot = DeviceTensor::new(&dod, ql);
@@ -1216,8 +1260,14 @@ fn backward_trial<T: Element>(mask: Mask, top_left: bool, mods: bool) -> Result<
     let first = run()?;
     let second = run()?;
     let bits = |x: &[T]| x.iter().map(|e| e.to_bits()).collect::<Vec<u16>>();
-    if bits(&first.0) != bits(&second.0) || bits(&first.1) != bits(&second.1) || bits(&first.2) != bits(&second.2) {
-        return Err("two backward runs differ (the baseline is deterministic by construction)".into());
+    // dK/dV have one writer per element in every mode; dQ is ordered in
+    // the baseline and the deterministic mode only.
+    let dq_must_match = mode != BwdMode::Tiled;
+    if (dq_must_match && bits(&first.0) != bits(&second.0))
+        || bits(&first.1) != bits(&second.1)
+        || bits(&first.2) != bits(&second.2)
+    {
+        return Err(format!("two backward runs differ ({mode:?} must be bitwise reproducible)").into());
     }
     let want = reference::backward(
         HostTensor::new(&q, ql),
@@ -1229,7 +1279,7 @@ fn backward_trial<T: Element>(mask: Mask, top_left: bool, mods: bool) -> Result<
     .map_err(text)?;
     let tol = if T::DTYPE == DType::BF16 { 2e-2 } else { 5e-3 };
     let mut line = format!(
-        "backward/{}/{mask}{}{}:",
+        "backward/{mode:?}/hd{d}/{}/{mask}{}{}:",
         T::DTYPE,
         if top_left { "/topleft" } else { "" },
         if mods { "/mods" } else { "" }

@@ -27,6 +27,7 @@ fn generate() -> Result<String, String> {
             .allowlist_type("FaMergeParams")
             .allowlist_type("FaBwdParams")
             .allowlist_var("FA_MERGE_MAX_PARTS")
+            .allowlist_var("FA_BWD_SM80_BLOCK")
             .allowlist_type("FaAdditiveParams")
             .allowlist_var("FA_ADDITIVE_.*")
             .allowlist_type("FaMapsParams")

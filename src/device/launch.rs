@@ -454,6 +454,41 @@ pub(crate) unsafe fn launch_bwd(
     unsafe { launch(ctx, cu_stream, func, (grid, (128, 1, 1), 0), b) }
 }
 
+/// Launches kernel `kernel` of the tiled sm80 backward (`kernels/bwd_sm80.cu`)
+/// over `b`, whose workspace fields are set: the pre and dQ kernels one warp
+/// per query row (grid (ceil(Lq / 4), Hq, B), 128 threads), the main kernel
+/// one CTA per 64 keys of a KV head (grid (ceil(Lk / 64), Hk, B), x fastest
+/// as the deterministic mode's turns assume). Nothing to launch for an empty
+/// grid.
+///
+/// # Safety
+/// As [`launch`], with `b` the kernel's argument, its workspace laid out by
+/// [`bwd_workspace`](crate::params::bwd_workspace) for this problem and the
+/// function's shared-memory limit raised to the main kernel's need.
+pub(crate) unsafe fn launch_bwd_sm80(
+    ctx: &CudaContext,
+    cu_stream: CUstream,
+    func: cudarc::driver::sys::CUfunction,
+    kernel: super::BwdSm80,
+    b: &FaBwdParams,
+) -> Result<()> {
+    let f = &b.fwd;
+    let (x, y, threads, smem) = match kernel {
+        super::BwdSm80::Main(hd) => (
+            (f.seqlen_k as u32).div_ceil(crate::sys::FA_BWD_SM80_BLOCK),
+            f.heads_kv as u32,
+            crate::params::bwd_sm80_threads(hd),
+            crate::params::bwd_sm80_smem_bytes(hd),
+        ),
+        _ => ((f.seqlen_q as u32).div_ceil(4), f.heads_q as u32, 128, 0),
+    };
+    if x == 0 || y == 0 || f.batch == 0 {
+        return Ok(());
+    }
+    // SAFETY: by this function's contract.
+    unsafe { launch(ctx, cu_stream, func, ((x, y, f.batch as u32), (threads, 1, 1), smem), b) }
+}
+
 /// Launches the additive-attention kernel `func` (`kernels/fwd_naive.cu`)
 /// over `a`: grid (ceil(Lq / BLOCK_M), H, B), `FA_ADDITIVE_THREADS`
 /// threads, `smem` bytes of dynamic shared memory.

@@ -20,7 +20,8 @@ use crate::tensor::DType;
 use crate::validate::Problem;
 
 pub(crate) use launch::{
-    alloc_output, launch_additive, launch_bwd, launch_maps, launch_merge, modifier_ptr, Tables, TmaCache,
+    alloc_output, launch_additive, launch_bwd, launch_bwd_sm80, launch_maps, launch_merge, modifier_ptr, Tables,
+    TmaCache,
 };
 
 /// Opens (retains) the primary context of GPU `ordinal`.
@@ -89,6 +90,10 @@ struct Registry {
     /// The baseline backward kernels (dQ, dK/dV, dsinks; f16 then bf16),
     /// loaded on first use like the merge kernels.
     bwd_funcs: [OnceLock<CudaFunction>; 6],
+    /// The tiled sm80 backward's kernels (`kernels/bwd_sm80.cu`; f16 then
+    /// bf16, each: pre, dQ, main hd64, hd128, hd256), loaded on first use,
+    /// the main ones with their dynamic shared-memory limit raised.
+    bwd_sm80_funcs: [OnceLock<CudaFunction>; 10],
     /// The additive-attention kernels (f16, bf16; `kernels/common/additive.cuh`,
     /// also in the naive image), loaded on first use with their
     /// dynamic shared-memory limit raised.
@@ -207,6 +212,16 @@ impl Attention {
         self.reg.bwd_function(&self.ctx, dtype, which)
     }
 
+    /// A kernel of the tiled sm80 backward, loaded on first use.
+    pub(crate) fn bwd_sm80_function(&self, dtype: DType, kernel: BwdSm80) -> Result<&CudaFunction> {
+        self.reg.bwd_sm80_function(&self.ctx, dtype, kernel)
+    }
+
+    /// The device's shared memory per block (opt-in limit), bytes.
+    pub(crate) fn smem_per_block(&self) -> u32 {
+        self.reg.device.smem_per_block
+    }
+
     /// The additive-attention kernel for `dtype`, and the most dynamic shared
     /// memory (bytes) a launch of it may use on this device.
     pub(crate) fn additive_function(&self, dtype: DType) -> Result<(&CudaFunction, u32)> {
@@ -244,6 +259,17 @@ impl Attention {
     }
 }
 
+/// The kernels of the tiled sm80 backward (`kernels/bwd_sm80.cu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BwdSm80 {
+    /// D_i and the workspace zeroed.
+    Pre,
+    /// The main kernel of a head-dim bucket (64, 128, 256).
+    Main(usize),
+    /// dQ from its f32 accumulator.
+    Dq,
+}
+
 impl Registry {
     fn new(ctx: &Arc<CudaContext>, sm: u32) -> Result<Self> {
         let attr = |a, during| ctx.attribute(a).during(during).map(|v| v.max(0) as u32);
@@ -264,6 +290,7 @@ impl Registry {
             tma: TmaCache::default(),
             merge_funcs: [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()],
             bwd_funcs: Default::default(),
+            bwd_sm80_funcs: Default::default(),
             additive_funcs: [OnceLock::new(), OnceLock::new()],
             maps_funcs: [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()],
         })
@@ -343,6 +370,19 @@ impl Registry {
         name: &str,
         configure: impl FnOnce(&CudaFunction) -> Result<()>,
     ) -> Result<&'a CudaFunction> {
+        self.image_function_with(ctx, "fwd_naive", cell, name, configure)
+    }
+
+    /// Kernel `name` of image `stem` (not a table row), kept in `cell`,
+    /// with `configure` run once on the function when it is first loaded.
+    fn image_function_with<'a>(
+        &self,
+        ctx: &Arc<CudaContext>,
+        stem: &str,
+        cell: &'a OnceLock<CudaFunction>,
+        name: &str,
+        configure: impl FnOnce(&CudaFunction) -> Result<()>,
+    ) -> Result<&'a CudaFunction> {
         if let Some(f) = cell.get() {
             return Ok(f);
         }
@@ -352,12 +392,41 @@ impl Registry {
         }
         let ii = sys::IMAGES
             .iter()
-            .position(|im| im.stem == "fwd_naive" && image_runs_on(im, self.device.sm))
-            .ok_or_else(|| Error::NoKernel { reason: format!("{name}: the fwd_naive image is not loadable here") })?;
+            .position(|im| im.stem == stem && image_runs_on(im, self.device.sm))
+            .ok_or_else(|| Error::NoKernel { reason: format!("{name}: the {stem} image is not loadable here") })?;
         let func = self.module(ctx, ii)?.load_function(name).during("looking up a kernel")?;
         configure(&func)?;
         let _ = cell.set(func);
         cell.get().ok_or_else(|| Error::NoKernel { reason: format!("{name} failed to load") })
+    }
+
+    /// A kernel of the tiled sm80 backward (`kernels/bwd_sm80.cu`) for
+    /// `dtype`, loaded on first use; a main kernel's dynamic shared-memory
+    /// limit is raised to what it needs (the caller checks the device
+    /// allows it).
+    fn bwd_sm80_function(&self, ctx: &Arc<CudaContext>, dtype: DType, kernel: BwdSm80) -> Result<&CudaFunction> {
+        let (d, dn) = match dtype {
+            DType::F16 => (0, "f16"),
+            DType::BF16 => (1, "bf16"),
+        };
+        let (k, name, smem) = match kernel {
+            BwdSm80::Pre => (0, format!("fa_bwd_sm80_pre_{dn}"), 0),
+            BwdSm80::Dq => (1, format!("fa_bwd_sm80_dq_{dn}"), 0),
+            BwdSm80::Main(hd) => {
+                let k = 2 + crate::params::BWD_SM80_BUCKETS.iter().position(|&b| b == hd).ok_or_else(|| {
+                    Error::NoKernel { reason: format!("no tiled sm80 backward for the head-dim bucket {hd}") }
+                })?;
+                (k, format!("fa_bwd_sm80_{dn}_hd{hd}"), crate::params::bwd_sm80_smem_bytes(hd))
+            }
+        };
+        let raise = |func: &CudaFunction| {
+            if smem == 0 {
+                return Ok(());
+            }
+            func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .during("raising a kernel's shared-memory limit")
+        };
+        self.image_function_with(ctx, "bwd_sm80", &self.bwd_sm80_funcs[5 * d + k], &name, raise)
     }
 
     /// The additive-attention kernel for `dtype` (naive image), loaded on

@@ -13,12 +13,13 @@ mod params {
     include!("params.rs");
 }
 
-/// The launch parameters of the baseline backward kernels (`kernels/common/bwd_naive.cuh`).
-pub use params::FaBwdParams;
 /// The launch parameters of the additive-attention kernel (`kernels/common/additive.cuh`).
 pub use params::{
     FaAdditiveParams, FA_ADDITIVE_BLOCK_M, FA_ADDITIVE_BLOCK_N, FA_ADDITIVE_MAX_DIM, FA_ADDITIVE_THREADS,
 };
+/// The launch parameters of the backward kernels (`kernels/common/bwd_naive.cuh`,
+/// `kernels/bwd_sm80.cu`) and the tiled ones' block size.
+pub use params::{FaBwdParams, FA_BWD_SM80_BLOCK};
 /// The launch parameters of the forward kernels (sm90: plus TMA maps); see `kernels/params.h`.
 pub use params::{FaFwdParams, FaFwdSm90Params, FaTensorMap};
 /// The launch parameters of the attention-maps kernels (`kernels/common/maps.cuh`).

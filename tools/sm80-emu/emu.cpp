@@ -22,6 +22,9 @@
 //   --round=exact|hw           hw: ex2.approx with its documented error, and
 //                              mma accumulation truncated and jittered
 //   --only=SUBSTR              only kernels whose name contains SUBSTR
+//   --bwd=CASE --bwd-out=ANSWER [--det=1]
+//                              instead: one backward case file through the
+//                              tiled backward (kernels/bwd_sm80.cu), see run_bwd
 #include "shim.h"
 #include "../emu-common/check.h"
 #include "kernels/fwd_sm80.cu"
@@ -29,6 +32,8 @@
 #undef FA_SHAPE
 #undef FA_CFG
 #include "kernels/fwd_naive.cu"
+#include "kernels/bwd_sm80.cu"
+#include "../emu-common/bwd_case.h"
 #include <string>
 
 // ------------------------------------------------------------------ options
@@ -92,10 +97,13 @@ static int cur = -1;
 static int n_threads = 0;
 static void (*kernel_fn)(FaFwdParams);
 static FaFwdParams kernel_params;
+static void (*bwd_fn)(FaBwdParams) = nullptr;  // set: the lanes run this (--bwd) instead
+static FaBwdParams bwd_params;
 static size_t smem_bytes = 0;
 struct Range { const unsigned char *lo, *hi; };
 static std::vector<Range> readable;
 static Range writable;
+static std::vector<Range> writable_more;  // --bwd: the gradients and the workspace
 static std::vector<size_t> shared_offsets;  // naive kernel: offset of each static array
 static size_t shared_top = 0;
 
@@ -284,7 +292,9 @@ void emu_mem_access(const void *p, size_t bytes, bool write) {
         return;
     }
     if (write) {
-        if (!(c >= writable.lo && c + bytes <= writable.hi)) FAIL("global store outside O's allocation (thread %d)", cur);
+        bool ok = c >= writable.lo && c + bytes <= writable.hi;
+        for (auto &r : writable_more) ok |= c >= r.lo && c + bytes <= r.hi;
+        if (!ok) FAIL("global store outside O's allocation (thread %d)", cur);
     } else {
         bool ok = false;
         for (auto &r : readable) ok |= c >= r.lo && c + bytes <= r.hi;
@@ -360,6 +370,27 @@ static void land_something() {
     Lane &L = lanes[rng() % n_threads];
     auto *g = !L.groups.empty() ? &L.groups[rng() % L.groups.size()] : &L.open;
     if (!g->empty()) do_copy((*g)[rng() % g->size()]);
+}
+
+// ------------------------------------------------------------------ backward: atomics and turns
+float atomicAdd(float *p, float v) {
+    emu_mem_access(p, 4, true);
+    const float old = *p;
+    *p = old + v;
+    return old;
+}
+void __nanosleep(unsigned) {
+    FAIL("a CTA waits for a dQ turn that is not due in launch order (thread %d, block %u,%u,%u): "
+         "on a GPU it would wait forever or until a later CTA passes it", cur, blockIdx.x, blockIdx.y, blockIdx.z);
+    exit(1);
+}
+int emu_ld_acquire(const int32_t *p) {
+    emu_mem_access(p, 4, false);
+    return *p;
+}
+void emu_red_release_add1(int32_t *p) {
+    emu_mem_access(p, 4, true);
+    ++*p;
 }
 
 // ------------------------------------------------------------------ warp collectives
@@ -460,7 +491,8 @@ static void exec_warp(int w) {
 }
 
 static void lane_entry() {
-    kernel_fn(kernel_params);
+    if (bwd_fn) bwd_fn(bwd_params);
+    else kernel_fn(kernel_params);
     lstate[cur] = DONE;
     lane_exit();
 }
@@ -1257,8 +1289,104 @@ static Case random_case(std::mt19937 &r, bool naive) {
     return c;
 }
 
+// ------------------------------------------------------------------ the tiled backward (--bwd)
+// One case file of tests/backward_numerics.rs (../emu-common/bwd_case.h)
+// through the three kernels of kernels/bwd_sm80.cu, as src/ops/backward.rs
+// launches them, then the baseline's sink-gradient thread (host call) when
+// asked. The workspace starts as NaN/garbage: the first kernel must set all
+// of it that the others read. --det=1: deterministic mode, CTAs in launch
+// order (x fastest), as its turns assume; otherwise the main kernel's CTAs
+// run in a shuffled order.
+struct BwdKern { int hd; bool bf16; void (*fn)(FaBwdParams); int threads, smem; };
+static const BwdKern bwd_kerns[] = {
+    {64, false, fa_bwd_sm80_f16_hd64, Sm80BwdCfg<64>::kThreads, Sm80BwdCfg<64>::kSmemBytes},
+    {128, false, fa_bwd_sm80_f16_hd128, Sm80BwdCfg<128>::kThreads, Sm80BwdCfg<128>::kSmemBytes},
+    {256, false, fa_bwd_sm80_f16_hd256, Sm80BwdCfg<256>::kThreads, Sm80BwdCfg<256>::kSmemBytes},
+    {64, true, fa_bwd_sm80_bf16_hd64, Sm80BwdCfg<64>::kThreads, Sm80BwdCfg<64>::kSmemBytes},
+    {128, true, fa_bwd_sm80_bf16_hd128, Sm80BwdCfg<128>::kThreads, Sm80BwdCfg<128>::kSmemBytes},
+    {256, true, fa_bwd_sm80_bf16_hd256, Sm80BwdCfg<256>::kThreads, Sm80BwdCfg<256>::kSmemBytes},
+};
+
+static void run_bwd_grid(void (*fn)(FaBwdParams), const FaBwdParams &p, uint3 grid, int threads, int smem,
+                         bool shuffled) {
+    smem_bytes = smem > 0 ? smem : 16;
+    const int guard_bytes = 1024;
+    std::vector<unsigned char> smem_buf(smem_bytes + guard_bytes + 128);
+    emu_smem = smem_buf.data() + (128 - (uintptr_t)smem_buf.data() % 128) % 128;
+    bwd_fn = fn;
+    bwd_params = p;
+    std::vector<uint3> order;
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) order.push_back(make_uint3(x, y, z));
+    if (shuffled) std::shuffle(order.begin(), order.end(), rng);
+    for (const uint3 &blk : order) {
+        memset(emu_smem, 0xff, smem_bytes);
+        memset(emu_smem + smem_bytes, 0xab, guard_bytes);
+        blockIdx = blk;
+        run_cta(threads);
+        for (int g = 0; g < guard_bytes; ++g)
+            if (emu_smem[smem_bytes + g] != 0xab) { FAIL("shared memory written past smem bytes"); break; }
+    }
+    bwd_fn = nullptr;
+    emu_smem = nullptr;
+}
+
+static int run_bwd(const char *in, const char *out, bool det) {
+    static BwdCase c;
+    read_bwd_case(in, c);
+    FaBwdParams p = c.p;
+    const FaFwdParams &f = p.fwd;
+    const int hd = f.head_dim <= 64 ? 64 : f.head_dim <= 128 ? 128 : 256;
+    const BwdKern *k = nullptr;
+    for (auto &bk : bwd_kerns)
+        if (bk.hd == hd && bk.bf16 == c.bf16) k = &bk;
+    if (!k || f.head_dim > 256) { fprintf(stderr, "no tiled backward kernel for head_dim %d\n", f.head_dim); return 2; }
+    const int64_t rows = (int64_t)f.batch * f.heads_q * f.seqlen_q;
+    const int blk = FA_BWD_SM80_BLOCK, q_blocks = (f.seqlen_q + blk - 1) / blk;
+    std::vector<float> accum(rows * f.head_dim + 1, NAN), delta(rows + 1, NAN);
+    std::vector<int32_t> turns((int64_t)f.batch * f.heads_q * q_blocks + 1, 0x5a5a5a5a);
+    p.dq_accum = accum.data(), p.delta = delta.data(), p.dq_turns = turns.data(), p.deterministic = det;
+    auto range = [](const void *lo, size_t bytes) { return Range{(const unsigned char *)lo, (const unsigned char *)lo + bytes}; };
+    readable.clear();
+    for (BwdTensor *t : {&c.q, &c.k, &c.v, &c.o, &c.d_o}) readable.push_back(range(t->data.data(), 2 * t->data.size()));
+    for (auto *v : {&c.lse, &c.slopes, &c.sinks, &accum, &delta}) readable.push_back(range(v->data(), 4 * v->size()));
+    readable.push_back(range(turns.data(), 4 * turns.size()));
+    writable = {nullptr, nullptr};
+    writable_more.clear();
+    for (BwdTensor *t : {&c.dq, &c.dk, &c.dv}) writable_more.push_back(range(t->data.data(), 2 * t->data.size()));
+    writable_more.push_back(range(accum.data(), 4 * (accum.size() - 1)));
+    writable_more.push_back(range(delta.data(), 4 * (delta.size() - 1)));
+    writable_more.push_back(range(turns.data(), 4 * (turns.size() - 1)));
+    void (*pre)(FaBwdParams) = c.bf16 ? fa_bwd_sm80_pre_bf16 : fa_bwd_sm80_pre_f16;
+    void (*dq)(FaBwdParams) = c.bf16 ? fa_bwd_sm80_dq_bf16 : fa_bwd_sm80_dq_f16;
+    const unsigned B = f.batch, Hq = f.heads_q, Hk = f.heads_kv;
+    if (f.seqlen_q > 0) run_bwd_grid(pre, p, make_uint3((f.seqlen_q + 3) / 4, Hq, B), 128, 0, true);
+    if (f.seqlen_k > 0) run_bwd_grid(k->fn, p, make_uint3((f.seqlen_k + blk - 1) / blk, Hk, B), k->threads, k->smem, !det);
+    if (f.seqlen_q > 0) run_bwd_grid(dq, p, make_uint3((f.seqlen_q + 3) / 4, Hq, B), 128, 0, true);
+    if (det)
+        for (int64_t bh = 0; bh < (int64_t)B * Hq; ++bh)
+            for (int m = 0; m < q_blocks; ++m) {
+                // Every turn counter ends at the number of key blocks that visited its query block.
+                const int32_t t = turns[bh * q_blocks + m];
+                if (t < 0 || t > (f.seqlen_k + blk - 1) / blk) FAIL("turn counter %lld ends at %d", (long long)(bh * q_blocks + m), t);
+            }
+    if (turns.back() != 0x5a5a5a5a || !std::isnan(accum.back()) || !std::isnan(delta.back())) FAIL("workspace written past its end");
+    if (c.want_dsinks) {
+        for (int h = 0; h < f.heads_q; ++h) {
+            if (c.bf16) fa_bwd_dsink_thread<fa_bf16>(p, h);
+            else fa_bwd_dsink_thread<fa_f16>(p, h);
+        }
+    }
+    printf("bwd: %ld CTAs, %ld cp.async, ldmatrix phases %ld (bank conflicts %ld), %ld emulator errors\n", n_ctas,
+           n_cp_async, ldsm_phases, ldsm_conflicts, errors);
+    if (errors) return 1;
+    return write_bwd_answer(out, c);
+}
+
 int main(int argc, char **argv) {
-    std::string kernel = "sm80", cases = "all", only;
+    std::string kernel = "sm80", cases = "all", only, bwd_in, bwd_out;
+    bool det = false;
     int n_random = 0;
     unsigned seed_arg = 1;
     for (int i = 1; i < argc; ++i) {
@@ -1273,10 +1401,14 @@ int main(int argc, char **argv) {
         else if ((v = val("--seed=")) != "\x01") seed_arg = atoi(v.c_str());
         else if ((v = val("--round=")) != "\x01") hw_round = v == "hw";
         else if ((v = val("--only=")) != "\x01") only = v;
+        else if ((v = val("--bwd=")) != "\x01") bwd_in = v;
+        else if ((v = val("--bwd-out=")) != "\x01") bwd_out = v;
+        else if ((v = val("--det=")) != "\x01") det = v == "1";
         else { fprintf(stderr, "unknown argument %s\n", argv[i]); return 2; }
     }
     rng.seed(seed_arg);
     noise_state ^= seed_arg * 0x2545F4914F6CDD1Dull;
+    if (!bwd_in.empty()) return run_bwd(bwd_in.c_str(), bwd_out.c_str(), det);
     const bool naive = kernel == "naive";
     for (Kern *k = naive ? naive_kerns : sm80_kerns; k->name; ++k)
         if (only.empty() || strstr(k->name, only.c_str())) kerns.push_back(k);

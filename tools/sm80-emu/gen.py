@@ -61,6 +61,13 @@ def deref(s):
 sub('fwd_sm80.cu', lambda s: deref(s.replace('extern __shared__ __align__(128) unsigned char smem[];',
                                              'unsigned char *smem = emu_smem;')))
 sub('common/sm80_tile_io.cuh', deref)
+# The tiled backward: its shared tile accesses checked like the forward's,
+# and its turn counters' acquire load and release add through the emulator.
+def bwd(s):
+    s = re.sub(r'asm volatile\("ld\.acquire\.gpu.*?\);\n', 'v = emu_ld_acquire(p);\n', s, flags=re.S)
+    s = re.sub(r'asm volatile\("red\.release\.gpu.*?\);\n', 'emu_red_release_add1(p);\n', s, flags=re.S)
+    return deref(s.replace('extern __shared__ __align__(128) unsigned char smem[];', 'unsigned char *smem = emu_smem;'))
+sub('bwd_sm80.cu', bwd)
 # The naive kernel's static shared arrays become one block of emu_smem per CTA.
 sub('fwd_naive.cu', lambda s: re.sub(r'__shared__\s+(\w+)\s+(\w+)\[([^\]]+)\];',
                                      r'\1 *\2 = emu_shared_array<\1>(\3);', s))
@@ -81,5 +88,5 @@ for root, _, files in os.walk(dst):
         for m in re.finditer(r'\basm\b', t):
             line = t[:m.start()].count('\n')
             l = t.split('\n')[line]
-            if not l.strip().startswith('//') and f in ('fwd_sm80.cu', 'fwd_naive.cu', 'copy.cuh', 'mma.cuh', 'softmax.cuh', 'math.cuh', 'swizzle.cuh', 'sm80_tile_io.cuh', 'mask.cuh', 'types.cuh', 'reduce.cuh', 'opaque.cuh'):
+            if not l.strip().startswith('//') and f in ('fwd_sm80.cu', 'fwd_naive.cu', 'bwd_sm80.cu', 'sm80_frag.cuh', 'copy.cuh', 'mma.cuh', 'softmax.cuh', 'math.cuh', 'swizzle.cuh', 'sm80_tile_io.cuh', 'mask.cuh', 'types.cuh', 'reduce.cuh', 'opaque.cuh'):
                 sys.exit('leftover inline asm in %s: %s' % (f, l))

@@ -88,3 +88,15 @@ inline T *emu_shared_array(size_t n) { return static_cast<T *>(emu_shared_alloc(
 // sequence owns (the case runners fill every other entry with -1).
 int32_t emu_table_read(const int32_t *table, int64_t i);
 #define FA_TABLE_READ(table, i) emu_table_read(table, i)
+
+// The tiled backward (kernels/bwd_sm80.cu): f32 atomics into the dQ
+// accumulator (checked as stores; fibers run one at a time, so a plain add
+// is atomic here), and the deterministic mode's turns. CTAs run one after
+// another in launch order when turns are on, so a turn that is not already
+// due when a CTA asks for it would never come: __nanosleep (only ever called
+// while waiting for one) reports that and stops.
+float atomicAdd(float *p, float v);
+static inline void __threadfence() {}
+void __nanosleep(unsigned ns);
+int emu_ld_acquire(const int32_t *p);
+void emu_red_release_add1(int32_t *p);

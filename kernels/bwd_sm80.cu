@@ -1,0 +1,376 @@
+// Tiled backward (FlashAttention-2's algorithm) on mma.sync tensor cores, sm80+.
+// DESIGN.md section 1b: with P_ij = e^{s_ij - LSE_i}, D_i = <dO_i, O_i>,
+//   dV_j = sum_i P_ij dO_i,   dS_ij = P_ij (<dO_i, V_j> - D_i) (times the
+//   softcap's derivative),   dK_j = scale sum_i dS_ij Q_i,
+//   dQ_i = scale sum_j dS_ij K_j.
+//
+// Three kernels, one stream:
+//   1. fa_bwd_sm80_pre_*: D_i per row into the workspace, and the f32 dQ
+//      accumulator (and the deterministic mode's turn counters) zeroed.
+//   2. fa_bwd_sm80_*_hdN: one CTA per block of 64 keys of one KV head. K and
+//      V stay in shared memory; for each query head of the group and each
+//      64-query block that sees a key of the block (so a window costs
+//      O(window)):
+//        S^T = K Q^T, dP^T = V dO^T     warps: 16 keys x 64/SPLIT queries
+//        P^T, dS^T -> shared (16-bit)   (the masks, softcap, ALiBi here)
+//        dV += P^T dO, dK += dS^T Q     warps: 16 keys x D/SPLIT columns,
+//                                       f32 accumulators held in registers
+//                                       across the whole loop
+//        dQ_blk = dS K                  warps: 16 queries x D/SPLIT columns,
+//                                       added to the f32 accumulator
+//      Every GEMM reads its operands from the same shared tiles, transposed
+//      by ldmatrix where the GEMM needs it (common/sm80_frag.cuh), so no tile
+//      is stored twice. dK and dV are summed over the group's query heads in
+//      registers: GQA needs no second pass and no atomics for them.
+//   3. fa_bwd_sm80_dq_*: dQ = scale * accumulator, into dQ's own layout.
+//
+// dQ gets contributions from every key block, so CTAs add into the f32
+// accumulator with atomics (red.global.add.f32). Deterministic mode orders
+// those adds: the CTAs that visit a query block take turns in key-block
+// order through a counter per (batch, head, query block) — the same
+// additions in the same order on every run, hence bitwise-identical
+// gradients. It relies on CTAs being dispatched in grid order (x fastest:
+// key blocks of one head are consecutive), as FlashAttention-3's
+// deterministic mode does; a CTA only ever waits for lower key blocks.
+//
+// Tile shape: 64 keys x 64 queries; 4 warps up to hd64, 8 above (SPLIT = 2
+// halves the per-warp columns, so dK + dV take D registers per thread at
+// any D). Not measured on a GPU yet.
+#include "params.h"
+#include "common/types.cuh"
+#include "common/copy.cuh"
+#include "common/mma.cuh"
+#include "common/math.cuh"
+#include "common/swizzle.cuh"
+#include "common/sm80_tile_io.cuh"
+#include "common/sm80_frag.cuh"
+#include "common/opaque.cuh"
+
+namespace {
+
+template <int HD>
+struct Sm80BwdCfg {
+    static constexpr int kBlockM = FA_BWD_SM80_BLOCK;  // queries per step
+    static constexpr int kBlockN = FA_BWD_SM80_BLOCK;  // keys per CTA
+    static constexpr int kWarps = HD <= 64 ? 4 : 8;
+    static constexpr int kThreads = kWarps * 32;
+    static constexpr int kSplit = kWarps / 4;          // 4 row groups of 16 x kSplit
+    static constexpr int kTileBytes = kBlockN * HD * 2;
+    // K, V, Q, dO tiles; P^T, dS^T; LSE and D of the query block.
+    static constexpr int kK = 0, kV = kTileBytes, kQ = 2 * kTileBytes, kDO = 3 * kTileBytes;
+    static constexpr int kPT = 4 * kTileBytes, kDS = kPT + kBlockN * kBlockM * 2;
+    static constexpr int kLse = kDS + kBlockN * kBlockM * 2, kDelta = kLse + kBlockM * 4;
+    static constexpr int kSmemBytes = kDelta + kBlockM * 4;  // src/params.rs: bwd_sm80_smem_bytes
+    static_assert(kBlockM == 64 && kBlockN == 64, "4 row groups of 16 in both directions");
+    static_assert(HD % 32 == 0 && (HD / kSplit) % 16 == 0, "");
+};
+
+// Turns of the deterministic mode (see the top of the file).
+__device__ __forceinline__ int fa_ld_acquire(const int32_t *p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void fa_red_release_add1(int32_t *p) {
+    asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(p) : "memory");
+}
+__device__ __forceinline__ void fa_bwd_wait_turn(const int32_t *sem, int turn) {
+    if (threadIdx.x == 0)
+        while (fa_ld_acquire(sem) != turn) __nanosleep(64);
+    __syncthreads();
+}
+__device__ __forceinline__ void fa_bwd_pass_turn(int32_t *sem) {
+    __threadfence();  // this thread's adds before the counter moves
+    __syncthreads();
+    if (threadIdx.x == 0) fa_red_release_add1(sem);
+}
+
+__device__ __forceinline__ int fa_floor_div(int x, int d) { return x >= 0 ? x / d : -((d - 1 - x) / d); }
+
+// Rows of the workspace: the dQ accumulator of row (b, h, i) and D_i.
+__device__ __forceinline__ int64_t fa_bwd_row_index(const FaFwdParams &f, int b, int h, int i) {
+    return (static_cast<int64_t>(b) * f.heads_q + h) * f.seqlen_q + i;
+}
+
+// 1. One warp per query row: D_i, the row's accumulator zeroed, and the turn
+// counter of its query block (by the block's first row).
+template <typename T>
+__device__ __forceinline__ void sm80_bwd_pre(const FaBwdParams &p) {
+    const FaFwdParams &f = p.fwd;
+    const int lane = threadIdx.x % 32, i = blockIdx.x * 4 + threadIdx.x / 32, h = blockIdx.y, b = blockIdx.z;
+    if (i >= f.seqlen_q) return;
+    const T *o = static_cast<const T *>(f.o) + b * f.o_batch_stride + i * f.o_row_stride + h * f.o_head_stride;
+    const T *d_o = static_cast<const T *>(p.d_o) + b * p.do_batch_stride + i * p.do_row_stride + h * p.do_head_stride;
+    const int64_t row = fa_bwd_row_index(f, b, h, i);
+    float *acc = p.dq_accum + row * f.head_dim;
+    float dot = 0.f;
+    for (int d = lane; d < f.head_dim; d += 32) {
+        dot = fmaf(fa_to_float(d_o[d]), fa_to_float(o[d]), dot);
+        *reinterpret_cast<float *>(acc + d) = 0.f;
+    }
+#pragma unroll
+    for (int s = 16; s > 0; s /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, s);
+    if (lane == 0) {
+        *reinterpret_cast<float *>(p.delta + row) = dot;
+        if (i % FA_BWD_SM80_BLOCK == 0) {
+            const int blocks = (f.seqlen_q + FA_BWD_SM80_BLOCK - 1) / FA_BWD_SM80_BLOCK;
+            const int64_t bh = static_cast<int64_t>(b) * f.heads_q + h;
+            *reinterpret_cast<int32_t *>(p.dq_turns + bh * blocks + i / FA_BWD_SM80_BLOCK) = 0;
+        }
+    }
+}
+
+// 3. One warp per query row: dQ = scale * accumulator.
+template <typename T>
+__device__ __forceinline__ void sm80_bwd_dq(const FaBwdParams &p) {
+    const FaFwdParams &f = p.fwd;
+    const int lane = threadIdx.x % 32, i = blockIdx.x * 4 + threadIdx.x / 32, h = blockIdx.y, b = blockIdx.z;
+    if (i >= f.seqlen_q) return;
+    const float *acc = p.dq_accum + fa_bwd_row_index(f, b, h, i) * f.head_dim;
+    T *dq = static_cast<T *>(p.dq) + b * p.dq_batch_stride + i * p.dq_row_stride + h * p.dq_head_stride;
+    for (int d = lane; d < f.head_dim; d += 32) *reinterpret_cast<T *>(dq + d) = fa_from_float<T>(f.scale * acc[d]);
+}
+
+// 2. The main kernel: grid (key blocks, KV heads, batch).
+template <typename T, int HD>
+__device__ __forceinline__ void sm80_backward(const FaBwdParams &p) {
+    using Cfg = Sm80BwdCfg<HD>;
+    constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, THREADS = Cfg::kThreads, SPLIT = Cfg::kSplit;
+    constexpr int CH = HD / 8;      // 16-byte chunks per K/V/Q/dO row
+    constexpr int PCH = BM / 8;     // per P^T/dS^T row
+    constexpr int QW = BM / SPLIT;  // queries per warp in the S phase
+    constexpr int CW = HD / SPLIT;  // gradient columns per warp
+    using PSwz = RowSwizzle<PCH>;
+
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint32_t base = smem_u32(smem);
+    const uint32_t k_tile = base + Cfg::kK, v_tile = base + Cfg::kV, q_tile = base + Cfg::kQ;
+    const uint32_t do_tile = base + Cfg::kDO, pt_tile = base + Cfg::kPT, ds_tile = base + Cfg::kDS;
+
+    const FaFwdParams &f = p.fwd;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, tig = lane % 4;
+    const int rg = warp % 4, part = warp / 4;  // row group of 16, and this warp's share of the other side
+    const int n_blk = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int n0 = n_blk * BN, off = f.diag_offset, wl = f.window_left, wr = f.window_right;
+
+    // The queries that see a key of [n0, n0 + BN) (the whole block, also past
+    // seqlen_k: the turn order below counts blocks the same way).
+    const int q_lo = wr < 0 ? 0 : max(0, n0 - off - wr);
+    const int q_hi = wl < 0 ? f.seqlen_q : min(f.seqlen_q, n0 + BN - off + wl);
+    const int m_first = q_lo / BM, m_end = q_lo < q_hi ? (q_hi + BM - 1) / BM : m_first;
+    // K and V of the block, once (not at all if no query sees them: a
+    // copy never waited for is out of contract).
+    const T *k = static_cast<const T *>(f.k) + b * f.k_batch_stride + hk * f.k_head_stride;
+    const T *v = static_cast<const T *>(f.v) + b * f.v_batch_stride + hk * f.v_head_stride;
+    const Sm80TileLoader<T, BN, CH, THREADS> loader(tid, f.head_dim);
+    if (m_first < m_end) {
+        loader.load(k_tile, k + static_cast<int64_t>(n0) * f.k_row_stride, f.k_row_stride, f.seqlen_k - n0,
+                static_cast<const T *>(f.k));
+        loader.load(v_tile, v + static_cast<int64_t>(n0) * f.v_row_stride, f.v_row_stride, f.seqlen_k - n0,
+                static_cast<const T *>(f.v));
+        cp_async_commit();
+    }
+
+    // The first key block that visits query block m, whose turn is 0.
+    auto first_visitor = [&](int m) { return wl < 0 ? 0 : max(0, fa_floor_div(m * BM + off - wl, BN)); };
+    const int q_blocks = (f.seqlen_q + BM - 1) / BM;
+
+    float dk[CW / 8][4], dv[CW / 8][4];
+#pragma unroll
+    for (int t = 0; t < CW / 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
+
+    for (int hh = 0; hh < f.q_per_kv; ++hh) {
+        const int h = hk * f.q_per_kv + hh;
+        const T *q = static_cast<const T *>(f.q) + b * f.q_batch_stride + h * f.q_head_stride;
+        const T *d_o = static_cast<const T *>(p.d_o) + b * p.do_batch_stride + h * p.do_head_stride;
+        const float *lse = f.lse + b * f.lse_batch_stride + h * f.lse_head_stride;
+        const int64_t row0 = fa_bwd_row_index(f, b, h, 0);
+        const float *delta = p.delta + row0;
+        float *acc = p.dq_accum + row0 * f.head_dim;
+        int32_t *turns = p.dq_turns + (static_cast<int64_t>(b) * f.heads_q + h) * q_blocks;
+        const float slope = f.alibi_slopes != nullptr ? f.alibi_slopes[b * f.alibi_batch_stride + h] : 0.f;
+
+        for (int m = m_first; m < m_end; ++m) {
+            const int m0 = m * BM;
+            // The previous step's readers of these tiles finished at its last barrier.
+            loader.load(q_tile, q + static_cast<int64_t>(m0) * f.q_row_stride, f.q_row_stride, f.seqlen_q - m0,
+                        static_cast<const T *>(f.q));
+            loader.load(do_tile, d_o + static_cast<int64_t>(m0) * p.do_row_stride, p.do_row_stride,
+                        f.seqlen_q - m0, static_cast<const T *>(p.d_o));
+            cp_async_commit();
+            if (tid < BM) {
+                const bool in = m0 + tid < f.seqlen_q;
+                *reinterpret_cast<float *>(smem + Cfg::kLse + 4 * tid) = in ? lse[m0 + tid] : 0.f;
+                *reinterpret_cast<float *>(smem + Cfg::kDelta + 4 * tid) = in ? delta[m0 + tid] : 0.f;
+            }
+            cp_async_wait<0>();
+            __syncthreads();
+            // hd256: the fragment addresses derive from an opaque lane, so
+            // ptxas recomputes them each step instead of holding dozens
+            // across the loop beside 128 accumulators (that spilled).
+            const int fl = HD > 128 ? fa_opaque(lane) : lane;
+
+            // ---- S^T = K Q^T and dP^T = V dO^T; P^T and dS^T to shared ----
+            // In slabs of QS queries: at hd256 all QW at once spilled (sm_90a).
+            constexpr int QS = HD > 128 ? 16 : QW;
+#pragma unroll
+            for (int q0 = part * QW; q0 < (part + 1) * QW; q0 += QS) {
+                float s[QS / 8][4], dp[QS / 8][4];
+#pragma unroll
+                for (int t = 0; t < QS / 8; ++t)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
+#pragma unroll
+                for (int ks = 0; ks < HD / 16; ++ks) {
+                    uint32_t ka[4], va[4];
+                    frag_a<CH>(ka, k_tile, 16 * rg, 16 * ks, fl);
+                    frag_a<CH>(va, v_tile, 16 * rg, 16 * ks, fl);
+#pragma unroll
+                    for (int t = 0; t < QS / 16; ++t) {
+                        uint32_t qb[4], ob[4];
+                        frag_b2<CH>(qb, q_tile, q0 + 16 * t, 16 * ks, fl);
+                        frag_b2<CH>(ob, do_tile, q0 + 16 * t, 16 * ks, fl);
+                        mma_16816<T>(s[2 * t], ka, qb[0], qb[1]);
+                        mma_16816<T>(s[2 * t + 1], ka, qb[2], qb[3]);
+                        mma_16816<T>(dp[2 * t], va, ob[0], ob[1]);
+                        mma_16816<T>(dp[2 * t + 1], va, ob[2], ob[3]);
+                    }
+                }
+#pragma unroll
+                for (int t = 0; t < QS / 8; ++t) {
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf) {
+                        const int jl = 16 * rg + g + 8 * hf, il0 = q0 + 8 * t + 2 * tig;
+                        const int j = n0 + jl;
+                        float pv[2], dsv[2];
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int il = il0 + e, i = m0 + il;
+                            float x = s[t][2 * hf + e] * f.scale, dcap = 1.f;
+                            if (f.softcap > 0.f) {
+                                const float th = tanhf(x / f.softcap);
+                                x = f.softcap * th;
+                                dcap = 1.f - th * th;
+                            }
+                            if (f.alibi_slopes != nullptr) x -= slope * fabsf(static_cast<float>(i + off - j));
+                            const float l = *reinterpret_cast<const float *>(smem + Cfg::kLse + 4 * il);
+                            const float dl = *reinterpret_cast<const float *>(smem + Cfg::kDelta + 4 * il);
+                            const bool seen = i < f.seqlen_q && j < f.seqlen_k && (wl < 0 || j >= i + off - wl) &&
+                                              (wr < 0 || j <= i + off + wr) && l != -INFINITY;
+                            pv[e] = seen ? fa_exp2((x - l) * 1.4426950408889634f) : 0.f;
+                            dsv[e] = pv[e] * (dp[t][2 * hf + e] - dl) * dcap;
+                        }
+                        const uint32_t at = PSwz::offset(jl, il0 / 8) + 2 * (il0 % 8);
+                        *reinterpret_cast<uint32_t *>(smem + Cfg::kPT + at) = fa_pack2<T>(pv[0], pv[1]);
+                        *reinterpret_cast<uint32_t *>(smem + Cfg::kDS + at) = fa_pack2<T>(dsv[0], dsv[1]);
+                    }
+                }
+            }
+            __syncthreads();
+
+            // ---- dV += P^T dO, then dK += dS^T Q (16 keys x CW columns per
+            // warp; one after the other, as together their fragments spilled hd256) ----
+#pragma unroll
+            for (int which = 0; which < 2; ++which) {
+                const uint32_t a_tile = which == 0 ? pt_tile : ds_tile, b_tile = which == 0 ? do_tile : q_tile;
+                float(&acc2)[CW / 8][4] = which == 0 ? dv : dk;
+#pragma unroll
+                for (int ks = 0; ks < BM / 16; ++ks) {
+                    uint32_t a[4];
+                    frag_a<PCH>(a, a_tile, 16 * rg, 16 * ks, fl);
+#pragma unroll
+                    for (int t = 0; t < CW / 16; ++t) {
+                        uint32_t bb[4];
+                        frag_b2_t<CH>(bb, b_tile, 16 * ks, part * CW + 16 * t, fl);
+                        mma_16816<T>(acc2[2 * t], a, bb[0], bb[1]);
+                        mma_16816<T>(acc2[2 * t + 1], a, bb[2], bb[3]);
+                    }
+                }
+            }
+
+            // ---- dQ += dS K (16 queries x CW columns per warp, DQW at a time:
+            // at hd256 a whole CW of accumulators beside dK and dV spilled) ----
+            constexpr int DQW = CW <= 64 ? CW : 32;
+#pragma unroll
+            for (int c0 = 0; c0 < CW; c0 += DQW) {
+                float dq[DQW / 8][4];
+#pragma unroll
+                for (int t = 0; t < DQW / 8; ++t)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) dq[t][e] = 0.f;
+#pragma unroll
+                for (int ks = 0; ks < BN / 16; ++ks) {
+                    uint32_t sa[4];
+                    frag_a_t<PCH>(sa, ds_tile, 16 * ks, 16 * rg, fl);
+#pragma unroll
+                    for (int t = 0; t < DQW / 16; ++t) {
+                        uint32_t kb[4];
+                        frag_b2_t<CH>(kb, k_tile, 16 * ks, part * CW + c0 + 16 * t, fl);
+                        mma_16816<T>(dq[2 * t], sa, kb[0], kb[1]);
+                        mma_16816<T>(dq[2 * t + 1], sa, kb[2], kb[3]);
+                    }
+                }
+                if (c0 == 0 && p.deterministic) fa_bwd_wait_turn(turns + m, n_blk - first_visitor(m));
+#pragma unroll
+                for (int t = 0; t < DQW / 8; ++t)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = m0 + 16 * rg + g + 8 * (e >> 1);
+                        const int c = part * CW + c0 + 8 * t + 2 * tig + (e & 1);
+                        if (i < f.seqlen_q && c < f.head_dim)
+                            atomicAdd(acc + static_cast<int64_t>(i) * f.head_dim + c, dq[t][e]);
+                    }
+            }
+            if (p.deterministic) fa_bwd_pass_turn(turns + m);
+            __syncthreads();  // before the next step's loads overwrite the tiles
+        }
+    }
+
+    // ---- dK = scale * dK, dV: this warp's 16 keys x CW columns ----
+    T *dkp = static_cast<T *>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
+    T *dvp = static_cast<T *>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
+#pragma unroll
+    for (int t = 0; t < CW / 8; ++t)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int j = n0 + 16 * rg + g + 8 * hf, c = part * CW + 8 * t + 2 * tig;
+            if (j < f.seqlen_k && c < f.head_dim) {
+                *reinterpret_cast<uint32_t *>(dkp + static_cast<int64_t>(j) * p.dk_row_stride + c) =
+                    fa_pack2<T>(f.scale * dk[t][2 * hf], f.scale * dk[t][2 * hf + 1]);
+                *reinterpret_cast<uint32_t *>(dvp + static_cast<int64_t>(j) * p.dv_row_stride + c) =
+                    fa_pack2<T>(dv[t][2 * hf], dv[t][2 * hf + 1]);
+            }
+        }
+}
+
+}  // namespace
+
+// Loaded by name (src/ops/backward.rs), not through the forward's table.
+// Shared memory per CTA: Sm80BwdCfg<HD>::kSmemBytes (src/params.rs mirrors it).
+#define FA_BWD_SM80_AUX(dtype)                                                                           \
+    extern "C" __global__ void __launch_bounds__(128) fa_bwd_sm80_pre_##dtype(const __grid_constant__ FaBwdParams p) { \
+        sm80_bwd_pre<FA_DTYPE(dtype)>(p);                                                                \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(128) fa_bwd_sm80_dq_##dtype(const __grid_constant__ FaBwdParams p) { \
+        sm80_bwd_dq<FA_DTYPE(dtype)>(p);                                                                 \
+    }
+#define FA_BWD_SM80(dtype, hd)                                                                           \
+    extern "C" __global__ void __launch_bounds__(Sm80BwdCfg<hd>::kThreads)                               \
+        fa_bwd_sm80_##dtype##_hd##hd(const __grid_constant__ FaBwdParams p) {                            \
+        sm80_backward<FA_DTYPE(dtype), hd>(p);                                                           \
+    }
+FA_BWD_SM80_AUX(f16)
+FA_BWD_SM80_AUX(bf16)
+FA_BWD_SM80(f16, 64)
+FA_BWD_SM80(f16, 128)
+FA_BWD_SM80(f16, 256)
+FA_BWD_SM80(bf16, 64)
+FA_BWD_SM80(bf16, 128)
+FA_BWD_SM80(bf16, 256)
+
+// This file has no FA_KERNEL rows (nothing here serves the forward's
+// dispatcher); build.rs compiles it for the archs from this one:
+// FA_IMAGE_MIN_SM 80
