@@ -1,6 +1,7 @@
 //! Attention mechanisms other than the dot-product forward (issues 12 and
 //! 14): fused additive (Bahdanau) attention at an encoder-decoder shape, and
-//! the baseline backward at a small training shape. Timed with CUDA events
+//! the backward: the baseline at a small training shape, the tiled kernels
+//! (both modes) over DESIGN.md section 5's grid. Timed with CUDA events
 //! like the serving cases; no error check here (the GPU tier's `additive/`
 //! and `backward/` trials do that).
 //!
@@ -12,7 +13,8 @@
 //! additive:   heads, dim_a, dim_v, bias (bool), flops (3·Da + 2·Dv per
 //!             visible pair), tanh_count (B·H·visible pairs·Da), ours_tflops,
 //!             ours_gtanh_per_s, ours_peak_bytes
-//! backward:   direction "bwd", heads_q, heads_kv, head_dim, fwd_flops,
+//! backward:   direction "bwd", mode ("baseline" | "tiled" | "tiled
+//!             deterministic"), heads_q, heads_kv, head_dim, fwd_flops,
 //!             flops (= 2.5 · fwd_flops, FlashAttention's convention for the
 //!             backward's work), ours_tflops (from flops)
 //! ```
@@ -36,7 +38,8 @@ use std::sync::Arc;
 
 use fused_attn::cudarc::driver::CudaStream;
 use fused_attn::{
-    AttentionOptions, DeviceTensor, DeviceTensorMut, Error, Gradients, Layout, LseLayout, LseTensor, LseTensorMut, Mask,
+    AttentionOptions, BackwardPath, DeviceTensor, DeviceTensorMut, Error, Gradients, Layout, LseLayout, LseTensor,
+    LseTensorMut, Mask,
 };
 use half::bf16;
 use rand::rngs::StdRng;
@@ -53,7 +56,20 @@ pub fn mechanism_rows(g: &Gpu, stream: &Arc<CudaStream>, reps: usize) -> Result<
             rows.push(additive_row(g, stream, reps, b, bias)?);
         }
     }
-    rows.push(backward_row(g, stream, reps)?);
+    // The baseline at a small training step; the tiled kernels over DESIGN.md
+    // section 5's grid (16k tokens, hidden 2048) at hd64 and hd128, full and
+    // causal, and the deterministic mode beside the default at hd128.
+    rows.push(backward_row(g, stream, reps, (2, 1024, 64), Mask::Causal, BwdMode::Baseline)?);
+    for d in [64usize, 128] {
+        for l in [1024usize, 4096, 16384] {
+            for mask in [Mask::Full, Mask::Causal] {
+                rows.push(backward_row(g, stream, reps, (16384 / l, l, d), mask, BwdMode::Tiled)?);
+                if d == 128 && l >= 4096 {
+                    rows.push(backward_row(g, stream, reps, (16384 / l, l, d), mask, BwdMode::Deterministic)?);
+                }
+            }
+        }
+    }
     Ok(rows)
 }
 
@@ -139,10 +155,28 @@ fn additive_row(g: &Gpu, stream: &Arc<CudaStream>, reps: usize, b: usize, bias: 
     ))
 }
 
-/// The backward baseline: B = 2, L = 1024, H = 8, D = 64, causal, bf16 (a
-/// small training step), timed alone on a forward's O and LSE.
-fn backward_row(g: &Gpu, stream: &Arc<CudaStream>, reps: usize) -> Result<String, Error> {
-    let (b, l, h, d) = (2usize, 1024usize, 8usize, 64usize);
+/// Which backward kernels a row times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BwdMode {
+    /// No workspace: the CUDA-core baseline.
+    Baseline,
+    /// The tiled kernels, dQ by atomics.
+    Tiled,
+    /// The tiled kernels in deterministic mode.
+    Deterministic,
+}
+
+/// One backward row: `(B, L, D)` with `H = 2048 / D` heads (8 for the
+/// baseline's small step), bf16, timed alone on a forward's O and LSE.
+fn backward_row(
+    g: &Gpu,
+    stream: &Arc<CudaStream>,
+    reps: usize,
+    (b, l, d): (usize, usize, usize),
+    mask: Mask,
+    mode: BwdMode,
+) -> Result<String, Error> {
+    let h = if mode == BwdMode::Baseline { 8 } else { 2048 / d };
     let mut rng = StdRng::seed_from_u64(12);
     let lay = Layout::bshd(b, l, h, d);
     let n = lay.numel().ok_or_else(|| too_large("the element count"))?;
@@ -157,7 +191,9 @@ fn backward_row(g: &Gpu, stream: &Arc<CudaStream>, reps: usize) -> Result<String
     let ll = LseLayout::contiguous(b, h, l);
     let mut lse =
         stream.alloc_zeros::<f32>(b * h * l).map_err(|driver| Error::Cuda { during: "allocating", driver })?;
-    let opts = AttentionOptions::new(Mask::Causal);
+    let ws_len = if mode == BwdMode::Baseline { 1 } else { fused_attn::backward_workspace_len(b, l, h, d)? };
+    let mut ws = stream.alloc_zeros::<f32>(ws_len).map_err(|driver| Error::Cuda { during: "allocating", driver })?;
+    let opts = AttentionOptions::new(mask);
     let (qt, kt, vt) = (DeviceTensor::new(&q, lay), DeviceTensor::new(&k, lay), DeviceTensor::new(&v, lay));
     {
         let mut ot = DeviceTensorMut::new(&mut o, lay);
@@ -169,24 +205,41 @@ fn backward_row(g: &Gpu, stream: &Arc<CudaStream>, reps: usize) -> Result<String
         let mut dqt = DeviceTensorMut::new(&mut dq, lay);
         let mut dkt = DeviceTensorMut::new(&mut dk, lay);
         let mut dvt = DeviceTensorMut::new(&mut dv, lay);
-        let grads = Gradients::new(&mut dqt, &mut dkt, &mut dvt);
+        let mut grads = Gradients::new(&mut dqt, &mut dkt, &mut dvt);
+        if mode != BwdMode::Baseline {
+            grads = grads.with_workspace(&mut ws).deterministic(mode == BwdMode::Deterministic);
+        }
         g.attn.backward_into(stream, &qt, &kt, &vt, &ot, &lt, &dot, grads, &opts)
     })?;
     let fwd = fused_attn::problem_of(fused_attn::DType::BF16, &lay, &lay, &lay, &opts).map_or(0, |p| p.flops());
     // FlashAttention counts the backward as 2.5 forwards (5 GEMMs to the forward's 2).
     let fl = fwd * 5 / 2;
     let tf = fl as f64 / (ms * 1e-3) / 1e12;
+    let mask_name = if mask == Mask::Causal { "causal" } else { "full" };
+    let (tag, kernel) = match (mode, g.attn.backward_path(d, mode != BwdMode::Baseline, true)) {
+        (BwdMode::Baseline, _) | (_, BackwardPath::Baseline) => {
+            ("baseline", "fa_bwd_dq_naive_bf16 + fa_bwd_dkdv_naive_bf16".to_string())
+        }
+        (m, BackwardPath::Tiled { bucket }) => (
+            if m == BwdMode::Deterministic { "tiled deterministic" } else { "tiled" },
+            format!("fa_bwd_sm80_pre_bf16 + fa_bwd_sm80_bf16_hd{bucket} + fa_bwd_sm80_dq_bf16"),
+        ),
+        (_, _) => ("other", "?".to_string()),
+    };
     eprintln!(
-        "mechanisms: backward bf16 b{b} s{l} h{h} d{d} causal: {ms:.3} ms {tf:.2} TFLOP/s (at 2.5x forward FLOPs)"
+        "mechanisms: backward {tag} bf16 b{b} s{l} h{h} d{d} {mask_name}: {ms:.3} ms {tf:.2} TFLOP/s (at 2.5x forward FLOPs)"
     );
     Ok(format!(
         concat!(
-            "{{\"name\": \"backward bf16 b{b} s{l} h{h} d{d} causal\", \"mechanism\": \"backward\", ",
-            "\"kernel\": \"fa_bwd_dq_naive_bf16 + fa_bwd_dkdv_naive_bf16\", \"direction\": \"bwd\", \"dtype\": \"bf16\", ",
+            "{{\"name\": \"backward {tag} bf16 b{b} s{l} h{h} d{d} {mask}\", \"mechanism\": \"backward\", ",
+            "\"mode\": \"{tag}\", \"kernel\": \"{kernel}\", \"direction\": \"bwd\", \"dtype\": \"bf16\", ",
             "\"batch\": {b}, \"heads_q\": {h}, \"heads_kv\": {h}, \"seqlen_q\": {l}, \"seqlen_k\": {l}, \"head_dim\": {d}, ",
-            "\"mask\": \"causal\", \"fwd_flops\": {fwd}, \"flops\": {fl}, \"ours_ms\": {ms:.6}, \"reps\": {reps}, ",
+            "\"mask\": \"{mask}\", \"fwd_flops\": {fwd}, \"flops\": {fl}, \"ours_ms\": {ms:.6}, \"reps\": {reps}, ",
             "\"ours_tflops\": {tf:.3}}}"
         ),
+        tag = tag,
+        kernel = kernel,
+        mask = mask_name,
         b = b,
         l = l,
         h = h,
