@@ -56,11 +56,17 @@ struct Sm80BwdCfg {
     static constexpr int kThreads = kWarps * 32;
     static constexpr int kSplit = kWarps / 4;          // 4 row groups of 16 x kSplit
     static constexpr int kTileBytes = kBlockN * HD * 2;
-    // K, V, Q, dO tiles; P^T, dS^T; LSE and D of the query block.
-    static constexpr int kK = 0, kV = kTileBytes, kQ = 2 * kTileBytes, kDO = 3 * kTileBytes;
-    static constexpr int kPT = 4 * kTileBytes, kDS = kPT + kBlockN * kBlockM * 2;
-    static constexpr int kLse = kDS + kBlockN * kBlockM * 2, kDelta = kLse + kBlockM * 4;
-    static constexpr int kSmemBytes = kDelta + kBlockM * 4;  // src/params.rs: bwd_sm80_smem_bytes
+    // Q/dO (and LSE/D) buffers: two, so that the next step's copies fly
+    // under this step's GEMMs, where that fits beside K and V (to hd128:
+    // 113 KiB; hd256 would need 208 KiB, more than an A100's 163).
+    static constexpr int kQBufs = HD <= 128 ? 2 : 1;
+    // K, V; Q, dO per buffer; P^T, dS^T; LSE and D of the query block per buffer.
+    static constexpr int kK = 0, kV = kTileBytes;
+    static constexpr int kQ0 = 2 * kTileBytes;  // buffer n: Q at kQ0 + 2n tiles, dO one tile after
+    static constexpr int kPT = (2 + 2 * kQBufs) * kTileBytes, kDS = kPT + kBlockN * kBlockM * 2;
+    static constexpr int kRows0 = kDS + kBlockN * kBlockM * 2;  // buffer n: LSE at kRows0 + 2n * kBlockM * 4, D after
+    static constexpr int kSmemBytes = kRows0 + kQBufs * 2 * kBlockM * 4;  // src/params.rs: bwd_sm80_smem_bytes
+    static_assert(kSmemBytes <= 227 * 1024, "sm90's shared memory per block");
     static_assert(kBlockM == 64 && kBlockN == 64, "4 row groups of 16 in both directions");
     static_assert(HD % 32 == 0 && (HD / kSplit) % 16 == 0, "");
 };
@@ -83,6 +89,14 @@ __device__ __forceinline__ void fa_bwd_pass_turn(int32_t *sem) {
     __threadfence();  // this thread's adds before the counter moves
     __syncthreads();
     if (threadIdx.x == 0) fa_red_release_add1(sem);
+}
+
+// The launch's dynamic shared memory: the host computes it with its own
+// formula (src/params.rs), so the kernel checks it got what it addresses.
+__device__ __forceinline__ uint32_t fa_dynamic_smem_bytes() {
+    uint32_t v;
+    asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(v));
+    return v;
 }
 
 __device__ __forceinline__ int fa_floor_div(int x, int d) { return x >= 0 ? x / d : -((d - 1 - x) / d); }
@@ -143,9 +157,13 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &p) {
     using PSwz = RowSwizzle<PCH>;
 
     extern __shared__ __align__(128) unsigned char smem[];
+    if (fa_dynamic_smem_bytes() < Cfg::kSmemBytes) __trap();  // a host/kernel mismatch, never silent
     const uint32_t base = smem_u32(smem);
-    const uint32_t k_tile = base + Cfg::kK, v_tile = base + Cfg::kV, q_tile = base + Cfg::kQ;
-    const uint32_t do_tile = base + Cfg::kDO, pt_tile = base + Cfg::kPT, ds_tile = base + Cfg::kDS;
+    const uint32_t k_tile = base + Cfg::kK, v_tile = base + Cfg::kV;
+    const uint32_t pt_tile = base + Cfg::kPT, ds_tile = base + Cfg::kDS;
+    constexpr int QBUFS = Cfg::kQBufs;
+    auto q_tile_of = [&](int buf) { return base + Cfg::kQ0 + 2 * buf * Cfg::kTileBytes; };
+    auto rows_of = [&](int buf) { return Cfg::kRows0 + 2 * buf * BM * 4; };  // LSE at +0, D at +4 BM
 
     const FaFwdParams &f = p.fwd;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -182,32 +200,48 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &p) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
 
-    for (int hh = 0; hh < f.q_per_kv; ++hh) {
-        const int h = hk * f.q_per_kv + hh;
+    // Steps: (query head of the group, query block) pairs, heads outer.
+    const int nm = m_end - m_first, steps = nm * f.q_per_kv;
+    // Issues the Q/dO copies of `step` into buffer `buf` (one commit group)
+    // and stores its LSE and D rows there. The buffer's previous readers
+    // finished at the barrier that ended their step.
+    auto issue = [&](int step, int buf) {
+        const int h = hk * f.q_per_kv + step / nm, m0 = (m_first + step % nm) * BM;
         const T *q = static_cast<const T *>(f.q) + b * f.q_batch_stride + h * f.q_head_stride;
         const T *d_o = static_cast<const T *>(p.d_o) + b * p.do_batch_stride + h * p.do_head_stride;
-        const float *lse = f.lse + b * f.lse_batch_stride + h * f.lse_head_stride;
-        const int64_t row0 = fa_bwd_row_index(f, b, h, 0);
-        const float *delta = p.delta + row0;
-        float *acc = p.dq_accum + row0 * f.head_dim;
+        loader.load(q_tile_of(buf), q + static_cast<int64_t>(m0) * f.q_row_stride, f.q_row_stride, f.seqlen_q - m0,
+                    static_cast<const T *>(f.q));
+        loader.load(q_tile_of(buf) + Cfg::kTileBytes, d_o + static_cast<int64_t>(m0) * p.do_row_stride,
+                    p.do_row_stride, f.seqlen_q - m0, static_cast<const T *>(p.d_o));
+        cp_async_commit();
+        if (tid < BM) {
+            const int i = m0 + tid;
+            const bool in = i < f.seqlen_q;
+            const float *lse = f.lse + b * f.lse_batch_stride + h * f.lse_head_stride;
+            *reinterpret_cast<float *>(smem + rows_of(buf) + 4 * tid) = in ? lse[i] : 0.f;
+            *reinterpret_cast<float *>(smem + rows_of(buf) + 4 * (BM + tid)) =
+                in ? p.delta[fa_bwd_row_index(f, b, h, i)] : 0.f;
+        }
+    };
+    if (QBUFS == 2 && steps > 0) issue(0, 0);
+
+    for (int step = 0; step < steps; ++step) {
+        const int buf = QBUFS == 2 ? step & 1 : 0;
+        if (QBUFS == 2 && step + 1 < steps) {
+            issue(step + 1, buf ^ 1);
+            cp_async_wait<1>();  // all but the copies just issued
+        } else {
+            if (QBUFS == 1) issue(step, 0);
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const int h = hk * f.q_per_kv + step / nm, m = m_first + step % nm, m0 = m * BM;
+        const uint32_t q_tile = q_tile_of(buf), do_tile = q_tile + Cfg::kTileBytes;
+        const int lse_at = rows_of(buf), delta_at = lse_at + 4 * BM;
+        float *acc = p.dq_accum + fa_bwd_row_index(f, b, h, 0) * f.head_dim;
         int32_t *turns = p.dq_turns + (static_cast<int64_t>(b) * f.heads_q + h) * q_blocks;
         const float slope = f.alibi_slopes != nullptr ? f.alibi_slopes[b * f.alibi_batch_stride + h] : 0.f;
-
-        for (int m = m_first; m < m_end; ++m) {
-            const int m0 = m * BM;
-            // The previous step's readers of these tiles finished at its last barrier.
-            loader.load(q_tile, q + static_cast<int64_t>(m0) * f.q_row_stride, f.q_row_stride, f.seqlen_q - m0,
-                        static_cast<const T *>(f.q));
-            loader.load(do_tile, d_o + static_cast<int64_t>(m0) * p.do_row_stride, p.do_row_stride,
-                        f.seqlen_q - m0, static_cast<const T *>(p.d_o));
-            cp_async_commit();
-            if (tid < BM) {
-                const bool in = m0 + tid < f.seqlen_q;
-                *reinterpret_cast<float *>(smem + Cfg::kLse + 4 * tid) = in ? lse[m0 + tid] : 0.f;
-                *reinterpret_cast<float *>(smem + Cfg::kDelta + 4 * tid) = in ? delta[m0 + tid] : 0.f;
-            }
-            cp_async_wait<0>();
-            __syncthreads();
+        {
             // hd256: the fragment addresses derive from an opaque lane, so
             // ptxas recomputes them each step instead of holding dozens
             // across the loop beside 128 accumulators (that spilled).
@@ -256,8 +290,8 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &p) {
                                 dcap = 1.f - th * th;
                             }
                             if (f.alibi_slopes != nullptr) x -= slope * fabsf(static_cast<float>(i + off - j));
-                            const float l = *reinterpret_cast<const float *>(smem + Cfg::kLse + 4 * il);
-                            const float dl = *reinterpret_cast<const float *>(smem + Cfg::kDelta + 4 * il);
+                            const float l = *reinterpret_cast<const float *>(smem + lse_at + 4 * il);
+                            const float dl = *reinterpret_cast<const float *>(smem + delta_at + 4 * il);
                             const bool seen = i < f.seqlen_q && j < f.seqlen_k && (wl < 0 || j >= i + off - wl) &&
                                               (wr < 0 || j <= i + off + wr) && l != -INFINITY;
                             pv[e] = seen ? fa_exp2((x - l) * 1.4426950408889634f) : 0.f;

@@ -225,6 +225,7 @@ pub mod internals {
     pub use crate::params::{
         bwd_params, fwd_params, tma_spec, with_modifiers, with_sequences, Addrs, ModAddrs, SeqAddrs, TmaSpec,
     };
+    pub use crate::params::{bwd_sm80_smem_bytes, bwd_sm80_threads, bwd_workspace, BwdWorkspace, BWD_SM80_BUCKETS};
     pub use crate::params::{maps_params, MapOut};
     pub use crate::sys::*;
     pub use crate::validate::validate_additive;

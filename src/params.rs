@@ -269,12 +269,14 @@ pub fn bwd_sm80_threads(hd: usize) -> u32 {
     }
 }
 
-/// Dynamic shared memory of that kernel (`Sm80BwdCfg::kSmemBytes`): K, V,
-/// Q, dO tiles of 64 rows, P^T and dS^T (64 x 64, 16-bit), LSE and D of 64
-/// rows.
+/// Dynamic shared memory of that kernel (`Sm80BwdCfg::kSmemBytes`, which
+/// the kernel checks it was given): K and V tiles of 64 rows, Q and dO tiles
+/// in two buffers to hd128 (one above), P^T and dS^T (64 × 64, 16-bit), LSE
+/// and D of 64 rows per buffer.
 pub fn bwd_sm80_smem_bytes(hd: usize) -> u32 {
     let b = crate::sys::FA_BWD_SM80_BLOCK as usize;
-    (4 * b * hd * 2 + 2 * b * b * 2 + 2 * b * 4) as u32
+    let bufs = if hd <= 128 { 2 } else { 1 };
+    ((2 + 2 * bufs) * b * hd * 2 + 2 * b * b * 2 + bufs * 2 * b * 4) as u32
 }
 
 /// Where the tiled backward's workspace parts start, in f32 elements, and

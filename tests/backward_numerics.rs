@@ -541,6 +541,22 @@ fn tiled_sweep() -> Result<Completion, Failed> {
     };
     let work = std::env::temp_dir().join(format!("fused-attn-bwd-tiled-{}", std::process::id()));
     let exe = build_emulator(&work, &include, &kernels_dir())?;
+    // The host's launch configuration is the kernel's.
+    let config = Command::new(&exe).arg("--cases=bwd-config").output()?;
+    let want: String = fused_attn::internals::BWD_SM80_BUCKETS
+        .iter()
+        .map(|&hd| {
+            let (t, s) = (fused_attn::internals::bwd_sm80_threads(hd), fused_attn::internals::bwd_sm80_smem_bytes(hd));
+            format!("hd{hd} threads {t} smem {s}\n")
+        })
+        .collect();
+    if String::from_utf8_lossy(&config.stdout) != want {
+        return Err(format!(
+            "launch configuration: the kernels say\n{}the host says\n{want}",
+            String::from_utf8_lossy(&config.stdout)
+        )
+        .into());
+    }
     let runners =
         [Runner::Emulator { exe: exe.clone(), deterministic: true }, Runner::Emulator { exe, deterministic: false }];
     let r = sweep_with(&runners, &tiled_cases(), &work)?;
@@ -566,7 +582,7 @@ const TILED_MUTANTS: &[(&str, &str, &str)] = &[
         "fa_pack2<T>(f.scale * dk[t][2 * hf], f.scale * dk[t][2 * hf + 1])",
         "fa_pack2<T>(dk[t][2 * hf], dk[t][2 * hf + 1])",
     ),
-    ("dK/dV from the first query head of a group only", "hh < f.q_per_kv; ++hh", "hh < 1; ++hh"),
+    ("dK/dV from the first query head of a group only", "steps = nm * f.q_per_kv", "steps = nm * 1"),
     ("query range from the wrong window side", "max(0, n0 - off - wr)", "max(0, n0 - off - wl)"),
     ("window's right edge off by one", "(wr < 0 || j <= i + off + wr)", "(wr < 0 || j < i + off + wr)"),
     ("ALiBi bias with the wrong sign", "x -= slope * fabsf", "x += slope * fabsf"),
@@ -585,7 +601,9 @@ const TILED_MUTANTS: &[(&str, &str, &str)] = &[
     ("first visitor of a windowed query block wrong", "m * BM + off - wl", "m * BM + off - wl + BN"),
     ("dQ accumulator not zeroed", "*reinterpret_cast<float *>(acc + d) = 0.f;", ""),
     ("D_i from dO twice", "fa_to_float(d_o[d]), fa_to_float(o[d])", "fa_to_float(d_o[d]), fa_to_float(d_o[d])"),
-    ("Q/dO used before their copies land", "cp_async_wait<0>();\n            __syncthreads();", "__syncthreads();"),
+    ("Q/dO used before their copies land", "cp_async_wait<1>();", "cp_async_wait<2>();"),
+    ("next Q/dO prefetched into the buffer in use", "issue(step + 1, buf ^ 1);", "issue(step + 1, buf);"),
+    ("LSE of the other buffer", "const int lse_at = rows_of(buf),", "const int lse_at = rows_of(buf ^ (QBUFS - 1)),"),
     (
         "next step's loads race the last readers",
         "            __syncthreads();  // before the next step's loads overwrite the tiles",

@@ -276,7 +276,7 @@ fn fatbins_hold_sm80_and_sm90a_code(tool: &Path) {
             let arch = ptx.trim_start_matches("compute_");
             assert!(list.contains(&format!(".sm_{arch}.")), "{}: no {ptx} PTX in\n{list}", image.stem);
         }
-        if image.stem == "fwd_naive" || image.stem == "fwd_sm80" {
+        if image.stem == "fwd_naive" || image.stem == "fwd_sm80" || image.stem == "bwd_sm80" {
             assert_eq!(image.sass, &["sm_80", "sm_90a"], "{}", image.stem);
             assert_eq!(image.ptx, Some("compute_80"), "{}", image.stem);
         }
@@ -296,6 +296,37 @@ fn tiled_kernel_uses_tensor_cores_and_async_copies(tool: &Path) {
     }
     // No local memory: spills would show as LDL/STL.
     assert!(!sass.contains("LDL") && !sass.contains("STL"), "fwd_sm80 SASS uses local memory");
+}
+
+/// Each main kernel of the tiled sm80 backward, at each arch, runs its five
+/// GEMMs on tensor cores from ldmatrix fragments (both plain and
+/// transposed), copies with cp.async, adds dQ with f32 reductions, and keeps
+/// everything in registers.
+fn tiled_backward_uses_tensor_cores_without_local_memory(tool: &Path) {
+    let image = IMAGES.iter().find(|i| i.stem == "bwd_sm80").expect("bwd_sm80 is embedded");
+    let sass = dump(tool, "--dump-sass", image.fatbin, image.stem);
+    let mut seen = 0;
+    for (i, _) in sass.match_indices("Function : fa_bwd_sm80_") {
+        let body = &sass[i..];
+        let name = body["Function : ".len()..].lines().next().unwrap_or("").trim();
+        let body = &body[..body[1..].find("Function : ").map_or(body.len(), |e| e + 1)];
+        assert!(!body.contains("LDL") && !body.contains("STL"), "{name}: uses local memory");
+        if name.contains("_pre_") || name.contains("_dq_") {
+            continue;
+        }
+        seen += 1;
+        for (insn, why) in [
+            ("HMMA", "mma.sync"),
+            ("LDSM.16.M88.4", "ldmatrix"),
+            ("LDSM.16.MT88.4", "ldmatrix.trans"),
+            ("LDGSTS", "cp.async"),
+            (".E.ADD.F32", "dQ atomics (RED or ATOMG)"),
+        ] {
+            assert!(body.contains(insn), "{name}: no {insn} ({why}) in its SASS");
+        }
+    }
+    // 3 buckets x 2 dtypes x 2 archs.
+    assert_eq!(seen, 12, "tiled backward main kernels found in the SASS");
 }
 
 fn hopper_kernel_issues_wgmma_and_tma_without_local_memory(tool: &Path) {
@@ -340,6 +371,9 @@ fn main() {
             with_kernels(sm90_kernels_get_the_registers_setmaxnreg_assumes)
         }),
         Trial::ignorable_test("fatbins_hold_sm80_and_sm90a_code", || with_cuobjdump(fatbins_hold_sm80_and_sm90a_code)),
+        Trial::ignorable_test("tiled_backward_uses_tensor_cores_without_local_memory", || {
+            with_cuobjdump(tiled_backward_uses_tensor_cores_without_local_memory)
+        }),
         Trial::ignorable_test("tiled_kernel_uses_tensor_cores_and_async_copies", || {
             with_cuobjdump(tiled_kernel_uses_tensor_cores_and_async_copies)
         }),

@@ -22,6 +22,7 @@
 //   --round=exact|hw           hw: ex2.approx with its documented error, and
 //                              mma accumulation truncated and jittered
 //   --only=SUBSTR              only kernels whose name contains SUBSTR
+//   --cases=bwd-config         print the tiled backward's threads and shared memory per bucket
 //   --bwd=CASE --bwd-out=ANSWER [--det=1]
 //                              instead: one backward case file through the
 //                              tiled backward (kernels/bwd_sm80.cu), see run_bwd
@@ -382,6 +383,11 @@ float atomicAdd(float *p, float v) {
 void __nanosleep(unsigned) {
     FAIL("a CTA waits for a dQ turn that is not due in launch order (thread %d, block %u,%u,%u): "
          "on a GPU it would wait forever or until a later CTA passes it", cur, blockIdx.x, blockIdx.y, blockIdx.z);
+    exit(1);
+}
+uint32_t emu_dynamic_smem_bytes() { return (uint32_t)smem_bytes; }
+void __trap() {
+    FAIL("__trap (thread %d, block %u,%u,%u)", cur, blockIdx.x, blockIdx.y, blockIdx.z);
     exit(1);
 }
 int emu_ld_acquire(const int32_t *p) {
@@ -1409,6 +1415,12 @@ int main(int argc, char **argv) {
     rng.seed(seed_arg);
     noise_state ^= seed_arg * 0x2545F4914F6CDD1Dull;
     if (!bwd_in.empty()) return run_bwd(bwd_in.c_str(), bwd_out.c_str(), det);
+    if (cases == "bwd-config") {
+        // The tiled backward's launch configuration, for the host to compare with its own.
+        for (auto &bk : bwd_kerns)
+            if (!bk.bf16) printf("hd%d threads %d smem %d\n", bk.hd, bk.threads, bk.smem);
+        return 0;
+    }
     const bool naive = kernel == "naive";
     for (Kern *k = naive ? naive_kerns : sm80_kerns; k->name; ++k)
         if (only.empty() || strstr(k->name, only.c_str())) kerns.push_back(k);

@@ -66,6 +66,7 @@ sub('common/sm80_tile_io.cuh', deref)
 def bwd(s):
     s = re.sub(r'asm volatile\("ld\.acquire\.gpu.*?\);\n', 'v = emu_ld_acquire(p);\n', s, flags=re.S)
     s = re.sub(r'asm volatile\("red\.release\.gpu.*?\);\n', 'emu_red_release_add1(p);\n', s, flags=re.S)
+    s = re.sub(r'asm\("mov\.u32 %0, %%dynamic_smem_size.*?\);\n', 'v = emu_dynamic_smem_bytes();\n', s, flags=re.S)
     return deref(s.replace('extern __shared__ __align__(128) unsigned char smem[];', 'unsigned char *smem = emu_smem;'))
 sub('bwd_sm80.cu', bwd)
 # The naive kernel's static shared arrays become one block of emu_smem per CTA.

@@ -100,3 +100,5 @@ static inline void __threadfence() {}
 void __nanosleep(unsigned ns);
 int emu_ld_acquire(const int32_t *p);
 void emu_red_release_add1(int32_t *p);
+uint32_t emu_dynamic_smem_bytes();
+void __trap();
