@@ -45,6 +45,7 @@
 #include "common/sm80_tile_io.cuh"
 #include "common/sm80_frag.cuh"
 #include "common/opaque.cuh"
+#include "common/sequence.cuh"
 
 namespace {
 
@@ -101,21 +102,54 @@ __device__ __forceinline__ uint32_t fa_dynamic_smem_bytes() {
 
 __device__ __forceinline__ int fa_floor_div(int x, int d) { return x >= 0 ? x / d : -((d - 1 - x) / d); }
 
-// Rows of the workspace: the dQ accumulator of row (b, h, i) and D_i.
-__device__ __forceinline__ int64_t fa_bwd_row_index(const FaFwdParams &f, int b, int h, int i) {
-    return (static_cast<int64_t>(b) * f.heads_q + h) * f.seqlen_q + i;
+// One sequence of the launch. Packed batches (cu_seqlens): the parameters
+// are bound to sequence b (common/sequence.cuh moves Q, K, V, O, LSE and sets
+// its lengths and diagonal; dO, dQ, dK, dV move here the same way);
+// rectangular batches pass through. The workspace is indexed by token: row
+// (token, h) of the dQ accumulator and D at (token * Hq + h), the token being
+// row0 + i; the turn counters of (b, h) at turns0 + h * blocks, `blocks`
+// counting the query blocks of the launch's longest sequence.
+struct FaBwdSeq {
+    int64_t row0, turns0;
+    int blocks;
+};
+template <typename T>
+__device__ __forceinline__ FaBwdSeq fa_bwd_bind(FaBwdParams &p, int b) {
+    const FaFwdParams &f = p.fwd;
+    const int blocks = (f.seqlen_q + FA_BWD_SM80_BLOCK - 1) / FA_BWD_SM80_BLOCK;
+    FaBwdSeq seq{static_cast<int64_t>(b) * f.seqlen_q, static_cast<int64_t>(b) * f.heads_q * blocks, blocks};
+    if (f.cu_seqlens_q != nullptr) {
+        const int q0 = f.cu_seqlens_q[b];
+        seq.row0 = q0;
+        p.d_o = static_cast<const T *>(p.d_o) + static_cast<int64_t>(q0) * p.do_row_stride;
+        p.dq = static_cast<T *>(p.dq) + static_cast<int64_t>(q0) * p.dq_row_stride;
+    }
+    if (f.cu_seqlens_k != nullptr) {
+        const int k0 = f.cu_seqlens_k[b];
+        p.dk = static_cast<T *>(p.dk) + static_cast<int64_t>(k0) * p.dk_row_stride;
+        p.dv = static_cast<T *>(p.dv) + static_cast<int64_t>(k0) * p.dv_row_stride;
+    }
+    fa_bind_sequence<T>(p.fwd, b);
+    return seq;
+}
+
+// The workspace row of query i of the bound sequence, head h.
+__device__ __forceinline__ int64_t fa_bwd_row(const FaBwdSeq &seq, const FaFwdParams &f, int h, int i) {
+    return (seq.row0 + i) * f.heads_q + h;
 }
 
 // 1. One warp per query row: D_i, the row's accumulator zeroed, and the turn
 // counter of its query block (by the block's first row).
 template <typename T>
-__device__ __forceinline__ void sm80_bwd_pre(const FaBwdParams &p) {
-    const FaFwdParams &f = p.fwd;
+__device__ __forceinline__ void sm80_bwd_pre(const FaBwdParams &launch) {
+    FaBwdParams p = launch;
     const int lane = threadIdx.x % 32, i = blockIdx.x * 4 + threadIdx.x / 32, h = blockIdx.y, b = blockIdx.z;
+    const FaBwdSeq seq = fa_bwd_bind<T>(p, b);
+    const FaFwdParams &f = p.fwd;
     if (i >= f.seqlen_q) return;
     const T *o = static_cast<const T *>(f.o) + b * f.o_batch_stride + i * f.o_row_stride + h * f.o_head_stride;
     const T *d_o = static_cast<const T *>(p.d_o) + b * p.do_batch_stride + i * p.do_row_stride + h * p.do_head_stride;
-    const int64_t row = fa_bwd_row_index(f, b, h, i);
+    const int64_t row = fa_bwd_row(seq, f, h, i);
     float *acc = p.dq_accum + row * f.head_dim;
     float dot = 0.f;
     for (int d = lane; d < f.head_dim; d += 32) {
@@ -126,28 +160,59 @@ __device__ __forceinline__ void sm80_bwd_pre(const FaBwdParams &p) {
     for (int s = 16; s > 0; s /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, s);
     if (lane == 0) {
         *reinterpret_cast<float *>(p.delta + row) = dot;
-        if (i % FA_BWD_SM80_BLOCK == 0) {
-            const int blocks = (f.seqlen_q + FA_BWD_SM80_BLOCK - 1) / FA_BWD_SM80_BLOCK;
-            const int64_t bh = static_cast<int64_t>(b) * f.heads_q + h;
-            *reinterpret_cast<int32_t *>(p.dq_turns + bh * blocks + i / FA_BWD_SM80_BLOCK) = 0;
-        }
+        if (i % FA_BWD_SM80_BLOCK == 0)
+            *reinterpret_cast<int32_t *>(p.dq_turns + seq.turns0 + h * seq.blocks + i / FA_BWD_SM80_BLOCK) = 0;
     }
 }
 
+#define FA_BWD_SM80_DSINK_THREADS 256
+
 // 3. One warp per query row: dQ = scale * accumulator.
 template <typename T>
-__device__ __forceinline__ void sm80_bwd_dq(const FaBwdParams &p) {
-    const FaFwdParams &f = p.fwd;
+__device__ __forceinline__ void sm80_bwd_dq(const FaBwdParams &launch) {
+    FaBwdParams p = launch;
     const int lane = threadIdx.x % 32, i = blockIdx.x * 4 + threadIdx.x / 32, h = blockIdx.y, b = blockIdx.z;
+    const FaBwdSeq seq = fa_bwd_bind<T>(p, b);
+    const FaFwdParams &f = p.fwd;
     if (i >= f.seqlen_q) return;
-    const float *acc = p.dq_accum + fa_bwd_row_index(f, b, h, i) * f.head_dim;
+    const float *acc = p.dq_accum + fa_bwd_row(seq, f, h, i) * f.head_dim;
     T *dq = static_cast<T *>(p.dq) + b * p.dq_batch_stride + i * p.dq_row_stride + h * p.dq_head_stride;
     for (int d = lane; d < f.head_dim; d += 32) *reinterpret_cast<T *>(dq + d) = fa_from_float<T>(f.scale * acc[d]);
 }
 
+// 4. With sinks, their gradient: one CTA per query head h sums
+// -e^{sink_h - LSE} D over every token in a fixed order (strided per thread,
+// then shuffles, then the 8 warps' sums in order), so it is deterministic;
+// D comes from the workspace. Dynamic shared memory: 8 floats.
+template <typename T>
+__device__ __forceinline__ void sm80_bwd_dsink(const FaBwdParams &p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const FaFwdParams &f = p.fwd;
+    const int h = blockIdx.x, tid = threadIdx.x, lane = tid % 32;
+    const bool packed = f.cu_seqlens_q != nullptr;
+    const int64_t tokens = packed ? f.cu_seqlens_q[f.batch] : static_cast<int64_t>(f.batch) * f.seqlen_q;
+    const float sink = f.sinks[h];
+    float acc = 0.f;
+    for (int64_t t = tid; t < tokens; t += FA_BWD_SM80_DSINK_THREADS) {
+        // A packed batch's LSE rows run on through its sequences (batch stride 0).
+        const int64_t l = packed ? h * f.lse_head_stride + t
+                                 : (t / f.seqlen_q) * f.lse_batch_stride + h * f.lse_head_stride + t % f.seqlen_q;
+        acc -= expf(sink - f.lse[l]) * p.delta[t * f.heads_q + h];
+    }
+#pragma unroll
+    for (int s = 16; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+    if (lane == 0) *reinterpret_cast<float *>(smem + 4 * (tid / 32)) = acc;
+    __syncthreads();
+    if (tid == 0) {
+        float sum = 0.f;
+        for (int w = 0; w < FA_BWD_SM80_DSINK_THREADS / 32; ++w) sum += *reinterpret_cast<const float *>(smem + 4 * w);
+        *reinterpret_cast<float *>(p.dsinks + h) = sum;
+    }
+}
+
 // 2. The main kernel: grid (key blocks, KV heads, batch).
 template <typename T, int HD>
-__device__ __forceinline__ void sm80_backward(const FaBwdParams &p) {
+__device__ __forceinline__ void sm80_backward(const FaBwdParams &launch) {
     using Cfg = Sm80BwdCfg<HD>;
     constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, THREADS = Cfg::kThreads, SPLIT = Cfg::kSplit;
     constexpr int CH = HD / 8;      // 16-byte chunks per K/V/Q/dO row
@@ -165,12 +230,18 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &p) {
     auto q_tile_of = [&](int buf) { return base + Cfg::kQ0 + 2 * buf * Cfg::kTileBytes; };
     auto rows_of = [&](int buf) { return Cfg::kRows0 + 2 * buf * BM * 4; };  // LSE at +0, D at +4 BM
 
-    const FaFwdParams &f = p.fwd;
+    FaBwdParams p = launch;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, tig = lane % 4;
     const int rg = warp % 4, part = warp / 4;  // row group of 16, and this warp's share of the other side
     const int n_blk = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const FaBwdSeq seq = fa_bwd_bind<T>(p, b);
+    const FaFwdParams &f = p.fwd;
     const int n0 = n_blk * BN, off = f.diag_offset, wl = f.window_left, wr = f.window_right;
+    // Past this sequence's keys (a packed batch's shorter one): nothing to
+    // write, and no later key block of it has work either, so no dQ turn
+    // waits for this one.
+    if (n0 >= f.seqlen_k) return;
 
     // The queries that see a key of [n0, n0 + BN) (the whole block, also past
     // seqlen_k: the turn order below counts blocks the same way).
@@ -192,7 +263,6 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &p) {
 
     // The first key block that visits query block m, whose turn is 0.
     auto first_visitor = [&](int m) { return wl < 0 ? 0 : max(0, fa_floor_div(m * BM + off - wl, BN)); };
-    const int q_blocks = (f.seqlen_q + BM - 1) / BM;
 
     float dk[CW / 8][4], dv[CW / 8][4];
 #pragma unroll
@@ -205,10 +275,14 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &p) {
     // Issues the Q/dO copies of `step` into buffer `buf` (one commit group)
     // and stores its LSE and D rows there. The buffer's previous readers
     // finished at the barrier that ended their step.
+    // Its pointers come from parameters bound again here, from an opaque
+    // batch index: held across the loop instead, they spilled hd256.
     auto issue = [&](int step, int buf) {
+        FaBwdParams pb = launch;
+        fa_bwd_bind<T>(pb, fa_opaque(b));
         const int h = hk * f.q_per_kv + step / nm, m0 = (m_first + step % nm) * BM;
-        const T *q = static_cast<const T *>(f.q) + b * f.q_batch_stride + h * f.q_head_stride;
-        const T *d_o = static_cast<const T *>(p.d_o) + b * p.do_batch_stride + h * p.do_head_stride;
+        const T *q = static_cast<const T *>(pb.fwd.q) + b * f.q_batch_stride + h * f.q_head_stride;
+        const T *d_o = static_cast<const T *>(pb.d_o) + b * p.do_batch_stride + h * p.do_head_stride;
         loader.load(q_tile_of(buf), q + static_cast<int64_t>(m0) * f.q_row_stride, f.q_row_stride, f.seqlen_q - m0,
                     static_cast<const T *>(f.q));
         loader.load(q_tile_of(buf) + Cfg::kTileBytes, d_o + static_cast<int64_t>(m0) * p.do_row_stride,
@@ -217,10 +291,10 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &p) {
         if (tid < BM) {
             const int i = m0 + tid;
             const bool in = i < f.seqlen_q;
-            const float *lse = f.lse + b * f.lse_batch_stride + h * f.lse_head_stride;
+            const float *lse = pb.fwd.lse + b * f.lse_batch_stride + h * f.lse_head_stride;
             *reinterpret_cast<float *>(smem + rows_of(buf) + 4 * tid) = in ? lse[i] : 0.f;
             *reinterpret_cast<float *>(smem + rows_of(buf) + 4 * (BM + tid)) =
-                in ? p.delta[fa_bwd_row_index(f, b, h, i)] : 0.f;
+                in ? p.delta[fa_bwd_row(seq, f, h, i)] : 0.f;
         }
     };
     if (QBUFS == 2 && steps > 0) issue(0, 0);
@@ -238,8 +312,9 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &p) {
         const int h = hk * f.q_per_kv + step / nm, m = m_first + step % nm, m0 = m * BM;
         const uint32_t q_tile = q_tile_of(buf), do_tile = q_tile + Cfg::kTileBytes;
         const int lse_at = rows_of(buf), delta_at = lse_at + 4 * BM;
-        float *acc = p.dq_accum + fa_bwd_row_index(f, b, h, 0) * f.head_dim;
-        int32_t *turns = p.dq_turns + (static_cast<int64_t>(b) * f.heads_q + h) * q_blocks;
+        float *acc = p.dq_accum + fa_bwd_row(seq, f, h, 0) * f.head_dim;
+        const int64_t acc_row_step = static_cast<int64_t>(f.heads_q) * f.head_dim;  // one token on
+        int32_t *turns = p.dq_turns + seq.turns0 + h * seq.blocks;
         const float slope = f.alibi_slopes != nullptr ? f.alibi_slopes[b * f.alibi_batch_stride + h] : 0.f;
         {
             // hd256: the fragment addresses derive from an opaque lane, so
@@ -355,7 +430,7 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &p) {
                         const int i = m0 + 16 * rg + g + 8 * (e >> 1);
                         const int c = part * CW + c0 + 8 * t + 2 * tig + (e & 1);
                         if (i < f.seqlen_q && c < f.head_dim)
-                            atomicAdd(acc + static_cast<int64_t>(i) * f.head_dim + c, dq[t][e]);
+                            atomicAdd(acc + i * acc_row_step + c, dq[t][e]);
                     }
             }
             if (p.deterministic) fa_bwd_pass_turn(turns + m);
@@ -364,8 +439,10 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &p) {
     }
 
     // ---- dK = scale * dK, dV: this warp's 16 keys x CW columns ----
-    T *dkp = static_cast<T *>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
-    T *dvp = static_cast<T *>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
+    FaBwdParams pb = launch;
+    fa_bwd_bind<T>(pb, fa_opaque(b));
+    T *dkp = static_cast<T *>(pb.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
+    T *dvp = static_cast<T *>(pb.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
 #pragma unroll
     for (int t = 0; t < CW / 8; ++t)
 #pragma unroll
@@ -390,6 +467,10 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &p) {
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(128) fa_bwd_sm80_dq_##dtype(const __grid_constant__ FaBwdParams p) { \
         sm80_bwd_dq<FA_DTYPE(dtype)>(p);                                                                 \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(FA_BWD_SM80_DSINK_THREADS)                              \
+        fa_bwd_sm80_dsink_##dtype(const __grid_constant__ FaBwdParams p) {                               \
+        sm80_bwd_dsink<FA_DTYPE(dtype)>(p);                                                              \
     }
 #define FA_BWD_SM80(dtype, hd)                                                                           \
     extern "C" __global__ void __launch_bounds__(Sm80BwdCfg<hd>::kThreads)                               \

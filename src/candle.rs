@@ -18,6 +18,13 @@
 //! `cuda` feature enables cudarc's `dynamic-linking`, this crate enables
 //! `dynamic-loading`, and cudarc's build script rejects both at once.)
 //!
+//! **Training.** The `flash_attn*` functions (and `q.apply_op3(&k, &v,
+//! FusedAttn::new(..))`) record the op for candle's autograd: on CPU
+//! tensors its `bwd` returns [`reference::backward`]'s gradients of Q, K
+//! and V (ALiBi slopes and sinks are constants there), which
+//! candle-flash-attn, forward-only, cannot. The packed-batch functions stay
+//! forward-only.
+//!
 //! **Migrating from candle-flash-attn** is a change of path:
 //! `candle_flash_attn::flash_attn(&q, &k, &v, scale, causal)` becomes
 //! `fused_attn::candle_ops::flash_attn(&q, &k, &v, scale, causal)`.
@@ -145,7 +152,7 @@ fn flash_options(
 pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32, causal: bool) -> candle_core::Result<Tensor> {
     let right = if causal { Some(0) } else { None };
     let opts = flash_options(k, softmax_scale, None, right, None)?;
-    q.apply_op3_no_bwd(k, v, &FusedAttn::new(opts))
+    q.apply_op3(k, v, FusedAttn::new(opts))
 }
 
 /// Local (sliding-window) attention: candle-flash-attn's
@@ -163,7 +170,7 @@ pub fn flash_attn_windowed(
     window_size_right: Option<usize>,
 ) -> candle_core::Result<Tensor> {
     let opts = flash_options(k, softmax_scale, window_size_left, window_size_right, None)?;
-    q.apply_op3_no_bwd(k, v, &FusedAttn::new(opts))
+    q.apply_op3(k, v, FusedAttn::new(opts))
 }
 
 /// Windowed attention with a Gemma-2-style logit softcap
@@ -183,7 +190,7 @@ pub fn flash_attn_windowed_softcap(
     softcap: f32,
 ) -> candle_core::Result<Tensor> {
     let opts = flash_options(k, softmax_scale, window_size_left, window_size_right, Some(softcap))?;
-    q.apply_op3_no_bwd(k, v, &FusedAttn::new(opts))
+    q.apply_op3(k, v, FusedAttn::new(opts))
 }
 
 /// [`flash_attn`] with ALiBi: candle-flash-attn's `flash_attn_alibi`, same
@@ -221,7 +228,7 @@ pub fn flash_attn_alibi_windowed(
     window_size_right: Option<usize>,
 ) -> candle_core::Result<Tensor> {
     let opts = flash_options(k, softmax_scale, window_size_left, window_size_right, None)?;
-    q.apply_op3_no_bwd(k, v, &FusedAttn::new(opts).with_alibi_slopes(alibi_slopes.clone()))
+    q.apply_op3(k, v, FusedAttn::new(opts).with_alibi_slopes(alibi_slopes.clone()))
 }
 
 /// Windowed attention with optional ALiBi and a softcap: candle-flash-attn's
@@ -244,7 +251,7 @@ pub fn flash_attn_alibi_windowed_softcap(
     let opts = flash_options(k, softmax_scale, window_size_left, window_size_right, Some(softcap))?;
     let mut op = FusedAttn::new(opts);
     op.alibi_slopes = alibi_slopes.cloned();
-    q.apply_op3_no_bwd(k, v, &op)
+    q.apply_op3(k, v, op)
 }
 
 /// Attention over a packed (variable-length) batch as a candle
@@ -597,9 +604,72 @@ impl FusedAttn {
     }
 }
 
+impl FusedAttn {
+    /// The reference gradients (f64, rounded once to `T`) of one dtype's
+    /// CPU tensors.
+    fn cpu_bwd_t<T: Element + candle_core::WithDType>(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        d_o: &Tensor,
+        from_f64: fn(f64) -> T,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let host = |arg: &str, t: &Tensor| -> candle_core::Result<(Vec<T>, Layout)> {
+            let dims = t.dims();
+            if dims.len() != 4 {
+                candle_core::bail!("fused-attn: {arg} must be rank 4 [batch, seq, heads, head_dim], got {:?}", dims);
+            }
+            Ok((t.flatten_all()?.to_vec1::<T>()?, Layout::bshd(dims[0], dims[1], dims[2], dims[3])))
+        };
+        let ((q_h, ql), (k_h, kl), (v_h, vl), (do_h, dol)) =
+            (host("q", q)?, host("k", k)?, host("v", v)?, host("grad", d_o)?);
+        let slopes = self.alibi_slopes.as_ref().map(|t| f32_values("alibi_slopes", t)).transpose()?;
+        let sinks = self.sinks.as_ref().map(|t| f32_values("sinks", t)).transpose()?;
+        let mut opts: AttentionOptions<'_> = self.options;
+        opts.alibi = slopes.as_ref().map(|(s, rank)| Alibi { slopes: HeadValues::Host(s), per_batch: *rank == 2 });
+        opts.sinks = sinks.as_ref().map(|(s, _)| HeadValues::Host(s));
+        let g = reference::backward(
+            HostTensor::new(&q_h, ql),
+            HostTensor::new(&k_h, kl),
+            HostTensor::new(&v_h, vl),
+            HostTensor::new(&do_h, dol),
+            &opts,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let tensor = |x: Vec<f64>, like: &Tensor| {
+            Tensor::from_vec(x.into_iter().map(from_f64).collect::<Vec<T>>(), like.shape(), like.device())
+        };
+        Ok((Some(tensor(g.dq, q)?), Some(tensor(g.dk, k)?), Some(tensor(g.dv, v)?)))
+    }
+}
+
 impl CustomOp3 for FusedAttn {
     fn name(&self) -> &'static str {
         "fused-attn"
+    }
+
+    /// The gradients of Q, K and V on CPU tensors: [`reference::backward`]
+    /// (f64, rounded once to the inputs' dtype). ALiBi slopes and sink
+    /// logits are constants of the op here (no gradient; the GPU backward
+    /// has `Gradients::with_dsinks`). candle CUDA tensors: not yet.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !q.device().is_cpu() {
+            candle_core::bail!("fused-attn: the backward of candle CUDA tensors is not supported yet (CPU only)");
+        }
+        let d_o = grad_res.to_dtype(q.dtype())?;
+        match q.dtype() {
+            candle_core::DType::F16 => self.cpu_bwd_t(q, k, v, &d_o, f16::from_f64),
+            candle_core::DType::BF16 => self.cpu_bwd_t(q, k, v, &d_o, bf16::from_f64),
+            other => candle_core::bail!("fused-attn: q, k and v must be f16 or bf16, got {other:?}"),
+        }
     }
 
     fn cpu_fwd(

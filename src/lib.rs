@@ -186,8 +186,8 @@ pub use dispatch::{KernelInfo, PassReason, PassedOver};
 pub use error::{Error, Result};
 pub use ops::AdditiveOutput;
 pub use ops::{
-    backward_workspace_len, problem_of, BackwardPath, CacheTables, DynTensor, DynTensorMut, ForwardOutput, Gradients,
-    PartialState, SeqLens,
+    backward_varlen_workspace_len, backward_workspace_len, problem_of, BackwardPath, CacheTables, DynTensor,
+    DynTensorMut, ForwardOutput, Gradients, PartialState, SeqLens,
 };
 pub use options::{alibi_slopes, Alibi, AttentionOptions, HeadValues, KernelFamily, Mask, MaskAlignment};
 pub use tensor::{
@@ -230,8 +230,9 @@ pub mod internals {
     pub use crate::sys::*;
     pub use crate::validate::validate_additive;
     pub use crate::validate::{
-        check_cache_tables, check_dtypes, check_seqlens, validate, validate_backward, validate_kvcache, validate_merge,
-        validate_varlen, LseDesc, TensorDesc, MAX_GRID_YZ, MAX_HEAD_DIM, MAX_SCALE, MAX_SEQLEN,
+        check_cache_tables, check_dtypes, check_seqlens, validate, validate_backward, validate_backward_varlen,
+        validate_kvcache, validate_merge, validate_varlen, LseDesc, TensorDesc, MAX_GRID_YZ, MAX_HEAD_DIM, MAX_SCALE,
+        MAX_SEQLEN,
     };
     pub use crate::validate::{check_map_heads, map_tiles, validate_maps, MapDesc};
 }

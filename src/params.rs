@@ -280,8 +280,9 @@ pub fn bwd_sm80_smem_bytes(hd: usize) -> u32 {
 }
 
 /// Where the tiled backward's workspace parts start, in f32 elements, and
-/// its whole length: the dQ accumulator `[B][Hq][Lq][D]`, `D_i` `[B][Hq][Lq]`,
-/// the turn counters `[B][Hq][ceil(Lq / 64)]` (i32). `None` on overflow.
+/// its whole length: the dQ accumulator `[tokens][Hq][D]`, `D_i`
+/// `[tokens][Hq]`, the turn counters `[B][Hq][ceil(max Lq / 64)]` (i32).
+/// `None` on overflow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BwdWorkspace {
     /// Offset of D_i.
@@ -292,9 +293,17 @@ pub struct BwdWorkspace {
     pub len: usize,
 }
 
-/// The workspace layout of a problem of these sizes.
-pub fn bwd_workspace(batch: usize, seqlen_q: usize, heads_q: usize, head_dim: usize) -> Option<BwdWorkspace> {
-    let rows = batch.checked_mul(heads_q)?.checked_mul(seqlen_q)?;
+/// The workspace layout of a problem of `tokens_q` query tokens in `batch`
+/// sequences of at most `max_seqlen_q` (rectangular: `batch · Lq` tokens).
+pub fn bwd_workspace(
+    tokens_q: usize,
+    batch: usize,
+    max_seqlen_q: usize,
+    heads_q: usize,
+    head_dim: usize,
+) -> Option<BwdWorkspace> {
+    let seqlen_q = max_seqlen_q;
+    let rows = tokens_q.checked_mul(heads_q)?;
     let delta = rows.checked_mul(head_dim)?;
     let turns = delta.checked_add(rows)?;
     let blocks = seqlen_q.div_ceil(crate::sys::FA_BWD_SM80_BLOCK as usize);

@@ -757,6 +757,37 @@ pub fn validate_backward(
     opts: &AttentionOptions,
 ) -> Result<Problem> {
     let p = validate(dtype, q, k, v, Some(o), Some(lse), opts)?;
+    check_gradients(p, [q, k, o], [d_o, dq, dk, dv], dsinks)
+}
+
+/// [`validate_backward`] for a packed batch (the forward's tensors as
+/// [`validate_varlen`] takes them).
+///
+/// # Errors
+/// Those of [`validate_varlen`] and [`validate_backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn validate_backward_varlen(
+    dtype: DType,
+    [q, k, v, o]: [&TensorDesc; 4],
+    lse: &LseDesc,
+    [d_o, dq, dk, dv]: [&TensorDesc; 4],
+    dsinks: Option<usize>,
+    seq: &SeqInfo,
+    opts: &AttentionOptions,
+) -> Result<Problem> {
+    let p = validate_varlen(dtype, q, k, v, Some(o), Some(lse), seq, opts)?;
+    check_gradients(p, [q, k, o], [d_o, dq, dk, dv], dsinks)
+}
+
+/// The gradient tensors of a validated backward problem `p`: dO like O, dQ
+/// like Q, dK and dV like K (the outputs without self-overlap), dsinks only
+/// with sinks and long enough.
+fn check_gradients(
+    p: Problem,
+    [q, k, o]: [&TensorDesc; 3],
+    [d_o, dq, dk, dv]: [&TensorDesc; 4],
+    dsinks: Option<usize>,
+) -> Result<Problem> {
     for (t, like) in [(d_o, o), (dq, q), (dk, k), (dv, k)] {
         check_tensor(t)?;
         same_dims(t, like, &[0, 1, 2, 3])?;

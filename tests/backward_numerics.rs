@@ -141,6 +141,8 @@ struct Case {
     sinks: bool,
     bf16: bool,
     seed: u64,
+    /// A packed batch of these (Lq, Lk) sequences (b, lq, lk unused).
+    seqs: Option<&'static [(usize, usize)]>,
 }
 
 fn cases() -> Vec<Case> {
@@ -168,6 +170,7 @@ fn cases() -> Vec<Case> {
                 sinks: n % 3 == 0,
                 bf16: n % 2 == 0,
                 seed,
+                seqs: None,
             });
         }
     }
@@ -192,15 +195,31 @@ fn put_f32(buf: &mut Vec<u8>, xs: &[f32]) {
 /// One case through the harness `exe`: Ok(summary) or Err(what failed).
 fn run_case<T: Element>(runner: &Runner, c: &Case, work: &Path) -> Result<Result<String, String>, Failed> {
     let mut rng = StdRng::seed_from_u64(c.seed);
-    let lay = |rng: &mut StdRng, l, h| padded(rng, c.b, l, h, c.d);
+    // A packed batch: one sequence of all tokens ([1, T, H, D]).
+    let (cu_q, cu_k): (Vec<usize>, Vec<usize>) = match c.seqs {
+        None => (vec![], vec![]),
+        Some(seqs) => {
+            let cum = |f: fn(&(usize, usize)) -> usize| {
+                std::iter::once(0)
+                    .chain(seqs.iter().scan(0, move |t, x| Some(*t + f(x)).inspect(|&v| *t = v)))
+                    .collect()
+            };
+            (cum(|x| x.0), cum(|x| x.1))
+        }
+    };
+    let (tb, tq, tk) = match c.seqs {
+        None => (c.b, c.lq, c.lk),
+        Some(_) => (1, *cu_q.last().unwrap(), *cu_k.last().unwrap()),
+    };
+    let lay = |rng: &mut StdRng, l, h| padded(rng, tb, l, h, c.d);
     let (ql, kl, vl, ol, dol) = (
-        lay(&mut rng, c.lq, c.hq),
-        lay(&mut rng, c.lk, c.hk),
-        lay(&mut rng, c.lk, c.hk),
-        lay(&mut rng, c.lq, c.hq),
-        lay(&mut rng, c.lq, c.hq),
+        lay(&mut rng, tq, c.hq),
+        lay(&mut rng, tk, c.hk),
+        lay(&mut rng, tk, c.hk),
+        lay(&mut rng, tq, c.hq),
+        lay(&mut rng, tq, c.hq),
     );
-    let (dql, dkl, dvl) = (lay(&mut rng, c.lq, c.hq), lay(&mut rng, c.lk, c.hk), lay(&mut rng, c.lk, c.hk));
+    let (dql, dkl, dvl) = (lay(&mut rng, tq, c.hq), lay(&mut rng, tk, c.hk), lay(&mut rng, tk, c.hk));
     let fill = |rng: &mut StdRng, l: &Layout, amp: f32| -> Vec<T> {
         (0..l.span().unwrap()).map(|_| T::from_f32(rng.random_range(-amp..amp))).collect()
     };
@@ -224,49 +243,90 @@ fn run_case<T: Element>(runner: &Runner, c: &Case, work: &Path) -> Result<Result
     if c.sinks {
         opts = opts.with_sinks(HeadValues::Host(&sinks));
     }
-    // The forward's O (rounded to T, in its own layout) and LSE (f32), as a GPU forward would leave them.
-    let fwd = reference::forward(HostTensor::new(&q, ql), HostTensor::new(&k, kl), HostTensor::new(&v, vl), &opts)
-        .map_err(|e| e.to_string())?;
-    let p = fwd.problem;
+    // The forward's O (rounded to T, in its own layout) and LSE (f32), as a
+    // GPU forward would leave them, and the reference gradients: for a packed
+    // batch, sequence by sequence (each a batch of one, on its own diagonal,
+    // with its own ALiBi slopes), written at its rows.
     let mut o = vec![T::from_f32(0.0); ol.span().unwrap()];
-    for b in 0..c.b {
-        for i in 0..c.lq {
+    let ll = LseLayout::strided([tb, c.hq, tq], [c.hq * (tq + 3) + 5, tq + 3, 1]);
+    let mut lse = vec![f32::NAN; ll.span().unwrap()];
+    let zeros = |l: &Layout| vec![0.0f64; l.shape.iter().product()];
+    struct Want {
+        dq: Vec<f64>,
+        dk: Vec<f64>,
+        dv: Vec<f64>,
+        dsinks: Option<Vec<f64>>,
+    }
+    let mut g = Want { dq: zeros(&dql), dk: zeros(&dkl), dv: zeros(&dvl), dsinks: None };
+    let seq_count = if c.seqs.is_some() { cu_q.len() - 1 } else { 1 };
+    let mut problem = None;
+    for s in 0..seq_count {
+        // The rows of this part: all of them, or sequence s's.
+        let (q0, lq, k0, lk) = match c.seqs {
+            None => (0, tq, 0, tk),
+            Some(_) => (cu_q[s], cu_q[s + 1] - cu_q[s], cu_k[s], cu_k[s + 1] - cu_k[s]),
+        };
+        fn part<'a, T>(data: &'a [T], l: &Layout, r0: usize, len: usize) -> HostTensor<'a, T> {
+            let mut shape = l.shape;
+            shape[1] = len;
+            HostTensor::new(&data[(r0 * l.strides[1]).min(data.len())..], Layout::strided_bshd(shape, l.strides))
+        }
+        let mut o_s = opts;
+        if c.alibi && c.seqs.is_some() {
+            o_s = o_s.with_alibi(Alibi::per_head(HeadValues::Host(&slopes[s * c.hq..(s + 1) * c.hq])));
+        }
+        let (qs, ks, vs) = (part(&q, &ql, q0, lq), part(&k, &kl, k0, lk), part(&v, &vl, k0, lk));
+        let fwd = reference::forward(qs, ks, vs, &o_s).map_err(|e| e.to_string())?;
+        let gs: Gradients =
+            reference::backward(qs, ks, vs, part(&d_o, &dol, q0, lq), &o_s).map_err(|e| e.to_string())?;
+        let bn = qs.layout.shape[0];
+        for b in 0..bn {
             for h in 0..c.hq {
-                for x in 0..c.d {
-                    o[ol.offset(b, i, h, x)] = T::from_f32(fwd.o[((b * c.lq + i) * c.hq + h) * c.d + x] as f32);
+                for i in 0..lq {
+                    lse[ll.offset(b, h, q0 + i)] = fwd.lse[(b * c.hq + h) * lq + i] as f32;
+                    for x in 0..c.d {
+                        let at = ((b * lq + i) * c.hq + h) * c.d + x;
+                        o[ol.offset(b, q0 + i, h, x)] = T::from_f32(fwd.o[at] as f32);
+                        g.dq[((b * tq + q0 + i) * c.hq + h) * c.d + x] = gs.dq[at];
+                    }
+                }
+            }
+            for h in 0..c.hk {
+                for j in 0..lk {
+                    for x in 0..c.d {
+                        let at = ((b * lk + j) * c.hk + h) * c.d + x;
+                        let to = ((b * tk + k0 + j) * c.hk + h) * c.d + x;
+                        g.dk[to] = gs.dk[at];
+                        g.dv[to] = gs.dv[at];
+                    }
                 }
             }
         }
-    }
-    let ll = LseLayout::strided([c.b, c.hq, c.lq], [c.hq * (c.lq + 3) + 5, c.lq + 3, 1]);
-    let mut lse = vec![f32::NAN; ll.span().unwrap()];
-    for b in 0..c.b {
-        for h in 0..c.hq {
-            for i in 0..c.lq {
-                lse[ll.offset(b, h, i)] = fwd.lse[(b * c.hq + h) * c.lq + i] as f32;
-            }
+        if let Some(ds) = gs.dsinks {
+            let acc = g.dsinks.get_or_insert_with(|| vec![0.0; c.hq]);
+            acc.iter_mut().zip(&ds).for_each(|(a, x)| *a += x);
         }
+        problem.get_or_insert(fwd.problem);
     }
-    let g: Gradients = reference::backward(
-        HostTensor::new(&q, ql),
-        HostTensor::new(&k, kl),
-        HostTensor::new(&v, vl),
-        HostTensor::new(&d_o, dol),
-        &opts,
-    )
-    .map_err(|e| e.to_string())?;
+    let p = problem.ok_or("no sequence")?;
+    let (c_b, c_lq, c_lk) = match c.seqs {
+        None => (c.b, c.lq, c.lk),
+        Some(seqs) => {
+            (seqs.len(), seqs.iter().map(|x| x.0).max().unwrap_or(0), seqs.iter().map(|x| x.1).max().unwrap_or(0))
+        }
+    };
 
     // The case file (format in tools/bwd-harness/harness.cpp).
     let mut buf = b"FABW".to_vec();
     let (wl, wr) = p.mask.bounds();
-    let side = |x: Option<usize>| x.map_or(-1, |v| v.min(c.lq + c.lk) as i64);
+    let side = |x: Option<usize>| x.map_or(-1, |v| v.min(c_lq + c_lk) as i64);
     put_i64(
         &mut buf,
         &[
             i64::from(c.bf16),
-            c.b as i64,
-            c.lq as i64,
-            c.lk as i64,
+            c_b as i64,
+            c_lq as i64,
+            c_lk as i64,
             c.hq as i64,
             c.hk as i64,
             c.d as i64,
@@ -280,13 +340,15 @@ fn run_case<T: Element>(runner: &Runner, c: &Case, work: &Path) -> Result<Result
         ],
     );
     put_f32(&mut buf, &[p.scale, p.softcap.unwrap_or(0.0)]);
-    let strides = |l: &Layout| [l.strides[0] as i64, l.strides[1] as i64, l.strides[2] as i64];
+    // A packed batch's batch strides are 0 (its tensors have batch extent 1).
+    let bs = |x: usize| if c.seqs.is_some() { 0 } else { x as i64 };
+    let strides = |l: &Layout| [bs(l.strides[0]), l.strides[1] as i64, l.strides[2] as i64];
     for (data, l) in [(&q, &ql), (&k, &kl), (&v, &vl), (&o, &ol), (&d_o, &dol)] {
         put_i64(&mut buf, &strides(l));
         put_i64(&mut buf, &[data.len() as i64]);
         data.iter().for_each(|x| buf.extend_from_slice(&x.to_bits().to_le_bytes()));
     }
-    put_i64(&mut buf, &[ll.strides[0] as i64, ll.strides[1] as i64, lse.len() as i64]);
+    put_i64(&mut buf, &[bs(ll.strides[0]), ll.strides[1] as i64, lse.len() as i64]);
     put_f32(&mut buf, &lse);
     for vals in [&slopes, &sinks] {
         put_i64(&mut buf, &[vals.len() as i64]);
@@ -296,6 +358,10 @@ fn run_case<T: Element>(runner: &Runner, c: &Case, work: &Path) -> Result<Result
     for l in [&dql, &dkl, &dvl] {
         put_i64(&mut buf, &strides(l));
         put_i64(&mut buf, &[(GUARD + l.span().unwrap() + GUARD) as i64, GUARD as i64]);
+    }
+    put_i64(&mut buf, &[cu_q.len() as i64, i64::from(c.top_left)]);
+    for cu in [&cu_q, &cu_k] {
+        cu.iter().for_each(|&x| buf.extend_from_slice(&(x as i32).to_le_bytes()));
     }
     let (case_file, out_file) = (work.join("case.bin"), work.join("out.bin"));
     std::fs::write(&case_file, &buf)?;
@@ -392,11 +458,18 @@ fn sweep(work: &Path, include: &Path, header: &str) -> Result<Result<Vec<String>
     sweep_with(&[Runner::Harness(exe)], &cases(), work)
 }
 
-/// Every case through every runner: Ok(lines) or Err(first failure).
+/// Every case through the first runner, and through each further one every
+/// `stride`-th case (the tiled kernels' atomic mode differs from the
+/// deterministic one only in CTA order and turns: half the cases cover it,
+/// and CI's time budget holds): Ok(lines) or Err(first failure).
 fn sweep_with(runners: &[Runner], cases: &[Case], work: &Path) -> Result<Result<Vec<String>, String>, Failed> {
+    const STRIDE: usize = 2;
     let mut lines = Vec::new();
-    for c in cases {
-        for runner in runners {
+    for (i, c) in cases.iter().enumerate() {
+        for (ri, runner) in runners.iter().enumerate() {
+            if ri > 0 && i % STRIDE != (ri - 1) % STRIDE {
+                continue;
+            }
             let r = if c.bf16 { run_case::<bf16>(runner, c, work)? } else { run_case::<f16>(runner, c, work)? };
             let mode = match runner {
                 Runner::Harness(_) => "",
@@ -519,6 +592,37 @@ fn tiled_cases() -> Vec<Case> {
                 sinks: n % 3 == 2,
                 bf16: n % 2 == 1,
                 seed,
+                seqs: None,
+            });
+        }
+    }
+    // Packed batches: an empty sequence, one without keys, 1x1, lengths
+    // around the tile, longer than one tile on both sides.
+    type Packed = (&'static [(usize, usize)], usize, usize, usize, Mask, bool);
+    let packed: [Packed; 3] = [
+        (&[(70, 65), (0, 13), (129, 200), (1, 1), (64, 63), (7, 0)], 8, 2, 128, Mask::Causal, false),
+        (&[(33, 90), (100, 30), (5, 5)], 5, 1, 64, Mask::window(20, 3), true),
+        (&[(64, 64), (65, 129)], 2, 2, 256, Mask::Full, false),
+    ];
+    for (n, (seqs, hq, hk, d, mask, top_left)) in packed.into_iter().enumerate() {
+        for bf16 in [false, true] {
+            seed += 1;
+            out.push(Case {
+                b: seqs.len(),
+                lq: 0,
+                lk: 0,
+                hq,
+                hk,
+                d,
+                mask,
+                top_left,
+                scale: [None, Some(0.2), Some(-0.3)][n],
+                softcap: (n == 2).then_some(3.0),
+                alibi: n != 0 || bf16,
+                sinks: n != 1 || bf16,
+                bf16,
+                seed,
+                seqs: Some(seqs),
             });
         }
     }
@@ -603,6 +707,12 @@ const TILED_MUTANTS: &[(&str, &str, &str)] = &[
     ("D_i from dO twice", "fa_to_float(d_o[d]), fa_to_float(o[d])", "fa_to_float(d_o[d]), fa_to_float(d_o[d])"),
     ("Q/dO used before their copies land", "cp_async_wait<1>();", "cp_async_wait<2>();"),
     ("next Q/dO prefetched into the buffer in use", "issue(step + 1, buf ^ 1);", "issue(step + 1, buf);"),
+    (
+        "a packed sequence's dK/dV rows not moved to its keys",
+        "p.dk = static_cast<T *>(p.dk) + static_cast<int64_t>(k0) * p.dk_row_stride;",
+        "",
+    ),
+    ("a packed sequence's workspace rows by batch index", "seq.row0 = q0;", "seq.row0 = b * f.seqlen_q;"),
     ("LSE of the other buffer", "const int lse_at = rows_of(buf),", "const int lse_at = rows_of(buf ^ (QBUFS - 1)),"),
     (
         "next step's loads race the last readers",

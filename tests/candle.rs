@@ -402,3 +402,70 @@ fn attention_block_end_to_end() {
     let scale_out = r.iter().fold(0f32, |m, y| m.max(y.abs()));
     assert!(max_abs <= 2e-2 * scale_out, "max abs error {max_abs} of {scale_out}");
 }
+
+/// candle autograd through the op (CPU): the gradients of `Σ O ∘ dO` that
+/// candle's backward pass returns for Q, K and V (as `Var`s, through a
+/// transposed `[B, H, S, D]` view) are [`reference::backward`]'s, rounded
+/// once to the dtype, bit for bit, for GQA, a causal mask and ALiBi with a
+/// softcap (`flash_attn_alibi_windowed_softcap`).
+#[test]
+fn candle_backward_is_the_reference_gradient() {
+    let mut rng = StdRng::seed_from_u64(23);
+    let (b, lq, lk, hq, hk, d) = (2, 6, 9, 4, 2, 16);
+    let dev = Device::Cpu;
+    let (q, k, v, d_o): (Vec<bf16>, Vec<bf16>, Vec<bf16>, Vec<bf16>) = (
+        random(&mut rng, b * lq * hq * d),
+        random(&mut rng, b * lk * hk * d),
+        random(&mut rng, b * lk * hk * d),
+        random(&mut rng, b * lq * hq * d),
+    );
+    let slopes: Vec<f32> = (0..hq).map(|h| 0.05 * (h + 1) as f32).collect();
+    // Vars of [B, H, S, D], read through their transpose (no copy).
+    let var = |x: &[bf16], l, h| {
+        let t =
+            Tensor::from_vec(x.to_vec(), (b, l, h, d), &dev).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        candle_core::Var::from_tensor(&t).unwrap()
+    };
+    let (qv, kv, vv) = (var(&q, lq, hq), var(&k, lk, hk), var(&v, lk, hk));
+    let slopes_t = Tensor::from_vec(slopes.clone(), hq, &dev).unwrap();
+    let view = |x: &candle_core::Var| x.as_tensor().transpose(1, 2).unwrap();
+    let o = candle_ops::flash_attn_alibi_windowed_softcap(
+        &view(&qv),
+        &view(&kv),
+        &view(&vv),
+        Some(&slopes_t),
+        0.3,
+        Some(4),
+        Some(0),
+        5.0,
+    )
+    .unwrap();
+    let dot = Tensor::from_vec(d_o.clone(), (b, lq, hq, d), &dev).unwrap();
+    let loss = (o * &dot).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+
+    let opts = AttentionOptions::new(Mask::window(4, 0))
+        .with_scale(0.3)
+        .with_softcap(5.0)
+        .with_alibi(fused_attn::Alibi::per_head(fused_attn::HeadValues::Host(&slopes)));
+    let (ql, kl) = (Layout::bshd(b, lq, hq, d), Layout::bshd(b, lk, hk, d));
+    let want = reference::backward(
+        HostTensor::new(&q, ql),
+        HostTensor::new(&k, kl),
+        HostTensor::new(&v, kl),
+        HostTensor::new(&d_o, ql),
+        &opts,
+    )
+    .unwrap();
+    for (name, var, want, l, h) in
+        [("dq", &qv, &want.dq, lq, hq), ("dk", &kv, &want.dk, lk, hk), ("dv", &vv, &want.dv, lk, hk)]
+    {
+        // The Var is [B, H, S, D]: its gradient back in [B, S, H, D] order.
+        let got: Vec<bf16> =
+            to_vec(&grads.get(var.as_tensor()).unwrap().transpose(1, 2).unwrap().contiguous().unwrap());
+        assert_eq!(got.len(), b * l * h * d);
+        let want: Vec<bf16> = want.iter().map(|&x| bf16::from_f64(x)).collect();
+        assert_eq!(got, want, "{name}");
+        assert!(want.iter().any(|x| x.to_f32() != 0.0), "{name} is all zeros: the check would be empty");
+    }
+}

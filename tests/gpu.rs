@@ -1068,6 +1068,8 @@ fn trials() -> Vec<(Trial, bool)> {
     trials.push(plain("backward/tiled/f16/window_topleft", || {
         backward_trial::<f16>(Mask::window(70, 3), true, false, TiledDeterministic, 128)
     }));
+    trials.push(plain("backward/tiled/varlen/bf16/causal_mods", || backward_varlen_trial::<bf16>(Mask::Causal)));
+    trials.push(plain("backward/tiled/varlen/f16/window", || backward_varlen_trial::<f16>(Mask::window(40, 9))));
     trials.push(plain("backward/tiled/bf16/causal_mods", || {
         backward_trial::<bf16>(Mask::Causal, false, true, Tiled, 128)
     }));
@@ -1156,6 +1158,151 @@ fn modifier_trial(c: Case, m: HostModifiers) -> Result<(), Failed> {
         return Err(format!("asked for {:?}, ran {}", c.family, checked.kernel.name).into());
     }
     checked.verdict(c.dtype).map_err(Failed::from)
+}
+
+/// The packed backward (deterministic) equals, bitwise, the rectangular
+/// backward of each sequence on its own (the same kernels and tile order;
+/// the rectangular trials check those against the reference): a packed
+/// batch with an empty sequence, one without keys, lengths around the
+/// 64-row tiles, GQA 4:1, ALiBi per sequence and sinks.
+fn backward_varlen_trial<T: Element>(mask: Mask) -> Result<(), Failed> {
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let mut rng = StdRng::seed_from_u64(17);
+    let (hq, hk, d) = (8usize, 2usize, 128usize);
+    let (lq, lk) = ([70usize, 0, 129, 1, 64, 7], [65usize, 13, 200, 1, 63, 0]);
+    let cu = |l: &[usize]| -> Vec<i32> {
+        std::iter::once(0).chain(l.iter().scan(0, |s, &x| Some(*s + x as i32).inspect(|&v| *s = v))).collect()
+    };
+    let (cu_q, cu_k) = (cu(&lq), cu(&lk));
+    let (tq, tk) = (*cu_q.last().unwrap() as usize, *cu_k.last().unwrap() as usize);
+    let (ql, kl) = (Layout::bshd(1, tq, hq, d), Layout::bshd(1, tk, hk, d));
+    let (q, k, v, d_o): (Vec<T>, Vec<T>, Vec<T>, Vec<T>) = (
+        randn(&mut rng, tq * hq * d),
+        randn(&mut rng, tk * hk * d),
+        randn(&mut rng, tk * hk * d),
+        randn(&mut rng, tq * hq * d),
+    );
+    let slopes: Vec<f32> = (0..lq.len() * hq).map(|x| 0.01 + 0.02 * (x % 5) as f32).collect();
+    let sinks: Vec<f32> = (0..hq).map(|x| x as f32 * 0.4 - 1.0).collect();
+    let (slopes_d, sinks_d) = (stream.clone_htod(&slopes).map_err(text)?, stream.clone_htod(&sinks).map_err(text)?);
+    let opts = AttentionOptions::new(mask)
+        .with_alibi(Alibi::per_batch(HeadValues::Device(&slopes_d)))
+        .with_sinks(HeadValues::Device(&sinks_d));
+    let seq = SeqLens::new(&stream, &cu_q, &cu_k, None).map_err(text)?;
+    let (qd, kd, vd, dod) = (upload(&stream, &q)?, upload(&stream, &k)?, upload(&stream, &v)?, upload(&stream, &d_o)?);
+    let mut od = upload(&stream, &poison::<T>(tq * hq * d))?;
+    let ll = LseLayout::contiguous(1, hq, tq);
+    let mut lsed = stream.alloc_zeros::<f32>(hq * tq).map_err(text)?;
+    let (qt, kt, vt) = (DeviceTensor::new(&qd, ql), DeviceTensor::new(&kd, kl), DeviceTensor::new(&vd, kl));
+    {
+        let (mut ot, mut lt) = (DeviceTensorMut::new(&mut od, ql), LseTensorMut::new(&mut lsed, ll));
+        g.attn.forward_varlen_into(&stream, &qt, &kt, &vt, &mut ot, Some(&mut lt), &seq, &opts).map_err(text)?;
+    }
+    let mut ws = stream
+        .alloc_zeros::<f32>(fused_attn::backward_varlen_workspace_len(&seq, hq, d).map_err(text)?)
+        .map_err(text)?;
+    let (mut dq, mut dk, mut dv) = (
+        upload(&stream, &poison::<T>(tq * hq * d))?,
+        upload(&stream, &poison::<T>(tk * hk * d))?,
+        upload(&stream, &poison::<T>(tk * hk * d))?,
+    );
+    let mut ds = stream.clone_htod(&vec![f32::NAN; hq]).map_err(text)?;
+    {
+        let (mut dqt, mut dkt, mut dvt) =
+            (DeviceTensorMut::new(&mut dq, ql), DeviceTensorMut::new(&mut dk, kl), DeviceTensorMut::new(&mut dv, kl));
+        let grads = Gradients::new(&mut dqt, &mut dkt, &mut dvt)
+            .with_dsinks(&mut ds)
+            .with_workspace(&mut ws)
+            .deterministic(true);
+        let (ot, lt, dot) = (DeviceTensor::new(&od, ql), LseTensor::new(&lsed, ll), DeviceTensor::new(&dod, ql));
+        g.attn.backward_varlen_into(&stream, &qt, &kt, &vt, &ot, &lt, &dot, &seq, grads, &opts).map_err(text)?;
+    }
+    let (o, lse) = (download(&stream, &od)?, stream.clone_dtoh(&lsed).map_err(text)?);
+    let (dq, dk, dv) = (download(&stream, &dq)?, download(&stream, &dk)?, download(&stream, &dv)?);
+    let dsinks: Vec<f32> = stream.clone_dtoh(&ds).map_err(text)?;
+    let bits = |x: &[T]| x.iter().map(|e| e.to_bits()).collect::<Vec<u16>>();
+    let mut dsinks_sum = vec![0f64; hq];
+    for s in 0..lq.len() {
+        let (q0, k0, n, m) = (cu_q[s] as usize, cu_k[s] as usize, lq[s], lk[s]);
+        let rows = |x: &[T], r0: usize, len: usize, h: usize| x[r0 * h * d..(r0 + len) * h * d].to_vec();
+        if n == 0 || m == 0 {
+            // No queries or no keys: its gradients are exactly 0 (and nothing to upload).
+            let zero = [rows(&dq, q0, n, hq), rows(&dk, k0, m, hk), rows(&dv, k0, m, hk)]
+                .iter()
+                .all(|x| x.iter().all(|e| e.to_bits() == 0));
+            if !zero {
+                return Err(format!("sequence {s} ({n} x {m}): gradients not exactly 0").into());
+            }
+            continue;
+        }
+        let (sq, sl) = (Layout::bshd(1, n, hq, d), Layout::bshd(1, m, hk, d));
+        let (q_s, k_s, v_s, o_s, do_s) = (
+            upload(&stream, &rows(&q, q0, n, hq))?,
+            upload(&stream, &rows(&k, k0, m, hk))?,
+            upload(&stream, &rows(&v, k0, m, hk))?,
+            upload(&stream, &rows(&o, q0, n, hq))?,
+            upload(&stream, &rows(&d_o, q0, n, hq))?,
+        );
+        let lse_s: Vec<f32> = (0..hq).flat_map(|h| lse[h * tq + q0..h * tq + q0 + n].to_vec()).collect();
+        let lse_d = stream.clone_htod(&lse_s).map_err(text)?;
+        let slopes_s = stream.clone_htod(&slopes[s * hq..(s + 1) * hq]).map_err(text)?;
+        let opts_s = AttentionOptions::new(mask)
+            .with_alibi(Alibi::per_head(HeadValues::Device(&slopes_s)))
+            .with_sinks(HeadValues::Device(&sinks_d));
+        let mut ws_s =
+            stream.alloc_zeros::<f32>(backward_workspace_len(1, n, hq, d).map_err(text)?.max(1)).map_err(text)?;
+        let (mut a, mut b2, mut c2) = (
+            upload(&stream, &poison::<T>(n * hq * d))?,
+            upload(&stream, &poison::<T>(m * hk * d))?,
+            upload(&stream, &poison::<T>(m * hk * d))?,
+        );
+        let mut ds_s = stream.clone_htod(&vec![f32::NAN; hq]).map_err(text)?;
+        {
+            let (mut at, mut bt, mut ct) = (
+                DeviceTensorMut::new(&mut a, sq),
+                DeviceTensorMut::new(&mut b2, sl),
+                DeviceTensorMut::new(&mut c2, sl),
+            );
+            let grads = Gradients::new(&mut at, &mut bt, &mut ct)
+                .with_dsinks(&mut ds_s)
+                .with_workspace(&mut ws_s)
+                .deterministic(true);
+            g.attn
+                .backward_into(
+                    &stream,
+                    &DeviceTensor::new(&q_s, sq),
+                    &DeviceTensor::new(&k_s, sl),
+                    &DeviceTensor::new(&v_s, sl),
+                    &DeviceTensor::new(&o_s, sq),
+                    &LseTensor::new(&lse_d, LseLayout::contiguous(1, hq, n)),
+                    &DeviceTensor::new(&do_s, sq),
+                    grads,
+                    &opts_s,
+                )
+                .map_err(text)?;
+        }
+        for (name, packed, alone) in [
+            ("dq", rows(&dq, q0, n, hq), download(&stream, &a)?),
+            ("dk", rows(&dk, k0, m, hk), download(&stream, &b2)?),
+            ("dv", rows(&dv, k0, m, hk), download(&stream, &c2)?),
+        ] {
+            if bits(&packed) != bits(&alone) {
+                return Err(format!("sequence {s} ({n} x {m}): packed {name} differs from its own backward").into());
+            }
+        }
+        let ds_s: Vec<f32> = stream.clone_dtoh(&ds_s).map_err(text)?;
+        dsinks_sum.iter_mut().zip(&ds_s).for_each(|(acc, &x)| *acc += x as f64);
+    }
+    // The sink gradient sums over every token in another order: close, not bitwise.
+    for (h, (&got, &want)) in dsinks.iter().zip(&dsinks_sum).enumerate() {
+        let err = (got as f64 - want).abs();
+        if err.is_nan() || err > 1e-4 * want.abs().max(1.0) {
+            return Err(format!("dsinks[{h}]: packed {got} vs sum of sequences {want}").into());
+        }
+    }
+    println!("backward/tiled/varlen/{}/{mask}: bitwise equal to per-sequence backward", T::DTYPE);
+    Ok(())
 }
 
 /// Which backward kernels a trial asks for.

@@ -311,6 +311,85 @@ FusedAttnStatus fused_attn_reference_forward(int32_t dtype,
                                              const struct FusedAttnLseTensor *lse,
                                              const struct FusedAttnOptions *options);
 
+// The `float` elements of workspace that [`fused_attn_backward`]'s tiled
+// kernels need for Q of shape `[batch, seqlen_q, heads_q, head_dim]`,
+// written to `*out`. Allocate it once per shape (`cudaMalloc`) and reuse it.
+//
+// Returns `FUSED_ATTN_STATUS_NEGATIVE` for a negative size,
+// `FUSED_ATTN_STATUS_SIZE_OVERFLOW` when it does not fit, and
+// `FUSED_ATTN_STATUS_NULL_POINTER` for a null `out`.
+//
+// # Safety
+// `out` is null or valid for writing one `uint64_t`.
+FusedAttnStatus fused_attn_backward_workspace_len(int64_t batch,
+                                                  int64_t seqlen_q,
+                                                  int64_t heads_q,
+                                                  int64_t head_dim,
+                                                  uint64_t *out);
+
+// The backward pass on device memory, asynchronously on `stream`: the
+// gradients of `Σ ⟨dO, O⟩` with respect to Q, K, V (and the sink logits)
+// from the forward's `o` and `lse` (required; written by
+// [`fused_attn_forward`] with the same `options`).
+//
+// - `d_o` and `dq` of Q's shape, `dk` and `dv` of K's (summed over each KV
+//   head's query heads), element type `dtype`, any strides.
+// - `dsinks`: null, or `Hq` `float`s for the sink logits' gradient (the
+//   options must have sinks).
+// - `workspace`: null (the baseline CUDA-core kernels run), or
+//   `workspace_len` `float`s, at least [`fused_attn_backward_workspace_len`],
+//   for the tiled tensor-core kernels (sm_80+, head_dim ≤ 256, 16-byte
+//   aligned tensors; else the baseline runs anyway).
+// - `deterministic` non-zero: bitwise-identical gradients run to run (the
+//   tiled kernels add dQ in a fixed order; the baseline always is).
+//
+// Every element of dQ, dK, dV (and dsinks) is written, nothing else.
+//
+// # Safety
+// As [`fused_attn_forward`] for the handle, stream, options and the
+// forward's tensors (all read here); `d_o` read likewise; `dq`, `dk`,
+// `dv`, `dsinks` and the workspace are device memory of the handle's
+// device covering what they reach, not accessed by anyone else until the
+// work completes on `stream`, overlapping no input and each other.
+FusedAttnStatus fused_attn_backward(const struct FusedAttnHandle *handle,
+                                    void *stream,
+                                    int32_t dtype,
+                                    const struct FusedAttnTensor *q,
+                                    const struct FusedAttnTensor *k,
+                                    const struct FusedAttnTensor *v,
+                                    const struct FusedAttnTensor *o,
+                                    const struct FusedAttnLseTensor *lse,
+                                    const struct FusedAttnTensor *d_o,
+                                    const struct FusedAttnTensor *dq,
+                                    const struct FusedAttnTensor *dk,
+                                    const struct FusedAttnTensor *dv,
+                                    float *dsinks,
+                                    float *workspace,
+                                    uint64_t workspace_len,
+                                    int32_t deterministic,
+                                    const struct FusedAttnOptions *options);
+
+// The backward reference through the same ABI, on **host** memory: the
+// gradients [`fused_attn_backward`] computes, in double precision from Q,
+// K, V and dO (no O or LSE needed), written as **`float`** into `dq`, `dk`,
+// `dv` (and `dsinks`: null or `Hq` floats, with sinks in the options).
+// Inputs are `dtype`. Synchronous.
+//
+// # Safety
+// As [`fused_attn_reference_forward`]: each `data` is host memory, aligned
+// for its element type (checked), holding every element it reaches; the
+// outputs are not accessed by anyone else during the call.
+FusedAttnStatus fused_attn_reference_backward(int32_t dtype,
+                                              const struct FusedAttnTensor *q,
+                                              const struct FusedAttnTensor *k,
+                                              const struct FusedAttnTensor *v,
+                                              const struct FusedAttnTensor *d_o,
+                                              const struct FusedAttnTensor *dq,
+                                              const struct FusedAttnTensor *dk,
+                                              const struct FusedAttnTensor *dv,
+                                              float *dsinks,
+                                              const struct FusedAttnOptions *options);
+
 // The message of this thread's last failed call, naming the argument at
 // fault (an empty string after a success). Never null. The text stays
 // valid until the next `fused_attn_*` call on the same thread (this one

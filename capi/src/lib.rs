@@ -35,7 +35,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use fused_attn::internals::{validate, LseDesc, TensorDesc};
+use fused_attn::internals::{validate, validate_backward, LseDesc, TensorDesc};
 use fused_attn::{
     reference, Alibi, Attention, AttentionOptions, DType, Element, Error, HeadValues, HostTensor, KernelFamily, Layout,
     LseLayout, Mask, MaskAlignment, RawLseTensor, RawTensor,
@@ -603,6 +603,229 @@ pub unsafe extern "C" fn fused_attn_reference_forward(
             DType::BF16 => unsafe { reference_host::<bf16>(q, k, v, o, lse, &opts) },
         }
     })
+}
+
+/// The `float` elements of workspace that [`fused_attn_backward`]'s tiled
+/// kernels need for Q of shape `[batch, seqlen_q, heads_q, head_dim]`,
+/// written to `*out`. Allocate it once per shape (`cudaMalloc`) and reuse it.
+///
+/// Returns `FUSED_ATTN_STATUS_NEGATIVE` for a negative size,
+/// `FUSED_ATTN_STATUS_SIZE_OVERFLOW` when it does not fit, and
+/// `FUSED_ATTN_STATUS_NULL_POINTER` for a null `out`.
+///
+/// # Safety
+/// `out` is null or valid for writing one `uint64_t`.
+#[no_mangle]
+pub unsafe extern "C" fn fused_attn_backward_workspace_len(
+    batch: i64,
+    seqlen_q: i64,
+    heads_q: i64,
+    head_dim: i64,
+    out: *mut u64,
+) -> FusedAttnStatus {
+    run(|| {
+        if out.is_null() {
+            return Err(CError::Null("out"));
+        }
+        let n = |what, v| non_negative("workspace_len", what, v);
+        let len = fused_attn::backward_workspace_len(
+            n("batch", batch)?,
+            n("seqlen_q", seqlen_q)?,
+            n("heads_q", heads_q)?,
+            n("head_dim", head_dim)?,
+        )?;
+        // SAFETY: `out` is non-null and valid for a write (this function's contract).
+        unsafe { out.write(len as u64) };
+        Ok(())
+    })
+}
+
+/// The backward pass on device memory, asynchronously on `stream`: the
+/// gradients of `Σ ⟨dO, O⟩` with respect to Q, K, V (and the sink logits)
+/// from the forward's `o` and `lse` (required; written by
+/// [`fused_attn_forward`] with the same `options`).
+///
+/// - `d_o` and `dq` of Q's shape, `dk` and `dv` of K's (summed over each KV
+///   head's query heads), element type `dtype`, any strides.
+/// - `dsinks`: null, or `Hq` `float`s for the sink logits' gradient (the
+///   options must have sinks).
+/// - `workspace`: null (the baseline CUDA-core kernels run), or
+///   `workspace_len` `float`s, at least [`fused_attn_backward_workspace_len`],
+///   for the tiled tensor-core kernels (sm_80+, head_dim ≤ 256, 16-byte
+///   aligned tensors; else the baseline runs anyway).
+/// - `deterministic` non-zero: bitwise-identical gradients run to run (the
+///   tiled kernels add dQ in a fixed order; the baseline always is).
+///
+/// Every element of dQ, dK, dV (and dsinks) is written, nothing else.
+///
+/// # Safety
+/// As [`fused_attn_forward`] for the handle, stream, options and the
+/// forward's tensors (all read here); `d_o` read likewise; `dq`, `dk`,
+/// `dv`, `dsinks` and the workspace are device memory of the handle's
+/// device covering what they reach, not accessed by anyone else until the
+/// work completes on `stream`, overlapping no input and each other.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn fused_attn_backward(
+    handle: *const FusedAttnHandle,
+    stream: *mut c_void,
+    dtype: i32,
+    q: *const FusedAttnTensor,
+    k: *const FusedAttnTensor,
+    v: *const FusedAttnTensor,
+    o: *const FusedAttnTensor,
+    lse: *const FusedAttnLseTensor,
+    d_o: *const FusedAttnTensor,
+    dq: *const FusedAttnTensor,
+    dk: *const FusedAttnTensor,
+    dv: *const FusedAttnTensor,
+    dsinks: *mut f32,
+    workspace: *mut f32,
+    workspace_len: u64,
+    deterministic: i32,
+    options: *const FusedAttnOptions,
+) -> FusedAttnStatus {
+    run(|| {
+        // SAFETY (all derefs below): by this function's contract, each
+        // pointer is null (reported) or points at a valid struct.
+        let h = unsafe { deref("handle", handle) }?;
+        let fwd = unsafe {
+            [
+                tensor("q", "q->data", q)?,
+                tensor("k", "k->data", k)?,
+                tensor("v", "v->data", v)?,
+                tensor("o", "o->data", o)?,
+            ]
+        };
+        let lse = unsafe { lse_tensor(lse) }?.ok_or(CError::Null("lse"))?;
+        let grads = unsafe {
+            [
+                tensor("d_o", "d_o->data", d_o)?,
+                tensor("dq", "dq->data", dq)?,
+                tensor("dk", "dk->data", dk)?,
+                tensor("dv", "dv->data", dv)?,
+            ]
+        };
+        let opts = unsafe { attention_options(options) }?;
+        let dtype = dtype_of(dtype)?;
+        let ws =
+            (!workspace.is_null()).then(|| (workspace as u64, usize::try_from(workspace_len).unwrap_or(usize::MAX)));
+        // SAFETY: the memory and stream requirements of `backward_raw` are
+        // this function's contract.
+        unsafe {
+            h.attn.backward_raw(stream.cast(), dtype, fwd, lse, grads, dsinks as u64, ws, deterministic != 0, &opts)
+        }?;
+        Ok(())
+    })
+}
+
+/// The backward reference through the same ABI, on **host** memory: the
+/// gradients [`fused_attn_backward`] computes, in double precision from Q,
+/// K, V and dO (no O or LSE needed), written as **`float`** into `dq`, `dk`,
+/// `dv` (and `dsinks`: null or `Hq` floats, with sinks in the options).
+/// Inputs are `dtype`. Synchronous.
+///
+/// # Safety
+/// As [`fused_attn_reference_forward`]: each `data` is host memory, aligned
+/// for its element type (checked), holding every element it reaches; the
+/// outputs are not accessed by anyone else during the call.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn fused_attn_reference_backward(
+    dtype: i32,
+    q: *const FusedAttnTensor,
+    k: *const FusedAttnTensor,
+    v: *const FusedAttnTensor,
+    d_o: *const FusedAttnTensor,
+    dq: *const FusedAttnTensor,
+    dk: *const FusedAttnTensor,
+    dv: *const FusedAttnTensor,
+    dsinks: *mut f32,
+    options: *const FusedAttnOptions,
+) -> FusedAttnStatus {
+    run(|| {
+        // SAFETY: each pointer is null (reported) or valid (this function's contract).
+        let ins = unsafe {
+            [
+                tensor("q", "q->data", q)?,
+                tensor("k", "k->data", k)?,
+                tensor("v", "v->data", v)?,
+                tensor("d_o", "d_o->data", d_o)?,
+            ]
+        };
+        let outs =
+            unsafe { [tensor("dq", "dq->data", dq)?, tensor("dk", "dk->data", dk)?, tensor("dv", "dv->data", dv)?] };
+        let opts = unsafe { attention_options(options) }?;
+        let dtype = dtype_of(dtype)?;
+        // SAFETY: the slopes and sinks are host memory (this function's contract).
+        let opts = unsafe { host_modifiers(opts, &ins[0]) }?;
+        // SAFETY: the memory requirements are this function's contract.
+        match dtype {
+            DType::F16 => unsafe { reference_backward_host::<f16>(ins, outs, dsinks, &opts) },
+            DType::BF16 => unsafe { reference_backward_host::<bf16>(ins, outs, dsinks, &opts) },
+        }
+    })
+}
+
+/// [`reference::backward`] on host tensors of element type `T`, gradients
+/// written as f32.
+///
+/// # Safety
+/// As [`fused_attn_reference_backward`].
+unsafe fn reference_backward_host<T: Element>(
+    [q, k, v, d_o]: [RawTensor; 4],
+    [dq, dk, dv]: [RawTensor; 3],
+    dsinks: *mut f32,
+    opts: &AttentionOptions,
+) -> CResult<()> {
+    let desc = |arg, t: &RawTensor| TensorDesc { arg, layout: t.layout, len: t.layout.span().unwrap_or(0) };
+    // The GPU call's checks: dO stands in for O (same shape), and a
+    // contiguous LSE of the right shape for the one the reference does not need.
+    let [bn, lq, hq, _] = q.layout.shape;
+    let lse = LseDesc { layout: LseLayout::contiguous(bn, hq, lq), len: bn.saturating_mul(hq).saturating_mul(lq) };
+    let grads = [desc("d_o", &d_o), desc("dq", &dq), desc("dk", &dk), desc("dv", &dv)];
+    let p = validate_backward(
+        T::DTYPE,
+        [&desc("q", &q), &desc("k", &k), &desc("v", &v), &desc("o", &d_o)],
+        &lse,
+        [&grads[0], &grads[1], &grads[2], &grads[3]],
+        (!dsinks.is_null()).then_some(hq),
+        opts,
+    )?;
+    let span = |t: &RawTensor| t.layout.span().unwrap_or(0);
+    let g = {
+        // SAFETY: the caller's contract; the slices end before anything is written.
+        let (qs, ks, vs, dos) = unsafe {
+            (
+                host_slice::<T>("q", q.addr, span(&q))?,
+                host_slice::<T>("k", k.addr, span(&k))?,
+                host_slice::<T>("v", v.addr, span(&v))?,
+                host_slice::<T>("d_o", d_o.addr, span(&d_o))?,
+            )
+        };
+        let host = |s, t: &RawTensor| HostTensor::new(s, t.layout);
+        reference::backward(host(qs, &q), host(ks, &k), host(vs, &v), host(dos, &d_o), opts)?
+    };
+    for (arg, t, vals) in [("dq", &dq, &g.dq), ("dk", &dk, &g.dk), ("dv", &dv, &g.dv)] {
+        let [bn, len, hn, d] = t.layout.shape;
+        // SAFETY: the caller's contract: host f32 memory covering the span, unshared.
+        let out = unsafe { host_slice_mut::<f32>(arg, t.addr, span(t)) }?;
+        for b in 0..bn {
+            for r in 0..len {
+                for h in 0..hn {
+                    for x in 0..d {
+                        out[t.layout.offset(b, r, h, x)] = vals[((b * len + r) * hn + h) * d + x] as f32;
+                    }
+                }
+            }
+        }
+    }
+    if let (false, Some(ds)) = (dsinks.is_null(), &g.dsinks) {
+        // SAFETY: as above, Hq floats.
+        let out = unsafe { host_slice_mut::<f32>("dsinks", dsinks as u64, p.heads_q) }?;
+        out.iter_mut().zip(ds).for_each(|(o, &x)| *o = x as f32);
+    }
+    Ok(())
 }
 
 /// A host slice over a raw tensor's span, after checking what

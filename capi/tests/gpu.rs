@@ -311,6 +311,16 @@ fn main() {
             }
         }
     }
+    for det in [false, true] {
+        let g = gpu.clone();
+        trials.push(
+            Trial::test(format!("capi/backward/bf16/causal/deterministic={det}"), move || {
+                let g = g.map_err(|e| -> Failed { e.into() })?;
+                backward_case(&g.0 .0, &g.1, det)
+            })
+            .with_ignored_flag(gpu.is_err()),
+        );
+    }
     let g = gpu.clone();
     trials.push(
         Trial::test("capi/streams", move || {
@@ -325,6 +335,112 @@ fn main() {
         Ok(_) => {}
     }
     libtest_mimic::run(&args, trials).exit();
+}
+
+/// `fused_attn_forward` then `fused_attn_backward` (tiled kernels: a
+/// workspace of `fused_attn_backward_workspace_len` floats) on raw device
+/// pointers against `fused_attn_reference_backward` on the host: bf16,
+/// causal, GQA 4:1, lengths across the 64-row tiles, rel L2 ≤ 2e-2 per
+/// gradient.
+fn backward_case(h: &Handle, ctx: &Arc<CudaContext>, det: bool) -> Result<(), Failed> {
+    let stream = ctx.new_stream()?;
+    let (b, lq, lk, hq, hk, d) = (2usize, 130usize, 97usize, 8usize, 2usize, 128usize);
+    let (ql, kl) = (Layout::bshd(b, lq, hq, d), Layout::bshd(b, lk, hk, d));
+    let gen = |n: usize, seed: usize| -> Vec<bf16> {
+        (0..n).map(|i| bf16::from_f32((((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0) * 1.5)).collect()
+    };
+    let (q, k, v, d_o) =
+        (gen(b * lq * hq * d, 1), gen(b * lk * hk * d, 2), gen(b * lk * hk * d, 3), gen(b * lq * hq * d, 4));
+    let up = |x: &[bf16]| stream.clone_htod(x);
+    let (qd, kd, vd, dod) = (up(&q)?, up(&k)?, up(&v)?, up(&d_o)?);
+    let (od, lsed) = (stream.alloc_zeros::<bf16>(q.len())?, stream.alloc_zeros::<f32>(b * hq * lq)?);
+    let (dqd, dkd, dvd) = (
+        stream.alloc_zeros::<bf16>(q.len())?,
+        stream.alloc_zeros::<bf16>(k.len())?,
+        stream.alloc_zeros::<bf16>(k.len())?,
+    );
+    let mut ws_len = 0u64;
+    // SAFETY: `ws_len` is valid for the write.
+    check(
+        unsafe { fused_attn_backward_workspace_len(b as i64, lq as i64, hq as i64, d as i64, &mut ws_len) },
+        "workspace_len",
+    )?;
+    let wsd = stream.alloc_zeros::<f32>(ws_len as usize)?;
+    let opts = FusedAttnOptions { mask: FusedAttnMask::Causal as i32, ..FusedAttnOptions::default() };
+    let lse_c = FusedAttnLseTensor {
+        data: addr(&lsed, &stream) as usize as *mut f32,
+        shape: [b as i64, hq as i64, lq as i64],
+        strides: [(hq * lq) as i64, lq as i64, 1],
+    };
+    let t = |s: &CudaSlice<bf16>, l: &Layout| c_tensor(addr(s, &stream), l);
+    let cs = stream.cu_stream() as *mut std::ffi::c_void;
+    let dt = FusedAttnDtype::Bf16 as i32;
+    // SAFETY: every tensor is a live allocation of its layout's extent on
+    // this context, used only on `stream`, synchronised below.
+    unsafe {
+        check(
+            fused_attn_forward(h.0, cs, dt, &t(&qd, &ql), &t(&kd, &kl), &t(&vd, &kl), &t(&od, &ql), &lse_c, &opts),
+            "forward",
+        )?;
+        check(
+            fused_attn_backward(
+                h.0,
+                cs,
+                dt,
+                &t(&qd, &ql),
+                &t(&kd, &kl),
+                &t(&vd, &kl),
+                &t(&od, &ql),
+                &lse_c,
+                &t(&dod, &ql),
+                &t(&dqd, &ql),
+                &t(&dkd, &kl),
+                &t(&dvd, &kl),
+                std::ptr::null_mut(),
+                addr(&wsd, &stream) as usize as *mut f32,
+                ws_len,
+                i32::from(det),
+                &opts,
+            ),
+            "backward",
+        )?;
+    }
+    let (dq, dk, dv) = (stream.clone_dtoh(&dqd)?, stream.clone_dtoh(&dkd)?, stream.clone_dtoh(&dvd)?);
+    let (mut rq, mut rk, mut rv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; k.len()]);
+    let ht = |p: *const bf16, l: &Layout| c_tensor(p as usize as u64, l);
+    let hf = |p: *mut f32, l: &Layout| c_tensor(p as usize as u64, l);
+    // SAFETY: host buffers of exactly the layouts' extents.
+    check(
+        unsafe {
+            fused_attn_reference_backward(
+                dt,
+                &ht(q.as_ptr(), &ql),
+                &ht(k.as_ptr(), &kl),
+                &ht(v.as_ptr(), &kl),
+                &ht(d_o.as_ptr(), &ql),
+                &hf(rq.as_mut_ptr(), &ql),
+                &hf(rk.as_mut_ptr(), &kl),
+                &hf(rv.as_mut_ptr(), &kl),
+                std::ptr::null_mut(),
+                &opts,
+            )
+        },
+        "reference backward",
+    )?;
+    for (name, got, want) in [("dq", &dq, &rq), ("dk", &dk, &rk), ("dv", &dv, &rv)] {
+        let (mut e2, mut r2) = (0f64, 0f64);
+        for (g, w) in got.iter().zip(want.iter()) {
+            let (g, w) = (g.to_f64(), *w as f64);
+            e2 += (g - w) * (g - w);
+            r2 += w * w;
+        }
+        let rel = (e2 / r2.max(f64::MIN_POSITIVE)).sqrt();
+        println!("capi backward (deterministic {det}) {name}: rel L2 {rel:.2e}");
+        if rel.is_nan() || rel > 2e-2 {
+            return Err(format!("{name}: rel L2 {rel:.3e} above 2e-2").into());
+        }
+    }
+    Ok(())
 }
 
 /// The handle, shared by trials on several threads: the ABI allows calls on

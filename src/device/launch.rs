@@ -330,23 +330,9 @@ impl Attention {
         let descs = [desc("q", &q), desc("k", &k), desc("v", &v), desc("o", &o)];
         let lse_desc = lse.as_ref().map(|l| LseDesc { layout: l.layout, len: l.layout.span().unwrap_or(0) });
         let p = validate(dtype, &descs[0], &descs[1], &descs[2], Some(&descs[3]), lse_desc.as_ref(), opts)?;
-        // The modifiers as raw addresses too: a cudarc buffer's address
-        // needs a stream for cudarc's ordering, which raw callers do not have.
-        let raw = |arg, v: Option<HeadValues<'_>>| match v {
-            None => Ok(0),
-            Some(HeadValues::Raw(addr)) if addr != 0 && addr % 4 == 0 => Ok(addr),
-            Some(HeadValues::Raw(addr)) => {
-                let reason = "must be a non-null, 4-byte aligned device address";
-                Err(Error::InvalidOption { arg, value: format!("{addr:#x}"), reason })
-            }
-            Some(_) => {
-                let reason = "forward_raw takes HeadValues::Raw addresses";
-                Err(Error::InvalidOption { arg, value: "host or cudarc memory".into(), reason })
-            }
-        };
         let mods = ModAddrs {
-            alibi_slopes: raw("alibi_slopes", opts.alibi.map(|a| a.slopes))?,
-            sinks: raw("sinks", opts.sinks)?,
+            alibi_slopes: raw_modifier("alibi_slopes", opts.alibi.map(|a| a.slopes))?,
+            sinks: raw_modifier("sinks", opts.sinks)?,
         };
         self.check_stream_context(cu_stream)?;
         let choice = self.choose(&p, DispatchTensors { descs: &descs, addrs: None }, opts.kernel, opts.kernel_name)?;
@@ -360,7 +346,7 @@ impl Attention {
 
     /// A stream that is not one of the special handles must belong to this
     /// handle's context.
-    fn check_stream_context(&self, cu_stream: CUstream) -> Result<()> {
+    pub(crate) fn check_stream_context(&self, cu_stream: CUstream) -> Result<()> {
         if (cu_stream as usize) <= 2 {
             return Ok(()); // null, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD: the current context's
         }
@@ -374,6 +360,24 @@ impl Attention {
             Ok(())
         } else {
             Err(Error::ForeignContext { arg: "stream" })
+        }
+    }
+}
+
+/// A raw caller's modifier (`forward_raw`, `backward_raw`): a non-null,
+/// 4-byte aligned device address. A cudarc buffer's address needs a stream
+/// for cudarc's ordering, which raw callers do not have.
+pub(crate) fn raw_modifier(arg: &'static str, v: Option<HeadValues<'_>>) -> Result<u64> {
+    match v {
+        None => Ok(0),
+        Some(HeadValues::Raw(addr)) if addr != 0 && addr % 4 == 0 => Ok(addr),
+        Some(HeadValues::Raw(addr)) => {
+            let reason = "must be a non-null, 4-byte aligned device address";
+            Err(Error::InvalidOption { arg, value: format!("{addr:#x}"), reason })
+        }
+        Some(_) => {
+            let reason = "raw calls take HeadValues::Raw addresses";
+            Err(Error::InvalidOption { arg, value: "host or cudarc memory".into(), reason })
         }
     }
 }
@@ -458,8 +462,9 @@ pub(crate) unsafe fn launch_bwd(
 /// over `b`, whose workspace fields are set: the pre and dQ kernels one warp
 /// per query row (grid (ceil(Lq / 4), Hq, B), 128 threads), the main kernel
 /// one CTA per 64 keys of a KV head (grid (ceil(Lk / 64), Hk, B), x fastest
-/// as the deterministic mode's turns assume). Nothing to launch for an empty
-/// grid.
+/// as the deterministic mode's turns assume), the sink gradient one CTA of
+/// 256 threads per query head. Lq, Lk: the longest sequence's in a packed
+/// batch. Nothing to launch for an empty grid.
 ///
 /// # Safety
 /// As [`launch`], with `b` the kernel's argument, its workspace laid out by
@@ -480,13 +485,15 @@ pub(crate) unsafe fn launch_bwd_sm80(
             crate::params::bwd_sm80_threads(hd),
             crate::params::bwd_sm80_smem_bytes(hd),
         ),
+        super::BwdSm80::Dsink => (f.heads_q as u32, 1, 256, 32),
         _ => ((f.seqlen_q as u32).div_ceil(4), f.heads_q as u32, 128, 0),
     };
+    let z = if kernel == super::BwdSm80::Dsink { 1 } else { f.batch as u32 };
     if x == 0 || y == 0 || f.batch == 0 {
         return Ok(());
     }
     // SAFETY: by this function's contract.
-    unsafe { launch(ctx, cu_stream, func, ((x, y, f.batch as u32), (threads, 1, 1), smem), b) }
+    unsafe { launch(ctx, cu_stream, func, ((x, y, z), (threads, 1, 1), smem), b) }
 }
 
 /// Launches the additive-attention kernel `func` (`kernels/fwd_naive.cu`)

@@ -20,8 +20,8 @@ use crate::tensor::DType;
 use crate::validate::Problem;
 
 pub(crate) use launch::{
-    alloc_output, launch_additive, launch_bwd, launch_bwd_sm80, launch_maps, launch_merge, modifier_ptr, Tables,
-    TmaCache,
+    alloc_output, launch_additive, launch_bwd, launch_bwd_sm80, launch_maps, launch_merge, modifier_ptr, raw_modifier,
+    Tables, TmaCache,
 };
 
 /// Opens (retains) the primary context of GPU `ordinal`.
@@ -91,9 +91,9 @@ struct Registry {
     /// loaded on first use like the merge kernels.
     bwd_funcs: [OnceLock<CudaFunction>; 6],
     /// The tiled sm80 backward's kernels (`kernels/bwd_sm80.cu`; f16 then
-    /// bf16, each: pre, dQ, main hd64, hd128, hd256), loaded on first use,
+    /// bf16, each: pre, dQ, dsink, main hd64, hd128, hd256), loaded on first use,
     /// the main ones with their dynamic shared-memory limit raised.
-    bwd_sm80_funcs: [OnceLock<CudaFunction>; 10],
+    bwd_sm80_funcs: [OnceLock<CudaFunction>; 12],
     /// The additive-attention kernels (f16, bf16; `kernels/common/additive.cuh`,
     /// also in the naive image), loaded on first use with their
     /// dynamic shared-memory limit raised.
@@ -268,6 +268,8 @@ pub(crate) enum BwdSm80 {
     Main(usize),
     /// dQ from its f32 accumulator.
     Dq,
+    /// The sink logits' gradient.
+    Dsink,
 }
 
 impl Registry {
@@ -412,8 +414,9 @@ impl Registry {
         let (k, name, smem) = match kernel {
             BwdSm80::Pre => (0, format!("fa_bwd_sm80_pre_{dn}"), 0),
             BwdSm80::Dq => (1, format!("fa_bwd_sm80_dq_{dn}"), 0),
+            BwdSm80::Dsink => (2, format!("fa_bwd_sm80_dsink_{dn}"), 0),
             BwdSm80::Main(hd) => {
-                let k = 2 + crate::params::BWD_SM80_BUCKETS.iter().position(|&b| b == hd).ok_or_else(|| {
+                let k = 3 + crate::params::BWD_SM80_BUCKETS.iter().position(|&b| b == hd).ok_or_else(|| {
                     Error::NoKernel { reason: format!("no tiled sm80 backward for the head-dim bucket {hd}") }
                 })?;
                 (k, format!("fa_bwd_sm80_{dn}_hd{hd}"), crate::params::bwd_sm80_smem_bytes(hd))
@@ -426,7 +429,7 @@ impl Registry {
             func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
                 .during("raising a kernel's shared-memory limit")
         };
-        self.image_function_with(ctx, "bwd_sm80", &self.bwd_sm80_funcs[5 * d + k], &name, raise)
+        self.image_function_with(ctx, "bwd_sm80", &self.bwd_sm80_funcs[6 * d + k], &name, raise)
     }
 
     /// The additive-attention kernel for `dtype` (naive image), loaded on

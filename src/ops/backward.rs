@@ -1,18 +1,20 @@
 //! The backward pass (DESIGN.md section 1b) on caller-owned buffers.
 
+use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use super::desc;
-use crate::device::{launch_bwd, launch_bwd_sm80, modifier_ptr, Attention, BwdSm80};
+use super::SeqLens;
+use crate::device::{launch_bwd, launch_bwd_sm80, modifier_ptr, raw_modifier, Attention, BwdSm80};
 use crate::dispatch::check_alignment;
 use crate::error::{Error, Result};
 use crate::options::{AttentionOptions, KernelFamily};
 use crate::params::{
-    bwd_params, bwd_sm80_smem_bytes, bwd_workspace, fwd_params, with_bwd_workspace, with_modifiers, Addrs, ModAddrs,
-    BWD_SM80_BUCKETS,
+    bwd_params, bwd_sm80_smem_bytes, bwd_workspace, fwd_params, with_bwd_workspace, with_modifiers, with_sequences,
+    Addrs, ModAddrs, SeqAddrs, BWD_SM80_BUCKETS,
 };
-use crate::tensor::{DeviceTensor, DeviceTensorMut, Element, LseTensor};
-use crate::validate::{validate_backward, LseDesc};
+use crate::tensor::{DType, DeviceTensor, DeviceTensorMut, Element, LseLayout, LseTensor, RawLseTensor, RawTensor};
+use crate::validate::{validate_backward, validate_backward_varlen, LseDesc, Problem, TensorDesc};
 
 /// The gradient buffers of [`Attention::backward_into`].
 #[derive(Debug)]
@@ -45,12 +47,23 @@ pub struct Gradients<'g, 'a, T> {
 /// # Errors
 /// [`Error::SizeOverflow`] naming `workspace` if the length overflows `usize`.
 pub fn backward_workspace_len(batch: usize, seqlen_q: usize, heads_q: usize, head_dim: usize) -> Result<usize> {
-    bwd_workspace(batch, seqlen_q, heads_q, head_dim).map(|w| w.len).ok_or(Error::SizeOverflow {
-        arg: "workspace",
-        what: "B·Hq·Lq·(D + 1) + B·Hq·⌈Lq / 64⌉",
-        value: u128::MAX,
-        limit: usize::MAX as u128,
-    })
+    batch
+        .checked_mul(seqlen_q)
+        .and_then(|tokens| bwd_workspace(tokens, batch, seqlen_q, heads_q, head_dim))
+        .map(|w| w.len)
+        .ok_or_else(workspace_overflow)
+}
+
+/// [`backward_workspace_len`] for a packed batch of these sequences
+/// ([`Attention::backward_varlen_into`]): `Tq·Hq·(D + 1)` plus
+/// `B·Hq·⌈max Lq / 64⌉`.
+///
+/// # Errors
+/// [`Error::SizeOverflow`] naming `workspace` if the length overflows `usize`.
+pub fn backward_varlen_workspace_len(seqlens: &SeqLens, heads_q: usize, head_dim: usize) -> Result<usize> {
+    bwd_workspace(seqlens.total_q(), seqlens.batch(), seqlens.max_seqlen_q(), heads_q, head_dim)
+        .map(|w| w.len)
+        .ok_or_else(workspace_overflow)
 }
 
 impl<'g, 'a, T> Gradients<'g, 'a, T> {
@@ -93,7 +106,8 @@ impl Attention {
     /// `grads.dsinks`. Every mask and alignment, GQA (dK and dV summed over
     /// each KV head's query heads), `Lq ≠ Lk`, softcap (its derivative),
     /// ALiBi and sinks; rows that see no key contribute nothing. ALiBi slopes
-    /// get no gradient. Rectangular batches (not packed ones or caches).
+    /// get no gradient. Rectangular batches here; packed ones through
+    /// [`backward_varlen_into`](Self::backward_varlen_into).
     ///
     /// With a workspace ([`Gradients::with_workspace`]) on an sm80 or newer
     /// GPU, head dim ≤ 256 and every tensor 16-byte aligned, the tiled
@@ -127,7 +141,60 @@ impl Attention {
         grads: Gradients<'_, '_, T>,
         opts: &AttentionOptions,
     ) -> Result<()> {
+        self.backward_impl(stream, [q, k, v, o], lse, d_o, None, grads, opts)
+    }
+
+    /// [`backward_into`](Self::backward_into) for a packed batch: the
+    /// tensors as [`forward_varlen_into`](Self::forward_varlen_into) takes
+    /// them (`[1, T, H, D]`, LSE `[1, Hq, Tq]`), dQ like Q, dK and dV like K,
+    /// each sequence on its own diagonal, per-sequence ALiBi slopes as in
+    /// the forward. Runs the tiled kernels only, so it needs a workspace of
+    /// [`backward_varlen_workspace_len`] elements, an sm80 or newer GPU,
+    /// head dim ≤ 256 and 16-byte aligned tensors; `seqlens` without
+    /// `seqused_k`.
+    ///
+    /// # Errors
+    /// Those of [`backward_into`](Self::backward_into) and of
+    /// [`forward_varlen_into`](Self::forward_varlen_into) for the tables;
+    /// [`Error::InvalidOption`] naming `workspace` without one or
+    /// `seqused_k` with it; [`Error::Misaligned`] for a tensor the tiled
+    /// kernels cannot read; [`Error::NoKernel`] where they do not run.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_varlen_into<T: Element>(
+        &self,
+        stream: &CudaStream,
+        q: &DeviceTensor<'_, T>,
+        k: &DeviceTensor<'_, T>,
+        v: &DeviceTensor<'_, T>,
+        o: &DeviceTensor<'_, T>,
+        lse: &LseTensor<'_>,
+        d_o: &DeviceTensor<'_, T>,
+        seqlens: &SeqLens,
+        grads: Gradients<'_, '_, T>,
+        opts: &AttentionOptions,
+    ) -> Result<()> {
+        self.backward_impl(stream, [q, k, v, o], lse, d_o, Some(seqlens), grads, opts)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward_impl<T: Element>(
+        &self,
+        stream: &CudaStream,
+        [q, k, v, o]: [&DeviceTensor<'_, T>; 4],
+        lse: &LseTensor<'_>,
+        d_o: &DeviceTensor<'_, T>,
+        seqlens: Option<&SeqLens>,
+        grads: Gradients<'_, '_, T>,
+        opts: &AttentionOptions,
+    ) -> Result<()> {
         self.check_context("stream", stream.context())?;
+        if let Some(s) = seqlens {
+            self.check_context("seqlens", s.cu_q.stream().context())?;
+            if s.seqused_k.is_some() {
+                let reason = "the backward of a packed batch uses every key of each sequence";
+                return Err(Error::InvalidOption { arg: "seqused_k", value: "given".into(), reason });
+            }
+        }
         let inputs = [("q", q), ("k", k), ("v", v), ("o", o), ("d_o", d_o)];
         for (arg, t) in inputs {
             self.check_context(arg, t.view.stream().context())?;
@@ -152,25 +219,15 @@ impl Attention {
             desc("dk", &dk.view, dk.layout),
             desc("dv", &dv.view, dv.layout),
         ];
-        let p = validate_backward(
+        let p = self.validate_bwd(
             T::DTYPE,
             [&fwd[0], &fwd[1], &fwd[2], &o_desc],
             &lse_desc,
-            [&grad[0], &grad[1], &grad[2], &grad[3]],
+            &grad,
             dsinks.as_deref().map(|s| s.len()),
+            seqlens.map(|s| &s.info),
             opts,
         )?;
-        let ws_layout = bwd_workspace(p.batch, p.seqlen_q, p.heads_q, p.head_dim).ok_or(Error::SizeOverflow {
-            arg: "workspace",
-            what: "B·Hq·Lq·(D + 1) + B·Hq·⌈Lq / 64⌉",
-            value: u128::MAX,
-            limit: usize::MAX as u128,
-        })?;
-        if let Some(w) = workspace.as_deref() {
-            if w.len() < ws_layout.len {
-                return Err(Error::OutOfBounds { arg: "workspace", needed: ws_layout.len, len: w.len() });
-            }
-        }
         // The guards order this work after earlier writes to the inputs and
         // record its reads and writes (cudarc's multi-stream tracking).
         let (q_ptr, _q) = q.view.device_ptr(stream);
@@ -189,54 +246,207 @@ impl Attention {
             }
             None => (0, None),
         };
-        let (ws_ptr, _ws) = match workspace {
+        let (ws, _ws) = match workspace {
             Some(w) => {
+                let len = w.len();
                 let (ptr, sync) = w.device_ptr_mut(stream);
-                (ptr, Some(sync))
+                (Some((ptr, len)), Some(sync))
             }
-            None => (0, None),
+            None => (None, None),
         };
         let (alibi_slopes, _a) = modifier_ptr(self, "alibi_slopes", opts.alibi.map(|a| a.slopes), stream)?;
         let (sinks, _s) = modifier_ptr(self, "sinks", opts.sinks, stream)?;
-        let layouts = [q.layout, k.layout, v.layout, o.layout];
-        let a = Addrs { q: q_ptr, k: k_ptr, v: v_ptr, o: o_ptr, lse: lse_ptr };
-        let f = with_modifiers(fwd_params(&p, &layouts, Some(&lse.layout), a), &p, ModAddrs { alibi_slopes, sinks });
+        let (mut _cu_q, mut _cu_k, mut seq) = (None, None, None);
+        if let Some(s) = seqlens {
+            let (cu_q, gq) = s.cu_q.device_ptr(stream);
+            let (cu_k, gk) = s.cu_k.device_ptr(stream);
+            (_cu_q, _cu_k) = (Some(gq), Some(gk));
+            seq = Some((SeqAddrs { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, ..SeqAddrs::default() }, s.total_q()));
+        }
+        let call = BwdCall {
+            p,
+            fwd: [&fwd[0], &fwd[1], &fwd[2], &o_desc],
+            lse: lse.layout,
+            grad: &grad,
+            addrs: Addrs { q: q_ptr, k: k_ptr, v: v_ptr, o: o_ptr, lse: lse_ptr },
+            grads: [do_ptr, dq_ptr, dk_ptr, dv_ptr],
+            dsinks: ds_ptr,
+            workspace: ws,
+            deterministic,
+            mods: ModAddrs { alibi_slopes, sinks },
+            seq,
+        };
+        // SAFETY: every context was checked above and every view validated
+        // against this problem (the kernels stay inside them); the guards
+        // live until this returns.
+        unsafe { self.launch_backward(stream.cu_stream(), call) }
+    }
+
+    /// [`backward_into`](Self::backward_into) on raw device addresses, for
+    /// foreign callers (the C ABI), as
+    /// [`forward_raw`](Self::forward_raw) is to
+    /// [`forward_into`](Self::forward_into): the same validation (bounds
+    /// against each layout's own extent), kernel choice and launches on
+    /// `cu_stream`. `dsinks`: 0 for none, else `Hq` f32; `workspace`: its
+    /// address and length in f32 elements.
+    ///
+    /// # Safety
+    /// As [`forward_raw`](Self::forward_raw) for `q`, `k`, `v`, `o`, `lse`
+    /// (now all read) and the modifiers; `d_o` likewise (read); `dq`, `dk`,
+    /// `dv`, the `dsinks` and the workspace are device memory of this
+    /// context holding what their layouts (lengths) reach, written by the
+    /// call and accessed by nothing else until the work completes on
+    /// `cu_stream`, overlapping no input and each other.
+    ///
+    /// # Errors
+    /// As [`backward_into`](Self::backward_into), and those of
+    /// [`forward_raw`](Self::forward_raw) for the stream and modifiers.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn backward_raw(
+        &self,
+        cu_stream: CUstream,
+        dtype: DType,
+        [q, k, v, o]: [RawTensor; 4],
+        lse: RawLseTensor,
+        [d_o, dq, dk, dv]: [RawTensor; 4],
+        dsinks: u64,
+        workspace: Option<(u64, usize)>,
+        deterministic: bool,
+        opts: &AttentionOptions,
+    ) -> Result<()> {
+        let desc = |arg, t: &RawTensor| TensorDesc { arg, layout: t.layout, len: t.layout.span().unwrap_or(0) };
+        let fwd = [desc("q", &q), desc("k", &k), desc("v", &v), desc("o", &o)];
+        let lse_desc = LseDesc { layout: lse.layout, len: lse.layout.span().unwrap_or(0) };
+        let grad = [desc("d_o", &d_o), desc("dq", &dq), desc("dk", &dk), desc("dv", &dv)];
+        // A raw dsinks pointer carries no length: Hq by contract.
+        let heads_q = q.layout.shape[2];
+        let ds_len = (dsinks != 0).then_some(heads_q);
+        let p = self.validate_bwd(dtype, [&fwd[0], &fwd[1], &fwd[2], &fwd[3]], &lse_desc, &grad, ds_len, None, opts)?;
+        let mods = ModAddrs {
+            alibi_slopes: raw_modifier("alibi_slopes", opts.alibi.map(|a| a.slopes))?,
+            sinks: raw_modifier("sinks", opts.sinks)?,
+        };
+        self.check_stream_context(cu_stream)?;
+        let call = BwdCall {
+            p,
+            fwd: [&fwd[0], &fwd[1], &fwd[2], &fwd[3]],
+            lse: lse.layout,
+            grad: &grad,
+            addrs: Addrs { q: q.addr, k: k.addr, v: v.addr, o: o.addr, lse: lse.addr },
+            grads: [d_o.addr, dq.addr, dk.addr, dv.addr],
+            dsinks,
+            workspace,
+            deterministic,
+            mods,
+            seq: None,
+        };
+        // SAFETY: by this function's contract and the checks above.
+        unsafe { self.launch_backward(cu_stream, call) }
+    }
+
+    /// Validation shared by the backward entry points.
+    #[allow(clippy::too_many_arguments)]
+    fn validate_bwd(
+        &self,
+        dtype: DType,
+        tensors: [&TensorDesc; 4],
+        lse: &LseDesc,
+        grad: &[TensorDesc; 4],
+        dsinks_len: Option<usize>,
+        seq: Option<&crate::validate::SeqInfo>,
+        opts: &AttentionOptions,
+    ) -> Result<Problem> {
+        let g = [&grad[0], &grad[1], &grad[2], &grad[3]];
+        match seq {
+            None => validate_backward(dtype, tensors, lse, g, dsinks_len, opts),
+            Some(s) => validate_backward_varlen(dtype, tensors, lse, g, dsinks_len, s, opts),
+        }
+    }
+
+    /// Chooses the kernels of a validated call and launches them.
+    ///
+    /// # Safety
+    /// The addresses in `c` are device memory of this context covering what
+    /// the validated layouts reach (the workspace its given length), live
+    /// and unshared until the work completes on `cu_stream`, which is a live
+    /// stream of this context (or a special handle).
+    unsafe fn launch_backward(&self, cu_stream: CUstream, c: BwdCall<'_>) -> Result<()> {
+        let p = c.p;
+        let tokens = match c.seq {
+            None => p.batch.checked_mul(p.seqlen_q),
+            Some((_, total_q)) => Some(total_q),
+        };
+        let ws_layout = tokens
+            .and_then(|t| bwd_workspace(t, p.batch, p.seqlen_q, p.heads_q, p.head_dim))
+            .ok_or_else(workspace_overflow)?;
+        if let Some((_, len)) = c.workspace {
+            if len < ws_layout.len {
+                return Err(Error::OutOfBounds { arg: "workspace", needed: ws_layout.len, len });
+            }
+        }
+        let layouts = [c.fwd[0].layout, c.fwd[1].layout, c.fwd[2].layout, c.fwd[3].layout];
+        let mut f = with_modifiers(fwd_params(&p, &layouts, Some(&c.lse), c.addrs), &p, c.mods);
+        if let Some((s, _)) = c.seq {
+            f = with_sequences(f, s);
+        }
+        let [do_ptr, dq_ptr, dk_ptr, dv_ptr] = c.grads;
         let b = bwd_params(
             f,
-            [(do_ptr, &d_o.layout), (dq_ptr, &dq.layout), (dk_ptr, &dk.layout), (dv_ptr, &dv.layout)],
-            ds_ptr,
+            [
+                (do_ptr, &c.grad[0].layout),
+                (dq_ptr, &c.grad[1].layout),
+                (dk_ptr, &c.grad[2].layout),
+                (dv_ptr, &c.grad[3].layout),
+            ],
+            c.dsinks,
         );
-        let aligned = [(&fwd[0], q_ptr), (&fwd[1], k_ptr), (&fwd[2], v_ptr), (&grad[0], do_ptr), (&grad[2], dk_ptr)]
-            .into_iter()
-            .chain([(&grad[3], dv_ptr)])
-            .all(|(d, ptr)| check_alignment(d, Some(ptr), 2, KernelFamily::Sm80, "fa_bwd_sm80").is_ok());
-        match self.backward_path_for(p.head_dim, ws_ptr != 0, aligned) {
+        let alignment = [
+            (c.fwd[0], c.addrs.q),
+            (c.fwd[1], c.addrs.k),
+            (c.fwd[2], c.addrs.v),
+            (&c.grad[0], do_ptr),
+            (&c.grad[2], dk_ptr),
+            (&c.grad[3], dv_ptr),
+        ]
+        .into_iter()
+        .try_for_each(|(d, ptr)| check_alignment(d, Some(ptr), 2, KernelFamily::Sm80, "fa_bwd_sm80"));
+        let ws_ptr = c.workspace.map_or(0, |w| w.0);
+        let path = self.backward_path_for(p.head_dim, ws_ptr != 0, alignment.is_ok());
+        if c.seq.is_some() && path == BackwardPath::Baseline {
+            // Packed batches run on the tiled kernels only: say why they cannot.
+            if ws_ptr == 0 {
+                let reason = "a packed batch's backward runs on the tiled kernels, which need a workspace";
+                return Err(Error::InvalidOption { arg: "workspace", value: "none".into(), reason });
+            }
+            alignment?;
+            return Err(Error::NoKernel {
+                reason: format!(
+                    "no tiled backward for head_dim {} on sm{} (needs sm80+, head_dim <= 256, the bwd_sm80 image)",
+                    p.head_dim,
+                    self.sm()
+                ),
+            });
+        }
+        match path {
             BackwardPath::Tiled { bucket } => {
-                let b = with_bwd_workspace(b, ws_ptr, &ws_layout, deterministic);
-                for kernel in [BwdSm80::Pre, BwdSm80::Main(bucket), BwdSm80::Dq] {
+                let b = with_bwd_workspace(b, ws_ptr, &ws_layout, c.deterministic);
+                let dsink = (c.dsinks != 0).then_some(BwdSm80::Dsink);
+                for kernel in [BwdSm80::Pre, BwdSm80::Main(bucket), BwdSm80::Dq].into_iter().chain(dsink) {
                     let func = self.bwd_sm80_function(p.dtype, kernel)?;
-                    // SAFETY: contexts checked, every view validated against
-                    // this problem and the workspace's length against its
-                    // layout above; the main kernels' limit was raised on
-                    // load (and `backward_path_for` checked the device allows
-                    // it); the guards live until this returns.
-                    unsafe { launch_bwd_sm80(self.context(), stream.cu_stream(), func.cu_function(), kernel, &b) }?;
-                }
-                if ds_ptr != 0 {
-                    let func = self.bwd_function(p.dtype, 2)?;
-                    // SAFETY: as above; the sink-gradient kernel reads only the forward's tensors and d_o.
-                    unsafe { launch_bwd(self.context(), stream.cu_stream(), func.cu_function(), 2, &b) }?;
+                    // SAFETY: this function's contract; the main kernels'
+                    // shared-memory limit was raised on load and
+                    // `backward_path_for` checked the device allows it.
+                    unsafe { launch_bwd_sm80(self.context(), cu_stream, func.cu_function(), kernel, &b) }?;
                 }
             }
             BackwardPath::Baseline => {
                 let funcs =
                     [self.bwd_function(p.dtype, 0)?, self.bwd_function(p.dtype, 1)?, self.bwd_function(p.dtype, 2)?];
-                let which = if ds_ptr != 0 { 3 } else { 2 };
+                let which = if c.dsinks != 0 { 3 } else { 2 };
                 for (w, func) in funcs.iter().enumerate().take(which) {
-                    // SAFETY: every context was checked above and every view
-                    // validated against this problem by `validate_backward` (the
-                    // kernels stay inside them); the guards live until this returns.
-                    unsafe { launch_bwd(self.context(), stream.cu_stream(), func.cu_function(), w, &b) }?;
+                    // SAFETY: this function's contract (the kernels stay
+                    // inside the validated views).
+                    unsafe { launch_bwd(self.context(), cu_stream, func.cu_function(), w, &b) }?;
                 }
             }
         }
@@ -264,6 +474,33 @@ impl Attention {
             }
             _ => BackwardPath::Baseline,
         }
+    }
+}
+
+/// A validated backward call's addresses and layouts.
+struct BwdCall<'d> {
+    p: Problem,
+    fwd: [&'d TensorDesc; 4],
+    lse: LseLayout,
+    grad: &'d [TensorDesc; 4],
+    addrs: Addrs,
+    /// dO, dQ, dK, dV.
+    grads: [u64; 4],
+    dsinks: u64,
+    /// Address and length (f32 elements).
+    workspace: Option<(u64, usize)>,
+    deterministic: bool,
+    mods: ModAddrs,
+    /// A packed batch's tables and its query tokens.
+    seq: Option<(SeqAddrs, usize)>,
+}
+
+fn workspace_overflow() -> Error {
+    Error::SizeOverflow {
+        arg: "workspace",
+        what: "tokens·Hq·(D + 1) + B·Hq·⌈Lq / 64⌉",
+        value: u128::MAX,
+        limit: usize::MAX as u128,
     }
 }
 

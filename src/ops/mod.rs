@@ -10,7 +10,7 @@ mod merge;
 pub(crate) mod varlen;
 
 pub use additive::AdditiveOutput;
-pub use backward::{backward_workspace_len, BackwardPath, Gradients};
+pub use backward::{backward_varlen_workspace_len, backward_workspace_len, BackwardPath, Gradients};
 pub use forward::{problem_of, DynTensor, DynTensorMut, ForwardOutput};
 pub use kvcache::CacheTables;
 pub use maps::MapsRequest;

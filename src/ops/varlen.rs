@@ -34,7 +34,7 @@ use crate::validate::{check_seqlens, validate_varlen, SeqInfo};
 /// ```
 #[derive(Debug)]
 pub struct SeqLens {
-    info: SeqInfo,
+    pub(crate) info: SeqInfo,
     pub(crate) cu_q: CudaSlice<i32>,
     pub(crate) cu_k: CudaSlice<i32>,
     pub(crate) seqused_k: Option<CudaSlice<i32>>,

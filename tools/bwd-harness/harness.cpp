@@ -36,6 +36,7 @@ int main(int argc, char **argv) {
     if (argc != 3) { fprintf(stderr, "usage: harness case.bin out.bin\n"); return 2; }
     static BwdCase c;
     read_bwd_case(argv[1], c);
+    if (!c.cu_q.empty()) { fprintf(stderr, "the baseline backward takes no packed batches\n"); return 2; }
     if (c.bf16) run<fa_bf16>(c.p, c.want_dsinks);
     else run<fa_f16>(c.p, c.want_dsinks);
     return write_bwd_answer(argv[2], c);

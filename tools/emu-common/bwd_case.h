@@ -8,7 +8,10 @@
 // q, k, v, o, d_o as (i64 batch, row, head strides, i64 len, u16 data[len]);
 // lse as (i64 batch, head strides, i64 len, f32 data[len]); alibi slopes and
 // sinks as (i64 len, f32 data[len]); dq, dk, dv as (i64 strides x3, i64
-// allocation len, i64 offset of the view in it). Answer file: dq, dk, dv
+// allocation len, i64 offset of the view in it); i64 n, i64 top_left, then i32
+// cu_seqlens_q[n], cu_seqlens_k[n] (n = 0: a rectangular batch; else a
+// packed one of n - 1 sequences, whose B, Lq, Lk above are the sequence
+// count and the longest lengths, and whose batch strides are 0). Answer file: dq, dk, dv
 // allocations (u16, poisoned 0xffff where nothing was written), then dsinks
 // f32[Hq] (NaN where not written).
 // Needs params.h (FaBwdParams) included first.
@@ -30,6 +33,7 @@ struct BwdCase {
     bool bf16 = false, want_dsinks = false;
     BwdTensor q, k, v, o, d_o, dq, dk, dv;
     std::vector<float> lse, slopes, sinks, dsinks;
+    std::vector<int32_t> cu_q, cu_k;  // empty: rectangular
     FaBwdParams p;  // points into the vectors above: do not copy a BwdCase
 };
 
@@ -74,6 +78,9 @@ inline void read_bwd_case(const char *path, BwdCase &c) {
     c.slopes = get_vec<float>(get<int64_t>());
     c.sinks = get_vec<float>(get<int64_t>());
     for (BwdTensor *t : {&c.dq, &c.dk, &c.dv}) out_tensor(*t);
+    const int64_t n_cu = get<int64_t>(), top_left = get<int64_t>();
+    c.cu_q = get_vec<int32_t>(n_cu);
+    c.cu_k = get_vec<int32_t>(n_cu);
     fclose(in());
     c.bf16 = dtype == 1;
     c.want_dsinks = want_dsinks != 0;
@@ -94,6 +101,8 @@ inline void read_bwd_case(const char *path, BwdCase &c) {
     f.scale = scale, f.softcap = softcap;
     if (has_alibi) f.alibi_slopes = c.slopes.data(), f.alibi_batch_stride = alibi_bs;
     if (has_sinks) f.sinks = c.sinks.data();
+    if (!c.cu_q.empty()) f.cu_seqlens_q = c.cu_q.data(), f.cu_seqlens_k = c.cu_k.data();
+    f.top_left = (int)top_left;
     p.d_o = c.d_o.data.data(), p.do_batch_stride = c.d_o.bs, p.do_row_stride = c.d_o.rs, p.do_head_stride = c.d_o.hs;
     p.dq = c.dq.base(), p.dq_batch_stride = c.dq.bs, p.dq_row_stride = c.dq.rs, p.dq_head_stride = c.dq.hs;
     p.dk = c.dk.base(), p.dk_batch_stride = c.dk.bs, p.dk_row_stride = c.dk.rs, p.dk_head_stride = c.dk.hs;

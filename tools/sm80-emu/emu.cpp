@@ -1300,7 +1300,8 @@ static Case random_case(std::mt19937 &r, bool naive) {
 // through the three kernels of kernels/bwd_sm80.cu, as src/ops/backward.rs
 // launches them, then the baseline's sink-gradient thread (host call) when
 // asked. The workspace starts as NaN/garbage: the first kernel must set all
-// of it that the others read. --det=1: deterministic mode, CTAs in launch
+// of it that the others read; with sinks, the sink-gradient kernel after
+// them. --det=1: deterministic mode, CTAs in launch
 // order (x fastest), as its turns assume; otherwise the main kernel's CTAs
 // run in a shuffled order.
 struct BwdKern { int hd; bool bf16; void (*fn)(FaBwdParams); int threads, smem; };
@@ -1348,7 +1349,9 @@ static int run_bwd(const char *in, const char *out, bool det) {
     for (auto &bk : bwd_kerns)
         if (bk.hd == hd && bk.bf16 == c.bf16) k = &bk;
     if (!k || f.head_dim > 256) { fprintf(stderr, "no tiled backward kernel for head_dim %d\n", f.head_dim); return 2; }
-    const int64_t rows = (int64_t)f.batch * f.heads_q * f.seqlen_q;
+    // Tokens: the packed total, or B * Lq.
+    const int64_t tokens = c.cu_q.empty() ? (int64_t)f.batch * f.seqlen_q : c.cu_q.back();
+    const int64_t rows = tokens * f.heads_q;
     const int blk = FA_BWD_SM80_BLOCK, q_blocks = (f.seqlen_q + blk - 1) / blk;
     std::vector<float> accum(rows * f.head_dim + 1, NAN), delta(rows + 1, NAN);
     std::vector<int32_t> turns((int64_t)f.batch * f.heads_q * q_blocks + 1, 0x5a5a5a5a);
@@ -1357,6 +1360,7 @@ static int run_bwd(const char *in, const char *out, bool det) {
     readable.clear();
     for (BwdTensor *t : {&c.q, &c.k, &c.v, &c.o, &c.d_o}) readable.push_back(range(t->data.data(), 2 * t->data.size()));
     for (auto *v : {&c.lse, &c.slopes, &c.sinks, &accum, &delta}) readable.push_back(range(v->data(), 4 * v->size()));
+    for (auto *v : {&c.cu_q, &c.cu_k}) readable.push_back(range(v->data(), 4 * v->size()));
     readable.push_back(range(turns.data(), 4 * turns.size()));
     writable = {nullptr, nullptr};
     writable_more.clear();
@@ -1373,16 +1377,20 @@ static int run_bwd(const char *in, const char *out, bool det) {
     if (det)
         for (int64_t bh = 0; bh < (int64_t)B * Hq; ++bh)
             for (int m = 0; m < q_blocks; ++m) {
-                // Every turn counter ends at the number of key blocks that visited its query block.
+                // Every turn counter of a query block with rows (a packed
+                // batch's shorter sequences have fewer) ends at the number of
+                // key blocks that visited it.
+                const int b = (int)(bh / Hq);
+                const int lq = c.cu_q.empty() ? f.seqlen_q : c.cu_q[b + 1] - c.cu_q[b];
+                if (m * blk >= lq) continue;
                 const int32_t t = turns[bh * q_blocks + m];
                 if (t < 0 || t > (f.seqlen_k + blk - 1) / blk) FAIL("turn counter %lld ends at %d", (long long)(bh * q_blocks + m), t);
             }
     if (turns.back() != 0x5a5a5a5a || !std::isnan(accum.back()) || !std::isnan(delta.back())) FAIL("workspace written past its end");
     if (c.want_dsinks) {
-        for (int h = 0; h < f.heads_q; ++h) {
-            if (c.bf16) fa_bwd_dsink_thread<fa_bf16>(p, h);
-            else fa_bwd_dsink_thread<fa_f16>(p, h);
-        }
+        writable_more.push_back(range(c.dsinks.data(), 4 * c.dsinks.size()));
+        run_bwd_grid(c.bf16 ? fa_bwd_sm80_dsink_bf16 : fa_bwd_sm80_dsink_f16, p, make_uint3(Hq, 1, 1),
+                     FA_BWD_SM80_DSINK_THREADS, 32, true);
     }
     printf("bwd: %ld CTAs, %ld cp.async, ldmatrix phases %ld (bank conflicts %ld), %ld emulator errors\n", n_ctas,
            n_cp_async, ldsm_phases, ldsm_conflicts, errors);

@@ -294,6 +294,66 @@ int main(void) {
     st = fused_attn_reference_forward(FUSED_ATTN_DTYPE_F16, &qm, &kv, &kv, &o, NULL, NULL);
     expect_status("q->data odd address", st, FUSED_ATTN_STATUS_MISALIGNED, "`q`");
 
+    /* Backward reference, one key (Lk = 1, full mask): every P is 1, so
+     * dS = P (dP - D) = 0 (dQ = dK = 0) and dV of a KV head sums dO over its
+     * query heads and every query. */
+    {
+        enum { BL = 3, BH = 4, BK = 2 };
+        static uint16_t qb[B * BL * BH * D], kb[B * BK * D], vb[B * BK * D], dob[B * BL * BH * D];
+        static float dqf[B * BL * BH * D], dkf[B * BK * D], dvf[B * BK * D], dsf[BH];
+        for (int b = 0; b < B; ++b)
+            for (int i = 0; i < BL; ++i)
+                for (int h = 0; h < BH; ++h)
+                    for (int d = 0; d < D; ++d) {
+                        qb[((b * BL + i) * BH + h) * D + d] = to_bf16(val(4, b, i, h, d));
+                        dob[((b * BL + i) * BH + h) * D + d] = to_bf16(val(5, b, i, h, d));
+                    }
+        for (int b = 0; b < B; ++b)
+            for (int h = 0; h < BK; ++h)
+                for (int d = 0; d < D; ++d) {
+                    kb[(b * BK + h) * D + d] = to_bf16(val(6, b, 0, h, d));
+                    vb[(b * BK + h) * D + d] = to_bf16(val(7, b, 0, h, d));
+                }
+        FusedAttnTensor tq = {qb, {B, BL, BH, D}, {BL * BH * D, BH * D, D, 1}};
+        FusedAttnTensor tk = {kb, {B, 1, BK, D}, {BK * D, BK * D, D, 1}};
+        FusedAttnTensor tv = {vb, {B, 1, BK, D}, {BK * D, BK * D, D, 1}};
+        FusedAttnTensor tdo = {dob, {B, BL, BH, D}, {BL * BH * D, BH * D, D, 1}};
+        FusedAttnTensor tdq = {dqf, {B, BL, BH, D}, {BL * BH * D, BH * D, D, 1}};
+        FusedAttnTensor tdk = {dkf, {B, 1, BK, D}, {BK * D, BK * D, D, 1}};
+        FusedAttnTensor tdv = {dvf, {B, 1, BK, D}, {BK * D, BK * D, D, 1}};
+        for (int x = 0; x < B * BK * D; ++x) dvf[x] = dkf[x] = NAN;
+        st = fused_attn_reference_backward(FUSED_ATTN_DTYPE_BF16, &tq, &tk, &tv, &tdo, &tdq, &tdk, &tdv, NULL, NULL);
+        expect_status("reference backward, one key", st, FUSED_ATTN_STATUS_OK, NULL);
+        double zero_err = 0.0, dv_err = 0.0;
+        for (int x = 0; x < B * BL * BH * D; ++x) zero_err = fmax(zero_err, fabs(dqf[x]));
+        for (int x = 0; x < B * BK * D; ++x) zero_err = fmax(zero_err, fabs(dkf[x]));
+        for (int b = 0; b < B; ++b)
+            for (int g = 0; g < BK; ++g)
+                for (int d = 0; d < D; ++d) {
+                    double want = 0.0;
+                    for (int i = 0; i < BL; ++i)
+                        for (int h = g * (BH / BK); h < (g + 1) * (BH / BK); ++h) want += val(5, b, i, h, d);
+                    dv_err = fmax(dv_err, fabs(dvf[(b * BK + g) * D + d] - want));
+                }
+        CHECK(zero_err < 1e-6 && dv_err < 1e-5, "backward, one key: max |dQ|, |dK| = %.1e (want 0), max dV error %.1e",
+              zero_err, dv_err);
+        st = fused_attn_reference_backward(FUSED_ATTN_DTYPE_BF16, &tq, &tk, &tv, &tdo, &tdq, &tdk, &tdv, dsf, NULL);
+        expect_status("backward: dsinks without sinks", st, FUSED_ATTN_STATUS_INVALID_OPTION, "dsinks");
+        st = fused_attn_reference_backward(FUSED_ATTN_DTYPE_BF16, &tq, &tk, &tv, &tdo, NULL, &tdk, &tdv, NULL, NULL);
+        expect_status("backward: dq = NULL", st, FUSED_ATTN_STATUS_NULL_POINTER, "`dq`");
+        FusedAttnTensor bad = tdk;
+        bad.shape[3] = 16;
+        st = fused_attn_reference_backward(FUSED_ATTN_DTYPE_BF16, &tq, &tk, &tv, &tdo, &tdq, &bad, &tdv, NULL, NULL);
+        expect_status("backward: dk of another head_dim", st, FUSED_ATTN_STATUS_SHAPE_MISMATCH, "`dk`");
+        uint64_t len = 0;
+        st = fused_attn_backward_workspace_len(2, 100, 8, 64, &len);
+        /* tokens * Hq * (D + 1) + B * Hq * ceil(Lq / 64) */
+        CHECK(st == FUSED_ATTN_STATUS_OK && len == 2u * 100 * 8 * 65 + 2u * 8 * 2,
+              "backward workspace for B 2, Lq 100, Hq 8, D 64: %llu floats", (unsigned long long)len);
+        st = fused_attn_backward_workspace_len(2, -1, 8, 64, &len);
+        expect_status("backward workspace, Lq -1", st, FUSED_ATTN_STATUS_NEGATIVE, "seqlen_q");
+    }
+
     /* The GPU side: this machine may have no driver or no device. */
     FusedAttnHandle *h = (FusedAttnHandle *)&h; /* not null, to see it cleared */
     st = fused_attn_create(0, &h);
