@@ -11,6 +11,13 @@ mkdir -p "$outdir"
 phases=("$@"); [ ${#phases[@]} -eq 0 ] && phases=(tests sanitize quickstart serving alignment)
 [ "${phases[0]}" = all ] && phases=(tests sanitize quickstart serving alignment bench peers report)
 set -a; . "$here/meta.env"; set +a
+# The binaries travel compressed (gpu-bundle.sh): unpack once, with xz or,
+# without it, Python's lzma.
+if [ ! -d "$here/bin" ] && [ -f "$here/bin.txz" ]; then
+  { xz -dc "$here/bin.txz" 2>/dev/null ||
+    python3 -c 'import lzma, sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' "$here/bin.txz"; } |
+    tar -C "$here" -xf - || { echo "cannot unpack $here/bin.txz" >&2; exit 1; }
+fi
 export FUSED_ATTN_DRIVER="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)"
 export FUSED_ATTN_CUDA="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/\1/p' | head -1)"
 nvidia-smi > "$outdir/nvidia-smi.txt" 2>&1 || true
@@ -21,7 +28,12 @@ for phase in "${phases[@]}"; do
       # A kernel that hangs (e.g. an mbarrier never completing) must still leave a log.
       FUSED_ATTN_GPU_LOG="$outdir/gpu-tests-cases.log" timeout "${TEST_TIMEOUT:-540}" "$here/bin/gpu-tests" \
         --test-threads 4 ${TEST_FILTER:-} > "$outdir/gpu-tests.log" 2>&1 || status=1
-      grep -E "^test result|^summary|FAILED|failed|panicked" "$outdir/gpu-tests.log" | tail -n 40 ;;
+      grep -E "^test result|^summary|FAILED|failed|panicked" "$outdir/gpu-tests.log" | tail -n 40
+      # The C ABI on the GPU (forward per family, backward, streams).
+      if [ -x "$here/bin/capi-gpu-tests" ]; then
+        timeout 240 "$here/bin/capi-gpu-tests" --test-threads 4 > "$outdir/capi-gpu-tests.log" 2>&1 || status=1
+        echo "capi: $(grep -E '^test result' "$outdir/capi-gpu-tests.log" | tr '\n' ' ')"
+      fi ;;
     sanitize)
       if command -v compute-sanitizer >/dev/null; then
         for tool in memcheck racecheck; do
