@@ -100,6 +100,12 @@ __device__ __forceinline__ uint32_t fa_dynamic_smem_bytes() {
     return v;
 }
 
+// A compile-time bool as a value, for lambdas that take the branch as a type.
+template <bool B>
+struct FaBool {
+    static constexpr bool value = B;
+};
+
 __device__ __forceinline__ int fa_floor_div(int x, int d) { return x >= 0 ? x / d : -((d - 1 - x) / d); }
 
 // One sequence of the launch. Packed batches (cu_seqlens): the parameters
@@ -316,6 +322,12 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &launch) {
         const int64_t acc_row_step = static_cast<int64_t>(f.heads_q) * f.head_dim;  // one token on
         int32_t *turns = p.dq_turns + seq.turns0 + h * seq.blocks;
         const float slope = f.alibi_slopes != nullptr ? f.alibi_slopes[b * f.alibi_batch_stride + h] : 0.f;
+        // The whole 64 x 64 tile is seen by every row, and scores are plain.
+        const bool interior = f.softcap <= 0.f && f.alibi_slopes == nullptr && m0 + BM <= f.seqlen_q &&
+                              n0 + BN <= f.seqlen_k && (wl < 0 || n0 >= m0 + BM - 1 + off - wl) &&
+                              (wr < 0 || n0 + BN - 1 <= m0 + off + wr);
+        const float scale_log2 = f.scale * 1.4426950408889634f;
+        const float inv_cap = f.softcap > 0.f ? 1.f / f.softcap : 0.f;
         {
             // hd256: the fragment addresses derive from an opaque lane, so
             // ptxas recomputes them each step instead of holding dozens
@@ -349,34 +361,49 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &launch) {
                     }
                 }
 #pragma unroll
-                for (int t = 0; t < QS / 8; ++t) {
+                // P and dS of this slab, stored transposed. A tile that every
+                // row sees whole, without softcap or ALiBi (most tiles of a
+                // long sequence), takes the short path: one FFMA and an
+                // exponential per score, no mask (a uniform branch around two
+                // copies of the loop, not a test per score).
+                auto scores = [&](auto interior) {
 #pragma unroll
-                    for (int hf = 0; hf < 2; ++hf) {
-                        const int jl = 16 * rg + g + 8 * hf, il0 = q0 + 8 * t + 2 * tig;
-                        const int j = n0 + jl;
-                        float pv[2], dsv[2];
+                    for (int t = 0; t < QS / 8; ++t) {
 #pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int il = il0 + e, i = m0 + il;
-                            float x = s[t][2 * hf + e] * f.scale, dcap = 1.f;
-                            if (f.softcap > 0.f) {
-                                const float th = tanhf(x / f.softcap);
-                                x = f.softcap * th;
-                                dcap = 1.f - th * th;
+                        for (int hf = 0; hf < 2; ++hf) {
+                            const int jl = 16 * rg + g + 8 * hf, il0 = q0 + 8 * t + 2 * tig;
+                            const int j = n0 + jl;
+                            float pv[2], dsv[2];
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                const int il = il0 + e, i = m0 + il;
+                                const float l = *reinterpret_cast<const float *>(smem + lse_at + 4 * il);
+                                const float dl = *reinterpret_cast<const float *>(smem + delta_at + 4 * il);
+                                if (decltype(interior)::value) {
+                                    pv[e] = fa_exp2(fmaf(s[t][2 * hf + e], scale_log2, -l * 1.4426950408889634f));
+                                    dsv[e] = pv[e] * (dp[t][2 * hf + e] - dl);
+                                } else {
+                                    float x = s[t][2 * hf + e] * f.scale, dcap = 1.f;
+                                    if (f.softcap > 0.f) {
+                                        const float th = tanhf(x * inv_cap);
+                                        x = f.softcap * th;
+                                        dcap = 1.f - th * th;
+                                    }
+                                    if (f.alibi_slopes != nullptr) x -= slope * fabsf(static_cast<float>(i + off - j));
+                                    const bool seen = i < f.seqlen_q && j < f.seqlen_k && (wl < 0 || j >= i + off - wl) &&
+                                                      (wr < 0 || j <= i + off + wr) && l != -INFINITY;
+                                    pv[e] = seen ? fa_exp2((x - l) * 1.4426950408889634f) : 0.f;
+                                    dsv[e] = pv[e] * (dp[t][2 * hf + e] - dl) * dcap;
+                                }
                             }
-                            if (f.alibi_slopes != nullptr) x -= slope * fabsf(static_cast<float>(i + off - j));
-                            const float l = *reinterpret_cast<const float *>(smem + lse_at + 4 * il);
-                            const float dl = *reinterpret_cast<const float *>(smem + delta_at + 4 * il);
-                            const bool seen = i < f.seqlen_q && j < f.seqlen_k && (wl < 0 || j >= i + off - wl) &&
-                                              (wr < 0 || j <= i + off + wr) && l != -INFINITY;
-                            pv[e] = seen ? fa_exp2((x - l) * 1.4426950408889634f) : 0.f;
-                            dsv[e] = pv[e] * (dp[t][2 * hf + e] - dl) * dcap;
+                            const uint32_t at = PSwz::offset(jl, il0 / 8) + 2 * (il0 % 8);
+                            *reinterpret_cast<uint32_t *>(smem + Cfg::kPT + at) = fa_pack2<T>(pv[0], pv[1]);
+                            *reinterpret_cast<uint32_t *>(smem + Cfg::kDS + at) = fa_pack2<T>(dsv[0], dsv[1]);
                         }
-                        const uint32_t at = PSwz::offset(jl, il0 / 8) + 2 * (il0 % 8);
-                        *reinterpret_cast<uint32_t *>(smem + Cfg::kPT + at) = fa_pack2<T>(pv[0], pv[1]);
-                        *reinterpret_cast<uint32_t *>(smem + Cfg::kDS + at) = fa_pack2<T>(dsv[0], dsv[1]);
                     }
-                }
+                };
+                if (interior) scores(FaBool<true>{});
+                else scores(FaBool<false>{});
             }
             __syncthreads();
 

@@ -13,7 +13,7 @@ table (`FA_KERNEL` lines of kernels/*.cu) and the CTAs per SM that gives on an
 H100. For sm_90a kernels it also records where, inside the hot loop, the
 `WARPGROUP.DEPBAR.LE gsb0, N` waits sit relative to the `MUFU.EX2`s.
 
-Which code: fwd_sm80 and fwd_naive kernels at sm_80, fwd_sm90 at sm_90a;
+Which code: fwd_sm80, fwd_naive and bwd_sm80 kernels at sm_80, fwd_sm90 at sm_90a;
 base kernels only (names without `__tag`; variants are built only with
 FUSED_ATTN_VARIANTS=1 and reported here with --variants when present).
 
@@ -343,7 +343,7 @@ def ctas_per_sm(threads, registers, smem_bytes, hw=H100):
 
 # ---- report ----------------------------------------------------------------------
 
-SASS_ARCH = {"fwd_sm80": "sm_80", "fwd_naive": "sm_80", "fwd_sm90": "sm_90a"}
+SASS_ARCH = {"fwd_sm80": "sm_80", "fwd_naive": "sm_80", "fwd_sm90": "sm_90a", "bwd_sm80": "sm_80"}
 
 
 def find_tool(explicit):
@@ -441,7 +441,7 @@ def markdown(kernels, meta):
         "paths), not a profile. The tiled kernels' loops include the softcap branch (its tanh is",
         "one `MUFU.EX2` of `-|x|` and one `MUFU.RCP` per score: the `mufu_other` column). `fwd_naive`",
         "has no tensor ops: its hot loop is the loop with the most `MUFU.EX2` (`selected_by` in the",
-        "JSON). Base kernels at sm_80 (fwd_sm80, fwd_naive) and sm_90a (fwd_sm90)"
+        "JSON). Base kernels at sm_80 (fwd_sm80, fwd_naive, bwd_sm80) and sm_90a (fwd_sm90)"
         + ("; `name__tag` rows are the measurement-only variants (FUSED_ATTN_VARIANTS=1)." if meta.get("variants")
            else "."),
         "Classes (every instruction in exactly one, tried in this order):",

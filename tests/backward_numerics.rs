@@ -596,6 +596,32 @@ fn tiled_cases() -> Vec<Case> {
             });
         }
     }
+    // Tiles every row sees whole, without softcap or ALiBi: the kernels'
+    // short path (full and causal, several such tiles per case).
+    for (n, (lq, lk, hq, hk, d, mask)) in
+        [(192, 192, 4, 1, 128, Mask::Full), (256, 256, 2, 2, 64, Mask::Causal), (128, 200, 3, 1, 256, Mask::Full)]
+            .into_iter()
+            .enumerate()
+    {
+        seed += 1;
+        out.push(Case {
+            b: 1,
+            lq,
+            lk,
+            hq,
+            hk,
+            d,
+            mask,
+            top_left: false,
+            scale: [None, Some(0.2), None][n],
+            softcap: None,
+            alibi: false,
+            sinks: n == 1,
+            bf16: n != 1,
+            seed,
+            seqs: None,
+        });
+    }
     // Packed batches: an empty sequence, one without keys, 1x1, lengths
     // around the tile, longer than one tile on both sides.
     type Packed = (&'static [(usize, usize)], usize, usize, usize, Mask, bool);
@@ -713,6 +739,8 @@ const TILED_MUTANTS: &[(&str, &str, &str)] = &[
         "",
     ),
     ("a packed sequence's workspace rows by batch index", "seq.row0 = q0;", "seq.row0 = b * f.seqlen_q;"),
+    ("short path without D_i", "dsv[e] = pv[e] * (dp[t][2 * hf + e] - dl);", "dsv[e] = pv[e] * dp[t][2 * hf + e];"),
+    ("short path taken by a tile a mask cuts", "n0 + BN - 1 <= m0 + off + wr", "n0 <= m0 + off + wr"),
     ("LSE of the other buffer", "const int lse_at = rows_of(buf),", "const int lse_at = rows_of(buf ^ (QBUFS - 1)),"),
     (
         "next step's loads race the last readers",

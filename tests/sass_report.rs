@@ -228,6 +228,18 @@ const TODAY_DECODE: &[(&str, u32, u64, u64)] = &[
     ("fwd_sm80", 256, 3931, 2),
 ];
 
+/// The tiled sm80 backward's main kernels (`bwd_sm80`, not table rows):
+/// per head-dim bucket, the HMMAs of one step (64 keys × 64 queries per
+/// CTA: S, dP, dV, dK, dQ; per warp: 5 · 64·64·D / (16·8·16) / warps) and
+/// the step loop's static size today (both the short path of a whole tile
+/// and the masked one are counted).
+const TODAY_BWD: &[(u32, u64, u64)] = &[
+    // (head_dim bucket, HMMA per step per warp, hot-loop instructions)
+    (64, 160, 2971),
+    (128, 160, 1988),
+    (256, 320, 2861),
+];
+
 /// Softmax EX2s (exp2(S - m) plus the two rescale factors) per sm90 hot
 /// loop: BN / 2 scores per thread + 2. All of them sit after the `0x0` wait.
 fn sm90_softmax_ex2(block_n: u32) -> u64 {
@@ -300,6 +312,20 @@ fn todays_properties_hold(tool: &Path) {
             // to change this; if the default kernels get their placement, this
             // check fails and is updated).
             bad.extend(sm90_wait_violations(&flat, r.name, sm90_softmax_ex2(r.block_n)));
+        }
+    }
+    for &(hd, hmma, total) in TODAY_BWD {
+        for dt in ["f16", "bf16"] {
+            let name = format!("fa_bwd_sm80_{dt}_hd{hd}");
+            if get(&flat, &name, "arch") != Some("sm_80") {
+                bad.push(format!("{name}: not reported at sm_80"));
+                continue;
+            }
+            bad.extend(loop_violations(&flat, &name, Tensor::Hmma, Some(total)));
+            match num(&flat, &name, "hot_loop.counts.hmma") {
+                Some(n) if n == hmma => {}
+                n => bad.push(format!("{name}: {n:?} HMMA per step, want {hmma} (five GEMMs of 64 x 64 x {hd})")),
+            }
         }
     }
     assert!(bad.is_empty(), "SASS report regressions:\n{}", bad.join("\n"));
