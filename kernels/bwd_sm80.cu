@@ -327,7 +327,9 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &launch) {
                               n0 + BN <= f.seqlen_k && (wl < 0 || n0 >= m0 + BM - 1 + off - wl) &&
                               (wr < 0 || n0 + BN - 1 <= m0 + off + wr);
         const float scale_log2 = f.scale * 1.4426950408889634f;
-        const float inv_cap = f.softcap > 0.f ? 1.f / f.softcap : 0.f;
+        // Clamped: 1/c is inf for a subnormal cap, and 0 * inf would be NaN
+        // for the zero scores of rows and keys past the ends.
+        const float inv_cap = f.softcap > 0.f ? fminf(1.f / f.softcap, 3.40282347e38f) : 0.f;
         {
             // hd256: the fragment addresses derive from an opaque lane, so
             // ptxas recomputes them each step instead of holding dozens
@@ -360,7 +362,6 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &launch) {
                         mma_16816<T>(dp[2 * t + 1], va, ob[2], ob[3]);
                     }
                 }
-#pragma unroll
                 // P and dS of this slab, stored transposed. A tile that every
                 // row sees whole, without softcap or ALiBi (most tiles of a
                 // long sequence), takes the short path: one FFMA and an
@@ -393,7 +394,8 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &launch) {
                                     const bool seen = i < f.seqlen_q && j < f.seqlen_k && (wl < 0 || j >= i + off - wl) &&
                                                       (wr < 0 || j <= i + off + wr) && l != -INFINITY;
                                     pv[e] = seen ? fa_exp2((x - l) * 1.4426950408889634f) : 0.f;
-                                    dsv[e] = pv[e] * (dp[t][2 * hf + e] - dl) * dcap;
+                                    // Masked entries are exactly 0, whatever dP or the cap's derivative.
+                                    dsv[e] = seen ? pv[e] * (dp[t][2 * hf + e] - dl) * dcap : 0.f;
                                 }
                             }
                             const uint32_t at = PSwz::offset(jl, il0 / 8) + 2 * (il0 % 8);

@@ -622,6 +622,26 @@ fn tiled_cases() -> Vec<Case> {
             seqs: None,
         });
     }
+    // A subnormal softcap (its reciprocal overflows f32) with rows and keys
+    // past the ends of partial tiles.
+    seed += 1;
+    out.push(Case {
+        b: 1,
+        lq: 70,
+        lk: 100,
+        hq: 2,
+        hk: 1,
+        d: 64,
+        mask: Mask::Full,
+        top_left: false,
+        scale: None,
+        softcap: Some(1e-40),
+        alibi: false,
+        sinks: false,
+        bf16: true,
+        seed,
+        seqs: None,
+    });
     // Packed batches: an empty sequence, one without keys, 1x1, lengths
     // around the tile, longer than one tile on both sides.
     type Packed = (&'static [(usize, usize)], usize, usize, usize, Mask, bool);

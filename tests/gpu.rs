@@ -1069,6 +1069,7 @@ fn trials() -> Vec<(Trial, bool)> {
         backward_trial::<f16>(Mask::window(70, 3), true, false, TiledDeterministic, 128)
     }));
     trials.push(plain("backward/tiled/varlen/bf16/causal_mods", || backward_varlen_trial::<bf16>(Mask::Causal)));
+    trials.push(plain("backward/workspace_errors", backward_workspace_errors));
     trials.push(plain("backward/tiled/varlen/f16/window", || backward_varlen_trial::<f16>(Mask::window(40, 9))));
     trials.push(plain("backward/tiled/bf16/causal_mods", || {
         backward_trial::<bf16>(Mask::Causal, false, true, Tiled, 128)
@@ -1303,6 +1304,59 @@ fn backward_varlen_trial<T: Element>(mask: Mask) -> Result<(), Failed> {
     }
     println!("backward/tiled/varlen/{}/{mask}: bitwise equal to per-sequence backward", T::DTYPE);
     Ok(())
+}
+
+/// A workspace one element short is `OutOfBounds` naming `workspace`, before
+/// any launch; a packed batch without one is `InvalidOption` naming it.
+fn backward_workspace_errors() -> Result<(), Failed> {
+    let g = gpu()?;
+    let stream = g.ctx.new_stream().map_err(text)?;
+    let (b, l, h, d) = (1usize, 70usize, 2usize, 64usize);
+    let lay = Layout::bshd(b, l, h, d);
+    let n = b * l * h * d;
+    let mut rng = StdRng::seed_from_u64(3);
+    let x = upload(&stream, &randn::<bf16>(&mut rng, n))?;
+    let (mut dq, mut dk, mut dv) = (
+        upload(&stream, &poison::<bf16>(n))?,
+        upload(&stream, &poison::<bf16>(n))?,
+        upload(&stream, &poison::<bf16>(n))?,
+    );
+    let lse = stream.alloc_zeros::<f32>(b * h * l).map_err(text)?;
+    let need = backward_workspace_len(b, l, h, d).map_err(text)?;
+    let mut ws = stream.alloc_zeros::<f32>(need - 1).map_err(text)?;
+    let opts = AttentionOptions::new(Mask::Causal);
+    let t = DeviceTensor::new(&x, lay);
+    let lt = LseTensor::new(&lse, LseLayout::contiguous(b, h, l));
+    let r = {
+        let (mut a, mut bb, mut c) = (
+            DeviceTensorMut::new(&mut dq, lay),
+            DeviceTensorMut::new(&mut dk, lay),
+            DeviceTensorMut::new(&mut dv, lay),
+        );
+        let grads = Gradients::new(&mut a, &mut bb, &mut c).with_workspace(&mut ws);
+        g.attn.backward_into(&stream, &t, &t, &t, &t, &lt, &t, grads, &opts)
+    };
+    match r {
+        Err(Error::OutOfBounds { arg: "workspace", needed, len }) if needed == need && len == need - 1 => {}
+        other => return Err(format!("workspace one short: {other:?}").into()),
+    }
+    if download(&stream, &dq)?.iter().any(|e| e.to_bits() != poison_value::<bf16>().to_bits()) {
+        return Err("dQ written by a call that failed validation".into());
+    }
+    let seq = SeqLens::new(&stream, &[0, l as i32], &[0, l as i32], None).map_err(text)?;
+    let r = {
+        let (mut a, mut bb, mut c) = (
+            DeviceTensorMut::new(&mut dq, lay),
+            DeviceTensorMut::new(&mut dk, lay),
+            DeviceTensorMut::new(&mut dv, lay),
+        );
+        let grads = Gradients::new(&mut a, &mut bb, &mut c);
+        g.attn.backward_varlen_into(&stream, &t, &t, &t, &t, &lt, &t, &seq, grads, &opts)
+    };
+    match r {
+        Err(Error::InvalidOption { arg: "workspace", .. }) => Ok(()),
+        other => Err(format!("packed batch without a workspace: {other:?}").into()),
+    }
 }
 
 /// Which backward kernels a trial asks for.
