@@ -421,6 +421,53 @@ fn loop_finder_works_on_synthetic_sass() {
     assert_eq!(sm90_overlap_violations(&flat, "toy", 2).len(), 1, "{:?}", sm90_overlap_violations(&flat, "toy", 2));
 }
 
+/// scripts/predict_speed.py's ceilings are upper bounds: every case of the
+/// committed H100 run measured at or below today's ceiling for its kernel
+/// (the model's tensor and exponential floors; issue 9 item 4).
+fn predicted_ceilings_bound_the_measured_run(tool: &Path) {
+    let dir = scratch("predict");
+    for image in IMAGES {
+        std::fs::write(dir.join(format!("{}.fatbin", image.stem)), image.fatbin).unwrap();
+    }
+    let report = dir.join("resource-report.txt");
+    std::fs::write(&report, RESOURCE_REPORT).unwrap();
+    let json = run_script(
+        &[
+            "--fatbin-dir".as_ref(),
+            dir.as_os_str(),
+            "--resource-report".as_ref(),
+            report.as_os_str(),
+            "--cuobjdump".as_ref(),
+            tool.as_os_str(),
+            "--json".as_ref(),
+            "-".as_ref(),
+        ],
+        tool.parent(),
+    );
+    let json_path = dir.join("report.json");
+    std::fs::write(&json_path, json).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3")
+        .arg(root.join("scripts/predict_speed.py"))
+        .arg("--report-json")
+        .arg(&json_path)
+        .arg("--measured")
+        .arg(root.join("bench-results/2026-11-25-h100-e62f558-dirty.json"))
+        .output()
+        .expect("running python3");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "predict_speed.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ratios: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("| bf16") || l.starts_with("| f16"))
+        .filter_map(|l| l.trim_end_matches('|').rsplit('|').next()?.trim().parse().ok())
+        .collect();
+    assert!(ratios.len() >= 40, "expected the run's cases in the table, got {}:\n{text}", ratios.len());
+    let above: Vec<f64> = ratios.iter().copied().filter(|&r| r > 1.0).collect();
+    assert!(above.is_empty(), "measured above the ceiling (the model is not a bound): {above:?}\n{text}");
+}
+
 fn main() {
     let args = Arguments::from_args();
     let trials = vec![
@@ -442,6 +489,19 @@ fn main() {
                 return tier::missing(reason);
             }
             todays_properties_hold(&tool);
+            Ok(Completion::Completed)
+        }),
+        Trial::ignorable_test("predicted_ceilings_bound_the_measured_run", || -> Outcome {
+            if !KERNELS_BUILT {
+                return tier::missing("the crate was built without kernels (no nvcc)");
+            }
+            let Some(tool) = tier::cuda_tool("CUOBJDUMP", "cuobjdump") else {
+                return tier::missing("no cuobjdump (set CUOBJDUMP or install nvidia-cuda-cuobjdump, see README)");
+            };
+            if let Some(reason) = python_missing() {
+                return tier::missing(reason);
+            }
+            predicted_ceilings_bound_the_measured_run(&tool);
             Ok(Completion::Completed)
         }),
     ];
