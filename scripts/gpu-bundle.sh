@@ -40,8 +40,11 @@ stage bench-forward forward bench --bench forward --no-run
 stage quickstart quickstart build --release --example quickstart
 stage serving serving build --release --example serving
 stage alignment alignment build --release --example alignment
+# The C ABI's shared library, for peers.py's in-process `ours_capi` peer.
+cargo build --release -p fused-attn-capi --lib
+cp target/release/libfused_attn_capi.so "$out/bin/"
 strip "$out"/bin/* 2>/dev/null || true
-cp scripts/peers.py scripts/report.py "$out/scripts/"
+cp scripts/peers.py scripts/report.py scripts/fused_attn_ctypes.py "$out/scripts/"
 cp scripts/gpu-run.sh "$out/run.sh"
 chmod +x "$out/run.sh"
 dirty=0; git diff --quiet HEAD -- . ':!bench-results' 2>/dev/null || dirty=1

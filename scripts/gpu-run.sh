@@ -58,7 +58,10 @@ for phase in "${phases[@]}"; do
       FUSED_ATTN_BENCH_JSON="$outdir/ours.json" "$here/bin/bench-forward" 2> "$outdir/bench.log" || status=1
       tail -n 60 "$outdir/bench.log" ;;
     peers)
-      python3 "$here/scripts/peers.py" --ours "$outdir/ours.json" --out "$outdir/peers.json" 2> "$outdir/peers.log" || status=1
+      # PEERS (e.g. "torch_flash,torch_cudnn,ours_capi") picks peers; ours_capi
+      # times our kernels through the C ABI in the peers' own process.
+      FUSED_ATTN_CAPI_LIB="$here/bin/libfused_attn_capi.so" python3 "$here/scripts/peers.py" \
+        --ours "$outdir/ours.json" --out "$outdir/peers.json" ${PEERS:+--peers "$PEERS"} 2> "$outdir/peers.log" || status=1
       tail -n 20 "$outdir/peers.log" ;;
     report)
       python3 "$here/scripts/report.py" --ours "$outdir/ours.json" --peers "$outdir/peers.json" \

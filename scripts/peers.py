@@ -96,6 +96,11 @@ torch = None  # imported in main(); the helpers above _import_torch are pure Pyt
 
 SDPA_PEERS = ("torch_flash", "torch_cudnn", "torch_efficient")
 ALL_PEERS = SDPA_PEERS + ("flex",)
+# Opt-in (--peers ...,ours_capi): our kernels through the C ABI from this
+# process (scripts/fused_attn_ctypes.py, libfused_attn_capi.so from
+# $FUSED_ATTN_CAPI_LIB), on the very tensors and stream the peers use, timed
+# by the same events: the same-process check of the Rust bench's figures.
+KNOWN_PEERS = ALL_PEERS + ("ours_capi",)
 SDPA_BACKEND_NAMES = {
     "torch_flash": "FLASH_ATTENTION",
     "torch_cudnn": "CUDNN_ATTENTION",
@@ -366,6 +371,32 @@ class PeerRunner:
                     setattr(cfg, name, max(getattr(cfg, name), 256))
         except Exception as exc:  # flex unavailable in this build
             self.flex_error = "flex_attention unavailable: " + first_line(exc)
+        self.capi = None
+        self.capi_error = None
+
+    def capi_fn(self, case):
+        """Forward through the C ABI on BHSD views (read back as BSHD, no copy)."""
+        if self.capi is None and self.capi_error is None:
+            try:
+                sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+                import fused_attn_ctypes
+                self.capi = fused_attn_ctypes.FusedAttnLib().open(torch.cuda.current_device())
+            except Exception as exc:
+                self.capi_error = "C ABI unavailable: " + first_line(exc)
+        if self.capi_error:
+            raise RuntimeError(self.capi_error)
+        left, right = mask_bounds(case)
+        kind = mask_kind(left, right)
+        opts = {"causal": kind == "causal"}
+        if kind not in ("full", "causal"):
+            opts = {"window": (left, right)}
+
+        def attn(q, k, v):
+            qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
+            o = torch.empty_like(qs, memory_format=torch.contiguous_format)
+            self.capi.forward(qs, ks, vs, o, stream=torch.cuda.current_stream().cuda_stream, **opts)
+            return o.transpose(1, 2)
+        return attn
 
     # -- one attention callable per peer -------------------------------------
 
@@ -434,6 +465,23 @@ class PeerRunner:
     def run_peer(self, peer, case, inputs, check):
         """Result dict for one peer on one case; never raises."""
         result = {"ms": None, "skipped": None, "rel_l2_err": None}
+        if peer == "ours_capi":
+            if case.direction != "fwd":
+                result["skipped"] = "the C ABI peer times the forward only"
+                return result
+            try:
+                attn = self.capi_fn(case)
+                call_recording_warnings(lambda: attn(*inputs.bhsd(0)))
+                torch.cuda.synchronize()
+                ms, err, notes = self.measure(case, attn, inputs, check)
+                result.update({"ms": ms, "rel_l2_err": err})
+                if notes:
+                    result["note"] = "; ".join(notes)
+            except Exception as exc:
+                result["skipped"] = first_line(exc)
+            finally:
+                free_memory()
+            return result
         if peer in SDPA_PEERS:
             reason = sdpa_mask_reason(case.kind, case.lq, case.lk)
             if reason:
@@ -809,7 +857,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    unknown = [p for p in peers if p not in ALL_PEERS]
+    unknown = [p for p in peers if p not in KNOWN_PEERS]
     if unknown:
         ap.error("unknown peers: %s" % ", ".join(unknown))
     if args.reps < 1 or args.warmup < 0:
