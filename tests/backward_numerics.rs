@@ -13,12 +13,15 @@
 //! Needs g++ and the CUDA headers; ignored with the reason without them, a
 //! failure under `FUSED_ATTN_REQUIRE_KERNELS=1`.
 
+#[path = "common/emu.rs"]
+mod emu;
 #[path = "common/tier.rs"]
 mod tier;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use emu::Mutant;
 use fused_attn::reference::{self, Gradients};
 use fused_attn::{Alibi, AttentionOptions, Element, HeadValues, HostTensor, Layout, LseLayout, Mask, MaskAlignment};
 use half::{bf16, f16};
@@ -498,16 +501,42 @@ fn backward_sweep() -> Result<Completion, Failed> {
     let work = std::env::temp_dir().join(format!("fused-attn-bwd-{}", std::process::id()));
     let r = sweep(&work, &include, &source())?;
     let _ = std::fs::remove_dir_all(&work);
+    report(r, "cases", "backward harness")
+}
+
+/// A sweep's outcome as a trial's: one line per run (its errors: rel L2
+/// per gradient, dsinks relative) and their count, or the first failure.
+fn report(r: Result<Vec<String>, String>, unit: &str, what: &str) -> Result<Completion, Failed> {
     match r {
         Ok(lines) => {
-            // One line per case: its errors (rel L2 per gradient, dsinks relative).
             for l in &lines {
                 eprintln!("{}", l.rsplit_once("}:").map_or(l.as_str(), |(_, r)| r));
             }
-            eprintln!("{} cases", lines.len());
+            eprintln!("{} {unit}", lines.len());
             Ok(Completion::Completed)
         }
-        Err(e) => Err(format!("backward harness failed: {e}").into()),
+        Err(e) => Err(format!("{what} failed: {e}").into()),
+    }
+}
+
+/// A negative control: `sweep(i)` runs the sweep on mutant i's source;
+/// every mutant must make it fail.
+fn negative_control(
+    names: impl Iterator<Item = &'static str>,
+    mut sweep: impl FnMut(usize) -> Result<Result<Vec<String>, String>, Failed>,
+    what: &str,
+) -> Result<Completion, Failed> {
+    let mut missed = Vec::new();
+    for (i, name) in names.enumerate() {
+        match sweep(i)? {
+            Ok(_) => missed.push(name),
+            Err(first) => eprintln!("caught  {name}\n          {}", first.lines().next().unwrap_or("")),
+        }
+    }
+    if missed.is_empty() {
+        Ok(Completion::Completed)
+    } else {
+        Err(format!("{what} missed: {}", missed.join("; ")).into())
     }
 }
 
@@ -540,22 +569,19 @@ fn backward_negative_control() -> Result<Completion, Failed> {
     };
     let src = source();
     let base = std::env::temp_dir().join(format!("fused-attn-bwd-neg-{}", std::process::id()));
-    let mut missed = Vec::new();
-    for (i, (name, from, to)) in MUTANTS.iter().enumerate() {
-        if !src.contains(from) {
-            return Err(format!("mutant `{name}`: `{from}` is not in bwd_naive.cuh (update the mutant)").into());
-        }
-        match sweep(&base.join(format!("m{i}")), &include, &src.replace(from, to))? {
-            Ok(_) => missed.push(*name),
-            Err(first) => eprintln!("caught  {name}\n          {first}"),
-        }
-    }
+    let r = negative_control(
+        MUTANTS.iter().map(|m| m.0),
+        |i| {
+            let (name, from, to) = MUTANTS[i];
+            if !src.contains(from) {
+                return Err(format!("mutant `{name}`: `{from}` is not in bwd_naive.cuh (update the mutant)").into());
+            }
+            sweep(&base.join(format!("m{i}")), &include, &src.replace(from, to))
+        },
+        "the backward harness",
+    );
     let _ = std::fs::remove_dir_all(&base);
-    if missed.is_empty() {
-        Ok(Completion::Completed)
-    } else {
-        Err(format!("the backward harness missed: {}", missed.join("; ")).into())
-    }
+    r
 }
 
 /// The tiled kernels' cases: the baseline's, and shapes that cross the
@@ -716,68 +742,143 @@ fn tiled_sweep(part: usize) -> Result<Completion, Failed> {
         tiled_cases().into_iter().enumerate().filter(|(i, _)| i % 2 == part).map(|(_, c)| c).collect();
     let r = sweep_with(&runners, &cases, &work)?;
     let _ = std::fs::remove_dir_all(&work);
-    match r {
-        Ok(lines) => {
-            for l in &lines {
-                eprintln!("{}", l.rsplit_once("}:").map_or(l.as_str(), |(_, r)| r));
-            }
-            eprintln!("{} runs (part {part} of 2)", lines.len());
-            Ok(Completion::Completed)
-        }
-        Err(e) => Err(format!("tiled backward failed: {e}").into()),
-    }
+    report(r, &format!("runs (part {part} of 2)"), "tiled backward")
 }
 
-/// (name, text in bwd_sm80.cu, replacement)
-const TILED_MUTANTS: &[(&str, &str, &str)] = &[
-    ("D_i left out of dS", "(dp[t][2 * hf + e] - dl)", "(dp[t][2 * hf + e] - 0.f * dl)"),
-    ("softcap derivative dropped", "dcap = 1.f - th * th;", "dcap = 1.f;"),
-    (
-        "dK without the scale",
-        "fa_pack2<T>(f.scale * dk[t][2 * hf], f.scale * dk[t][2 * hf + 1])",
-        "fa_pack2<T>(dk[t][2 * hf], dk[t][2 * hf + 1])",
-    ),
-    ("dK/dV from the first query head of a group only", "steps = nm * f.q_per_kv", "steps = nm * 1"),
-    ("query range from the wrong window side", "max(0, n0 - off - wr)", "max(0, n0 - off - wl)"),
-    ("window's right edge off by one", "(wr < 0 || j <= i + off + wr)", "(wr < 0 || j < i + off + wr)"),
-    ("ALiBi bias with the wrong sign", "x -= slope * fabsf", "x += slope * fabsf"),
-    ("ALiBi batch stride ignored", "f.alibi_slopes[b * f.alibi_batch_stride + h]", "f.alibi_slopes[h]"),
-    (
-        "no barrier between storing P^T/dS^T and the GEMMs that read them",
-        "            __syncthreads();\n\n            // ---- dV += P^T dO",
-        "\n            // ---- dV += P^T dO",
-    ),
-    (
-        "dQ from dS^T (untransposed fragment)",
-        "frag_a_t<PCH>(sa, ds_tile, 16 * ks, 16 * rg, fl);",
-        "frag_a<PCH>(sa, ds_tile, 16 * ks, 16 * rg, fl);",
-    ),
-    ("dQ turn off by one", "n_blk - first_visitor(m)", "n_blk - first_visitor(m) + 1"),
-    ("first visitor of a windowed query block wrong", "m * BM + off - wl", "m * BM + off - wl + BN"),
-    ("dQ accumulator not zeroed", "*reinterpret_cast<float *>(acc + d) = 0.f;", ""),
-    ("D_i from dO twice", "fa_to_float(d_o[d]), fa_to_float(o[d])", "fa_to_float(d_o[d]), fa_to_float(d_o[d])"),
-    ("Q/dO used before their copies land", "cp_async_wait<1>();", "cp_async_wait<2>();"),
-    ("next Q/dO prefetched into the buffer in use", "issue(step + 1, buf ^ 1);", "issue(step + 1, buf);"),
-    (
-        "a packed sequence's dK/dV rows not moved to its keys",
-        "p.dk = static_cast<T *>(p.dk) + static_cast<int64_t>(k0) * p.dk_row_stride;",
-        "",
-    ),
-    ("a packed sequence's workspace rows by batch index", "seq.row0 = q0;", "seq.row0 = b * f.seqlen_q;"),
-    ("short path without D_i", "dsv[e] = pv[e] * (dp[t][2 * hf + e] - dl);", "dsv[e] = pv[e] * dp[t][2 * hf + e];"),
-    ("short path taken by a tile a mask cuts", "n0 + BN - 1 <= m0 + off + wr", "n0 <= m0 + off + wr"),
-    ("LSE of the other buffer", "const int lse_at = rows_of(buf),", "const int lse_at = rows_of(buf ^ (QBUFS - 1)),"),
-    (
-        "next step's loads race the last readers",
-        "            __syncthreads();  // before the next step's loads overwrite the tiles",
-        "",
-    ),
-    ("dQ rows past Lq added", "if (i < f.seqlen_q && c < f.head_dim)\n", "if (c < f.head_dim)\n"),
-    (
-        "P^T stored at the wrong column",
-        "const uint32_t at = PSwz::offset(jl, il0 / 8) + 2 * (il0 % 8);",
-        "const uint32_t at = PSwz::offset(jl, il0 / 8) + 2 * ((il0 + 2) % 8);",
-    ),
+/// Injected bugs in bwd_sm80.cu (every occurrence of each pattern edited).
+const TILED_MUTANTS: &[Mutant] = &[
+    Mutant {
+        name: "D_i left out of dS",
+        file: "bwd_sm80.cu",
+        edits: &[("(dp[t][2 * hf + e] - dl)", "(dp[t][2 * hf + e] - 0.f * dl)")],
+    },
+    Mutant {
+        name: "softcap derivative dropped",
+        file: "bwd_sm80.cu",
+        edits: &[("dcap = 1.f - th * th;", "dcap = 1.f;")],
+    },
+    Mutant {
+        name: "dK without the scale",
+        file: "bwd_sm80.cu",
+        edits: &[(
+            "fa_pack2<T>(f.scale * dk[t][2 * hf], f.scale * dk[t][2 * hf + 1])",
+            "fa_pack2<T>(dk[t][2 * hf], dk[t][2 * hf + 1])",
+        )],
+    },
+    Mutant {
+        name: "dK/dV from the first query head of a group only",
+        file: "bwd_sm80.cu",
+        edits: &[("steps = nm * f.q_per_kv", "steps = nm * 1")],
+    },
+    Mutant {
+        name: "query range from the wrong window side",
+        file: "bwd_sm80.cu",
+        edits: &[("max(0, n0 - off - wr)", "max(0, n0 - off - wl)")],
+    },
+    Mutant {
+        name: "window's right edge off by one",
+        file: "bwd_sm80.cu",
+        edits: &[("(wr < 0 || j <= i + off + wr)", "(wr < 0 || j < i + off + wr)")],
+    },
+    Mutant {
+        name: "ALiBi bias with the wrong sign",
+        file: "bwd_sm80.cu",
+        edits: &[("x -= slope * fabsf", "x += slope * fabsf")],
+    },
+    Mutant {
+        name: "ALiBi batch stride ignored",
+        file: "bwd_sm80.cu",
+        edits: &[("f.alibi_slopes[b * f.alibi_batch_stride + h]", "f.alibi_slopes[h]")],
+    },
+    Mutant {
+        name: "no barrier between storing P^T/dS^T and the GEMMs that read them",
+        file: "bwd_sm80.cu",
+        edits: &[(
+            "            __syncthreads();\n\n            // ---- dV += P^T dO",
+            "\n            // ---- dV += P^T dO",
+        )],
+    },
+    Mutant {
+        name: "dQ from dS^T (untransposed fragment)",
+        file: "bwd_sm80.cu",
+        edits: &[(
+            "frag_a_t<PCH>(sa, ds_tile, 16 * ks, 16 * rg, fl);",
+            "frag_a<PCH>(sa, ds_tile, 16 * ks, 16 * rg, fl);",
+        )],
+    },
+    Mutant {
+        name: "dQ turn off by one",
+        file: "bwd_sm80.cu",
+        edits: &[("n_blk - first_visitor(m)", "n_blk - first_visitor(m) + 1")],
+    },
+    Mutant {
+        name: "first visitor of a windowed query block wrong",
+        file: "bwd_sm80.cu",
+        edits: &[("m * BM + off - wl", "m * BM + off - wl + BN")],
+    },
+    Mutant {
+        name: "dQ accumulator not zeroed",
+        file: "bwd_sm80.cu",
+        edits: &[("*reinterpret_cast<float *>(acc + d) = 0.f;", "")],
+    },
+    Mutant {
+        name: "D_i from dO twice",
+        file: "bwd_sm80.cu",
+        edits: &[("fa_to_float(d_o[d]), fa_to_float(o[d])", "fa_to_float(d_o[d]), fa_to_float(d_o[d])")],
+    },
+    Mutant {
+        name: "Q/dO used before their copies land",
+        file: "bwd_sm80.cu",
+        edits: &[("cp_async_wait<1>();", "cp_async_wait<2>();")],
+    },
+    Mutant {
+        name: "next Q/dO prefetched into the buffer in use",
+        file: "bwd_sm80.cu",
+        edits: &[("issue(step + 1, buf ^ 1);", "issue(step + 1, buf);")],
+    },
+    Mutant {
+        name: "a packed sequence's dK/dV rows not moved to its keys",
+        file: "bwd_sm80.cu",
+        edits: &[("p.dk = static_cast<T *>(p.dk) + static_cast<int64_t>(k0) * p.dk_row_stride;", "")],
+    },
+    Mutant {
+        name: "a packed sequence's workspace rows by batch index",
+        file: "bwd_sm80.cu",
+        edits: &[("seq.row0 = q0;", "seq.row0 = b * f.seqlen_q;")],
+    },
+    Mutant {
+        name: "short path without D_i",
+        file: "bwd_sm80.cu",
+        edits: &[("dsv[e] = pv[e] * (dp[t][2 * hf + e] - dl);", "dsv[e] = pv[e] * dp[t][2 * hf + e];")],
+    },
+    Mutant {
+        name: "short path taken by a tile a mask cuts",
+        file: "bwd_sm80.cu",
+        edits: &[("n0 + BN - 1 <= m0 + off + wr", "n0 <= m0 + off + wr")],
+    },
+    Mutant {
+        name: "LSE of the other buffer",
+        file: "bwd_sm80.cu",
+        edits: &[("const int lse_at = rows_of(buf),", "const int lse_at = rows_of(buf ^ (QBUFS - 1)),")],
+    },
+    Mutant {
+        name: "next step's loads race the last readers",
+        file: "bwd_sm80.cu",
+        edits: &[("            __syncthreads();  // before the next step's loads overwrite the tiles", "")],
+    },
+    Mutant {
+        name: "dQ rows past Lq added",
+        file: "bwd_sm80.cu",
+        edits: &[("if (i < f.seqlen_q && c < f.head_dim)\n", "if (c < f.head_dim)\n")],
+    },
+    Mutant {
+        name: "P^T stored at the wrong column",
+        file: "bwd_sm80.cu",
+        edits: &[(
+            "const uint32_t at = PSwz::offset(jl, il0 / 8) + 2 * (il0 % 8);",
+            "const uint32_t at = PSwz::offset(jl, il0 / 8) + 2 * ((il0 + 2) % 8);",
+        )],
+    },
 ];
 
 /// Each injected bug in a copy of kernels/bwd_sm80.cu must fail the tiled
@@ -787,46 +888,25 @@ fn tiled_negative_control() -> Result<Completion, Failed> {
         Ok(i) => i,
         Err(r) => return r,
     };
-    let src = std::fs::read_to_string(kernels_dir().join("bwd_sm80.cu"))?;
     let base = std::env::temp_dir().join(format!("fused-attn-bwd-tiled-neg-{}", std::process::id()));
-    let mut missed = Vec::new();
-    for (i, (name, from, to)) in TILED_MUTANTS.iter().enumerate() {
-        if !src.contains(from) {
-            return Err(format!("mutant `{name}`: `{from}` is not in bwd_sm80.cu (update the mutant)").into());
-        }
-        let work = base.join(format!("m{i}"));
-        let kernels = work.join("src");
-        copy_dir(&kernels_dir(), &kernels)?;
-        std::fs::write(kernels.join("bwd_sm80.cu"), src.replacen(from, to, 1))?;
-        let exe = build_emulator(&work, &include, &kernels)?;
-        let runners = [
-            Runner::Emulator { exe: exe.clone(), deterministic: true },
-            Runner::Emulator { exe, deterministic: false },
-        ];
-        match sweep_with(&runners, &tiled_cases(), &work)? {
-            Ok(_) => missed.push(*name),
-            Err(first) => eprintln!("caught  {name}\n          {}", first.lines().next().unwrap_or("")),
-        }
-    }
+    let r = negative_control(
+        TILED_MUTANTS.iter().map(|m| m.name),
+        |i| {
+            let work = base.join(format!("m{i}"));
+            let kernels = work.join("src");
+            emu::mutated_copy(&kernels_dir(), &kernels, Some(&TILED_MUTANTS[i]))
+                .map_err(|e| format!("mutant `{}`: {e} (update the mutant)", TILED_MUTANTS[i].name))?;
+            let exe = build_emulator(&work, &include, &kernels)?;
+            let runners = [
+                Runner::Emulator { exe: exe.clone(), deterministic: true },
+                Runner::Emulator { exe, deterministic: false },
+            ];
+            sweep_with(&runners, &tiled_cases(), &work)
+        },
+        "the tiled backward's emulated tier",
+    );
     let _ = std::fs::remove_dir_all(&base);
-    if missed.is_empty() {
-        Ok(Completion::Completed)
-    } else {
-        Err(format!("the tiled backward's emulated tier missed: {}", missed.join("; ")).into())
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        if e.file_type()?.is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()))?;
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name()))?;
-        }
-    }
-    Ok(())
+    r
 }
 
 fn main() {

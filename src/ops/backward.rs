@@ -219,7 +219,7 @@ impl Attention {
             desc("dk", &dk.view, dk.layout),
             desc("dv", &dv.view, dv.layout),
         ];
-        let p = self.validate_bwd(
+        let p = validate_bwd(
             T::DTYPE,
             [&fwd[0], &fwd[1], &fwd[2], &o_desc],
             &lse_desc,
@@ -321,7 +321,7 @@ impl Attention {
         // A raw dsinks pointer carries no length: Hq by contract.
         let heads_q = q.layout.shape[2];
         let ds_len = (dsinks != 0).then_some(heads_q);
-        let p = self.validate_bwd(dtype, [&fwd[0], &fwd[1], &fwd[2], &fwd[3]], &lse_desc, &grad, ds_len, None, opts)?;
+        let p = validate_bwd(dtype, [&fwd[0], &fwd[1], &fwd[2], &fwd[3]], &lse_desc, &grad, ds_len, None, opts)?;
         let mods = ModAddrs {
             alibi_slopes: raw_modifier("alibi_slopes", opts.alibi.map(|a| a.slopes))?,
             sinks: raw_modifier("sinks", opts.sinks)?,
@@ -342,25 +342,6 @@ impl Attention {
         };
         // SAFETY: by this function's contract and the checks above.
         unsafe { self.launch_backward(cu_stream, call) }
-    }
-
-    /// Validation shared by the backward entry points.
-    #[allow(clippy::too_many_arguments)]
-    fn validate_bwd(
-        &self,
-        dtype: DType,
-        tensors: [&TensorDesc; 4],
-        lse: &LseDesc,
-        grad: &[TensorDesc; 4],
-        dsinks_len: Option<usize>,
-        seq: Option<&crate::validate::SeqInfo>,
-        opts: &AttentionOptions,
-    ) -> Result<Problem> {
-        let g = [&grad[0], &grad[1], &grad[2], &grad[3]];
-        match seq {
-            None => validate_backward(dtype, tensors, lse, g, dsinks_len, opts),
-            Some(s) => validate_backward_varlen(dtype, tensors, lse, g, dsinks_len, s, opts),
-        }
     }
 
     /// Chooses the kernels of a validated call and launches them.
@@ -493,6 +474,24 @@ struct BwdCall<'d> {
     mods: ModAddrs,
     /// A packed batch's tables and its query tokens.
     seq: Option<(SeqAddrs, usize)>,
+}
+
+/// Validation shared by the backward entry points.
+#[allow(clippy::too_many_arguments)]
+fn validate_bwd(
+    dtype: DType,
+    tensors: [&TensorDesc; 4],
+    lse: &LseDesc,
+    grad: &[TensorDesc; 4],
+    dsinks_len: Option<usize>,
+    seq: Option<&crate::validate::SeqInfo>,
+    opts: &AttentionOptions,
+) -> Result<Problem> {
+    let g = [&grad[0], &grad[1], &grad[2], &grad[3]];
+    match seq {
+        None => validate_backward(dtype, tensors, lse, g, dsinks_len, opts),
+        Some(s) => validate_backward_varlen(dtype, tensors, lse, g, dsinks_len, s, opts),
+    }
 }
 
 fn workspace_overflow() -> Error {
