@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU host from the bundle staged by scripts/gpu-bundle.sh.
 #   run.sh OUTDIR [phase...]    phases: tests sanitize quickstart serving alignment bench peers report all
-# TEST_FILTER (e.g. "sweep/sm90") narrows the tests phase; TEST_TIMEOUT caps it (s).
+# TEST_FILTER (e.g. "sweep/sm90") narrows the tests phase; TEST_TIMEOUT caps it (s);
+# TEST_THREADS (default 4) sets the trials run at once.
 # Default: tests sanitize quickstart. Every phase logs under OUTDIR; the last
 # lines of each log are echoed so a truncated console still shows the verdict.
 set -uo pipefail
@@ -27,11 +28,11 @@ for phase in "${phases[@]}"; do
     tests)
       # A kernel that hangs (e.g. an mbarrier never completing) must still leave a log.
       FUSED_ATTN_GPU_LOG="$outdir/gpu-tests-cases.log" timeout "${TEST_TIMEOUT:-540}" "$here/bin/gpu-tests" \
-        --test-threads 4 ${TEST_FILTER:-} > "$outdir/gpu-tests.log" 2>&1 || status=1
+        --test-threads "${TEST_THREADS:-4}" ${TEST_FILTER:-} > "$outdir/gpu-tests.log" 2>&1 || status=1
       grep -E "^test result|^summary|FAILED|failed|panicked" "$outdir/gpu-tests.log" | tail -n 40
       # The C ABI on the GPU (forward per family, backward, streams).
       if [ -x "$here/bin/capi-gpu-tests" ]; then
-        timeout 240 "$here/bin/capi-gpu-tests" --test-threads 4 > "$outdir/capi-gpu-tests.log" 2>&1 || status=1
+        timeout 240 "$here/bin/capi-gpu-tests" --test-threads "${TEST_THREADS:-4}" > "$outdir/capi-gpu-tests.log" 2>&1 || status=1
         echo "capi: $(grep -E '^test result' "$outdir/capi-gpu-tests.log" | tr '\n' ' ')"
       fi ;;
     sanitize)

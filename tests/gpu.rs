@@ -1849,7 +1849,7 @@ fn row_errors<T: Element>(
         err2 += e2;
         ref2 += r2;
         if r2 > 0.0 {
-            worst_row = worst_row.max((e2 / r2).sqrt());
+            worst_row = worst_row.max((e2 / r2.max(row_norm_floor2(T::DTYPE, width))).sqrt());
         } else if e2 > 0.0 {
             return Err(format!("{kernel}: row {i} sees no key but O is not 0").into());
         }

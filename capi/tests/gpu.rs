@@ -13,7 +13,10 @@ use std::ffi::CStr;
 use std::sync::Arc;
 
 use fused_attn::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
-use fused_attn::{Attention, AttentionOptions, DeviceTensor, DeviceTensorMut, Layout, LseLayout, LseTensorMut, Mask};
+use fused_attn::{
+    Alibi, Attention, AttentionOptions, DeviceTensor, DeviceTensorMut, HeadValues, Layout, LseLayout, LseTensorMut,
+    Mask,
+};
 use fused_attn_capi::*;
 use half::{bf16, f16};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -210,6 +213,13 @@ fn run_case<T: fused_attn::Element>(h: &Handle, ctx: &Arc<CudaContext>, c: Case)
         });
         if c.opts.softcap != 0.0 {
             ro = ro.with_softcap(c.opts.softcap);
+        }
+        // The same modifiers as the ABI call (found missing on the first GPU
+        // run, 2026-11-26: the comparison then set two different problems).
+        if c.mods {
+            ro = ro
+                .with_alibi(Alibi::per_batch(HeadValues::Device(&slopes_dev)))
+                .with_sinks(HeadValues::Device(&sinks_dev));
         }
         let (qt, kt, vt) = (DeviceTensor::new(&q, ql), DeviceTensor::new(&k, kl), DeviceTensor::new(&v, vl));
         attn.forward_into(&stream, &qt, &kt, &vt, &mut ot, Some(&mut lt), &ro)?;

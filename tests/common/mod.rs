@@ -423,6 +423,21 @@ pub fn run_and_check_mods<T: Element>(
     Ok(Checked { kernel, cmp: compare(&r, &smax, s, (&o_host, ol), (&lse_host, ll))? })
 }
 
+/// The squared norm under which an O row of `d` elements is measured in
+/// absolute terms: `d` elements at the dtype's smallest normal value. Below
+/// it the output type holds only subnormals (f16: steps of 2^-24), so a row
+/// whose true values are all smaller (a sink of 25 outweighing every key
+/// makes them ~1e-10) cannot keep its relative precision; it rounds to 0 in
+/// f16 on every family. bf16 has f32's range: its floor never matters. Seen
+/// on the first H200 run (2026-11-26): 26 f16 sink trials, worst row 1.0.
+pub fn row_norm_floor2(dtype: DType, d: usize) -> f64 {
+    let min_normal = match dtype {
+        DType::F16 => 2f64.powi(-14),
+        DType::BF16 => 2f64.powi(-126),
+    };
+    d as f64 * min_normal * min_normal
+}
+
 /// The comparison half of [`run_and_check`], for callers with their own
 /// launch: `o_alloc` is O's whole allocation with the view at [`O_GUARD`],
 /// `lse_alloc` LSE's with the view at [`LSE_GUARD`].
@@ -496,6 +511,7 @@ pub fn compare<T: Element>(
     }
 
     // Per-row errors. O rows are (b, i, h) in BSHD order; LSE rows (b, h, i).
+    let floor2 = row_norm_floor2(T::DTYPE, d);
     let mut row_err = 0.0f64;
     for (g, want) in got.chunks_exact(d.max(1)).zip(r.o.chunks_exact(d.max(1))) {
         let (mut err2, mut ref2) = (0.0f64, 0.0f64);
@@ -506,7 +522,7 @@ pub fn compare<T: Element>(
         let rel = if !err2.is_finite() {
             f64::INFINITY
         } else if ref2 > 0.0 {
-            (err2 / ref2).sqrt()
+            (err2 / ref2.max(floor2)).sqrt()
         } else if err2 > 0.0 {
             f64::INFINITY // a row with no visible key must be exactly 0
         } else {
