@@ -86,6 +86,22 @@ __device__ __forceinline__ void fa_bwd_wait_turn(const int32_t *sem, int turn) {
         while (fa_ld_acquire(sem) != turn) __nanosleep(64);
     __syncthreads();
 }
+// dQ partials into the f32 accumulator, two adjacent columns per call (c
+// even, head_dim a multiple of 8, the workspace 16-byte aligned). On sm90
+// one explicit 8-byte vector reduction: for a plain atomicAdd whose result
+// is unused, sm_90a's ptxas chose ATOMG (a returning atomic, its registers
+// scoreboarded until L2 answers; 1.8x the kernel's time on an H200) where
+// sm_80's chose RED, which atomicAdd keeps there (with the address offsets
+// folded in, which an asm operand would not allow). The compile tier checks
+// both in the SASS.
+__device__ __forceinline__ void fa_red_add_f32x2(float *p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
 __device__ __forceinline__ void fa_bwd_pass_turn(int32_t *sem) {
     __threadfence();  // this thread's adds before the counter moves
     __syncthreads();
@@ -240,7 +256,17 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &launch) {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, tig = lane % 4;
     const int rg = warp % 4, part = warp / 4;  // row group of 16, and this warp's share of the other side
-    const int n_blk = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    // Deterministic mode with keys bounded on the right (causal, windows):
+    // each query block's adds go from its last visiting key block down, and
+    // the grid runs key blocks in reverse so that the block waited for was
+    // dispatched first. Ascending, the diagonal block of query block m would
+    // wait for m earlier key blocks to reach it: a staircase of idle CTAs
+    // (measured 1.9x the atomic mode's time, causal hd128 S 4k, H200).
+    // Descending, key block j reaches query block j + s at its step s, one
+    // step after key block j + 1 did: no wait in the steady state.
+    const bool desc = launch.deterministic && launch.fwd.window_right >= 0;
+    const int n_blk = desc ? static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x) : blockIdx.x;
+    const int hk = blockIdx.y, b = blockIdx.z;
     const FaBwdSeq seq = fa_bwd_bind<T>(p, b);
     const FaFwdParams &f = p.fwd;
     const int n0 = n_blk * BN, off = f.diag_offset, wl = f.window_left, wr = f.window_right;
@@ -267,8 +293,18 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &launch) {
         cp_async_commit();
     }
 
-    // The first key block that visits query block m, whose turn is 0.
-    auto first_visitor = [&](int m) { return wl < 0 ? 0 : max(0, fa_floor_div(m * BM + off - wl, BN)); };
+    // This key block's turn at query block m. Ascending, keys are unbounded
+    // on the right, hence on the left too (a window bounds both sides: the
+    // full mask): every key block visits every query block, from block 0.
+    // Descending: the distance from the last key block that visits m, the
+    // last whose queries [q_lo, q_hi) above reach into block m and the
+    // sequence, and that has keys.
+    auto turn_of = [&](int m) {
+        if (!desc) return n_blk;
+        const int last = min((f.seqlen_k + BN - 1) / BN - 1,
+                             fa_floor_div(min((m + 1) * BM, f.seqlen_q) + off + wr - 1, BN));
+        return last - n_blk;
+    };
 
     float dk[CW / 8][4], dv[CW / 8][4];
 #pragma unroll
@@ -293,15 +329,18 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &launch) {
                     static_cast<const T *>(f.q));
         loader.load(q_tile_of(buf) + Cfg::kTileBytes, d_o + static_cast<int64_t>(m0) * p.do_row_stride,
                     p.do_row_stride, f.seqlen_q - m0, static_cast<const T *>(p.d_o));
-        cp_async_commit();
+        // LSE and D ride in the same group: read synchronously, they held
+        // two warps for an L2 round trip every step while the rest waited
+        // at the barrier. Rows past the end get zeros (nothing read).
         if (tid < BM) {
             const int i = m0 + tid;
             const bool in = i < f.seqlen_q;
             const float *lse = pb.fwd.lse + b * f.lse_batch_stride + h * f.lse_head_stride;
-            *reinterpret_cast<float *>(smem + rows_of(buf) + 4 * tid) = in ? lse[i] : 0.f;
-            *reinterpret_cast<float *>(smem + rows_of(buf) + 4 * (BM + tid)) =
-                in ? p.delta[fa_bwd_row(seq, f, h, i)] : 0.f;
+            cp_async_4(base + rows_of(buf) + 4 * tid, in ? lse + i : lse, in ? 4 : 0);
+            cp_async_4(base + rows_of(buf) + 4 * (BM + tid), in ? p.delta + fa_bwd_row(seq, f, h, i) : p.delta,
+                       in ? 4 : 0);
         }
+        cp_async_commit();
     };
     if (QBUFS == 2 && steps > 0) issue(0, 0);
 
@@ -451,15 +490,15 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &launch) {
                         mma_16816<T>(dq[2 * t + 1], sa, kb[2], kb[3]);
                     }
                 }
-                if (c0 == 0 && p.deterministic) fa_bwd_wait_turn(turns + m, n_blk - first_visitor(m));
+                if (c0 == 0 && p.deterministic) fa_bwd_wait_turn(turns + m, turn_of(m));
 #pragma unroll
                 for (int t = 0; t < DQW / 8; ++t)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int i = m0 + 16 * rg + g + 8 * (e >> 1);
-                        const int c = part * CW + c0 + 8 * t + 2 * tig + (e & 1);
+                    for (int hf = 0; hf < 2; ++hf) {  // rows g and g + 8; columns c, c + 1
+                        const int i = m0 + 16 * rg + g + 8 * hf;
+                        const int c = part * CW + c0 + 8 * t + 2 * tig;
                         if (i < f.seqlen_q && c < f.head_dim)
-                            atomicAdd(acc + i * acc_row_step + c, dq[t][e]);
+                            fa_red_add_f32x2(acc + i * acc_row_step + c, dq[t][2 * hf], dq[t][2 * hf + 1]);
                     }
             }
             if (p.deterministic) fa_bwd_pass_turn(turns + m);

@@ -668,6 +668,27 @@ fn tiled_cases() -> Vec<Case> {
         seed,
         seqs: None,
     });
+    // A window reaching right, Lk well past Lq, top-left: the last key
+    // block to visit the partial last query block is set by Lq, not by the
+    // block's end (deterministic mode's descending turns), GQA 4:1.
+    seed += 1;
+    out.push(Case {
+        b: 1,
+        lq: 100,
+        lk: 300,
+        hq: 8,
+        hk: 2,
+        d: 64,
+        mask: Mask::window(30, 28),
+        top_left: true,
+        scale: Some(0.3),
+        softcap: None,
+        alibi: false,
+        sinks: false,
+        bf16: false,
+        seed,
+        seqs: None,
+    });
     // Packed batches: an empty sequence, one without keys, 1x1, lengths
     // around the tile, longer than one tile on both sides.
     type Packed = (&'static [(usize, usize)], usize, usize, usize, Mask, bool);
@@ -809,12 +830,33 @@ const TILED_MUTANTS: &[Mutant] = &[
     Mutant {
         name: "dQ turn off by one",
         file: "bwd_sm80.cu",
-        edits: &[("n_blk - first_visitor(m)", "n_blk - first_visitor(m) + 1")],
+        edits: &[("if (!desc) return n_blk;", "if (!desc) return n_blk + 1;")],
     },
     Mutant {
-        name: "first visitor of a windowed query block wrong",
+        name: "descending dQ turn off by one",
         file: "bwd_sm80.cu",
-        edits: &[("m * BM + off - wl", "m * BM + off - wl + BN")],
+        edits: &[("return last - n_blk;", "return last - n_blk + 1;")],
+    },
+    Mutant {
+        name: "descending turns on an ascending grid",
+        file: "bwd_sm80.cu",
+        edits: &[(
+            "static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x) : blockIdx.x",
+            "blockIdx.x : blockIdx.x",
+        )],
+    },
+    Mutant {
+        name: "last visitor past the sequence's queries",
+        file: "bwd_sm80.cu",
+        edits: &[(
+            "fa_floor_div(min((m + 1) * BM, f.seqlen_q) + off + wr - 1, BN)",
+            "fa_floor_div((m + 1) * BM + off + wr - 1, BN)",
+        )],
+    },
+    Mutant {
+        name: "LSE copied from the block's rows of query block 0",
+        file: "bwd_sm80.cu",
+        edits: &[("in ? lse + i : lse", "in ? lse + tid : lse")],
     },
     Mutant {
         name: "dQ accumulator not zeroed",

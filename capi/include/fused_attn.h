@@ -338,7 +338,8 @@ FusedAttnStatus fused_attn_backward_workspace_len(int64_t batch,
 //   options must have sinks).
 // - `workspace`: null (the baseline CUDA-core kernels run), or
 //   `workspace_len` `float`s, at least [`fused_attn_backward_workspace_len`],
-//   for the tiled tensor-core kernels (sm_80+, head_dim ≤ 256, 16-byte
+//   at a 16-byte aligned address (else `FUSED_ATTN_STATUS_MISALIGNED`
+//   naming `workspace`), for the tiled tensor-core kernels (sm_80+, head_dim ≤ 256, 16-byte
 //   aligned tensors; else the baseline runs anyway).
 // - `deterministic` non-zero: bitwise-identical gradients run to run (the
 //   tiled kernels add dQ in a fixed order; the baseline always is).

@@ -392,7 +392,7 @@ fn backward_case(h: &Handle, ctx: &Arc<CudaContext>, det: bool) -> Result<(), Fa
             fused_attn_forward(h.0, cs, dt, &t(&qd, &ql), &t(&kd, &kl), &t(&vd, &kl), &t(&od, &ql), &lse_c, &opts),
             "forward",
         )?;
-        check(
+        let backward = |ws: *mut f32, len: u64| {
             fused_attn_backward(
                 h.0,
                 cs,
@@ -407,13 +407,19 @@ fn backward_case(h: &Handle, ctx: &Arc<CudaContext>, det: bool) -> Result<(), Fa
                 &t(&dkd, &kl),
                 &t(&dvd, &kl),
                 std::ptr::null_mut(),
-                addr(&wsd, &stream) as usize as *mut f32,
-                ws_len,
+                ws,
+                len,
                 i32::from(det),
                 &opts,
-            ),
-            "backward",
-        )?;
+            )
+        };
+        let ws = addr(&wsd, &stream) as usize as *mut f32;
+        // One float in: the dQ accumulator's paired reductions need 16 bytes.
+        let st = backward(ws.wrapping_add(1), ws_len - 1);
+        if st != FusedAttnStatus::Misaligned || !last_error().contains("workspace") {
+            return Err(format!("a workspace 4 bytes off alignment: {st:?} ({}), want Misaligned", last_error()).into());
+        }
+        check(backward(ws, ws_len), "backward")?;
     }
     let (dq, dk, dv) = (stream.clone_dtoh(&dqd)?, stream.clone_dtoh(&dkd)?, stream.clone_dtoh(&dvd)?);
     let (mut rq, mut rk, mut rv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; k.len()]);

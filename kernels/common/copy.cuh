@@ -17,6 +17,12 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void *src, uint3
                  "r"(src_bytes));
 }
 
+// 4-byte copy (one f32: a row's LSE or D), zero-filled when src_bytes = 0.
+// Only .ca takes sizes below 16; the line it leaves in L1 is never reused.
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void *src, uint32_t src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
 __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::);
 }

@@ -288,7 +288,8 @@ impl Attention {
     /// [`forward_into`](Self::forward_into): the same validation (bounds
     /// against each layout's own extent), kernel choice and launches on
     /// `cu_stream`. `dsinks`: 0 for none, else `Hq` f32; `workspace`: its
-    /// address and length in f32 elements.
+    /// address (16-byte aligned, else [`Error::Misaligned`] naming
+    /// `workspace`) and length in f32 elements.
     ///
     /// # Safety
     /// As [`forward_raw`](Self::forward_raw) for `q`, `k`, `v`, `o`, `lse`
@@ -360,9 +361,21 @@ impl Attention {
         let ws_layout = tokens
             .and_then(|t| bwd_workspace(t, p.batch, p.seqlen_q, p.heads_q, p.head_dim))
             .ok_or_else(workspace_overflow)?;
-        if let Some((_, len)) = c.workspace {
+        if let Some((addr, len)) = c.workspace {
             if len < ws_layout.len {
                 return Err(Error::OutOfBounds { arg: "workspace", needed: ws_layout.len, len });
+            }
+            // The dQ accumulator takes paired f32 adds (8-byte vector
+            // reductions on sm90); 16 keeps every region of it aligned.
+            if addr % 16 != 0 {
+                let need = "is not a multiple of 16";
+                return Err(Error::Misaligned {
+                    arg: "workspace",
+                    kernel: "fa_bwd_sm80",
+                    what: "base address",
+                    bytes: addr,
+                    need,
+                });
             }
         }
         let layouts = [c.fwd[0].layout, c.fwd[1].layout, c.fwd[2].layout, c.fwd[3].layout];

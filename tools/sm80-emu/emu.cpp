@@ -67,7 +67,7 @@ static double noise() {
 enum { RUN, WAIT_WARP, WAIT_BAR, DONE };
 enum { OP_SHFL = 1, OP_SHFL_IDX, OP_LDSM, OP_LDSM_T, OP_MMA_F16, OP_MMA_BF16, OP_SYNCWARP };
 
-struct Copy { uint32_t dst; const unsigned char *src; uint32_t bytes; int seq; bool landed; };
+struct Copy { uint32_t dst; const unsigned char *src; uint32_t bytes; int seq; bool landed; uint32_t size = 16; };
 
 struct Lane {
     ucontext_t ctx;     // fiber context where emu_switch is not available
@@ -92,6 +92,7 @@ struct Lane {
 
 unsigned char *emu_smem;
 uint3 blockIdx;
+uint3 gridDim;  // set by the backward's launches (its reversed grid)
 static std::vector<Lane> lanes;
 static uint8_t lstate[1024];  // each lane's RUN/WAIT_*/DONE, apart from Lane: the scheduler scans it every step
 static int cur = -1;
@@ -317,8 +318,8 @@ void *emu_shared_alloc(size_t bytes) {
 // ------------------------------------------------------------------ cp.async
 static void do_copy(Copy &c) {
     if (c.landed) return;
-    if (c.bytes) memcpy(emu_smem + c.dst, c.src, 16);
-    else memset(emu_smem + c.dst, 0, 16);
+    if (c.bytes) memcpy(emu_smem + c.dst, c.src, c.size);
+    else memset(emu_smem + c.dst, 0, c.size);
     c.landed = true;
 }
 
@@ -331,23 +332,27 @@ int32_t emu_table_read(const int32_t *table, int64_t i) {
     return *e;
 }
 
-void emu_cp_async_16(uint32_t dst, const void *src, uint32_t bytes) {
-    if (dst % 16 || dst + 16 > smem_bytes) { FAIL("cp.async dst %u out of smem (%zu)", dst, smem_bytes); return; }
-    if (bytes != 0 && bytes != 16) FAIL("cp.async bytes %u", bytes);
+// cp.async of `size` bytes (16: .cg tiles; 4: .ca rows of LSE and D):
+// both addresses aligned to the size, src_bytes all or nothing.
+static void cp_async(uint32_t dst, const void *src, uint32_t bytes, uint32_t size) {
+    if (dst % size || dst + size > smem_bytes) { FAIL("cp.async dst %u out of smem (%zu)", dst, smem_bytes); return; }
+    if (bytes != 0 && bytes != size) FAIL("cp.async bytes %u of %u", bytes, size);
     const unsigned char *s = (const unsigned char *)src;
-    if ((uintptr_t)s % 16) FAIL("cp.async src misaligned");
+    if ((uintptr_t)s % size) FAIL("cp.async src misaligned");
     if (bytes) {
         bool ok = false;
-        for (auto &r : readable) ok |= s >= r.lo && s + 16 <= r.hi;
-        if (!ok) { FAIL("cp.async reads outside Q/K/V (thread %d)", cur); return; }
+        for (auto &r : readable) ok |= s >= r.lo && s + size <= r.hi;
+        if (!ok) { FAIL("cp.async reads outside the kernel's inputs (thread %d)", cur); return; }
     }
     Lane &L = lanes[cur];
-    Copy c{dst, s, bytes, ++L.seq, false};
+    Copy c{dst, s, bytes, ++L.seq, false, size};
     ++n_cp_async;
-    shadow_access(dst, 16, cur, false, true, c.seq, "cp.async");
+    shadow_access(dst, size, cur, false, true, c.seq, "cp.async");
     if (land == LAND_EAGER) do_copy(c);
     L.open.push_back(c);
 }
+void emu_cp_async_16(uint32_t dst, const void *src, uint32_t bytes) { cp_async(dst, src, bytes, 16); }
+void emu_cp_async_4(uint32_t dst, const void *src, uint32_t bytes) { cp_async(dst, src, bytes, 4); }
 void emu_cp_async_commit() {
     Lane &L = lanes[cur];
     L.groups.push_back(std::move(L.open));
@@ -1322,6 +1327,7 @@ static void run_bwd_grid(void (*fn)(FaBwdParams), const FaBwdParams &p, uint3 gr
     emu_smem = smem_buf.data() + (128 - (uintptr_t)smem_buf.data() % 128) % 128;
     bwd_fn = fn;
     bwd_params = p;
+    gridDim = grid;
     std::vector<uint3> order;
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)

@@ -27,6 +27,7 @@ sub('common/mma.cuh', mma)
 sub('common/math.cuh', lambda s: re.sub(r'asm\("ex2\.approx.*?\);\n', 'y = emu_ex2(x);\n', s, flags=re.S))
 def copy(s):
     s = re.sub(r'asm volatile\("cp\.async\.cg.*?\);\n', 'emu_cp_async_16(dst, src, src_bytes);\n', s, flags=re.S)
+    s = re.sub(r'asm volatile\("cp\.async\.ca.*?\);\n', 'emu_cp_async_4(dst, src, src_bytes);\n', s, flags=re.S)
     s = re.sub(r'asm volatile\("cp\.async\.commit_group.*?\);\n', 'emu_cp_async_commit();\n', s, flags=re.S)
     s = re.sub(r'asm volatile\("cp\.async\.wait_group.*?\);\n', 'emu_cp_async_wait(N);\n', s, flags=re.S)
     s = re.sub(r'asm volatile\("ldmatrix\.sync\.aligned\.m8n8\.x4\.shared.*?\);\n', 'emu_ldsm(r, addr, false);\n', s, flags=re.S)
@@ -66,6 +67,9 @@ sub('common/sm80_tile_io.cuh', deref)
 def bwd(s):
     s = re.sub(r'asm volatile\("ld\.acquire\.gpu.*?\);\n', 'v = emu_ld_acquire(p);\n', s, flags=re.S)
     s = re.sub(r'asm volatile\("red\.release\.gpu.*?\);\n', 'emu_red_release_add1(p);\n', s, flags=re.S)
+    # The dQ reductions' sm90 vector form (behind __CUDA_ARCH__ >= 900, never
+    # compiled here: the emulator takes the atomicAdd branch beside it).
+    s = re.sub(r'asm volatile\("red\.global\.add\.v2\.f32.*?\);\n', 'atomicAdd(p, a); atomicAdd(p + 1, b);\n', s, flags=re.S)
     s = re.sub(r'asm\("mov\.u32 %0, %%dynamic_smem_size.*?\);\n', 'v = emu_dynamic_smem_bytes();\n', s, flags=re.S)
     return deref(s.replace('extern __shared__ __align__(128) unsigned char smem[];', 'unsigned char *smem = emu_smem;'))
 sub('bwd_sm80.cu', bwd)

@@ -40,6 +40,7 @@ static inline int max(int a, int b) { return a > b ? a : b; }
 
 extern unsigned char *emu_smem;
 extern uint3 blockIdx;
+extern uint3 gridDim;
 uint3 emu_thread_idx();
 #define threadIdx (emu_thread_idx())
 
@@ -55,6 +56,7 @@ float __fdividef(float a, float b);
 float emu_ex2(float x);
 
 void emu_cp_async_16(uint32_t dst, const void *src, uint32_t src_bytes);
+void emu_cp_async_4(uint32_t dst, const void *src, uint32_t src_bytes);
 void emu_cp_async_commit();
 void emu_cp_async_wait(int n);
 void emu_ldsm(uint32_t (&r)[4], uint32_t addr, bool trans);
