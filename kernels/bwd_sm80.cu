@@ -25,17 +25,18 @@
 //   3. fa_bwd_sm80_dq_*: dQ = scale * accumulator, into dQ's own layout.
 //
 // dQ gets contributions from every key block, so CTAs add into the f32
-// accumulator with atomics (red.global.add.f32). Deterministic mode orders
-// those adds: the CTAs that visit a query block take turns in key-block
-// order through a counter per (batch, head, query block) — the same
-// additions in the same order on every run, hence bitwise-identical
-// gradients. It relies on CTAs being dispatched in grid order (x fastest:
-// key blocks of one head are consecutive), as FlashAttention-3's
-// deterministic mode does; a CTA only ever waits for lower key blocks.
+// accumulator with reductions (red.global.add, paired on sm90).
+// Deterministic mode orders those adds: the CTAs that visit a query block
+// take turns in key-block order (descending under causal and window masks)
+// through a counter per (batch, head, query block) — the same additions in
+// the same order on every run, hence bitwise-identical gradients. A CTA
+// takes its block from a ticket counter, not blockIdx, so it only ever
+// waits for CTAs that started before it, whatever the dispatch order
+// (FlashAttention-3's mode assumes grid-order dispatch instead).
 //
 // Tile shape: 64 keys x 64 queries; 4 warps up to hd64, 8 above (SPLIT = 2
 // halves the per-warp columns, so dK + dV take D registers per thread at
-// any D). Not measured on a GPU yet.
+// any D). Measured on an H200: docs/perf-notes.md.
 #include "params.h"
 #include "common/types.cuh"
 #include "common/copy.cuh"
@@ -102,8 +103,13 @@ __device__ __forceinline__ void fa_red_add_f32x2(float *p, float a, float b) {
     atomicAdd(p + 1, b);
 #endif
 }
+// Ends the step: the barrier orders every thread's adds before thread 0's
+// release (cumulative at gpu scope), as CUTLASS's generic barrier and
+// FlashAttention-3's deterministic dQ do. Per-thread fences (a fence.sc
+// each, waiting for that thread's reductions to reach L2) cost the mode
+// 1.33x the atomic mode's time on the H200 (2026-11-26). The other warps go
+// on to the next step's copies while thread 0's release drains.
 __device__ __forceinline__ void fa_bwd_pass_turn(int32_t *sem) {
-    __threadfence();  // this thread's adds before the counter moves
     __syncthreads();
     if (threadIdx.x == 0) fa_red_release_add1(sem);
 }
@@ -164,6 +170,9 @@ __device__ __forceinline__ int64_t fa_bwd_row(const FaBwdSeq &seq, const FaFwdPa
 // counter of its query block (by the block's first row).
 template <typename T>
 __device__ __forceinline__ void sm80_bwd_pre(const FaBwdParams &launch) {
+    // The deterministic mode's ticket counter (see sm80_backward).
+    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0 && launch.dq_ticket != nullptr)
+        *reinterpret_cast<uint32_t *>(launch.dq_ticket) = 0u;
     FaBwdParams p = launch;
     const int lane = threadIdx.x % 32, i = blockIdx.x * 4 + threadIdx.x / 32, h = blockIdx.y, b = blockIdx.z;
     const FaBwdSeq seq = fa_bwd_bind<T>(p, b);
@@ -256,17 +265,32 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &launch) {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, tig = lane % 4;
     const int rg = warp % 4, part = warp / 4;  // row group of 16, and this warp's share of the other side
+    // Which block this CTA is. Deterministic mode: the position in a ticket
+    // taken at start, not blockIdx, so that a CTA only ever waits (for dQ
+    // turns) on CTAs that took earlier tickets, which are running or done,
+    // in whatever order the hardware dispatches CTAs (CUDA promises none).
+    // The pre kernel zeroed the counter (a u32: 2^32 CTAs of 64 keys would
+    // need terabytes of K); it runs whenever there are queries, the only
+    // case with turns. The slot is P/dS^T's tile, first written after the
+    // first step's barrier.
+    uint32_t bx = blockIdx.x, hk_u = blockIdx.y, b_u = blockIdx.z;
+    if (launch.deterministic && launch.fwd.seqlen_q > 0) {
+        if (tid == 0) *reinterpret_cast<uint32_t *>(smem + Cfg::kDS) = atomicAdd(launch.dq_ticket, 1u);
+        __syncthreads();
+        const uint32_t t = *reinterpret_cast<const uint32_t *>(smem + Cfg::kDS);  // x fastest, as the grid
+        bx = t % gridDim.x, hk_u = t / gridDim.x % gridDim.y, b_u = t / gridDim.x / gridDim.y;
+    }
     // Deterministic mode with keys bounded on the right (causal, windows):
     // each query block's adds go from its last visiting key block down, and
-    // the grid runs key blocks in reverse so that the block waited for was
-    // dispatched first. Ascending, the diagonal block of query block m would
+    // key blocks are handed out in reverse, so that the block waited for
+    // started first. Ascending, the diagonal block of query block m would
     // wait for m earlier key blocks to reach it: a staircase of idle CTAs
     // (measured 1.9x the atomic mode's time, causal hd128 S 4k, H200).
     // Descending, key block j reaches query block j + s at its step s, one
     // step after key block j + 1 did: no wait in the steady state.
     const bool desc = launch.deterministic && launch.fwd.window_right >= 0;
-    const int n_blk = desc ? static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x) : blockIdx.x;
-    const int hk = blockIdx.y, b = blockIdx.z;
+    const int n_blk = static_cast<int>(desc ? gridDim.x - 1 - bx : bx);
+    const int hk = static_cast<int>(hk_u), b = static_cast<int>(b_u);
     const FaBwdSeq seq = fa_bwd_bind<T>(p, b);
     const FaFwdParams &f = p.fwd;
     const int n0 = n_blk * BN, off = f.diag_offset, wl = f.window_left, wr = f.window_right;
@@ -501,8 +525,10 @@ __device__ __forceinline__ void sm80_backward(const FaBwdParams &launch) {
                             fa_red_add_f32x2(acc + i * acc_row_step + c, dq[t][2 * hf], dq[t][2 * hf + 1]);
                     }
             }
+            // Before the next step's loads overwrite the tiles: a barrier,
+            // in deterministic mode the one that passes the turn.
             if (p.deterministic) fa_bwd_pass_turn(turns + m);
-            __syncthreads();  // before the next step's loads overwrite the tiles
+            else __syncthreads();
         }
     }
 

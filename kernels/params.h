@@ -144,12 +144,14 @@ typedef struct FaBwdParams {
 
     /* The tiled (sm80) kernels' workspace, unused by the baseline ones: the
      * f32 dQ accumulator [B][Hq][Lq][head_dim], D_i = <dO_i, O_i> [B][Hq][Lq],
-     * and the deterministic mode's turn counters [B][Hq][ceil(Lq / 64)]
-     * (all zeroed or written by the first kernel). deterministic != 0: the
-     * CTAs add into a query block's dQ in key-block order. */
+     * the deterministic mode's turn counters [B][Hq][ceil(Lq / 64)] and its
+     * ticket counter (the order CTAs start in; all zeroed or written by the
+     * first kernel). deterministic != 0: the CTAs add into a query block's
+     * dQ in key-block order. */
     float *dq_accum;
     float *delta;
     int32_t *dq_turns;
+    uint32_t *dq_ticket;
     int32_t deterministic;
 } FaBwdParams;
 

@@ -6,6 +6,9 @@ kernels in the same process, on the same tensors, as the PyTorch peers.
     attn = lib.open(0)                         # a handle on GPU 0
     attn.forward(q, k, v, o, causal=True)      # torch tensors [B, L, H, D] (any strides, last dim contiguous)
     lib.reference_forward(DTYPE_BF16, q, k, v, o)  # host buffers (HostTensor), O as float
+    ws = torch.empty(lib.backward_workspace_len(B, L, H, D), dtype=torch.float32, device="cuda")
+    attn.backward(q, k, v, o, lse, d_o, dq, dk, dv, workspace=ws)  # the tiled kernels (needs LSE)
+    lib.reference_backward(DTYPE_BF16, q, k, v, d_o, dq, dk, dv)   # host buffers, gradients as float
 
 Tensors are described by anything with `data_ptr()`, `shape` and
 `stride()` (torch tensors), or by `Tensor(ptr, shape, strides)`. Errors
@@ -105,7 +108,14 @@ class FusedAttnLib:
                                          P(_Tensor), P(_Tensor), P(_Lse), P(_Options)]
         L.fused_attn_reference_forward.argtypes = [ctypes.c_int32, P(_Tensor), P(_Tensor), P(_Tensor), P(_Tensor),
                                                    P(_Lse), P(_Options)]
-        for f in (L.fused_attn_create, L.fused_attn_destroy, L.fused_attn_forward, L.fused_attn_reference_forward):
+        L.fused_attn_backward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32] + [P(_Tensor)] * 4 + [
+            P(_Lse)] + [P(_Tensor)] * 4 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int32,
+                                           P(_Options)]
+        L.fused_attn_backward_workspace_len.argtypes = [ctypes.c_int64] * 4 + [P(ctypes.c_uint64)]
+        L.fused_attn_reference_backward.argtypes = [ctypes.c_int32] + [P(_Tensor)] * 7 + [ctypes.c_void_p,
+                                                                                         P(_Options)]
+        for f in (L.fused_attn_create, L.fused_attn_destroy, L.fused_attn_forward, L.fused_attn_reference_forward,
+                  L.fused_attn_backward, L.fused_attn_backward_workspace_len, L.fused_attn_reference_backward):
             f.restype = ctypes.c_int32
 
     def check(self, status):
@@ -122,6 +132,18 @@ class FusedAttnLib:
         self.check(self.lib.fused_attn_reference_forward(
             dtype, ctypes.byref(_tensor(q)), ctypes.byref(_tensor(k)), ctypes.byref(_tensor(v)),
             ctypes.byref(_tensor(o)), lse_c, ctypes.byref(_options(**opts))))
+
+    def backward_workspace_len(self, batch, seqlen_q, heads_q, head_dim):
+        """Floats of workspace the tiled backward needs (16-byte aligned)."""
+        n = ctypes.c_uint64()
+        self.check(self.lib.fused_attn_backward_workspace_len(batch, seqlen_q, heads_q, head_dim, ctypes.byref(n)))
+        return n.value
+
+    def reference_backward(self, dtype, q, k, v, d_o, dq, dk, dv, **opts):
+        """The CPU reference gradients on host memory (dQ, dK, dV as float)."""
+        t = lambda x: ctypes.byref(_tensor(x))  # noqa: E731
+        self.check(self.lib.fused_attn_reference_backward(
+            dtype, t(q), t(k), t(v), t(d_o), t(dq), t(dk), t(dv), None, ctypes.byref(_options(**opts))))
 
 
 class Handle:
@@ -149,3 +171,19 @@ class Handle:
         self.lib.check(self.lib.lib.fused_attn_forward(
             self.h, ctypes.c_void_p(stream or 0), dtype, ctypes.byref(_tensor(q)), ctypes.byref(_tensor(k)),
             ctypes.byref(_tensor(v)), ctypes.byref(_tensor(o)), lse_c, ctypes.byref(_options(**opts))))
+
+    def backward(self, q, k, v, o, lse, d_o, dq, dk, dv, workspace=None, deterministic=False, dtype=None,
+                 stream=None, **opts):
+        """dQ, dK, dV on device memory from the forward's O and LSE, asynchronously
+        on `stream`. `workspace`: None (the baseline CUDA-core kernels) or a
+        float tensor of at least `backward_workspace_len` elements (the tiled
+        tensor-core kernels)."""
+        if dtype is None:
+            dtype = DTYPE_BF16 if "bfloat16" in str(getattr(q, "dtype", "")) else DTYPE_F16
+        t = lambda x: ctypes.byref(_tensor(x))  # noqa: E731
+        ws, ws_len = None, 0
+        if workspace is not None:
+            ws, ws_len = ctypes.c_void_p(workspace.data_ptr()), workspace.numel()
+        self.lib.check(self.lib.lib.fused_attn_backward(
+            self.h, ctypes.c_void_p(stream or 0), dtype, t(q), t(k), t(v), t(o), t(lse), t(d_o), t(dq), t(dk),
+            t(dv), None, ws, ws_len, 1 if deterministic else 0, ctypes.byref(_options(**opts))))

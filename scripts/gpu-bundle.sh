@@ -46,7 +46,8 @@ cp target/release/libfused_attn_capi.so "$out/bin/"
 strip "$out"/bin/* 2>/dev/null || true
 cp scripts/peers.py scripts/report.py scripts/fused_attn_ctypes.py "$out/scripts/"
 cp scripts/gpu-run.sh "$out/run.sh"
-chmod +x "$out/run.sh"
+cp scripts/gpu-session.sh "$out/session.sh"
+chmod +x "$out/run.sh" "$out/session.sh"
 dirty=0; git diff --quiet HEAD -- . ':!bench-results' 2>/dev/null || dirty=1
 cat > "$out/meta.env" <<META
 FUSED_ATTN_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)

@@ -71,6 +71,16 @@ Results go to "mechanisms" in the output, {row_name: {peer: {"ms", "skipped",
 "rel_l2_err", "peak_bytes", "note"}}}. --only and --only-dtype filter these
 rows by name and dtype as they do the cases.
 
+Backward accuracy (issue 12: "no worse than 2x PyTorch's own error on the same
+inputs"): for each backward row, unless --no-check, a reduced copy of its
+problem (one sequence of at most 1024 tokens, at most 2 KV heads with the
+row's GQA ratio, same head dim, mask and dtype; fresh N(0, 1) inputs and dO)
+goes through each SDPA backend's backward and through ours (the C ABI, the
+tiled kernels, the row's deterministic mode), and each dQ, dK, dV is compared
+with torch autograd in float64 on the same inputs. Output: "backward_accuracy"
+{row_name: {"shape": ..., "errors": {peer: max rel L2 over dQ, dK, dV or null},
+"notes": {peer: why null}}}; the report sets ours beside the best torch.
+
 Mask semantics (DESIGN.md section 1): masks are bottom-right aligned. With
 off = Lk - Lq, query i sees key j iff i + off - L <= j <= i + off + R, an
 unbounded side (null) being infinite. PyTorch's is_causal is top-left aligned,
@@ -397,6 +407,89 @@ class PeerRunner:
             self.capi.forward(qs, ks, vs, o, stream=torch.cuda.current_stream().cuda_stream, **opts)
             return o.transpose(1, 2)
         return attn
+
+    def backward_accuracy(self, case, deterministic):
+        """{"shape", "errors", "notes"} for a reduced copy of a backward case
+        (see the module docstring); never raises."""
+        group = case.hq // case.hk
+        hk = min(case.hk, 2)
+        hq, lq, lk = hk * group, min(case.lq, 1024), min(case.lk, 1024)
+        out = {"shape": "b1 hq%d hk%d lq%d lk%d d%d %s %s" % (hq, hk, lq, lk, case.d, case.kind, case.dtype_name),
+               "errors": {}, "notes": {}}
+        if case.kind == "causal" and lq != lk:
+            out["notes"]["all"] = "causal with Lq != Lk: SDPA's is_causal is top-left aligned"
+            return out
+        try:
+            dtype = torch_dtype(case.dtype_name)
+            gen = torch.Generator(device=DEVICE)
+            gen.manual_seed(self.args.seed + 12)
+
+            def randn(*shape):
+                return torch.randn(*shape, dtype=dtype, device=DEVICE, generator=gen)
+            q, k, v, g = randn(1, hq, lq, case.d), randn(1, hk, lk, case.d), randn(1, hk, lk, case.d), \
+                randn(1, hq, lq, case.d)
+            # float64 reference: the same attention, differentiated by autograd.
+            qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+            s = torch.matmul(qd, kd.repeat_interleave(group, 1).transpose(-1, -2)) / math.sqrt(case.d)
+            if case.kind != "full":
+                i = torch.arange(lq, device=DEVICE).unsqueeze(1)
+                j = torch.arange(lk, device=DEVICE).unsqueeze(0)
+                s = s.masked_fill(~make_visible(lq, lk, case.left, case.right)(None, None, i, j), float("-inf"))
+            o = torch.matmul(torch.softmax(s, dim=-1).nan_to_num(0.0), vd.repeat_interleave(group, 1))
+            ref = torch.autograd.grad(o, (qd, kd, vd), g.double())
+            del s, o
+        except Exception as exc:
+            out["notes"]["all"] = "reference: " + first_line(exc)
+            free_memory()
+            return out
+
+        def rel(got):
+            return max(math.sqrt((x.double() - r).square().sum().item() / max(r.square().sum().item(), 1e-300))
+                       for x, r in zip(got, ref))
+        for peer in SDPA_PEERS:
+            reason = sdpa_mask_reason(case.kind, lq, lk)
+            if reason:
+                out["errors"][peer], out["notes"][peer] = None, reason
+                continue
+            try:
+                leaves = tuple(t.detach().clone().requires_grad_(True) for t in (q, k, v))
+                with self.sdpa_kernel(getattr(self.SDPBackend, SDPA_BACKEND_NAMES[peer])):
+                    kk, vv = leaves[1], leaves[2]
+                    if group > 1:  # expanded: every backend takes it, and the gradient sums back
+                        kk, vv = kk.repeat_interleave(group, 1), vv.repeat_interleave(group, 1)
+                    o = call_recording_warnings(lambda: self.F.scaled_dot_product_attention(
+                        leaves[0], kk, vv, is_causal=case.kind == "causal"))
+                    got = torch.autograd.grad(o, leaves, g)
+                out["errors"][peer] = rel(got)
+            except Exception as exc:
+                out["errors"][peer], out["notes"][peer] = None, first_line(exc)
+            finally:
+                free_memory()
+        try:
+            if self.capi is None and self.capi_error is None:
+                self.capi_fn(case)  # opens the handle
+            if self.capi_error:
+                raise RuntimeError(self.capi_error)
+            lib = self.capi.lib
+            bshd = [t.transpose(1, 2) for t in (q, k, v, g)]  # the ABI's [B, L, H, D] views
+            opts = {"causal": case.kind == "causal"} if case.kind in ("full", "causal") else {
+                "window": (case.left, case.right)}
+            o = torch.empty(1, lq, hq, case.d, dtype=dtype, device=DEVICE)
+            lse = torch.empty(1, hq, lq, dtype=torch.float32, device=DEVICE)
+            grads = [torch.full((1, n, h, case.d), float("nan"), dtype=dtype, device=DEVICE)
+                     for n, h in ((lq, hq), (lk, hk), (lk, hk))]
+            ws = torch.empty(lib.backward_workspace_len(1, lq, hq, case.d), dtype=torch.float32, device=DEVICE)
+            stream = torch.cuda.current_stream().cuda_stream
+            self.capi.forward(bshd[0], bshd[1], bshd[2], o, lse, stream=stream, **opts)
+            self.capi.backward(bshd[0], bshd[1], bshd[2], o, lse, bshd[3], *grads, workspace=ws,
+                               deterministic=deterministic, stream=stream, **opts)
+            torch.cuda.synchronize()
+            out["errors"]["ours_capi"] = rel([t.transpose(1, 2) for t in grads])
+        except Exception as exc:
+            out["errors"]["ours_capi"], out["notes"]["ours_capi"] = None, first_line(exc)
+        finally:
+            free_memory()
+        return out
 
     # -- one attention callable per peer -------------------------------------
 
@@ -923,6 +1016,13 @@ def main(argv=None):
             res = {"torch": {"ms": None, "skipped": "row: " + first_line(exc), "rel_l2_err": None}}
             free_memory()
         result["mechanisms"][row.get("name", "?")] = res
+        if row.get("mechanism") == "backward" and not args.no_check:
+            try:
+                acc = runner.backward_accuracy(Case(row), "deterministic" in row.get("name", ""))
+            except Exception as exc:  # never raises, but a bad row must not stop the run
+                acc = {"errors": {}, "notes": {"all": first_line(exc)}}
+            result.setdefault("backward_accuracy", {})[row.get("name", "?")] = acc
+            log("[backward accuracy] %s: %s" % (row.get("name"), acc))
         write_json(args.out, result)
         log("[mechanisms] %s: %s (%.1f s)" % (
             row.get("name"), ", ".join(fmt_result(p, r) for p, r in res.items()), time.time() - t0))

@@ -161,6 +161,7 @@ def build_report(ours, peers, date):
                     for c in ours.get("serving", [])],
         "mechanisms": [merge_mechanism(c, peers.get("mechanisms", {}).get(c["name"], {}))
                        for c in ours.get("mechanisms", [])],
+        "backward_accuracy": peers.get("backward_accuracy", {}),
     }
     warnings = []
     if peers.get("gpu") and ours.get("gpu") and peers["gpu"] != ours["gpu"]:
@@ -278,6 +279,7 @@ def markdown(report):
                     c["name"], c["kernel"], c["ours_ms"], c["gbps"], 100.0 * c["gbps"] / c["copy_gbps"],
                     g("torch_flash"), g("torch_cudnn"), g("read_kv_once")))
     lines += mechanisms_markdown(report.get("mechanisms", []))
+    lines += backward_accuracy_markdown(report.get("backward_accuracy", {}))
     return "\n".join(lines) + "\n"
 
 
@@ -320,6 +322,39 @@ def mechanisms_markdown(rows):
     for name, peer, why in skipped:
         lines.append("- %s, %s skipped: %s" % (name, peer, why))
     return lines
+
+
+ACCURACY_PEERS = ("torch_flash", "torch_cudnn", "torch_efficient")
+
+
+def backward_accuracy_markdown(acc):
+    """The "Backward accuracy" section: per backward row, on its reduced
+    problem, the worst gradient rel L2 of ours and of each SDPA backend
+    against float64 autograd on the same inputs; issue 12 asks ours <= 2x
+    the best torch."""
+    if not acc:
+        return []
+    lines = ["", "## Backward accuracy", "",
+             "Per backward row, a reduced copy of its problem (shape column) with fresh inputs: the worst "
+             "of dQ, dK, dV rel L2 against torch autograd in float64 on the same inputs, for ours (the C "
+             "ABI, the row's mode) and each SDPA backend. Issue 12's bound: ours <= 2x the best torch.", "",
+             "| case | reduced shape | ours | " + " | ".join(ACCURACY_PEERS) + " | ours / best torch |",
+             "|---|---|---:|" + "---:|" * len(ACCURACY_PEERS) + "---:|"]
+    notes = []
+    for name in sorted(acc):
+        a = acc[name] or {}
+        errs = a.get("errors") or {}
+        torch_errs = [errs.get(p) for p in ACCURACY_PEERS if errs.get(p) is not None]
+        ours = errs.get("ours_capi")
+        ratio = ours / min(torch_errs) if ours is not None and torch_errs and min(torch_errs) > 0 else None
+        verdict = "" if ratio is None else (" (within 2x)" if ratio <= 2.0 else " (**over 2x**)")
+        lines.append("| %s | %s | %s | %s | %s |" % (
+            name, a.get("shape", "?"), _f(ours, "%.2e"),
+            " | ".join(_f(errs.get(p), "%.2e") for p in ACCURACY_PEERS),
+            (_f(ratio, "%.2f") + verdict) if ratio is not None else "—"))
+        for peer, why in sorted((a.get("notes") or {}).items()):
+            notes.append("- %s, %s: %s" % (name, peer, why))
+    return lines + notes
 
 
 # ---------------------------------------------------------------------------

@@ -57,6 +57,50 @@ def main():
     print("%s reference_forward through ctypes: max |O - here| %.1e, max |LSE - here| %.1e" % (
         "ok  " if ok else "FAIL", err, lse_err))
     failures = 0 if ok else 1
+
+    # The backward reference: dQ, dK, dV of sum(O * dO), here from the softmax's
+    # derivative (dS = P (dP - D), D_i = sum_j P_ij dP_ij; dK and dV summed over
+    # each KV head's query heads) against the ABI's, argument order included.
+    d_o = make(B * LQ * HQ * D, 4)
+    dq, dk, dv = (array.array("f", [float("nan")] * n) for n in (len(q), len(k), len(v)))
+    lib.reference_backward(fa.DTYPE_BF16, T(addr(q), (B, LQ, HQ, D), bshd(LQ, HQ)),
+                           T(addr(k), (B, LK, HK, D), bshd(LK, HK)), T(addr(v), (B, LK, HK, D), bshd(LK, HK)),
+                           T(addr(d_o), (B, LQ, HQ, D), bshd(LQ, HQ)), T(addr(dq), (B, LQ, HQ, D), bshd(LQ, HQ)),
+                           T(addr(dk), (B, LK, HK, D), bshd(LK, HK)), T(addr(dv), (B, LK, HK, D), bshd(LK, HK)),
+                           causal=True)
+    wq, wk, wv = [0.0] * len(q), [0.0] * len(k), [0.0] * len(v)
+    at_q = lambda b, i, h, d: ((b * LQ + i) * HQ + h) * D + d  # noqa: E731
+    at_k = lambda b, j, g, d: ((b * LK + j) * HK + g) * D + d  # noqa: E731
+    for b in range(B):
+        for i in range(LQ):
+            for h in range(HQ):
+                g, n = h // (HQ // HK), min(LK, i + off + 1)
+                qi = [bf16_value(q[at_q(b, i, h, d)]) for d in range(D)]
+                oi = [bf16_value(d_o[at_q(b, i, h, d)]) for d in range(D)]
+                kj = [[bf16_value(k[at_k(b, j, g, d)]) for d in range(D)] for j in range(n)]
+                vj = [[bf16_value(v[at_k(b, j, g, d)]) for d in range(D)] for j in range(n)]
+                s = [scale * sum(x * y for x, y in zip(qi, kj[j])) for j in range(n)]
+                m = max(s)
+                p = [math.exp(x - m) for x in s]
+                z = sum(p)
+                p = [x / z for x in p]
+                dp = [sum(x * y for x, y in zip(oi, vj[j])) for j in range(n)]
+                dd = sum(p[j] * dp[j] for j in range(n))
+                ds = [p[j] * (dp[j] - dd) for j in range(n)]
+                for j in range(n):
+                    for d in range(D):
+                        wq[at_q(b, i, h, d)] += scale * ds[j] * kj[j][d]
+                        wk[at_k(b, j, g, d)] += scale * ds[j] * qi[d]
+                        wv[at_k(b, j, g, d)] += p[j] * oi[d]
+    gerr = max(abs(x - y) / (1e-3 + abs(y)) for got, want in ((dq, wq), (dk, wk), (dv, wv))
+               for x, y in zip(got, want))
+    ok = gerr < 1e-4
+    print("%s reference_backward through ctypes: max relative |grad - here| %.1e" % ("ok  " if ok else "FAIL", gerr))
+    failures += 0 if ok else 1
+    n = lib.backward_workspace_len(B, LQ, HQ, D)
+    ok = n >= B * LQ * HQ * (D + 1)
+    print("%s backward_workspace_len(%d, %d, %d, %d) = %d" % ("ok  " if ok else "FAIL", B, LQ, HQ, D, n))
+    failures += 0 if ok else 1
     try:
         lib.reference_forward(7, T(addr(q), (B, LQ, HQ, D), bshd(LQ, HQ)), T(addr(k), (B, LK, HK, D), bshd(LK, HK)),
                               T(addr(v), (B, LK, HK, D), bshd(LK, HK)), T(addr(o), (B, LQ, HQ, D), bshd(LQ, HQ)))

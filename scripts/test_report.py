@@ -115,6 +115,15 @@ PEERS = {
             "torch_efficient": {"ms": 2.0, "skipped": None, "rel_l2_err": None},
         },
     },
+    "backward_accuracy": {
+        BACKWARD: {"shape": "b1 hq8 hk2 lq1024 lk1024 d64 causal bf16",
+                   "errors": {"torch_flash": 4e-3, "torch_cudnn": None, "torch_efficient": 2e-3,
+                              "ours_capi": 3e-3},
+                   "notes": {"torch_cudnn": "RuntimeError: no kernel"}},
+        "backward far off": {"shape": "b1 hq4 hk4 lq1024 lk1024 d128 full bf16",
+                             "errors": {"torch_flash": 1e-3, "torch_cudnn": 1e-3, "torch_efficient": 1e-3,
+                                        "ours_capi": 3e-3}},
+    },
 }
 
 
@@ -204,7 +213,7 @@ class ReportEndToEnd(unittest.TestCase):
         self.assertIsNone(bwd["ratios"]["ours_vs_torch_cudnn"])
         self.assertNotIn("memory_ratios", bwd)  # no peak memory on either side
         md = self.md()
-        section = md.split("## Mechanisms")[1]
+        section = md.split("## Mechanisms")[1].split("## Backward accuracy")[0]
         self.assertIn("| %s | `fa_additive_bf16` | 2.000 | 1.00 | torch_unfused | 10.000 | 5.00 | 20.0 | "
                       "3300.0 | 165.0 |" % ADDITIVE, section)
         self.assertIn("| %s | `fa_additive_bf16` | 2.000 | 1.00 | torch_unfused_compiled | 3.000 | 1.50 | "
@@ -242,6 +251,19 @@ class ReportEndToEnd(unittest.TestCase):
 
         self.assertEqual(c2["peers"], {})
         self.assertEqual(c2["ratios"], {})
+
+    def test_backward_accuracy(self):
+        md = self.md()
+        self.assertIn("## Backward accuracy", md)
+        section = md.split("## Backward accuracy")[1]
+        rows = [[x.strip() for x in r.strip("|").split("|")] for r in section.splitlines()
+                if r.startswith("| ") and not r.startswith("| case")]
+        # The best torch (efficient, 2e-3) is the yardstick; a backend that did not run is "—".
+        self.assertEqual(rows[0][2:], ["3.00e-03", "4.00e-03", "—", "2.00e-03", "1.50 (within 2x)"])
+        self.assertEqual(rows[1], ["backward far off", "b1 hq4 hk4 lq1024 lk1024 d128 full bf16", "3.00e-03",
+                                   "1.00e-03", "1.00e-03", "1.00e-03", "3.00 (**over 2x**)"])
+        self.assertIn("torch_cudnn: RuntimeError: no kernel", section)
+        self.assertIn(BACKWARD, self.load()["backward_accuracy"])
 
     def test_markdown(self):
         md = self.md()

@@ -252,6 +252,7 @@ pub fn bwd_params(fwd: FaFwdParams, grads: [(u64, &Layout); 4], dsinks: u64) -> 
         dq_accum: std::ptr::null_mut(),
         delta: std::ptr::null_mut(),
         dq_turns: std::ptr::null_mut(),
+        dq_ticket: std::ptr::null_mut(),
         deterministic: 0,
     }
 }
@@ -281,14 +282,16 @@ pub fn bwd_sm80_smem_bytes(hd: usize) -> u32 {
 
 /// Where the tiled backward's workspace parts start, in f32 elements, and
 /// its whole length: the dQ accumulator `[tokens][Hq][D]`, `D_i`
-/// `[tokens][Hq]`, the turn counters `[B][Hq][ceil(max Lq / 64)]` (i32).
-/// `None` on overflow.
+/// `[tokens][Hq]`, the turn counters `[B][Hq][ceil(max Lq / 64)]` (i32)
+/// and the ticket counter (one u32, last). `None` on overflow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BwdWorkspace {
     /// Offset of D_i.
     pub delta: usize,
     /// Offset of the turn counters.
     pub turns: usize,
+    /// Offset of the deterministic mode's ticket counter.
+    pub ticket: usize,
     /// Total length.
     pub len: usize,
 }
@@ -307,8 +310,9 @@ pub fn bwd_workspace(
     let delta = rows.checked_mul(head_dim)?;
     let turns = delta.checked_add(rows)?;
     let blocks = seqlen_q.div_ceil(crate::sys::FA_BWD_SM80_BLOCK as usize);
-    let len = turns.checked_add(batch.checked_mul(heads_q)?.checked_mul(blocks)?)?;
-    Some(BwdWorkspace { delta, turns, len })
+    let ticket = turns.checked_add(batch.checked_mul(heads_q)?.checked_mul(blocks)?)?;
+    let len = ticket.checked_add(1)?;
+    Some(BwdWorkspace { delta, turns, ticket, len })
 }
 
 /// `b` with the tiled backward's workspace at device address `ws` (laid out
@@ -318,6 +322,7 @@ pub fn with_bwd_workspace(mut b: FaBwdParams, ws: u64, layout: &BwdWorkspace, de
     b.dq_accum = at(0);
     b.delta = at(layout.delta);
     b.dq_turns = at(layout.turns).cast();
+    b.dq_ticket = at(layout.ticket).cast();
     b.deterministic = i32::from(deterministic);
     b
 }

@@ -838,11 +838,21 @@ const TILED_MUTANTS: &[Mutant] = &[
         edits: &[("return last - n_blk;", "return last - n_blk + 1;")],
     },
     Mutant {
+        name: "deterministic order from blockIdx, not the ticket",
+        file: "bwd_sm80.cu",
+        edits: &[("bx = t % gridDim.x, hk_u = t / gridDim.x % gridDim.y, b_u = t / gridDim.x / gridDim.y;", "")],
+    },
+    Mutant {
+        name: "ticket counter not zeroed",
+        file: "bwd_sm80.cu",
+        edits: &[("*reinterpret_cast<uint32_t *>(launch.dq_ticket) = 0u;", "(void)0;")],
+    },
+    Mutant {
         name: "descending turns on an ascending grid",
         file: "bwd_sm80.cu",
         edits: &[(
-            "static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x) : blockIdx.x",
-            "blockIdx.x : blockIdx.x",
+            "const int n_blk = static_cast<int>(desc ? gridDim.x - 1 - bx : bx);",
+            "const int n_blk = static_cast<int>(bx);",
         )],
     },
     Mutant {
@@ -906,7 +916,15 @@ const TILED_MUTANTS: &[Mutant] = &[
     Mutant {
         name: "next step's loads race the last readers",
         file: "bwd_sm80.cu",
-        edits: &[("            __syncthreads();  // before the next step's loads overwrite the tiles", "")],
+        edits: &[("            else __syncthreads();", "")],
+    },
+    Mutant {
+        name: "turn passed without ending the step",
+        file: "bwd_sm80.cu",
+        edits: &[(
+            "__device__ __forceinline__ void fa_bwd_pass_turn(int32_t *sem) {\n    __syncthreads();",
+            "__device__ __forceinline__ void fa_bwd_pass_turn(int32_t *sem) {",
+        )],
     },
     Mutant {
         name: "dQ rows past Lq added",

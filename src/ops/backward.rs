@@ -41,7 +41,7 @@ pub struct Gradients<'g, 'a, T> {
 /// The f32 elements of workspace that [`Attention::backward_into`]'s tiled
 /// kernels need for a problem of these sizes (Q's `[B, Lq, Hq, D]`): the f32
 /// dQ accumulator (`B·Hq·Lq·D`), `D_i = ⟨dO_i, O_i⟩` (`B·Hq·Lq`) and the
-/// deterministic mode's counters (`B·Hq·⌈Lq / 64⌉`). Allocate it once per
+/// deterministic mode's counters (`B·Hq·⌈Lq / 64⌉` turns, one ticket). Allocate it once per
 /// shape and reuse it: the call allocates nothing. Every call rewrites it.
 ///
 /// # Errors
@@ -56,7 +56,7 @@ pub fn backward_workspace_len(batch: usize, seqlen_q: usize, heads_q: usize, hea
 
 /// [`backward_workspace_len`] for a packed batch of these sequences
 /// ([`Attention::backward_varlen_into`]): `Tq·Hq·(D + 1)` plus
-/// `B·Hq·⌈max Lq / 64⌉`.
+/// `B·Hq·⌈max Lq / 64⌉ + 1`.
 ///
 /// # Errors
 /// [`Error::SizeOverflow`] naming `workspace` if the length overflows `usize`.

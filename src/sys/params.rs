@@ -231,11 +231,12 @@ pub struct FaBwdParams {
     pub dq_accum: *mut f32,
     pub delta: *mut f32,
     pub dq_turns: *mut i32,
+    pub dq_ticket: *mut u32,
     pub deterministic: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of FaBwdParams"][::core::mem::size_of::<FaBwdParams>() - 472usize];
+    ["Size of FaBwdParams"][::core::mem::size_of::<FaBwdParams>() - 480usize];
     ["Alignment of FaBwdParams"][::core::mem::align_of::<FaBwdParams>() - 8usize];
     [
         "Offset of field: FaBwdParams::fwd",
@@ -301,8 +302,11 @@ const _: () = {
         "Offset of field: FaBwdParams::dq_turns",
     ][::core::mem::offset_of!(FaBwdParams, dq_turns) - 456usize];
     [
+        "Offset of field: FaBwdParams::dq_ticket",
+    ][::core::mem::offset_of!(FaBwdParams, dq_ticket) - 464usize];
+    [
         "Offset of field: FaBwdParams::deterministic",
-    ][::core::mem::offset_of!(FaBwdParams, deterministic) - 464usize];
+    ][::core::mem::offset_of!(FaBwdParams, deterministic) - 472usize];
 };
 impl Default for FaBwdParams {
     fn default() -> Self {

@@ -88,6 +88,7 @@ struct Lane {
     int done_seq = 0;                           // copies 1..done_seq completed (waited for)
     std::vector<std::pair<int, int>> done_at;   // (done_seq, CTA epoch of that wait)
     int shared_calls = 0;                       // emu_shared_alloc calls so far
+    int last_add_epoch = -1;                    // CTA epoch of this thread's last dQ atomicAdd
 };
 
 unsigned char *emu_smem;
@@ -381,13 +382,20 @@ static void land_something() {
 // ------------------------------------------------------------------ backward: atomics and turns
 float atomicAdd(float *p, float v) {
     emu_mem_access(p, 4, true);
+    lanes[cur].last_add_epoch = cta_epoch;
     const float old = *p;
     *p = old + v;
     return old;
 }
+unsigned atomicAdd(uint32_t *p, unsigned v) {
+    emu_mem_access(p, 4, true);
+    const unsigned old = *p;
+    *p = old + v;
+    return old;
+}
 void __nanosleep(unsigned) {
-    FAIL("a CTA waits for a dQ turn that is not due in launch order (thread %d, block %u,%u,%u): "
-         "on a GPU it would wait forever or until a later CTA passes it", cur, blockIdx.x, blockIdx.y, blockIdx.z);
+    FAIL("a CTA waits for a dQ turn that no CTA started before it passes (thread %d, block %u,%u,%u): "
+         "on a GPU it could wait forever", cur, blockIdx.x, blockIdx.y, blockIdx.z);
     exit(1);
 }
 uint32_t emu_dynamic_smem_bytes() { return (uint32_t)smem_bytes; }
@@ -399,8 +407,17 @@ int emu_ld_acquire(const int32_t *p) {
     emu_mem_access(p, 4, false);
     return *p;
 }
+// A turn passed: every thread's dQ adds must be ordered before the release,
+// by a barrier completed since each thread's last add (on a GPU the next
+// CTA could otherwise add first; here adds land at once, so only the
+// barrier's absence can be seen).
 void emu_red_release_add1(int32_t *p) {
     emu_mem_access(p, 4, true);
+    for (size_t i = 0; i < lanes.size() && i < (size_t)n_threads; ++i)
+        if (lanes[i].last_add_epoch >= cta_epoch) {
+            FAIL("dQ turn passed by thread %d before thread %zu's adds were ordered by a barrier", cur, i);
+            break;
+        }
     ++*p;
 }
 
@@ -518,7 +535,7 @@ static void run_cta(int threads) {
         if (L.stack.empty()) L.stack.resize(256 * 1024);
         lstate[i] = RUN; L.op = 0;
         L.open.clear(); L.groups.clear();
-        L.seq = 0; L.done_seq = 0; L.done_at.clear(); L.shared_calls = 0;
+        L.seq = 0; L.done_seq = 0; L.done_at.clear(); L.shared_calls = 0; L.last_add_epoch = -1;
         start_fiber(L);
     }
     if (shadow.size() < smem_bytes / 4) shadow.resize(smem_bytes / 4);
@@ -1306,9 +1323,9 @@ static Case random_case(std::mt19937 &r, bool naive) {
 // launches them, then the baseline's sink-gradient thread (host call) when
 // asked. The workspace starts as NaN/garbage: the first kernel must set all
 // of it that the others read; with sinks, the sink-gradient kernel after
-// them. --det=1: deterministic mode, CTAs in launch
-// order (x fastest), as its turns assume; otherwise the main kernel's CTAs
-// run in a shuffled order.
+// them. --det=1: deterministic mode. The main kernel's CTAs run in a
+// shuffled order in both modes (deterministic mode's tickets, not blockIdx,
+// set the order its turns rely on).
 struct BwdKern { int hd; bool bf16; void (*fn)(FaBwdParams); int threads, smem; };
 static const BwdKern bwd_kerns[] = {
     {64, false, fa_bwd_sm80_f16_hd64, Sm80BwdCfg<64>::kThreads, Sm80BwdCfg<64>::kSmemBytes},
@@ -1361,7 +1378,9 @@ static int run_bwd(const char *in, const char *out, bool det) {
     const int blk = FA_BWD_SM80_BLOCK, q_blocks = (f.seqlen_q + blk - 1) / blk;
     std::vector<float> accum(rows * f.head_dim + 1, NAN), delta(rows + 1, NAN);
     std::vector<int32_t> turns((int64_t)f.batch * f.heads_q * q_blocks + 1, 0x5a5a5a5a);
+    std::vector<uint32_t> ticket(2, 0x5a5a5a5a);  // the counter, then a guard
     p.dq_accum = accum.data(), p.delta = delta.data(), p.dq_turns = turns.data(), p.deterministic = det;
+    p.dq_ticket = ticket.data();
     auto range = [](const void *lo, size_t bytes) { return Range{(const unsigned char *)lo, (const unsigned char *)lo + bytes}; };
     readable.clear();
     for (BwdTensor *t : {&c.q, &c.k, &c.v, &c.o, &c.d_o}) readable.push_back(range(t->data.data(), 2 * t->data.size()));
@@ -1374,11 +1393,16 @@ static int run_bwd(const char *in, const char *out, bool det) {
     writable_more.push_back(range(accum.data(), 4 * (accum.size() - 1)));
     writable_more.push_back(range(delta.data(), 4 * (delta.size() - 1)));
     writable_more.push_back(range(turns.data(), 4 * (turns.size() - 1)));
+    writable_more.push_back(range(ticket.data(), 4));
     void (*pre)(FaBwdParams) = c.bf16 ? fa_bwd_sm80_pre_bf16 : fa_bwd_sm80_pre_f16;
     void (*dq)(FaBwdParams) = c.bf16 ? fa_bwd_sm80_dq_bf16 : fa_bwd_sm80_dq_f16;
     const unsigned B = f.batch, Hq = f.heads_q, Hk = f.heads_kv;
     if (f.seqlen_q > 0) run_bwd_grid(pre, p, make_uint3((f.seqlen_q + 3) / 4, Hq, B), 128, 0, true);
-    if (f.seqlen_k > 0) run_bwd_grid(k->fn, p, make_uint3((f.seqlen_k + blk - 1) / blk, Hk, B), k->threads, k->smem, !det);
+    const uint3 grid = make_uint3((f.seqlen_k + blk - 1) / blk, Hk, B);
+    // Shuffled in both modes: deterministic mode takes its order from tickets.
+    if (f.seqlen_k > 0) run_bwd_grid(k->fn, p, grid, k->threads, k->smem, true);
+    if (det && f.seqlen_q > 0 && f.seqlen_k > 0 && ticket[0] != grid.x * grid.y * grid.z)
+        FAIL("ticket counter ends at %u for %u CTAs", ticket[0], grid.x * grid.y * grid.z);
     if (f.seqlen_q > 0) run_bwd_grid(dq, p, make_uint3((f.seqlen_q + 3) / 4, Hq, B), 128, 0, true);
     if (det)
         for (int64_t bh = 0; bh < (int64_t)B * Hq; ++bh)
@@ -1392,7 +1416,8 @@ static int run_bwd(const char *in, const char *out, bool det) {
                 const int32_t t = turns[bh * q_blocks + m];
                 if (t < 0 || t > (f.seqlen_k + blk - 1) / blk) FAIL("turn counter %lld ends at %d", (long long)(bh * q_blocks + m), t);
             }
-    if (turns.back() != 0x5a5a5a5a || !std::isnan(accum.back()) || !std::isnan(delta.back())) FAIL("workspace written past its end");
+    if (turns.back() != 0x5a5a5a5a || ticket.back() != 0x5a5a5a5a || !std::isnan(accum.back()) || !std::isnan(delta.back()))
+        FAIL("workspace written past its end");
     if (c.want_dsinks) {
         writable_more.push_back(range(c.dsinks.data(), 4 * c.dsinks.size()));
         run_bwd_grid(c.bf16 ? fa_bwd_sm80_dsink_bf16 : fa_bwd_sm80_dsink_f16, p, make_uint3(Hq, 1, 1),

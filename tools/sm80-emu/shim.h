@@ -93,11 +93,12 @@ int32_t emu_table_read(const int32_t *table, int64_t i);
 
 // The tiled backward (kernels/bwd_sm80.cu): f32 atomics into the dQ
 // accumulator (checked as stores; fibers run one at a time, so a plain add
-// is atomic here), and the deterministic mode's turns. CTAs run one after
-// another in launch order when turns are on, so a turn that is not already
-// due when a CTA asks for it would never come: __nanosleep (only ever called
-// while waiting for one) reports that and stops.
+// is atomic here), and the deterministic mode's tickets and turns. CTAs run
+// one after another, to completion, in a shuffled order, so a turn that is
+// not already due when a CTA asks for it would never come: __nanosleep
+// (only ever called while waiting for one) reports that and stops.
 float atomicAdd(float *p, float v);
+unsigned atomicAdd(uint32_t *p, unsigned v);  // the deterministic mode's ticket
 static inline void __threadfence() {}
 void __nanosleep(unsigned ns);
 int emu_ld_acquire(const int32_t *p);

@@ -347,8 +347,8 @@ int main(void) {
         expect_status("backward: dk of another head_dim", st, FUSED_ATTN_STATUS_SHAPE_MISMATCH, "`dk`");
         uint64_t len = 0;
         st = fused_attn_backward_workspace_len(2, 100, 8, 64, &len);
-        /* tokens * Hq * (D + 1) + B * Hq * ceil(Lq / 64) */
-        CHECK(st == FUSED_ATTN_STATUS_OK && len == 2u * 100 * 8 * 65 + 2u * 8 * 2,
+        /* tokens * Hq * (D + 1) + B * Hq * ceil(Lq / 64) + 1 (the ticket counter) */
+        CHECK(st == FUSED_ATTN_STATUS_OK && len == 2u * 100 * 8 * 65 + 2u * 8 * 2 + 1,
               "backward workspace for B 2, Lq 100, Hq 8, D 64: %llu floats", (unsigned long long)len);
         st = fused_attn_backward_workspace_len(2, -1, 8, 64, &len);
         expect_status("backward workspace, Lq -1", st, FUSED_ATTN_STATUS_NEGATIVE, "seqlen_q");
