@@ -32,8 +32,11 @@ for spec in "$@"; do
   fi
   t0=$(date +%s)
   # The tests phase gets its own inner cap so that its log is written.
-  TEST_TIMEOUT=${TEST_TIMEOUT:-$(( cap - 20 ))} timeout "$cap" "$here/run.sh" "$work" "$phase" || status=1
-  echo "$phase: $(( $(date +%s) - t0 ))s (cap ${cap}s)" | tee -a "$summary"
+  inner=$(( cap > 40 ? cap - 20 : cap * 3 / 4 ))
+  TEST_TIMEOUT=${TEST_TIMEOUT:-$inner} timeout "$cap" "$here/run.sh" "$work" "$phase"
+  rc=$?
+  (( rc != 0 )) && status=1
+  echo "$phase: $(( $(date +%s) - t0 ))s (cap ${cap}s), exit $rc$( (( rc == 124 )) && echo ' (cap reached)')" | tee -a "$summary"
 done
 echo "total: $(( $(date +%s) - start ))s of ${budget}s" | tee -a "$summary"
 for f in ours.json peers.json alignment.png; do [ -f "$work/$f" ] && cp "$work/$f" "$out/"; done
