@@ -16,7 +16,8 @@
 //! running [`Attention::forward_into`](crate::Attention::forward_into) on
 //! candle's stream. It cannot be a plain additive feature today: candle-core's
 //! `cuda` feature enables cudarc's `dynamic-linking`, this crate enables
-//! `dynamic-loading`, and cudarc's build script rejects both at once.)
+//! `dynamic-loading`, and cudarc's build script rejects both at once; cudarc's
+//! `fallback-dynamic-loading` resolves that, see the README's candle section.)
 //!
 //! **Training.** The `flash_attn*` functions (and `q.apply_op3(&k, &v,
 //! FusedAttn::new(..))`) record the op for candle's autograd: on CPU
