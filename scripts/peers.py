@@ -316,31 +316,38 @@ def time_calls(fn, n_sets, reps, warmup):
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def visible_matrix(seqlen_q, seqlen_k, left, right):
+    """[Lq, Lk] bool: which keys each query sees (None: the full mask)."""
+    if mask_kind(left, right) == "full":
+        return None
+    i = torch.arange(seqlen_q, device=DEVICE).unsqueeze(1)
+    j = torch.arange(seqlen_k, device=DEVICE).unsqueeze(0)
+    return make_visible(seqlen_q, seqlen_k, left, right)(None, None, i, j)
+
+
+def attention_f64(q, k, v, group, vis):
+    """softmax(q k^T / sqrt(D), masked by vis) v in float64 on [.., H, L, D]
+    tensors (K and V heads repeated `group` times along dim -3); rows with no
+    visible key are zero, as in DESIGN.md section 1. Differentiable."""
+    k, v = (t.double().repeat_interleave(group, dim=-3) for t in (k, v))
+    s = torch.matmul(q.double(), k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if vis is not None:
+        s = s.masked_fill(~vis, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1).nan_to_num(0.0), v)
+
+
 def reference_rel_l2(case, q, k, v, out):
     """Relative L2 error of out ([B,Hq,Lq,D]) against an f64 reference on q, k, v.
 
     Computed one batch element at a time; rows with no visible key are zero,
     as in DESIGN.md section 1."""
     group = case.hq // case.hk
-    scale = 1.0 / math.sqrt(case.d)
-    vis = None
-    if case.kind != "full":
-        i = torch.arange(case.lq, device=DEVICE).unsqueeze(1)
-        j = torch.arange(case.lk, device=DEVICE).unsqueeze(0)
-        vis = make_visible(case.lq, case.lk, case.left, case.right)(None, None, i, j)
+    vis = visible_matrix(case.lq, case.lk, case.left, case.right)
     err2 = 0.0
     ref2 = 0.0
     for b in range(case.b):
-        qb = q[b].detach().double()
-        kb = k[b].detach().double().repeat_interleave(group, dim=0)
-        vb = v[b].detach().double().repeat_interleave(group, dim=0)
-        s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale)
-        if vis is not None:
-            s.masked_fill_(~vis, float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num_(nan=0.0)  # empty rows -> 0
-        del s
-        ref = torch.matmul(p, vb)
-        del p
+        with torch.no_grad():
+            ref = attention_f64(q[b].detach(), k[b].detach(), v[b].detach(), group, vis)
         err2 += (out[b].detach().double() - ref).square().sum().item()
         ref2 += ref.square().sum().item()
         del ref, qb, kb, vb
@@ -430,14 +437,9 @@ class PeerRunner:
                 randn(1, hq, lq, case.d)
             # float64 reference: the same attention, differentiated by autograd.
             qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-            s = torch.matmul(qd, kd.repeat_interleave(group, 1).transpose(-1, -2)) / math.sqrt(case.d)
-            if case.kind != "full":
-                i = torch.arange(lq, device=DEVICE).unsqueeze(1)
-                j = torch.arange(lk, device=DEVICE).unsqueeze(0)
-                s = s.masked_fill(~make_visible(lq, lk, case.left, case.right)(None, None, i, j), float("-inf"))
-            o = torch.matmul(torch.softmax(s, dim=-1).nan_to_num(0.0), vd.repeat_interleave(group, 1))
+            o = attention_f64(qd, kd, vd, group, visible_matrix(lq, lk, case.left, case.right))
             ref = torch.autograd.grad(o, (qd, kd, vd), g.double())
-            del s, o
+            del o
         except Exception as exc:
             out["notes"]["all"] = "reference: " + first_line(exc)
             free_memory()
@@ -850,12 +852,7 @@ def mechanism_peers(runner, row, args):
         tensors = [randn(b, h, lq, da), randn(b, h, lk, da), randn(b, h, lk, dv),
                    randn(h, da, mult=1.0 / math.sqrt(da)),
                    randn(h, da) if row.get("bias") else None]
-        visible = None
-        if mask_kind(left, right) != "full":
-            i = torch.arange(lq, device=DEVICE).unsqueeze(1)
-            j = torch.arange(lk, device=DEVICE).unsqueeze(0)
-            visible = make_visible(lq, lk, left, right)(None, None, i, j)
-        tensors.append(visible)
+        tensors.append(visible_matrix(lq, lk, left, right))
         input_bytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
     except Exception as exc:
         tensors = None

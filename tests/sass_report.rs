@@ -472,6 +472,22 @@ fn predicted_ceilings_bound_the_measured_run(tool: &Path) {
     assert!(above.is_empty(), "measured above the ceiling (the model is not a bound): {above:?}\n{text}");
 }
 
+/// Runs `check` with cuobjdump's path where the report can be built (the
+/// crate's kernels, cuobjdump, python3), else says what is missing.
+fn with_report_tools(check: fn(&Path)) -> Outcome {
+    if !KERNELS_BUILT {
+        return tier::missing("the crate was built without kernels (no nvcc)");
+    }
+    let Some(tool) = tier::cuda_tool("CUOBJDUMP", "cuobjdump") else {
+        return tier::missing("no cuobjdump (set CUOBJDUMP or install nvidia-cuda-cuobjdump, see README)");
+    };
+    if let Some(reason) = python_missing() {
+        return tier::missing(reason);
+    }
+    check(&tool);
+    Ok(Completion::Completed)
+}
+
 fn main() {
     let args = Arguments::from_args();
     let trials = vec![
@@ -482,31 +498,9 @@ fn main() {
             loop_finder_works_on_synthetic_sass();
             Ok(Completion::Completed)
         }),
-        Trial::ignorable_test("hot_loops_hold_todays_properties", || -> Outcome {
-            if !KERNELS_BUILT {
-                return tier::missing("the crate was built without kernels (no nvcc)");
-            }
-            let Some(tool) = tier::cuda_tool("CUOBJDUMP", "cuobjdump") else {
-                return tier::missing("no cuobjdump (set CUOBJDUMP or install nvidia-cuda-cuobjdump, see README)");
-            };
-            if let Some(reason) = python_missing() {
-                return tier::missing(reason);
-            }
-            todays_properties_hold(&tool);
-            Ok(Completion::Completed)
-        }),
-        Trial::ignorable_test("predicted_ceilings_bound_the_measured_run", || -> Outcome {
-            if !KERNELS_BUILT {
-                return tier::missing("the crate was built without kernels (no nvcc)");
-            }
-            let Some(tool) = tier::cuda_tool("CUOBJDUMP", "cuobjdump") else {
-                return tier::missing("no cuobjdump (set CUOBJDUMP or install nvidia-cuda-cuobjdump, see README)");
-            };
-            if let Some(reason) = python_missing() {
-                return tier::missing(reason);
-            }
-            predicted_ceilings_bound_the_measured_run(&tool);
-            Ok(Completion::Completed)
+        Trial::ignorable_test("hot_loops_hold_todays_properties", || with_report_tools(todays_properties_hold)),
+        Trial::ignorable_test("predicted_ceilings_bound_the_measured_run", || {
+            with_report_tools(predicted_ceilings_bound_the_measured_run)
         }),
     ];
     libtest_mimic::run(&args, trials).exit();

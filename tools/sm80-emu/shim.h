@@ -99,7 +99,6 @@ int32_t emu_table_read(const int32_t *table, int64_t i);
 // (only ever called while waiting for one) reports that and stops.
 float atomicAdd(float *p, float v);
 unsigned atomicAdd(uint32_t *p, unsigned v);  // the deterministic mode's ticket
-static inline void __threadfence() {}
 void __nanosleep(unsigned ns);
 int emu_ld_acquire(const int32_t *p);
 void emu_red_release_add1(int32_t *p);
