@@ -391,8 +391,8 @@ class PeerRunner:
         self.capi = None
         self.capi_error = None
 
-    def capi_fn(self, case):
-        """Forward through the C ABI on BHSD views (read back as BSHD, no copy)."""
+    def open_capi(self):
+        """Opens the C ABI handle once; raises with the reason when it cannot."""
         if self.capi is None and self.capi_error is None:
             try:
                 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -402,6 +402,11 @@ class PeerRunner:
                 self.capi_error = "C ABI unavailable: " + first_line(exc)
         if self.capi_error:
             raise RuntimeError(self.capi_error)
+        return self.capi
+
+    def capi_fn(self, case):
+        """Forward through the C ABI on BHSD views (read back as BSHD, no copy)."""
+        self.open_capi()
         left, right = mask_bounds(case)
         kind = mask_kind(left, right)
         opts = {"causal": kind == "causal"}
@@ -468,11 +473,8 @@ class PeerRunner:
             finally:
                 free_memory()
         try:
-            if self.capi is None and self.capi_error is None:
-                self.capi_fn(case)  # opens the handle
-            if self.capi_error:
-                raise RuntimeError(self.capi_error)
-            lib = self.capi.lib
+            # (capi_fn takes a grid row, not this Case: open the handle alone.)
+            lib = self.open_capi().lib
             bshd = [t.transpose(1, 2) for t in (q, k, v, g)]  # the ABI's [B, L, H, D] views
             opts = {"causal": case.kind == "causal"} if case.kind in ("full", "causal") else {
                 "window": (case.left, case.right)}

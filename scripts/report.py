@@ -210,8 +210,9 @@ def markdown(report):
             + ["%s TFLOP/s" % PEER_LABELS.get(p, p) for p in peers]
             + ["× %s" % PEER_LABELS[p] for p in SPEEDUP_PEERS]
             + ["rel L2 err"])
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "|".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + "|")
+    if cases:  # a filtered run (e.g. mechanisms only) has no grid rows
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "|".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + "|")
     for c in cases:
         row = [shape_text(c), c.get("mask", ""), c.get("dtype", ""),
                c.get("direction", "fwd"), "`%s`" % c.get("kernel", ""),

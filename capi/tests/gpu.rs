@@ -375,7 +375,9 @@ fn backward_case(h: &Handle, ctx: &Arc<CudaContext>, det: bool) -> Result<(), Fa
         unsafe { fused_attn_backward_workspace_len(b as i64, lq as i64, hq as i64, d as i64, &mut ws_len) },
         "workspace_len",
     )?;
-    let wsd = stream.alloc_zeros::<f32>(ws_len as usize)?;
+    // Four floats of slack, so that the misaligned probe below can pass the
+    // full length and fail on alignment alone, not on size.
+    let wsd = stream.alloc_zeros::<f32>(ws_len as usize + 4)?;
     let opts = FusedAttnOptions { mask: FusedAttnMask::Causal as i32, ..FusedAttnOptions::default() };
     let lse_c = FusedAttnLseTensor {
         data: addr(&lsed, &stream) as usize as *mut f32,
@@ -414,8 +416,9 @@ fn backward_case(h: &Handle, ctx: &Arc<CudaContext>, det: bool) -> Result<(), Fa
             )
         };
         let ws = addr(&wsd, &stream) as usize as *mut f32;
-        // One float in: the dQ accumulator's paired reductions need 16 bytes.
-        let st = backward(ws.wrapping_add(1), ws_len - 1);
+        // One float in, full length still inside the allocation: the dQ
+        // accumulator's paired reductions need 16-byte alignment.
+        let st = backward(ws.wrapping_add(1), ws_len);
         if st != FusedAttnStatus::Misaligned || !last_error().contains("workspace") {
             return Err(format!("a workspace 4 bytes off alignment: {st:?} ({}), want Misaligned", last_error()).into());
         }
