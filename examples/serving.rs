@@ -155,7 +155,7 @@ fn run_gpu() -> Result<(), Error> {
     // At least 2 here, to run the split path even on these short caches.
     let (q1l, kv1l) = (Layout::bshd(b, 1, HQ, D), Layout::bshd(b, 1, HK, D));
     let mut o1 = stream.alloc_zeros::<bf16>(b * HQ * D)?;
-    let splits = attn.kvcache_splits(b, 1, HQ, per_seq * PAGE).max(2);
+    let splits = attn.kvcache_splits(b, 1, HQ, HK, per_seq * PAGE).max(2);
     let ws_len = Attention::split_workspace_len(splits, b, 1, HQ, D).expect("a small workspace");
     let mut workspace = stream.alloc_zeros::<f32>(ws_len)?;
     for step in 0..STEPS {

@@ -222,18 +222,31 @@ fn hostile_cache_inputs_are_errors() {
 fn split_heuristic_and_workspace() {
     use fused_attn::Attention;
     let h100 = 132;
-    // A decode step of 8 sequences x 32 heads over 32k keys: 256 CTAs < 264.
-    assert_eq!(Attention::kvcache_splits_on(h100, 8, 1, 32, 32768), 2);
-    // One sequence: 32 CTAs, 9 splits reach two per SM.
-    assert_eq!(Attention::kvcache_splits_on(h100, 1, 1, 32, 32768), 9);
-    // Enough row blocks already: no split.
-    assert_eq!(Attention::kvcache_splits_on(h100, 64, 1, 32, 32768), 1);
-    assert_eq!(Attention::kvcache_splits_on(h100, 1, 4096, 32, 32768), 1);
+    // A decode step of 8 sequences, 32:8 heads, over 32k keys: the packed
+    // decode rows launch 8 x 8 = 64 CTAs, so 4 splits make one wave of 256.
+    // (Counting 8 x 32 query-head CTAs, as before the first decode
+    // measurement, gave 2, and 64:8 heads gave 1: 35 % of the copy bandwidth.)
+    assert_eq!(Attention::kvcache_splits_on(h100, 8, 1, 32, 8, 32768), 4);
+    assert_eq!(Attention::kvcache_splits_on(h100, 8, 1, 64, 8, 32768), 4);
+    // One sequence: 8 CTAs, 33 splits.
+    assert_eq!(Attention::kvcache_splits_on(h100, 1, 1, 32, 8, 32768), 33);
+    // Speculative decoding, 16 queries x 16 heads per KV head: two row tiles.
+    assert_eq!(Attention::kvcache_splits_on(h100, 1, 16, 128, 8, 32768), 16);
+    // Without GQA there is no packing: a CTA per query head.
+    assert_eq!(Attention::kvcache_splits_on(h100, 1, 1, 32, 32, 32768), 8);
+    assert_eq!(Attention::kvcache_splits_on(h100, 8, 1, 32, 32, 32768), 1);
+    // Enough CTAs already: no split.
+    assert_eq!(Attention::kvcache_splits_on(h100, 64, 1, 32, 8, 32768), 1);
+    assert_eq!(Attention::kvcache_splits_on(h100, 1, 4096, 32, 8, 32768), 1);
+    // Past 16 queries a call is no decode step: a CTA per query head.
+    assert_eq!(Attention::kvcache_splits_on(h100, 1, 17, 32, 8, 32768), 8);
     // Short caches: at least two 64-key tiles per split.
-    assert_eq!(Attention::kvcache_splits_on(h100, 1, 1, 8, 100), 1);
-    assert_eq!(Attention::kvcache_splits_on(h100, 1, 1, 8, 640), 5);
-    // At most 64.
-    assert_eq!(Attention::kvcache_splits_on(h100, 1, 1, 1, 1 << 20), 64);
+    assert_eq!(Attention::kvcache_splits_on(h100, 1, 1, 8, 8, 100), 1);
+    assert_eq!(Attention::kvcache_splits_on(h100, 1, 1, 8, 8, 640), 5);
+    // At most 64; degenerate head counts never divide by zero.
+    assert_eq!(Attention::kvcache_splits_on(h100, 1, 1, 1, 1, 1 << 20), 64);
+    assert_eq!(Attention::kvcache_splits_on(h100, 1, 1, 8, 0, 1 << 20), 33);
+    assert_eq!(Attention::kvcache_splits_on(h100, 0, 0, 0, 0, 0), 1);
     // O parts and LSE parts, f32.
     assert_eq!(Attention::split_workspace_len(3, 2, 1, 8, 128), Some(3 * 2 * 8 * 129));
     assert_eq!(Attention::split_workspace_len(usize::MAX, 2, 1, 8, 128), None);

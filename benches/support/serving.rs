@@ -183,7 +183,7 @@ fn decode_rows(g: &Gpu, stream: &Arc<CudaStream>, reps: usize) -> Result<Vec<Str
                 let lens = vec![len as i32; b];
                 let ql = Layout::bshd(b, 1, hq, d);
                 let opts = AttentionOptions::new(Mask::Causal);
-                let splits = g.attn.kvcache_splits(b, 1, hq, len);
+                let splits = g.attn.kvcache_splits(b, 1, hq, hk, len);
                 let ws_len = Attention::split_workspace_len(splits, b, 1, hq, d).unwrap_or(0);
                 let mut ws = stream.alloc_zeros::<f32>(ws_len.max(1)).map_err(cuda("allocating"))?;
                 for page in [0usize, 16] {

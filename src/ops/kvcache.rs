@@ -306,17 +306,31 @@ impl Attention {
     }
 
     /// The number of key splits the split-KV path should use for a KV-cache
-    /// call of `batch` sequences, `seqlen_q` queries and `heads_q` query
-    /// heads over caches of up to `max_cache_len` keys on this GPU.
+    /// call of `batch` sequences, `seqlen_q` queries, `heads_q` query heads
+    /// and `heads_kv` KV heads over caches of up to `max_cache_len` keys on
+    /// this GPU.
     ///
-    /// The heuristic: the unsplit grid has `ceil(Lq / 128) · Hq · B` CTAs;
-    /// if that fills two CTAs per SM, 1 (no split). Otherwise enough splits
-    /// to reach two per SM, but never so many that a split has fewer than two
-    /// 64-key tiles, and at most 64 (the combine reads every split's partial
-    /// row). A decode step (Lq = 1) of 8 sequences × 32 heads over 32k keys
-    /// on a 132-SM H100 gets 2; one sequence gets 9.
-    pub fn kvcache_splits(&self, batch: usize, seqlen_q: usize, heads_q: usize, max_cache_len: usize) -> usize {
-        Self::kvcache_splits_on(self.sm_count(), batch, seqlen_q, heads_q, max_cache_len)
+    /// The heuristic counts the CTAs the unsplit call launches. A decode step
+    /// (several query heads per KV head, at most 16 queries per sequence)
+    /// runs on the GQA-packed `_decode` kernels: one CTA per sequence and KV
+    /// head, its 128-row tile holding that KV head's `Hq/Hk · Lq` query rows,
+    /// so `ceil(Hq/Hk · Lq / 128) · Hk · B` CTAs. Any other call has
+    /// `ceil(Lq / 128) · Hq · B`. The splits then fill one wave of two CTAs
+    /// per SM (the kernels' register budget allows two): `floor(2 · SMs /
+    /// CTAs)`, 1 (no split) when that is below 2, never so many that a split
+    /// has fewer than two 64-key tiles, and at most 64 (the combine reads
+    /// every split's partial row). On a 132-SM H100, a decode step of 8
+    /// sequences with 32:8 heads over 32k keys gets 4 (256 CTAs); one
+    /// sequence gets 33; 64 sequences get 1.
+    pub fn kvcache_splits(
+        &self,
+        batch: usize,
+        seqlen_q: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        max_cache_len: usize,
+    ) -> usize {
+        Self::kvcache_splits_on(self.sm_count(), batch, seqlen_q, heads_q, heads_kv, max_cache_len)
     }
 
     /// [`kvcache_splits`](Self::kvcache_splits) for a GPU of `sm_count` SMs
@@ -326,15 +340,24 @@ impl Attention {
         batch: usize,
         seqlen_q: usize,
         heads_q: usize,
+        heads_kv: usize,
         max_cache_len: usize,
     ) -> usize {
-        let base = seqlen_q.div_ceil(128).max(1).saturating_mul(heads_q).saturating_mul(batch).max(1);
-        let target = 2 * sm_count as usize;
-        if base >= target {
+        // The dispatcher's decode test (dispatch.rs), on sizes alone.
+        let packed = heads_kv > 0
+            && heads_q > heads_kv
+            && heads_q % heads_kv == 0
+            && seqlen_q <= crate::dispatch::MAX_DECODE_QUERIES;
+        let (rows, heads) =
+            if packed { (seqlen_q.saturating_mul(heads_q / heads_kv), heads_kv) } else { (seqlen_q, heads_q) };
+        let ctas = rows.div_ceil(128).max(1).saturating_mul(heads).saturating_mul(batch).max(1);
+        let per_wave = 2 * sm_count as usize;
+        let by_waves = per_wave / ctas;
+        if by_waves < 2 {
             return 1;
         }
         let by_tiles = (max_cache_len.div_ceil(64) / 2).max(1);
-        target.div_ceil(base).min(by_tiles).min(64)
+        by_waves.min(by_tiles).min(64)
     }
 
     /// f32 elements of workspace that [`forward_kvcache_split_into`](Self::forward_kvcache_split_into)
