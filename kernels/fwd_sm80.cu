@@ -188,9 +188,11 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     // PAGED rows: a cache whose page size is a multiple of block_n holds every
     // tile whole in one page, so one page-table lookup per tile, then the
     // dense copy; smaller pages (or sizes that do not divide) take the
-    // gather, a lookup per row. The gather costs ~1000 static instructions
-    // in the key loop (unrolled: with `unroll 1` hd192 spilled), which is
-    // why the dense rows leave it out.
+    // gather, a lookup per row (the `_decode` rows step the page and slot
+    // row to row instead of dividing: Sm80TileLoader::gather_pages). The
+    // gather costs static
+    // instructions in the key loop (unrolled: with `unroll 1` hd192
+    // spilled), which is why the dense rows leave it out.
     const Sm80TileLoader<T, BN, CHUNKS, THREADS> kv_loader(tid, p.head_dim);
     const bool whole_pages = !PAGED || p.block_table == nullptr || p.page_size % BN == 0;
     auto issue_kv = [&](int L) {
@@ -204,7 +206,10 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
                 kv_loader.load(dst, base + n0 * stride, stride, p.seqlen_k - n0, base);
             else if (whole_pages)
                 kv_loader.load(dst, fa_kv_row<T>(p, base, is_v, b, n0), stride, p.seqlen_k - n0, base);
-            else
+            else if constexpr (PACK)  // the rows' page stepped, not divided (decode steps)
+                kv_loader.gather_pages(dst, [&](unsigned pg) { return fa_kv_page<T>(p, base, is_v, b, pg); }, n0,
+                                       p.page_size, stride, p.seqlen_k - n0, base);
+            else  // (the stepping made hd96/hd128_paged spill at sm_90a)
                 kv_loader.gather(dst, [&](int r) { return fa_kv_row<T>(p, base, is_v, b, n0 + r); },
                                  p.seqlen_k - n0, base);
         }

@@ -40,6 +40,19 @@ stage bench-forward forward bench --bench forward --no-run
 stage quickstart quickstart build --release --example quickstart
 stage serving serving build --release --example serving
 stage alignment alignment build --release --example alignment
+# FUSED_ATTN_BUNDLE_CANDLE=1: the candle op's CUDA tier too (feature
+# `candle-cuda`). candle's own kernels build with nvcc (~7 min on 2 cores the
+# first time) and candle links the CUDA libraries, which a CPU host lacks:
+# cuda-link-stubs.sh makes link-time stand-ins in CUDA_ROOT/lib/stubs (a
+# directory cudarc's build script searches when it exists at its first run).
+if [ "${FUSED_ATTN_BUNDLE_CANDLE:-0}" = 1 ]; then
+  export CUDA_ROOT="${CUDA_ROOT:-$(dirname "$(dirname "$NVCC")")}" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+  export PATH="$CUDA_ROOT/bin:$PATH"
+  mkdir -p "$CUDA_ROOT/lib/stubs"
+  cargo build --release --features candle-cuda --lib
+  scripts/cuda-link-stubs.sh "$CUDA_ROOT/lib/stubs" target/release/deps/libcudarc-*.rlib
+  stage candle-cuda-tests candle_cuda test --release --features candle-cuda --test candle_cuda --no-run
+fi
 # The C ABI's shared library, for peers.py's in-process `ours_capi` peer.
 cargo build --release -p fused-attn-capi --lib
 cp target/release/libfused_attn_capi.so "$out/bin/"

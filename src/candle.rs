@@ -11,19 +11,25 @@
 //!
 //! **Devices.** On the CPU the op runs the crate's reference
 //! ([`reference::forward`]: f64, multi-threaded, rounded once to the
-//! inputs' dtype). candle CUDA tensors are not supported yet: the op returns
-//! candle's "no cuda implementation" error. (TODO: a `candle-cuda` feature
-//! running [`Attention::forward_into`](crate::Attention::forward_into) on
-//! candle's stream. It cannot be a plain additive feature today: candle-core's
-//! `cuda` feature enables cudarc's `dynamic-linking`, this crate enables
-//! `dynamic-loading`, and cudarc's build script rejects both at once; cudarc's
-//! `fallback-dynamic-loading` resolves that, see the README's candle section.)
+//! inputs' dtype). With the cargo feature `candle-cuda`, candle CUDA
+//! tensors run our kernels ([`Attention::forward_into`](crate::Attention::forward_into))
+//! on candle's own stream: strides and offsets are read in place, nothing
+//! waits on the host, the output is a fresh contiguous tensor, and ALiBi
+//! slopes or sinks given as CPU tensors are moved to the device. Without
+//! that feature a CUDA tensor gets candle's "no cuda implementation" error.
+//! `candle-cuda` turns on candle-core's `cuda` feature, which builds
+//! candle's own kernels with nvcc (about 7 minutes on 2 cores) and links the
+//! CUDA libraries at build time; it yields cudarc's loading to that linking
+//! (this crate asks cudarc for `fallback-dynamic-loading`).
 //!
 //! **Training.** The `flash_attn*` functions (and `q.apply_op3(&k, &v,
-//! FusedAttn::new(..))`) record the op for candle's autograd: on CPU
-//! tensors its `bwd` returns [`reference::backward`]'s gradients of Q, K
-//! and V (ALiBi slopes and sinks are constants there), which
-//! candle-flash-attn, forward-only, cannot. The packed-batch functions stay
+//! FusedAttn::new(..))`) record the op for candle's autograd, which
+//! candle-flash-attn, forward-only, cannot. On CPU tensors its `bwd`
+//! returns [`reference::backward`]'s gradients of Q, K and V; on CUDA
+//! tensors (`candle-cuda`) it recomputes the forward's log-sum-exp, which
+//! candle does not keep, and runs the tiled backward kernels
+//! ([`Attention::backward_into`](crate::Attention::backward_into)). ALiBi
+//! slopes and sinks are constants there. The packed-batch functions stay
 //! forward-only.
 //!
 //! **Migrating from candle-flash-attn** is a change of path:
@@ -53,6 +59,10 @@ use std::borrow::Cow;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Shape, Tensor};
 use half::{bf16, f16};
+
+#[cfg(feature = "candle-cuda")]
+#[path = "candle_cuda.rs"]
+mod cuda;
 
 use crate::options::{Alibi, AttentionOptions, HeadValues, Mask};
 use crate::reference;
@@ -148,7 +158,7 @@ fn flash_options(
 ///
 /// # Errors
 /// A candle error for tensors that are not rank 4, not f16/bf16, of mixed
-/// dtypes or on a CUDA device; this crate's validation errors
+/// dtypes, or on a CUDA device without the `candle-cuda` feature; this crate's validation errors
 /// ([`Error`](crate::Error), message kept) for shapes outside the contract.
 pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32, causal: bool) -> candle_core::Result<Tensor> {
     let right = if causal { Some(0) } else { None };
@@ -662,15 +672,36 @@ impl CustomOp3 for FusedAttn {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if !q.device().is_cpu() {
-            candle_core::bail!("fused-attn: the backward of candle CUDA tensors is not supported yet (CPU only)");
-        }
         let d_o = grad_res.to_dtype(q.dtype())?;
+        #[cfg(feature = "candle-cuda")]
+        if q.device().is_cuda() {
+            return self.cuda_bwd(q, k, v, &d_o);
+        }
+        if !q.device().is_cpu() {
+            candle_core::bail!(
+                "fused-attn: the backward runs on CPU tensors, and on CUDA tensors with the `candle-cuda` feature"
+            );
+        }
         match q.dtype() {
             candle_core::DType::F16 => self.cpu_bwd_t(q, k, v, &d_o, f16::from_f64),
             candle_core::DType::BF16 => self.cpu_bwd_t(q, k, v, &d_o, bf16::from_f64),
             other => candle_core::bail!("fused-attn: q, k and v must be f16 or bf16, got {other:?}"),
         }
+    }
+
+    /// Our kernels on candle's stream (feature `candle-cuda`): any strides
+    /// and offsets read in place, the output a fresh contiguous tensor.
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_l: &candle_core::Layout,
+        k: &candle_core::CudaStorage,
+        k_l: &candle_core::Layout,
+        v: &candle_core::CudaStorage,
+        v_l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_fwd_impl((q, q_l), (k, k_l), (v, v_l))
     }
 
     fn cpu_fwd(

@@ -38,7 +38,9 @@
 //! - **Raw pointers** ([`Attention::forward_raw`], unsafe): memory cudarc did
 //!   not allocate; the C ABI (`capi/`, crate `fused-attn-capi`) is built on it.
 //! - **candle** (cargo feature `candle`): `candle_ops`, a `CustomOp3` and
-//!   candle-flash-attn's `flash_attn*` functions on candle tensors (CPU for now).
+//!   candle-flash-attn's `flash_attn*` functions on candle tensors: CPU
+//!   tensors through the reference, CUDA tensors through our kernels with
+//!   the feature `candle-cuda` (which builds candle's own CUDA kernels).
 //!
 //! ## What is computed (the contract)
 //! Shapes are logical; any strides work (last dimension contiguous):

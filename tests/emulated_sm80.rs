@@ -42,7 +42,8 @@
 //! to a copy of the kernel source and requires the emulator to catch it; it
 //! is `#[ignore]`d (one emulator build per mutant: ~90 s of CPU, ~2 min on
 //! two busy cores), run it with
-//! `cargo test --test emulated_sm80 -- --ignored --nocapture`.
+//! `cargo test --test emulated_sm80 -- --ignored --nocapture`
+//! (`FUSED_ATTN_MUTANTS=paged` for the mutants whose names contain "paged").
 //!
 //! It is no substitute for the GPU tier: the emulator encodes our reading of
 //! the PTX ISA. Needs g++, python3 and the CUDA headers (next to `$NVCC`, or
@@ -374,7 +375,32 @@ const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
-        name: "paged (sm80): the gather reuses even rows' pages for odd rows",
+        name: "paged (sm80): the gather's first page from the tile's key, not the thread's row",
+        file: "common/sm80_tile_io.cuh",
+        edits: &[("const unsigned j = unsigned(j0 + row0);", "const unsigned j = unsigned(j0);")],
+    },
+    Mutant {
+        name: "paged (sm80): the gather's slot steps one row per pass",
+        file: "common/sm80_tile_io.cuh",
+        edits: &[("slot += kRowsPerPass;", "slot += 1;")],
+    },
+    Mutant {
+        name: "paged (sm80): a full page leaves the gather on the same page",
+        file: "common/sm80_tile_io.cuh",
+        edits: &[("slot -= ps;\n                    ++page;", "slot -= ps;")],
+    },
+    Mutant {
+        name: "paged (sm80): pages shorter than a pass stepped like long ones",
+        file: "common/sm80_tile_io.cuh",
+        edits: &[("if (ps >= unsigned(kRowsPerPass)) {", "if (true) {")],
+    },
+    Mutant {
+        name: "paged (sm80): short pages' slot left past the page end",
+        file: "common/sm80_tile_io.cuh",
+        edits: &[("slot %= ps;", "")],
+    },
+    Mutant {
+        name: "paged (sm80): the gather reuses even rows' pages for odd rows (non-decode rows)",
         file: "fwd_sm80.cu",
         edits: &[(
             "return fa_kv_row<T>(p, base, is_v, b, n0 + r);",
@@ -384,7 +410,18 @@ const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "paged (sm80): the gather looks up rows past the sequence",
         file: "common/sm80_tile_io.cuh",
-        edits: &[("ok ? row_at(r) + chunk * 8 : safe", "col_ok ? row_at(r) + chunk * 8 : safe")],
+        edits: &[(
+            "ok ? page_at(page) + slot * row_stride + chunk * 8 : safe",
+            "col_ok ? page_at(page) + slot * row_stride + chunk * 8 : safe",
+        )],
+    },
+    Mutant {
+        name: "paged (sm80): the gather's V rows from K's pages",
+        file: "common/sequence.cuh",
+        edits: &[(
+            "return base + id * (is_v ? p.v_batch_stride : p.k_batch_stride);\n}\n\n// The Hopper",
+            "return base + id * p.k_batch_stride;\n}\n\n// The Hopper",
+        )],
     },
     // ---- split-KV (fwd_sm80.cu; the combine is tests/merge_numerics.rs's) ----
     Mutant {
@@ -601,7 +638,11 @@ fn sm80_emulator_catches_injected_bugs() {
     ];
     // (name, Ok(Some(first diagnostic)) if caught / Ok(None) if missed, or Err(why not run))
     let mut rows: Vec<emu::ControlRow> = Vec::new();
-    for (i, m) in std::iter::once(None).chain(MUTANTS.iter().map(Some)).enumerate() {
+    // FUSED_ATTN_MUTANTS=substring runs only the mutants whose names hold it
+    // (a kernel change's own mutants, without the hour the whole list takes).
+    let pick = std::env::var("FUSED_ATTN_MUTANTS").unwrap_or_default();
+    let chosen = MUTANTS.iter().filter(|m| m.name.contains(pick.as_str())).map(Some);
+    for (i, m) in std::iter::once(None).chain(chosen).enumerate() {
         let work = base.join(format!("m{i}"));
         let src = work.join("src");
         let name = m.map_or("(unmodified source: must pass)", |m| m.name).to_string();

@@ -66,6 +66,15 @@ __device__ __forceinline__ const T *fa_kv_row(const FaFwdParams &p, const T *bas
     return base + id * (is_v ? p.v_batch_stride : p.k_batch_stride) + int(slot) * rs;
 }
 
+// Row 0 of page `page` of sequence b's keys (or values) in a paged cache,
+// for loaders that step through the rows themselves (Sm80TileLoader::
+// gather_pages): the same arithmetic as fa_kv_row, without the division.
+template <typename T>
+__device__ __forceinline__ const T *fa_kv_page(const FaFwdParams &p, const T *base, bool is_v, int b, unsigned page) {
+    const int32_t id = FA_TABLE_READ(p.block_table, b * p.block_table_stride + page);
+    return base + id * (is_v ? p.v_batch_stride : p.k_batch_stride);
+}
+
 // The Hopper kernels reach Q, K and V through TMA maps, by coordinates, not
 // through pointers: where fa_bind_sequence moves a pointer, this also returns
 // the sequence's coordinates in the maps (O and LSE, stored by ordinary

@@ -49,7 +49,12 @@ pub fn cuda_context(ordinal: usize) -> Result<Arc<CudaContext>> {
 pub fn driver_present() -> bool {
     // SAFETY: only tries to dlopen libcuda under its usual names; no symbol
     // is called and nothing is kept if loading fails.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+    #[cfg(not(feature = "candle-cuda"))]
+    return unsafe { cudarc::driver::sys::is_culib_present() };
+    // With `candle-cuda`, candle has cudarc link libcuda at build time: a
+    // binary that runs has the driver library.
+    #[cfg(feature = "candle-cuda")]
+    return true;
 }
 
 /// Whether an image has code that a device of compute capability `sm`
