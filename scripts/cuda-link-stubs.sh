@@ -32,3 +32,9 @@ curand:libcurand.so.10:^curand
 nvrtc:libnvrtc.so.13:^nvrtc
 cuda:libcuda.so.1:^cu
 LIBS
+# candle-kernels also links the CUDA runtime (its MoE kernels): PyPI's
+# runtime wheel ships only the versioned libcudart.so.13, the linker wants
+# the plain name. A link to the real library (soname libcudart.so.13).
+for real in "$dir"/../libcudart.so.13; do
+  [ -e "$real" ] && ln -sf "$(realpath "$real")" "$dir/libcudart.so" && echo "libcudart.so -> $real"
+done

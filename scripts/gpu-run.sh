@@ -39,10 +39,10 @@ for phase in "${phases[@]}"; do
       # It links cuBLAS, cuRAND and NVRTC as candle does: torch's wheels have them.
       if [ -x "$here/bin/candle-cuda-tests" ]; then
         libs=$(python3 -c 'import nvidia; print("\n".join(nvidia.__path__))' 2>/dev/null |
-          xargs -I{} find {} \( -name 'libcublas.so*' -o -name 'libcurand.so*' -o -name 'libnvrtc.so*' \) 2>/dev/null |
+          xargs -I{} find {} \( -name 'libcublas.so*' -o -name 'libcurand.so*' -o -name 'libnvrtc.so*' -o -name 'libcudart.so*' \) 2>/dev/null |
           xargs -r -n1 dirname | sort -u | paste -sd: -)
         { echo "LD_LIBRARY_PATH additions: $libs"
-          LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ldd "$here/bin/candle-cuda-tests" | grep -E "cuda|cublas|curand|nvrtc"
+          LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ldd "$here/bin/candle-cuda-tests" | grep -E "cuda|cublas|curand|nvrtc|not found"
           LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" timeout 240 "$here/bin/candle-cuda-tests" \
             --test-threads 1 --nocapture; } > "$outdir/candle-cuda-tests.log" 2>&1 || status=1
         echo "candle: $(grep -E '^test result|not found|FAILED' "$outdir/candle-cuda-tests.log" | tr '\n' ' ')"

@@ -303,13 +303,10 @@ fn seqlens(arg: &str, t: &Tensor) -> candle_core::Result<Vec<i32>> {
 }
 
 impl FusedAttnVarLen {
-    fn cpu_fwd_t<T: Element>(
-        &self,
-        (q, q_l): (&[T], &candle_core::Layout),
-        (k, k_l): (&[T], &candle_core::Layout),
-        (v, v_l): (&[T], &candle_core::Layout),
-        from_f64: fn(f64) -> T,
-    ) -> candle_core::Result<(Vec<T>, Shape)> {
+    /// The cumulative tables as i32 host values, checked against the
+    /// `max_seqlen_*` bounds. (Tables on the device are read back: a host
+    /// sync, which CPU tables avoid.)
+    fn tables(&self) -> candle_core::Result<(Vec<i32>, Vec<i32>)> {
         let (cu_q, cu_k) = (seqlens("seqlens_q", &self.seqlens_q)?, seqlens("seqlens_k", &self.seqlens_k)?);
         let longest = |cu: &[i32]| cu.windows(2).map(|w| (w[1] - w[0]).max(0) as usize).max().unwrap_or(0);
         if longest(&cu_q) > self.max_seqlen_q || longest(&cu_k) > self.max_seqlen_k {
@@ -319,6 +316,17 @@ impl FusedAttnVarLen {
                 self.max_seqlen_k
             );
         }
+        Ok((cu_q, cu_k))
+    }
+
+    fn cpu_fwd_t<T: Element>(
+        &self,
+        (q, q_l): (&[T], &candle_core::Layout),
+        (k, k_l): (&[T], &candle_core::Layout),
+        (v, v_l): (&[T], &candle_core::Layout),
+        from_f64: fn(f64) -> T,
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        let (cu_q, cu_k) = self.tables()?;
         let (q, ql) = host_view3("q", q, q_l)?;
         let (k, kl) = host_view3("k", k, k_l)?;
         let (v, vl) = host_view3("v", v, v_l)?;
@@ -362,6 +370,22 @@ fn host_view3<'a, T: Copy>(
 impl CustomOp3 for FusedAttnVarLen {
     fn name(&self) -> &'static str {
         "fused-attn-varlen"
+    }
+
+    /// Our kernels on candle's stream (feature `candle-cuda`); the sequence
+    /// tables are read on the host (pass them as CPU tensors to avoid a
+    /// device-to-host copy) and uploaded.
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_l: &candle_core::Layout,
+        k: &candle_core::CudaStorage,
+        k_l: &candle_core::Layout,
+        v: &candle_core::CudaStorage,
+        v_l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_fwd_impl((q, q_l), (k, k_l), (v, v_l))
     }
 
     fn cpu_fwd(

@@ -20,11 +20,11 @@ use candle_core::{CudaStorage, DType, Shape, Storage, Tensor};
 use cudarc::driver::{CudaSlice, CudaView};
 use half::{bf16, f16};
 
-use super::FusedAttn;
+use super::{FusedAttn, FusedAttnVarLen};
 use crate::options::{Alibi, AttentionOptions, HeadValues};
 use crate::tensor::{DeviceTensor, DeviceTensorMut, Element, Layout, LseLayout, LseTensor, LseTensorMut};
 use crate::Attention;
-use crate::{backward_workspace_len, Gradients};
+use crate::{backward_workspace_len, Gradients, SeqLens};
 
 /// This crate's errors as candle errors, message kept.
 fn wrap(e: crate::Error) -> candle_core::Error {
@@ -110,36 +110,46 @@ fn with_f32_slice<R>(
     }
 }
 
-/// The modifiers' tensors on `dev`: (slopes, rank), sinks.
-type Modifiers = (Option<(Tensor, usize)>, Option<Tensor>);
+/// Runs `f` with `options`, its ALiBi slopes and sinks (candle tensors,
+/// moved to `dev` when they are elsewhere) pointing at device memory.
+fn with_device_options<R>(
+    options: &AttentionOptions<'static>,
+    alibi_slopes: Option<&Tensor>,
+    sinks: Option<&Tensor>,
+    dev: &CudaDevice,
+    f: impl FnOnce(&AttentionOptions<'_>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let slopes = alibi_slopes.map(|t| head_values("alibi_slopes", t, dev)).transpose()?;
+    let sinks = match sinks.map(|t| head_values("sinks", t, dev)).transpose()? {
+        Some((_, 2)) => candle_core::bail!("fused-attn: sinks must be [heads] (one logit per query head)"),
+        s => s.map(|(t, _)| t),
+    };
+    let per_batch = matches!(slopes, Some((_, 2)));
+    with_f32_slice(slopes.as_ref().map(|(t, _)| t), |s| {
+        with_f32_slice(sinks.as_ref(), |k| {
+            let mut opts: AttentionOptions<'_> = *options;
+            opts.alibi = s.map(|s| Alibi { slopes: HeadValues::Device(s), per_batch });
+            opts.sinks = k.map(HeadValues::Device);
+            f(&opts)
+        })
+    })
+}
+
+/// Zeroed device memory for `n` elements (at least one), on `stream`.
+fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    n: usize,
+) -> candle_core::Result<CudaSlice<T>> {
+    stream.alloc_zeros::<T>(n.max(1)).map_err(candle_core::Error::wrap)
+}
 
 impl FusedAttn {
-    fn modifiers(&self, dev: &CudaDevice) -> candle_core::Result<Modifiers> {
-        let slopes = self.alibi_slopes.as_ref().map(|t| head_values("alibi_slopes", t, dev)).transpose()?;
-        let sinks = match self.sinks.as_ref().map(|t| head_values("sinks", t, dev)).transpose()? {
-            Some((_, 2)) => candle_core::bail!("fused-attn: sinks must be [heads] (one logit per query head)"),
-            s => s.map(|(t, _)| t),
-        };
-        Ok((slopes, sinks))
-    }
-
-    /// Runs `f` with the op's options, its ALiBi slopes and sinks pointing
-    /// at device memory.
     fn with_device_options<R>(
         &self,
         dev: &CudaDevice,
         f: impl FnOnce(&AttentionOptions<'_>) -> candle_core::Result<R>,
     ) -> candle_core::Result<R> {
-        let (slopes, sinks) = self.modifiers(dev)?;
-        let per_batch = matches!(slopes, Some((_, 2)));
-        with_f32_slice(slopes.as_ref().map(|(t, _)| t), |s| {
-            with_f32_slice(sinks.as_ref(), |k| {
-                let mut opts: AttentionOptions<'_> = self.options;
-                opts.alibi = s.map(|s| Alibi { slopes: HeadValues::Device(s), per_batch });
-                opts.sinks = k.map(HeadValues::Device);
-                f(&opts)
-            })
-        })
+        with_device_options(&self.options, self.alibi_slopes.as_ref(), self.sinks.as_ref(), dev, f)
     }
 
     /// The forward on one dtype's storages: O (and the LSE, when asked).
@@ -170,7 +180,7 @@ impl FusedAttn {
             .ok_or_else(|| candle_core::Error::Msg("fused-attn: the output size overflows usize".into()))?;
         // Zeroed rather than uninitialised: no stale memory can leak into a
         // result even if a kernel left an element unwritten.
-        let mut o = stream.alloc_zeros::<T>(n.max(1)).map_err(candle_core::Error::wrap)?;
+        let mut o = zeros::<T>(&stream, n)?;
         let mut lse = if want_lse {
             let lse = stream.alloc_zeros::<f32>((b * hq * lq).max(1)).map_err(candle_core::Error::wrap)?;
             Some((lse, LseLayout::contiguous(b, hq, lq)))
@@ -290,6 +300,79 @@ impl FusedAttn {
             DType::F16 => self.cuda_bwd_t::<f16>(q, k, v, d_o),
             DType::BF16 => self.cuda_bwd_t::<bf16>(q, k, v, d_o),
             other => candle_core::bail!("fused-attn: q, k and v must be f16 or bf16, got {other:?}"),
+        }
+    }
+}
+
+/// A rank-3 `[T, H, D]` layout as the `[1, T, H, D]` one the kernels take.
+fn packed_layout(arg: &str, l: &candle_core::Layout) -> candle_core::Result<candle_core::Layout> {
+    if l.dims().len() != 3 {
+        candle_core::bail!("fused-attn: {arg} must be rank 3 [tokens, heads, head_dim], got shape {:?}", l.shape());
+    }
+    let (d, st) = (l.dims(), l.stride());
+    Ok(candle_core::Layout::new(
+        Shape::from((1, d[0], d[1], d[2])),
+        vec![d[0] * st[0].max(1), st[0], st[1], st[2]],
+        l.start_offset(),
+    ))
+}
+
+impl FusedAttnVarLen {
+    fn cuda_fwd_t<T: Element + CudaDType>(
+        &self,
+        (q, q_l): (&CudaStorage, &candle_core::Layout),
+        (k, k_l): (&CudaStorage, &candle_core::Layout),
+        (v, v_l): (&CudaStorage, &candle_core::Layout),
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (cu_q, cu_k) = self.tables()?;
+        let dev = q.device().clone();
+        let stream = dev.cuda_stream();
+        let attn = Attention::new(stream.context()).map_err(wrap)?;
+        let (q_l, k_l, v_l) = (packed_layout("q", q_l)?, packed_layout("k", k_l)?, packed_layout("v", v_l)?);
+        let (qc, kc, vc) =
+            (unit_last_stride("q", q, &q_l)?, unit_last_stride("k", k, &k_l)?, unit_last_stride("v", v, &v_l)?);
+        let (q, q_l) = pick(&qc, q, &q_l);
+        let (k, k_l) = pick(&kc, k, &k_l);
+        let (v, v_l) = pick(&vc, v, &v_l);
+        let (qv, ql) = device_view::<T>("q", q, &q_l)?;
+        let (kv, kl) = device_view::<T>("k", k, &k_l)?;
+        let (vv, vl) = device_view::<T>("v", v, &v_l)?;
+        let [_, tq, hq, d] = ql.shape;
+        let n = tq.checked_mul(hq).and_then(|x| x.checked_mul(d));
+        let n = n.ok_or_else(|| candle_core::Error::Msg("fused-attn: the output size overflows usize".into()))?;
+        let mut o = zeros::<T>(&stream, n)?;
+        let tables = SeqLens::new(&stream, &cu_q, &cu_k, None).map_err(wrap)?;
+        with_device_options(&self.options, self.alibi_slopes.as_ref(), None, &dev, |opts| {
+            let mut ot = DeviceTensorMut::new(&mut o, Layout::bshd(1, tq, hq, d));
+            attn.forward_varlen_into(
+                &stream,
+                &DeviceTensor::from_view(qv, ql),
+                &DeviceTensor::from_view(kv, kl),
+                &DeviceTensor::from_view(vv, vl),
+                &mut ot,
+                None,
+                &tables,
+                opts,
+            )
+            .map_err(wrap)?;
+            Ok(())
+        })?;
+        Ok((CudaStorage::wrap_cuda_slice(o, dev), Shape::from((tq, hq, d))))
+    }
+
+    /// `cuda_fwd` for the [`CustomOp3`](candle_core::CustomOp3) impl.
+    pub(super) fn cuda_fwd_impl(
+        &self,
+        q: (&CudaStorage, &candle_core::Layout),
+        k: (&CudaStorage, &candle_core::Layout),
+        v: (&CudaStorage, &candle_core::Layout),
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        match (q.0.dtype(), k.0.dtype(), v.0.dtype()) {
+            (DType::F16, DType::F16, DType::F16) => self.cuda_fwd_t::<f16>(q, k, v),
+            (DType::BF16, DType::BF16, DType::BF16) => self.cuda_fwd_t::<bf16>(q, k, v),
+            (a, b, c) => {
+                candle_core::bail!("fused-attn: q, k and v must all be f16 or all bf16, got {a:?}, {b:?}, {c:?}")
+            }
         }
     }
 }
