@@ -70,6 +70,69 @@ fn c_program_passes() {
     assert!(stdout.contains("\n0 failure(s)"), "the C test did not finish:\n{stdout}");
 }
 
+/// The CUDA runtime's headers and library beside `$NVCC` (the PyPI wheels
+/// CI installs) or under `$CUDA_HOME`: (include directory, libcudart).
+fn cuda_runtime() -> Option<(PathBuf, PathBuf)> {
+    let roots = [
+        std::env::var_os("NVCC").map(PathBuf::from).and_then(|n| Some(n.parent()?.parent()?.to_path_buf())),
+        std::env::var_os("CUDA_HOME").map(PathBuf::from),
+    ];
+    roots.into_iter().flatten().find_map(|root| {
+        let include = root.join("include");
+        let lib = ["lib/libcudart.so.13", "lib64/libcudart.so", "lib/libcudart.so"]
+            .iter()
+            .map(|l| root.join(l))
+            .find(|p| p.exists())?;
+        include.join("cuda_runtime.h").exists().then_some((include, lib))
+    })
+}
+
+/// `examples/attention.c`, the README's C example, built against the CUDA
+/// runtime and run: its CPU reference part must succeed, and its GPU part
+/// either match the reference or (no GPU) report why and exit 0.
+#[test]
+#[cfg(target_os = "linux")]
+fn c_example_builds_and_runs() {
+    let Some((include, cudart)) = cuda_runtime() else {
+        let required = std::env::var("FUSED_ATTN_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
+        assert!(!required, "no CUDA runtime headers and libcudart beside $NVCC or under $CUDA_HOME");
+        println!("skipped: no CUDA runtime headers and libcudart (set NVCC or CUDA_HOME)");
+        return;
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fused_attn_c_example");
+    let mut cmd = compiler(false).to_command();
+    cmd.args(["-std=c11", "-Wall", "-Wextra", "-Werror"])
+        .arg("-I")
+        .arg(dir.join("include"))
+        .arg("-I")
+        .arg(&include)
+        .arg(dir.join("examples/attention.c"))
+        .arg("-o")
+        .arg(&out)
+        .arg(static_lib())
+        .arg(&cudart)
+        .arg(format!("-Wl,-rpath,{}", cudart.parent().expect("a directory").display()))
+        .args(["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"]);
+    let built = cmd.output().expect("running the C compiler");
+    assert!(
+        built.status.success(),
+        "compiling examples/attention.c failed: {cmd:?}\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let run = Command::new(&out).output().expect("running the C example");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    println!("{stdout}");
+    assert!(
+        run.status.success(),
+        "the C example failed ({}):\n{stdout}\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("reference: B 2"), "no reference line:\n{stdout}");
+    assert!(stdout.contains("GPU vs reference") || stdout.contains("GPU part skipped"), "{stdout}");
+}
+
 /// The header is also valid C++ (cbindgen's `cpp_compat`: `extern "C"`, enums
 /// with an `int32_t` underlying type).
 #[test]
