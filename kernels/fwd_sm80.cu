@@ -190,9 +190,8 @@ __device__ __forceinline__ void sm80_forward(const FaFwdParams &launch) {
     // dense copy; smaller pages (or sizes that do not divide) take the
     // gather, a lookup per row (the `_decode` rows step the page and slot
     // row to row instead of dividing: Sm80TileLoader::gather_pages). The
-    // gather costs static
-    // instructions in the key loop (unrolled: with `unroll 1` hd192
-    // spilled), which is why the dense rows leave it out.
+    // gather costs static instructions in the key loop (unrolled: with
+    // `unroll 1` hd192 spilled), which is why the dense rows leave it out.
     const Sm80TileLoader<T, BN, CHUNKS, THREADS> kv_loader(tid, p.head_dim);
     const bool whole_pages = !PAGED || p.block_table == nullptr || p.page_size % BN == 0;
     auto issue_kv = [&](int L) {

@@ -41,7 +41,7 @@ stage quickstart quickstart build --release --example quickstart
 stage serving serving build --release --example serving
 stage alignment alignment build --release --example alignment
 # FUSED_ATTN_BUNDLE_CANDLE=1: the candle op's CUDA tier too (feature
-# `candle-cuda`). candle's own kernels build with nvcc (~7 min on 2 cores the
+# `candle-cuda`). candle's own kernels build with nvcc (8–9 min on 2 cores the
 # first time) and candle links the CUDA libraries, which a CPU host lacks:
 # cuda-link-stubs.sh makes link-time stand-ins in CUDA_ROOT/lib/stubs (a
 # directory cudarc's build script searches when it exists at its first run).

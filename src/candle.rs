@@ -18,7 +18,7 @@
 //! slopes or sinks given as CPU tensors are moved to the device. Without
 //! that feature a CUDA tensor gets candle's "no cuda implementation" error.
 //! `candle-cuda` turns on candle-core's `cuda` feature, which builds
-//! candle's own kernels with nvcc (about 7 minutes on 2 cores) and links the
+//! candle's own kernels with nvcc (8–9 minutes on 2 cores) and links the
 //! CUDA libraries at build time; it yields cudarc's loading to that linking
 //! (this crate asks cudarc for `fallback-dynamic-loading`).
 //!

@@ -92,7 +92,10 @@ fn head_values(arg: &str, t: &Tensor, dev: &CudaDevice) -> candle_core::Result<(
         candle_core::bail!("fused-attn: {arg} must be [heads] or [batch, heads], got shape {:?}", t.shape());
     }
     let t = t.to_device(&candle_core::Device::Cuda(dev.clone()))?;
-    let t = if t.is_contiguous() && t.layout().start_offset() == 0 { t } else { t.copy()?.contiguous()? };
+    // The kernels read the storage from element 0: a view that starts
+    // further in (or strides) is copied to a fresh storage. (`copy` would
+    // keep the offset, `contiguous` returns an offset view as it is.)
+    let t = if t.is_contiguous() && t.layout().start_offset() == 0 { t } else { t.force_contiguous()? };
     Ok((t, rank))
 }
 

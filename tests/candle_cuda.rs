@@ -129,7 +129,14 @@ fn alibi_and_sinks_on_the_device() {
     .unwrap();
     let sinks =
         Tensor::from_vec((0..c.hq).map(|h| h as f32 * 0.7 - 2.0).collect::<Vec<f32>>(), c.hq, &Device::Cpu).unwrap();
-    for (what, slopes) in [("alibi [Hq]", &per_head), ("alibi [B, Hq]", &per_batch)] {
+    // Slopes as a view that starts inside its storage: the op must copy it,
+    // not hand the kernels the storage from element 0.
+    let padded = Tensor::cat(&[&Tensor::full(9f32, c.hq, &Device::Cpu).unwrap(), &per_head], 0).unwrap();
+    let offset_view = padded.narrow(0, c.hq, c.hq).unwrap();
+    assert_ne!(offset_view.layout().start_offset(), 0);
+    for (what, slopes) in
+        [("alibi [Hq]", &per_head), ("alibi [B, Hq]", &per_batch), ("alibi [Hq], offset view", &offset_view)]
+    {
         agree(what, &dev, &[&q, &k, &v, slopes], |t| {
             candle_ops::flash_attn_alibi(&t[0], &t[1], &t[2], &t[3], 0.1, true)
         });
